@@ -1,0 +1,147 @@
+"""A synthetic photo library: users whose photos share a recognisable look, as real JPEG files.
+
+Each look is a family of colour, contrast and texture choices; the content (shapes, layout) varies
+from photo to photo, so a style model has to pick up the look, not the picture. The files carry
+camera-like EXIF, including private fields (GPS, serial number, owner, artist) that the pipeline
+must never let through.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+from stylestream.schemas.events import ImageRef, PhotoDeleted, PhotoUploaded, StyleLearningToggled
+
+
+@dataclass(frozen=True)
+class Look:
+    name: str
+    description: str
+    hues: tuple[float, float]  # hue range, degrees
+    saturation: tuple[float, float]
+    value: tuple[float, float]
+    blur: float = 0.0
+    monochrome: bool = False
+
+
+LOOKS = {
+    "warm": Look("warm", "warm and saturated", (0, 45), (0.65, 1.0), (0.6, 1.0)),
+    "cool": Look("cool", "cool and muted", (180, 240), (0.1, 0.35), (0.35, 0.7), blur=1.5),
+    "mono": Look("mono", "high-contrast monochrome", (0, 360), (0.0, 0.0), (0.0, 1.0), monochrome=True),
+}
+
+# Values planted in every photo's EXIF; none of them may appear in anything the pipeline stores.
+PRIVATE_EXIF = {
+    "artist": "Jane Q. Private",
+    "owner": "Owner Name Secret",
+    "serial": "SN-SECRET-0042",
+    "gps_latitude": (52.0, 31.0, 12.345),
+}
+
+
+def _hsv_to_rgb(h: float, s: float, v: float) -> tuple[int, int, int]:
+    import colorsys
+
+    r, g, b = colorsys.hsv_to_rgb((h % 360) / 360, s, v)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def render(look: Look, seed: int, size: tuple[int, int] = (320, 240)) -> Image.Image:
+    """One photo in `look`: a gradient sky and random shapes whose colours the look decides."""
+    rng = np.random.default_rng(seed)
+
+    def colour() -> tuple[int, int, int]:
+        v = rng.uniform(*look.value)
+        if look.monochrome:
+            v = float(rng.choice([rng.uniform(0.0, 0.15), rng.uniform(0.85, 1.0)]))  # crush to black/white
+            return _hsv_to_rgb(0, 0, v)
+        return _hsv_to_rgb(rng.uniform(*look.hues), rng.uniform(*look.saturation), v)
+
+    w, h = size
+    top, bottom = np.array(colour(), float), np.array(colour(), float)
+    t = np.linspace(0, 1, h)[:, None, None]
+    img = Image.fromarray(np.broadcast_to(top * (1 - t) + bottom * t, (h, w, 3)).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(4, 10))):
+        x0, y0 = int(rng.integers(0, w - 20)), int(rng.integers(0, h - 20))
+        x1, y1 = x0 + int(rng.integers(15, w // 2)), y0 + int(rng.integers(15, h // 2))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x0, y0, x1, y1), fill=colour())
+    if look.blur:
+        img = img.filter(ImageFilter.GaussianBlur(look.blur))
+    noise = rng.normal(0, 4, (h, w, 3))
+    return Image.fromarray(np.clip(np.asarray(img, float) + noise, 0, 255).astype(np.uint8))
+
+
+def exif_with_private_fields(taken_at: datetime) -> Image.Exif:
+    exif = Image.Exif()
+    exif[0x010F] = "SynthCam"  # Make
+    exif[0x0110] = "SC-1"  # Model
+    exif[0x013B] = PRIVATE_EXIF["artist"]  # Artist
+    exif[0x8298] = PRIVATE_EXIF["owner"]  # Copyright (owner)
+    sub = exif.get_ifd(0x8769)
+    sub[0x9003] = taken_at.strftime("%Y:%m:%d %H:%M:%S")  # DateTimeOriginal
+    sub[0x920A] = 35.0  # FocalLength
+    sub[0x829D] = 2.8  # FNumber
+    sub[0x829A] = 0.004  # ExposureTime
+    sub[0x8827] = 200  # ISO
+    sub[0x9209] = 0  # Flash
+    sub[0xA431] = PRIVATE_EXIF["serial"]  # BodySerialNumber
+    sub[0xA430] = PRIVATE_EXIF["owner"]  # CameraOwnerName
+    gps = exif.get_ifd(0x8825)
+    gps[1], gps[2] = "N", PRIVATE_EXIF["gps_latitude"]
+    gps[3], gps[4] = "E", (13.0, 24.0, 1.0)
+    return exif
+
+
+@dataclass(frozen=True)
+class SyntheticPhoto:
+    user_id: str
+    photo_id: str
+    album_id: str
+    look: str
+    path: Path
+    taken_at: datetime
+
+    def upload_event(self, event_time: datetime | None = None) -> PhotoUploaded:
+        data = self.path.read_bytes()
+        return PhotoUploaded(
+            event_id=f"up-{self.photo_id}", user_id=self.user_id, event_time=event_time or self.taken_at,
+            photo_id=self.photo_id, album_id=self.album_id, taken_at=self.taken_at,
+            image=ImageRef(uri=self.path.resolve().as_uri(), sha256=hashlib.sha256(data).hexdigest(),
+                           size_bytes=len(data)))
+
+    def delete_event(self, event_time: datetime) -> PhotoDeleted:
+        return PhotoDeleted(event_id=f"del-{self.photo_id}", user_id=self.user_id, event_time=event_time,
+                            photo_id=self.photo_id)
+
+
+def toggle_event(user_id: str, scope: str, scope_id: str | None, enabled: bool, event_time: datetime,
+                 event_id: str | None = None) -> StyleLearningToggled:
+    return StyleLearningToggled(
+        event_id=event_id or f"tog-{user_id}-{scope}-{scope_id}-{int(event_time.timestamp())}-{int(enabled)}",
+        user_id=user_id, event_time=event_time, scope=scope, scope_id=scope_id, enabled=enabled)
+
+
+def make_library(root: Path, users: dict[str, list[tuple[str, str, int]]], seed: int = 0,
+                 start: datetime = datetime(2025, 6, 1, 9, tzinfo=UTC)) -> list[SyntheticPhoto]:
+    """Write JPEGs for `users`: user_id -> [(album_id, look name, photo count), ...]."""
+    photos = []
+    for ui, (user_id, albums) in enumerate(sorted(users.items())):
+        n = 0
+        for album_id, look_name, count in albums:
+            for _ in range(count):
+                photo_id = f"{user_id}-p{n:04d}"
+                taken = start + timedelta(days=n * 3, hours=(n * 7) % 12)
+                path = root / user_id / f"{photo_id}.jpg"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                img = render(LOOKS[look_name], seed * 1_000_003 + ui * 10_007 + n)
+                img.save(path, "JPEG", quality=90, exif=exif_with_private_fields(taken))
+                photos.append(SyntheticPhoto(user_id, photo_id, album_id, look_name, path, taken))
+                n += 1
+    return photos

@@ -1,0 +1,69 @@
+"""open_clip image/text encoders: one loading path for pretrained and small random-weight models.
+
+A `ClipSpec` names an open_clip architecture and where its weights come from: an open_clip
+pretrained tag (e.g. ViT-B-32 + "laion2b_s34b_b79k", needs the weights cached locally), a local
+checkpoint file, or nothing (random weights, for tests only). The tiny default architecture ships in
+configs/clip/ and its checkpoint is written once by `ensure_tiny_clip`, so the demo and tests load
+it exactly as production loads real weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import open_clip
+import torch
+
+CONFIG_DIR = Path(__file__).parent / "configs" / "clip"
+TINY_CLIP = "stylestream-tiny-clip"
+
+
+@cache
+def _register_configs() -> None:
+    open_clip.add_model_config(CONFIG_DIR)
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    model: str = TINY_CLIP
+    pretrained: str | None = None  # open_clip tag, or a path to a .pt/.safetensors checkpoint
+
+    def describe(self) -> str:
+        return f"{self.model} ({self.pretrained or 'random weights'})"
+
+
+def load_clip(spec: ClipSpec, device: str = "cpu"):
+    """Returns (model in eval mode, image preprocess transform, tokenizer)."""
+    _register_configs()
+    if spec.pretrained is None:
+        torch.manual_seed(0)  # random weights, but the same ones in every process
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        spec.model, pretrained=spec.pretrained, device=device
+    )
+    model.eval()
+    return model, preprocess, open_clip.get_tokenizer(spec.model)
+
+
+def ensure_tiny_clip(models_dir: Path) -> ClipSpec:
+    """The tiny random-weight CLIP as a checkpoint file under models_dir, written on first use."""
+    path = models_dir / "clip" / f"{TINY_CLIP}.safetensors"
+    if not path.exists():
+        from safetensors.torch import save_file
+
+        model, _, _ = load_clip(ClipSpec(TINY_CLIP, None))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+        tmp.rename(path)
+    return ClipSpec(TINY_CLIP, str(path))
+
+
+def embedding_dim(spec: ClipSpec) -> int:
+    """Size of the model's image embedding, from its config (no weights loaded)."""
+    _register_configs()
+    cfg = open_clip.get_model_config(spec.model)
+    if cfg is None:
+        raise ValueError(f"unknown open_clip model {spec.model!r}; see open_clip.list_models()")
+    return int(cfg["embed_dim"])

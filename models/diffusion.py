@@ -1,0 +1,124 @@
+"""diffusers text-to-image pipeline with an IP-Adapter-format style adapter: one loading path.
+
+Production names a diffusers model folder (e.g. a local copy of an SD-1.5 checkpoint) and an
+IP-Adapter weight file whose image projection takes the style vector. The offline default is a tiny
+pipeline built from configs/diffusion/tiny.json with random weights, written once with
+`save_pretrained` by `ensure_tiny_diffusion` and loaded back with `from_pretrained`, like real weights.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+CONFIG = Path(__file__).parent / "configs" / "diffusion" / "tiny.json"
+IP_ADAPTER_FILE = "ip-adapter.safetensors"
+
+
+@dataclass(frozen=True)
+class DiffusionSpec:
+    model_dir: str  # a diffusers StableDiffusionPipeline folder
+    ip_adapter: str  # an IP-Adapter weight file (image_proj.* + ip_adapter.* tensors)
+
+    def describe(self) -> str:
+        return f"{self.model_dir} + {Path(self.ip_adapter).name}"
+
+
+def load_pipeline(spec: DiffusionSpec, device: str = "cpu"):
+    """StableDiffusionPipeline from a local folder, with the style adapter loaded and set to scale 1."""
+    from diffusers import StableDiffusionPipeline
+
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    pipe = StableDiffusionPipeline.from_pretrained(
+        spec.model_dir, dtype=dtype, safety_checker=None, requires_safety_checker=False,
+        local_files_only=True,
+    )
+    adapter = Path(spec.ip_adapter)
+    # image_encoder_folder=None: the style vector is computed by ingestion, not by an image encoder here.
+    pipe.load_ip_adapter(str(adapter.parent), subfolder="", weight_name=adapter.name, image_encoder_folder=None,
+                         local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def adapter_input_dim(pipe) -> int:
+    """Size of the vector the style adapter's image projection expects."""
+    proj = pipe.unet.encoder_hid_proj.image_projection_layers[0]
+    return int(proj.image_embeds.in_features)
+
+
+def clip_tokenizer_files(directory: Path) -> None:
+    """vocab.json + merges.txt for transformers' CLIPTokenizer, from open_clip's bundled BPE file.
+
+    Gives the same token ids as the CLIP tokenizer without downloading anything.
+    """
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+
+    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+    merges = [tuple(m.split()) for m in merges]
+    vocab = list(bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+
+
+def random_ip_adapter(unet, input_dim: int, tokens: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random IP-Adapter weights in the original layout: an image projection from `input_dim` to
+    `tokens` context tokens, and to_k_ip/to_v_ip for every cross-attention layer (numbered 1, 3, 5...)."""
+    g = torch.Generator().manual_seed(seed)
+    cross = unet.config.cross_attention_dim
+    sd = {
+        "image_proj.proj.weight": torch.randn(cross * tokens, input_dim, generator=g) / input_dim**0.5,
+        "image_proj.proj.bias": torch.zeros(cross * tokens),
+        "image_proj.norm.weight": torch.ones(cross),
+        "image_proj.norm.bias": torch.zeros(cross),
+    }
+    key = 1
+    for name in unet.attn_processors:
+        if name.endswith("attn1.processor"):
+            continue
+        attn = unet.get_submodule(name.removesuffix(".processor"))
+        hidden = attn.to_k.out_features
+        sd[f"ip_adapter.{key}.to_k_ip.weight"] = torch.randn(hidden, cross, generator=g) / cross**0.5
+        sd[f"ip_adapter.{key}.to_v_ip.weight"] = torch.randn(hidden, cross, generator=g) / cross**0.5
+        key += 2
+    return sd
+
+
+def ensure_tiny_diffusion(models_dir: Path, style_dim: int) -> DiffusionSpec:
+    """The tiny random-weight pipeline and a style adapter for `style_dim`-sized vectors, written once."""
+    root = models_dir / "diffusion"
+    spec = DiffusionSpec(str(root / "pipeline"), str(root / f"style-{style_dim}" / IP_ADAPTER_FILE))
+    if Path(spec.model_dir, "model_index.json").exists() and Path(spec.ip_adapter).exists():
+        return spec
+
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    cfg = json.loads(CONFIG.read_text())
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**cfg["unet"])
+    if not Path(spec.model_dir, "model_index.json").exists():
+        tok_dir = root / "tokenizer-src"
+        clip_tokenizer_files(tok_dir)
+        pipe = StableDiffusionPipeline(
+            vae=AutoencoderKL(**cfg["vae"]),
+            text_encoder=CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"])),
+            tokenizer=CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77),
+            unet=unet,
+            scheduler=EulerDiscreteScheduler(**cfg["scheduler"]),
+            safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False,
+        )
+        pipe.save_pretrained(spec.model_dir)
+    else:
+        unet = UNet2DConditionModel.from_pretrained(spec.model_dir, subfolder="unet")
+    Path(spec.ip_adapter).parent.mkdir(parents=True, exist_ok=True)
+    save_file(random_ip_adapter(unet, style_dim, cfg["ip_adapter_tokens"]), spec.ip_adapter)
+    return spec

@@ -1,0 +1,179 @@
+"""Ingestion: photo and consent events -> per-user style versions, exactly once.
+
+Local mode is a driver loop of micro-batches. Each cycle plans the new offset ranges of the input
+topics, runs one bounded Beam pipeline over them (FnApiRunner), whose last step commits the user
+updates together with those offsets in one DuckDB transaction, and then publishes the cycle's
+outbox (style vectors, dead letters) and writes its Parquet history file. A crash anywhere repeats
+at most the uncommitted cycle, so the final state equals that of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import apache_beam as beam
+import pyarrow.parquet as pq
+from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+from stylestream.models.clip import ClipSpec, embedding_dim
+from stylestream.pipelines.store import CycleResult, Store
+from stylestream.streams import clients
+from stylestream.streams.topics import INGEST_TOPICS, ensure_topics
+from stylestream.transforms.embed import EmbedPhotos
+from stylestream.transforms.grouping import GroupByUser
+from stylestream.transforms.images import DecodeLimits, PreparePhotos
+from stylestream.transforms.kafka_read import OffsetRange, ReadOffsetRanges
+from stylestream.transforms.parse import ParseEvents
+from stylestream.transforms.records import DeadLetter, UserBatch
+from stylestream.transforms.style import DEFAULT_HALF_LIFE_DAYS, MIN_HALF_LIFE_DAYS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class IngestConfig:
+    bootstrap_servers: str
+    state_dir: Path
+    clip: ClipSpec
+    half_life_days: float = DEFAULT_HALF_LIFE_DAYS
+    max_events_per_partition: int = 2000  # bounds one cycle's memory and duration
+    limits: DecodeLimits = field(default_factory=DecodeLimits)
+
+    def __post_init__(self):
+        if self.half_life_days < MIN_HALF_LIFE_DAYS:
+            raise ValueError(f"half-life must be at least {MIN_HALF_LIFE_DAYS} days, got {self.half_life_days}")
+
+    @property
+    def db_path(self) -> Path:
+        return self.state_dir / "state.duckdb"
+
+    @property
+    def history_dir(self) -> Path:
+        return self.state_dir / "history"
+
+
+def plan_ranges(committed: dict[tuple[str, int], int], ends: dict[tuple[str, int], int],
+                max_per_partition: int) -> list[OffsetRange]:
+    """The next offset range of every partition that has unread messages."""
+    ranges = []
+    for (topic, partition), end in sorted(ends.items()):
+        start = committed.get((topic, partition), 0)
+        if end > start:
+            ranges.append(OffsetRange(topic, partition, start, min(end, start + max_per_partition)))
+    return ranges
+
+
+class _Commit(beam.DoFn):
+    def __init__(self, cfg: IngestConfig, cycle: int, ranges: list[OffsetRange], embedding_dim: int):
+        self._cfg, self._cycle, self._ranges, self._dim = cfg, cycle, ranges, embedding_dim
+
+    def process(self, gathered: list):
+        batches = [x for x in gathered if isinstance(x, UserBatch)]
+        dead = [x for x in gathered if isinstance(x, DeadLetter)]
+        with Store(self._cfg.db_path) as store:
+            yield store.commit_cycle(self._cycle, self._ranges, batches, dead, self._cfg.half_life_days, self._dim)
+
+
+class CommitCycle(beam.PTransform):
+    """(user batches, dead letters) -> one DuckDB transaction with the cycle's offsets -> CycleResult."""
+
+    def __init__(self, cfg: IngestConfig, cycle: int, ranges: list[OffsetRange], embedding_dim: int):
+        super().__init__()
+        self._commit = _Commit(cfg, cycle, ranges, embedding_dim)
+
+    def expand(self, pcolls):
+        return (
+            pcolls
+            | "Together" >> beam.Flatten()
+            | "GatherCycle" >> beam.combiners.ToList()
+            | "Commit" >> beam.ParDo(self._commit)
+        )
+
+
+def build_cycle(p: beam.Pipeline, cfg: IngestConfig, cycle: int, ranges: list[OffsetRange],
+                embedding_dim: int) -> beam.PCollection:
+    """The data flow of one micro-batch, as in DESIGN.md."""
+    messages = p | "ReadKafka" >> ReadOffsetRanges(cfg.bootstrap_servers, ranges)
+    events = messages | "DecodeValidate" >> ParseEvents()
+    photos = events.uploads | "FetchDecodeStripPII" >> PreparePhotos(cfg.limits)
+    contributions = photos.ok | "Embed" >> EmbedPhotos(cfg.clip)
+    batches = (contributions, events.deletes, events.toggles) | "GroupByUser" >> GroupByUser()
+    dead = (events.dead, photos.dead) | "DeadLetters" >> beam.Flatten()
+    return (batches, dead) | "CommitCycle" >> CommitCycle(cfg, cycle, ranges, embedding_dim)
+
+
+class Ingestor:
+    """Runs ingestion cycles against one broker and one state directory."""
+
+    def __init__(self, cfg: IngestConfig):
+        self.cfg = cfg
+        self.embedding_dim = embedding_dim(cfg.clip)
+        ensure_topics(cfg.bootstrap_servers)
+        self._consumer = clients.consumer(cfg.bootstrap_servers)
+        self._producer = clients.producer(cfg.bootstrap_servers)
+        with Store(cfg.db_path) as store:
+            store.check_model(cfg.clip.model, self.embedding_dim)
+
+    def close(self) -> None:
+        self._consumer.close()
+        self._producer.close()
+
+    def __enter__(self) -> Ingestor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def run_cycle(self) -> CycleResult | None:
+        """Process the next offset ranges; None when every partition is caught up."""
+        with Store(self.cfg.db_path) as store:
+            self._finish_committed(store)  # left over from a crash after a commit
+            committed, cycle = store.offsets(), store.next_cycle()
+        ends = self.end_offsets()
+        ranges = plan_ranges(committed, ends, self.cfg.max_events_per_partition)
+        if not ranges:
+            return None
+        with beam.Pipeline(runner=FnApiRunner()) as p:
+            build_cycle(p, self.cfg, cycle, ranges, self.embedding_dim)
+        with Store(self.cfg.db_path) as store:
+            self._finish_committed(store)
+            return store.cycle_result(cycle)
+
+    def run_until_caught_up(self, on_cycle: Callable[[CycleResult], None] | None = None) -> list[CycleResult]:
+        done = []
+        while (result := self.run_cycle()) is not None:
+            done.append(result)
+            if on_cycle:
+                on_cycle(result)
+        return done
+
+    def end_offsets(self) -> dict[tuple[str, int], int]:
+        tps = [tp for t in INGEST_TOPICS for tp in clients.partitions_of(self._consumer, t)]
+        return {(tp.topic, tp.partition): end for tp, end in clients.true_end_offsets(self._consumer, tps).items()}
+
+    def _finish_committed(self, store: Store) -> None:
+        for cycle in store.unpublished_cycles():
+            for topic, key, value in store.outbox(cycle):
+                self._producer.send(topic, key=key, value=value)
+            self._producer.flush()
+            store.mark_published(cycle)
+        for cycle in store.unwritten_history():
+            write_history_file(self.cfg.history_dir, cycle, store)
+            store.mark_history_written(cycle)
+
+
+def write_history_file(history_dir: Path, cycle: int, store: Store) -> Path | None:
+    """history/cycle-<n>.parquet with the versions the cycle committed (none if it changed no style)."""
+    table = store.history_rows(cycle)
+    if table.num_rows == 0:
+        return None
+    history_dir.mkdir(parents=True, exist_ok=True)
+    path = history_dir / f"cycle-{cycle:08d}.parquet"
+    tmp = path.with_suffix(".parquet.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)  # readers see the whole file or none of it
+    return path

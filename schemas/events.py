@@ -1,0 +1,221 @@
+"""Event contracts: what travels on each Kafka topic, as JSON.
+
+Every event carries `schema_version`, a `type` discriminator, an `event_id` (idempotency key), the
+`user_id` (also the Kafka message key, so one user's events share a partition) and an aware
+`event_time`. Each contract is defined once here; `stylestream schemas export` writes them as JSON
+Schema files under schemas/json/ for producers in other languages.
+"""
+
+from __future__ import annotations
+
+import base64
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+SCHEMA_VERSION = 1
+# Photo events normally reference the image; small images may travel inline (base64) up to this size.
+MAX_INLINE_BYTES = 256 * 1024
+
+Id = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:@/-]+$")]
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    event_id: Id
+    user_id: Id
+    event_time: AwareDatetime
+
+
+class ImageRef(BaseModel):
+    """Where the photo service keeps an image; the pipeline fetches it, the event never carries pixels."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    uri: str = Field(min_length=1, max_length=2048, description="file://, or any fsspec URL")
+    sha256: Sha256
+    size_bytes: int = Field(gt=0)
+    width: int | None = Field(default=None, gt=0)
+    height: int | None = Field(default=None, gt=0)
+
+
+class PhotoUploaded(_Event):
+    type: Literal["photo_uploaded"] = "photo_uploaded"
+    photo_id: Id
+    album_id: Id | None = None
+    taken_at: AwareDatetime | None = Field(
+        default=None, description="When the photo was taken; weights the photo in time. Defaults to event_time."
+    )
+    image: ImageRef | None = None
+    renditions: list[ImageRef] = Field(
+        default_factory=list,
+        description="Smaller versions the photo service already keeps (with width/height); the smallest "
+        "one large enough is decoded instead of the original.",
+    )
+    inline_base64: str | None = Field(
+        default=None, description=f"Small images only: the file bytes, base64, at most {MAX_INLINE_BYTES} bytes."
+    )
+
+    @field_validator("inline_base64")
+    @classmethod
+    def _inline_small(cls, v: str | None) -> str | None:
+        if v is not None and len(v) * 3 // 4 > MAX_INLINE_BYTES:
+            raise ValueError(f"inline image larger than {MAX_INLINE_BYTES} bytes; reference it by uri instead")
+        return v
+
+    @model_validator(mode="after")
+    def _has_image(self) -> PhotoUploaded:
+        if self.image is None and self.inline_base64 is None:
+            raise ValueError("a photo needs `image` (a reference) or `inline_base64`")
+        return self
+
+    @property
+    def effective_taken_at(self) -> datetime:
+        return self.taken_at or self.event_time
+
+    def inline_bytes(self) -> bytes | None:
+        return None if self.inline_base64 is None else base64.b64decode(self.inline_base64, validate=True)
+
+
+class PhotoDeleted(_Event):
+    type: Literal["photo_deleted"] = "photo_deleted"
+    photo_id: Id
+
+
+class StyleLearningToggled(_Event):
+    """Style learning switched on or off for the whole user, one album or one photo.
+
+    The latest toggle by `event_time` wins for its scope, whatever order toggles arrive in. A photo
+    counts only while no scope that covers it (user, its album, itself) is switched off.
+    """
+
+    type: Literal["style_learning_toggled"] = "style_learning_toggled"
+    scope: Literal["user", "album", "photo"]
+    scope_id: Id | None = Field(default=None, description="album_id or photo_id; omitted for scope 'user'")
+    enabled: bool
+
+    @model_validator(mode="after")
+    def _scope_id_matches(self) -> StyleLearningToggled:
+        if self.scope == "user" and self.scope_id not in (None, self.user_id):
+            raise ValueError("scope 'user' takes no scope_id (or the user_id itself)")
+        if self.scope != "user" and self.scope_id is None:
+            raise ValueError(f"scope '{self.scope}' needs scope_id (the {self.scope} id)")
+        return self
+
+    @property
+    def scope_key(self) -> str:
+        return f"{self.scope}:{self.scope_id if self.scope != 'user' else ''}"
+
+
+class GenerationRequested(_Event):
+    type: Literal["generation_requested"] = "generation_requested"
+    request_id: Id
+    prompt: str = Field(min_length=1, max_length=2000)
+    negative_prompt: str = Field(default="", max_length=2000)
+    seed: int = Field(default=0, ge=0, lt=2**63)
+    num_inference_steps: int = Field(default=4, ge=1, le=200)
+    guidance_scale: float = Field(default=0.0, ge=0.0, le=30.0)
+    width: int = Field(default=64, ge=16, le=2048, multiple_of=8)
+    height: int = Field(default=64, ge=16, le=2048, multiple_of=8)
+    style_strength: float = Field(default=1.0, ge=0.0, le=2.0)
+    style_version: int | None = Field(default=None, ge=1, description="Pin this exact version of the style.")
+    allow_unpersonalized: bool = Field(
+        default=False, description="If the user has no style yet, generate without one instead of failing."
+    )
+
+
+class GenerationCompleted(_Event):
+    type: Literal["generation_completed"] = "generation_completed"
+    request_id: Id
+    image_uri: str
+    style_version: int | None = Field(description="The style version that conditioned the image; null if none.")
+    style_strength: float
+    seed: int
+    timings_ms: dict[str, float] = Field(default_factory=dict)
+
+
+class GenerationFailed(_Event):
+    type: Literal["generation_failed"] = "generation_failed"
+    request_id: Id
+    reason: str
+
+
+class StyleVectorUpdated(_Event):
+    """A new immutable version of a user's style: keyed by user on the style-vectors topic."""
+
+    type: Literal["style_vector_updated"] = "style_vector_updated"
+    version: int = Field(ge=1)
+    photo_count: int = Field(ge=0)
+    embedding: list[float] = Field(description="L2-normalized, time-weighted mean image embedding")
+    features: dict[str, float] = Field(description="time-weighted mean of the named aesthetic features")
+    tombstone: bool = Field(default=False, description="True when the user's style was erased")
+
+
+PhotoEvent = Annotated[PhotoUploaded | PhotoDeleted, Field(discriminator="type")]
+ConsentEvent = StyleLearningToggled
+GenerationResult = Annotated[GenerationCompleted | GenerationFailed, Field(discriminator="type")]
+
+# One contract per topic; the JSON Schema export is generated from this table.
+TOPIC_CONTRACTS: dict[str, object] = {
+    "photo-events": PhotoEvent,
+    "consent-events": ConsentEvent,
+    "generation-requests": GenerationRequested,
+    "generation-results": GenerationResult,
+    "style-vectors": StyleVectorUpdated,
+}
+_ADAPTERS = {topic: TypeAdapter(contract) for topic, contract in TOPIC_CONTRACTS.items()}
+
+
+class InvalidEvent(ValueError):
+    """Raised for bytes that are not a valid event of the topic's contract; the message is the reason."""
+
+
+def describe_validation_error(err: ValidationError) -> str:
+    """One readable line per problem, each naming the field: `image.sha256: String should match ...`."""
+    parts = []
+    for e in err.errors(include_url=False):
+        loc = ".".join(str(p) for p in e["loc"]) or "(event)"
+        parts.append(f"{loc}: {e['msg']}")
+    return "; ".join(parts)
+
+
+def parse_event(topic: str, value: bytes):
+    """Validate raw message bytes against `topic`'s contract and return the typed event."""
+    try:
+        adapter = _ADAPTERS[topic]
+    except KeyError:
+        raise InvalidEvent(f"no contract for topic {topic!r}") from None
+    if not value:
+        raise InvalidEvent("empty message")
+    try:
+        return adapter.validate_json(value)
+    except ValidationError as err:
+        raise InvalidEvent(describe_validation_error(err)) from None
+
+
+def encode_event(event: BaseModel) -> bytes:
+    return event.model_dump_json(exclude_none=True).encode()
+
+
+def json_schemas() -> dict[str, dict]:
+    """The JSON Schema of every topic's contract, keyed by topic."""
+    out = {}
+    for topic, adapter in _ADAPTERS.items():
+        schema = adapter.json_schema()
+        schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+        schema["title"] = f"stylestream {topic} event (schema_version {SCHEMA_VERSION})"
+        out[topic] = schema
+    return out

@@ -1,0 +1,35 @@
+"""Arrow schemas of the stored tables: the Parquet style history and dead-letter records."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+# The interpretable aesthetic features, in the order they are stored (definitions: transforms/features.py).
+FEATURE_NAMES: tuple[str, ...] = (
+    "brightness",
+    "contrast",
+    "saturation",
+    "warmth",
+    "colourfulness",
+    "sharpness",
+    "lab_l_mean",
+    "lab_a_mean",
+    "lab_b_mean",
+)
+
+# One row per immutable version of a user's style. Written once per committed ingestion cycle, as
+# history/cycle=<n>.parquet; the file of a cycle exists only if that cycle committed.
+STYLE_HISTORY = pa.schema(
+    [
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("version", pa.int64(), nullable=False),
+        pa.field("cycle", pa.int64(), nullable=False),
+        pa.field("updated_at", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("photo_count", pa.int64(), nullable=False),
+        pa.field("total_weight", pa.float64(), nullable=False),
+        pa.field("embedding", pa.list_(pa.float32()), nullable=False),
+        pa.field("features", pa.list_(pa.float32()), nullable=False),
+        pa.field("tombstone", pa.bool_(), nullable=False),
+    ],
+    metadata={"feature_names": ",".join(FEATURE_NAMES)},
+)

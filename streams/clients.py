@@ -1,0 +1,92 @@
+"""Kafka clients configured for both a real cluster and the local Tansu broker.
+
+Tansu quirks handled here (see PLATFORM-NOTES): the idempotent producer breaks after a broker
+restart, consumer groups need a short session timeout, and reported end offsets are the base offset
+of the last batch + 1, so `true_end_offsets` finds the real end by reading the last batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+POLL_MS = 500
+END_POLL_MS = 200
+
+
+def producer(bootstrap_servers: str, **overrides) -> KafkaProducer:
+    config = dict(bootstrap_servers=bootstrap_servers, acks="all", enable_idempotence=False, linger_ms=5,
+                  retries=5)
+    config.update(overrides)
+    return KafkaProducer(**config)
+
+
+def consumer(bootstrap_servers: str, group_id: str | None = None, **overrides) -> KafkaConsumer:
+    config = dict(bootstrap_servers=bootstrap_servers, group_id=group_id, enable_auto_commit=False,
+                  auto_offset_reset="earliest", session_timeout_ms=6000, heartbeat_interval_ms=2000,
+                  max_poll_records=500)
+    config.update(overrides)
+    return KafkaConsumer(**config)
+
+
+def partitions_of(c: KafkaConsumer, topic: str) -> list[TopicPartition]:
+    parts = c.partitions_for_topic(topic)
+    return [TopicPartition(topic, p) for p in sorted(parts or ())]
+
+
+def true_end_offsets(c: KafkaConsumer, tps: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+    """The offset after the last message of each partition (assigns `c` to the partitions)."""
+    tps = list(tps)
+    if not tps:
+        return {}
+    reported = c.end_offsets(tps)
+    ends = {tp: reported[tp] for tp in tps}
+    # The reported end may point inside the last batch: read from there to the real end.
+    nonempty = [tp for tp in tps if reported[tp] > 0]
+    c.assign(nonempty)
+    for tp in nonempty:
+        c.seek(tp, reported[tp] - 1)
+    while nonempty:
+        batches = c.poll(timeout_ms=END_POLL_MS)
+        if not batches:
+            break
+        for tp, records in batches.items():
+            ends[tp] = max(ends[tp], records[-1].offset + 1)
+    c.assign([])
+    return ends
+
+
+@dataclass(frozen=True)
+class Message:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp_ms: int
+
+
+def read_range(c: KafkaConsumer, tp: TopicPartition, start: int, stop: int) -> Iterator[Message]:
+    """Every message of one partition with start <= offset < stop (assigns `c` to that partition)."""
+    if start >= stop:
+        return
+    c.assign([tp])
+    c.seek(tp, start)
+    empty_polls = 0
+    while True:
+        records = c.poll(timeout_ms=POLL_MS).get(tp, [])
+        if not records:
+            empty_polls += 1
+            if empty_polls > 20:
+                raise TimeoutError(f"{tp.topic}[{tp.partition}]: no data before offset {stop}, stuck at {start}")
+            continue
+        empty_polls = 0
+        for r in records:
+            if r.offset >= stop:
+                return
+            start = r.offset + 1
+            yield Message(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp)
+        if start >= stop:
+            return

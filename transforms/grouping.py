@@ -1,0 +1,30 @@
+"""Gather each user's uploads, deletions and consent toggles of a cycle into one UserBatch."""
+
+from __future__ import annotations
+
+import apache_beam as beam
+
+from stylestream.transforms.records import UserBatch
+
+def to_user_batch(user_id: str, grouped: dict[str, list]) -> UserBatch:
+    return UserBatch(
+        user_id,
+        uploads=list(grouped["uploads"]),
+        deletes=[s.event for s in grouped["deletes"]],
+        toggles=[s.event for s in grouped["toggles"]],
+    )
+
+class GroupByUser(beam.PTransform):
+    """(contributions, deletes, toggles) -> one UserBatch per user with any of them."""
+
+    def expand(self, pcolls):
+        contributions, deletes, toggles = pcolls
+        return (
+            {
+                "uploads": contributions | "KeyUploads" >> beam.Map(lambda c: (c.user_id, c)),
+                "deletes": deletes | "KeyDeletes" >> beam.Map(lambda s: (s.event.user_id, s)),
+                "toggles": toggles | "KeyToggles" >> beam.Map(lambda s: (s.event.user_id, s)),
+            }
+            | "CoGroup" >> beam.CoGroupByKey()
+            | "ToUserBatch" >> beam.MapTuple(to_user_batch)
+        )

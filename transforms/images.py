@@ -1,0 +1,147 @@
+"""Fetch, verify and decode photos; keep only whitelisted coarse metadata.
+
+Pixels exist only in memory for the few milliseconds between decoding and embedding. Of the photo's
+metadata only `METADATA_WHITELIST` is read (GPS, serial numbers, names, XMP, maker notes and
+embedded thumbnails are never read into any record, so nothing downstream can store them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass
+
+import apache_beam as beam
+import fsspec
+from PIL import Image, ImageOps
+
+from stylestream.schemas.events import ImageRef, PhotoUploaded
+from stylestream.transforms.features import aesthetic_features
+from stylestream.transforms.records import PreparedPhoto, Sourced
+
+OK, DEAD = "ok", "dead"
+
+# EXIF tag id -> stored name. Coarse capture settings only; the capture time is reduced to its hour.
+METADATA_WHITELIST = {
+    0x920A: "focal_length_mm",
+    0x829D: "f_number",
+    0x829A: "exposure_time_s",
+    0x8827: "iso",
+    0x9209: "flash",
+}
+EXIF_IFD = 0x8769
+DATETIME_ORIGINAL = 0x9003
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    max_bytes: int = 50 * 1024 * 1024
+    max_pixels: int = 100_000_000  # decompression-bomb guard
+    min_side: int = 224  # decode at reduced size, but never below this
+
+
+class PhotoError(ValueError):
+    """A photo that cannot be used; the message is the dead-letter reason."""
+
+    def __init__(self, stage: str, reason: str):
+        super().__init__(reason)
+        self.stage = stage
+
+
+def choose_rendition(event: PhotoUploaded, min_side: int) -> ImageRef | None:
+    """The smallest referenced image whose shorter side is at least `min_side` (the original otherwise)."""
+    big_enough = [r for r in event.renditions if r.width and r.height and min(r.width, r.height) >= min_side]
+    if big_enough:
+        return min(big_enough, key=lambda r: r.width * r.height)
+    return event.image
+
+
+def fetch(ref: ImageRef, limits: DecodeLimits) -> bytes:
+    """The image bytes behind a reference, checked against its declared size and sha256."""
+    if ref.size_bytes > limits.max_bytes:
+        raise PhotoError("fetch", f"{ref.size_bytes} bytes is over the {limits.max_bytes}-byte limit")
+    try:
+        with fsspec.open(ref.uri, "rb") as f:
+            data = f.read(limits.max_bytes + 1)
+    except (OSError, ValueError) as e:
+        raise PhotoError("fetch", f"cannot read {ref.uri}: {type(e).__name__}: {e}") from None
+    if len(data) != ref.size_bytes:
+        raise PhotoError("fetch", f"{ref.uri} has {len(data)} bytes, the event says {ref.size_bytes}")
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != ref.sha256:
+        raise PhotoError("fetch", f"{ref.uri} sha256 is {digest}, the event says {ref.sha256}")
+    return data
+
+
+def decode(data: bytes, limits: DecodeLimits) -> tuple[Image.Image, dict[str, float | int | str]]:
+    """A small RGB image (upright, at least `min_side` on its shorter side when the source allows)
+    and the whitelisted metadata."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.width * im.height > limits.max_pixels:
+                raise PhotoError("image", f"{im.width}x{im.height} pixels is over the {limits.max_pixels} limit")
+            metadata = whitelisted_metadata(im)
+            # JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale straight from the DCT: far cheaper.
+            scale = min(im.width, im.height) / limits.min_side
+            if scale >= 2:
+                im.draft("RGB", (im.width // int(scale), im.height // int(scale)))
+            upright = ImageOps.exif_transpose(im)
+            rgb = upright.convert("RGB")
+            rgb.load()
+    except PhotoError:
+        raise
+    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
+        raise PhotoError("image", f"cannot decode image: {type(e).__name__}: {e}") from None
+    if min(rgb.size) > 2 * limits.min_side:
+        rgb.thumbnail((2 * limits.min_side * rgb.width // min(rgb.size),
+                       2 * limits.min_side * rgb.height // min(rgb.size)), Image.Resampling.BILINEAR)
+    return rgb, metadata
+
+
+def whitelisted_metadata(im: Image.Image) -> dict[str, float | int | str]:
+    exif = im.getexif()
+    sub = exif.get_ifd(EXIF_IFD)
+    out: dict[str, float | int | str] = {}
+    for tag, name in METADATA_WHITELIST.items():
+        value = sub.get(tag, exif.get(tag))
+        if isinstance(value, tuple):  # some writers store ISO as a tuple
+            value = value[0] if value else None
+        if value is not None:
+            try:
+                out[name] = round(float(value), 4)
+            except (TypeError, ValueError, ZeroDivisionError):
+                continue
+    taken = sub.get(DATETIME_ORIGINAL)
+    if isinstance(taken, str) and len(taken) >= 13 and taken[11:13].isdigit():
+        out["hour_of_day"] = int(taken[11:13])
+    return out
+
+
+def prepare_photo(sourced: Sourced, limits: DecodeLimits) -> PreparedPhoto:
+    event: PhotoUploaded = sourced.event
+    inline = event.inline_bytes()
+    data = inline if inline is not None else fetch(choose_rendition(event, limits.min_side), limits)
+    image, metadata = decode(data, limits)
+    return PreparedPhoto(sourced, image, aesthetic_features(image), metadata)
+
+
+class _Prepare(beam.DoFn):
+    def __init__(self, limits: DecodeLimits):
+        self._limits = limits
+
+    def process(self, sourced: Sourced):
+        try:
+            yield prepare_photo(sourced, self._limits)
+        except PhotoError as e:
+            yield beam.pvalue.TaggedOutput(DEAD, sourced.dead(e.stage, str(e)))
+
+
+class PreparePhotos(beam.PTransform):
+    """Uploads -> `ok` (PreparedPhoto: small image, features, whitelisted metadata) and `dead`."""
+
+    def __init__(self, limits: DecodeLimits = DecodeLimits()):
+        super().__init__()
+        self._limits = limits
+
+    def expand(self, uploads):
+        return uploads | beam.ParDo(_Prepare(self._limits)).with_outputs(DEAD, main=OK)

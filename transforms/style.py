@@ -1,0 +1,170 @@
+"""Per-user style state: time-decayed sufficient statistics, consent, and exact retraction.
+
+A user's style is sum(w_i * x_i) / sum(w_i) over the photos that currently count, where x_i is a
+photo's contribution (embedding, features) and w_i = 2 ** ((taken_at_i - EPOCH) / half_life): a
+photo taken one half-life later weighs twice as much. Weighting against a fixed epoch (rather than
+"now") makes the statistics a commutative monoid: adding, merging and retracting are exact and
+independent of order, and the normalized style equals the one decayed to any reference time.
+
+`plan_user_update` is the whole per-user update rule as a pure function of what is stored for the
+user (`UserView`) and what arrived (`UserBatch`); the store applies its result in one transaction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import numpy as np
+
+from stylestream.transforms.records import Contribution, UserBatch
+
+EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+DEFAULT_HALF_LIFE_DAYS = 365.0
+# 2 ** (exponent) must stay finite in float64 for photos up to ~2100: (100 years / half-life) < 1000.
+MIN_HALF_LIFE_DAYS = 40.0
+
+
+def photo_weight(taken_at: datetime, half_life_days: float) -> float:
+    return float(2.0 ** ((taken_at - EPOCH).total_seconds() / 86400.0 / half_life_days))
+
+
+@dataclass
+class StyleStats:
+    """Weighted sums of embeddings and features, total weight and photo count (a commutative monoid)."""
+
+    sum_embedding: np.ndarray  # float64
+    sum_features: np.ndarray  # float64
+    total_weight: float = 0.0
+    count: int = 0
+
+    @classmethod
+    def zero(cls, dim: int, n_features: int) -> StyleStats:
+        return cls(np.zeros(dim), np.zeros(n_features))
+
+    @classmethod
+    def of(cls, embedding: np.ndarray, features: np.ndarray, weight: float) -> StyleStats:
+        return cls(weight * embedding.astype(np.float64), weight * features.astype(np.float64), weight, 1)
+
+    def __add__(self, other: StyleStats) -> StyleStats:
+        return StyleStats(self.sum_embedding + other.sum_embedding, self.sum_features + other.sum_features,
+                          self.total_weight + other.total_weight, self.count + other.count)
+
+    def __sub__(self, other: StyleStats) -> StyleStats:
+        out = StyleStats(self.sum_embedding - other.sum_embedding, self.sum_features - other.sum_features,
+                         self.total_weight - other.total_weight, self.count - other.count)
+        # With nothing left, clear the float residue of the subtractions instead of normalizing it.
+        return StyleStats.zero(len(out.sum_embedding), len(out.sum_features)) if out.count == 0 else out
+
+    def vector(self) -> tuple[np.ndarray, np.ndarray]:
+        """(L2-normalized mean embedding, mean features), float32; zeros when no photo counts."""
+        if self.count == 0 or self.total_weight <= 0:
+            return (np.zeros(len(self.sum_embedding), np.float32), np.zeros(len(self.sum_features), np.float32))
+        mean = self.sum_embedding / self.total_weight
+        norm = np.linalg.norm(mean)
+        emb = mean / norm if norm > 0 else mean
+        return emb.astype(np.float32), (self.sum_features / self.total_weight).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class ConsentRecord:
+    enabled: bool
+    event_time: datetime
+    event_id: str
+
+    def supersedes(self, other: ConsentRecord | None) -> bool:
+        """Latest event time wins; the event id breaks ties, so any arrival order agrees."""
+        return other is None or (self.event_time, self.event_id) > (other.event_time, other.event_id)
+
+
+def scope_key(scope: str, scope_id: str | None = None) -> str:
+    return f"{scope}:{scope_id or ''}" if scope != "user" else "user:"
+
+
+def is_excluded(consent: dict[str, ConsentRecord], photo_id: str, album_id: str | None) -> bool:
+    """A photo counts only while no scope covering it (user, its album, itself) is switched off."""
+    keys = [scope_key("user"), scope_key("photo", photo_id)]
+    if album_id is not None:
+        keys.append(scope_key("album", album_id))
+    return any(k in consent and not consent[k].enabled for k in keys)
+
+
+@dataclass(frozen=True)
+class StoredContribution:
+    album_id: str | None
+    weight: float
+    embedding: np.ndarray
+    features: np.ndarray
+
+
+@dataclass
+class UserView:
+    """What the store holds for one user that a batch can touch."""
+
+    stats: StyleStats
+    version: int
+    consent: dict[str, ConsentRecord]  # every scope the user has toggled
+    stored: dict[str, StoredContribution]  # stored contributions the batch may affect, by photo_id
+    deleted: set[str]  # photo ids of the batch already known as deleted
+
+
+@dataclass
+class UserUpdate:
+    consent: dict[str, ConsentRecord] = field(default_factory=dict)  # scope key -> new record
+    tombstones: dict[str, datetime] = field(default_factory=dict)  # photo_id -> deleted at
+    add: list[tuple[Contribution, float]] = field(default_factory=list)  # with its weight
+    remove: list[str] = field(default_factory=list)  # photo ids whose contribution is deleted
+    stats: StyleStats | None = None
+
+    @property
+    def changes_style(self) -> bool:
+        return bool(self.add or self.remove)
+
+
+def affected_scopes(batch: UserBatch) -> tuple[set[str], set[str], bool]:
+    """(photo ids, album ids, whole user?) whose stored contributions the batch may withdraw or repeat."""
+    photos = {c.photo_id for c in batch.uploads} | {d.photo_id for d in batch.deletes}
+    albums = set()
+    whole_user = False
+    for t in batch.toggles:
+        if t.scope == "photo":
+            photos.add(t.scope_id)
+        elif t.scope == "album":
+            albums.add(t.scope_id)
+        else:
+            whole_user = True
+    return photos, albums, whole_user
+
+
+def plan_user_update(view: UserView, batch: UserBatch, half_life_days: float) -> UserUpdate:
+    """The changes one batch makes to one user's state. Order-free: toggles resolve by event time,
+    deletions are permanent, and a photo already stored is never added twice."""
+    update = UserUpdate()
+    consent = dict(view.consent)
+    for t in batch.toggles:
+        rec = ConsentRecord(t.enabled, t.event_time, t.event_id)
+        key = scope_key(t.scope, t.scope_id)
+        if rec.supersedes(consent.get(key)):
+            consent[key] = update.consent[key] = rec
+
+    deleted = set(view.deleted)
+    for d in batch.deletes:
+        update.tombstones[d.photo_id] = max(d.event_time, update.tombstones.get(d.photo_id, d.event_time))
+        deleted.add(d.photo_id)
+
+    stats = view.stats
+    for photo_id, c in sorted(view.stored.items()):
+        if photo_id in deleted or is_excluded(consent, photo_id, c.album_id):
+            update.remove.append(photo_id)
+            stats = stats - StyleStats.of(c.embedding, c.features, c.weight)
+
+    seen = set(view.stored)
+    for c in sorted(batch.uploads, key=lambda c: (c.photo_id, c.taken_at)):
+        if c.photo_id in seen or c.photo_id in deleted or is_excluded(consent, c.photo_id, c.album_id):
+            continue
+        seen.add(c.photo_id)
+        w = photo_weight(c.taken_at, half_life_days)
+        update.add.append((c, w))
+        stats = stats + StyleStats.of(c.embedding, c.features, w)
+    update.stats = stats
+    return update
