@@ -60,6 +60,15 @@ def ensure_tiny_clip(models_dir: Path) -> ClipSpec:
     return ClipSpec(TINY_CLIP, str(path))
 
 
+def clip_spec(models_dir: Path, model: str = TINY_CLIP, pretrained: str | None = None) -> ClipSpec:
+    """What the command line asks for; the tiny default is materialized under models_dir."""
+    if model == TINY_CLIP and pretrained is None:
+        return ensure_tiny_clip(models_dir)
+    if pretrained is None:
+        raise ValueError(f"{model} needs pretrained weights (an open_clip tag or a checkpoint path)")
+    return ClipSpec(model, pretrained)
+
+
 def embedding_dim(spec: ClipSpec) -> int:
     """Size of the model's image embedding, from its config (no weights loaded)."""
     _register_configs()

@@ -91,6 +91,16 @@ def random_ip_adapter(unet, input_dim: int, tokens: int, seed: int = 0) -> dict[
     return sd
 
 
+def diffusion_spec(models_dir: Path, style_dim: int, model_dir: str | None = None,
+                   ip_adapter: str | None = None) -> DiffusionSpec:
+    """What the command line asks for; the tiny default is materialized under models_dir."""
+    if model_dir is None and ip_adapter is None:
+        return ensure_tiny_diffusion(models_dir, style_dim)
+    if model_dir is None or ip_adapter is None:
+        raise ValueError("a diffusion model folder needs its style adapter file too (and the other way round)")
+    return DiffusionSpec(model_dir, ip_adapter)
+
+
 def ensure_tiny_diffusion(models_dir: Path, style_dim: int) -> DiffusionSpec:
     """The tiny random-weight pipeline and a style adapter for `style_dim`-sized vectors, written once."""
     root = models_dir / "diffusion"

@@ -141,7 +141,8 @@ class GenerationCompleted(_Event):
     type: Literal["generation_completed"] = "generation_completed"
     request_id: Id
     image_uri: str
-    style_version: int | None = Field(description="The style version that conditioned the image; null if none.")
+    style_version: int | None = Field(
+        default=None, description="The style version that conditioned the image; null if none.")
     style_strength: float
     seed: int
     timings_ms: dict[str, float] = Field(default_factory=dict)

@@ -6,6 +6,7 @@ import apache_beam as beam
 
 from stylestream.transforms.records import UserBatch
 
+
 def to_user_batch(user_id: str, grouped: dict[str, list]) -> UserBatch:
     return UserBatch(
         user_id,

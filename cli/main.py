@@ -1,0 +1,152 @@
+"""The `stylestream` command."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    help="Learn each person's visual style from their photo stream and personalize image generation with it.",
+    no_args_is_help=True, pretty_exceptions_show_locals=False)
+schemas_app = typer.Typer(help="Event contracts as JSON Schema files.", no_args_is_help=True)
+app.add_typer(schemas_app, name="schemas")
+console = Console()
+
+DEFAULT_DATA_DIR = Path("stylestream-data")
+
+BootstrapServers = Annotated[str, typer.Option(
+    "--bootstrap-servers", "-b", envvar="STYLESTREAM_BOOTSTRAP_SERVERS",
+    help="Kafka bootstrap servers (host:port[,host:port]); `stylestream broker` prints a local one.")]
+DataDir = Annotated[Path, typer.Option(
+    "--data-dir", envvar="STYLESTREAM_DATA_DIR", help="Where state, history, images and the tiny models live.")]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show library logs (Beam, Kafka).")]
+
+
+def _quiet(verbose: bool) -> None:
+    # Beam and kafka-python log routine warnings (optional cloud clients, reconnects) at WARNING/ERROR.
+    logging.basicConfig(level=logging.INFO if verbose else logging.CRITICAL,
+                        format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub at run time
+    if not verbose:
+        for var in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY"):
+            os.environ.setdefault(var, "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for noisy in ("apache_beam", "kafka", "diffusers", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.CRITICAL)
+
+
+@app.command()
+def broker(port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (default: a free one).")] = 0,
+           partitions: Annotated[int, typer.Option(help="Partitions per topic.")] = 4) -> None:
+    """Run a local Kafka-protocol broker (Tansu, memory only) with the stylestream topics until Ctrl-C."""
+    from stylestream.streams.broker import start_broker
+    from stylestream.streams.topics import ensure_topics
+
+    b = start_broker(port or None)
+    try:
+        created = ensure_topics(b.bootstrap_servers, partitions)
+        console.print(f"broker listening on [bold]{b.bootstrap_servers}[/] (memory only: a restart loses all data)")
+        console.print(f"topics: {', '.join(created)} ({partitions} partitions, keyed by user)")
+        console.print(f"export STYLESTREAM_BOOTSTRAP_SERVERS={b.bootstrap_servers}")
+        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        while b.process.poll() is None:
+            time.sleep(0.5)
+        console.print(f"[red]broker exited with status {b.process.returncode}[/]")
+        raise typer.Exit(1)
+    except KeyboardInterrupt:
+        console.print("stopping broker")
+    finally:
+        b.stop()
+
+
+@app.command()
+def ingest(
+    bootstrap_servers: BootstrapServers,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    clip_model: Annotated[str, typer.Option(help="open_clip architecture name.")] = "stylestream-tiny-clip",
+    clip_pretrained: Annotated[str | None, typer.Option(
+        help="open_clip pretrained tag or checkpoint path (required for any model but the tiny default).")] = None,
+    half_life_days: Annotated[float, typer.Option(help="A photo this much newer weighs twice as much.")] = 365.0,
+    verbose: Verbose = False,
+) -> None:
+    """Process every new photo and consent event, then exit (each cycle commits exactly once)."""
+    _quiet(verbose)
+    from stylestream.models.clip import clip_spec
+    from stylestream.pipelines.ingest import IngestConfig, Ingestor
+
+    cfg = IngestConfig(bootstrap_servers, data_dir / "state", clip_spec(data_dir / "models", clip_model,
+                                                                        clip_pretrained), half_life_days)
+    with Ingestor(cfg) as ingestor:
+        done = ingestor.run_until_caught_up(on_cycle=lambda r: console.print(
+            f"cycle {r.cycle}: {r.events} events, {r.users_updated} users updated, {r.dead_letters} dead letters"))
+    console.print(f"caught up after {len(done)} cycle(s); state in {cfg.db_path}, history in {cfg.history_dir}")
+
+
+@app.command()
+def serve(
+    bootstrap_servers: BootstrapServers,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    output: Annotated[str | None, typer.Option(help="Folder or fsspec URL for images (default: DATA_DIR/images).")]
+    = None,
+    diffusion_model: Annotated[str | None, typer.Option(
+        help="A local diffusers StableDiffusionPipeline folder (default: the tiny random-weight model).")] = None,
+    ip_adapter: Annotated[str | None, typer.Option(
+        help="IP-Adapter-format weight file whose projection takes the style vector.")] = None,
+    clip_model: Annotated[str, typer.Option(help="The embedding model ingestion uses (sets the style size).")]
+    = "stylestream-tiny-clip",
+    max_requests: Annotated[int | None, typer.Option(help="Exit after this many requests.")] = None,
+    idle_exit_s: Annotated[float | None, typer.Option(help="Exit after this long without requests.")] = None,
+    verbose: Verbose = False,
+) -> None:
+    """Serve generation requests with each user's latest style until stopped."""
+    _quiet(verbose)
+    from stylestream.models.clip import ClipSpec, embedding_dim
+    from stylestream.models.diffusion import diffusion_spec
+    from stylestream.schemas.tables import FEATURE_NAMES
+    from stylestream.serving.generator import StyleGenerator
+    from stylestream.serving.worker import ServeConfig, Worker
+
+    style_dim = embedding_dim(ClipSpec(clip_model)) + len(FEATURE_NAMES)
+    spec = diffusion_spec(data_dir / "models", style_dim, diffusion_model, ip_adapter)
+    cfg = ServeConfig(bootstrap_servers, output or str(data_dir / "images"))
+    with Worker(cfg, StyleGenerator(spec)) as worker:
+        console.print(f"serving with {spec.describe()}; {len(worker.styles.users())} users have a style")
+        n = worker.run(max_requests, idle_exit_s, on_result=lambda r: console.print(
+            f"{r.request_id}: " + (f"{r.image_uri} (style v{r.style_version})" if r.type == "generation_completed"
+                                   else f"failed: {r.reason}")))
+    console.print(f"handled {n} request(s)")
+
+
+@app.command()
+def demo(data_dir: DataDir = DEFAULT_DATA_DIR, verbose: Verbose = False) -> None:
+    """Everything on one machine: broker, synthetic photos, ingestion, an opt-out, personalized images."""
+    _quiet(verbose)
+    from stylestream.demo.run import run_demo
+
+    run_demo(data_dir, console)
+
+
+@schemas_app.command("export")
+def schemas_export(check: Annotated[bool, typer.Option(help="Only check the files match the code.")] = False) -> None:
+    """Write schemas/json/<topic>.schema.json from the contracts in schemas/events.py."""
+    from stylestream.schemas.export import export, stale
+
+    if check:
+        if bad := stale():
+            console.print(f"[red]out of date: {', '.join(bad)}[/] (run `stylestream schemas export`)")
+            raise typer.Exit(1)
+        console.print("JSON Schema files match the code")
+        return
+    for path in export():
+        console.print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,152 @@
+"""`stylestream demo`: the whole system on one machine, with nothing to configure.
+
+Starts the local broker, writes a synthetic photo library for three users with clearly different
+looks, publishes their uploads (plus one malformed event), ingests, withdraws one album, ingests
+again, then asks the serving worker for one personalized image per user and reports what happened.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from stylestream.demo.synthetic import LOOKS, make_library, toggle_event
+from stylestream.models.clip import clip_spec, embedding_dim
+from stylestream.models.diffusion import diffusion_spec
+from stylestream.pipelines.ingest import IngestConfig, Ingestor
+from stylestream.pipelines.store import CycleResult, Store
+from stylestream.schemas.events import GenerationRequested, encode_event
+from stylestream.schemas.tables import FEATURE_NAMES
+from stylestream.serving.generator import StyleGenerator
+from stylestream.serving.worker import ServeConfig, Worker
+from stylestream.streams import clients
+from stylestream.streams.broker import running_broker
+from stylestream.streams.topics import CONSENT_EVENTS, GENERATION_REQUESTS, PHOTO_EVENTS, ensure_topics
+
+# user -> albums of (album id, look, photo count). Ana's "office" album is the one she withdraws.
+LIBRARY = {
+    "ana": [("beach", "warm", 6), ("office", "cool", 4)],
+    "ben": [("walks", "cool", 6)],
+    "cleo": [("street", "mono", 6)],
+}
+WITHDRAWN = ("ana", "office")
+
+
+def run_demo(data_dir: Path, console: Console) -> dict:
+    run_dir = data_dir / "runs" / datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    models_dir = data_dir / "models"
+    t0 = time.perf_counter()
+    say = console.print
+    with console.status("preparing models (built once, then loaded like pretrained weights)"):
+        clip = clip_spec(models_dir)
+        diffusion = diffusion_spec(models_dir, embedding_dim(clip) + len(FEATURE_NAMES))
+    with running_broker() as broker:
+        bs = broker.bootstrap_servers
+        ensure_topics(bs)
+        say(f"[bold]broker[/] Tansu on {bs} (memory only)")
+        with console.status("writing a synthetic photo library"):
+            photos = make_library(run_dir / "library", LIBRARY)
+        say(f"[bold]library[/] {len(photos)} JPEGs in {run_dir / 'library'}: " + ", ".join(
+            f"{u} ({', '.join(f'{a}: {LOOKS[look].description}' for a, look, _ in albums)})"
+            for u, albums in LIBRARY.items()))
+
+        producer = clients.producer(bs)
+        for p in photos:
+            producer.send(PHOTO_EVENTS, key=p.user_id.encode(), value=encode_event(p.upload_event()))
+        producer.send(PHOTO_EVENTS, key=b"ben", value=b'{"type": "photo_uploaded", "user_id": "ben"}')
+        producer.flush()
+        say(f"[bold]published[/] {len(photos)} uploads and 1 malformed event to {PHOTO_EVENTS}")
+
+        cfg = IngestConfig(bs, run_dir / "state", clip)
+        with Ingestor(cfg) as ingestor:
+            ingest(ingestor, console, "ingesting uploads")
+            before = latest(cfg)
+            say(style_table(before, "style vectors after the uploads"))
+
+            user, album = WITHDRAWN
+            producer.send(CONSENT_EVENTS, key=user.encode(), value=encode_event(
+                toggle_event(user, "album", album, False, datetime.now(UTC))))
+            producer.flush()
+            say(f"[bold]opt-out[/] {user} switched style learning off for album '{album}'")
+            ingest(ingestor, console, "ingesting the opt-out")
+        after = latest(cfg)
+        say(opt_out_report(before, after, cfg, user))
+
+        requests = [GenerationRequested(
+            event_id=f"req-{u}", user_id=u, event_time=datetime.now(UTC), request_id=f"demo-{u}",
+            prompt="a birthday card with a cake", seed=7) for u in LIBRARY]
+        requests.append(GenerationRequested(
+            event_id="req-nobody", user_id="nobody", event_time=datetime.now(UTC) + timedelta(seconds=1),
+            request_id="demo-nobody", prompt="a birthday card with a cake", seed=7))
+        for r in requests:
+            producer.send(GENERATION_REQUESTS, key=r.user_id.encode(), value=encode_event(r))
+        producer.flush()
+        producer.close()
+        say(f"[bold]requests[/] {len(requests)} generation requests (one for a user with no photos)")
+
+        results = []
+        with console.status("serving: loading the diffusion pipeline and generating"):
+            generator = StyleGenerator(diffusion)
+            with Worker(ServeConfig(bs, str(run_dir / "images")), generator) as worker:
+                worker.run(max_requests=len(requests), idle_exit_s=30, on_result=results.append)
+        say(results_table(results))
+    elapsed = time.perf_counter() - t0
+    say(f"[bold green]done[/] in {elapsed:.0f} s. State: {cfg.db_path}  History: {cfg.history_dir}")
+    return {"run_dir": run_dir, "before": before, "after": after, "results": results, "seconds": elapsed}
+
+
+def ingest(ingestor: Ingestor, console: Console, what: str) -> list[CycleResult]:
+    with console.status(what):
+        done = ingestor.run_until_caught_up(on_cycle=lambda r: console.print(
+            f"  cycle {r.cycle}: {r.events} events, {r.users_updated} users updated, "
+            f"{r.dead_letters} to the dead-letter topic"))
+    return done
+
+
+def latest(cfg: IngestConfig) -> dict:
+    with Store(cfg.db_path) as store:
+        return store.latest_vectors()
+
+
+def style_table(vectors: dict, title: str) -> Table:
+    shown = ("warmth", "saturation", "contrast", "brightness")
+    t = Table(title=title)
+    for col in ("user", "version", "photos", *shown):
+        t.add_column(col, justify="right" if col != "user" else "left")
+    for user, (version, _, feats, count) in sorted(vectors.items()):
+        named = dict(zip(FEATURE_NAMES, feats, strict=True))
+        t.add_row(user, str(version), str(count), *(f"{named[n]:+.3f}" for n in shown))
+    return t
+
+
+def opt_out_report(before: dict, after: dict, cfg: IngestConfig, user: str) -> str:
+    v0, e0, f0, n0 = before[user]
+    v1, e1, f1, n1 = after[user]
+    deltas = dict(zip(FEATURE_NAMES, f1 - f0, strict=True))
+    moved = ", ".join(f"{n} {d:+.3f}" for n, d in sorted(deltas.items(), key=lambda kv: -abs(kv[1]))[:3])
+    with Store(cfg.db_path) as store:
+        remaining = store.contributions(user)
+    w = np.array([c[2] for c in remaining])
+    scratch = (w[:, None] * np.stack([c[3] for c in remaining])).sum(0)
+    scratch /= np.linalg.norm(scratch)
+    return (f"[bold]opt-out effect[/] {user}: version {v0} -> {v1}, photos {n0} -> {n1}; "
+            f"largest feature moves: {moved}; cosine distance to before {1 - float(e0 @ e1):.4f}; "
+            f"max |difference| to a from-scratch vector without the album {np.abs(scratch - e1).max():.1e}")
+
+
+def results_table(results: list) -> Table:
+    t = Table(title="generation results")
+    for col in ("request", "outcome", "style version"):
+        t.add_column(col)
+    t.add_column("image / reason", overflow="fold")
+    for r in results:
+        if r.type == "generation_completed":
+            t.add_row(r.request_id, "completed", str(r.style_version), r.image_uri)
+        else:
+            t.add_row(r.request_id, "[red]failed[/]", "-", r.reason)
+    return t

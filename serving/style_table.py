@@ -1,0 +1,58 @@
+"""In-memory table of every user's style versions, fed by the style-vectors topic.
+
+Rebuilt on start by reading the topic from the beginning (the local broker does not compact), then
+kept current by polling between requests.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from stylestream.schemas.events import InvalidEvent, StyleVectorUpdated, parse_event
+from stylestream.streams import clients
+from stylestream.streams.topics import STYLE_VECTORS
+
+log = logging.getLogger(__name__)
+
+
+class StyleTable:
+    def __init__(self, bootstrap_servers: str):
+        self._consumer = clients.consumer(bootstrap_servers)
+        self._versions: dict[str, dict[int, StyleVectorUpdated]] = {}
+        tps = clients.partitions_of(self._consumer, STYLE_VECTORS)
+        self._ends = clients.true_end_offsets(self._consumer, tps)
+        self._consumer.assign(tps)
+        self._consumer.seek_to_beginning(*tps)
+
+    def close(self) -> None:
+        self._consumer.close()
+
+    def catch_up(self) -> int:
+        """Read until every partition reaches the end it had when the table was created."""
+        n = 0
+        while any(self._consumer.position(tp) < end for tp, end in self._ends.items()):
+            n += self.poll(timeout_ms=clients.POLL_MS)
+        return n
+
+    def poll(self, timeout_ms: int = 0) -> int:
+        n = 0
+        for records in self._consumer.poll(timeout_ms=timeout_ms).values():
+            for r in records:
+                try:
+                    v = parse_event(STYLE_VECTORS, r.value)
+                except InvalidEvent as e:
+                    log.warning("skipping bad style vector at %s[%d]@%d: %s", r.topic, r.partition, r.offset, e)
+                    continue
+                self._versions.setdefault(v.user_id, {})[v.version] = v
+                n += 1
+        return n
+
+    def get(self, user_id: str, version: int | None = None) -> StyleVectorUpdated | None:
+        """The pinned version, or the latest one; None if unknown."""
+        versions = self._versions.get(user_id)
+        if not versions:
+            return None
+        return versions.get(version) if version is not None else versions[max(versions)]
+
+    def users(self) -> list[str]:
+        return sorted(self._versions)

@@ -1,0 +1,36 @@
+"""`stylestream demo` runs the whole system and reports what happened."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from stylestream.cli.main import app
+from stylestream.demo.run import run_demo
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path):
+    out = io.StringIO()
+    report = run_demo(tmp_path, Console(file=out, width=200))
+    assert report["before"]["ana"][3] == 10 and report["after"]["ana"][3] == 6  # the album opt-out
+    assert report["after"]["ana"][0] == report["before"]["ana"][0] + 1
+    assert report["after"]["ben"][0] == report["before"]["ben"][0]
+    outcomes = sorted((r.request_id, r.type) for r in report["results"])
+    assert outcomes == [("demo-ana", "generation_completed"), ("demo-ben", "generation_completed"),
+                        ("demo-cleo", "generation_completed"), ("demo-nobody", "generation_failed")]
+    assert len(list((report["run_dir"] / "images").rglob("*.png"))) == 3
+    text = out.getvalue()
+    assert "1 to the dead-letter topic" in text and "opt-out effect" in text
+
+
+def test_cli_help_explains_every_command():
+    result = CliRunner().invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("broker", "ingest", "serve", "demo", "schemas"):
+        assert command in result.output
+    ingest_help = CliRunner().invoke(app, ["ingest", "--help"]).output
+    assert "--bootstrap-servers" in ingest_help and "--clip-pretrained" in ingest_help

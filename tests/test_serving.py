@@ -1,0 +1,88 @@
+"""Serving end to end: requests joined with published style vectors, a real diffusers pipeline."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import numpy as np
+import pytest
+from helpers import produce, read_topic
+from PIL import Image
+
+from stylestream.demo.synthetic import make_library
+from stylestream.schemas.events import GenerationRequested, parse_event
+from stylestream.serving.generator import StyleGenerator
+from stylestream.serving.worker import ServeConfig, Worker
+from stylestream.streams.topics import GENERATION_REQUESTS, GENERATION_RESULTS, PHOTO_EVENTS, dlq
+
+
+def request(user: str, rid: str, **kw) -> GenerationRequested:
+    return GenerationRequested(event_id=f"e-{rid}", user_id=user, event_time=datetime.now(UTC), request_id=rid,
+                               prompt="a birthday card", seed=3, **kw)
+
+
+@pytest.fixture(scope="module")
+def generator(diffusion):
+    return StyleGenerator(diffusion, device="cpu")
+
+
+def test_personalized_image_names_its_style_version(broker, make_ingestor, generator, tmp_path):
+    bs = broker.bootstrap_servers
+    photos = make_library(tmp_path / "lib", {"ana": [("a", "warm", 3)], "ben": [("b", "mono", 3)]})
+    produce(bs, PHOTO_EVENTS, [p.upload_event() for p in photos])
+    make_ingestor().run_until_caught_up()
+    reqs = [request("ana", "r1"), request("ben", "r2"), request("nobody", "r3"),
+            request("nobody", "r4", allow_unpersonalized=True), request("ana", "r5", style_version=9)]
+    produce(bs, GENERATION_REQUESTS, [*reqs, (b"ana", b"not a request")])
+
+    out = tmp_path / "images"
+    with Worker(ServeConfig(bs, str(out)), generator) as worker:
+        assert worker.run(max_requests=len(reqs) + 1, idle_exit_s=20) == len(reqs) + 1
+    results = {r.request_id: r for r in (parse_event(GENERATION_RESULTS, m.value)
+                                         for m in read_topic(bs, GENERATION_RESULTS))}
+    assert results["r1"].type == results["r2"].type == "generation_completed"
+    assert results["r1"].style_version == results["r2"].style_version == 1
+    assert results["r3"].type == "generation_failed" and "no style vector" in results["r3"].reason
+    assert results["r4"].type == "generation_completed" and results["r4"].style_version is None
+    assert results["r5"].type == "generation_failed" and "style version 9" in results["r5"].reason
+    assert len(read_topic(bs, dlq(GENERATION_REQUESTS))) == 1
+
+    ana = np.asarray(Image.open(out / "ana" / "r1.png"))
+    ben = np.asarray(Image.open(out / "ben" / "r2.png"))
+    plain = np.asarray(Image.open(out / "nobody" / "r4.png"))
+    assert ana.shape == (64, 64, 3)
+    assert np.abs(ana.astype(int) - ben).max() > 0, "different styles, same seed: images must differ"
+    assert np.abs(ana.astype(int) - plain).max() > 0
+
+
+def test_redelivered_request_makes_no_second_image(broker, make_ingestor, generator, tmp_path):
+    bs = broker.bootstrap_servers
+    photos = make_library(tmp_path / "lib", {"ana": [("a", "warm", 2)]})
+    produce(bs, PHOTO_EVENTS, [p.upload_event() for p in photos])
+    make_ingestor().run_until_caught_up()
+    out = tmp_path / "images"
+    produce(bs, GENERATION_REQUESTS, [request("ana", "same")])
+    with Worker(ServeConfig(bs, str(out)), generator) as worker:
+        worker.run(max_requests=1, idle_exit_s=20)
+    first = (out / "ana" / "same.png").stat().st_mtime_ns
+    produce(bs, GENERATION_REQUESTS, [request("ana", "same")])  # redelivery
+    with Worker(ServeConfig(bs, str(out)), generator) as worker:
+        worker.run(max_requests=1, idle_exit_s=20)
+    assert (out / "ana" / "same.png").stat().st_mtime_ns == first
+    results = [parse_event(GENERATION_RESULTS, m.value) for m in read_topic(bs, GENERATION_RESULTS)]
+    assert [r.request_id for r in results] == ["same", "same"]
+    assert results[0] == results[1]
+
+
+def test_strength_zero_is_exactly_the_unpersonalized_image(broker, make_ingestor, generator, tmp_path):
+    from stylestream.schemas.events import StyleVectorUpdated
+    from stylestream.schemas.tables import FEATURE_NAMES
+
+    rng = np.random.default_rng(0)
+    style = StyleVectorUpdated(event_id="v", user_id="ana", event_time=datetime.now(UTC), version=1, photo_count=1,
+                               embedding=rng.normal(size=64).tolist(), features=dict.fromkeys(FEATURE_NAMES, 0.5))
+    none = np.asarray(generator.generate(request("ana", "x"), None))
+    zero = np.asarray(generator.generate(request("ana", "x", style_strength=0.0), style))
+    full = np.asarray(generator.generate(request("ana", "x", style_strength=1.0), style))
+    np.testing.assert_array_equal(none, zero)
+    assert np.abs(full.astype(int) - none).max() > 0
