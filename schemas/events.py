@@ -48,6 +48,8 @@ class ImageRef(BaseModel):
     uri: str = Field(min_length=1, max_length=2048, description="file://, or any fsspec URL")
     sha256: Sha256
     size_bytes: int = Field(gt=0)
+    content_type: Literal["image/jpeg", "image/png", "image/webp", "image/heic", "image/heif"] | None = Field(
+        default=None, description="If given, the bytes must be of this format.")
     width: int | None = Field(default=None, gt=0)
     height: int | None = Field(default=None, gt=0)
 

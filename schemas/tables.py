@@ -15,6 +15,12 @@ FEATURE_NAMES: tuple[str, ...] = (
     "lab_l_mean",
     "lab_a_mean",
     "lab_b_mean",
+    "lab_l_spread",
+    "lab_a_spread",
+    "lab_b_spread",
+    "thirds_energy",
+    "symmetry",
+    *(f"palette{i}_{c}" for i in (1, 2, 3) for c in ("l", "a", "b")),
 )
 
 # One row per immutable version of a user's style. Written once per committed ingestion cycle, as

@@ -1,7 +1,8 @@
 """Interpretable aesthetic features of a photo, so style and its drift can be explained in words.
 
 All features are computed on the RGB image scaled to fit WORK_SIZE (so sharpness does not depend on
-the resolution the photo arrived in) and returned in `FEATURE_NAMES` order.
+the resolution the photo arrived in) and returned in `FEATURE_NAMES` order. Lab values are CIE
+L*a*b* (D65) divided by 100, so every feature is of order one.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from PIL import Image
 from stylestream.schemas.tables import FEATURE_NAMES
 
 WORK_SIZE = 256
+PALETTE_SIZE = 3
 
 
 def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
@@ -31,7 +33,7 @@ def brightness(lab: np.ndarray) -> float:
 
 
 def contrast(lab: np.ndarray) -> float:
-    """RMS contrast: standard deviation of lightness L*, scaled by 100."""
+    """RMS contrast: standard deviation of lightness L*, divided by 100."""
     return float(lab[..., 0].std() / 100)
 
 
@@ -42,22 +44,62 @@ def saturation(rgb: np.ndarray) -> float:
 
 
 def warmth(lab: np.ndarray) -> float:
-    """Mean b* (yellow minus blue) plus half of mean a* (red minus green), scaled by 100: > 0 is warm."""
+    """Mean b* (yellow minus blue) plus half of mean a* (red minus green), divided by 100: > 0 is warm."""
     return float((lab[..., 2].mean() + 0.5 * lab[..., 1].mean()) / 100)
 
 
 def colourfulness(rgb: np.ndarray) -> float:
-    """Hasler and Süsstrunk (2003) colourfulness on 0-255 RGB, scaled by 1/100."""
+    """Hasler and Süsstrunk (2003) colourfulness on 0-255 RGB, divided by 100."""
     r, g, b = (rgb[..., i] * 255 for i in range(3))
     rg, yb = r - g, 0.5 * (r + g) - b
     return float((np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean())) / 100)
 
 
 def sharpness(gray: np.ndarray) -> float:
-    """Log of the variance of the 4-neighbour Laplacian of grey levels (0-255): higher is sharper."""
+    """Log of the variance of the 4-neighbour Laplacian of grey levels (0-255), divided by 10."""
     g = gray * 255
     lap = g[1:-1, :-2] + g[1:-1, 2:] + g[:-2, 1:-1] + g[2:, 1:-1] - 4 * g[1:-1, 1:-1]
     return float(np.log1p(lap.var()) / 10)
+
+
+def thirds_energy(lab: np.ndarray) -> float:
+    """How much of the image's salient content sits on the rule-of-thirds intersections.
+
+    Saliency is each pixel's Lab distance from the median colour (the background, for most photos).
+    The score is the saliency-weighted mean of Gaussian windows (sigma = 1/12 of the size) centred on
+    the four intersections, divided by the windows' plain mean: 1 for evenly spread content, above 1
+    when subjects sit on the thirds.
+    """
+    h, w = lab.shape[:2]
+    saliency = np.linalg.norm(lab - np.median(lab.reshape(-1, 3), axis=0), axis=-1)
+    yy, xx = np.mgrid[0:h, 0:w]
+    windows = sum(np.exp(-(((xx - w * fx) / (w / 12)) ** 2 + ((yy - h * fy) / (h / 12)) ** 2) / 2)
+                  for fx in (1 / 3, 2 / 3) for fy in (1 / 3, 2 / 3))
+    total = saliency.sum()
+    if total <= 1e-9:
+        return 1.0
+    return float((saliency * windows).sum() / total / windows.mean())
+
+
+def symmetry(lab: np.ndarray) -> float:
+    """Left-right symmetry: correlation of lightness with its mirror image, in [-1, 1]."""
+    light = lab[..., 0]
+    a, b = light - light.mean(), light[:, ::-1] - light.mean()
+    denom = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / denom) if denom > 1e-9 else 1.0
+
+
+def palette(image: Image.Image, k: int = PALETTE_SIZE) -> np.ndarray:
+    """The k dominant colours (median cut), most frequent first, as Lab / 100: shape (k, 3).
+
+    An image with fewer distinct colours repeats its last one.
+    """
+    quantized = image.quantize(colors=k, method=Image.Quantize.MEDIANCUT)
+    colours = sorted(quantized.getcolors(k) or [], key=lambda c: (-c[0], c[1]))
+    pal = quantized.getpalette()[: 3 * k]
+    rgb = [pal[3 * idx: 3 * idx + 3] for _, idx in colours]
+    rgb += [rgb[-1]] * (k - len(rgb))
+    return srgb_to_lab(np.array(rgb, float) / 255.0) / 100
 
 
 def aesthetic_features(image: Image.Image) -> np.ndarray:
@@ -67,6 +109,7 @@ def aesthetic_features(image: Image.Image) -> np.ndarray:
     rgb = np.asarray(small, dtype=np.float64) / 255.0
     lab = srgb_to_lab(rgb)
     gray = rgb @ np.array([0.299, 0.587, 0.114])
+    spread = lab.reshape(-1, 3).std(0) / 100
     values = {
         "brightness": brightness(lab),
         "contrast": contrast(lab),
@@ -77,5 +120,12 @@ def aesthetic_features(image: Image.Image) -> np.ndarray:
         "lab_l_mean": float(lab[..., 0].mean() / 100),
         "lab_a_mean": float(lab[..., 1].mean() / 100),
         "lab_b_mean": float(lab[..., 2].mean() / 100),
+        "lab_l_spread": float(spread[0]),
+        "lab_a_spread": float(spread[1]),
+        "lab_b_spread": float(spread[2]),
+        "thirds_energy": thirds_energy(lab),
+        "symmetry": symmetry(lab),
     }
+    for i, (l_, a, b) in enumerate(palette(small), start=1):
+        values |= {f"palette{i}_l": l_, f"palette{i}_a": a, f"palette{i}_b": b}
     return np.array([values[n] for n in FEATURE_NAMES], dtype=np.float32)

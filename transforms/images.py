@@ -13,13 +13,20 @@ from dataclasses import dataclass
 
 import apache_beam as beam
 import fsspec
-from PIL import Image, ImageOps
+import pillow_heif
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from stylestream.schemas.events import ImageRef, PhotoUploaded
 from stylestream.transforms.features import aesthetic_features
 from stylestream.transforms.records import PreparedPhoto, Sourced
 
 OK, DEAD = "ok", "dead"
+
+pillow_heif.register_heif_opener()
+FORMATS = ("JPEG", "PNG", "WEBP", "HEIF")  # phone MPO files open as JPEG
+CONTENT_TYPES = {"image/jpeg": {"JPEG", "MPO"}, "image/png": {"PNG"}, "image/webp": {"WEBP"},
+                 "image/heic": {"HEIF"}, "image/heif": {"HEIF"}}
+SRGB = ImageCms.createProfile("sRGB")
 
 # EXIF tag id -> stored name. Coarse capture settings only; the capture time is reduced to its hour.
 METADATA_WHITELIST = {
@@ -73,29 +80,54 @@ def fetch(ref: ImageRef, limits: DecodeLimits) -> bytes:
     return data
 
 
-def decode(data: bytes, limits: DecodeLimits) -> tuple[Image.Image, dict[str, float | int | str]]:
-    """A small RGB image (upright, at least `min_side` on its shorter side when the source allows)
-    and the whitelisted metadata."""
+def decode(data: bytes, limits: DecodeLimits,
+           content_type: str | None = None) -> tuple[Image.Image, dict[str, float | int | str]]:
+    """A small upright sRGB image (at least `min_side` on its shorter side when the source allows)
+    and the whitelisted metadata. Every way a file can be unusable raises PhotoError with a reason."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data), formats=list(FORMATS)) as im:
+            declared = CONTENT_TYPES.get(content_type or "")
+            if declared and im.format not in declared:
+                raise PhotoError("image", f"declared {content_type} but the bytes are {im.format}")
             if im.width * im.height > limits.max_pixels:
                 raise PhotoError("image", f"{im.width}x{im.height} pixels is over the {limits.max_pixels} limit")
             metadata = whitelisted_metadata(im)
+            icc = im.info.get("icc_profile")
             # JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale straight from the DCT: far cheaper.
             scale = min(im.width, im.height) / limits.min_side
-            if scale >= 2:
-                im.draft("RGB", (im.width // int(scale), im.height // int(scale)))
+            if im.format == "JPEG" and scale >= 2:
+                im.draft(im.mode, (im.width // int(scale), im.height // int(scale)))
+            im.load()
             upright = ImageOps.exif_transpose(im)
-            rgb = upright.convert("RGB")
-            rgb.load()
     except PhotoError:
         raise
-    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
-        raise PhotoError("image", f"cannot decode image: {type(e).__name__}: {e}") from None
+    except Image.DecompressionBombError as e:
+        raise PhotoError("image", f"decompression bomb refused: {e}") from None
+    except UnidentifiedImageError:
+        raise PhotoError("image", f"not an image in a supported format ({', '.join(FORMATS)})") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        raise PhotoError("image", f"truncated or corrupt image: {type(e).__name__}: {e}") from None
+    rgb = to_srgb(upright, icc)
     if min(rgb.size) > 2 * limits.min_side:
         rgb.thumbnail((2 * limits.min_side * rgb.width // min(rgb.size),
                        2 * limits.min_side * rgb.height // min(rgb.size)), Image.Resampling.BILINEAR)
     return rgb, metadata
+
+
+def to_srgb(im: Image.Image, icc: bytes | None) -> Image.Image:
+    """RGB in the sRGB colour space: embedded colour profiles applied, transparency composited on white."""
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(background, im)
+    if icc:
+        try:
+            src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            mode = "CMYK" if im.mode == "CMYK" else "RGB"
+            return ImageCms.profileToProfile(im.convert(mode), src, SRGB, outputMode="RGB")
+        except (ImageCms.PyCMSError, OSError, ValueError) as e:
+            raise PhotoError("image", f"unusable colour profile: {e}") from None
+    return im.convert("RGB")
 
 
 def whitelisted_metadata(im: Image.Image) -> dict[str, float | int | str]:
@@ -119,9 +151,10 @@ def whitelisted_metadata(im: Image.Image) -> dict[str, float | int | str]:
 
 def prepare_photo(sourced: Sourced, limits: DecodeLimits) -> PreparedPhoto:
     event: PhotoUploaded = sourced.event
+    ref = choose_rendition(event, limits.min_side)
     inline = event.inline_bytes()
-    data = inline if inline is not None else fetch(choose_rendition(event, limits.min_side), limits)
-    image, metadata = decode(data, limits)
+    data = inline if inline is not None else fetch(ref, limits)
+    image, metadata = decode(data, limits, ref.content_type if inline is None else None)
     return PreparedPhoto(sourced, image, aesthetic_features(image), metadata)
 
 
