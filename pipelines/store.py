@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from stylestream.schemas.events import StyleVectorUpdated, encode_event
 from stylestream.schemas.tables import FEATURE_NAMES, STYLE_HISTORY
-from stylestream.streams.topics import STYLE_VECTORS, dlq
+from stylestream.streams.topics import PHOTO_EVENTS, STYLE_VECTORS, dlq
 from stylestream.transforms.kafka_read import OffsetRange
 from stylestream.transforms.records import DeadLetter, UserBatch
 from stylestream.transforms.style import (
@@ -50,6 +50,8 @@ CREATE TABLE IF NOT EXISTS consent (
     event_id VARCHAR NOT NULL, PRIMARY KEY (user_id, scope_key));
 CREATE TABLE IF NOT EXISTS tombstones (
     user_id VARCHAR, photo_id VARCHAR, deleted_at TIMESTAMPTZ NOT NULL, PRIMARY KEY (user_id, photo_id));
+CREATE TABLE IF NOT EXISTS photos (
+    user_id VARCHAR, photo_id VARCHAR, album_id VARCHAR, upload JSON NOT NULL, PRIMARY KEY (user_id, photo_id));
 CREATE TABLE IF NOT EXISTS contributions (
     user_id VARCHAR, photo_id VARCHAR, album_id VARCHAR, taken_at TIMESTAMPTZ NOT NULL,
     weight DOUBLE NOT NULL, embedding FLOAT[] NOT NULL, features FLOAT[] NOT NULL, metadata JSON,
@@ -161,7 +163,11 @@ class Store:
         deleted = {p for (p,) in self.db.execute(
             "SELECT photo_id FROM tombstones WHERE user_id = ? AND list_contains(?, photo_id)",
             [u, sorted(photos)]).fetchall()}
-        return UserView(stats, version, consent, stored, deleted)
+        catalog = dict(self.db.execute("""
+            SELECT photo_id, album_id FROM photos
+            WHERE user_id = ? AND (? OR list_contains(?, photo_id) OR list_contains(?, album_id))""",
+            [u, whole_user, sorted(photos), sorted(albums)]).fetchall())
+        return UserView(stats, version, consent, stored, deleted, catalog)
 
     # --------------------------------------------------------------------------------- the commit
     def commit_cycle(self, cycle: int, ranges: Iterable[OffsetRange], batches: Iterable[UserBatch],
@@ -187,6 +193,8 @@ class Store:
                 view = self._view(batch, embedding_dim)
                 update = plan_user_update(view, batch, half_life_days)
                 version = self._apply(batch.user_id, view, update, cycle, now)
+                outbox += [(PHOTO_EVENTS, batch.user_id.encode(), upload) for upload in self._uploads(
+                    batch.user_id, update.reingest)]
                 if version is not None:
                     updated += 1
                     outbox.append((STYLE_VECTORS, batch.user_id.encode(),
@@ -211,6 +219,11 @@ class Store:
                        [(user_id, k, r.enabled, r.event_time, r.event_id) for k, r in update.consent.items()])
         self._many("INSERT OR IGNORE INTO tombstones VALUES (?, ?, ?)",
                        [(user_id, p, t) for p, t in update.tombstones.items()])
+        if update.tombstones:
+            db.execute("DELETE FROM photos WHERE user_id = ? AND list_contains(?, photo_id)",
+                       [user_id, sorted(update.tombstones)])
+        self._many("INSERT OR IGNORE INTO photos VALUES (?, ?, ?, ?)", [
+            (user_id, c.photo_id, c.album_id, c.upload.model_dump_json(exclude_none=True)) for c in update.catalog])
         if not update.changes_style:
             return None
         if update.remove:
@@ -227,6 +240,14 @@ class Store:
         db.execute("INSERT INTO style_versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, false)",
                    [user_id, version, cycle, now, s.count, s.total_weight, emb.tolist(), feat.tolist()])
         return version
+
+    def _uploads(self, user_id: str, photo_ids: list[str]) -> list[bytes]:
+        """The catalogued upload events of these photos, to publish again for re-embedding."""
+        if not photo_ids:
+            return []
+        rows = self.db.execute("""SELECT upload FROM photos WHERE user_id = ? AND list_contains(?, photo_id)
+                                  ORDER BY photo_id""", [user_id, photo_ids]).fetchall()
+        return [u.encode() for (u,) in rows]
 
     @staticmethod
     def _vector_event(user_id: str, version: int, stats: StyleStats, now: datetime) -> bytes:

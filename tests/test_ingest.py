@@ -129,3 +129,24 @@ def test_running_again_over_the_same_events_changes_nothing(broker, make_ingesto
     for u in before:
         np.testing.assert_array_equal(after[u][1], before[u][1])
     assert len(read_topic(bs, STYLE_VECTORS)) == len(before)
+
+
+def test_re_enabled_album_brings_its_photos_back_through_reingestion(broker, make_ingestor, library):
+    bs = broker.bootstrap_servers
+    ana = [p for p in library if p.user_id == "ana"]
+    produce(bs, PHOTO_EVENTS, [p.upload_event() for p in ana])
+    ing = make_ingestor()
+    ing.run_until_caught_up()
+    full = latest(ing)["ana"]
+    produce(bs, CONSENT_EVENTS, [toggle_event("ana", "album", "office", False, LATER)])
+    ing.run_until_caught_up()
+    assert latest(ing)["ana"][3] == 4
+    with Store(ing.cfg.db_path) as s:  # withdrawn: the contributions are gone, not flagged
+        assert len(s.contributions("ana")) == 4
+
+    produce(bs, CONSENT_EVENTS, [toggle_event("ana", "album", "office", True, LATER.replace(month=4))])
+    cycles = ing.run_until_caught_up()
+    assert len(cycles) == 2  # the opt-in, then the re-published uploads of the album's photos
+    back = latest(ing)["ana"]
+    assert back[3] == 7 and back[0] == full[0] + 2
+    np.testing.assert_allclose(back[1], full[1], atol=1e-6)

@@ -9,7 +9,7 @@ import numpy as np
 
 from stylestream.demo.synthetic import toggle_event
 from stylestream.pipelines.ingest import plan_ranges
-from stylestream.schemas.events import PhotoDeleted
+from stylestream.schemas.events import PhotoDeleted, PhotoUploaded
 from stylestream.transforms.kafka_read import OffsetRange
 from stylestream.transforms.records import Contribution, UserBatch
 from stylestream.transforms.style import (
@@ -26,21 +26,29 @@ rng = np.random.default_rng(0)
 
 def contribution(i: int, album: str = "a") -> Contribution:
     e = rng.normal(size=8).astype(np.float32)
-    return Contribution("ana", f"p{i}", album, T0 + timedelta(days=30 * i), e / np.linalg.norm(e),
-                        rng.random(3).astype(np.float32))
+    upload = PhotoUploaded(event_id=f"up{i}", user_id="ana", event_time=T0, photo_id=f"p{i}", album_id=album,
+                           taken_at=T0 + timedelta(days=30 * i), inline_base64="AA==")
+    return Contribution(upload, e / np.linalg.norm(e), rng.random(3).astype(np.float32))
 
 
 def empty_view() -> UserView:
-    return UserView(StyleStats.zero(8, 3), 0, {}, {}, set())
+    return UserView(StyleStats.zero(8, 3), 0, {}, {}, set(), {})
 
 
-def apply(view: UserView, batch: UserBatch) -> UserView:
-    """What the store does with an update, in memory."""
+def apply(view: UserView, batch: UserBatch, embedded: dict[str, Contribution] | None = None) -> UserView:
+    """What the store and the next cycles do with an update, in memory (the whole user is in view).
+    Photos listed for re-ingestion are embedded again from `embedded` and applied, as the pipeline does."""
     u = plan_user_update(view, batch, 365.0)
     stored = {k: v for k, v in view.stored.items() if k not in u.remove}
     stored |= {c.photo_id: StoredContribution(c.album_id, w, c.embedding, c.features) for c, w in u.add}
-    return UserView(u.stats, view.version + u.changes_style, view.consent | u.consent, stored,
-                    view.deleted | set(u.tombstones))
+    catalog = {k: v for k, v in view.catalog.items() if k not in u.tombstones}
+    catalog |= {c.photo_id: c.album_id for c in u.catalog}
+    after = UserView(u.stats, view.version + u.changes_style, view.consent | u.consent, stored,
+                     view.deleted | set(u.tombstones), catalog)
+    if u.reingest:
+        embedded = embedded or {c.photo_id: c for c in PHOTOS}
+        after = apply(after, UserBatch("ana", uploads=[embedded[p] for p in u.reingest]), embedded)
+    return after
 
 
 def test_weight_doubles_per_half_life():
@@ -83,3 +91,94 @@ def test_plan_ranges_reads_only_new_offsets_in_bounded_steps():
     ends = {("photo-events", 0): 10, ("photo-events", 1): 12, ("consent-events", 0): 3}
     assert plan_ranges(committed, ends, max_per_partition=4) == [
         OffsetRange("consent-events", 0, 0, 3), OffsetRange("photo-events", 1, 5, 9)]
+
+
+# ----------------------------------------------------------------------------- properties (hypothesis)
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+def batch_of(events) -> UserBatch:
+    b = UserBatch("ana")
+    for kind, e in events:
+        {"up": b.uploads, "toggle": b.toggles, "delete": b.deletes}[kind].append(e)
+    return b
+
+
+def run_cycles(events, cuts) -> UserView:
+    """Apply events in this order, split into cycles at the given cut points."""
+    view, start = empty_view(), 0
+    for end in [*sorted(set(cuts)), len(events)]:
+        view = apply(view, batch_of(events[start:end]))
+        start = end
+    return view
+
+
+def assert_same_style(a: UserView, b: UserView):
+    assert sorted(a.stored) == sorted(b.stored)
+    np.testing.assert_allclose(a.stats.vector()[0], b.stats.vector()[0], atol=1e-6)
+    np.testing.assert_allclose(a.stats.vector()[1], b.stats.vector()[1], atol=1e-6)
+
+
+PHOTOS = [contribution(i, "a" if i % 2 else "b") for i in range(6)]
+
+
+@st.composite
+def histories(draw):
+    ups = [("up", c) for c in draw(st.lists(st.sampled_from(PHOTOS), min_size=1, max_size=8))]
+    scopes = st.sampled_from([("album", "a"), ("album", "b"), ("photo", "p1"), ("photo", "p2"), ("user", None)])
+    toggles = [("toggle", toggle_event("ana", scope, sid, enabled, T0 + timedelta(hours=hours), event_id=f"t{n}"))
+               for n, ((scope, sid), enabled, hours) in enumerate(draw(st.lists(st.tuples(
+                   scopes, st.booleans(), st.integers(0, 1000)), max_size=4)))]
+    deletes = [("delete", PhotoDeleted(event_id=f"d{c.photo_id}", user_id="ana", event_time=T0, photo_id=c.photo_id))
+               for c in draw(st.lists(st.sampled_from(PHOTOS), max_size=2))]
+    return ups + toggles + deletes
+
+
+@settings(max_examples=150, deadline=None)
+@given(histories(), st.randoms(use_true_random=False), st.lists(st.integers(0, 14), max_size=4))
+def test_any_order_and_any_cycle_split_give_the_same_state(events, rnd, cuts):
+    reference = run_cycles(events, [])
+    shuffled = list(events)
+    rnd.shuffle(shuffled)
+    assert_same_style(run_cycles(shuffled, [c for c in cuts if c < len(events)]), reference)
+    # ...and the same as computing the style from scratch over what is stored.
+    scratch = StyleStats.zero(8, 3)
+    for s in reference.stored.values():
+        scratch = scratch + StyleStats.of(s.embedding, s.features, s.weight)
+    np.testing.assert_allclose(reference.stats.vector()[0], scratch.vector()[0], atol=1e-6)
+
+
+@settings(max_examples=100, deadline=None)
+@given(histories(), st.sampled_from(PHOTOS[:3]), st.sampled_from(["delete", "photo-opt-out"]))
+def test_adding_then_withdrawing_a_photo_restores_the_state(events, extra, how):
+    events = [e for e in events if e[0] == "up" and e[1].photo_id != extra.photo_id]
+    before = run_cycles(events, [])
+    withdraw = (("delete", PhotoDeleted(event_id="dx", user_id="ana", event_time=T0, photo_id=extra.photo_id))
+                if how == "delete" else
+                ("toggle", toggle_event("ana", "photo", extra.photo_id, False, T0, event_id="tx")))
+    after = run_cycles([*events, ("up", extra), withdraw], [len(events), len(events) + 1])
+    assert_same_style(after, before)
+    assert after.stats.count == before.stats.count
+
+
+@settings(max_examples=100, deadline=None)
+@given(histories())
+def test_duplicates_change_nothing(events):
+    once = run_cycles(events, [])
+    twice = run_cycles(events + events, [len(events)])
+    assert_same_style(twice, once)
+    assert twice.version == once.version  # the repeat made no new version
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 10_000)), min_size=1, max_size=6, unique_by=lambda t: t[1]),
+       st.randoms(use_true_random=False))
+def test_latest_toggle_by_event_time_wins_whatever_the_arrival_order(toggles, rnd):
+    events = [("toggle", toggle_event("ana", "album", "a", on, T0 + timedelta(minutes=m), event_id=f"t{m}"))
+              for on, m in toggles]
+    rnd.shuffle(events)
+    view = run_cycles([("up", PHOTOS[1]), *events], list(range(1, len(events) + 1)))  # one event per cycle
+    latest_enabled = max(toggles, key=lambda t: t[1])[0]
+    assert ("p1" in view.stored) == latest_enabled
+    assert view.consent["album:a"].enabled == latest_enabled

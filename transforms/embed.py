@@ -58,9 +58,7 @@ class OpenClipImageHandler(ModelHandler[object, PredictionResult, LoadedClip]):
 
 
 def to_contribution(photo: PreparedPhoto, embedding: np.ndarray) -> Contribution:
-    e = photo.source.event
-    return Contribution(e.user_id, e.photo_id, e.album_id, e.effective_taken_at, embedding, photo.features,
-                        photo.metadata)
+    return Contribution(photo.source.event, embedding, photo.features, photo.metadata)
 
 
 class EmbedPhotos(beam.PTransform):

@@ -64,13 +64,26 @@ class PreparedPhoto:
 class Contribution:
     """What one photo adds to its user's style: stored until the photo is withdrawn, then deleted."""
 
-    user_id: str
-    photo_id: str
-    album_id: str | None
-    taken_at: datetime
+    upload: PhotoUploaded  # the event (references only, no pixels): kept to re-ingest after an opt-in
     embedding: np.ndarray  # float32, L2-normalized
     features: np.ndarray  # float32
     metadata: dict[str, float | int | str] = field(default_factory=dict)
+
+    @property
+    def user_id(self) -> str:
+        return self.upload.user_id
+
+    @property
+    def photo_id(self) -> str:
+        return self.upload.photo_id
+
+    @property
+    def album_id(self) -> str | None:
+        return self.upload.album_id
+
+    @property
+    def taken_at(self) -> datetime:
+        return self.upload.effective_taken_at
 
 
 @dataclass

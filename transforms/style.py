@@ -106,7 +106,8 @@ class UserView:
     consent: dict[str, ConsentRecord]  # every scope the user has toggled
     stored: dict[str, StoredContribution]  # stored contributions the batch may affect, by photo_id
     deleted: set[str]  # photo ids of the batch already known as deleted
-
+    catalog: dict[str, str | None] = field(default_factory=dict)  # known, undeleted photos the batch
+    # may affect (photo_id -> album_id), counted or not
 
 @dataclass
 class UserUpdate:
@@ -114,6 +115,8 @@ class UserUpdate:
     tombstones: dict[str, datetime] = field(default_factory=dict)  # photo_id -> deleted at
     add: list[tuple[Contribution, float]] = field(default_factory=list)  # with its weight
     remove: list[str] = field(default_factory=list)  # photo ids whose contribution is deleted
+    catalog: list[Contribution] = field(default_factory=list)  # uploads to remember (by reference)
+    reingest: list[str] = field(default_factory=list)  # catalogued photos that count again: embed anew
     stats: StyleStats | None = None
 
     @property
@@ -138,7 +141,11 @@ def affected_scopes(batch: UserBatch) -> tuple[set[str], set[str], bool]:
 
 def plan_user_update(view: UserView, batch: UserBatch, half_life_days: float) -> UserUpdate:
     """The changes one batch makes to one user's state. Order-free: toggles resolve by event time,
-    deletions are permanent, and a photo already stored is never added twice."""
+    deletions are permanent, and a photo already stored is never added twice.
+
+    An opt-out deletes the photos' contributions; the photos stay catalogued by reference. When a
+    later toggle lets them count again they are listed in `reingest`, to be fetched and embedded
+    anew (if the photo service still has them), so the outcome does not depend on arrival order."""
     update = UserUpdate()
     consent = dict(view.consent)
     for t in batch.toggles:
@@ -158,13 +165,22 @@ def plan_user_update(view: UserView, batch: UserBatch, half_life_days: float) ->
             update.remove.append(photo_id)
             stats = stats - StyleStats.of(c.embedding, c.features, c.weight)
 
-    seen = set(view.stored)
-    for c in sorted(batch.uploads, key=lambda c: (c.photo_id, c.taken_at)):
-        if c.photo_id in seen or c.photo_id in deleted or is_excluded(consent, c.photo_id, c.album_id):
+    seen, catalogued = set(view.stored), set(view.catalog)
+    for c in sorted(batch.uploads, key=lambda c: (c.photo_id, c.upload.event_id)):
+        if c.photo_id in deleted:
+            continue
+        if c.photo_id not in catalogued:
+            catalogued.add(c.photo_id)
+            update.catalog.append(c)
+        if c.photo_id in seen or is_excluded(consent, c.photo_id, c.album_id):
             continue
         seen.add(c.photo_id)
         w = photo_weight(c.taken_at, half_life_days)
         update.add.append((c, w))
         stats = stats + StyleStats.of(c.embedding, c.features, w)
+
+    counted = seen - set(update.remove)
+    update.reingest = sorted(p for p, album in view.catalog.items()
+                             if p not in counted and p not in deleted and not is_excluded(consent, p, album))
     update.stats = stats
     return update
