@@ -99,27 +99,29 @@ def serve(
         help="A local diffusers StableDiffusionPipeline folder (default: the tiny random-weight model).")] = None,
     ip_adapter: Annotated[str | None, typer.Option(
         help="IP-Adapter-format weight file whose projection takes the style vector.")] = None,
-    clip_model: Annotated[str, typer.Option(help="The embedding model ingestion uses (sets the style size).")]
-    = "stylestream-tiny-clip",
+    clip_model: Annotated[str, typer.Option(help="The embedding model ingestion uses (its text tower picks "
+                                                 "facets by prompt).")] = "stylestream-tiny-clip",
+    clip_pretrained: Annotated[str | None, typer.Option(help="Its pretrained tag or checkpoint path.")] = None,
     max_requests: Annotated[int | None, typer.Option(help="Exit after this many requests.")] = None,
     idle_exit_s: Annotated[float | None, typer.Option(help="Exit after this long without requests.")] = None,
     verbose: Verbose = False,
 ) -> None:
     """Serve generation requests with each user's latest style until stopped."""
     _quiet(verbose)
-    from stylestream.models.clip import ClipSpec, embedding_dim
+    from stylestream.models.clip import clip_spec, embedding_dim
     from stylestream.models.diffusion import diffusion_spec
     from stylestream.schemas.tables import FEATURE_NAMES
     from stylestream.serving.generator import StyleGenerator
     from stylestream.serving.worker import ServeConfig, Worker
 
-    style_dim = embedding_dim(ClipSpec(clip_model)) + len(FEATURE_NAMES)
-    spec = diffusion_spec(data_dir / "models", style_dim, diffusion_model, ip_adapter)
+    clip = clip_spec(data_dir / "models", clip_model, clip_pretrained)
+    spec = diffusion_spec(data_dir / "models", embedding_dim(clip) + len(FEATURE_NAMES), diffusion_model, ip_adapter)
     cfg = ServeConfig(bootstrap_servers, output or str(data_dir / "images"))
-    with Worker(cfg, StyleGenerator(spec)) as worker:
+    with Worker(cfg, StyleGenerator(spec, clip)) as worker:
         console.print(f"serving with {spec.describe()}; {len(worker.styles.users())} users have a style")
         n = worker.run(max_requests, idle_exit_s, on_result=lambda r: console.print(
-            f"{r.request_id}: " + (f"{r.image_uri} (style v{r.style_version})" if r.type == "generation_completed"
+            f"{r.request_id}: " + (f"{r.image_uri} (style v{r.style_version}, facet {r.facet})"
+                                   if r.type == "generation_completed"
                                    else f"failed: {r.reason}")))
     console.print(f"handled {n} request(s)")
 

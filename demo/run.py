@@ -91,7 +91,7 @@ def run_demo(data_dir: Path, console: Console) -> dict:
 
         results = []
         with console.status("serving: loading the diffusion pipeline and generating"):
-            generator = StyleGenerator(diffusion)
+            generator = StyleGenerator(diffusion, clip)
             with Worker(ServeConfig(bs, str(run_dir / "images")), generator) as worker:
                 worker.run(max_requests=len(requests), idle_exit_s=30, on_result=results.append)
         say(results_table(results))
@@ -141,12 +141,13 @@ def opt_out_report(before: dict, after: dict, cfg: IngestConfig, user: str) -> s
 
 def results_table(results: list) -> Table:
     t = Table(title="generation results")
-    for col in ("request", "outcome", "style version"):
+    for col in ("request", "outcome", "style version", "facet"):
         t.add_column(col)
     t.add_column("image / reason", overflow="fold")
     for r in results:
         if r.type == "generation_completed":
-            t.add_row(r.request_id, "completed", str(r.style_version), r.image_uri)
+            t.add_row(r.request_id, "completed", str(r.style_version),
+                      "overall" if r.facet is None else str(r.facet), r.image_uri)
         else:
-            t.add_row(r.request_id, "[red]failed[/]", "-", r.reason)
+            t.add_row(r.request_id, "[red]failed[/]", "-", "-", r.reason)
     return t

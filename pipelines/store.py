@@ -22,9 +22,10 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from stylestream.schemas.events import StyleVectorUpdated, encode_event
+from stylestream.schemas.events import StyleFacet, StyleVectorUpdated, encode_event
 from stylestream.schemas.tables import FEATURE_NAMES, STYLE_HISTORY
 from stylestream.streams.topics import PHOTO_EVENTS, STYLE_VECTORS, dlq
+from stylestream.transforms.facets import Facet, find_facets
 from stylestream.transforms.kafka_read import OffsetRange
 from stylestream.transforms.records import DeadLetter, UserBatch
 from stylestream.transforms.style import (
@@ -62,7 +63,9 @@ CREATE TABLE IF NOT EXISTS user_stats (
 CREATE TABLE IF NOT EXISTS style_versions (
     user_id VARCHAR, version BIGINT, cycle BIGINT NOT NULL, updated_at TIMESTAMPTZ NOT NULL,
     photo_count BIGINT NOT NULL, total_weight DOUBLE NOT NULL, embedding FLOAT[] NOT NULL,
-    features FLOAT[] NOT NULL, tombstone BOOLEAN NOT NULL, PRIMARY KEY (user_id, version));
+    features FLOAT[] NOT NULL,
+    facets STRUCT(photo_count BIGINT, total_weight DOUBLE, embedding FLOAT[], features FLOAT[])[] NOT NULL,
+    tombstone BOOLEAN NOT NULL, PRIMARY KEY (user_id, version));
 CREATE TABLE IF NOT EXISTS outbox (
     cycle BIGINT NOT NULL, seq BIGINT NOT NULL, topic VARCHAR NOT NULL, key BLOB, value BLOB NOT NULL,
     PRIMARY KEY (cycle, seq));
@@ -192,13 +195,13 @@ class Store:
             for batch in sorted(batches, key=lambda b: b.user_id):
                 view = self._view(batch, embedding_dim)
                 update = plan_user_update(view, batch, half_life_days)
-                version = self._apply(batch.user_id, view, update, cycle, now)
+                applied = self._apply(batch.user_id, view, update, cycle, now)
                 outbox += [(PHOTO_EVENTS, batch.user_id.encode(), upload) for upload in self._uploads(
                     batch.user_id, update.reingest)]
-                if version is not None:
+                if applied is not None:
                     updated += 1
                     outbox.append((STYLE_VECTORS, batch.user_id.encode(),
-                                   self._vector_event(batch.user_id, version, update.stats, now)))
+                                   self._vector_event(batch.user_id, *applied, update.stats, now)))
             outbox += [(dlq(d.topic), d.key, d.to_json()) for d in dead_letters]
             self._many("INSERT INTO outbox VALUES (?, ?, ?, ?, ?)",
                                 [(cycle, i, t, k, v) for i, (t, k, v) in enumerate(outbox)])
@@ -212,8 +215,10 @@ class Store:
             raise
         return CycleResult(cycle, events, len(dead_letters), updated)
 
-    def _apply(self, user_id: str, view: UserView, update: UserUpdate, cycle: int, now: datetime) -> int | None:
-        """Write one user's update; returns the new style version, or None if the style did not change."""
+    def _apply(self, user_id: str, view: UserView, update: UserUpdate, cycle: int,
+               now: datetime) -> tuple[int, list[Facet]] | None:
+        """Write one user's update; returns the new style version and facets, or None if the style
+        did not change."""
         db = self.db
         self._many("INSERT OR REPLACE INTO consent VALUES (?, ?, ?, ?, ?)",
                        [(user_id, k, r.enabled, r.event_time, r.event_id) for k, r in update.consent.items()])
@@ -237,9 +242,20 @@ class Store:
         db.execute("INSERT OR REPLACE INTO user_stats VALUES (?, ?, ?, ?, ?, ?)",
                    [user_id, version, s.count, s.total_weight, s.sum_embedding.tolist(), s.sum_features.tolist()])
         emb, feat = s.vector()
-        db.execute("INSERT INTO style_versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, false)",
-                   [user_id, version, cycle, now, s.count, s.total_weight, emb.tolist(), feat.tolist()])
-        return version
+        facets = self._facets(user_id)
+        db.execute("INSERT INTO style_versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, false)",
+                   [user_id, version, cycle, now, s.count, s.total_weight, emb.tolist(), feat.tolist(),
+                    [{"photo_count": f.stats.count, "total_weight": f.stats.total_weight,
+                      "embedding": f.stats.vector()[0].tolist(), "features": f.stats.vector()[1].tolist()}
+                     for f in facets]])
+        return version, facets
+
+    def _facets(self, user_id: str) -> list[Facet]:
+        rows = self.contributions(user_id)
+        if not rows:
+            return []
+        ids, _, weights, emb, feat = zip(*rows, strict=True)
+        return find_facets(list(ids), np.stack(emb), np.stack(feat), np.array(weights))
 
     def _uploads(self, user_id: str, photo_ids: list[str]) -> list[bytes]:
         """The catalogued upload events of these photos, to publish again for re-embedding."""
@@ -250,12 +266,18 @@ class Store:
         return [u.encode() for (u,) in rows]
 
     @staticmethod
-    def _vector_event(user_id: str, version: int, stats: StyleStats, now: datetime) -> bytes:
+    def _vector_event(user_id: str, version: int, facets: list[Facet], stats: StyleStats, now: datetime) -> bytes:
+        def named(feat: np.ndarray) -> dict[str, float]:
+            return {n: float(v) for n, v in zip(FEATURE_NAMES, feat, strict=True)}
+
         emb, feat = stats.vector()
         return encode_event(StyleVectorUpdated(
             event_id=f"{user_id}:v{version}", user_id=user_id, event_time=now, version=version,
-            photo_count=stats.count, embedding=emb.tolist(),
-            features={n: float(v) for n, v in zip(FEATURE_NAMES, feat, strict=True)}))
+            photo_count=stats.count, embedding=emb.tolist(), features=named(feat),
+            facets=[StyleFacet(photo_count=f.stats.count,
+                               weight_share=min(1.0, f.stats.total_weight / stats.total_weight),
+                               embedding=f.stats.vector()[0].tolist(), features=named(f.stats.vector()[1]))
+                    for f in facets]))
 
     # --------------------------------------------------------------------------------- after the commit
     def unpublished_cycles(self) -> list[int]:
@@ -278,7 +300,8 @@ class Store:
 
     def history_rows(self, cycle: int) -> pa.Table:
         table = self.db.sql("""
-            SELECT user_id, version, cycle, updated_at, photo_count, total_weight, embedding, features, tombstone
+            SELECT user_id, version, cycle, updated_at, photo_count, total_weight, embedding, features, facets,
+                   tombstone
             FROM style_versions WHERE cycle = ? ORDER BY user_id, version""", params=[cycle]).to_arrow_table()
         return table.cast(STYLE_HISTORY)
 

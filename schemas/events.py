@@ -134,6 +134,8 @@ class GenerationRequested(_Event):
     height: int = Field(default=64, ge=16, le=2048, multiple_of=8)
     style_strength: float = Field(default=1.0, ge=0.0, le=2.0)
     style_version: int | None = Field(default=None, ge=1, description="Pin this exact version of the style.")
+    facet: Literal["auto", "overall"] | Annotated[int, Field(ge=0)] = Field(
+        default="auto", description="'auto': the facet closest to the prompt; 'overall'; or a facet index.")
     allow_unpersonalized: bool = Field(
         default=False, description="If the user has no style yet, generate without one instead of failing."
     )
@@ -145,6 +147,7 @@ class GenerationCompleted(_Event):
     image_uri: str
     style_version: int | None = Field(
         default=None, description="The style version that conditioned the image; null if none.")
+    facet: int | None = Field(default=None, description="The facet used; null for the overall style.")
     style_strength: float
     seed: int
     timings_ms: dict[str, float] = Field(default_factory=dict)
@@ -156,6 +159,17 @@ class GenerationFailed(_Event):
     reason: str
 
 
+class StyleFacet(BaseModel):
+    """One of a user's distinct tastes: the time-weighted mean of the photos in it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    photo_count: int = Field(ge=1)
+    weight_share: float = Field(ge=0.0, le=1.0)
+    embedding: list[float]
+    features: dict[str, float]
+
+
 class StyleVectorUpdated(_Event):
     """A new immutable version of a user's style: keyed by user on the style-vectors topic."""
 
@@ -164,6 +178,7 @@ class StyleVectorUpdated(_Event):
     photo_count: int = Field(ge=0)
     embedding: list[float] = Field(description="L2-normalized, time-weighted mean image embedding")
     features: dict[str, float] = Field(description="time-weighted mean of the named aesthetic features")
+    facets: list[StyleFacet] = Field(default_factory=list, description="distinct tastes, largest first")
     tombstone: bool = Field(default=False, description="True when the user's style was erased")
 
 

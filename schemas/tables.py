@@ -23,6 +23,13 @@ FEATURE_NAMES: tuple[str, ...] = (
     *(f"palette{i}_{c}" for i in (1, 2, 3) for c in ("l", "a", "b")),
 )
 
+FACET = pa.struct([
+    pa.field("photo_count", pa.int64()),
+    pa.field("total_weight", pa.float64()),
+    pa.field("embedding", pa.list_(pa.float32())),
+    pa.field("features", pa.list_(pa.float32())),
+])
+
 # One row per immutable version of a user's style. Written once per committed ingestion cycle, as
 # history/cycle=<n>.parquet; the file of a cycle exists only if that cycle committed.
 STYLE_HISTORY = pa.schema(
@@ -35,6 +42,7 @@ STYLE_HISTORY = pa.schema(
         pa.field("total_weight", pa.float64(), nullable=False),
         pa.field("embedding", pa.list_(pa.float32()), nullable=False),
         pa.field("features", pa.list_(pa.float32()), nullable=False),
+        pa.field("facets", pa.list_(FACET), nullable=False),
         pa.field("tombstone", pa.bool_(), nullable=False),
     ],
     metadata={"feature_names": ",".join(FEATURE_NAMES)},

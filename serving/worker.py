@@ -134,7 +134,7 @@ class Worker:
                                                                 "(set allow_unpersonalized to generate without)"))
         t0 = time.perf_counter()
         try:
-            image = self.generator.generate(request, style)
+            image, facet = self.generator.generate(request, style)
         except (ValueError, RuntimeError) as e:  # bad parameters for this model, out of memory
             log.exception("generation failed for %s", request.request_id)
             return self.output.record(request, _failed(request, f"{type(e).__name__}: {e}"))
@@ -142,6 +142,7 @@ class Worker:
         return self.output.save(request, image, lambda uri: GenerationCompleted(
             event_id=f"done-{request.request_id}", user_id=request.user_id, event_time=datetime.now(UTC),
             request_id=request.request_id, image_uri=uri, style_version=style.version if style else None,
+            facet=facet,
             style_strength=request.style_strength if style else 0.0, seed=request.seed,
             timings_ms={"generate": round(ms, 1)}))
 

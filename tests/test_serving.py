@@ -17,13 +17,13 @@ from stylestream.streams.topics import GENERATION_REQUESTS, GENERATION_RESULTS, 
 
 
 def request(user: str, rid: str, **kw) -> GenerationRequested:
-    return GenerationRequested(event_id=f"e-{rid}", user_id=user, event_time=datetime.now(UTC), request_id=rid,
-                               prompt="a birthday card", seed=3, **kw)
+    kw = {"prompt": "a birthday card", "seed": 3, **kw}
+    return GenerationRequested(event_id=f"e-{rid}", user_id=user, event_time=datetime.now(UTC), request_id=rid, **kw)
 
 
 @pytest.fixture(scope="module")
-def generator(diffusion):
-    return StyleGenerator(diffusion, device="cpu")
+def generator(diffusion, clip):
+    return StyleGenerator(diffusion, clip, device="cpu")
 
 
 def test_personalized_image_names_its_style_version(broker, make_ingestor, generator, tmp_path):
@@ -81,8 +81,33 @@ def test_strength_zero_is_exactly_the_unpersonalized_image(broker, make_ingestor
     rng = np.random.default_rng(0)
     style = StyleVectorUpdated(event_id="v", user_id="ana", event_time=datetime.now(UTC), version=1, photo_count=1,
                                embedding=rng.normal(size=64).tolist(), features=dict.fromkeys(FEATURE_NAMES, 0.5))
-    none = np.asarray(generator.generate(request("ana", "x"), None))
-    zero = np.asarray(generator.generate(request("ana", "x", style_strength=0.0), style))
-    full = np.asarray(generator.generate(request("ana", "x", style_strength=1.0), style))
+    none = np.asarray(generator.generate(request("ana", "x"), None)[0])
+    zero = np.asarray(generator.generate(request("ana", "x", style_strength=0.0), style)[0])
+    full = np.asarray(generator.generate(request("ana", "x", style_strength=1.0), style)[0])
     np.testing.assert_array_equal(none, zero)
     assert np.abs(full.astype(int) - none).max() > 0
+
+
+def test_facet_is_chosen_by_the_prompt_in_clip_space(generator):
+    from stylestream.schemas.events import StyleFacet, StyleVectorUpdated
+    from stylestream.schemas.tables import FEATURE_NAMES
+
+    rng = np.random.default_rng(1)
+    text = generator.embed_prompt("a plate of pasta")
+    other = rng.normal(size=text.shape)
+
+    def facet(e, v):
+        return StyleFacet(photo_count=3, weight_share=0.5, embedding=list(map(float, e)),
+                          features=dict.fromkeys(FEATURE_NAMES, v))
+
+    style = StyleVectorUpdated(event_id="v", user_id="ana", event_time=datetime.now(UTC), version=4, photo_count=6,
+                               embedding=rng.normal(size=text.shape).tolist(),
+                               features=dict.fromkeys(FEATURE_NAMES, 0.0), facets=[facet(other, 0.9), facet(text, 0.1)])
+    _, chosen = generator.generate(request("ana", "f", prompt="a plate of pasta"), style)
+    assert chosen == 1
+    pinned, idx = generator.generate(request("ana", "f", facet=0), style)
+    overall, none = generator.generate(request("ana", "f", facet="overall"), style)
+    assert idx == 0 and none is None
+    assert np.abs(np.asarray(pinned, int) - np.asarray(overall)).max() > 0
+    with pytest.raises(ValueError, match="facet 5 asked for"):
+        generator.generate(request("ana", "f", facet=5), style)

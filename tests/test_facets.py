@@ -1,0 +1,66 @@
+"""Style facets follow additions and withdrawals, and a prompt picks the facet nearest to it."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import numpy as np
+from helpers import produce, read_topic
+
+from stylestream.demo.synthetic import make_library, toggle_event
+from stylestream.schemas.events import parse_event
+from stylestream.streams.topics import CONSENT_EVENTS, PHOTO_EVENTS, STYLE_VECTORS
+from stylestream.transforms.facets import choose_facet, find_facets
+
+
+def purity(facets, look_of) -> float:
+    """Share of photos that sit in a facet whose majority look is their own."""
+    right = 0
+    for f in facets:
+        looks = [look_of[p] for p in f.photo_ids]
+        right += max(looks.count(x) for x in set(looks))
+    return right / sum(len(f.photo_ids) for f in facets)
+
+
+def test_mixed_library_splits_into_its_looks_and_follows_a_withdrawal(broker, make_ingestor, tmp_path):
+    bs = broker.bootstrap_servers
+    photos = make_library(tmp_path / "lib", {"ana": [("food", "warm", 8), ("street", "mono", 8)],
+                                             "ben": [("walks", "cool", 9)]})
+    look_of = {p.photo_id: p.look for p in photos}
+    produce(bs, PHOTO_EVENTS, [p.upload_event() for p in photos])
+    ing = make_ingestor()
+    ing.run_until_caught_up()
+    from stylestream.pipelines.store import Store
+
+    with Store(ing.cfg.db_path) as s:
+        ana, ben = s._facets("ana"), s._facets("ben")
+    assert len(ana) == 2 and purity(ana, look_of) >= 0.9
+    assert len(ben) == 1  # one look: no split
+
+    produce(bs, CONSENT_EVENTS, [toggle_event("ana", "album", "street", False, datetime(2026, 5, 1, tzinfo=UTC))])
+    ing.run_until_caught_up()
+    versions = [parse_event(STYLE_VECTORS, m.value) for m in read_topic(bs, STYLE_VECTORS)]
+    latest = max((v for v in versions if v.user_id == "ana"), key=lambda v: v.version)
+    assert latest.photo_count == 8 and len(latest.facets) == 1
+    np.testing.assert_allclose(latest.facets[0].embedding, latest.embedding, atol=1e-6)
+    first = min((v for v in versions if v.user_id == "ana"), key=lambda v: v.version)
+    assert [f.photo_count for f in first.facets] == [8, 8]
+    assert abs(sum(f.weight_share for f in first.facets) - 1) < 1e-6
+
+
+def test_facets_do_not_depend_on_row_order():
+    rng = np.random.default_rng(1)
+    emb = np.vstack([rng.normal(1, 0.1, (6, 4)), rng.normal(-1, 0.1, (6, 4))])
+    feat = np.vstack([rng.normal(0, 0.05, (6, 2)), rng.normal(1, 0.05, (6, 2))])
+    ids, w = [f"p{i:02d}" for i in range(12)], rng.random(12) + 0.5
+    perm = rng.permutation(12)
+    a = find_facets(ids, emb, feat, w)
+    b = find_facets([ids[i] for i in perm], emb[perm], feat[perm], w[perm])
+    assert [f.photo_ids for f in a] == [f.photo_ids for f in b] and len(a) == 2
+
+
+def test_prompt_chooses_the_nearest_facet():
+    facets = [np.array([1.0, 0, 0]), np.array([0, 1.0, 0])]
+    assert choose_facet(np.array([0.1, 0.9, 0.0]), facets) == 1
+    assert choose_facet(np.array([0.9, 0.1, 0.0]), facets) == 0
+    assert choose_facet(np.array([0.9, 0.1, 0.0]), facets[:1]) is None
