@@ -34,6 +34,9 @@ LOOKS = {
     "warm": Look("warm", "warm and saturated", (0, 45), (0.65, 1.0), (0.6, 1.0)),
     "cool": Look("cool", "cool and muted", (180, 240), (0.1, 0.35), (0.35, 0.7), blur=1.5),
     "mono": Look("mono", "high-contrast monochrome", (0, 360), (0.0, 0.0), (0.0, 1.0), monochrome=True),
+    "pastel": Look("pastel", "light pastel", (280, 360), (0.12, 0.3), (0.85, 1.0)),
+    "moody": Look("moody", "dark and moody", (150, 200), (0.2, 0.5), (0.05, 0.35), blur=0.8),
+    "green": Look("green", "vivid greens", (80, 140), (0.6, 0.95), (0.4, 0.8)),
 }
 
 # Values planted in every photo's EXIF; none of them may appear in anything the pipeline stores.

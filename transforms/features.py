@@ -7,6 +7,8 @@ L*a*b* (D65) divided by 100, so every feature is of order one.
 
 from __future__ import annotations
 
+from functools import cache
+
 import numpy as np
 from PIL import Image
 
@@ -14,6 +16,7 @@ from stylestream.schemas.tables import FEATURE_NAMES
 
 WORK_SIZE = 256
 PALETTE_SIZE = 3
+PALETTE_WORK_SIZE = 64  # dominant colours need far fewer pixels than sharpness does
 
 
 def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
@@ -21,8 +24,8 @@ def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
     lin = np.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
     m = np.array([[0.4124564, 0.3575761, 0.1804375],
                   [0.2126729, 0.7151522, 0.0721750],
-                  [0.0193339, 0.1191920, 0.9503041]])
-    xyz = lin @ m.T / np.array([0.95047, 1.0, 1.08883])
+                  [0.0193339, 0.1191920, 0.9503041]], rgb.dtype)
+    xyz = lin @ (m.T / np.array([0.95047, 1.0, 1.08883], rgb.dtype)[None, :])
     f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
     return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], -1)
 
@@ -39,8 +42,9 @@ def contrast(lab: np.ndarray) -> float:
 
 def saturation(rgb: np.ndarray) -> float:
     """Mean HSV saturation, (max - min) / max per pixel, in [0, 1]."""
-    mx, mn = rgb.max(-1), rgb.min(-1)
-    return float(np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-6), 0).mean())
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    mx, mn = np.maximum(np.maximum(r, g), b), np.minimum(np.minimum(r, g), b)
+    return float(((mx - mn) / np.maximum(mx, 1e-6)).mean())  # 0 where mx == 0, since then mn == 0
 
 
 def warmth(lab: np.ndarray) -> float:
@@ -70,15 +74,21 @@ def thirds_energy(lab: np.ndarray) -> float:
     the four intersections, divided by the windows' plain mean: 1 for evenly spread content, above 1
     when subjects sit on the thirds.
     """
-    h, w = lab.shape[:2]
     saliency = np.linalg.norm(lab - np.median(lab.reshape(-1, 3), axis=0), axis=-1)
-    yy, xx = np.mgrid[0:h, 0:w]
-    windows = sum(np.exp(-(((xx - w * fx) / (w / 12)) ** 2 + ((yy - h * fy) / (h / 12)) ** 2) / 2)
-                  for fx in (1 / 3, 2 / 3) for fy in (1 / 3, 2 / 3))
+    windows = _thirds_windows(*lab.shape[:2])
     total = saliency.sum()
     if total <= 1e-9:
         return 1.0
-    return float((saliency * windows).sum() / total / windows.mean())
+    return float((saliency * windows).sum() / total)
+
+
+@cache
+def _thirds_windows(h: int, w: int) -> np.ndarray:
+    """The four Gaussian windows summed, divided by their mean (computed once per image shape)."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    windows = sum(np.exp(-(((xx - w * fx) / (w / 12)) ** 2 + ((yy - h * fy) / (h / 12)) ** 2) / 2)
+                  for fx in (1 / 3, 2 / 3) for fy in (1 / 3, 2 / 3))
+    return (windows / windows.mean()).astype(np.float32)
 
 
 def symmetry(lab: np.ndarray) -> float:
@@ -94,6 +104,8 @@ def palette(image: Image.Image, k: int = PALETTE_SIZE) -> np.ndarray:
 
     An image with fewer distinct colours repeats its last one.
     """
+    image = image.copy()
+    image.thumbnail((PALETTE_WORK_SIZE, PALETTE_WORK_SIZE), Image.Resampling.BILINEAR)
     quantized = image.quantize(colors=k, method=Image.Quantize.MEDIANCUT)
     colours = sorted(quantized.getcolors(k) or [], key=lambda c: (-c[0], c[1]))
     pal = quantized.getpalette()[: 3 * k]
@@ -106,9 +118,9 @@ def aesthetic_features(image: Image.Image) -> np.ndarray:
     """The feature vector of an RGB image, in FEATURE_NAMES order (float32)."""
     small = image.convert("RGB")
     small.thumbnail((WORK_SIZE, WORK_SIZE), Image.Resampling.BILINEAR)
-    rgb = np.asarray(small, dtype=np.float64) / 255.0
+    rgb = np.asarray(small, dtype=np.float32) / np.float32(255.0)
     lab = srgb_to_lab(rgb)
-    gray = rgb @ np.array([0.299, 0.587, 0.114])
+    gray = rgb @ np.array([0.299, 0.587, 0.114], np.float32)
     spread = lab.reshape(-1, 3).std(0) / 100
     values = {
         "brightness": brightness(lab),
@@ -123,7 +135,7 @@ def aesthetic_features(image: Image.Image) -> np.ndarray:
         "lab_l_spread": float(spread[0]),
         "lab_a_spread": float(spread[1]),
         "lab_b_spread": float(spread[2]),
-        "thirds_energy": thirds_energy(lab),
+        "thirds_energy": thirds_energy(lab[::2, ::2]),  # composition needs no fine detail
         "symmetry": symmetry(lab),
     }
     for i, (l_, a, b) in enumerate(palette(small), start=1):

@@ -1,0 +1,31 @@
+"""The benchmark scripts run and print their final JSON line (small sizes; figures are not checked)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).parent.parent / "bench"
+
+
+def final_json(script: str, *args: str) -> dict:
+    out = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=600,
+                         check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_style_quality_bench_runs():
+    r = final_json("style_quality.py", "--users-per-look", "2", "--photos", "6", "--mixed-users", "2")
+    assert r["single_look_users"] == 12 and 0 <= r["nn_accuracy"] <= 1 and 0 <= r["facet_purity"] <= 1
+
+
+@pytest.mark.slow
+def test_decode_embed_bench_runs():
+    r = final_json("decode_embed.py", "--photos", "2", "--n", "4", "--batch", "2", "--clip-model",
+                   "stylestream-tiny-clip")
+    assert {"photos_per_s", "model_only_per_s", "ratio", "originals"} <= set(r)
