@@ -74,19 +74,39 @@ def ingest(
     clip_pretrained: Annotated[str | None, typer.Option(
         help="open_clip pretrained tag or checkpoint path (required for any model but the tiny default).")] = None,
     half_life_days: Annotated[float, typer.Option(help="A photo this much newer weighs twice as much.")] = 365.0,
+    follow: Annotated[bool, typer.Option(
+        "--follow/--until-caught-up",
+        help="Keep processing new events until Ctrl-C or SIGTERM, or process what is there and exit.")] = False,
     verbose: Verbose = False,
 ) -> None:
-    """Process every new photo and consent event, then exit (each cycle commits exactly once)."""
+    """Process new photo and consent events in cycles; each cycle commits exactly once.
+
+    Stopping (Ctrl-C, SIGTERM) waits for the cycle in progress, which either commits or leaves no
+    trace; a broker that cannot be reached is retried with backoff.
+    """
     _quiet(verbose)
+    import threading
+
     from stylestream.models.clip import clip_spec
     from stylestream.pipelines.ingest import IngestConfig, Ingestor
 
     cfg = IngestConfig(bootstrap_servers, data_dir / "state", clip_spec(data_dir / "models", clip_model,
                                                                         clip_pretrained), half_life_days)
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        console.print(f"{signal.Signals(signum).name}: finishing the cycle in progress, then stopping")
+        stop.set()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
     with Ingestor(cfg) as ingestor:
-        done = ingestor.run_until_caught_up(on_cycle=lambda r: console.print(
-            f"cycle {r.cycle}: {r.events} events, {r.users_updated} users updated, {r.dead_letters} dead letters"))
-    console.print(f"caught up after {len(done)} cycle(s); state in {cfg.db_path}, history in {cfg.history_dir}")
+        done = ingestor.run(stop, follow, on_cycle=lambda r: console.print(
+            f"cycle {r.cycle}: {r.events} events, {r.photos} photos, {r.users_updated} users updated, "
+            f"{r.dead_letters} dead letters, lag {r.lag}"),
+            on_retry=lambda e, delay: console.print(
+                f"[yellow]broker {bootstrap_servers} unavailable ({type(e).__name__}: {e}); retrying in {delay:.1f} s"))
+    console.print(f"{'stopped' if stop.is_set() else 'caught up'} after {len(done)} cycle(s); "
+                  f"state in {cfg.db_path}, history in {cfg.history_dir}")
 
 
 @app.command()

@@ -103,8 +103,8 @@ def run_demo(data_dir: Path, console: Console) -> dict:
 def ingest(ingestor: Ingestor, console: Console, what: str) -> list[CycleResult]:
     with console.status(what):
         done = ingestor.run_until_caught_up(on_cycle=lambda r: console.print(
-            f"  cycle {r.cycle}: {r.events} events, {r.users_updated} users updated, "
-            f"{r.dead_letters} to the dead-letter topic"))
+            f"  cycle {r.cycle}: {r.events} events, {r.photos} photos, {r.users_updated} users updated, "
+            f"{r.dead_letters} to the dead-letter topic, lag {r.lag}"))
     return done
 
 

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import apache_beam as beam
 import pyarrow.parquet as pq
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+from kafka.errors import KafkaError
 
 from stylestream.models.clip import ClipSpec, embedding_dim
 from stylestream.pipelines.store import CycleResult, Store
@@ -32,6 +34,9 @@ from stylestream.transforms.records import DeadLetter, UserBatch
 from stylestream.transforms.style import DEFAULT_HALF_LIFE_DAYS, MIN_HALF_LIFE_DAYS
 
 log = logging.getLogger(__name__)
+# Broker trouble is retried; anything else (a bug, a corrupt state file) stops ingestion.
+BROKER_ERRORS = (KafkaError, TimeoutError, ConnectionError)
+RETRY_FIRST_S, RETRY_MAX_S = 0.5, 30.0
 
 
 @dataclass
@@ -41,6 +46,8 @@ class IngestConfig:
     clip: ClipSpec
     half_life_days: float = DEFAULT_HALF_LIFE_DAYS
     max_events_per_partition: int = 2000  # bounds one cycle's memory and duration
+    poll_interval_s: float = 0.2  # with --follow: the wait between looks when caught up
+    kafka_timeout_ms: int = 30_000  # a broker silent this long counts as unavailable (then retried)
     limits: DecodeLimits = field(default_factory=DecodeLimits)
 
     def __post_init__(self):
@@ -54,6 +61,18 @@ class IngestConfig:
     @property
     def history_dir(self) -> Path:
         return self.state_dir / "history"
+
+
+class TopicReset(RuntimeError):
+    """The broker has fewer messages than the state says were processed (a new, empty broker?)."""
+
+
+def check_not_reset(committed: dict[tuple[str, int], int], ends: dict[tuple[str, int], int]) -> None:
+    behind = {k: (o, ends.get(k, 0)) for k, o in committed.items() if o > ends.get(k, 0)}
+    if behind:
+        where = ", ".join(f"{t}[{p}] state at {o}, broker ends at {e}" for (t, p), (o, e) in sorted(behind.items()))
+        raise TopicReset(f"the broker has lost messages this state already processed ({where}); a memory-only "
+                         "broker restarted? Use a new --data-dir for a new broker, or point at the original one")
 
 
 def plan_ranges(committed: dict[tuple[str, int], int], ends: dict[tuple[str, int], int],
@@ -113,8 +132,8 @@ class Ingestor:
         self.cfg = cfg
         self.embedding_dim = embedding_dim(cfg.clip)
         ensure_topics(cfg.bootstrap_servers)
-        self._consumer = clients.consumer(cfg.bootstrap_servers)
-        self._producer = clients.producer(cfg.bootstrap_servers)
+        self._consumer = clients.consumer(cfg.bootstrap_servers, request_timeout_ms=cfg.kafka_timeout_ms)
+        self._producer = clients.producer(cfg.bootstrap_servers, request_timeout_ms=cfg.kafka_timeout_ms)
         with Store(cfg.db_path) as store:
             store.check_model(cfg.clip.model, self.embedding_dim)
 
@@ -134,6 +153,7 @@ class Ingestor:
             self._finish_committed(store)  # left over from a crash after a commit
             committed, cycle = store.offsets(), store.next_cycle()
         ends = self.end_offsets()
+        check_not_reset(committed, ends)
         ranges = plan_ranges(committed, ends, self.cfg.max_events_per_partition)
         if not ranges:
             return None
@@ -141,15 +161,40 @@ class Ingestor:
             build_cycle(p, self.cfg, cycle, ranges, self.embedding_dim)
         with Store(self.cfg.db_path) as store:
             self._finish_committed(store)
-            return store.cycle_result(cycle)
+            result = store.cycle_result(cycle)
+        unread = sum(end - committed.get(k, 0) for k, end in ends.items())
+        return replace(result, lag=unread - sum(len(r) for r in ranges))
 
-    def run_until_caught_up(self, on_cycle: Callable[[CycleResult], None] | None = None) -> list[CycleResult]:
-        done = []
-        while (result := self.run_cycle()) is not None:
+    def run(self, stop: threading.Event | None = None, follow: bool = False,
+            on_cycle: Callable[[CycleResult], None] | None = None,
+            on_retry: Callable[[Exception, float], None] | None = None) -> list[CycleResult]:
+        """Cycles until caught up (or, with `follow`, until `stop` is set). A broker that cannot be
+        reached is retried with exponential backoff instead of failing; a set `stop` is honoured
+        between cycles, so the cycle in progress either commits or leaves no trace."""
+        stop = stop or threading.Event()
+        done, delay = [], RETRY_FIRST_S
+        while not stop.is_set():
+            try:
+                result = self.run_cycle()
+                delay = RETRY_FIRST_S
+            except BROKER_ERRORS as e:
+                if on_retry:
+                    on_retry(e, delay)
+                stop.wait(delay)
+                delay = min(2 * delay, RETRY_MAX_S)
+                continue
+            if result is None:
+                if not follow:
+                    break
+                stop.wait(self.cfg.poll_interval_s)
+                continue
             done.append(result)
             if on_cycle:
                 on_cycle(result)
         return done
+
+    def run_until_caught_up(self, on_cycle: Callable[[CycleResult], None] | None = None) -> list[CycleResult]:
+        return self.run(on_cycle=on_cycle)
 
     def end_offsets(self) -> dict[tuple[str, int], int]:
         tps = [tp for t in INGEST_TOPICS for tp in clients.partitions_of(self._consumer, t)]

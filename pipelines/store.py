@@ -44,7 +44,7 @@ CREATE TABLE IF NOT EXISTS offsets (
     topic VARCHAR, partition INTEGER, next_offset BIGINT NOT NULL, PRIMARY KEY (topic, partition));
 CREATE TABLE IF NOT EXISTS cycles (
     cycle BIGINT PRIMARY KEY, committed_at TIMESTAMPTZ NOT NULL, events BIGINT NOT NULL,
-    dead_letters BIGINT NOT NULL, users_updated BIGINT NOT NULL,
+    photos BIGINT NOT NULL, dead_letters BIGINT NOT NULL, users_updated BIGINT NOT NULL,
     published BOOLEAN NOT NULL DEFAULT false, history_written BOOLEAN NOT NULL DEFAULT false);
 CREATE TABLE IF NOT EXISTS consent (
     user_id VARCHAR, scope_key VARCHAR, enabled BOOLEAN NOT NULL, event_time TIMESTAMPTZ NOT NULL,
@@ -80,9 +80,10 @@ class StoreError(RuntimeError):
 class CycleResult:
     cycle: int
     events: int
+    photos: int  # uploads among the events
     dead_letters: int
     users_updated: int
-    already_committed: bool = False
+    lag: int | None = None  # events left on the input topics when the cycle was planned, after it
 
 
 class Store:
@@ -91,9 +92,11 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self.db = duckdb.connect(str(self.path))
-        except duckdb.IOException as e:
-            raise StoreError(f"cannot open state database {self.path}: {e}") from e
-        self.db.execute(SCHEMA)
+            self.db.execute(SCHEMA)
+        except duckdb.Error as e:
+            raise StoreError(f"cannot open the state database {self.path}: {e}. If another ingestion holds it, "
+                             "stop that one; if the file is damaged, restore it from a backup (the Parquet "
+                             "history keeps every committed version)") from e
 
     def close(self) -> None:
         self.db.close()
@@ -114,8 +117,8 @@ class Store:
         return {(t, p): o for t, p, o in rows}
 
     def cycle_result(self, cycle: int) -> CycleResult:
-        row = self.db.execute("SELECT cycle, events, dead_letters, users_updated FROM cycles WHERE cycle = ?",
-                              [cycle]).fetchone()
+        row = self.db.execute("""SELECT cycle, events, photos, dead_letters, users_updated FROM cycles
+                                 WHERE cycle = ?""", [cycle]).fetchone()
         if row is None:
             raise StoreError(f"cycle {cycle} did not commit")
         return CycleResult(*row)
@@ -183,8 +186,8 @@ class Store:
             stored = self.offsets()
             if ranges and all(stored.get((r.topic, r.partition)) == r.stop for r in ranges) and \
                     self.db.execute("SELECT 1 FROM cycles WHERE cycle = ?", [cycle]).fetchone():
-                self.db.execute("ROLLBACK")
-                return CycleResult(cycle, events, 0, 0, already_committed=True)
+                self.db.execute("ROLLBACK")  # a runner retried the commit: it is already in
+                return self.cycle_result(cycle)
             for r in ranges:
                 if stored.get((r.topic, r.partition), 0) != r.start:
                     raise StoreError(f"{r.topic}[{r.partition}] is at offset {stored.get((r.topic, r.partition), 0)},"
@@ -207,13 +210,18 @@ class Store:
                                 [(cycle, i, t, k, v) for i, (t, k, v) in enumerate(outbox)])
             self._many("INSERT OR REPLACE INTO offsets VALUES (?, ?, ?)",
                                 [(r.topic, r.partition, r.stop) for r in ranges])
-            self.db.execute("INSERT INTO cycles VALUES (?, ?, ?, ?, ?, false, false)",
-                            [cycle, now, events, len(dead_letters), updated])
+            photos = sum(len(b.uploads) for b in batches)
+            self.db.execute("INSERT INTO cycles VALUES (?, ?, ?, ?, ?, ?, false, false)",
+                            [cycle, now, events, photos, len(dead_letters), updated])
             self.db.execute("COMMIT")
+        except duckdb.IOException as e:
+            self.db.execute("ROLLBACK")
+            raise StoreError(f"cannot write the state database {self.path} (disk full?): {e}; nothing of cycle "
+                             f"{cycle} was committed and everything before it is intact") from e
         except BaseException:
             self.db.execute("ROLLBACK")
             raise
-        return CycleResult(cycle, events, len(dead_letters), updated)
+        return CycleResult(cycle, events, photos, len(dead_letters), updated)
 
     def _apply(self, user_id: str, view: UserView, update: UserUpdate, cycle: int,
                now: datetime) -> tuple[int, list[Facet]] | None:

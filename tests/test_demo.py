@@ -32,5 +32,6 @@ def test_cli_help_explains_every_command():
     assert result.exit_code == 0
     for command in ("broker", "ingest", "serve", "demo", "schemas"):
         assert command in result.output
-    ingest_help = CliRunner().invoke(app, ["ingest", "--help"]).output
-    assert "--bootstrap-servers" in ingest_help and "--clip-pretrained" in ingest_help
+    ingest_help = CliRunner().invoke(app, ["ingest", "--help"], env={"COLUMNS": "200"}).output
+    for option in ("--bootstrap-servers", "--clip-pretrained", "--follow", "--until-caught-up"):
+        assert option in ingest_help

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import cache
 
 import apache_beam as beam
 import numpy as np
@@ -39,10 +40,7 @@ class OpenClipImageHandler(ModelHandler[object, PredictionResult, LoadedClip]):
         self._max_batch_size = max_batch_size
 
     def load_model(self) -> LoadedClip:
-        model, preprocess, _ = load_clip(self._spec, self._device)
-        if self._device.startswith("cuda"):
-            model = model.half()
-        return LoadedClip(model, preprocess)
+        return _loaded_clip(self._spec, self._device)
 
     def run_inference(self, batch: Sequence[object], model: LoadedClip,
                       inference_args=None) -> Iterable[PredictionResult]:
@@ -57,6 +55,15 @@ class OpenClipImageHandler(ModelHandler[object, PredictionResult, LoadedClip]):
 
     def share_model_across_processes(self) -> bool:
         return False
+
+
+@cache
+def _loaded_clip(spec: ClipSpec, device: str) -> LoadedClip:
+    """One model per process: each ingestion cycle is a new pipeline, which would otherwise reload it."""
+    model, preprocess, _ = load_clip(spec, device)
+    if device.startswith("cuda"):
+        model = model.half()
+    return LoadedClip(model, preprocess)
 
 
 def to_contribution(photo: PreparedPhoto, embedding: np.ndarray) -> Contribution:
