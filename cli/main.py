@@ -74,6 +74,8 @@ def ingest(
     clip_pretrained: Annotated[str | None, typer.Option(
         help="open_clip pretrained tag or checkpoint path (required for any model but the tiny default).")] = None,
     half_life_days: Annotated[float, typer.Option(help="A photo this much newer weighs twice as much.")] = 365.0,
+    max_events_per_partition: Annotated[int, typer.Option(
+        help="At most this many events of each partition per cycle (bounds a cycle's memory and time).")] = 2000,
     follow: Annotated[bool, typer.Option(
         "--follow/--until-caught-up",
         help="Keep processing new events until Ctrl-C or SIGTERM, or process what is there and exit.")] = False,
@@ -91,7 +93,8 @@ def ingest(
     from stylestream.pipelines.ingest import IngestConfig, Ingestor
 
     cfg = IngestConfig(bootstrap_servers, data_dir / "state", clip_spec(data_dir / "models", clip_model,
-                                                                        clip_pretrained), half_life_days)
+                                                                        clip_pretrained), half_life_days,
+                       max_events_per_partition)
     stop = threading.Event()
 
     def on_signal(signum, _frame):
@@ -107,6 +110,35 @@ def ingest(
                 f"[yellow]broker {bootstrap_servers} unavailable ({type(e).__name__}: {e}); retrying in {delay:.1f} s"))
     console.print(f"{'stopped' if stop.is_set() else 'caught up'} after {len(done)} cycle(s); "
                   f"state in {cfg.db_path}, history in {cfg.history_dir}")
+
+
+@app.command()
+def backfill(
+    source: Annotated[Path, typer.Argument(
+        exists=True, help="A library folder (albums are its first-level folders) or a JSON-lines manifest.")],
+    user: Annotated[str, typer.Option("--user", "-u", help="Whose library it is.")],
+    bootstrap_servers: BootstrapServers,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    ingest_after: Annotated[bool, typer.Option("--ingest/--publish-only",
+                                               help="Run ingestion until caught up after publishing.")] = True,
+    verbose: Verbose = False,
+) -> None:
+    """Bring an existing library in through the live path, exactly once, resumable after interruption."""
+    _quiet(verbose)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from stylestream.pipelines import backfill as bf
+
+    items = bf.scan(source)
+    progress_file = bf.Progress(data_dir / "state", user, source)
+    already = progress_file.published()
+    console.print(f"{len(items)} photos in {source}; {already} published by an earlier run")
+    columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task("publishing", total=len(items), completed=already)
+        bf.publish(bootstrap_servers, items, user, progress_file, on_item=lambda n: bar.update(task, completed=n))
+    if ingest_after:
+        ingest(bootstrap_servers, data_dir, follow=False, verbose=verbose)
 
 
 @app.command()

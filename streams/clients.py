@@ -7,6 +7,7 @@ of the last batch + 1, so `true_end_offsets` finds the real end by reading the l
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -36,24 +37,32 @@ def partitions_of(c: KafkaConsumer, topic: str) -> list[TopicPartition]:
     return [TopicPartition(topic, p) for p in sorted(parts or ())]
 
 
-def true_end_offsets(c: KafkaConsumer, tps: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
-    """The offset after the last message of each partition (assigns `c` to the partitions)."""
+def true_end_offsets(c: KafkaConsumer, tps: Iterable[TopicPartition],
+                     timeout_s: float = 30.0) -> dict[TopicPartition, int]:
+    """The offset after the last message of each partition (assigns `c` to the partitions).
+
+    The reported end may point inside the last batch, so the last batch is read: the end is known
+    once a record of it has arrived, since a fetch returns a batch whole.
+    """
     tps = list(tps)
     if not tps:
         return {}
     reported = c.end_offsets(tps)
     ends = {tp: reported[tp] for tp in tps}
-    # The reported end may point inside the last batch: read from there to the real end.
-    nonempty = [tp for tp in tps if reported[tp] > 0]
-    c.assign(nonempty)
-    for tp in nonempty:
+    waiting = {tp for tp in tps if reported[tp] > 0}
+    c.assign(sorted(waiting))
+    for tp in waiting:
         c.seek(tp, reported[tp] - 1)
-    while nonempty:
-        batches = c.poll(timeout_ms=END_POLL_MS)
-        if not batches:
-            break
+    deadline = time.monotonic() + timeout_s
+    while waiting or c.assignment():
+        batches = c.poll(timeout_ms=END_POLL_MS if not waiting else POLL_MS)
         for tp, records in batches.items():
             ends[tp] = max(ends[tp], records[-1].offset + 1)
+            waiting.discard(tp)
+        if not batches and not waiting:
+            break
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"could not read the last batch of {sorted(waiting)} within {timeout_s} s")
     c.assign([])
     return ends
 

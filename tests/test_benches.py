@@ -29,3 +29,11 @@ def test_decode_embed_bench_runs():
     r = final_json("decode_embed.py", "--photos", "2", "--n", "4", "--batch", "2", "--clip-model",
                    "stylestream-tiny-clip")
     assert {"photos_per_s", "model_only_per_s", "ratio", "originals"} <= set(r)
+
+
+@pytest.mark.slow
+def test_crash_torture_short_run_is_identical_to_an_uninterrupted_one():
+    r = final_json("crash_torture.py", "--events", "1200", "--users", "30", "--kills", "2",
+                   "--max-events-per-partition", "60", "--kill-window", "3", "6")
+    assert r["kills"] >= 1, r
+    assert r["identical"] and r["mismatches"] == 0, r

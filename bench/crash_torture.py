@@ -1,0 +1,204 @@
+#!/usr/bin/env python
+"""Crash torture: SIGKILL ingestion at random moments, restart it, and compare with a clean run.
+
+Makes a messy event stream (uploads, duplicates, deletions, album and photo opt-outs and opt-ins,
+event times out of order, some malformed events), produces the very same stream to two local
+brokers, then:
+  reference   `stylestream ingest --until-caught-up` once, undisturbed, against broker A
+  tortured    the same command against broker B, killed with SIGKILL at a random moment --kills
+              times and restarted each time, then left to finish
+and compares the DuckDB state (every table, timestamps aside), the Parquet history (every committed
+version exactly once, nothing uncommitted) and the last vector per user on each broker's
+style-vectors topic. Final line: JSON with kills, events, identical, mismatches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import duckdb
+import numpy as np
+import pyarrow.parquet as pq
+
+from stylestream.demo.synthetic import LOOKS, SyntheticPhoto, render, toggle_event
+from stylestream.schemas.events import encode_event, parse_event
+from stylestream.streams import clients
+from stylestream.streams.broker import start_broker
+from stylestream.streams.topics import CONSENT_EVENTS, PHOTO_EVENTS, STYLE_VECTORS, ensure_topics
+
+# Timestamps differ between any two runs; everything else must match.
+TABLES = {
+    "offsets": "topic, partition, next_offset",
+    "cycles": "cycle, events, photos, dead_letters, users_updated, published, history_written",
+    "consent": "user_id, scope_key, enabled, event_time, event_id",
+    "tombstones": "user_id, photo_id, deleted_at",
+    "photos": "user_id, photo_id, album_id, upload",
+    "contributions": "user_id, photo_id, album_id, taken_at, weight, embedding, features, metadata",
+    "user_stats": "user_id, version, photo_count, total_weight, sum_embedding, sum_features",
+    "style_versions": "user_id, version, cycle, photo_count, total_weight, embedding, features, facets, tombstone",
+    "outbox": "cycle, seq, topic",
+}
+
+
+def make_stream(root: Path, n_events: int, users: int, seed: int) -> list[tuple[str, bytes, bytes]]:
+    """(topic, key, value) in production order."""
+    rng = random.Random(seed)
+    images = []
+    for i in range(64):  # many photos share these few files: decoding is not what is tested here
+        path = root / f"img{i}.jpg"
+        render(LOOKS[sorted(LOOKS)[i % len(LOOKS)]], seed * 100 + i, (96, 72)).save(path, "JPEG", quality=85)
+        images.append(path)
+    t0 = datetime(2025, 1, 1, tzinfo=UTC)
+    stream, uploaded = [], []
+    n = 0
+    while len(stream) < n_events:
+        n += 1
+        user = f"u{rng.randrange(users):04d}"
+        album = f"{user}-a{rng.randrange(3)}"
+        when = t0 + timedelta(minutes=rng.randrange(500_000))  # event times in no particular order
+        r = rng.random()
+        if r < 0.62 or not uploaded:
+            p = SyntheticPhoto(user, f"{user}-p{n}", album, "", images[rng.randrange(len(images))], when)
+            uploaded.append(p)
+            stream.append((PHOTO_EVENTS, user, encode_event(p.upload_event(when))))
+        elif r < 0.72:  # a duplicate delivery of an earlier event
+            stream.append(stream[rng.randrange(len(stream))])
+            continue
+        elif r < 0.79:
+            p = rng.choice(uploaded)
+            stream.append((PHOTO_EVENTS, p.user_id, encode_event(p.delete_event(when))))
+        elif r < 0.90:
+            stream.append((CONSENT_EVENTS, user, encode_event(
+                toggle_event(user, "album", album, rng.random() < 0.5, when, event_id=f"t{n}"))))
+        elif r < 0.97:
+            p = rng.choice(uploaded)
+            stream.append((CONSENT_EVENTS, p.user_id, encode_event(
+                toggle_event(p.user_id, "photo", p.photo_id, rng.random() < 0.4, when, event_id=f"t{n}"))))
+        else:
+            stream.append((PHOTO_EVENTS, user, b'{"type": "photo_uploaded", "broken": ' + str(n).encode()))
+    return [(t, k.encode() if isinstance(k, str) else k, v) for t, k, v in stream]
+
+
+def produce(bootstrap: str, stream) -> None:
+    p = clients.producer(bootstrap, linger_ms=20, batch_size=256 * 1024)
+    for topic, key, value in stream:
+        p.send(topic, key=key, value=value)
+    p.flush()
+    p.close()
+
+
+def ingest_cmd(bootstrap: str, data_dir: Path, per_partition: int) -> list[str]:
+    return [sys.executable, "-m", "stylestream.cli.main", "ingest", "--until-caught-up", "-b", bootstrap,
+            "--data-dir", str(data_dir), "--max-events-per-partition", str(per_partition)]
+
+
+def run_to_end(cmd: list[str]) -> None:
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    if out.returncode != 0:
+        raise SystemExit(f"ingestion failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+
+
+def torture(cmd: list[str], kills: int, rng: random.Random, window: tuple[float, float]) -> int:
+    done = 0
+    while done < kills:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(*window))
+        if proc.poll() is not None:  # finished before the kill: nothing left to interrupt
+            break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        done += 1
+        print(json.dumps({"bench": "kill", "n": done}), file=sys.stderr, flush=True)
+    run_to_end(cmd)
+    return done
+
+
+def snapshot(data_dir: Path, bootstrap: str) -> dict:
+    db = duckdb.connect(str(data_dir / "state" / "state.duckdb"), read_only=True)
+    tables = {t: db.execute(f"SELECT {cols} FROM {t} ORDER BY ALL").fetchall() for t, cols in TABLES.items()}
+    db.close()
+    history = pq.read_table(data_dir / "state" / "history").drop(["updated_at"]).to_pylist()
+    latest = {}
+    c = clients.consumer(bootstrap)
+    tps = clients.partitions_of(c, STYLE_VECTORS)
+    ends = clients.true_end_offsets(c, tps)
+    for tp in tps:
+        for m in clients.read_range(c, tp, 0, ends[tp]):
+            v = parse_event(STYLE_VECTORS, m.value)
+            if v.version >= latest.get(v.user_id, (0,))[0]:
+                latest[v.user_id] = (v.version, v.photo_count, v.embedding)
+    c.close()
+    return {"tables": tables, "history": sorted(history, key=lambda r: (r["user_id"], r["version"])),
+            "topic_latest": latest}
+
+
+def differences(a, b, path="") -> list[str]:
+    """Where two snapshots differ (floats within 1e-6)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = [f"{path}.{k}: only in one run" for k in set(a) ^ set(b)]
+        return out + [d for k in sorted(set(a) & set(b), key=str) for d in differences(a[k], b[k], f"{path}.{k}")]
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        if len(a) != len(b):
+            return [f"{path}: {len(a)} vs {len(b)} items"]
+        return [d for i, (x, y) in enumerate(zip(a, b, strict=True)) for d in differences(x, y, f"{path}[{i}]")]
+    if isinstance(a, float) and isinstance(b, float):
+        return [] if np.isclose(a, b, rtol=1e-6, atol=1e-6) else [f"{path}: {a} vs {b}"]
+    return [] if a == b else [f"{path}: {a!r} vs {b!r}"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--events", type=int, default=20_000)
+    ap.add_argument("--users", type=int, default=300)
+    ap.add_argument("--kills", type=int, default=20)
+    ap.add_argument("--max-events-per-partition", type=int, default=400)
+    ap.add_argument("--kill-window", type=float, nargs=2, default=(3.0, 14.0),
+                    help="seconds after a start at which the kill lands (start-up takes a few)")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    t0 = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="crash-torture-"))
+    stream = make_stream(work, a.events, a.users, a.seed)
+    brokers = [start_broker(), start_broker()]
+    try:
+        for b in brokers:
+            ensure_topics(b.bootstrap_servers)
+            produce(b.bootstrap_servers, stream)
+        models = work / "models"
+        for name in ("reference", "tortured"):
+            (work / name).mkdir()
+            (work / name / "models").symlink_to(models, target_is_directory=True)
+        models.mkdir()
+        ref, tor = (ingest_cmd(b.bootstrap_servers, work / n, a.max_events_per_partition)
+                    for b, n in zip(brokers, ("reference", "tortured"), strict=True))
+        t_ref = time.perf_counter()
+        run_to_end(ref)
+        ref_s = time.perf_counter() - t_ref
+        print(json.dumps({"bench": "reference", "seconds": round(ref_s, 1)}), flush=True)
+        kills = torture(tor, a.kills, random.Random(a.seed), tuple(a.kill_window))
+        mismatches = differences(snapshot(work / "reference", brokers[0].bootstrap_servers),
+                                 snapshot(work / "tortured", brokers[1].bootstrap_servers))
+    finally:
+        for b in brokers:
+            b.stop()
+    for m in mismatches[:20]:
+        print(json.dumps({"bench": "mismatch", "where": m}), flush=True)
+    print(json.dumps({"bench": "crash_torture", "kills": kills, "events": len(stream),
+                      "identical": not mismatches, "mismatches": len(mismatches),
+                      "reference_s": round(ref_s, 1), "total_s": round(time.perf_counter() - t0, 1)}))
+
+
+if __name__ == "__main__":
+    main()

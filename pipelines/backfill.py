@@ -1,0 +1,127 @@
+"""Backfill: bring an existing photo library in through the same path as live uploads.
+
+A folder (searched recursively) or a manifest (JSON lines: `{"path": ..., "album_id": ...,
+"taken_at": ...}`, paths relative to the manifest) becomes `photo_uploaded` events on photo-events,
+which ingestion then processes with its usual exactly-once bookkeeping. Photo and event ids derive
+from the user and the file's place in the library, so a repeated backfill counts nothing twice;
+a progress file makes an interrupted one resume where it stopped instead of publishing again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from PIL import Image
+
+from stylestream.schemas.events import ImageRef, PhotoUploaded, encode_event
+from stylestream.streams import clients
+from stylestream.streams.topics import PHOTO_EVENTS
+
+PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".heic", ".heif"}
+DATETIME_ORIGINAL, EXIF_IFD = 0x9003, 0x8769
+
+
+@dataclass(frozen=True)
+class LibraryItem:
+    path: Path
+    key: str  # the file's place in the library (relative path): the basis of its ids
+    album_id: str | None = None
+    taken_at: datetime | None = None
+
+
+def scan(source: Path) -> list[LibraryItem]:
+    """The photos of a folder or a manifest file, in a stable order."""
+    if source.is_dir():
+        files = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in PHOTO_SUFFIXES)
+        return [LibraryItem(p, p.relative_to(source).as_posix(),
+                            album_id=_album_of(p.relative_to(source))) for p in files]
+    items = []
+    for n, line in enumerate(source.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            path = (source.parent / row["path"]).resolve()
+            taken = datetime.fromisoformat(row["taken_at"]) if row.get("taken_at") else None
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{source}:{n}: expected {{\"path\": ..., \"album_id\"?: ..., \"taken_at\"?: ...}}: "
+                             f"{e}") from None
+        items.append(LibraryItem(path, row["path"], row.get("album_id"), taken))
+    return items
+
+
+def _album_of(relative: Path) -> str | None:
+    """A photo's first folder below the library root is its album."""
+    return _safe_id(relative.parts[0]) if len(relative.parts) > 1 else None
+
+
+def _safe_id(text: str) -> str:
+    cleaned = "".join(ch if ch.isalnum() or ch in "._-" else "-" for ch in text)
+    return cleaned[:120] or "album"
+
+
+def taken_at(path: Path) -> datetime:
+    """EXIF DateTimeOriginal (read as UTC) if the file has it, else the file's modification time."""
+    try:
+        with Image.open(path) as im:
+            raw = im.getexif().get_ifd(EXIF_IFD).get(DATETIME_ORIGINAL)
+        if isinstance(raw, str):
+            return datetime.strptime(raw.strip()[:19], "%Y:%m:%d %H:%M:%S").replace(tzinfo=UTC)
+    except (OSError, ValueError, SyntaxError):
+        pass  # not readable as an image here: ingestion gives it a dead-letter reason
+    return datetime.fromtimestamp(path.stat().st_mtime, UTC)
+
+
+def upload_event(item: LibraryItem, user_id: str) -> PhotoUploaded:
+    data = item.path.read_bytes()
+    photo_id = "bf-" + hashlib.sha256(f"{user_id}\0{item.key}".encode()).hexdigest()[:24]
+    when = item.taken_at or taken_at(item.path)
+    return PhotoUploaded(
+        event_id=f"backfill:{photo_id}", user_id=user_id, event_time=when, photo_id=photo_id,
+        album_id=item.album_id, taken_at=when,
+        image=ImageRef(uri=item.path.resolve().as_uri(), sha256=hashlib.sha256(data).hexdigest(),
+                       size_bytes=len(data)))
+
+
+class Progress:
+    """How many items of one (user, source) backfill are published, kept in a small JSON file."""
+
+    def __init__(self, state_dir: Path, user_id: str, source: Path):
+        digest = hashlib.sha256(f"{user_id}\0{source.resolve()}".encode()).hexdigest()[:16]
+        self.path = state_dir / "backfill" / f"{digest}.json"
+
+    def published(self) -> int:
+        return json.loads(self.path.read_text())["published"] if self.path.exists() else 0
+
+    def save(self, published: int, total: int) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"published": published, "total": total}))
+        tmp.replace(self.path)
+
+
+def publish(bootstrap_servers: str, items: list[LibraryItem], user_id: str, progress: Progress,
+            on_item: Callable[[int], None] | None = None, checkpoint_every: int = 100) -> int:
+    """Publish the items not published yet; returns how many this call published."""
+    start = progress.published()
+    producer = clients.producer(bootstrap_servers)
+    try:
+        done = start
+        for done, item in enumerate(items[start:], start=start + 1):
+            producer.send(PHOTO_EVENTS, key=user_id.encode(), value=encode_event(upload_event(item, user_id)))
+            if done % checkpoint_every == 0:
+                producer.flush()  # only what the broker has is marked published
+                progress.save(done, len(items))
+            if on_item:
+                on_item(done)
+        producer.flush()
+        progress.save(done, len(items))
+    finally:
+        producer.close()
+    return done - start
+
