@@ -13,9 +13,9 @@ from stylestream.schemas.events import PhotoDeleted, PhotoUploaded
 from stylestream.transforms.kafka_read import OffsetRange
 from stylestream.transforms.records import Contribution, UserBatch
 from stylestream.transforms.style import (
-    StoredContribution,
     StyleStats,
     UserView,
+    apply_update,
     photo_weight,
     plan_user_update,
 )
@@ -36,15 +36,10 @@ def empty_view() -> UserView:
 
 
 def apply(view: UserView, batch: UserBatch, embedded: dict[str, Contribution] | None = None) -> UserView:
-    """What the store and the next cycles do with an update, in memory (the whole user is in view).
+    """An update applied in memory (the whole user is in view), then what the next cycles do.
     Photos listed for re-ingestion are embedded again from `embedded` and applied, as the pipeline does."""
     u = plan_user_update(view, batch, 365.0)
-    stored = {k: v for k, v in view.stored.items() if k not in u.remove}
-    stored |= {c.photo_id: StoredContribution(c.album_id, w, c.embedding, c.features) for c, w in u.add}
-    catalog = {k: v for k, v in view.catalog.items() if k not in u.tombstones}
-    catalog |= {c.photo_id: c.album_id for c in u.catalog}
-    after = UserView(u.stats, view.version + u.changes_style, view.consent | u.consent, stored,
-                     view.deleted | set(u.tombstones), catalog)
+    after = apply_update(view, u)
     if u.reingest:
         embedded = embedded or {c.photo_id: c for c in PHOTOS}
         after = apply(after, UserBatch("ana", uploads=[embedded[p] for p in u.reingest]), embedded)

@@ -184,3 +184,14 @@ def plan_user_update(view: UserView, batch: UserBatch, half_life_days: float) ->
                              if p not in counted and p not in deleted and not is_excluded(consent, p, album))
     update.stats = stats
     return update
+
+
+def apply_update(view: UserView, update: UserUpdate) -> UserView:
+    """The user's state after an update, held whole in memory: what a runner with per-user state
+    keeps (the DuckDB store does the same in SQL, loading only what a batch touches)."""
+    stored = {k: v for k, v in view.stored.items() if k not in update.remove}
+    stored |= {c.photo_id: StoredContribution(c.album_id, w, c.embedding, c.features) for c, w in update.add}
+    catalog = {k: v for k, v in view.catalog.items() if k not in update.tombstones}
+    catalog |= {c.photo_id: c.album_id for c in update.catalog}
+    return UserView(update.stats, view.version + update.changes_style, view.consent | update.consent, stored,
+                    view.deleted | set(update.tombstones), catalog)
