@@ -37,3 +37,9 @@ def test_crash_torture_short_run_is_identical_to_an_uninterrupted_one():
                    "--max-events-per-partition", "60", "--kill-window", "3", "6")
     assert r["kills"] >= 1, r
     assert r["identical"] and r["mismatches"] == 0, r
+
+
+@pytest.mark.slow
+def test_ingest_bench_runs():
+    r = final_json("ingest.py", "--users", "10", "--photos", "3", "--rate", "5", "--duration", "4", "--warmup", "1")
+    assert {"events_per_s", "overhead_ratio", "latency_p50_s", "latency_p99_s", "rss_growth"} <= set(r)

@@ -177,3 +177,13 @@ def test_latest_toggle_by_event_time_wins_whatever_the_arrival_order(toggles, rn
     latest_enabled = max(toggles, key=lambda t: t[1])[0]
     assert ("p1" in view.stored) == latest_enabled
     assert view.consent["album:a"].enabled == latest_enabled
+
+
+def test_a_broker_that_lost_processed_messages_is_refused():
+    import pytest
+
+    from stylestream.pipelines.ingest import TopicReset, check_not_reset
+
+    check_not_reset({("photo-events", 0): 5}, {("photo-events", 0): 5})
+    with pytest.raises(TopicReset, match=r"photo-events\[0\] state at 5, broker ends at 0"):
+        check_not_reset({("photo-events", 0): 5}, {("photo-events", 0): 0})

@@ -1,0 +1,185 @@
+#!/usr/bin/env python
+"""Ingestion throughput and latency, with the transforms alone as the baseline in the same run.
+
+  full path        USERS x PHOTOS uploads on a local broker -> ingestion cycles (Kafka read, decode,
+                   features, embedding, per-user update, DuckDB commit, Parquet, style-vectors)
+  transforms only  the same Beam transforms (parse, decode, features, embed, group by user) over the
+                   same messages held in memory: no Kafka, no DuckDB
+  steady           RATE events/s for DURATION s into a following ingestion (each event a new user),
+                   timing each event from produce to its user's vector on the style-vectors topic,
+                   and the process's resident memory from the end of warm-up to the end
+
+Photos are 320x240 JPEGs (64 distinct files shared by all photo ids). Final line: one JSON object
+with events_per_s, photos_per_s, overhead_ratio (full path time / transforms-only time),
+latency_p50_s, latency_p99_s and rss_growth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import apache_beam as beam
+import numpy as np
+import psutil
+from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+from stylestream.demo.synthetic import LOOKS, SyntheticPhoto, render
+from stylestream.models.clip import ensure_tiny_clip
+from stylestream.pipelines.ingest import IngestConfig, Ingestor
+from stylestream.schemas.events import encode_event, parse_event
+from stylestream.streams import clients
+from stylestream.streams.broker import start_broker
+from stylestream.streams.topics import PHOTO_EVENTS, STYLE_VECTORS, ensure_topics
+from stylestream.transforms.embed import EmbedPhotos
+from stylestream.transforms.grouping import GroupByUser
+from stylestream.transforms.images import PreparePhotos
+from stylestream.transforms.parse import ParseEvents
+
+
+def photo_files(root: Path) -> list[Path]:
+    files = []
+    for i in range(64):
+        path = root / f"img{i}.jpg"
+        render(LOOKS[sorted(LOOKS)[i % len(LOOKS)]], i, (320, 240)).save(path, "JPEG", quality=88)
+        files.append(path)
+    return files
+
+
+def upload(files: list[Path], user: str, n: int, when: datetime) -> bytes:
+    p = SyntheticPhoto(user, f"{user}-p{n}", f"{user}-a{n % 3}", "", files[(hash(user) + n) % len(files)], when)
+    return encode_event(p.upload_event(when))
+
+
+def all_messages(bootstrap: str, topic: str) -> list[clients.Message]:
+    c = clients.consumer(bootstrap)
+    try:
+        tps = clients.partitions_of(c, topic)
+        ends = clients.true_end_offsets(c, tps)
+        return [m for tp in tps for m in clients.read_range(c, tp, 0, ends[tp])]
+    finally:
+        c.close()
+
+
+def transforms_only(messages: list[clients.Message], cfg: IngestConfig) -> float:
+    t = time.perf_counter()
+    with beam.Pipeline(runner=FnApiRunner()) as p:
+        events = p | "Messages" >> beam.Create(messages, reshuffle=False) | "DecodeValidate" >> ParseEvents()
+        photos = events.uploads | "FetchDecodeStripPII" >> PreparePhotos(cfg.limits)
+        contributions = photos.ok | "Embed" >> EmbedPhotos(cfg.clip)
+        _ = (contributions, events.deletes, events.toggles) | "GroupByUser" >> GroupByUser()
+    return time.perf_counter() - t
+
+
+def steady(cfg: IngestConfig, files: list[Path], rate: float, duration: float, warmup: float) -> dict:
+    bs = cfg.bootstrap_servers
+    stop = threading.Event()
+    ingestor = Ingestor(cfg)
+    follower = threading.Thread(target=lambda: ingestor.run(stop, follow=True), daemon=True)
+    follower.start()
+    sent: dict[str, float] = {}
+    seen: dict[str, float] = {}
+    rss: dict[str, int] = {}
+    proc = psutil.Process()
+
+    def produce() -> None:
+        producer = clients.producer(bs, linger_ms=0)
+        start = time.monotonic()
+        for i in range(int(rate * duration)):
+            time.sleep(max(0.0, start + i / rate - time.monotonic()))
+            user = f"steady-{i:06d}"
+            producer.send(PHOTO_EVENTS, key=user.encode(), value=upload(files, user, 0, datetime.now(UTC)))
+            sent[user] = time.monotonic()
+            if "start" not in rss and time.monotonic() - start >= warmup:
+                rss["start"] = proc.memory_info().rss
+        producer.flush()
+        producer.close()
+
+    consumer = clients.consumer(bs)
+    tps = clients.partitions_of(consumer, STYLE_VECTORS)
+    ends = clients.true_end_offsets(consumer, tps)
+    consumer.assign(tps)
+    for tp in tps:
+        consumer.seek(tp, ends[tp])
+    producer_thread = threading.Thread(target=produce)
+    producer_thread.start()
+    deadline = time.monotonic() + duration + 60
+    expected = int(rate * duration)
+    while len(seen) < expected and time.monotonic() < deadline:
+        for records in consumer.poll(timeout_ms=100).values():
+            now = time.monotonic()
+            for r in records:
+                seen.setdefault(parse_event(STYLE_VECTORS, r.value).user_id, now)
+    rss["end"] = proc.memory_info().rss
+    producer_thread.join()
+    stop.set()
+    follower.join(timeout=120)
+    ingestor.close()
+    consumer.close()
+    latencies = sorted(seen[u] - sent[u] for u in seen if u in sent)
+    return {"events": expected, "seen": len(latencies),
+            "latency_p50_s": round(float(np.percentile(latencies, 50)), 3),
+            "latency_p99_s": round(float(np.percentile(latencies, 99)), 3),
+            "rss_start_mb": round(rss.get("start", rss["end"]) / 2**20, 1), "rss_end_mb": round(rss["end"] / 2**20, 1),
+            "rss_growth": round(rss["end"] / rss.get("start", rss["end"]) - 1, 4)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--users", type=int, default=1000)
+    ap.add_argument("--photos", type=int, default=50, help="photos per user")
+    ap.add_argument("--rate", type=float, default=50.0, help="events/s in the steady phase")
+    ap.add_argument("--duration", type=float, default=120.0, help="seconds of the steady phase")
+    ap.add_argument("--warmup", type=float, default=20.0, help="seconds before the steady RSS baseline")
+    a = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
+    files = photo_files(work)
+    clip = ensure_tiny_clip(work / "models")
+    broker = start_broker()
+    try:
+        bs = broker.bootstrap_servers
+        ensure_topics(bs)
+        producer = clients.producer(bs, linger_ms=20, batch_size=512 * 1024)
+        t0 = datetime(2025, 1, 1, tzinfo=UTC)
+        for n in range(a.photos):
+            for u in range(a.users):
+                user = f"user-{u:05d}"
+                producer.send(PHOTO_EVENTS, key=user.encode(), value=upload(files, user, n, t0 + timedelta(hours=n)))
+        producer.flush()
+        producer.close()
+        events = a.users * a.photos
+        cfg = IngestConfig(bs, work / "state", clip)
+
+        with Ingestor(cfg) as ingestor:
+            t = time.perf_counter()
+            cycles = ingestor.run_until_caught_up()
+            full_s = time.perf_counter() - t
+        messages = all_messages(bs, PHOTO_EVENTS)
+        print(json.dumps({"bench": "full_path", "events": events, "cycles": len(cycles), "seconds": round(full_s, 1),
+                          "events_per_s": round(events / full_s, 1)}), flush=True)
+        only_s = transforms_only(messages, cfg)
+        print(json.dumps({"bench": "transforms_only", "events": len(messages), "seconds": round(only_s, 1),
+                          "events_per_s": round(len(messages) / only_s, 1)}), flush=True)
+        s = steady(cfg, files, a.rate, a.duration, a.warmup)
+        print(json.dumps({"bench": "steady", **s}), flush=True)
+    finally:
+        broker.stop()
+    print(json.dumps({"bench": "ingest", "users": a.users, "photos_per_user": a.photos,
+                      "events_per_s": round(events / full_s, 1), "photos_per_s": round(events / full_s, 1),
+                      "transforms_only_per_s": round(len(messages) / only_s, 1),
+                      "overhead_ratio": round(full_s / only_s, 3), "latency_p50_s": s["latency_p50_s"],
+                      "latency_p99_s": s["latency_p99_s"], "rss_growth": s["rss_growth"],
+                      "steady_rate": a.rate, "steady_s": a.duration, "cpus": os.cpu_count()}))
+
+
+
+if __name__ == "__main__":
+    main()
