@@ -131,15 +131,10 @@ def snapshot(data_dir: Path, bootstrap: str) -> dict:
     db.close()
     history = pq.read_table(data_dir / "state" / "history").drop(["updated_at"]).to_pylist()
     latest = {}
-    c = clients.consumer(bootstrap)
-    tps = clients.partitions_of(c, STYLE_VECTORS)
-    ends = clients.true_end_offsets(c, tps)
-    for tp in tps:
-        for m in clients.read_range(c, tp, 0, ends[tp]):
-            v = parse_event(STYLE_VECTORS, m.value)
-            if v.version >= latest.get(v.user_id, (0,))[0]:
-                latest[v.user_id] = (v.version, v.photo_count, v.embedding)
-    c.close()
+    for m in clients.read_all(bootstrap, STYLE_VECTORS):
+        v = parse_event(STYLE_VECTORS, m.value)
+        if v.version >= latest.get(v.user_id, (0,))[0]:
+            latest[v.user_id] = (v.version, v.photo_count, v.embedding)
     return {"tables": tables, "history": sorted(history, key=lambda r: (r["user_id"], r["version"])),
             "topic_latest": latest}
 

@@ -59,16 +59,6 @@ def upload(files: list[Path], user: str, n: int, when: datetime) -> bytes:
     return encode_event(p.upload_event(when))
 
 
-def all_messages(bootstrap: str, topic: str) -> list[clients.Message]:
-    c = clients.consumer(bootstrap)
-    try:
-        tps = clients.partitions_of(c, topic)
-        ends = clients.true_end_offsets(c, tps)
-        return [m for tp in tps for m in clients.read_range(c, tp, 0, ends[tp])]
-    finally:
-        c.close()
-
-
 def transforms_only(messages: list[clients.Message], cfg: IngestConfig) -> float:
     t = time.perf_counter()
     with beam.Pipeline(runner=FnApiRunner()) as p:
@@ -162,7 +152,7 @@ def main() -> None:
             t = time.perf_counter()
             cycles = ingestor.run_until_caught_up()
             full_s = time.perf_counter() - t
-        messages = all_messages(bs, PHOTO_EVENTS)
+        messages = clients.read_all(bs, PHOTO_EVENTS)
         print(json.dumps({"bench": "full_path", "events": events, "cycles": len(cycles), "seconds": round(full_s, 1),
                           "events_per_s": round(events / full_s, 1)}), flush=True)
         only_s = transforms_only(messages, cfg)

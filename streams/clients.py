@@ -99,3 +99,14 @@ def read_range(c: KafkaConsumer, tp: TopicPartition, start: int, stop: int) -> I
             yield Message(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp)
         if start >= stop:
             return
+
+
+def read_all(bootstrap_servers: str, topic: str) -> list[Message]:
+    """Every message of a topic as it stands now, in partition then offset order."""
+    c = consumer(bootstrap_servers)
+    try:
+        tps = partitions_of(c, topic)
+        ends = true_end_offsets(c, tps)
+        return [m for tp in tps for m in read_range(c, tp, 0, ends[tp])]
+    finally:
+        c.close()

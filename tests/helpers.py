@@ -19,13 +19,7 @@ def produce(bootstrap_servers: str, topic: str, events) -> None:
 
 def read_topic(bootstrap_servers: str, topic: str) -> list:
     """Every message on the topic, in partition then offset order."""
-    c = clients.consumer(bootstrap_servers)
-    try:
-        tps = clients.partitions_of(c, topic)
-        ends = clients.true_end_offsets(c, tps)
-        return [m for tp in tps for m in clients.read_range(c, tp, 0, ends[tp])]
-    finally:
-        c.close()
+    return clients.read_all(bootstrap_servers, topic)
 
 
 # Values planted in test photos beyond the synthetic library's EXIF (GPS, serial, owner, artist).
