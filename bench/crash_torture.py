@@ -46,7 +46,11 @@ TABLES = {
     "tombstones": "user_id, photo_id, deleted_at",
     "photos": "user_id, photo_id, album_id, upload",
     "contributions": "user_id, photo_id, album_id, taken_at, weight, embedding, features, metadata",
-    "user_stats": "user_id, version, photo_count, total_weight, sum_embedding, sum_features",
+    # The weighted sums, divided by the total weight: photo weights reach 2**26, so embeddings that
+    # differ in their last float32 bit (batches of another size) move the raw sums by ~1 in 1e6.
+    "user_stats": """user_id, version, photo_count, total_weight,
+                     list_transform(sum_embedding, x -> x / nullif(total_weight, 0)),
+                     list_transform(sum_features, x -> x / nullif(total_weight, 0))""",
     "style_versions": "user_id, version, cycle, photo_count, total_weight, embedding, features, facets, tombstone",
     "outbox": "cycle, seq, topic",
 }

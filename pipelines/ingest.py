@@ -46,7 +46,7 @@ class IngestConfig:
     clip: ClipSpec
     half_life_days: float = DEFAULT_HALF_LIFE_DAYS
     max_events_per_partition: int = 2000  # bounds one cycle's memory and duration
-    poll_interval_s: float = 0.2  # with --follow: the wait between looks when caught up
+    poll_interval_s: float = 0.1  # with --follow: the wait between looks when caught up
     kafka_timeout_ms: int = 30_000  # a broker silent this long counts as unavailable (then retried)
     limits: DecodeLimits = field(default_factory=DecodeLimits)
 
@@ -134,6 +134,7 @@ class Ingestor:
         ensure_topics(cfg.bootstrap_servers)
         self._consumer = clients.consumer(cfg.bootstrap_servers, request_timeout_ms=cfg.kafka_timeout_ms)
         self._producer = clients.producer(cfg.bootstrap_servers, request_timeout_ms=cfg.kafka_timeout_ms)
+        self._known_ends: dict = {}  # spares re-reading partitions whose end did not move
         with Store(cfg.db_path) as store:
             store.check_model(cfg.clip.model, self.embedding_dim)
 
@@ -198,7 +199,8 @@ class Ingestor:
 
     def end_offsets(self) -> dict[tuple[str, int], int]:
         tps = [tp for t in INGEST_TOPICS for tp in clients.partitions_of(self._consumer, t)]
-        return {(tp.topic, tp.partition): end for tp, end in clients.true_end_offsets(self._consumer, tps).items()}
+        ends = clients.true_end_offsets(self._consumer, tps, known=self._known_ends)
+        return {(tp.topic, tp.partition): end for tp, end in ends.items()}
 
     def _finish_committed(self, store: Store) -> None:
         for cycle in store.unpublished_cycles():

@@ -37,19 +37,21 @@ def partitions_of(c: KafkaConsumer, topic: str) -> list[TopicPartition]:
     return [TopicPartition(topic, p) for p in sorted(parts or ())]
 
 
-def true_end_offsets(c: KafkaConsumer, tps: Iterable[TopicPartition],
-                     timeout_s: float = 30.0) -> dict[TopicPartition, int]:
+def true_end_offsets(c: KafkaConsumer, tps: Iterable[TopicPartition], timeout_s: float = 30.0,
+                     known: dict[TopicPartition, tuple[int, int]] | None = None) -> dict[TopicPartition, int]:
     """The offset after the last message of each partition (assigns `c` to the partitions).
 
     The reported end may point inside the last batch, so the last batch is read: the end is known
-    once a record of it has arrived, since a fetch returns a batch whole.
+    once a record of it has arrived, since a fetch returns a batch whole. `known` (partition ->
+    (reported, true end)) is kept up to date and spares the read where the reported end is unchanged.
     """
     tps = list(tps)
     if not tps:
         return {}
+    known = {} if known is None else known
     reported = c.end_offsets(tps)
-    ends = {tp: reported[tp] for tp in tps}
-    waiting = {tp for tp in tps if reported[tp] > 0}
+    ends = {tp: known[tp][1] if tp in known and known[tp][0] == reported[tp] else reported[tp] for tp in tps}
+    waiting = {tp for tp in tps if reported[tp] > 0 and known.get(tp, (None,))[0] != reported[tp]}
     c.assign(sorted(waiting))
     for tp in waiting:
         c.seek(tp, reported[tp] - 1)
@@ -64,6 +66,7 @@ def true_end_offsets(c: KafkaConsumer, tps: Iterable[TopicPartition],
         if time.monotonic() > deadline:
             raise TimeoutError(f"could not read the last batch of {sorted(waiting)} within {timeout_s} s")
     c.assign([])
+    known.update({tp: (reported[tp], ends[tp]) for tp in tps})
     return ends
 
 

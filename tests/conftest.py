@@ -8,6 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test must never reach for a mo
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,9 @@ from stylestream.pipelines.ingest import IngestConfig, Ingestor
 from stylestream.schemas.tables import FEATURE_NAMES
 from stylestream.streams.broker import LocalBroker, start_broker
 from stylestream.streams.topics import ensure_topics
+
+# Clients of brokers that tests have stopped log reconnect attempts until the process exits.
+logging.getLogger("kafka").setLevel(logging.CRITICAL)
 
 
 @pytest.fixture
