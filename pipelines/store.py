@@ -12,6 +12,7 @@ DuckDB allows one writer process; analytics read the Parquet history, never this
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -214,8 +215,9 @@ class Store:
             self.db.execute("INSERT INTO cycles VALUES (?, ?, ?, ?, ?, ?, false, false)",
                             [cycle, now, events, photos, len(dead_letters), updated])
             self.db.execute("COMMIT")
-        except duckdb.IOException as e:
-            self.db.execute("ROLLBACK")
+        except (duckdb.IOException, duckdb.TransactionException) as e:  # a failed write fails the commit
+            with contextlib.suppress(duckdb.Error):
+                self.db.execute("ROLLBACK")
             raise StoreError(f"cannot write the state database {self.path} (disk full?): {e}; nothing of cycle "
                              f"{cycle} was committed and everything before it is intact") from e
         except BaseException:

@@ -126,3 +126,32 @@ def test_re_enabled_album_brings_back_only_photos_still_stored(broker, make_inge
     assert counted(ing) == {"ana": 2}
     [letter] = read_topic(bs, dlq(PHOTO_EVENTS))
     assert b"cannot read" in letter.value
+
+
+@pytest.mark.slow
+def test_full_disk_gives_a_clear_error_and_loses_nothing_committed(broker, make_ingestor, clip, tmp_path):
+    import resource
+
+    bs = broker.bootstrap_servers
+    photos = make_library(tmp_path / "lib", {"ana": [("a", "warm", 5)]})
+    produce(bs, PHOTO_EVENTS, [p.upload_event() for p in photos[:2]])
+    data = tmp_path / "data"
+    (data / "models").mkdir(parents=True)
+    (data / "models" / "clip").symlink_to(os.path.dirname(clip.pretrained))
+    cmd = [sys.executable, "-m", "stylestream.cli.main", "ingest", "-b", bs, "--data-dir", str(data)]
+    subprocess.run(cmd, check=True, capture_output=True)
+    produce(bs, PHOTO_EVENTS, [p.upload_event() for p in photos[2:]])
+
+    def small_disk():  # no file may grow past 2 kB: the commit's write-ahead log cannot be written
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))
+    full = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=small_disk, env={**os.environ,
+                                                                                           "COLUMNS": "300"})
+    assert full.returncode != 0
+    assert "disk full?" in full.stdout + full.stderr and "everything before it is intact" in full.stdout + full.stderr
+
+    again = subprocess.run(cmd, capture_output=True, text=True)
+    assert again.returncode == 0, again.stdout + again.stderr
+    with Store(data / "state" / "state.duckdb") as s:
+        versions = s.db.execute("SELECT version, photo_count FROM style_versions ORDER BY version").fetchall()
+    assert versions == [(1, 2), (2, 5)]
