@@ -55,6 +55,5 @@ class ReadOffsetRanges(beam.PTransform):
         return (
             pbegin
             | "Ranges" >> beam.Create(self._ranges)
-            | "SpreadRanges" >> beam.Reshuffle()  # one range per worker where the runner has several
             | "Read" >> beam.ParDo(_ReadRange(self._bootstrap))
         )
