@@ -49,8 +49,8 @@ TABLES = {
     # The weighted sums, divided by the total weight: photo weights reach 2**26, so embeddings that
     # differ in their last float32 bit (batches of another size) move the raw sums by ~1 in 1e6.
     "user_stats": """user_id, version, photo_count, total_weight,
-                     list_transform(sum_embedding, x -> x / nullif(total_weight, 0)),
-                     list_transform(sum_features, x -> x / nullif(total_weight, 0))""",
+                     list_transform(sum_embedding, lambda x: x / nullif(total_weight, 0)),
+                     list_transform(sum_features, lambda x: x / nullif(total_weight, 0))""",
     "style_versions": "user_id, version, cycle, photo_count, total_weight, embedding, features, facets, tombstone",
     "outbox": "cycle, seq, topic",
 }
