@@ -90,7 +90,7 @@ def ingest(
     import threading
 
     from stylestream.models.clip import clip_spec
-    from stylestream.pipelines.ingest import IngestConfig, Ingestor
+    from stylestream.pipelines.ingest import IngestConfig, connect
 
     cfg = IngestConfig(bootstrap_servers, data_dir / "state", clip_spec(data_dir / "models", clip_model,
                                                                         clip_pretrained), half_life_days,
@@ -102,12 +102,18 @@ def ingest(
         stop.set()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
-    with Ingestor(cfg) as ingestor:
+
+    def on_retry(e: Exception, delay: float) -> None:
+        console.print(f"[yellow]broker {bootstrap_servers} unavailable ({type(e).__name__}: {e}); "
+                      f"retrying in {delay:.1f} s")
+    ingestor = connect(cfg, stop, on_retry)
+    if ingestor is None:
+        console.print("stopped before the broker answered")
+        return
+    with ingestor:
         done = ingestor.run(stop, follow, on_cycle=lambda r: console.print(
             f"cycle {r.cycle}: {r.events} events, {r.photos} photos, {r.users_updated} users updated, "
-            f"{r.dead_letters} dead letters, lag {r.lag}"),
-            on_retry=lambda e, delay: console.print(
-                f"[yellow]broker {bootstrap_servers} unavailable ({type(e).__name__}: {e}); retrying in {delay:.1f} s"))
+            f"{r.dead_letters} dead letters, lag {r.lag}"), on_retry=on_retry)
     console.print(f"{'stopped' if stop.is_set() else 'caught up'} after {len(done)} cycle(s); "
                   f"state in {cfg.db_path}, history in {cfg.history_dir}")
 

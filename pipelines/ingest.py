@@ -213,6 +213,21 @@ class Ingestor:
             store.mark_history_written(cycle)
 
 
+def connect(cfg: IngestConfig, stop: threading.Event,
+            on_retry: Callable[[Exception, float], None] | None = None) -> Ingestor | None:
+    """An Ingestor once the broker answers (retried with backoff); None if `stop` was set first."""
+    delay = RETRY_FIRST_S
+    while not stop.is_set():
+        try:
+            return Ingestor(cfg)
+        except BROKER_ERRORS as e:
+            if on_retry:
+                on_retry(e, delay)
+            stop.wait(delay)
+            delay = min(2 * delay, RETRY_MAX_S)
+    return None
+
+
 def write_history_file(history_dir: Path, cycle: int, store: Store) -> Path | None:
     """history/cycle-<n>.parquet with the versions the cycle committed (none if it changed no style)."""
     table = store.history_rows(cycle)
