@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from diffusers import StableDiffusionPipeline
 
 CONFIG = Path(__file__).parent / "configs" / "diffusion" / "tiny.json"
 IP_ADAPTER_FILE = "ip-adapter.safetensors"
@@ -28,12 +29,42 @@ class DiffusionSpec:
         return f"{self.model_dir} + {Path(self.ip_adapter).name}"
 
 
-def load_pipeline(spec: DiffusionSpec, device: str = "cpu"):
-    """StableDiffusionPipeline from a local folder, with the style adapter loaded and set to scale 1."""
-    from diffusers import StableDiffusionPipeline
+def per_sample_ip_adapter_embeds(ip_adapter_image_embeds: list[torch.Tensor], device, batch: int,
+                                  do_classifier_free_guidance: bool) -> list[torch.Tensor]:
+    """IP-Adapter embeddings with one row per sample of the batch, each sample keeping its own.
 
+    StableDiffusionPipeline (diffusers 0.42.1, huggingface/diffusers#9813) tiles the given embeddings
+    by the batch size, so in a batch where every sample has its own style, every sample attends to
+    every style. Here each sample's embedding is repeated in place instead.
+    """
+    out = []
+    for embeds in ip_adapter_image_embeds:
+        neg, pos = embeds.chunk(2) if do_classifier_free_guidance else (None, embeds)
+        reps = batch // pos.shape[0]
+        pos = pos.repeat_interleave(reps, dim=0)
+        if neg is not None:
+            pos = torch.cat([neg.repeat_interleave(reps, dim=0), pos])
+        out.append(pos.to(device))
+    return out
+
+
+class StylePipeline(StableDiffusionPipeline):
+    """StableDiffusionPipeline whose IP-Adapter embeddings stay per sample (see above)."""
+
+    def prepare_ip_adapter_image_embeds(self, ip_adapter_image, ip_adapter_image_embeds, device,
+                                        num_images_per_prompt, do_classifier_free_guidance):
+        if ip_adapter_image_embeds is None:
+            raise ValueError("the style adapter takes precomputed embeddings (ip_adapter_image_embeds)")
+        # diffusers passes batch_size * num_images_per_prompt here
+        return per_sample_ip_adapter_embeds(ip_adapter_image_embeds, device, num_images_per_prompt,
+                                            do_classifier_free_guidance)
+
+
+def load_pipeline(spec: DiffusionSpec, device: str = "cpu") -> StylePipeline:
+    """The pipeline from a local folder, with the style adapter loaded and set to scale 1
+    (per-sample strength goes through constant IP-Adapter masks)."""
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    pipe = StableDiffusionPipeline.from_pretrained(
+    pipe = StylePipeline.from_pretrained(
         spec.model_dir, dtype=dtype, safety_checker=None, requires_safety_checker=False,
         local_files_only=True,
     )
@@ -108,7 +139,7 @@ def ensure_tiny_diffusion(models_dir: Path, style_dim: int) -> DiffusionSpec:
     if Path(spec.model_dir, "model_index.json").exists() and Path(spec.ip_adapter).exists():
         return spec
 
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from safetensors.torch import save_file
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from PIL import Image
@@ -24,6 +26,13 @@ def style_condition(style: StyleVectorUpdated | StyleFacet, dim: int) -> np.ndar
         return np.concatenate([emb, feats])
     raise ValueError(f"style adapter takes {dim}-d input; style vectors have {len(emb)}-d embeddings "
                      f"and {len(feats)} features: configure an adapter trained for this embedding model")
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    embedding: np.ndarray  # the style adapter's input
+    strength: float
+    facet: int | None
 
 
 class StyleGenerator:
@@ -52,26 +61,46 @@ class StyleGenerator:
                              f"{len(style.facets)}")
         return request.facet
 
+    def condition(self, request: GenerationRequested, style: StyleVectorUpdated | None) -> Conditioning:
+        """What conditions one request's sample; ValueError if the request cannot be met."""
+        if style is None or style.tombstone:
+            return Conditioning(np.zeros(self.style_dim, np.float32), 0.0, None)
+        facet = self.pick_facet(request, style)
+        chosen = style if facet is None else style.facets[facet]
+        return Conditioning(style_condition(chosen, self.style_dim), request.style_strength, facet)
+
     def generate(self, request: GenerationRequested,
                  style: StyleVectorUpdated | None) -> tuple[Image.Image, int | None]:
         """One image and the facet used; with no style (or strength 0) exactly the unpersonalized
         image for the same seed."""
-        cond = torch.zeros(self.style_dim)
-        strength, facet = 0.0, None
-        if style is not None and not style.tombstone:
-            facet = self.pick_facet(request, style)
-            chosen = style if facet is None else style.facets[facet]
-            cond = torch.from_numpy(style_condition(chosen, self.style_dim))
-            strength = request.style_strength
-        embeds = cond.view(1, 1, -1).to(self.device, self.pipe.unet.dtype)
-        if request.guidance_scale > 1.0:  # classifier-free guidance: [unconditional, conditional]
+        cond = self.condition(request, style)
+        return self.generate_batch([request], [cond])[0], cond.facet
+
+    def generate_batch(self, requests: list[GenerationRequested], conds: list[Conditioning]) -> list[Image.Image]:
+        """One diffusion call for requests of one `batch_key`, each sample with its own prompt, seed,
+        style embedding and style strength."""
+        if len({batch_key(r) for r in requests}) != 1:
+            raise ValueError("a batch takes requests of one size, step count and guidance scale")
+        first, dtype = requests[0], self.pipe.unet.dtype
+        embeds = torch.from_numpy(np.stack([c.embedding for c in conds]))[:, None, :].to(self.device, dtype)
+        strengths = torch.tensor([c.strength for c in conds])
+        cfg = first.guidance_scale > 1.0
+        if cfg:  # classifier-free guidance rows: [unconditional..., conditional...]
             embeds = torch.cat([torch.zeros_like(embeds), embeds])
-        self.pipe.set_ip_adapter_scale(strength)
-        generator = torch.Generator("cpu").manual_seed(request.seed)
+            strengths = torch.cat([strengths, strengths])
+        # Per-sample strength: the adapter's output is scaled by a constant mask per row.
+        masks = strengths.view(-1, 1, 1, 1).expand(-1, 1, first.height // 8, first.width // 8)
+        negative = [r.negative_prompt for r in requests] if any(r.negative_prompt for r in requests) else None
         out = self.pipe(
-            prompt=request.prompt, negative_prompt=request.negative_prompt or None,
-            num_inference_steps=request.num_inference_steps, guidance_scale=request.guidance_scale,
-            width=request.width, height=request.height, ip_adapter_image_embeds=[embeds],
-            generator=generator, output_type="pil",
+            prompt=[r.prompt for r in requests], negative_prompt=negative,
+            num_inference_steps=first.num_inference_steps, guidance_scale=first.guidance_scale,
+            width=first.width, height=first.height, ip_adapter_image_embeds=[embeds],
+            cross_attention_kwargs={"ip_adapter_masks": [masks.to(self.device, dtype)]},
+            generator=[torch.Generator("cpu").manual_seed(r.seed) for r in requests], output_type="pil",
         )
-        return out.images[0], facet
+        return out.images
+
+
+def batch_key(request: GenerationRequested) -> tuple[int, int, int, float]:
+    """Requests with the same key can share one diffusion call."""
+    return request.width, request.height, request.num_inference_steps, request.guidance_scale

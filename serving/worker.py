@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 
 import fsspec
 
@@ -20,10 +21,11 @@ from stylestream.schemas.events import (
     GenerationFailed,
     GenerationRequested,
     InvalidEvent,
+    StyleVectorUpdated,
     encode_event,
     parse_event,
 )
-from stylestream.serving.generator import StyleGenerator
+from stylestream.serving.generator import Conditioning, StyleGenerator, batch_key
 from stylestream.serving.style_table import StyleTable
 from stylestream.streams import clients
 from stylestream.streams.topics import GENERATION_REQUESTS, GENERATION_RESULTS, dlq, ensure_topics
@@ -40,6 +42,8 @@ class ServeConfig:
     bootstrap_servers: str
     output_url: str  # a local folder or any fsspec URL
     group_id: str = GROUP_ID
+    max_batch: int = 8  # requests per diffusion call, across users
+    max_wait_ms: int = 50  # how long a first request waits for others to share its call
 
 
 class OutputStore:
@@ -74,6 +78,7 @@ class OutputStore:
 class Worker:
     def __init__(self, cfg: ServeConfig, generator: StyleGenerator):
         ensure_topics(cfg.bootstrap_servers)
+        self.cfg = cfg
         self.generator = generator
         self.output = OutputStore(cfg.output_url)
         self.styles = StyleTable(cfg.bootstrap_servers)
@@ -94,57 +99,100 @@ class Worker:
 
     def run(self, max_requests: int | None = None, idle_exit_s: float | None = None,
             on_result: Callable[[Result], None] | None = None) -> int:
-        """Serve until `max_requests` were handled or nothing arrived for `idle_exit_s` (forever if None)."""
+        """Serve until `max_requests` were handled or nothing arrived for `idle_exit_s` (forever if None).
+
+        Requests are batched across users: up to `max_batch` requests, or what arrived within
+        `max_wait_ms` of the first, then one diffusion call per group of compatible requests.
+        """
         handled, idle_since = 0, time.monotonic()
         while max_requests is None or handled < max_requests:
-            batches = self._requests.poll(timeout_ms=clients.POLL_MS)
+            records = self._collect(max_requests - handled if max_requests else self.cfg.max_batch)
             self.styles.poll()
-            if not batches:
+            if not records:
                 if idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s:
                     break
                 continue
-            for records in batches.values():
-                for r in records:
-                    result = self.handle(r)
-                    if result is not None and on_result:
-                        on_result(result)
-                    handled += 1
+            for result in self.handle_batch(records):
+                if on_result:
+                    on_result(result)
+            handled += len(records)
             self._producer.flush()
             self._requests.commit()  # after the results are out: a crash redelivers, never loses
             idle_since = time.monotonic()
         return handled
 
-    def handle(self, record) -> Result | None:
-        try:
-            request = parse_event(GENERATION_REQUESTS, record.value or b"")
-        except InvalidEvent as e:
-            dead = DeadLetter(record.topic, record.partition, record.offset, record.key, record.value,
-                              "validate", str(e))
-            self._producer.send(dlq(GENERATION_REQUESTS), key=record.key, value=dead.to_json())
-            return None
-        result = self.output.existing_result(request) or self._generate(request)
-        self._producer.send(GENERATION_RESULTS, key=request.user_id.encode(), value=encode_event(result))
-        return result
+    def _collect(self, limit: int) -> list:
+        limit = min(limit, self.cfg.max_batch)
+        records = [r for rs in self._requests.poll(timeout_ms=clients.POLL_MS, max_records=limit).values()
+                   for r in rs]
+        deadline = time.monotonic() + self.cfg.max_wait_ms / 1000
+        while records and len(records) < limit and (left := deadline - time.monotonic()) > 0:
+            more = self._requests.poll(timeout_ms=int(left * 1000) or 1, max_records=limit - len(records))
+            records += [r for rs in more.values() for r in rs]
+        return records
 
-    def _generate(self, request: GenerationRequested) -> Result:
-        style = self.styles.get(request.user_id, request.style_version)
-        if style is None and (request.style_version is not None or not request.allow_unpersonalized):
-            what = f"style version {request.style_version}" if request.style_version else "no style vector yet"
-            return self.output.record(request, _failed(request, f"user {request.user_id}: {what} "
-                                                                "(set allow_unpersonalized to generate without)"))
+    def handle_batch(self, records: list) -> list[Result]:
+        """Results for a batch of request records (invalid ones go to the dead-letter topic)."""
+        results: dict[str, Result] = {}
+        todo: dict[tuple, list[tuple[GenerationRequested, StyleVectorUpdated | None, Conditioning]]] = {}
+        for record in records:
+            try:
+                request = parse_event(GENERATION_REQUESTS, record.value or b"")
+            except InvalidEvent as e:
+                dead = DeadLetter(record.topic, record.partition, record.offset, record.key, record.value,
+                                  "validate", str(e))
+                self._producer.send(dlq(GENERATION_REQUESTS), key=record.key, value=dead.to_json())
+                continue
+            if request.request_id in results:
+                continue  # the same request twice in one batch
+            done = self.output.existing_result(request)  # a redelivery: the stored outcome, no new image
+            style = self.styles.get(request.user_id, request.style_version)
+            if done is None and style is None and (request.style_version is not None
+                                                   or not request.allow_unpersonalized):
+                what = f"style version {request.style_version}" if request.style_version else "no style vector yet"
+                done = self.output.record(request, _failed(
+                    request, f"user {request.user_id}: {what} (set allow_unpersonalized to generate without)"))
+            if done is None:
+                try:
+                    cond = self.generator.condition(request, style)
+                    todo.setdefault(batch_key(request), []).append((request, style, cond))
+                    results[request.request_id] = None
+                    continue
+                except ValueError as e:
+                    done = self.output.record(request, _failed(request, f"{type(e).__name__}: {e}"))
+            results[request.request_id] = done
+        for group in todo.values():
+            for request, result in self._generate(group):
+                results[request.request_id] = result
+        out = [r for r in results.values() if r is not None]
+        for result in out:
+            self._producer.send(GENERATION_RESULTS, key=result.user_id.encode(), value=encode_event(result))
+        return out
+
+    def _generate(self, group: list) -> list[tuple[GenerationRequested, Result]]:
+        """One diffusion call for the group; if it fails, each request alone, so one bad request
+        (or one too large for memory) fails by itself while the rest complete."""
+        requests = [r for r, _, _ in group]
         t0 = time.perf_counter()
         try:
-            image, facet = self.generator.generate(request, style)
-        except (ValueError, RuntimeError) as e:  # bad parameters for this model, out of memory
-            log.exception("generation failed for %s", request.request_id)
-            return self.output.record(request, _failed(request, f"{type(e).__name__}: {e}"))
-        ms = (time.perf_counter() - t0) * 1000
-        return self.output.save(request, image, lambda uri: GenerationCompleted(
-            event_id=f"done-{request.request_id}", user_id=request.user_id, event_time=datetime.now(UTC),
-            request_id=request.request_id, image_uri=uri, style_version=style.version if style else None,
-            facet=facet,
-            style_strength=request.style_strength if style else 0.0, seed=request.seed,
-            timings_ms={"generate": round(ms, 1)}))
+            images = self.generator.generate_batch(requests, [c for _, _, c in group])
+        except (ValueError, RuntimeError) as e:
+            if len(group) == 1:
+                log.exception("generation failed for %s", requests[0].request_id)
+                return [(requests[0], self.output.record(requests[0], _failed(requests[0],
+                                                                              f"{type(e).__name__}: {e}")))]
+            return [pair for item in group for pair in self._generate([item])]
+        timings = {"generate": round((time.perf_counter() - t0) * 1000, 1), "batch": len(group)}
+        return [(request, self.output.save(request, image, partial(_completed, request, style, cond, timings)))
+                for (request, style, cond), image in zip(group, images, strict=True)]
+
+
+def _completed(request: GenerationRequested, style: StyleVectorUpdated | None, cond: Conditioning,
+               timings: dict[str, float], image_uri: str) -> GenerationCompleted:
+    return GenerationCompleted(
+        event_id=f"done-{request.request_id}", user_id=request.user_id, event_time=datetime.now(UTC),
+        request_id=request.request_id, image_uri=image_uri, style_version=style.version if style else None,
+        facet=cond.facet, style_strength=cond.strength, seed=request.seed, timings_ms=timings)
 
 
 def _failed(request: GenerationRequested, reason: str) -> GenerationFailed:

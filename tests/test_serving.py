@@ -111,3 +111,31 @@ def test_facet_is_chosen_by_the_prompt_in_clip_space(generator):
     assert np.abs(np.asarray(pinned, int) - np.asarray(overall)).max() > 0
     with pytest.raises(ValueError, match="facet 5 asked for"):
         generator.generate(request("ana", "f", facet=5), style)
+
+
+def test_mixed_user_batch_gives_each_user_their_own_image(broker, make_ingestor, generator, tmp_path):
+    """Requests of several users share one diffusion call; each image equals that user's image made
+    alone (diffusers would otherwise mix every user's style into every sample), and a request that
+    cannot be met fails alone."""
+    bs = broker.bootstrap_servers
+    photos = make_library(tmp_path / "lib", {u: [("a", look, 3)] for u, look in
+                                             [("ana", "warm"), ("ben", "mono"), ("cleo", "cool")]})
+    produce(bs, PHOTO_EVENTS, [p.upload_event() for p in photos])
+    make_ingestor().run_until_caught_up()
+    reqs = [request("ana", "m1", style_strength=1.0), request("ben", "m2", style_strength=0.5, seed=9),
+            request("cleo", "m3", guidance_scale=0.0, style_strength=0.0), request("ana", "bad", facet=7)]
+    produce(bs, GENERATION_REQUESTS, reqs)
+    out = tmp_path / "batched"
+    with Worker(ServeConfig(bs, str(out), max_batch=8, max_wait_ms=2000), generator) as worker:
+        worker.run(max_requests=len(reqs), idle_exit_s=20)
+        styles = {u: worker.styles.get(u) for u in ("ana", "ben", "cleo")}
+    results = {r.request_id: r for r in (parse_event(GENERATION_RESULTS, m.value)
+                                         for m in read_topic(bs, GENERATION_RESULTS))}
+    assert results["bad"].type == "generation_failed" and "facet 7" in results["bad"].reason
+    assert {results[r].timings_ms["batch"] for r in ("m1", "m2", "m3")} == {3.0}
+    for r in reqs[:3]:
+        alone, _ = generator.generate(r, styles[r.user_id])
+        batched = np.asarray(Image.open(out / r.user_id / f"{r.request_id}.png"), int)
+        assert np.abs(batched - np.asarray(alone)).max() <= 2, r.request_id
+    plain, _ = generator.generate(reqs[2], None)  # strength 0: exactly the unpersonalized image
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "cleo" / "m3.png")), np.asarray(plain))
