@@ -160,6 +160,8 @@ def serve(
     clip_model: Annotated[str, typer.Option(help="The embedding model ingestion uses (its text tower picks "
                                                  "facets by prompt).")] = "stylestream-tiny-clip",
     clip_pretrained: Annotated[str | None, typer.Option(help="Its pretrained tag or checkpoint path.")] = None,
+    max_batch: Annotated[int, typer.Option(help="Requests per diffusion call, across users.")] = 8,
+    max_wait_ms: Annotated[int, typer.Option(help="How long a request waits for others to share its call.")] = 50,
     max_requests: Annotated[int | None, typer.Option(help="Exit after this many requests.")] = None,
     idle_exit_s: Annotated[float | None, typer.Option(help="Exit after this long without requests.")] = None,
     verbose: Verbose = False,
@@ -174,7 +176,8 @@ def serve(
 
     clip = clip_spec(data_dir / "models", clip_model, clip_pretrained)
     spec = diffusion_spec(data_dir / "models", embedding_dim(clip) + len(FEATURE_NAMES), diffusion_model, ip_adapter)
-    cfg = ServeConfig(bootstrap_servers, output or str(data_dir / "images"))
+    cfg = ServeConfig(bootstrap_servers, output or str(data_dir / "images"), max_batch=max_batch,
+                      max_wait_ms=max_wait_ms)
     with Worker(cfg, StyleGenerator(spec, clip)) as worker:
         console.print(f"serving with {spec.describe()}; {len(worker.styles.users())} users have a style")
         n = worker.run(max_requests, idle_exit_s, on_result=lambda r: console.print(
