@@ -134,6 +134,9 @@ class GenerationRequested(_Event):
     height: int = Field(default=64, ge=16, le=2048, multiple_of=8)
     style_strength: float = Field(default=1.0, ge=0.0, le=2.0)
     style_version: int | None = Field(default=None, ge=1, description="Pin this exact version of the style.")
+    min_style_version: int | None = Field(
+        default=None, ge=1, description="Read-your-writes: use the latest style, but at least this version "
+        "(the worker waits a bounded time for it to arrive).")
     facet: Literal["auto", "overall"] | Annotated[int, Field(ge=0)] = Field(
         default="auto", description="'auto': the facet closest to the prompt; 'overall'; or a facet index.")
     allow_unpersonalized: bool = Field(

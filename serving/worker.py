@@ -44,6 +44,7 @@ class ServeConfig:
     group_id: str = GROUP_ID
     max_batch: int = 8  # requests per diffusion call, across users
     max_wait_ms: int = 50  # how long a first request waits for others to share its call
+    style_wait_ms: int = 5000  # how long a request waits for a pinned or minimum style version
 
 
 class OutputStore:
@@ -146,12 +147,9 @@ class Worker:
             if request.request_id in results:
                 continue  # the same request twice in one batch
             done = self.output.existing_result(request)  # a redelivery: the stored outcome, no new image
-            style = self.styles.get(request.user_id, request.style_version)
-            if done is None and style is None and (request.style_version is not None
-                                                   or not request.allow_unpersonalized):
-                what = f"style version {request.style_version}" if request.style_version else "no style vector yet"
-                done = self.output.record(request, _failed(
-                    request, f"user {request.user_id}: {what} (set allow_unpersonalized to generate without)"))
+            style, missing = self._style_for(request) if done is None else (None, None)
+            if missing:
+                done = self.output.record(request, _failed(request, f"user {request.user_id}: {missing}"))
             if done is None:
                 try:
                     cond = self.generator.condition(request, style)
@@ -168,6 +166,30 @@ class Worker:
         for result in out:
             self._producer.send(GENERATION_RESULTS, key=result.user_id.encode(), value=encode_event(result))
         return out
+
+    def _style_for(self, request: GenerationRequested) -> tuple[StyleVectorUpdated | None, str | None]:
+        """(the style to use, None) or (None, why the request cannot be served). A pinned or minimum
+        version not seen yet is waited for, at most `style_wait_ms`."""
+        def acceptable(s: StyleVectorUpdated | None) -> bool:
+            return s is not None and (request.min_style_version is None or s.version >= request.min_style_version)
+
+        style = self.styles.get(request.user_id, request.style_version)
+        waits = request.style_version is not None or request.min_style_version is not None
+        deadline = time.monotonic() + self.cfg.style_wait_ms / 1000
+        while waits and not acceptable(style) and time.monotonic() < deadline:
+            self.styles.poll(timeout_ms=100)
+            style = self.styles.get(request.user_id, request.style_version)
+        if acceptable(style):
+            return style, None
+        if request.style_version is not None:
+            return None, f"style version {request.style_version} not known after {self.cfg.style_wait_ms} ms"
+        if request.min_style_version is not None:
+            have = f"version {style.version}" if style else "no style"
+            return None, (f"has {have}, the request needs at least version {request.min_style_version} "
+                          f"(waited {self.cfg.style_wait_ms} ms)")
+        if request.allow_unpersonalized:
+            return None, None
+        return None, "no style vector yet (set allow_unpersonalized to generate without)"
 
     def _generate(self, group: list) -> list[tuple[GenerationRequested, Result]]:
         """One diffusion call for the group; if it fails, each request alone, so one bad request

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 
 import numpy as np
@@ -36,7 +37,7 @@ def test_personalized_image_names_its_style_version(broker, make_ingestor, gener
     produce(bs, GENERATION_REQUESTS, [*reqs, (b"ana", b"not a request")])
 
     out = tmp_path / "images"
-    with Worker(ServeConfig(bs, str(out)), generator) as worker:
+    with Worker(ServeConfig(bs, str(out), style_wait_ms=300), generator) as worker:
         assert worker.run(max_requests=len(reqs) + 1, idle_exit_s=20) == len(reqs) + 1
     results = {r.request_id: r for r in (parse_event(GENERATION_RESULTS, m.value)
                                          for m in read_topic(bs, GENERATION_RESULTS))}
@@ -44,7 +45,8 @@ def test_personalized_image_names_its_style_version(broker, make_ingestor, gener
     assert results["r1"].style_version == results["r2"].style_version == 1
     assert results["r3"].type == "generation_failed" and "no style vector" in results["r3"].reason
     assert results["r4"].type == "generation_completed" and results["r4"].style_version is None
-    assert results["r5"].type == "generation_failed" and "style version 9" in results["r5"].reason
+    assert results["r5"].type == "generation_failed"
+    assert "style version 9 not known after 300 ms" in results["r5"].reason
     assert len(read_topic(bs, dlq(GENERATION_REQUESTS))) == 1
 
     ana = np.asarray(Image.open(out / "ana" / "r1.png"))
@@ -139,3 +141,29 @@ def test_mixed_user_batch_gives_each_user_their_own_image(broker, make_ingestor,
         assert np.abs(batched - np.asarray(alone)).max() <= 2, r.request_id
     plain, _ = generator.generate(reqs[2], None)  # strength 0: exactly the unpersonalized image
     np.testing.assert_array_equal(np.asarray(Image.open(out / "cleo" / "m3.png")), np.asarray(plain))
+
+
+def test_read_your_writes_waits_for_the_version_the_app_knows_of(broker, make_ingestor, generator, tmp_path):
+    import threading
+
+    bs = broker.bootstrap_servers
+    photos = make_library(tmp_path / "lib", {"ana": [("a", "warm", 3)]})
+    produce(bs, PHOTO_EVENTS, [p.upload_event() for p in photos[:2]])
+    ingestor = make_ingestor()
+    ingestor.run_until_caught_up()  # version 1
+    produce(bs, GENERATION_REQUESTS, [request("ana", "ryw", min_style_version=2)])
+    with Worker(ServeConfig(bs, str(tmp_path / "out"), style_wait_ms=60_000), generator) as worker:
+        serving = threading.Thread(target=worker.run, kwargs={"max_requests": 1, "idle_exit_s": 60})
+        serving.start()
+        time.sleep(1.0)  # the worker is now waiting for version 2
+        produce(bs, PHOTO_EVENTS, [photos[2].upload_event()])
+        ingestor.run_until_caught_up()  # version 2
+        serving.join(timeout=90)
+    [result] = [parse_event(GENERATION_RESULTS, m.value) for m in read_topic(bs, GENERATION_RESULTS)]
+    assert result.type == "generation_completed" and result.style_version == 2
+
+    produce(bs, GENERATION_REQUESTS, [request("ana", "too-new", min_style_version=5)])
+    with Worker(ServeConfig(bs, str(tmp_path / "out"), style_wait_ms=200), generator) as worker:
+        worker.run(max_requests=1, idle_exit_s=20)
+    failed = parse_event(GENERATION_RESULTS, read_topic(bs, GENERATION_RESULTS)[-1].value)
+    assert failed.type == "generation_failed" and "needs at least version 5" in failed.reason
