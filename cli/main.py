@@ -162,6 +162,8 @@ def serve(
     clip_pretrained: Annotated[str | None, typer.Option(help="Its pretrained tag or checkpoint path.")] = None,
     max_batch: Annotated[int, typer.Option(help="Requests per diffusion call, across users.")] = 8,
     max_wait_ms: Annotated[int, typer.Option(help="How long a request waits for others to share its call.")] = 50,
+    metrics_port: Annotated[int | None, typer.Option(
+        help="Serve Prometheus metrics on 127.0.0.1:PORT/metrics.")] = None,
     max_requests: Annotated[int | None, typer.Option(help="Exit after this many requests.")] = None,
     idle_exit_s: Annotated[float | None, typer.Option(help="Exit after this long without requests.")] = None,
     verbose: Verbose = False,
@@ -172,13 +174,18 @@ def serve(
     from stylestream.models.diffusion import diffusion_spec
     from stylestream.schemas.tables import FEATURE_NAMES
     from stylestream.serving.generator import StyleGenerator
+    from stylestream.serving.metrics import ServeMetrics
     from stylestream.serving.worker import ServeConfig, Worker
 
     clip = clip_spec(data_dir / "models", clip_model, clip_pretrained)
     spec = diffusion_spec(data_dir / "models", embedding_dim(clip) + len(FEATURE_NAMES), diffusion_model, ip_adapter)
     cfg = ServeConfig(bootstrap_servers, output or str(data_dir / "images"), max_batch=max_batch,
                       max_wait_ms=max_wait_ms)
-    with Worker(cfg, StyleGenerator(spec, clip)) as worker:
+    metrics = ServeMetrics()
+    if metrics_port:
+        metrics.serve_http(metrics_port)
+        console.print(f"metrics on http://127.0.0.1:{metrics_port}/metrics")
+    with Worker(cfg, StyleGenerator(spec, clip), metrics) as worker:
         console.print(f"serving with {spec.describe()}; {len(worker.styles.users())} users have a style")
         n = worker.run(max_requests, idle_exit_s, on_result=lambda r: console.print(
             f"{r.request_id}: " + (f"{r.image_uri} (style v{r.style_version}, facet {r.facet})"

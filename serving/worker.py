@@ -26,6 +26,7 @@ from stylestream.schemas.events import (
     parse_event,
 )
 from stylestream.serving.generator import Conditioning, StyleGenerator, batch_key
+from stylestream.serving.metrics import ServeMetrics
 from stylestream.serving.style_table import StyleTable
 from stylestream.streams import clients
 from stylestream.streams.topics import GENERATION_REQUESTS, GENERATION_RESULTS, dlq, ensure_topics
@@ -77,10 +78,11 @@ class OutputStore:
 
 
 class Worker:
-    def __init__(self, cfg: ServeConfig, generator: StyleGenerator):
+    def __init__(self, cfg: ServeConfig, generator: StyleGenerator, metrics: ServeMetrics | None = None):
         ensure_topics(cfg.bootstrap_servers)
         self.cfg = cfg
         self.generator = generator
+        self.metrics = metrics or ServeMetrics()
         self.output = OutputStore(cfg.output_url)
         self.styles = StyleTable(cfg.bootstrap_servers)
         self.styles.catch_up()
@@ -117,6 +119,7 @@ class Worker:
                 if on_result:
                     on_result(result)
             handled += len(records)
+            self._update_queue_depth()
             self._producer.flush()
             self._requests.commit()  # after the results are out: a crash redelivers, never loses
             idle_since = time.monotonic()
@@ -135,6 +138,7 @@ class Worker:
     def handle_batch(self, records: list) -> list[Result]:
         """Results for a batch of request records (invalid ones go to the dead-letter topic)."""
         results: dict[str, Result] = {}
+        requested: dict[str, datetime] = {}
         todo: dict[tuple, list[tuple[GenerationRequested, StyleVectorUpdated | None, Conditioning]]] = {}
         for record in records:
             try:
@@ -146,6 +150,7 @@ class Worker:
                 continue
             if request.request_id in results:
                 continue  # the same request twice in one batch
+            requested[request.request_id] = request.event_time
             done = self.output.existing_result(request)  # a redelivery: the stored outcome, no new image
             style, missing = self._style_for(request) if done is None else (None, None)
             if missing:
@@ -163,9 +168,20 @@ class Worker:
             for request, result in self._generate(group):
                 results[request.request_id] = result
         out = [r for r in results.values() if r is not None]
+        now = datetime.now(UTC)
         for result in out:
             self._producer.send(GENERATION_RESULTS, key=result.user_id.encode(), value=encode_event(result))
+            self.metrics.results.labels("completed" if result.type == "generation_completed" else "failed").inc()
+            self.metrics.latency.observe((now - requested[result.request_id]).total_seconds())
         return out
+
+    def _update_queue_depth(self) -> None:
+        depth = 0
+        for tp in self._requests.assignment():
+            high = self._requests.highwater(tp)
+            if high is not None:
+                depth += max(0, high - self._requests.position(tp))
+        self.metrics.queue_depth.set(depth)
 
     def _style_for(self, request: GenerationRequested) -> tuple[StyleVectorUpdated | None, str | None]:
         """(the style to use, None) or (None, why the request cannot be served). A pinned or minimum
@@ -204,7 +220,10 @@ class Worker:
                 return [(requests[0], self.output.record(requests[0], _failed(requests[0],
                                                                               f"{type(e).__name__}: {e}")))]
             return [pair for item in group for pair in self._generate([item])]
-        timings = {"generate": round((time.perf_counter() - t0) * 1000, 1), "batch": len(group)}
+        seconds = time.perf_counter() - t0
+        self.metrics.batch_size.observe(len(group))
+        self.metrics.generate.observe(seconds)
+        timings = {"generate": round(seconds * 1000, 1), "batch": len(group)}
         return [(request, self.output.save(request, image, partial(_completed, request, style, cond, timings)))
                 for (request, style, cond), image in zip(group, images, strict=True)]
 

@@ -167,3 +167,21 @@ def test_read_your_writes_waits_for_the_version_the_app_knows_of(broker, make_in
         worker.run(max_requests=1, idle_exit_s=20)
     failed = parse_event(GENERATION_RESULTS, read_topic(bs, GENERATION_RESULTS)[-1].value)
     assert failed.type == "generation_failed" and "needs at least version 5" in failed.reason
+
+
+def test_worker_exports_prometheus_metrics(broker, make_ingestor, generator, tmp_path):
+    from prometheus_client import generate_latest
+
+    bs = broker.bootstrap_servers
+    photos = make_library(tmp_path / "lib", {"ana": [("a", "warm", 2)]})
+    produce(bs, PHOTO_EVENTS, [p.upload_event() for p in photos])
+    make_ingestor().run_until_caught_up()
+    produce(bs, GENERATION_REQUESTS, [request("ana", "p1"), request("ana", "p2"), request("nobody", "p3")])
+    with Worker(ServeConfig(bs, str(tmp_path / "out"), max_wait_ms=2000), generator) as worker:
+        worker.run(max_requests=3, idle_exit_s=20)
+        text = generate_latest(worker.metrics.registry).decode()
+    assert 'stylestream_serve_results_total{outcome="completed"} 2.0' in text
+    assert 'stylestream_serve_results_total{outcome="failed"} 1.0' in text
+    assert "stylestream_serve_batch_size_count 1.0" in text and "stylestream_serve_batch_size_sum 2.0" in text
+    assert "stylestream_serve_latency_seconds_count 3.0" in text
+    assert "stylestream_serve_queue_depth 0.0" in text
