@@ -160,6 +160,9 @@ def serve(
     clip_model: Annotated[str, typer.Option(help="The embedding model ingestion uses (its text tower picks "
                                                  "facets by prompt).")] = "stylestream-tiny-clip",
     clip_pretrained: Annotated[str | None, typer.Option(help="Its pretrained tag or checkpoint path.")] = None,
+    lora_dir: Annotated[Path | None, typer.Option(
+        help="Folder of per-user LoRA adapters, <user_id>.safetensors (diffusers LoRA format).")] = None,
+    max_loras: Annotated[int, typer.Option(help="LoRA adapters kept loaded on the device at once.")] = 8,
     max_batch: Annotated[int, typer.Option(help="Requests per diffusion call, across users.")] = 8,
     max_wait_ms: Annotated[int, typer.Option(help="How long a request waits for others to share its call.")] = 50,
     metrics_port: Annotated[int | None, typer.Option(
@@ -185,7 +188,7 @@ def serve(
     if metrics_port:
         metrics.serve_http(metrics_port)
         console.print(f"metrics on http://127.0.0.1:{metrics_port}/metrics")
-    with Worker(cfg, StyleGenerator(spec, clip), metrics) as worker:
+    with Worker(cfg, StyleGenerator(spec, clip, lora_dir=lora_dir, max_loras=max_loras), metrics) as worker:
         console.print(f"serving with {spec.describe()}; {len(worker.styles.users())} users have a style")
         n = worker.run(max_requests, idle_exit_s, on_result=lambda r: console.print(
             f"{r.request_id}: " + (f"{r.image_uri} (style v{r.style_version}, facet {r.facet})"

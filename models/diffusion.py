@@ -163,3 +163,18 @@ def ensure_tiny_diffusion(models_dir: Path, style_dim: int) -> DiffusionSpec:
     Path(spec.ip_adapter).parent.mkdir(parents=True, exist_ok=True)
     save_file(random_ip_adapter(unet, style_dim, cfg["ip_adapter_tokens"]), spec.ip_adapter)
     return spec
+
+
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def random_lora(unet, rank: int = 4, seed: int = 0, scale: float = 0.05) -> dict[str, torch.Tensor]:
+    """Random (non-zero) LoRA weights for the UNet's attention projections, in the diffusers/peft
+    key format (`unet.<module>.lora_A.weight`): stands in for a user's fine-tuned style offline."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.endswith(LORA_TARGETS) and ".processor." not in name:
+            sd[f"unet.{name}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=g) / rank
+            sd[f"unet.{name}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=g) * scale
+    return sd

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -12,6 +14,7 @@ from stylestream.models.clip import ClipSpec, load_clip
 from stylestream.models.diffusion import DiffusionSpec, adapter_input_dim, load_pipeline
 from stylestream.schemas.events import GenerationRequested, StyleFacet, StyleVectorUpdated
 from stylestream.schemas.tables import FEATURE_NAMES
+from stylestream.serving.lora import UserLoras
 from stylestream.transforms.facets import choose_facet
 
 
@@ -33,16 +36,19 @@ class Conditioning:
     embedding: np.ndarray  # the style adapter's input
     strength: float
     facet: int | None
+    lora_user: str | None = None  # whose LoRA adapter applies to this sample, if any
 
 
 class StyleGenerator:
     """The diffusion pipeline with its style adapter, and the CLIP text tower that matches prompts to
     style facets in the space the photos were embedded in."""
 
-    def __init__(self, spec: DiffusionSpec, clip: ClipSpec, device: str | None = None):
+    def __init__(self, spec: DiffusionSpec, clip: ClipSpec, device: str | None = None,
+                 lora_dir: Path | None = None, max_loras: int = 8):
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.pipe = load_pipeline(spec, self.device)
         self.style_dim = adapter_input_dim(self.pipe)
+        self.loras = UserLoras(self.pipe, lora_dir, max_loras)
         self._clip, _, self._tokenize = load_clip(clip, self.device)
 
     def embed_prompt(self, prompt: str) -> np.ndarray:
@@ -67,7 +73,9 @@ class StyleGenerator:
             return Conditioning(np.zeros(self.style_dim, np.float32), 0.0, None)
         facet = self.pick_facet(request, style)
         chosen = style if facet is None else style.facets[facet]
-        return Conditioning(style_condition(chosen, self.style_dim), request.style_strength, facet)
+        # A user's LoRA applies whenever their style does (strength 0 means no personalization at all).
+        lora = request.user_id if request.style_strength > 0 and self.loras.has(request.user_id) else None
+        return Conditioning(style_condition(chosen, self.style_dim), request.style_strength, facet, lora)
 
     def generate(self, request: GenerationRequested,
                  style: StyleVectorUpdated | None) -> tuple[Image.Image, int | None]:
@@ -91,13 +99,18 @@ class StyleGenerator:
         # Per-sample strength: the adapter's output is scaled by a constant mask per row.
         masks = strengths.view(-1, 1, 1, 1).expand(-1, 1, first.height // 8, first.width // 8)
         negative = [r.negative_prompt for r in requests] if any(r.negative_prompt for r in requests) else None
-        out = self.pipe(
-            prompt=[r.prompt for r in requests], negative_prompt=negative,
-            num_inference_steps=first.num_inference_steps, guidance_scale=first.guidance_scale,
-            width=first.width, height=first.height, ip_adapter_image_embeds=[embeds],
-            cross_attention_kwargs={"ip_adapter_masks": [masks.to(self.device, dtype)]},
-            generator=[torch.Generator("cpu").manual_seed(r.seed) for r in requests], output_type="pil",
-        )
+        # Once any LoRA is loaded, every row names its adapter (or none), or peft would apply them all.
+        adapters = self.loras.adapters([c.lora_user for c in conds]) if self.loras.loaded() or any(
+            c.lora_user for c in conds) else None
+        per_sample = self.loras.per_sample(adapters * (2 if cfg else 1)) if adapters else contextlib.nullcontext()
+        with per_sample:
+            out = self.pipe(
+                prompt=[r.prompt for r in requests], negative_prompt=negative,
+                num_inference_steps=first.num_inference_steps, guidance_scale=first.guidance_scale,
+                width=first.width, height=first.height, ip_adapter_image_embeds=[embeds],
+                cross_attention_kwargs={"ip_adapter_masks": [masks.to(self.device, dtype)]},
+                generator=[torch.Generator("cpu").manual_seed(r.seed) for r in requests], output_type="pil",
+            )
         return out.images
 
 

@@ -233,7 +233,8 @@ def _completed(request: GenerationRequested, style: StyleVectorUpdated | None, c
     return GenerationCompleted(
         event_id=f"done-{request.request_id}", user_id=request.user_id, event_time=datetime.now(UTC),
         request_id=request.request_id, image_uri=image_uri, style_version=style.version if style else None,
-        facet=cond.facet, style_strength=cond.strength, seed=request.seed, timings_ms=timings)
+        facet=cond.facet, lora=cond.lora_user is not None, style_strength=cond.strength, seed=request.seed,
+        timings_ms=timings)
 
 
 def _failed(request: GenerationRequested, reason: str) -> GenerationFailed:

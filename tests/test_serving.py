@@ -185,3 +185,40 @@ def test_worker_exports_prometheus_metrics(broker, make_ingestor, generator, tmp
     assert "stylestream_serve_batch_size_count 1.0" in text and "stylestream_serve_batch_size_sum 2.0" in text
     assert "stylestream_serve_latency_seconds_count 3.0" in text
     assert "stylestream_serve_queue_depth 0.0" in text
+
+
+def test_per_user_lora_in_a_mixed_batch(diffusion, clip, tmp_path):
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    from stylestream.models.diffusion import random_lora
+    from stylestream.serving.generator import Conditioning
+
+    unet = UNet2DConditionModel.from_pretrained(diffusion.model_dir, subfolder="unet")
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    for seed, user in enumerate(["ana", "ben"]):
+        save_file(random_lora(unet, rank=4, seed=seed, scale=0.5), str(loras / f"{user}.safetensors"))
+    gen = StyleGenerator(diffusion, clip, device="cpu", lora_dir=loras, max_loras=2)
+    rng = np.random.default_rng(0)
+    reqs = [request(u, f"l{i}", seed=i, guidance_scale=3.0) for i, u in enumerate(["ana", "ben", "cleo"])]
+    conds = [Conditioning(rng.normal(size=gen.style_dim).astype(np.float32), 1.0, None,
+                          r.user_id if gen.loras.has(r.user_id) else None) for r in reqs]
+    assert [c.lora_user for c in conds] == ["ana", "ben", None]
+
+    def diff(a, b) -> int:
+        return int(np.abs(np.asarray(a, int) - np.asarray(b)).max())
+    batch = gen.generate_batch(reqs, conds)
+    alone = [gen.generate_batch([r], [c])[0] for r, c in zip(reqs, conds, strict=True)]
+    without = [gen.generate_batch([r], [Conditioning(c.embedding, 1.0, None)])[0]
+               for r, c in zip(reqs, conds, strict=True)]
+    assert all(diff(b, a) <= 2 for b, a in zip(batch, alone, strict=True))  # each row: its own adapter only
+    assert diff(alone[0], without[0]) > 10 and diff(alone[1], without[1]) > 10  # the adapters do something
+    assert diff(alone[2], without[2]) == 0  # a user without one is untouched
+    assert sorted(gen.loras.loaded()) == ["ana", "ben"]
+
+    gen.loras.max_loaded = 1  # a smaller device: the least recently used adapter is unloaded
+    gen.generate_batch([reqs[0]], [conds[0]])
+    assert gen.loras.loaded() == ["ana"]
+    with pytest.raises(ValueError, match="needs 2 LoRA adapters, at most 1 fit"):
+        gen.generate_batch(reqs[:2], conds[:2])
