@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline
 
-CONFIG = Path(__file__).parent / "configs" / "diffusion" / "tiny.json"
+CONFIG_DIR = Path(__file__).parent / "configs" / "diffusion"
 IP_ADAPTER_FILE = "ip-adapter.safetensors"
 
 
@@ -132,9 +132,11 @@ def diffusion_spec(models_dir: Path, style_dim: int, model_dir: str | None = Non
     return DiffusionSpec(model_dir, ip_adapter)
 
 
-def ensure_tiny_diffusion(models_dir: Path, style_dim: int) -> DiffusionSpec:
-    """The tiny random-weight pipeline and a style adapter for `style_dim`-sized vectors, written once."""
-    root = models_dir / "diffusion"
+def ensure_tiny_diffusion(models_dir: Path, style_dim: int, config: str = "tiny") -> DiffusionSpec:
+    """A random-weight pipeline built from configs/diffusion/<config>.json ("tiny" for tests and the
+    demo, "sd15" for an SD-1.5-sized one on a GPU) and a style adapter for `style_dim`-sized vectors,
+    written once."""
+    root = models_dir / "diffusion" / config
     spec = DiffusionSpec(str(root / "pipeline"), str(root / f"style-{style_dim}" / IP_ADAPTER_FILE))
     if Path(spec.model_dir, "model_index.json").exists() and Path(spec.ip_adapter).exists():
         return spec
@@ -143,7 +145,7 @@ def ensure_tiny_diffusion(models_dir: Path, style_dim: int) -> DiffusionSpec:
     from safetensors.torch import save_file
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    cfg = json.loads(CONFIG.read_text())
+    cfg = json.loads((CONFIG_DIR / f"{config}.json").read_text())
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**cfg["unet"])
     if not Path(spec.model_dir, "model_index.json").exists():

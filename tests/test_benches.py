@@ -43,3 +43,9 @@ def test_crash_torture_short_run_is_identical_to_an_uninterrupted_one():
 def test_ingest_bench_runs():
     r = final_json("ingest.py", "--users", "10", "--photos", "3", "--rate", "5", "--duration", "4", "--warmup", "1")
     assert {"events_per_s", "overhead_ratio", "latency_p50_s", "latency_p99_s", "rss_growth"} <= set(r)
+
+
+@pytest.mark.slow
+def test_serve_bench_runs():
+    r = final_json("serve.py", "--batch", "2", "--reps", "1", "--rate", "2", "--duration", "2")
+    assert r["batch"] == 2 and r["mixed_user_ips"] > 0 and r["mixed_lora_ips"] > 0 and r["latency_p50_s"] > 0
