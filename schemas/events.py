@@ -139,6 +139,9 @@ class GenerationRequested(_Event):
         "(the worker waits a bounded time for it to arrive).")
     facet: Literal["auto", "overall"] | Annotated[int, Field(ge=0)] = Field(
         default="auto", description="'auto': the facet closest to the prompt; 'overall'; or a facet index.")
+    style_layers_only: bool = Field(
+        default=False, description="Inject the style only into the style layers (as InstantStyle does), "
+        "leaving layout and content to the prompt.")
     allow_unpersonalized: bool = Field(
         default=False, description="If the user has no style yet, generate without one instead of failing."
     )

@@ -103,6 +103,7 @@ class StyleGenerator:
         adapters = self.loras.adapters([c.lora_user for c in conds]) if self.loras.loaded() or any(
             c.lora_user for c in conds) else None
         per_sample = self.loras.per_sample(adapters * (2 if cfg else 1)) if adapters else contextlib.nullcontext()
+        self.pipe.set_ip_adapter_scale(style_layers(self.pipe.unet) if first.style_layers_only else 1.0)
         with per_sample:
             out = self.pipe(
                 prompt=[r.prompt for r in requests], negative_prompt=negative,
@@ -114,6 +115,14 @@ class StyleGenerator:
         return out.images
 
 
-def batch_key(request: GenerationRequested) -> tuple[int, int, int, float]:
+def batch_key(request: GenerationRequested) -> tuple[int, int, int, float, bool]:
     """Requests with the same key can share one diffusion call."""
-    return request.width, request.height, request.num_inference_steps, request.guidance_scale
+    return (request.width, request.height, request.num_inference_steps, request.guidance_scale,
+            request.style_layers_only)
+
+
+def style_layers(unet) -> dict:
+    """IP-Adapter scales that inject style only into the style layers: as InstantStyle, the first
+    up block with cross-attention (up_blocks.0 in SDXL, up_blocks.1 in SD 1.5); every other layer 0."""
+    first = next(i for i, t in enumerate(unet.config.up_block_types) if "CrossAttn" in t)
+    return {"up": {f"block_{first}": 1.0}}

@@ -222,3 +222,20 @@ def test_per_user_lora_in_a_mixed_batch(diffusion, clip, tmp_path):
     assert gen.loras.loaded() == ["ana"]
     with pytest.raises(ValueError, match="needs 2 LoRA adapters, at most 1 fit"):
         gen.generate_batch(reqs[:2], conds[:2])
+
+
+def test_style_layers_only_injects_style_into_fewer_layers(generator):
+    from stylestream.schemas.events import StyleVectorUpdated
+    from stylestream.schemas.tables import FEATURE_NAMES
+
+    rng = np.random.default_rng(3)
+    style = StyleVectorUpdated(event_id="v", user_id="ana", event_time=datetime.now(UTC), version=1, photo_count=1,
+                               embedding=rng.normal(size=64).tolist(), features=dict.fromkeys(FEATURE_NAMES, 0.7))
+    plain = np.asarray(generator.generate(request("ana", "x"), None)[0], int)
+    full = np.asarray(generator.generate(request("ana", "x"), style)[0], int)
+    layers = np.asarray(generator.generate(request("ana", "x", style_layers_only=True), style)[0], int)
+    assert np.abs(layers - plain).max() > 0  # still personalized...
+    assert np.abs(layers - full).max() > 0  # ...but differently from injecting everywhere
+    assert np.abs(layers - plain).mean() < np.abs(full - plain).mean()
+    again = np.asarray(generator.generate(request("ana", "x"), style)[0], int)
+    np.testing.assert_array_equal(again, full)  # the per-call scale does not leak into the next call
