@@ -33,7 +33,8 @@ def test_mixed_library_splits_into_its_looks_and_follows_a_withdrawal(broker, ma
     from stylestream.pipelines.store import Store
 
     with Store(ing.cfg.db_path) as s:
-        ana, ben = s._facets("ana"), s._facets("ben")
+        found = s.facets(["ana", "ben"])
+    ana, ben = found["ana"], found["ben"]
     assert len(ana) == 2 and purity(ana, look_of) >= 0.9
     assert len(ben) == 1  # one look: no split
 

@@ -121,7 +121,7 @@ def aesthetic_features(image: Image.Image) -> np.ndarray:
     rgb = np.asarray(small, dtype=np.float32) / np.float32(255.0)
     lab = srgb_to_lab(rgb)
     gray = rgb @ np.array([0.299, 0.587, 0.114], np.float32)
-    spread = lab.reshape(-1, 3).std(0) / 100
+    spread = np.ascontiguousarray(np.moveaxis(lab, -1, 0)).reshape(3, -1).std(1) / 100  # per channel, fast
     values = {
         "brightness": brightness(lab),
         "contrast": contrast(lab),
