@@ -108,10 +108,6 @@ class Store:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _many(self, sql: str, rows: list) -> None:
-        if rows:  # DuckDB refuses an empty parameter list
-            self.db.executemany(sql, rows)
-
     # --------------------------------------------------------------------------------- reading
     def offsets(self) -> dict[tuple[str, int], int]:
         rows = self.db.execute("SELECT topic, partition, next_offset FROM offsets").fetchall()
@@ -136,7 +132,7 @@ class Store:
         if clash:
             raise StoreError(f"{self.path} holds style state of another model or feature set {clash} "
                              "(stored, configured); use a new state directory for a new model")
-        self._many("INSERT OR IGNORE INTO meta VALUES (?, ?)", list(want.items()))
+        self._insert("meta", {"key": list(want), "value": list(want.values())}, "OR IGNORE")
 
     def latest_vectors(self) -> dict[str, tuple[int, np.ndarray, np.ndarray, int]]:
         """user_id -> (version, embedding, features, photo_count) of each user's latest version."""
