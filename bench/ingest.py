@@ -19,6 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -70,52 +73,58 @@ def transforms_only(messages: list[clients.Message], cfg: IngestConfig) -> float
 
 
 def steady(cfg: IngestConfig, files: list[Path], rate: float, duration: float, warmup: float) -> dict:
+    """`stylestream ingest --follow` in its own process, as deployed; this process produces and watches."""
     bs = cfg.bootstrap_servers
-    stop = threading.Event()
-    ingestor = Ingestor(cfg)
-    follower = threading.Thread(target=lambda: ingestor.run(stop, follow=True), daemon=True)
-    follower.start()
-    sent: dict[str, float] = {}
-    seen: dict[str, float] = {}
-    rss: dict[str, int] = {}
-    proc = psutil.Process()
-
-    def produce() -> None:
-        producer = clients.producer(bs, linger_ms=0)
-        start = time.monotonic()
-        for i in range(int(rate * duration)):
-            time.sleep(max(0.0, start + i / rate - time.monotonic()))
-            user = f"steady-{i:06d}"
-            producer.send(PHOTO_EVENTS, key=user.encode(), value=upload(files, user, 0, datetime.now(UTC)))
-            sent[user] = time.monotonic()
-            if "start" not in rss and time.monotonic() - start >= warmup:
-                rss["start"] = proc.memory_info().rss
-        producer.flush()
-        producer.close()
-
+    follower = subprocess.Popen([sys.executable, "-m", "stylestream.cli.main", "ingest", "--follow", "-b", bs,
+                                 "--data-dir", str(cfg.state_dir.parent)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     consumer = clients.consumer(bs)
     tps = clients.partitions_of(consumer, STYLE_VECTORS)
     ends = clients.true_end_offsets(consumer, tps)
     consumer.assign(tps)
     for tp in tps:
         consumer.seek(tp, ends[tp])
+    producer = clients.producer(bs, linger_ms=0)
+
+    def wait_for(users: set[str], seen: dict[str, float], until: float) -> None:
+        while not users <= set(seen) and time.monotonic() < until:
+            for records in consumer.poll(timeout_ms=50).values():
+                now = time.monotonic()
+                for r in records:
+                    seen.setdefault(parse_event(STYLE_VECTORS, r.value).user_id, now)
+
+    # Ready once a probe upload comes back as a vector: start-up is not part of the latency.
+    producer.send(PHOTO_EVENTS, key=b"probe", value=upload(files, "probe", 0, datetime.now(UTC)))
+    producer.flush()
+    wait_for({"probe"}, {}, time.monotonic() + 120)
+    sent: dict[str, float] = {}
+    seen: dict[str, float] = {}
+    rss: dict[str, int] = {}
+    proc = psutil.Process(follower.pid)
+
+    def produce() -> None:
+        start = time.monotonic()
+        for i in range(int(rate * duration)):
+            time.sleep(max(0.0, start + i / rate - time.monotonic()))
+            user = f"steady-{i:06d}"
+            sent[user] = time.monotonic()
+            producer.send(PHOTO_EVENTS, key=user.encode(), value=upload(files, user, 0, datetime.now(UTC)))
+            if "start" not in rss and time.monotonic() - start >= warmup:
+                rss["start"] = proc.memory_info().rss
+        producer.flush()
+
     producer_thread = threading.Thread(target=produce)
     producer_thread.start()
-    deadline = time.monotonic() + duration + 60
-    expected = int(rate * duration)
-    while len(seen) < expected and time.monotonic() < deadline:
-        for records in consumer.poll(timeout_ms=100).values():
-            now = time.monotonic()
-            for r in records:
-                seen.setdefault(parse_event(STYLE_VECTORS, r.value).user_id, now)
+    expected = {f"steady-{i:06d}" for i in range(int(rate * duration))}
+    wait_for(expected, seen, time.monotonic() + duration + 60)
     rss["end"] = proc.memory_info().rss
     producer_thread.join()
-    stop.set()
-    follower.join(timeout=120)
-    ingestor.close()
+    follower.send_signal(signal.SIGTERM)
+    follower.wait(timeout=120)
+    producer.close()
     consumer.close()
     latencies = sorted(seen[u] - sent[u] for u in seen if u in sent)
-    return {"events": expected, "seen": len(latencies),
+    return {"events": len(expected), "seen": len(latencies),
             "latency_p50_s": round(float(np.percentile(latencies, 50)), 3),
             "latency_p99_s": round(float(np.percentile(latencies, 99)), 3),
             "rss_start_mb": round(rss.get("start", rss["end"]) / 2**20, 1), "rss_end_mb": round(rss["end"] / 2**20, 1),

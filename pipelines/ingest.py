@@ -135,6 +135,7 @@ class Ingestor:
         self._consumer = clients.consumer(cfg.bootstrap_servers, request_timeout_ms=cfg.kafka_timeout_ms)
         self._producer = clients.producer(cfg.bootstrap_servers, request_timeout_ms=cfg.kafka_timeout_ms)
         self._known_ends: dict = {}  # spares re-reading partitions whose end did not move
+        self._unfinished = True  # committed cycles may await publishing or their history file
         with Store(cfg.db_path) as store:
             store.check_model(cfg.clip.model, self.embedding_dim)
 
@@ -151,13 +152,15 @@ class Ingestor:
     def run_cycle(self) -> CycleResult | None:
         """Process the next offset ranges; None when every partition is caught up."""
         with Store(self.cfg.db_path) as store:
-            self._finish_committed(store)  # left over from a crash after a commit
+            if self._unfinished:  # publishing or history left over from a crash (or a failed finish)
+                self._finish_committed(store)
             committed, cycle = store.offsets(), store.next_cycle()
         ends = self.end_offsets()
         check_not_reset(committed, ends)
         ranges = plan_ranges(committed, ends, self.cfg.max_events_per_partition)
         if not ranges:
             return None
+        self._unfinished = True
         with beam.Pipeline(runner=FnApiRunner()) as p:
             build_cycle(p, self.cfg, cycle, ranges, self.embedding_dim)
         with Store(self.cfg.db_path) as store:
@@ -211,6 +214,7 @@ class Ingestor:
         for cycle in store.unwritten_history():
             write_history_file(self.cfg.history_dir, cycle, store)
             store.mark_history_written(cycle)
+        self._unfinished = False
 
 
 def connect(cfg: IngestConfig, stop: threading.Event,
