@@ -117,10 +117,6 @@ class StyleLearningToggled(_Event):
             raise ValueError(f"scope '{self.scope}' needs scope_id (the {self.scope} id)")
         return self
 
-    @property
-    def scope_key(self) -> str:
-        return f"{self.scope}:{self.scope_id if self.scope != 'user' else ''}"
-
 
 class GenerationRequested(_Event):
     type: Literal["generation_requested"] = "generation_requested"
