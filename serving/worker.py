@@ -137,7 +137,7 @@ class Worker:
 
     def handle_batch(self, records: list) -> list[Result]:
         """Results for a batch of request records (invalid ones go to the dead-letter topic)."""
-        results: dict[str, Result] = {}
+        results: dict[str, Result | None] = {}  # None: waiting for its diffusion call
         requested: dict[str, datetime] = {}
         todo: dict[tuple, list[tuple[GenerationRequested, StyleVectorUpdated | None, Conditioning]]] = {}
         for record in records:
@@ -151,19 +151,8 @@ class Worker:
             if request.request_id in results:
                 continue  # the same request twice in one batch
             requested[request.request_id] = request.event_time
-            done = self.output.existing_result(request)  # a redelivery: the stored outcome, no new image
-            style, missing = self._style_for(request) if done is None else (None, None)
-            if missing:
-                done = self.output.record(request, _failed(request, f"user {request.user_id}: {missing}"))
-            if done is None:
-                try:
-                    cond = self.generator.condition(request, style)
-                    todo.setdefault(batch_key(request), []).append((request, style, cond))
-                    results[request.request_id] = None
-                    continue
-                except ValueError as e:
-                    done = self.output.record(request, _failed(request, f"{type(e).__name__}: {e}"))
-            results[request.request_id] = done
+            # A redelivery gets its stored outcome (no new image); otherwise fail now or queue it.
+            results[request.request_id] = self.output.existing_result(request) or self._plan(request, todo)
         for group in todo.values():
             for request, result in self._generate(group):
                 results[request.request_id] = result
@@ -174,6 +163,19 @@ class Worker:
             self.metrics.results.labels("completed" if result.type == "generation_completed" else "failed").inc()
             self.metrics.latency.observe((now - requested[result.request_id]).total_seconds())
         return out
+
+    def _plan(self, request: GenerationRequested, todo: dict[tuple, list]) -> Result | None:
+        """A failed result right away if the request cannot be met; else None, with it queued in `todo`
+        under its batch key."""
+        style, missing = self._style_for(request)
+        if missing:
+            return self.output.record(request, _failed(request, f"user {request.user_id}: {missing}"))
+        try:
+            cond = self.generator.condition(request, style)
+        except ValueError as e:
+            return self.output.record(request, _failed(request, f"{type(e).__name__}: {e}"))
+        todo.setdefault(batch_key(request), []).append((request, style, cond))
+        return None
 
     def _update_queue_depth(self) -> None:
         depth = 0
