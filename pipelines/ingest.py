@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TypeVar
 
 import apache_beam as beam
 import pyarrow.parquet as pq
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 # Broker trouble is retried; anything else (a bug, a corrupt state file) stops ingestion.
 BROKER_ERRORS = (KafkaError, TimeoutError, ConnectionError)
 RETRY_FIRST_S, RETRY_MAX_S = 0.5, 30.0
+T = TypeVar("T")
 
 
 @dataclass
@@ -176,25 +178,17 @@ class Ingestor:
         reached is retried with exponential backoff instead of failing; a set `stop` is honoured
         between cycles, so the cycle in progress either commits or leaves no trace."""
         stop = stop or threading.Event()
-        done, delay = [], RETRY_FIRST_S
+        done = []
         while not stop.is_set():
-            try:
-                result = self.run_cycle()
-                delay = RETRY_FIRST_S
-            except BROKER_ERRORS as e:
-                if on_retry:
-                    on_retry(e, delay)
-                stop.wait(delay)
-                delay = min(2 * delay, RETRY_MAX_S)
-                continue
-            if result is None:
-                if not follow:
-                    break
+            result = with_backoff(self.run_cycle, stop, on_retry)  # None: caught up, or stopped
+            if result is not None:
+                done.append(result)
+                if on_cycle:
+                    on_cycle(result)
+            elif not follow:
+                break
+            else:
                 stop.wait(self.cfg.poll_interval_s)
-                continue
-            done.append(result)
-            if on_cycle:
-                on_cycle(result)
         return done
 
     def run_until_caught_up(self, on_cycle: Callable[[CycleResult], None] | None = None) -> list[CycleResult]:
@@ -217,19 +211,25 @@ class Ingestor:
         self._unfinished = False
 
 
-def connect(cfg: IngestConfig, stop: threading.Event,
-            on_retry: Callable[[Exception, float], None] | None = None) -> Ingestor | None:
-    """An Ingestor once the broker answers (retried with backoff); None if `stop` was set first."""
+def with_backoff(fn: Callable[[], T], stop: threading.Event,
+                 on_retry: Callable[[Exception, float], None] | None = None) -> T | None:
+    """fn(), with broker errors retried after exponentially growing waits; None if `stop` is set first."""
     delay = RETRY_FIRST_S
     while not stop.is_set():
         try:
-            return Ingestor(cfg)
+            return fn()
         except BROKER_ERRORS as e:
             if on_retry:
                 on_retry(e, delay)
             stop.wait(delay)
             delay = min(2 * delay, RETRY_MAX_S)
     return None
+
+
+def connect(cfg: IngestConfig, stop: threading.Event,
+            on_retry: Callable[[Exception, float], None] | None = None) -> Ingestor | None:
+    """An Ingestor once the broker answers; None if `stop` was set first."""
+    return with_backoff(lambda: Ingestor(cfg), stop, on_retry)
 
 
 def write_history_file(history_dir: Path, cycle: int, store: Store) -> Path | None:
