@@ -9,11 +9,12 @@ at most the uncommitted cycle, so the final state equals that of an uninterrupte
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -64,6 +65,10 @@ class IngestConfig:
     def history_dir(self) -> Path:
         return self.state_dir / "history"
 
+    @property
+    def plan_path(self) -> Path:
+        return self.state_dir / "cycle-plan.json"
+
 
 class TopicReset(RuntimeError):
     """The broker has fewer messages than the state says were processed (a new, empty broker?)."""
@@ -88,43 +93,62 @@ def plan_ranges(committed: dict[tuple[str, int], int], ends: dict[tuple[str, int
     return ranges
 
 
-class _Commit(beam.DoFn):
-    def __init__(self, cfg: IngestConfig, cycle: int, ranges: list[OffsetRange], embedding_dim: int):
-        self._cfg, self._cycle, self._ranges, self._dim = cfg, cycle, ranges, embedding_dim
+@dataclass(frozen=True)
+class CyclePlan:
+    """What one cycle reads: its number and the offset ranges it commits. The pipeline graph is built
+    once per Ingestor (building it costs more than a small cycle's work) and each run reads its plan
+    from this file, written by the driver just before."""
 
-    def process(self, gathered: list):
+    cycle: int
+    ranges: tuple[OffsetRange, ...]
+
+    def write(self, path: Path) -> None:
+        path.write_text(json.dumps({"cycle": self.cycle, "ranges": [asdict(r) for r in self.ranges]}))
+
+    @staticmethod
+    def read(path: str) -> CyclePlan:
+        plan = json.loads(Path(path).read_text())
+        return CyclePlan(plan["cycle"], tuple(OffsetRange(**r) for r in plan["ranges"]))
+
+
+class _Commit(beam.DoFn):
+    def __init__(self, cfg: IngestConfig, embedding_dim: int):
+        self._cfg, self._dim = cfg, embedding_dim
+
+    def process(self, gathered: list, plan: CyclePlan):
         batches = [x for x in gathered if isinstance(x, UserBatch)]
         dead = [x for x in gathered if isinstance(x, DeadLetter)]
         with Store(self._cfg.db_path) as store:
-            yield store.commit_cycle(self._cycle, self._ranges, batches, dead, self._cfg.half_life_days, self._dim)
+            yield store.commit_cycle(plan.cycle, plan.ranges, batches, dead, self._cfg.half_life_days, self._dim)
 
 
 class CommitCycle(beam.PTransform):
-    """(user batches, dead letters) -> one DuckDB transaction with the cycle's offsets -> CycleResult."""
+    """(user batches, dead letters) -> one DuckDB transaction with the plan's offsets -> CycleResult."""
 
-    def __init__(self, cfg: IngestConfig, cycle: int, ranges: list[OffsetRange], embedding_dim: int):
+    def __init__(self, cfg: IngestConfig, plan: beam.PCollection, embedding_dim: int):
         super().__init__()
-        self._commit = _Commit(cfg, cycle, ranges, embedding_dim)
+        self._commit, self._plan = _Commit(cfg, embedding_dim), plan
 
     def expand(self, pcolls):
         return (
             pcolls
             | "Together" >> beam.Flatten()
             | "GatherCycle" >> beam.combiners.ToList()
-            | "Commit" >> beam.ParDo(self._commit)
+            | "Commit" >> beam.ParDo(self._commit, plan=beam.pvalue.AsSingleton(self._plan))
         )
 
 
-def build_cycle(p: beam.Pipeline, cfg: IngestConfig, cycle: int, ranges: list[OffsetRange],
-                embedding_dim: int) -> beam.PCollection:
-    """The data flow of one micro-batch, as in DESIGN.md."""
-    messages = p | "ReadKafka" >> ReadOffsetRanges(cfg.bootstrap_servers, ranges)
+def build_cycle(p: beam.Pipeline, cfg: IngestConfig, embedding_dim: int) -> beam.PCollection:
+    """The data flow of one micro-batch, as in DESIGN.md; each run reads `cfg.plan_path`."""
+    plan = p | "Plan" >> beam.Create([str(cfg.plan_path)]) | "ReadPlan" >> beam.Map(CyclePlan.read)
+    ranges = plan | "Ranges" >> beam.FlatMap(lambda pl: pl.ranges)
+    messages = ranges | "ReadKafka" >> ReadOffsetRanges(cfg.bootstrap_servers)
     events = messages | "DecodeValidate" >> ParseEvents()
     photos = events.uploads | "FetchDecodeStripPII" >> PreparePhotos(cfg.limits)
     contributions = photos.ok | "Embed" >> EmbedPhotos(cfg.clip)
     batches = (contributions, events.deletes, events.toggles) | "GroupByUser" >> GroupByUser()
     dead = (events.dead, photos.dead) | "DeadLetters" >> beam.Flatten()
-    return (batches, dead) | "CommitCycle" >> CommitCycle(cfg, cycle, ranges, embedding_dim)
+    return (batches, dead) | "CommitCycle" >> CommitCycle(cfg, plan, embedding_dim)
 
 
 class Ingestor:
@@ -134,16 +158,23 @@ class Ingestor:
         self.cfg = cfg
         self.embedding_dim = embedding_dim(cfg.clip)
         ensure_topics(cfg.bootstrap_servers)
-        self._consumer = clients.consumer(cfg.bootstrap_servers, request_timeout_ms=cfg.kafka_timeout_ms)
+        self._lister = clients.consumer(cfg.bootstrap_servers, request_timeout_ms=cfg.kafka_timeout_ms)
+        self._consumer = clients.consumer(cfg.bootstrap_servers, request_timeout_ms=cfg.kafka_timeout_ms,
+                                          fetch_max_wait_ms=clients.READ_FETCH_WAIT_MS)
         self._producer = clients.producer(cfg.bootstrap_servers, request_timeout_ms=cfg.kafka_timeout_ms)
         self._known_ends: dict = {}  # spares re-reading partitions whose end did not move
         self._unfinished = True  # committed cycles may await publishing or their history file
-        with Store(cfg.db_path) as store:
-            store.check_model(cfg.clip.model, self.embedding_dim)
+        # Held for the Ingestor's life: it keeps other writers out, and re-opening the file every
+        # cycle would checkpoint it every cycle.
+        self._store = Store(cfg.db_path)
+        self._store.check_model(cfg.clip.model, self.embedding_dim)
+        self._pipeline: beam.Pipeline | None = None  # built on the first cycle, run once per cycle
 
     def close(self) -> None:
+        self._lister.close()
         self._consumer.close()
         self._producer.close()
+        self._store.close()
 
     def __enter__(self) -> Ingestor:
         return self
@@ -153,21 +184,22 @@ class Ingestor:
 
     def run_cycle(self) -> CycleResult | None:
         """Process the next offset ranges; None when every partition is caught up."""
-        with Store(self.cfg.db_path) as store:
-            if self._unfinished:  # publishing or history left over from a crash (or a failed finish)
-                self._finish_committed(store)
-            committed, cycle = store.offsets(), store.next_cycle()
+        if self._unfinished:  # publishing or history left over from a crash (or a failed finish)
+            self._finish_committed()
+        committed, cycle = self._store.offsets(), self._store.next_cycle()
         ends = self.end_offsets()
         check_not_reset(committed, ends)
         ranges = plan_ranges(committed, ends, self.cfg.max_events_per_partition)
         if not ranges:
             return None
         self._unfinished = True
-        with beam.Pipeline(runner=FnApiRunner()) as p:
-            build_cycle(p, self.cfg, cycle, ranges, self.embedding_dim)
-        with Store(self.cfg.db_path) as store:
-            self._finish_committed(store)
-            result = store.cycle_result(cycle)
+        CyclePlan(cycle, tuple(ranges)).write(self.cfg.plan_path)
+        if self._pipeline is None:
+            self._pipeline = beam.Pipeline(runner=FnApiRunner())
+            build_cycle(self._pipeline, self.cfg, self.embedding_dim)
+        self._pipeline.run().wait_until_finish()
+        self._finish_committed()
+        result = self._store.cycle_result(cycle)
         unread = sum(end - committed.get(k, 0) for k, end in ends.items())
         return replace(result, lag=unread - sum(len(r) for r in ranges))
 
@@ -195,11 +227,12 @@ class Ingestor:
         return self.run(on_cycle=on_cycle)
 
     def end_offsets(self) -> dict[tuple[str, int], int]:
-        tps = [tp for t in INGEST_TOPICS for tp in clients.partitions_of(self._consumer, t)]
-        ends = clients.true_end_offsets(self._consumer, tps, known=self._known_ends)
+        tps = [tp for t in INGEST_TOPICS for tp in clients.partitions_of(self._lister, t)]
+        ends = clients.true_end_offsets(self._lister, tps, known=self._known_ends, reader=self._consumer)
         return {(tp.topic, tp.partition): end for tp, end in ends.items()}
 
-    def _finish_committed(self, store: Store) -> None:
+    def _finish_committed(self) -> None:
+        store = self._store
         for cycle in store.unpublished_cycles():
             for topic, key, value in store.outbox(cycle):
                 self._producer.send(topic, key=key, value=value)

@@ -129,7 +129,8 @@ def run_bounded(bootstrap_servers: str, ranges: list[OffsetRange], clip: ClipSpe
     """The streaming pipeline over a bounded offset range on FnApiRunner: Parquet files of every
     style version under `output_prefix`."""
     with beam.Pipeline(runner=FnApiRunner()) as p:
-        messages = p | "ReadKafka" >> ReadOffsetRanges(bootstrap_servers, ranges)
+        messages = (p | "Ranges" >> beam.Create(ranges, reshuffle=False)
+                    | "ReadKafka" >> ReadOffsetRanges(bootstrap_servers))
         versions, _, _ = build_streaming(messages, clip, dim, n_features, half_life_days)
         versions | "WriteHistory" >> beam.io.WriteToParquet(output_prefix, HISTORY_SCHEMA, file_name_suffix=".parquet")
 

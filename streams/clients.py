@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 POLL_MS = 500
-END_POLL_MS = 50  # an end found too early only means a smaller cycle
+# For consumers that read offsets known to exist: an empty fetch (a partition caught up) should not
+# hold the next request back for Kafka's default 500 ms.
+READ_FETCH_WAIT_MS = 10
 
 
 def producer(bootstrap_servers: str, **overrides) -> KafkaProducer:
@@ -38,34 +40,37 @@ def partitions_of(c: KafkaConsumer, topic: str) -> list[TopicPartition]:
 
 
 def true_end_offsets(c: KafkaConsumer, tps: Iterable[TopicPartition], timeout_s: float = 30.0,
-                     known: dict[TopicPartition, tuple[int, int]] | None = None) -> dict[TopicPartition, int]:
-    """The offset after the last message of each partition (assigns `c` to the partitions).
+                     known: dict[TopicPartition, tuple[int, int]] | None = None,
+                     reader: KafkaConsumer | None = None) -> dict[TopicPartition, int]:
+    """The offset after the last message of each partition.
 
-    The reported end may point inside the last batch, so the last batch is read: the end is known
-    once a record of it has arrived, since a fetch returns a batch whole. `known` (partition ->
-    (reported, true end)) is kept up to date and spares the read where the reported end is unchanged.
+    The reported end may point inside the last batch, so `reader` (default `c`; it gets assigned to
+    the partitions) reads the last batch: the end is known once a record of it has arrived, since a
+    fetch returns a batch whole. A caller that asks often should pass a `reader` of its own: a fetch
+    in flight on `c` holds up its ListOffsets request for up to fetch_max_wait_ms, and then
+    kafka-python (3.0.12) sometimes leaves a partition out of the answer (a KeyError). `known`
+    (partition -> (reported, true end)) is kept up to date and spares the read where the reported end
+    is unchanged.
     """
     tps = list(tps)
     if not tps:
         return {}
     known = {} if known is None else known
+    reader = reader or c
     reported = c.end_offsets(tps)
     ends = {tp: known[tp][1] if tp in known and known[tp][0] == reported[tp] else reported[tp] for tp in tps}
     waiting = {tp for tp in tps if reported[tp] > 0 and known.get(tp, (None,))[0] != reported[tp]}
-    c.assign(sorted(waiting))
+    reader.assign(sorted(waiting))
     for tp in waiting:
-        c.seek(tp, reported[tp] - 1)
+        reader.seek(tp, reported[tp] - 1)
     deadline = time.monotonic() + timeout_s
-    while waiting or c.assignment():
-        batches = c.poll(timeout_ms=END_POLL_MS if not waiting else POLL_MS)
-        for tp, records in batches.items():
+    while waiting:
+        for tp, records in reader.poll(timeout_ms=POLL_MS).items():
             ends[tp] = max(ends[tp], records[-1].offset + 1)
             waiting.discard(tp)
-        if not batches and not waiting:
-            break
-        if time.monotonic() > deadline:
+        if waiting and time.monotonic() > deadline:
             raise TimeoutError(f"could not read the last batch of {sorted(waiting)} within {timeout_s} s")
-    c.assign([])
+    reader.assign([])
     known.update({tp: (reported[tp], ends[tp]) for tp in tps})
     return ends
 

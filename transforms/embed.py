@@ -15,7 +15,8 @@ from functools import cache
 import apache_beam as beam
 import numpy as np
 import torch
-from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
+from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
+from PIL import Image
 
 from stylestream.models.clip import ClipSpec, load_clip
 from stylestream.transforms.records import Contribution, PreparedPhoto
@@ -30,14 +31,25 @@ class LoadedClip:  # a class, not a tuple: RunInference keeps a weak reference t
     preprocess: Callable
 
 
-class OpenClipImageHandler(ModelHandler[object, PredictionResult, LoadedClip]):
-    """PIL images -> L2-normalized float32 image embeddings."""
+def itself(example: Image.Image) -> Image.Image:
+    return example
 
-    def __init__(self, spec: ClipSpec, device: str | None = None, max_batch_size: int = MAX_BATCH_SIZE):
+
+def photo_image(photo: PreparedPhoto) -> Image.Image:
+    return photo.image
+
+
+class OpenClipImageHandler(ModelHandler[object, PredictionResult, LoadedClip]):
+    """Examples -> L2-normalized float32 embeddings of their images (`image_of(example)`; by default
+    the examples are PIL images). Predictions carry the example, so nothing needs keying."""
+
+    def __init__(self, spec: ClipSpec, device: str | None = None, max_batch_size: int = MAX_BATCH_SIZE,
+                 image_of: Callable[[object], Image.Image] = itself):
         super().__init__()
         self._spec = spec
         self._device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self._max_batch_size = max_batch_size
+        self._image_of = image_of
 
     def load_model(self) -> LoadedClip:
         return _loaded_clip(self._spec, self._device)
@@ -45,10 +57,14 @@ class OpenClipImageHandler(ModelHandler[object, PredictionResult, LoadedClip]):
     def run_inference(self, batch: Sequence[object], model: LoadedClip,
                       inference_args=None) -> Iterable[PredictionResult]:
         dtype = next(model.model.parameters()).dtype
-        pixels = torch.stack([model.preprocess(im) for im in batch]).to(self._device, dtype)
+        pixels = torch.stack([model.preprocess(self._image_of(x)) for x in batch]).to(self._device, dtype)
         with torch.inference_mode():
             emb = torch.nn.functional.normalize(model.model.encode_image(pixels).float(), dim=-1)
         return [PredictionResult(x, e) for x, e in zip(batch, emb.cpu().numpy().astype(np.float32), strict=True)]
+
+    def get_num_bytes(self, batch: Sequence[object]) -> int:
+        # For RunInference's metrics; the default pickles the whole batch, images included.
+        return sum(3 * im.width * im.height for im in map(self._image_of, batch))
 
     def batch_elements_kwargs(self) -> dict:
         return {"min_batch_size": MIN_BATCH_SIZE, "max_batch_size": self._max_batch_size}
@@ -59,7 +75,7 @@ class OpenClipImageHandler(ModelHandler[object, PredictionResult, LoadedClip]):
 
 @cache
 def _loaded_clip(spec: ClipSpec, device: str) -> LoadedClip:
-    """One model per process: each ingestion cycle is a new pipeline, which would otherwise reload it."""
+    """One model per process: each ingestion cycle is a new pipeline run, which would otherwise reload it."""
     model, preprocess, _ = load_clip(spec, device)
     if device.startswith("cuda"):
         model = model.half()
@@ -75,12 +91,11 @@ class EmbedPhotos(beam.PTransform):
 
     def __init__(self, spec: ClipSpec, max_batch_size: int = MAX_BATCH_SIZE):
         super().__init__()
-        self._handler = KeyedModelHandler(OpenClipImageHandler(spec, max_batch_size=max_batch_size))
+        self._handler = OpenClipImageHandler(spec, max_batch_size=max_batch_size, image_of=photo_image)
 
     def expand(self, photos):
         return (
             photos
-            | "KeyByPhoto" >> beam.Map(lambda p: (p, p.image))
             | "RunInference" >> RunInference(self._handler)
-            | "ToContribution" >> beam.MapTuple(lambda p, result: to_contribution(p, result.inference))
+            | "ToContribution" >> beam.Map(lambda result: to_contribution(result.example, result.inference))
         )

@@ -19,15 +19,32 @@ PALETTE_SIZE = 3
 PALETTE_WORK_SIZE = 64  # dominant colours need far fewer pixels than sharpness does
 
 
+def srgb_to_linear(rgb: np.ndarray) -> np.ndarray:
+    """Linear-light values of sRGB values in [0, 1] (the sRGB transfer curve inverted)."""
+    return np.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
+
+
+# The curve for the 256 levels of an 8-bit image: a table look-up instead of a power per pixel.
+_LINEAR_U8 = srgb_to_linear(np.arange(256, dtype=np.float32) / np.float32(255.0)).astype(np.float32)
+_XYZ_FROM_LINEAR = np.array([[0.4124564, 0.3575761, 0.1804375],
+                             [0.2126729, 0.7151522, 0.0721750],
+                             [0.0193339, 0.1191920, 0.9503041]])
+_D65_WHITE = np.array([0.95047, 1.0, 1.08883])
+
+
+def linear_to_lab(lin: np.ndarray) -> np.ndarray:
+    """CIE L*a*b* (D65) of an (..., 3) linear-light RGB array."""
+    m = (_XYZ_FROM_LINEAR.T / _D65_WHITE[None, :]).astype(lin.dtype)
+    xyz = lin @ m
+    f = np.cbrt(xyz)
+    dark = xyz <= (6 / 29) ** 3
+    f[dark] = xyz[dark] / (3 * (6 / 29) ** 2) + 4 / 29
+    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], -1)
+
+
 def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
     """CIE L*a*b* (D65) of an (..., 3) sRGB array in [0, 1]."""
-    lin = np.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
-    m = np.array([[0.4124564, 0.3575761, 0.1804375],
-                  [0.2126729, 0.7151522, 0.0721750],
-                  [0.0193339, 0.1191920, 0.9503041]], rgb.dtype)
-    xyz = lin @ (m.T / np.array([0.95047, 1.0, 1.08883], rgb.dtype)[None, :])
-    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
-    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], -1)
+    return linear_to_lab(srgb_to_linear(rgb))
 
 
 def brightness(lab: np.ndarray) -> float:
@@ -74,7 +91,8 @@ def thirds_energy(lab: np.ndarray) -> float:
     the four intersections, divided by the windows' plain mean: 1 for evenly spread content, above 1
     when subjects sit on the thirds.
     """
-    saliency = np.linalg.norm(lab - np.median(lab.reshape(-1, 3), axis=0), axis=-1)
+    channels = np.ascontiguousarray(np.moveaxis(lab, -1, 0)).reshape(3, -1)  # contiguous rows: a faster median
+    saliency = np.linalg.norm(lab - np.median(channels, axis=1), axis=-1)
     windows = _thirds_windows(*lab.shape[:2])
     total = saliency.sum()
     if total <= 1e-9:
@@ -118,8 +136,9 @@ def aesthetic_features(image: Image.Image) -> np.ndarray:
     """The feature vector of an RGB image, in FEATURE_NAMES order (float32)."""
     small = image.convert("RGB")
     small.thumbnail((WORK_SIZE, WORK_SIZE), Image.Resampling.BILINEAR)
-    rgb = np.asarray(small, dtype=np.float32) / np.float32(255.0)
-    lab = srgb_to_lab(rgb)
+    levels = np.asarray(small)
+    rgb = levels.astype(np.float32) / np.float32(255.0)
+    lab = linear_to_lab(_LINEAR_U8[levels])
     gray = rgb @ np.array([0.299, 0.587, 0.114], np.float32)
     spread = np.ascontiguousarray(np.moveaxis(lab, -1, 0)).reshape(3, -1).std(1) / 100  # per channel, fast
     values = {

@@ -32,7 +32,7 @@ class _ReadRange(beam.DoFn):
         self._consumer = None
 
     def setup(self):
-        self._consumer = clients.consumer(self._bootstrap)
+        self._consumer = clients.consumer(self._bootstrap, fetch_max_wait_ms=clients.READ_FETCH_WAIT_MS)
 
     def process(self, r: OffsetRange):
         tp = TopicPartition(r.topic, r.partition)
@@ -44,16 +44,11 @@ class _ReadRange(beam.DoFn):
 
 
 class ReadOffsetRanges(beam.PTransform):
-    """Every message in the given offset ranges, once each (`streams.clients.Message`)."""
+    """OffsetRanges -> every message in them, once each (`streams.clients.Message`)."""
 
-    def __init__(self, bootstrap_servers: str, ranges: list[OffsetRange]):
+    def __init__(self, bootstrap_servers: str):
         super().__init__()
         self._bootstrap = bootstrap_servers
-        self._ranges = [r for r in ranges if len(r)]
 
-    def expand(self, pbegin):
-        return (
-            pbegin
-            | "Ranges" >> beam.Create(self._ranges)
-            | "Read" >> beam.ParDo(_ReadRange(self._bootstrap))
-        )
+    def expand(self, ranges):
+        return ranges | "Read" >> beam.ParDo(_ReadRange(self._bootstrap))
