@@ -111,10 +111,10 @@ def ingest(
         console.print("stopped before the broker answered")
         return
     with ingestor:
-        done = ingestor.run(stop, follow, on_cycle=lambda r: console.print(
+        cycles = ingestor.run(stop, follow, on_cycle=lambda r: console.print(
             f"cycle {r.cycle}: {r.events} events, {r.photos} photos, {r.users_updated} users updated, "
             f"{r.dead_letters} dead letters, lag {r.lag}"), on_retry=on_retry)
-    console.print(f"{'stopped' if stop.is_set() else 'caught up'} after {len(done)} cycle(s); "
+    console.print(f"{'stopped' if stop.is_set() else 'caught up'} after {cycles} cycle(s); "
                   f"state in {cfg.db_path}, history in {cfg.history_dir}")
 
 

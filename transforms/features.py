@@ -14,9 +14,11 @@ from PIL import Image
 
 from stylestream.schemas.tables import FEATURE_NAMES
 
-WORK_SIZE = 256
+# Global colour, tone and composition statistics change little below this size, and every feature
+# costs about a quarter of what it would at 256 (features are most of ingestion's per-photo time).
+WORK_SIZE = 128
 PALETTE_SIZE = 3
-PALETTE_WORK_SIZE = 64  # dominant colours need far fewer pixels than sharpness does
+PALETTE_WORK_SIZE = 32  # three dominant colours need even fewer pixels
 
 
 def srgb_to_linear(rgb: np.ndarray) -> np.ndarray:
@@ -135,7 +137,9 @@ def palette(image: Image.Image, k: int = PALETTE_SIZE) -> np.ndarray:
 def aesthetic_features(image: Image.Image) -> np.ndarray:
     """The feature vector of an RGB image, in FEATURE_NAMES order (float32)."""
     small = image.convert("RGB")
-    small.thumbnail((WORK_SIZE, WORK_SIZE), Image.Resampling.BILINEAR)
+    # reducing_gap=1: box-average by an integer factor first, then a small bilinear step; much
+    # cheaper than one antialiased bilinear resize from the decoded size.
+    small.thumbnail((WORK_SIZE, WORK_SIZE), Image.Resampling.BILINEAR, reducing_gap=1.0)
     levels = np.asarray(small)
     rgb = levels.astype(np.float32) / np.float32(255.0)
     lab = linear_to_lab(_LINEAR_U8[levels])
