@@ -75,9 +75,10 @@ def transforms_only(messages: list[clients.Message], cfg: IngestConfig) -> float
 def steady(cfg: IngestConfig, files: list[Path], rate: float, duration: float, warmup: float) -> dict:
     """`stylestream ingest --follow` in its own process, as deployed; this process produces and watches."""
     bs = cfg.bootstrap_servers
+    log = cfg.state_dir.parent / "follower.log"
     follower = subprocess.Popen([sys.executable, "-m", "stylestream.cli.main", "ingest", "--follow", "-b", bs,
                                  "--data-dir", str(cfg.state_dir.parent)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                stdout=log.open("w"), stderr=subprocess.STDOUT)
     consumer = clients.consumer(bs)
     tps = clients.partitions_of(consumer, STYLE_VECTORS)
     ends = clients.true_end_offsets(consumer, tps)
@@ -86,17 +87,20 @@ def steady(cfg: IngestConfig, files: list[Path], rate: float, duration: float, w
         consumer.seek(tp, ends[tp])
     producer = clients.producer(bs, linger_ms=0)
 
-    def wait_for(users: set[str], seen: dict[str, float], until: float) -> None:
+    def wait_for(users: set[str], seen: dict[str, float], until: float) -> bool:
         while not users <= set(seen) and time.monotonic() < until:
             for records in consumer.poll(timeout_ms=50).values():
                 now = time.monotonic()
                 for r in records:
                     seen.setdefault(parse_event(STYLE_VECTORS, r.value).user_id, now)
+        return users <= set(seen)
 
     # Ready once a probe upload comes back as a vector: start-up is not part of the latency.
     producer.send(PHOTO_EVENTS, key=b"probe", value=upload(files, "probe", 0, datetime.now(UTC)))
     producer.flush()
-    wait_for({"probe"}, {}, time.monotonic() + 120)
+    if not wait_for({"probe"}, {}, time.monotonic() + 120):
+        follower.kill()
+        raise SystemExit(f"the following ingestion never published the probe's vector; its output:\n{log.read_text()}")
     sent: dict[str, float] = {}
     seen: dict[str, float] = {}
     rss: dict[str, int] = {}

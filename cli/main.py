@@ -12,21 +12,17 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from stylestream.cli.drift import drift_app, history_app
+from stylestream.cli.options import DEFAULT_DATA_DIR, BootstrapServers, DataDir, Verbose
+
 app = typer.Typer(
     help="Learn each person's visual style from their photo stream and personalize image generation with it.",
     no_args_is_help=True, pretty_exceptions_show_locals=False)
 schemas_app = typer.Typer(help="Event contracts as JSON Schema files.", no_args_is_help=True)
 app.add_typer(schemas_app, name="schemas")
+app.add_typer(drift_app, name="drift")
+app.add_typer(history_app, name="history")
 console = Console()
-
-DEFAULT_DATA_DIR = Path("stylestream-data")
-
-BootstrapServers = Annotated[str, typer.Option(
-    "--bootstrap-servers", "-b", envvar="STYLESTREAM_BOOTSTRAP_SERVERS",
-    help="Kafka bootstrap servers (host:port[,host:port]); `stylestream broker` prints a local one.")]
-DataDir = Annotated[Path, typer.Option(
-    "--data-dir", envvar="STYLESTREAM_DATA_DIR", help="Where state, history, images and the tiny models live.")]
-Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show library logs (Beam, Kafka).")]
 
 
 def _quiet(verbose: bool) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import os
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -20,10 +19,10 @@ from pathlib import Path
 from typing import TypeVar
 
 import apache_beam as beam
-import pyarrow.parquet as pq
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from kafka.errors import KafkaError
 
+from stylestream.analytics import history
 from stylestream.models.clip import ClipSpec, embedding_dim
 from stylestream.pipelines.store import CycleResult, Store
 from stylestream.streams import clients
@@ -253,6 +252,9 @@ class Ingestor:
         for cycle in store.unwritten_history():
             write_history_file(self.cfg.history_dir, cycle, store)
             store.mark_history_written(cycle)
+        if redactions := store.pending_redactions():
+            history.redact(self.cfg.history_dir, [(u, a, b) for _, u, a, b in redactions])
+            store.mark_redacted(sorted({c for c, _, _, _ in redactions}))
         self._unfinished = False
 
 
@@ -278,13 +280,11 @@ def connect(cfg: IngestConfig, stop: threading.Event,
 
 
 def write_history_file(history_dir: Path, cycle: int, store: Store) -> Path | None:
-    """history/cycle-<n>.parquet with the versions the cycle committed (none if it changed no style)."""
+    """The cycle's file in the history (see analytics.history), with the versions it committed; none
+    if it changed no style."""
     table = store.history_rows(cycle)
     if table.num_rows == 0:
         return None
-    history_dir.mkdir(parents=True, exist_ok=True)
-    path = history_dir / f"cycle-{cycle:08d}.parquet"
-    tmp = path.with_suffix(".parquet.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)  # readers see the whole file or none of it
+    path = history.cycle_path(history_dir, cycle, store.committed_at(cycle))
+    history.write_atomically(table, path)
     return path

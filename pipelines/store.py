@@ -57,7 +57,7 @@ CREATE TABLE IF NOT EXISTS photos (
 CREATE TABLE IF NOT EXISTS contributions (
     user_id VARCHAR, photo_id VARCHAR, album_id VARCHAR, taken_at TIMESTAMPTZ NOT NULL,
     weight DOUBLE NOT NULL, embedding FLOAT[] NOT NULL, features FLOAT[] NOT NULL, metadata JSON,
-    PRIMARY KEY (user_id, photo_id));
+    added_version BIGINT NOT NULL, PRIMARY KEY (user_id, photo_id));
 CREATE TABLE IF NOT EXISTS user_stats (
     user_id VARCHAR PRIMARY KEY, version BIGINT NOT NULL, photo_count BIGINT NOT NULL,
     total_weight DOUBLE NOT NULL, sum_embedding DOUBLE[] NOT NULL, sum_features DOUBLE[] NOT NULL);
@@ -67,6 +67,9 @@ CREATE TABLE IF NOT EXISTS style_versions (
     features FLOAT[] NOT NULL,
     facets STRUCT(photo_count BIGINT, total_weight DOUBLE, embedding FLOAT[], features FLOAT[])[] NOT NULL,
     tombstone BOOLEAN NOT NULL, PRIMARY KEY (user_id, version));
+CREATE TABLE IF NOT EXISTS redactions (
+    cycle BIGINT NOT NULL, user_id VARCHAR NOT NULL, from_version BIGINT NOT NULL, to_version BIGINT NOT NULL,
+    applied BOOLEAN NOT NULL DEFAULT false, PRIMARY KEY (cycle, user_id));
 CREATE TABLE IF NOT EXISTS outbox (
     cycle BIGINT NOT NULL, seq BIGINT NOT NULL, topic VARCHAR NOT NULL, key BLOB, value BLOB NOT NULL,
     PRIMARY KEY (cycle, seq));
@@ -259,10 +262,12 @@ class Store:
             "album_id": [c.album_id for _, up in items for c in up.catalog],
             "upload": [c.upload.model_dump_json(exclude_none=True) for _, up in items for c in up.catalog]},
             "OR IGNORE")
-        self._delete("contributions", [u for u, up in items for _ in up.remove],
-                     [p for _, up in items for p in up.remove])
+        removed = ([u for u, up in items for _ in up.remove], [p for _, up in items for p in up.remove])
+        self._redact_versions_with(*removed, views, cycle)
+        self._delete("contributions", *removed)
         added = [(u, c, w) for u, up in items for c, w in up.add]
         self._insert("contributions", {
+            "added_version": [views[u].version + 1 for u, _, _ in added],
             "user_id": [u for u, _, _ in added], "photo_id": [c.photo_id for _, c, _ in added],
             "album_id": [c.album_id for _, c, _ in added], "taken_at": [c.taken_at for _, c, _ in added],
             "weight": [w for _, _, w in added], "embedding": [c.embedding.tolist() for _, c, _ in added],
@@ -294,6 +299,26 @@ class Store:
         outbox += [(STYLE_VECTORS, u.encode(), self._vector_event(u, v, facets.get(u, []), up.stats, now))
                    for u, up, v in changed]
         return outbox
+
+    def _redact_versions_with(self, users: list[str], photo_ids: list[str], views: dict[str, UserView],
+                              cycle: int) -> None:
+        """Withdrawn photos must stop influencing anything, the user's past versions included: every
+        version from the first that counted one of them to the current one is deleted here and, after
+        the commit, from the Parquet history (`redactions`)."""
+        if not users:
+            return
+        self.db.register("doomed", pa.table({"user_id": users, "photo_id": photo_ids}))
+        first = self.db.execute("""SELECT c.user_id, min(c.added_version) FROM contributions c
+                                   SEMI JOIN doomed d ON c.user_id = d.user_id AND c.photo_id = d.photo_id
+                                   GROUP BY c.user_id ORDER BY c.user_id""").fetchall()
+        self.db.unregister("doomed")
+        ranges = {"cycle": [cycle] * len(first), "user_id": [u for u, _ in first],
+                  "from_version": [v for _, v in first], "to_version": [views[u].version for u, _ in first]}
+        self._insert("redactions", ranges)
+        self.db.register("tainted", pa.table(ranges))
+        self.db.execute("""DELETE FROM style_versions s USING tainted t WHERE s.user_id = t.user_id
+                           AND s.version BETWEEN t.from_version AND t.to_version""")
+        self.db.unregister("tainted")
 
     def _delete(self, table: str, users: list[str], photo_ids: list[str]) -> None:
         if users:
@@ -366,6 +391,16 @@ class Store:
                    tombstone
             FROM style_versions WHERE cycle = ? ORDER BY user_id, version""", params=[cycle]).to_arrow_table()
         return table.cast(STYLE_HISTORY)
+
+    def pending_redactions(self) -> list[tuple[int, str, int, int]]:
+        return self.db.execute("""SELECT cycle, user_id, from_version, to_version FROM redactions
+                                  WHERE NOT applied ORDER BY cycle, user_id""").fetchall()
+
+    def mark_redacted(self, cycles: list[int]) -> None:
+        self.db.execute("UPDATE redactions SET applied = true WHERE list_contains(?, cycle)", [cycles])
+
+    def committed_at(self, cycle: int) -> datetime:
+        return self.db.execute("SELECT committed_at FROM cycles WHERE cycle = ?", [cycle]).fetchone()[0]
 
     def mark_history_written(self, cycle: int) -> None:
         self.db.execute("UPDATE cycles SET history_written = true WHERE cycle = ?", [cycle])

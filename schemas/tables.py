@@ -31,19 +31,20 @@ FACET = pa.struct([
 ])
 
 # One row per immutable version of a user's style. Written once per committed ingestion cycle, as
-# history/cycle=<n>.parquet; the file of a cycle exists only if that cycle committed.
+# history/date=<UTC day>/cycle-<n>.parquet (layout, compaction and redaction: analytics/history.py);
+# the file of a cycle exists only if that cycle committed.
 STYLE_HISTORY = pa.schema(
     [
         pa.field("user_id", pa.string(), nullable=False),
-        pa.field("version", pa.int64(), nullable=False),
-        pa.field("cycle", pa.int64(), nullable=False),
-        pa.field("updated_at", pa.timestamp("us", tz="UTC"), nullable=False),
-        pa.field("photo_count", pa.int64(), nullable=False),
-        pa.field("total_weight", pa.float64(), nullable=False),
-        pa.field("embedding", pa.list_(pa.float32()), nullable=False),
-        pa.field("features", pa.list_(pa.float32()), nullable=False),
-        pa.field("facets", pa.list_(FACET), nullable=False),
-        pa.field("tombstone", pa.bool_(), nullable=False),
+        pa.field("version", pa.int64(), nullable=False),  # 1, 2, ... per user
+        pa.field("cycle", pa.int64(), nullable=False),  # the ingestion cycle that committed it
+        pa.field("updated_at", pa.timestamp("us", tz="UTC"), nullable=False),  # when it committed
+        pa.field("photo_count", pa.int64(), nullable=False),  # photos counted in it
+        pa.field("total_weight", pa.float64(), nullable=False),  # their summed time-decay weights
+        pa.field("embedding", pa.list_(pa.float32()), nullable=False),  # weighted mean image embedding
+        pa.field("features", pa.list_(pa.float32()), nullable=False),  # weighted mean, FEATURE_NAMES order
+        pa.field("facets", pa.list_(FACET), nullable=False),  # up to 3 distinct tastes in the library
+        pa.field("tombstone", pa.bool_(), nullable=False),  # the user's style was erased
     ],
     metadata={"feature_names": ",".join(FEATURE_NAMES)},
 )

@@ -49,3 +49,9 @@ def test_ingest_bench_runs():
 def test_serve_bench_runs():
     r = final_json("serve.py", "--batch", "2", "--reps", "1", "--rate", "2", "--duration", "2")
     assert r["batch"] == 2 and r["mixed_user_ips"] > 0 and r["mixed_lora_ips"] > 0 and r["latency_p50_s"] > 0
+
+
+@pytest.mark.slow
+def test_drift_bench_runs():
+    r = final_json("drift.py", "--users", "300", "--versions", "12", "--window-days", "5", "--repeats", "1")
+    assert r["rows"] == 3600 and {"topn_query_s", "timeline_query_s", "pandas_topn_s"} <= set(r)

@@ -49,6 +49,15 @@ def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
     return linear_to_lab(srgb_to_linear(rgb))
 
 
+def lab_to_srgb(lab: np.ndarray) -> np.ndarray:
+    """The inverse of `srgb_to_lab`, clipped to [0, 1] (for drawing palettes)."""
+    fy = (lab[..., 0] + 16) / 116
+    f = np.stack([fy + lab[..., 1] / 500, fy, fy - lab[..., 2] / 200], -1)
+    xyz = np.where(f > 6 / 29, f ** 3, 3 * (6 / 29) ** 2 * (f - 4 / 29)) * _D65_WHITE
+    lin = np.clip(xyz @ np.linalg.inv(_XYZ_FROM_LINEAR).T, 0, 1)
+    return np.clip(np.where(lin <= 0.0031308, 12.92 * lin, 1.055 * lin ** (1 / 2.4) - 0.055), 0, 1)
+
+
 def brightness(lab: np.ndarray) -> float:
     """Mean lightness L*, scaled to [0, 1]."""
     return float(lab[..., 0].mean() / 100)

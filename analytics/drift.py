@@ -1,0 +1,206 @@
+"""How taste drifts, in SQL over the Parquet history (never the live state database).
+
+`connect(history_dir)` gives an in-memory DuckDB connection with these views and macros, for use
+from SQL too (`stylestream drift sql "SELECT * FROM top_drift(now() - INTERVAL 30 DAY, now(), 5)"`):
+
+    history                        every version row (+ `date`, the hive partition)
+    feature_words                  feature, position, word when it rises, word when it falls, step
+    style_distance(a, b)           cosine distance of two embeddings (0: same direction)
+    versions_of(user)              one row per version of a user
+    user_timeline(user)            versions with drift from the first and from the previous version
+    user_drift(user, v0, v1)       drift between two versions: distance and per-feature deltas
+    window_ends(t0, t1)            per user: version in force at t0 (NULL if none), first and last ≤ t1
+    drift_between(t0, t1)          per user who changed in the window: distance and deltas
+    top_drift(t0, t1, n)           the n users who drifted most in the window
+    population_drift(t0, t1, thr)  centroid shift and share of users who moved more than thr
+    trend_words(deltas)            'warmer and less saturated' (or 'no clear change')
+
+A version's time is when ingestion committed it (`updated_at`). Feature deltas are lists in
+`schemas.tables.FEATURE_NAMES` order. A reader that lists files while a compaction swaps them may
+see a version twice; every macro here picks one row per (user, version), so nothing counts twice.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+
+from stylestream.schemas.tables import FEATURE_NAMES
+
+
+@dataclass(frozen=True)
+class FeatureWord:
+    feature: str
+    more: str  # the word when the feature rises
+    less: str  # ... and when it falls
+    step: float  # the smallest change worth a word, in the feature's own units
+
+
+# A step is about a quarter of how far apart the demo's distinct looks lie on that feature. The
+# composition features vary more between photos of one look than between looks: their step is that
+# photo-to-photo spread, so a handful of new photos cannot move them across it by chance.
+FEATURE_WORDS = (
+    FeatureWord("warmth", "warmer", "cooler", 0.07),
+    FeatureWord("saturation", "more saturated", "less saturated", 0.07),
+    FeatureWord("brightness", "brighter", "darker", 0.05),
+    FeatureWord("contrast", "more contrasty", "flatter", 0.02),
+    FeatureWord("colourfulness", "more colourful", "more muted", 0.07),
+    FeatureWord("sharpness", "sharper", "softer", 0.03),
+    FeatureWord("thirds_energy", "more off-centre", "more centred", 0.15),
+    FeatureWord("symmetry", "more symmetric", "less symmetric", 0.3),
+)
+
+MACROS = """
+SET TimeZone = 'UTC';
+CREATE OR REPLACE MACRO style_distance(a, b) AS list_cosine_distance(a, b);
+CREATE OR REPLACE MACRO feature_deltas(a, b) AS [b[i] - a[i] FOR i IN range(1, len(a) + 1)];
+
+CREATE OR REPLACE MACRO versions_of(u) AS TABLE
+    SELECT DISTINCT ON (version) * FROM history WHERE user_id = u ORDER BY version;
+
+CREATE OR REPLACE MACRO user_timeline(u) AS TABLE
+    SELECT version, updated_at, photo_count,
+           style_distance(first_value(embedding) OVER w, embedding) AS drift_from_first,
+           coalesce(style_distance(lag(embedding) OVER w, embedding), 0) AS drift_from_previous,
+           features, facets
+    FROM versions_of(u) WINDOW w AS (ORDER BY version) ORDER BY version;
+
+CREATE OR REPLACE MACRO user_drift(u, v0, v1) AS TABLE
+    SELECT a.version AS from_version, b.version AS to_version, a.updated_at AS from_time,
+           b.updated_at AS to_time, style_distance(a.embedding, b.embedding) AS drift,
+           feature_deltas(a.features, b.features) AS feature_deltas
+    FROM versions_of(u) a, versions_of(u) b WHERE a.version = v0 AND b.version = v1;
+
+CREATE OR REPLACE MACRO window_ends(t0, t1) AS TABLE
+    SELECT user_id, max(version) FILTER (WHERE updated_at <= t0) AS at_start,
+           min(version) AS first_version, max(version) AS to_version
+    FROM history WHERE date <= CAST(t1 AS DATE) AND updated_at <= t1 GROUP BY user_id;
+
+-- The embeddings and features of the listed (user_id, from_version, to_version) pairs, side by side.
+CREATE OR REPLACE MACRO pair_rows(t1, ends) AS TABLE
+    WITH wanted AS (
+        SELECT user_id, from_version AS version FROM query_table(ends)
+        UNION SELECT user_id, to_version FROM query_table(ends)),
+    picked AS (
+        SELECT h.user_id, h.version, any_value(h.updated_at) AS updated_at,
+               any_value(h.embedding) AS embedding, any_value(h.features) AS features
+        FROM history h SEMI JOIN wanted w ON h.user_id = w.user_id AND h.version = w.version
+        WHERE h.date <= CAST(t1 AS DATE) GROUP BY h.user_id, h.version)
+    SELECT e.user_id, e.from_version, e.to_version, a.updated_at AS from_time, b.updated_at AS to_time,
+           a.embedding AS e0, b.embedding AS e1, a.features AS f0, b.features AS f1
+    FROM query_table(ends) e
+    JOIN picked a ON a.user_id = e.user_id AND a.version = e.from_version
+    JOIN picked b ON b.user_id = e.user_id AND b.version = e.to_version;
+
+CREATE OR REPLACE MACRO drift_between(t0, t1) AS TABLE
+    WITH drift_ends AS (
+        SELECT user_id, coalesce(at_start, first_version) AS from_version, to_version
+        FROM window_ends(t0, t1) WHERE to_version > coalesce(at_start, first_version))
+    SELECT user_id, from_version, to_version, from_time, to_time, style_distance(e0, e1) AS drift,
+           feature_deltas(f0, f1) AS feature_deltas
+    FROM pair_rows(t1, drift_ends);
+
+CREATE OR REPLACE MACRO top_drift(t0, t1, n) AS TABLE
+    SELECT * FROM drift_between(t0, t1) ORDER BY drift DESC, user_id LIMIT n;
+
+CREATE OR REPLACE MACRO population_drift(t0, t1, threshold) AS TABLE
+    WITH population_ends AS (
+        SELECT user_id, at_start AS from_version, to_version FROM window_ends(t0, t1) WHERE at_start IS NOT NULL),
+    pairs AS (SELECT * FROM pair_rows(t1, population_ends)),
+    embedding_means AS (
+        SELECT list(m0 ORDER BY i) AS c0, list(m1 ORDER BY i) AS c1 FROM (
+            SELECT i, avg(x0) AS m0, avg(x1) AS m1 FROM (
+                SELECT unnest(e0) AS x0, unnest(e1) AS x1, generate_subscripts(e0, 1) AS i FROM pairs)
+            GROUP BY i)),
+    feature_means AS (
+        SELECT list(m0 ORDER BY i) AS g0, list(m1 ORDER BY i) AS g1 FROM (
+            SELECT i, avg(x0) AS m0, avg(x1) AS m1 FROM (
+                SELECT unnest(f0) AS x0, unnest(f1) AS x1, generate_subscripts(f0, 1) AS i FROM pairs)
+            GROUP BY i))
+    SELECT (SELECT count(*) FROM pairs) AS users,
+           style_distance(c0, c1) AS centroid_shift,
+           (SELECT avg(CAST(style_distance(e0, e1) > threshold AS DOUBLE)) FROM pairs) AS share_moved,
+           feature_deltas(g0, g1) AS feature_deltas
+    FROM embedding_means, feature_means;
+
+CREATE OR REPLACE MACRO join_words(ws) AS CASE
+    WHEN len(ws) = 0 THEN 'no clear change'
+    WHEN len(ws) = 1 THEN ws[1]
+    ELSE array_to_string(ws[1:len(ws) - 1], ', ') || ' and ' || ws[len(ws)] END;
+
+CREATE OR REPLACE MACRO trend_words(deltas) AS join_words(coalesce((
+    SELECT list(CASE WHEN deltas[position] > 0 THEN more ELSE less END
+                ORDER BY abs(deltas[position]) / step DESC)
+    FROM feature_words WHERE abs(deltas[position]) >= step), []));
+"""
+
+
+def connect(history_dir: Path | str) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with the drift views and macros over `history_dir`."""
+    history_dir = Path(history_dir)
+    if not any(history_dir.glob("date=*/*.parquet")):
+        raise FileNotFoundError(f"no style history under {history_dir} (run ingestion first, or point "
+                                "--history at the folder that holds the date=YYYY-MM-DD partitions)")
+    db = duckdb.connect()
+    pattern = str(history_dir / "date=*" / "*.parquet").replace("'", "''")
+    db.execute(f"CREATE VIEW history AS SELECT * FROM read_parquet('{pattern}', hive_partitioning = true, "
+               "hive_types = {'date': DATE})")
+    db.register("feature_words_arrow", pa.table({
+        "feature": [w.feature for w in FEATURE_WORDS],
+        "position": [FEATURE_NAMES.index(w.feature) + 1 for w in FEATURE_WORDS],
+        "more": [w.more for w in FEATURE_WORDS], "less": [w.less for w in FEATURE_WORDS],
+        "step": [w.step for w in FEATURE_WORDS]}))
+    db.execute("CREATE TABLE feature_words AS SELECT * FROM feature_words_arrow")
+    db.unregister("feature_words_arrow")
+    db.execute(MACROS)
+    return db
+
+
+def timeline(db: duckdb.DuckDBPyConnection, user: str) -> pa.Table:
+    return db.sql("SELECT * FROM user_timeline($u)", params={"u": user}).to_arrow_table()
+
+
+def user_drift(db: duckdb.DuckDBPyConnection, user: str, from_version: int | None = None,
+               to_version: int | None = None) -> pa.Table:
+    """Drift of one user between two versions (default: the first and the latest), with words."""
+    [(first, last)] = db.sql("SELECT min(version), max(version) FROM versions_of($u)", params={"u": user}).fetchall()
+    if first is None:
+        raise KeyError(f"no versions of user {user!r} in the history")
+    return db.sql("SELECT *, trend_words(feature_deltas) AS trend FROM user_drift($u, $a, $b)",
+                  params={"u": user, "a": from_version or first, "b": to_version or last}).to_arrow_table()
+
+
+def top_drift(db: duckdb.DuckDBPyConnection, since: datetime, until: datetime, n: int = 10) -> pa.Table:
+    return db.sql("SELECT *, trend_words(feature_deltas) AS trend FROM top_drift($t0, $t1, $n)",
+                  params={"t0": since, "t1": until, "n": n}).to_arrow_table()
+
+
+def population_drift(db: duckdb.DuckDBPyConnection, since: datetime, until: datetime,
+                     threshold: float = 0.05) -> pa.Table:
+    return db.sql("SELECT *, trend_words(feature_deltas) AS trend FROM population_drift($t0, $t1, $thr)",
+                  params={"t0": since, "t1": until, "thr": threshold}).to_arrow_table()
+
+
+def named_deltas(deltas: list[float] | None) -> dict[str, float]:
+    return dict(zip(FEATURE_NAMES, deltas or [], strict=False))
+
+
+_AGO = re.compile(r"^(\d+(?:\.\d+)?)\s*([dhmw])$")
+
+
+def parse_when(text: str, now: datetime | None = None) -> datetime:
+    """'90d', '12h', '30m', '2w' (that long ago), or an ISO date / date-time (UTC if no zone given)."""
+    now = now or datetime.now(UTC)
+    if m := _AGO.match(text.strip()):
+        unit = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}[m[2]]
+        return now - timedelta(**{unit: float(m[1])})
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"not a time: {text!r} (use e.g. 90d, 12h, 2026-11-01 or 2026-11-01T08:00)") from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)

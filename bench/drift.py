@@ -1,0 +1,125 @@
+#!/usr/bin/env python
+"""Drift queries over a large history, with pandas on the same files as the baseline in the same run.
+
+Generates USERS x VERSIONS style versions (one version per user per day, DIM-d embeddings that
+wander at a per-user speed, the 24 features), written as the history layout ingestion and
+`stylestream history compact` produce: one file per day, sorted by user, small row groups. Then times
+
+  topn      the top-N drift query (version in force 30 days before the end vs the latest), DuckDB
+  timeline  one user's timeline (drift from first and previous version), DuckDB
+  pandas    the same top-N computed with pandas from the same Parquet files
+
+Each query runs REPEATS times; the median is reported (the first run includes reading file footers).
+Final line: JSON with rows, topn_query_s, timeline_query_s, pandas_topn_s and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+from rich.progress import track
+
+from stylestream.analytics import drift, history
+from stylestream.schemas.tables import FEATURE_NAMES, STYLE_HISTORY
+
+START = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def list_column(values: np.ndarray) -> pa.ListArray:
+    rows, width = values.shape
+    return pa.ListArray.from_arrays(pa.array(np.arange(0, rows * width + 1, width, dtype=np.int32)),
+                                    pa.array(values.reshape(-1), pa.float32()))
+
+
+def generate(folder: Path, users: int, versions: int, dim: int) -> int:
+    rng = np.random.default_rng(0)
+    ids = np.array([f"user-{u:06d}" for u in range(users)])  # sorted, as compaction leaves them
+    base = rng.normal(size=(users, dim)).astype(np.float32)
+    heading = rng.normal(size=(users, dim)).astype(np.float32)
+    speed = rng.exponential(0.02, size=(users, 1)).astype(np.float32)
+    features = rng.normal(0.3, 0.1, size=(users, len(FEATURE_NAMES))).astype(np.float32)
+    trend = rng.normal(0, 0.002, size=(users, len(FEATURE_NAMES))).astype(np.float32)
+    for day in track(range(versions), description="writing history"):
+        when = START + timedelta(days=day, hours=3)
+        embedding = base + day * speed * heading + rng.normal(0, 0.01, size=(users, dim)).astype(np.float32)
+        table = pa.table({
+            "user_id": ids, "version": np.full(users, day + 1), "cycle": np.full(users, day + 1),
+            "updated_at": pa.array([when] * users, pa.timestamp("us", tz="UTC")),
+            "photo_count": np.full(users, 10 + day), "total_weight": np.full(users, 10.0 + day),
+            "embedding": list_column(embedding), "features": list_column(features + day * trend),
+            "facets": pa.array([[]] * users, STYLE_HISTORY.field("facets").type),
+            "tombstone": np.zeros(users, bool)})
+        history.write_atomically(table, history.cycle_path(folder, day + 1, when))
+    return users * versions
+
+
+def timed(fn, repeats: int) -> tuple[float, object]:
+    times, result = [], None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), result
+
+
+def pandas_top_n(folder: Path, t0: datetime, t1: datetime, n: int) -> list[str]:
+    """The same question as top_drift(t0, t1, n), the pandas way."""
+    df = pd.read_parquet(folder, columns=["user_id", "version", "updated_at", "embedding"],
+                         filters=[("updated_at", "<=", t1)])
+    df["user_id"] = df["user_id"].astype(str)
+    last = df.groupby("user_id")["version"].max()
+    start = df[df["updated_at"] <= t0].groupby("user_id")["version"].max()
+    start = start.reindex(last.index).fillna(df.groupby("user_id")["version"].min()).astype(int)
+    changed = last.index[last.to_numpy() > start.to_numpy()]
+    emb = df.set_index(["user_id", "version"])["embedding"]
+    a = np.stack(emb.loc[list(zip(changed, start[changed], strict=True))].to_numpy())
+    b = np.stack(emb.loc[list(zip(changed, last[changed], strict=True))].to_numpy())
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    return pd.Series(1 - cos, index=changed).sort_values(ascending=False, kind="stable").index[:n].tolist()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--users", type=int, default=100_000)
+    ap.add_argument("--versions", type=int, default=100, help="versions per user (one a day)")
+    ap.add_argument("--dim", type=int, default=64, help="embedding size (64: the default tiny CLIP; 512: ViT-B-32)")
+    ap.add_argument("--window-days", type=int, default=30)
+    ap.add_argument("-n", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dir", type=Path, help="keep the generated history here (default: a temporary folder)")
+    a = ap.parse_args()
+    folder = (a.dir or Path(tempfile.mkdtemp(prefix="bench-drift-"))) / "history"
+    t = time.perf_counter()
+    rows = generate(folder, a.users, a.versions, a.dim)
+    gen_s = time.perf_counter() - t
+    size = sum(f.stat().st_size for f in folder.rglob("*.parquet"))
+    print(json.dumps({"bench": "generate", "rows": rows, "seconds": round(gen_s, 1), "bytes": size}), flush=True)
+
+    t1 = START + timedelta(days=a.versions - 1, hours=3)
+    t0 = t1 - timedelta(days=a.window_days)
+    db = drift.connect(folder)
+    topn_s, top = timed(lambda: drift.top_drift(db, t0, t1, a.n).column("user_id").to_pylist(), a.repeats)
+    user = f"user-{a.users // 2:06d}"
+    timeline_s, tl = timed(lambda: drift.timeline(db, user), a.repeats)
+    pandas_s, top_pd = timed(lambda: pandas_top_n(folder, t0, t1, a.n), a.repeats)
+    print(json.dumps({"bench": "queries", "top": top, "pandas_top": top_pd, "timeline_rows": tl.num_rows}), flush=True)
+    if top != top_pd:
+        raise SystemExit("DuckDB and pandas disagree on the top users")
+    print(json.dumps({"bench": "drift", "rows": rows, "users": a.users, "versions": a.versions, "dim": a.dim,
+                      "history_mb": round(size / 2**20, 1), "topn_query_s": round(topn_s, 3),
+                      "timeline_query_s": round(timeline_s, 3), "pandas_topn_s": round(pandas_s, 3),
+                      "ratio_pandas_vs_duckdb": round(pandas_s / topn_s, 2), "cpus": os.cpu_count()}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""`stylestream drift ...` and `stylestream history ...`: analytics over the Parquet history only, so
+they work while ingestion runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from datetime import UTC, date, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from stylestream.analytics import drift, history
+from stylestream.cli.options import DEFAULT_DATA_DIR, DataDir
+from stylestream.schemas.tables import FEATURE_NAMES
+
+drift_app = typer.Typer(help="How people's taste drifts: tables, CSV/JSON and plots from the style history.",
+                        no_args_is_help=True)
+history_app = typer.Typer(help="The Parquet style history: layout upkeep.", no_args_is_help=True)
+console = Console()
+
+
+class Format(StrEnum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+HistoryDir = Annotated[Path | None, typer.Option(
+    "--history", help="The history folder itself (default: DATA_DIR/state/history), e.g. a synced copy.")]
+OutputFormat = Annotated[Format, typer.Option("--format", "-f", help="Readable table, or CSV / JSON for tools.")]
+Since = Annotated[str, typer.Option(help="Window start: 30d, 12h, 2w ago, or an ISO date/time (UTC).")]
+Until = Annotated[str, typer.Option(help="Window end, same forms; default now.")]
+
+
+def _connect(data_dir: Path, history_dir: Path | None):
+    try:
+        return drift.connect(history_dir or data_dir / "state" / "history")
+    except FileNotFoundError as e:
+        console.print(f"[red]{e}[/]")
+        raise typer.Exit(1) from None
+
+
+def _window(since: str, until: str) -> tuple[datetime, datetime]:
+    try:
+        t0, t1 = drift.parse_when(since), drift.parse_when(until) if until else datetime.now(UTC)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    if t0 >= t1:
+        raise typer.BadParameter(f"the window starts ({t0:%Y-%m-%d %H:%M}) after it ends ({t1:%Y-%m-%d %H:%M})")
+    return t0, t1
+
+
+def _top_deltas(deltas: list[float] | None, k: int = 3) -> str:
+    steps = {w.feature: w.step for w in drift.FEATURE_WORDS}
+    named = sorted(((n, d) for n, d in drift.named_deltas(deltas).items() if n in steps),
+                   key=lambda nd: -abs(nd[1]) / steps[nd[0]])
+    return ", ".join(f"{n} {d:+.3f}" for n, d in named[:k])
+
+
+def _flat(row: dict) -> dict:
+    """Lists of feature deltas become one named column each (delta_warmth, ...)."""
+    out = {k: v for k, v in row.items() if k not in ("feature_deltas", "features", "facets")}
+    out |= {f"delta_{n}": d for n, d in drift.named_deltas(row.get("feature_deltas")).items()}
+    out |= {n: v for n, v in zip(FEATURE_NAMES, row.get("features") or [], strict=False)}
+    return out
+
+
+def emit(rows: list[dict], fmt: Format, title: str, columns: dict[str, str]) -> None:
+    """rows as a table (the given columns, with headers) or every column as CSV / JSON on stdout."""
+    if fmt is Format.json:
+        print(json.dumps([_flat(r) for r in rows], default=str, indent=1))
+    elif fmt is Format.csv:
+        flat = [_flat(r) for r in rows]
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(flat[0]) if flat else list(columns))
+        writer.writeheader()
+        writer.writerows(flat)
+    else:
+        table = Table(title=title)
+        for header in columns.values():
+            table.add_column(header)
+        for r in rows:
+            table.add_row(*(_cell(r, key) for key in columns))
+        console.print(table)
+
+
+def _cell(row: dict, key: str) -> str:
+    if key == "top_deltas":
+        return _top_deltas(row.get("feature_deltas"))
+    value = row.get(key)
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, datetime):
+        return f"{value:%Y-%m-%d %H:%M}"
+    return "" if value is None else str(value)
+
+
+@drift_app.command()
+def user(
+    user_id: Annotated[str, typer.Argument(help="The user, as in the history's user_id column.")],
+    from_version: Annotated[int | None, typer.Option(help="Default: the first version.")] = None,
+    to_version: Annotated[int | None, typer.Option(help="Default: the latest version.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Also draw the user's timeline to this PNG file.")] = None,
+    fmt: OutputFormat = Format.table, data_dir: DataDir = DEFAULT_DATA_DIR, history_dir: HistoryDir = None,
+) -> None:
+    """Drift of one user between two versions: distance, the features that moved, in words."""
+    db = _connect(data_dir, history_dir)
+    try:
+        rows = drift.user_drift(db, user_id, from_version, to_version).to_pylist()
+    except KeyError as e:
+        console.print(f"[red]{e.args[0]}[/]")
+        raise typer.Exit(1) from None
+    if not rows:
+        console.print(f"[red]user {user_id!r} has no version {from_version} or {to_version}[/]")
+        raise typer.Exit(1)
+    emit(rows, fmt, f"Drift of {user_id}", {"from_version": "from", "to_version": "to", "drift": "distance",
+                                            "trend": "in words", "top_deltas": "largest changes"})
+    if plot:
+        from stylestream.analytics.plot import plot_timeline
+        console.print(f"plot: {plot_timeline(drift.timeline(db, user_id), user_id, plot)}", highlight=False)
+
+
+@drift_app.command()
+def timeline(
+    user_id: Annotated[str, typer.Argument(help="The user, as in the history's user_id column.")],
+    plot: Annotated[Path | None, typer.Option(help="Draw drift, feature trends and palettes to this PNG.")] = None,
+    fmt: OutputFormat = Format.table, data_dir: DataDir = DEFAULT_DATA_DIR, history_dir: HistoryDir = None,
+) -> None:
+    """Every version of one user, with its drift from the first and from the previous version."""
+    db = _connect(data_dir, history_dir)
+    table = drift.timeline(db, user_id)
+    if table.num_rows == 0:
+        console.print(f"[red]no versions of user {user_id!r} in the history[/]")
+        raise typer.Exit(1)
+    emit(table.to_pylist(), fmt, f"Style versions of {user_id}",
+         {"version": "version", "updated_at": "time (UTC)", "photo_count": "photos",
+          "drift_from_first": "from first", "drift_from_previous": "from previous"})
+    if plot:
+        from stylestream.analytics.plot import plot_timeline
+        console.print(f"plot: {plot_timeline(table, user_id, plot)}", highlight=False)
+
+
+@drift_app.command()
+def top(
+    n: Annotated[int, typer.Option("-n", min=1, help="How many users.")] = 10,
+    since: Since = "30d", until: Until = "",
+    fmt: OutputFormat = Format.table, data_dir: DataDir = DEFAULT_DATA_DIR, history_dir: HistoryDir = None,
+) -> None:
+    """The users whose style moved most in a window (their version at its start against its end)."""
+    t0, t1 = _window(since, until)
+    rows = drift.top_drift(_connect(data_dir, history_dir), t0, t1, n).to_pylist()
+    emit(rows, fmt, f"Top {n} drift, {t0:%Y-%m-%d %H:%M} to {t1:%Y-%m-%d %H:%M} UTC",
+         {"user_id": "user", "from_version": "from", "to_version": "to", "drift": "distance", "trend": "in words",
+          "top_deltas": "largest changes"})
+
+
+@drift_app.command()
+def population(
+    threshold: Annotated[float, typer.Option(help="Cosine distance that counts as 'moved'.")] = 0.05,
+    since: Since = "30d", until: Until = "",
+    fmt: OutputFormat = Format.table, data_dir: DataDir = DEFAULT_DATA_DIR, history_dir: HistoryDir = None,
+) -> None:
+    """How everyone's taste moved together: centroid shift and the share of users who moved."""
+    t0, t1 = _window(since, until)
+    rows = drift.population_drift(_connect(data_dir, history_dir), t0, t1, threshold).to_pylist()
+    emit(rows, fmt, f"Population drift, {t0:%Y-%m-%d %H:%M} to {t1:%Y-%m-%d %H:%M} UTC",
+         {"users": "users", "centroid_shift": "centroid shift", "share_moved": f"share moved > {threshold}",
+          "trend": "on average", "top_deltas": "largest mean changes"})
+
+
+@drift_app.command()
+def sql(
+    query: Annotated[str, typer.Argument(help="SQL over the `history` view and the drift macros (see "
+                                              "analytics/drift.py), e.g. SELECT * FROM user_timeline('ana')")],
+    fmt: OutputFormat = Format.table, data_dir: DataDir = DEFAULT_DATA_DIR, history_dir: HistoryDir = None,
+) -> None:
+    """Run any query with the drift views and macros."""
+    import duckdb
+
+    try:
+        table = _connect(data_dir, history_dir).sql(query).to_arrow_table()
+    except duckdb.Error as e:
+        console.print(f"[red]{e}[/]")
+        raise typer.Exit(1) from None
+    emit(table.to_pylist(), fmt, "", {c: c for c in table.column_names})
+
+
+@history_app.command()
+def compact(
+    before: Annotated[str | None, typer.Option(help="Compact days before this ISO date (default: today, UTC; "
+                                                    "ingestion may still write today's).")] = None,
+    data_dir: DataDir = DEFAULT_DATA_DIR, history_dir: HistoryDir = None,
+) -> None:
+    """Merge each closed day's cycle files into one file sorted by user, so queries stay fast."""
+    folder = history_dir or data_dir / "state" / "history"
+    if not folder.exists():
+        console.print(f"[red]no history at {folder}[/]")
+        raise typer.Exit(1)
+    try:
+        day = date.fromisoformat(before) if before else None
+    except ValueError:
+        raise typer.BadParameter(f"not a date: {before!r} (use YYYY-MM-DD)") from None
+    done = history.compact(folder, day)
+    for d, files, rows in done:
+        console.print(f"{d}: {files} files -> 1 ({rows} versions)")
+    console.print(f"compacted {len(done)} day(s) in {folder}")

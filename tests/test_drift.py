@@ -1,0 +1,180 @@
+"""Drift analytics on known drift: real ingestion writes the history, DuckDB reads only the Parquet."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from helpers import produce
+from typer.testing import CliRunner
+
+from stylestream.analytics import drift, history
+from stylestream.cli.main import app
+from stylestream.demo.synthetic import make_library, toggle_event
+from stylestream.pipelines.store import Store
+from stylestream.schemas.tables import FEATURE_NAMES, STYLE_HISTORY
+from stylestream.streams.topics import CONSENT_EVENTS, PHOTO_EVENTS
+
+LATER = datetime(2026, 3, 1, tzinfo=UTC)
+WARMTH = FEATURE_NAMES.index("warmth")
+
+
+@pytest.fixture
+def ingested(broker, make_ingestor, tmp_path):
+    """wendy: warm photos, then cool ones over two more cycles. sam: the same warm look every cycle.
+    wanda: a warm album, then a cool album, which she then withdraws."""
+    library = make_library(tmp_path / "library", {
+        "wendy": [("summer", "warm", 4), ("winter", "cool", 8)],
+        "sam": [("days", "warm", 12)],
+        "wanda": [("home", "warm", 4), ("trip", "cool", 4)],
+    })
+    by_user = {u: [p for p in library if p.user_id == u] for u in ("wendy", "sam", "wanda")}
+    ing = make_ingestor()
+    bs = broker.bootstrap_servers
+    for part in range(3):
+        produce(bs, PHOTO_EVENTS, [p.upload_event() for u in ("wendy", "sam")
+                                   for p in by_user[u][4 * part:4 * part + 4]])
+        if part < 2:
+            produce(bs, PHOTO_EVENTS, [p.upload_event() for p in by_user["wanda"][4 * part:4 * part + 4]])
+        else:
+            produce(bs, CONSENT_EVENTS, [toggle_event("wanda", "album", "trip", False, LATER)])
+        ing.run_until_caught_up()
+    return ing
+
+
+def test_warm_to_cool_is_flagged_cooler_and_a_stable_user_is_not(ingested):
+    db = drift.connect(ingested.cfg.history_dir)
+    [wendy] = drift.user_drift(db, "wendy").to_pylist()
+    assert (wendy["from_version"], wendy["to_version"]) == (1, 3)
+    assert wendy["trend"].startswith("cooler")
+    assert wendy["feature_deltas"][WARMTH] < -drift.FEATURE_WORDS[0].step
+    [sam] = drift.user_drift(db, "sam").to_pylist()
+    assert sam["trend"] == "no clear change"
+    assert sam["drift"] < wendy["drift"] / 3
+
+    top = drift.top_drift(db, datetime.now(UTC) - timedelta(hours=1), datetime.now(UTC), 2).to_pylist()
+    assert top[0]["user_id"] == "wendy"
+    timeline = drift.timeline(db, "wendy").to_pylist()
+    assert [r["version"] for r in timeline] == [1, 2, 3]
+    assert timeline[0]["drift_from_first"] == pytest.approx(0, abs=1e-6)
+    assert timeline[2]["drift_from_first"] == pytest.approx(wendy["drift"], rel=1e-5)
+
+
+def test_withdrawn_photos_leave_no_version_behind(ingested):
+    """wanda's version 2 counted the trip album; after the opt-out it is gone from the state and from
+    every history file, so her drift is the drift without those photos: none."""
+    db = drift.connect(ingested.cfg.history_dir)
+    assert [r["version"] for r in drift.timeline(db, "wanda").to_pylist()] == [1, 3]
+    [wanda] = drift.user_drift(db, "wanda").to_pylist()
+    assert wanda["drift"] == pytest.approx(0, abs=1e-5) and wanda["trend"] == "no clear change"
+    rows = pq.read_table(ingested.cfg.history_dir).to_pylist()
+    assert sorted(r["version"] for r in rows if r["user_id"] == "wanda") == [1, 3]
+    with Store(ingested.cfg.db_path) as s:
+        assert [v for (v,) in s.db.execute(
+            "SELECT version FROM style_versions WHERE user_id = 'wanda' ORDER BY version").fetchall()] == [1, 3]
+        assert s.pending_redactions() == []
+
+
+def test_cli_tables_csv_json_and_plot(ingested, tmp_path):
+    runner = CliRunner()
+    where = ["--history", str(ingested.cfg.history_dir)]
+    out = runner.invoke(app, ["drift", "user", "wendy", "--format", "json", "--plot", str(tmp_path / "w.png"), *where])
+    assert out.exit_code == 0, out.output
+    [row] = json.loads(out.output[:out.output.rindex("]") + 1])
+    assert row["trend"].startswith("cooler") and row["delta_warmth"] < 0
+    assert (tmp_path / "w.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    out = runner.invoke(app, ["drift", "top", "--since", "1h", "-n", "3", "--format", "csv", *where])
+    assert out.exit_code == 0, out.output
+    rows = list(csv.DictReader(io.StringIO(out.output)))
+    assert rows[0]["user_id"] == "wendy" and "delta_saturation" in rows[0]
+
+    out = runner.invoke(app, ["drift", "population", "--since", "1h", *where])
+    assert out.exit_code == 0 and "Population drift" in out.output
+    out = runner.invoke(app, ["drift", "timeline", "nobody", *where])
+    assert out.exit_code == 1 and "no versions" in out.output
+    out = runner.invoke(app, ["drift", "top", "--since", "yesterday-ish", *where])
+    assert out.exit_code == 2 and "not a time" in out.output
+
+
+def write_days(folder, days: int, users: list[str], start: datetime) -> None:
+    """A synthetic history: each user one version a day; u0's warmth falls 0.02 a day."""
+    rng = np.random.default_rng(0)
+    for d in range(days):
+        rows = []
+        for u in users:
+            features = np.zeros(len(FEATURE_NAMES), np.float32)
+            features[WARMTH] = 0.1 - (0.02 * d if u == "u0" else 0)
+            embedding = rng.normal(size=8) if u == "u1" else np.ones(8)
+            rows.append({"user_id": u, "version": d + 1, "cycle": d + 1, "updated_at": start + timedelta(days=d),
+                         "photo_count": d + 1, "total_weight": 1.0, "embedding": embedding.tolist(),
+                         "features": features.tolist(), "facets": [], "tombstone": False})
+        table = pa.Table.from_pylist(rows, STYLE_HISTORY)
+        history.write_atomically(table, history.cycle_path(folder, d + 1, start + timedelta(days=d)))
+
+
+def test_compaction_keeps_every_version_once_and_queries_unchanged(tmp_path):
+    start = datetime(2026, 8, 1, tzinfo=UTC)
+    folder = tmp_path / "history"
+    write_days(folder, 6, ["u0", "u1", "u2"], start)
+    # Three more cycles on the first day, one repeating a file (as a crash before marking it would).
+    first_day = next(folder.glob("date=2026-08-01/*.parquet"))
+    (folder / "date=2026-08-01" / "cycle-00000007.parquet").write_bytes(first_day.read_bytes())
+    db = drift.connect(folder)
+    query = "SELECT * FROM top_drift(TIMESTAMPTZ '2026-08-02', TIMESTAMPTZ '2026-08-07', 3)"
+    before = db.sql(query).to_arrow_table().to_pylist()
+    assert [r["version"] for r in drift.timeline(db, "u0").to_pylist()] == [1, 2, 3, 4, 5, 6]
+
+    done = history.compact(folder, before=datetime(2026, 8, 3).date())
+    assert [(d.isoformat(), files, rows) for d, files, rows in done] == [("2026-08-01", 2, 3)]
+    assert [p.name for p in (folder / "date=2026-08-01").iterdir() if p.suffix == ".parquet"] == [
+        "compacted-00000001-00000007.parquet"]
+    assert db.sql(query).to_arrow_table().to_pylist() == before
+    assert history.compact(folder, before=datetime(2026, 8, 3).date()) == []  # nothing left to merge
+
+
+def test_top_population_and_words_on_a_known_history(tmp_path):
+    start = datetime(2026, 8, 1, tzinfo=UTC)
+    write_days(tmp_path / "history", 10, ["u0", "u1", "u2", "u3"], start)
+    db = drift.connect(tmp_path / "history")
+    t0, t1 = start + timedelta(days=3), start + timedelta(days=9)
+    top = drift.top_drift(db, t0, t1, 4).to_pylist()
+    assert top[0]["user_id"] == "u1" and top[0]["drift"] > 0.1  # random embeddings: far apart
+    assert {r["user_id"]: r["trend"] for r in top}["u0"] == "cooler"
+    assert all((r["from_version"], r["to_version"]) == (4, 10) for r in top)
+    [pop] = drift.population_drift(db, t0, t1, threshold=0.05).to_pylist()
+    assert pop["users"] == 4 and pop["share_moved"] == 0.25
+    assert pop["feature_deltas"][WARMTH] == pytest.approx(-0.12 / 4, abs=1e-6)
+
+    words = db.sql("SELECT trend_words($d)", params={"d": [
+        0.05 if n == "brightness" else -0.1 if n == "warmth" else -0.09 if n == "saturation" else 0.0
+        for n in FEATURE_NAMES]}).fetchall()[0][0]
+    assert words == "cooler, less saturated and brighter"  # ordered by change / step
+
+
+def test_redaction_rewrites_only_the_files_holding_those_versions(tmp_path):
+    start = datetime(2026, 8, 1, tzinfo=UTC)
+    folder = tmp_path / "history"
+    write_days(folder, 4, ["u0", "u1"], start)
+    untouched = {p: p.stat().st_mtime_ns for p in folder.glob("date=2026-08-0[14]/*.parquet")}
+    assert history.redact(folder, [("u0", 2, 3)]) == 2
+    assert history.redact(folder, [("u0", 2, 3)]) == 0  # repeating it is a no-op
+    rows = pq.read_table(folder).to_pylist()
+    assert sorted((r["user_id"], r["version"]) for r in rows) == [
+        ("u0", 1), ("u0", 4), ("u1", 1), ("u1", 2), ("u1", 3), ("u1", 4)]
+    assert {p: p.stat().st_mtime_ns for p in untouched} == untouched
+
+
+def test_parse_when():
+    now = datetime(2026, 11, 29, 12, tzinfo=UTC)
+    assert drift.parse_when("90d", now) == now - timedelta(days=90)
+    assert drift.parse_when("12h", now) == now - timedelta(hours=12)
+    assert drift.parse_when("2026-11-01", now) == datetime(2026, 11, 1, tzinfo=UTC)
+    with pytest.raises(ValueError, match="not a time"):
+        drift.parse_when("last tuesday", now)
