@@ -48,7 +48,8 @@ def plot_timeline(timeline: pa.Table, user: str, path: Path) -> Path:
     feat_ax.legend(loc="upper left", fontsize="small", ncol=2)
     colours = palette_rgb(features)
     times = matplotlib.dates.date2num(t)
-    widths = np.diff(times, append=times[-1] + (np.median(np.diff(times)) if len(times) > 1 else 1.0))
+    last = np.median(np.diff(times)) if len(times) > 1 else 1 / 24  # a lone version: an hour wide
+    widths = np.diff(times, append=times[-1] + last)
     for row in range(3):  # dominant colour on top
         pal_ax.bar(times, 1, width=widths, bottom=2 - row, color=colours[row], align="edge", edgecolor="white")
     pal_ax.set_yticks([0.5, 1.5, 2.5], ["3rd", "2nd", "1st"])

@@ -32,6 +32,7 @@ import duckdb
 import numpy as np
 import pyarrow.parquet as pq
 
+from stylestream.analytics.pseudonyms import KEY_FILE, load_or_create_key
 from stylestream.demo.synthetic import LOOKS, SyntheticPhoto, render, toggle_event
 from stylestream.schemas.events import encode_event, parse_event
 from stylestream.streams import clients
@@ -45,13 +46,14 @@ TABLES = {
     "consent": "user_id, scope_key, enabled, event_time, event_id",
     "tombstones": "user_id, photo_id, deleted_at",
     "photos": "user_id, photo_id, album_id, upload",
-    "contributions": "user_id, photo_id, album_id, taken_at, weight, embedding, features, metadata",
+    "contributions": "user_id, photo_id, album_id, taken_at, weight, embedding, features, metadata, added_version",
     # The weighted sums, divided by the total weight: photo weights reach 2**26, so embeddings that
     # differ in their last float32 bit (batches of another size) move the raw sums by ~1 in 1e6.
     "user_stats": """user_id, version, photo_count, total_weight,
                      list_transform(sum_embedding, lambda x: x / nullif(total_weight, 0)),
                      list_transform(sum_features, lambda x: x / nullif(total_weight, 0))""",
     "style_versions": "user_id, version, cycle, photo_count, total_weight, embedding, features, facets, tombstone",
+    "redactions": "cycle, user_id, from_version, to_version, applied",
     "outbox": "cycle, seq, topic",
 }
 
@@ -133,7 +135,7 @@ def snapshot(data_dir: Path, bootstrap: str) -> dict:
     db = duckdb.connect(str(data_dir / "state" / "state.duckdb"), read_only=True)
     tables = {t: db.execute(f"SELECT {cols} FROM {t} ORDER BY ALL").fetchall() for t, cols in TABLES.items()}
     db.close()
-    history = pq.read_table(data_dir / "state" / "history").drop(["updated_at"]).to_pylist()
+    history = pq.read_table(data_dir / "state" / "history").drop(["updated_at", "date"]).to_pylist()
     latest = {}
     for m in clients.read_all(bootstrap, STYLE_VECTORS):
         v = parse_event(STYLE_VECTORS, m.value)
@@ -176,9 +178,11 @@ def main() -> None:
             ensure_topics(b.bootstrap_servers)
             produce(b.bootstrap_servers, stream)
         models = work / "models"
+        key = load_or_create_key(work / "reference" / "state")  # one deployment: both runs share the key
         for name in ("reference", "tortured"):
-            (work / name).mkdir()
+            (work / name / "state").mkdir(parents=True, exist_ok=True)
             (work / name / "models").symlink_to(models, target_is_directory=True)
+        (work / "tortured" / "state" / KEY_FILE).write_bytes(key)
         models.mkdir()
         ref, tor = (ingest_cmd(b.bootstrap_servers, work / n, a.max_events_per_partition)
                     for b, n in zip(brokers, ("reference", "tortured"), strict=True))

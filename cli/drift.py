@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from stylestream.analytics import drift, history
+from stylestream.analytics import drift, history, pseudonyms
 from stylestream.cli.options import DEFAULT_DATA_DIR, DataDir
 from stylestream.schemas.tables import FEATURE_NAMES
 
@@ -42,6 +42,23 @@ def _connect(data_dir: Path, history_dir: Path | None):
     try:
         return drift.connect(history_dir or data_dir / "state" / "history")
     except FileNotFoundError as e:
+        console.print(f"[red]{e}[/]")
+        raise typer.Exit(1) from None
+
+
+RawId = Annotated[bool, typer.Option(
+    "--raw-id", help="USER is a user id as the photo service knows it: turn it into the history's pseudonym "
+                     "with the analytics key (needs --key-file or DATA_DIR/state/analytics.key).")]
+KeyFile = Annotated[Path | None, typer.Option(help="The analytics key (default: DATA_DIR/state/analytics.key).")]
+
+
+def _history_user(user_id: str, raw_id: bool, key_file: Path | None, data_dir: Path) -> str:
+    """The history holds pseudonyms (analytics/pseudonyms.py); operators with the key may name users."""
+    if not raw_id:
+        return user_id
+    try:
+        return pseudonyms.pseudonym(user_id, pseudonyms.load_key(key_file or data_dir / "state" / pseudonyms.KEY_FILE))
+    except (FileNotFoundError, ValueError) as e:
         console.print(f"[red]{e}[/]")
         raise typer.Exit(1) from None
 
@@ -100,16 +117,22 @@ def _cell(row: dict, key: str) -> str:
     return "" if value is None else str(value)
 
 
+UserArg = Annotated[str, typer.Argument(help="The user's pseudonym, as in the history's user_id column "
+                                               "(or, with --raw-id, the user id itself).")]
+
+
 @drift_app.command()
 def user(
-    user_id: Annotated[str, typer.Argument(help="The user, as in the history's user_id column.")],
+    user_id: UserArg,
     from_version: Annotated[int | None, typer.Option(help="Default: the first version.")] = None,
     to_version: Annotated[int | None, typer.Option(help="Default: the latest version.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Also draw the user's timeline to this PNG file.")] = None,
+    raw_id: RawId = False, key_file: KeyFile = None,
     fmt: OutputFormat = Format.table, data_dir: DataDir = DEFAULT_DATA_DIR, history_dir: HistoryDir = None,
 ) -> None:
     """Drift of one user between two versions: distance, the features that moved, in words."""
     db = _connect(data_dir, history_dir)
+    user_id = _history_user(user_id, raw_id, key_file, data_dir)
     try:
         rows = drift.user_drift(db, user_id, from_version, to_version).to_pylist()
     except KeyError as e:
@@ -127,12 +150,14 @@ def user(
 
 @drift_app.command()
 def timeline(
-    user_id: Annotated[str, typer.Argument(help="The user, as in the history's user_id column.")],
+    user_id: UserArg,
     plot: Annotated[Path | None, typer.Option(help="Draw drift, feature trends and palettes to this PNG.")] = None,
+    raw_id: RawId = False, key_file: KeyFile = None,
     fmt: OutputFormat = Format.table, data_dir: DataDir = DEFAULT_DATA_DIR, history_dir: HistoryDir = None,
 ) -> None:
     """Every version of one user, with its drift from the first and from the previous version."""
     db = _connect(data_dir, history_dir)
+    user_id = _history_user(user_id, raw_id, key_file, data_dir)
     table = drift.timeline(db, user_id)
     if table.num_rows == 0:
         console.print(f"[red]no versions of user {user_id!r} in the history[/]")

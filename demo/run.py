@@ -97,6 +97,8 @@ def run_demo(data_dir: Path, console: Console) -> dict:
         say(results_table(results))
     elapsed = time.perf_counter() - t0
     say(f"[bold green]done[/] in {elapsed:.0f} s. State: {cfg.db_path}  History: {cfg.history_dir}")
+    say(f"drift: stylestream drift user ana --raw-id --key-file {cfg.state_dir / 'analytics.key'} "
+        f"--history {cfg.history_dir} --plot ana.png", soft_wrap=True, highlight=False)  # one line, to copy
     return {"run_dir": run_dir, "before": before, "after": after, "results": results, "seconds": elapsed}
 
 

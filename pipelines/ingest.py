@@ -22,7 +22,7 @@ import apache_beam as beam
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from kafka.errors import KafkaError
 
-from stylestream.analytics import history
+from stylestream.analytics import history, pseudonyms
 from stylestream.models.clip import ClipSpec, embedding_dim
 from stylestream.pipelines.store import CycleResult, Store
 from stylestream.streams import clients
@@ -164,6 +164,7 @@ class Ingestor:
         self._producer = clients.producer(cfg.bootstrap_servers, request_timeout_ms=cfg.kafka_timeout_ms)
         self._known_ends: dict = {}  # spares re-reading partitions whose end did not move
         self._unfinished = True  # committed cycles may await publishing or their history file
+        self._key = pseudonyms.load_or_create_key(cfg.state_dir)  # the history holds pseudonyms only
         # Held for the Ingestor's life: it keeps other writers out, and re-opening the file every
         # cycle would checkpoint it every cycle.
         self._store = Store(cfg.db_path)
@@ -250,10 +251,11 @@ class Ingestor:
             self._producer.flush()
             store.mark_published(cycle)
         for cycle in store.unwritten_history():
-            write_history_file(self.cfg.history_dir, cycle, store)
+            write_history_file(self.cfg.history_dir, cycle, store, self._key)
             store.mark_history_written(cycle)
         if redactions := store.pending_redactions():
-            history.redact(self.cfg.history_dir, [(u, a, b) for _, u, a, b in redactions])
+            history.redact(self.cfg.history_dir, [(pseudonyms.pseudonym(u, self._key), a, b)
+                                                  for _, u, a, b in redactions])
             store.mark_redacted(sorted({c for c, _, _, _ in redactions}))
         self._unfinished = False
 
@@ -279,12 +281,13 @@ def connect(cfg: IngestConfig, stop: threading.Event,
     return with_backoff(lambda: Ingestor(cfg), stop, on_retry)
 
 
-def write_history_file(history_dir: Path, cycle: int, store: Store) -> Path | None:
-    """The cycle's file in the history (see analytics.history), with the versions it committed; none
-    if it changed no style."""
+def write_history_file(history_dir: Path, cycle: int, store: Store, key: bytes) -> Path | None:
+    """The cycle's file in the history (see analytics.history), with the versions it committed under
+    pseudonymous user ids; none if it changed no style."""
     table = store.history_rows(cycle)
     if table.num_rows == 0:
         return None
     path = history.cycle_path(history_dir, cycle, store.committed_at(cycle))
+    table = pseudonyms.pseudonymize(table, key).sort_by([("user_id", "ascending"), ("version", "ascending")])
     history.write_atomically(table, path)
     return path

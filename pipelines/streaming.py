@@ -16,6 +16,7 @@ order-free, so one event at a time in any order gives the same style as micro-ba
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import apache_beam as beam
 import pyarrow as pa
@@ -23,6 +24,7 @@ from apache_beam.coders import PickleCoder
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 
+from stylestream.analytics.pseudonyms import load_key, pseudonym
 from stylestream.models.clip import ClipSpec
 from stylestream.schemas.events import PhotoUploaded
 from stylestream.schemas.tables import STYLE_HISTORY
@@ -124,15 +126,21 @@ HISTORY_SCHEMA = pa.schema([STYLE_HISTORY.field(n) for n in
                             ("user_id", "version", "photo_count", "total_weight", "embedding", "features")])
 
 
+def with_pseudonym(version: dict, key: bytes) -> dict:
+    """A version for the analytics history: the user id replaced by its keyed hash."""
+    return version | {"user_id": pseudonym(version["user_id"], key)}
+
+
 def run_bounded(bootstrap_servers: str, ranges: list[OffsetRange], clip: ClipSpec, dim: int, n_features: int,
-                output_prefix: str, half_life_days: float = 365.0) -> None:
+                output_prefix: str, pseudonym_key: bytes, half_life_days: float = 365.0) -> None:
     """The streaming pipeline over a bounded offset range on FnApiRunner: Parquet files of every
     style version under `output_prefix`."""
     with beam.Pipeline(runner=FnApiRunner()) as p:
         messages = (p | "Ranges" >> beam.Create(ranges, reshuffle=False)
                     | "ReadKafka" >> ReadOffsetRanges(bootstrap_servers))
         versions, _, _ = build_streaming(messages, clip, dim, n_features, half_life_days)
-        versions | "WriteHistory" >> beam.io.WriteToParquet(output_prefix, HISTORY_SCHEMA, file_name_suffix=".parquet")
+        (versions | "Pseudonymize" >> beam.Map(with_pseudonym, pseudonym_key)
+         | "WriteHistory" >> beam.io.WriteToParquet(output_prefix, HISTORY_SCHEMA, file_name_suffix=".parquet"))
 
 
 def to_vector_message(version: dict) -> tuple[bytes, bytes]:
@@ -166,6 +174,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--clip-model", required=True)
     ap.add_argument("--clip-pretrained", required=True, help="checkpoint path or tag, readable by the workers")
     ap.add_argument("--history", required=True, help="Parquet history prefix, e.g. gs://bucket/stylestream/history")
+    ap.add_argument("--analytics-key-file", required=True, type=Path,
+                    help="the key that turns user ids into the history's pseudonyms (see analytics/pseudonyms.py)")
     ap.add_argument("--half-life-days", type=float, default=365.0)
     args, beam_args = ap.parse_known_args(argv)
     options = PipelineOptions(beam_args)
@@ -184,7 +194,8 @@ def main(argv: list[str] | None = None) -> None:
             (dead | f"DeadLetters-{topic}" >> beam.Filter(lambda d, t=topic: d.topic == t)
              | f"DeadLetterMessages-{topic}" >> beam.Map(lambda d: (d.key or b"", d.to_json()))
              .with_output_types(tuple[bytes, bytes]) | f"Publish-{dlq(topic)}" >> WriteToKafka(producer, dlq(topic)))
-        (versions | "HistoryWindows" >> beam.WindowInto(beam.window.FixedWindows(60))
+        (versions | "Pseudonymize" >> beam.Map(with_pseudonym, load_key(args.analytics_key_file))
+         | "HistoryWindows" >> beam.WindowInto(beam.window.FixedWindows(60))
          | "WriteHistory" >> beam.io.WriteToParquet(args.history, HISTORY_SCHEMA, file_name_suffix=".parquet",
                                                     triggering_frequency=60))
 

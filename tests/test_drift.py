@@ -15,6 +15,7 @@ from helpers import produce
 from typer.testing import CliRunner
 
 from stylestream.analytics import drift, history
+from stylestream.analytics.pseudonyms import load_or_create_key, pseudonym
 from stylestream.cli.main import app
 from stylestream.demo.synthetic import make_library, toggle_event
 from stylestream.pipelines.store import Store
@@ -48,19 +49,24 @@ def ingested(broker, make_ingestor, tmp_path):
     return ing
 
 
+def named(ingestor, user_id: str) -> str:
+    """The history holds pseudonyms; the tests hold the key."""
+    return pseudonym(user_id, load_or_create_key(ingestor.cfg.state_dir))
+
+
 def test_warm_to_cool_is_flagged_cooler_and_a_stable_user_is_not(ingested):
     db = drift.connect(ingested.cfg.history_dir)
-    [wendy] = drift.user_drift(db, "wendy").to_pylist()
+    [wendy] = drift.user_drift(db, named(ingested, "wendy")).to_pylist()
     assert (wendy["from_version"], wendy["to_version"]) == (1, 3)
     assert wendy["trend"].startswith("cooler")
     assert wendy["feature_deltas"][WARMTH] < -drift.FEATURE_WORDS[0].step
-    [sam] = drift.user_drift(db, "sam").to_pylist()
+    [sam] = drift.user_drift(db, named(ingested, "sam")).to_pylist()
     assert sam["trend"] == "no clear change"
     assert sam["drift"] < wendy["drift"] / 3
 
     top = drift.top_drift(db, datetime.now(UTC) - timedelta(hours=1), datetime.now(UTC), 2).to_pylist()
-    assert top[0]["user_id"] == "wendy"
-    timeline = drift.timeline(db, "wendy").to_pylist()
+    assert top[0]["user_id"] == named(ingested, "wendy")
+    timeline = drift.timeline(db, named(ingested, "wendy")).to_pylist()
     assert [r["version"] for r in timeline] == [1, 2, 3]
     assert timeline[0]["drift_from_first"] == pytest.approx(0, abs=1e-6)
     assert timeline[2]["drift_from_first"] == pytest.approx(wendy["drift"], rel=1e-5)
@@ -70,11 +76,12 @@ def test_withdrawn_photos_leave_no_version_behind(ingested):
     """wanda's version 2 counted the trip album; after the opt-out it is gone from the state and from
     every history file, so her drift is the drift without those photos: none."""
     db = drift.connect(ingested.cfg.history_dir)
-    assert [r["version"] for r in drift.timeline(db, "wanda").to_pylist()] == [1, 3]
-    [wanda] = drift.user_drift(db, "wanda").to_pylist()
+    wanda_id = named(ingested, "wanda")
+    assert [r["version"] for r in drift.timeline(db, wanda_id).to_pylist()] == [1, 3]
+    [wanda] = drift.user_drift(db, wanda_id).to_pylist()
     assert wanda["drift"] == pytest.approx(0, abs=1e-5) and wanda["trend"] == "no clear change"
     rows = pq.read_table(ingested.cfg.history_dir).to_pylist()
-    assert sorted(r["version"] for r in rows if r["user_id"] == "wanda") == [1, 3]
+    assert sorted(r["version"] for r in rows if r["user_id"] == wanda_id) == [1, 3]
     with Store(ingested.cfg.db_path) as s:
         assert [v for (v,) in s.db.execute(
             "SELECT version FROM style_versions WHERE user_id = 'wanda' ORDER BY version").fetchall()] == [1, 3]
@@ -84,7 +91,9 @@ def test_withdrawn_photos_leave_no_version_behind(ingested):
 def test_cli_tables_csv_json_and_plot(ingested, tmp_path):
     runner = CliRunner()
     where = ["--history", str(ingested.cfg.history_dir)]
-    out = runner.invoke(app, ["drift", "user", "wendy", "--format", "json", "--plot", str(tmp_path / "w.png"), *where])
+    key = ["--raw-id", "--key-file", str(ingested.cfg.state_dir / "analytics.key")]
+    out = runner.invoke(app, ["drift", "user", "wendy", *key, "--format", "json", "--plot", str(tmp_path / "w.png"),
+                              *where])
     assert out.exit_code == 0, out.output
     [row] = json.loads(out.output[:out.output.rindex("]") + 1])
     assert row["trend"].startswith("cooler") and row["delta_warmth"] < 0
@@ -93,12 +102,16 @@ def test_cli_tables_csv_json_and_plot(ingested, tmp_path):
     out = runner.invoke(app, ["drift", "top", "--since", "1h", "-n", "3", "--format", "csv", *where])
     assert out.exit_code == 0, out.output
     rows = list(csv.DictReader(io.StringIO(out.output)))
-    assert rows[0]["user_id"] == "wendy" and "delta_saturation" in rows[0]
+    assert rows[0]["user_id"] == named(ingested, "wendy") and "delta_saturation" in rows[0]
 
     out = runner.invoke(app, ["drift", "population", "--since", "1h", *where])
     assert out.exit_code == 0 and "Population drift" in out.output
     out = runner.invoke(app, ["drift", "timeline", "nobody", *where])
     assert out.exit_code == 1 and "no versions" in out.output
+    out = runner.invoke(app, ["drift", "timeline", named(ingested, "sam"), "--format", "csv", *where])
+    assert out.exit_code == 0 and len(list(csv.DictReader(io.StringIO(out.output)))) == 3
+    out = runner.invoke(app, ["drift", "timeline", "sam", "--raw-id", "--key-file", str(tmp_path / "none"), *where])
+    assert out.exit_code == 1 and "cannot read the analytics key" in out.output
     out = runner.invoke(app, ["drift", "top", "--since", "yesterday-ish", *where])
     assert out.exit_code == 2 and "not a time" in out.output
 

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import produce, read_topic
 
+from stylestream.analytics.pseudonyms import load_or_create_key, pseudonym
 from stylestream.demo.synthetic import make_library, toggle_event
 from stylestream.pipelines.ingest import IngestConfig, Ingestor
 from stylestream.pipelines.store import Store
@@ -53,7 +54,10 @@ def test_upload_changes_its_user_and_no_one_else(broker, make_ingestor, library,
 
     # Every committed version reached the history and the style-vectors topic exactly once.
     history = pq.read_table(ing.cfg.history_dir).to_pylist()
-    assert sorted((r["user_id"], r["version"]) for r in history) == [("ana", 1), ("ben", 1), ("ben", 2)]
+    key = load_or_create_key(ing.cfg.state_dir)  # the history holds pseudonyms, never the user ids
+    assert sorted((r["user_id"], r["version"]) for r in history) == sorted(
+        [(pseudonym("ana", key), 1), (pseudonym("ben", key), 1), (pseudonym("ben", key), 2)])
+    assert not {"ana", "ben"} & {r["user_id"] for r in history}
     published = [parse_event(STYLE_VECTORS, m.value) for m in read_topic(bs, STYLE_VECTORS)]
     assert sorted((v.user_id, v.version) for v in published) == [("ana", 1), ("ben", 1), ("ben", 2)]
     assert np.allclose(next(v for v in published if v.version == 2).embedding, after["ben"][1], atol=1e-7)

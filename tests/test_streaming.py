@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from helpers import produce
 
+from stylestream.analytics.pseudonyms import load_or_create_key, pseudonym
 from stylestream.demo.synthetic import make_library, toggle_event
 from stylestream.models.clip import embedding_dim
 from stylestream.pipelines.ingest import plan_ranges
@@ -30,13 +31,15 @@ def test_streaming_pipeline_matches_the_local_driver(broker, make_ingestor, clip
         local = s.latest_vectors()
     ranges = plan_ranges({}, ing.end_offsets(), 10_000)  # everything, from the start
 
-    run_bounded(bs, ranges, clip, embedding_dim(clip), len(FEATURE_NAMES), str(tmp_path / "stream" / "history"))
+    key = load_or_create_key(ing.cfg.state_dir)
+    run_bounded(bs, ranges, clip, embedding_dim(clip), len(FEATURE_NAMES), str(tmp_path / "stream" / "history"), key)
     rows = pq.read_table(tmp_path / "stream").to_pylist()
     latest = {}
     for r in rows:
         if r["version"] > latest.get(r["user_id"], {"version": 0})["version"]:
             latest[r["user_id"]] = r
-    assert set(latest) == set(local) == {"ana", "ben"}
+    assert set(latest) == {pseudonym(u, key) for u in local} and set(local) == {"ana", "ben"}
+    latest = {u: latest[pseudonym(u, key)] for u in local}  # the history holds pseudonyms only
     for user, (_, emb, feat, count) in local.items():
         assert latest[user]["photo_count"] == count
         np.testing.assert_allclose(latest[user]["embedding"], emb, atol=1e-6)

@@ -1,0 +1,57 @@
+"""Analytics see pseudonymous user ids: a keyed hash (HMAC-SHA256) of the user id.
+
+The key lives beside the state (`state/analytics.key`, readable by its owner only) and never in the
+history, so a pseudonym can neither be traced back to a person nor recomputed from a guessed id by
+whoever reads the history; an operator holding the key can still find one user's rows
+(`stylestream drift user ID --raw-id`). Back the key up with the state: history written under a
+lost key cannot be joined with history written under a new one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import os
+import secrets
+from pathlib import Path
+
+import pyarrow as pa
+
+KEY_FILE = "analytics.key"
+
+
+def load_or_create_key(state_dir: Path) -> bytes:
+    """The deployment's key, created on first use (atomically: concurrent first users agree)."""
+    path = state_dir / KEY_FILE
+    if not path.exists():
+        state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = state_dir / f"{KEY_FILE}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(secrets.token_bytes(32))
+        with contextlib.suppress(FileExistsError):  # another process made it first: use theirs
+            os.link(tmp, path)
+        tmp.unlink()
+    return load_key(path)
+
+
+def load_key(path: Path) -> bytes:
+    try:
+        key = path.read_bytes()
+    except OSError as e:
+        raise FileNotFoundError(f"cannot read the analytics key {path}: {e.strerror}; it is created by "
+                                "ingestion in its state folder") from None
+    if len(key) < 16:
+        raise ValueError(f"{path} is not an analytics key ({len(key)} bytes)")
+    return key
+
+
+def pseudonym(user_id: str, key: bytes) -> str:
+    return "u" + hmac.new(key, user_id.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def pseudonymize(table: pa.Table, key: bytes) -> pa.Table:
+    """The table with its user_id column replaced by pseudonyms."""
+    ids = [pseudonym(u, key) for u in table.column("user_id").to_pylist()]
+    return table.set_column(table.schema.get_field_index("user_id"), "user_id", pa.array(ids, pa.string()))
