@@ -175,6 +175,15 @@ def user_drift(db: duckdb.DuckDBPyConnection, user: str, from_version: int | Non
                   params={"u": user, "a": from_version or first, "b": to_version or last}).to_arrow_table()
 
 
+def user_drift_in_window(db: duckdb.DuckDBPyConnection, user: str, since: datetime, until: datetime) -> pa.Table:
+    """Drift of one user from the version in force at `since` (or their first after it) to the latest
+    at `until`; no rows if their style did not change in the window."""
+    return db.sql("""SELECT from_version, to_version, from_time, to_time, drift, feature_deltas,
+                            trend_words(feature_deltas) AS trend
+                     FROM drift_between($t0, $t1) WHERE user_id = $u""",
+                  params={"u": user, "t0": since, "t1": until}).to_arrow_table()
+
+
 def top_drift(db: duckdb.DuckDBPyConnection, since: datetime, until: datetime, n: int = 10) -> pa.Table:
     return db.sql("SELECT *, trend_words(feature_deltas) AS trend FROM top_drift($t0, $t1, $n)",
                   params={"t0": since, "t1": until, "n": n}).to_arrow_table()

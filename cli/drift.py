@@ -126,23 +126,37 @@ def user(
     user_id: UserArg,
     from_version: Annotated[int | None, typer.Option(help="Default: the first version.")] = None,
     to_version: Annotated[int | None, typer.Option(help="Default: the latest version.")] = None,
+    since: Annotated[str | None, typer.Option(help="Instead of versions, a time window: its start (30d, 12h, "
+                                                   "or an ISO date/time, UTC).")] = None,
+    until: Until = "",
     plot: Annotated[Path | None, typer.Option(help="Also draw the user's timeline to this PNG file.")] = None,
     raw_id: RawId = False, key_file: KeyFile = None,
     fmt: OutputFormat = Format.table, data_dir: DataDir = DEFAULT_DATA_DIR, history_dir: HistoryDir = None,
 ) -> None:
-    """Drift of one user between two versions: distance, the features that moved, in words."""
+    """Drift of one user between two versions, or over a time window: distance, the features that
+    moved, in words."""
     db = _connect(data_dir, history_dir)
     user_id = _history_user(user_id, raw_id, key_file, data_dir)
     try:
-        rows = drift.user_drift(db, user_id, from_version, to_version).to_pylist()
+        if since:
+            t0, t1 = _window(since, until)
+            rows = drift.user_drift_in_window(db, user_id, t0, t1).to_pylist()
+            missing = f"the style of {user_id} did not change between {t0:%Y-%m-%d %H:%M} and {t1:%Y-%m-%d %H:%M}"
+        else:
+            rows = drift.user_drift(db, user_id, from_version, to_version).to_pylist()
+            missing = f"user {user_id} has no version {from_version} or {to_version}"
     except KeyError as e:
         console.print(f"[red]{e.args[0]}[/]")
         raise typer.Exit(1) from None
     if not rows:
-        console.print(f"[red]user {user_id!r} has no version {from_version} or {to_version}[/]")
+        console.print(f"[red]{missing}[/]")
         raise typer.Exit(1)
     emit(rows, fmt, f"Drift of {user_id}", {"from_version": "from", "to_version": "to", "drift": "distance",
                                             "trend": "in words", "top_deltas": "largest changes"})
+    if fmt is Format.table:
+        r = rows[0]
+        console.print(f"{user_id}: {r['trend']} from version {r['from_version']} ({r['from_time']:%Y-%m-%d %H:%M}) "
+                      f"to version {r['to_version']} ({r['to_time']:%Y-%m-%d %H:%M} UTC)", highlight=False)
     if plot:
         from stylestream.analytics.plot import plot_timeline
         console.print(f"plot: {plot_timeline(drift.timeline(db, user_id), user_id, plot)}", highlight=False)

@@ -99,6 +99,11 @@ def test_cli_tables_csv_json_and_plot(ingested, tmp_path):
     assert row["trend"].startswith("cooler") and row["delta_warmth"] < 0
     assert (tmp_path / "w.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    out = runner.invoke(app, ["drift", "user", "wendy", *key, "--since", "1h", *where])
+    assert out.exit_code == 0 and "cooler" in out.output and "from version 1" in out.output, out.output
+    out = runner.invoke(app, ["drift", "user", "wendy", *key, "--since", "2h", "--until", "1h", *where])
+    assert out.exit_code == 1 and "did not change" in out.output
+
     out = runner.invoke(app, ["drift", "top", "--since", "1h", "-n", "3", "--format", "csv", *where])
     assert out.exit_code == 0, out.output
     rows = list(csv.DictReader(io.StringIO(out.output)))
