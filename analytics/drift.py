@@ -6,10 +6,11 @@ from SQL too (`stylestream drift sql "SELECT * FROM top_drift(now() - INTERVAL 3
     history                        every version row (+ `date`, the hive partition)
     feature_words                  feature, position, word when it rises, word when it falls, step
     style_distance(a, b)           cosine distance of two embeddings (0: same direction)
-    versions_of(user)              one row per version of a user
+    versions_of(user)              one row per version of a user (facets aside)
     user_timeline(user)            versions with drift from the first and from the previous version
     user_drift(user, v0, v1)       drift between two versions: distance and per-feature deltas
-    window_ends(t0, t1)            per user: version in force at t0 (NULL if none), first and last ≤ t1
+    window_ends(t0, t1)            per user: version in force at t0 (NULL if none), first and last ≤ t1,
+                                   each with its date partition
     drift_between(t0, t1)          per user who changed in the window: distance and deltas
     top_drift(t0, t1, n)           the n users who drifted most in the window
     population_drift(t0, t1, thr)  centroid shift and share of users who moved more than thr
@@ -61,13 +62,14 @@ CREATE OR REPLACE MACRO style_distance(a, b) AS list_cosine_distance(a, b);
 CREATE OR REPLACE MACRO feature_deltas(a, b) AS [b[i] - a[i] FOR i IN range(1, len(a) + 1)];
 
 CREATE OR REPLACE MACRO versions_of(u) AS TABLE
-    SELECT DISTINCT ON (version) * FROM history WHERE user_id = u ORDER BY version;
+    SELECT DISTINCT ON (version) version, cycle, updated_at, photo_count, total_weight, embedding, features
+    FROM history WHERE user_id = u ORDER BY version;
 
 CREATE OR REPLACE MACRO user_timeline(u) AS TABLE
     SELECT version, updated_at, photo_count,
            style_distance(first_value(embedding) OVER w, embedding) AS drift_from_first,
            coalesce(style_distance(lag(embedding) OVER w, embedding), 0) AS drift_from_previous,
-           features, facets
+           features
     FROM versions_of(u) WINDOW w AS (ORDER BY version) ORDER BY version;
 
 CREATE OR REPLACE MACRO user_drift(u, v0, v1) AS TABLE
@@ -76,21 +78,25 @@ CREATE OR REPLACE MACRO user_drift(u, v0, v1) AS TABLE
            feature_deltas(a.features, b.features) AS feature_deltas
     FROM versions_of(u) a, versions_of(u) b WHERE a.version = v0 AND b.version = v1;
 
+-- Each version's date partition comes along, so fetching embeddings reads only those partitions.
 CREATE OR REPLACE MACRO window_ends(t0, t1) AS TABLE
-    SELECT user_id, max(version) FILTER (WHERE updated_at <= t0) AS at_start,
-           min(version) AS first_version, max(version) AS to_version
+    SELECT user_id,
+           max(version) FILTER (WHERE updated_at <= t0) AS at_start,
+           arg_max(date, version) FILTER (WHERE updated_at <= t0) AS at_start_date,
+           min(version) AS first_version, arg_min(date, version) AS first_date,
+           max(version) AS to_version, arg_max(date, version) AS to_date
     FROM history WHERE date <= CAST(t1 AS DATE) AND updated_at <= t1 GROUP BY user_id;
 
 -- The embeddings and features of the listed (user_id, from_version, to_version) pairs, side by side.
-CREATE OR REPLACE MACRO pair_rows(t1, ends) AS TABLE
+CREATE OR REPLACE MACRO pair_rows(ends) AS TABLE
     WITH wanted AS (
-        SELECT user_id, from_version AS version FROM query_table(ends)
-        UNION SELECT user_id, to_version FROM query_table(ends)),
+        SELECT user_id, from_version AS version, from_date AS date FROM query_table(ends)
+        UNION SELECT user_id, to_version, to_date FROM query_table(ends)),
     picked AS (
         SELECT h.user_id, h.version, any_value(h.updated_at) AS updated_at,
                any_value(h.embedding) AS embedding, any_value(h.features) AS features
-        FROM history h SEMI JOIN wanted w ON h.user_id = w.user_id AND h.version = w.version
-        WHERE h.date <= CAST(t1 AS DATE) GROUP BY h.user_id, h.version)
+        FROM history h SEMI JOIN wanted w ON h.user_id = w.user_id AND h.version = w.version AND h.date = w.date
+        WHERE h.date IN (SELECT DISTINCT date FROM wanted) GROUP BY h.user_id, h.version)
     SELECT e.user_id, e.from_version, e.to_version, a.updated_at AS from_time, b.updated_at AS to_time,
            a.embedding AS e0, b.embedding AS e1, a.features AS f0, b.features AS f1
     FROM query_table(ends) e
@@ -99,19 +105,21 @@ CREATE OR REPLACE MACRO pair_rows(t1, ends) AS TABLE
 
 CREATE OR REPLACE MACRO drift_between(t0, t1) AS TABLE
     WITH drift_ends AS (
-        SELECT user_id, coalesce(at_start, first_version) AS from_version, to_version
+        SELECT user_id, coalesce(at_start, first_version) AS from_version,
+               coalesce(at_start_date, first_date) AS from_date, to_version, to_date
         FROM window_ends(t0, t1) WHERE to_version > coalesce(at_start, first_version))
     SELECT user_id, from_version, to_version, from_time, to_time, style_distance(e0, e1) AS drift,
            feature_deltas(f0, f1) AS feature_deltas
-    FROM pair_rows(t1, drift_ends);
+    FROM pair_rows(drift_ends);
 
 CREATE OR REPLACE MACRO top_drift(t0, t1, n) AS TABLE
     SELECT * FROM drift_between(t0, t1) ORDER BY drift DESC, user_id LIMIT n;
 
 CREATE OR REPLACE MACRO population_drift(t0, t1, threshold) AS TABLE
     WITH population_ends AS (
-        SELECT user_id, at_start AS from_version, to_version FROM window_ends(t0, t1) WHERE at_start IS NOT NULL),
-    pairs AS (SELECT * FROM pair_rows(t1, population_ends)),
+        SELECT user_id, at_start AS from_version, at_start_date AS from_date, to_version, to_date
+        FROM window_ends(t0, t1) WHERE at_start IS NOT NULL),
+    pairs AS (SELECT * FROM pair_rows(population_ends)),
     embedding_means AS (
         SELECT list(m0 ORDER BY i) AS c0, list(m1 ORDER BY i) AS c1 FROM (
             SELECT i, avg(x0) AS m0, avg(x1) AS m1 FROM (
@@ -147,6 +155,7 @@ def connect(history_dir: Path | str) -> duckdb.DuckDBPyConnection:
         raise FileNotFoundError(f"no style history under {history_dir} (run ingestion first, or point "
                                 "--history at the folder that holds the date=YYYY-MM-DD partitions)")
     db = duckdb.connect()
+    db.execute("SET parquet_metadata_cache = true")  # file footers read once per connection, not per query
     pattern = str(history_dir / "date=*" / "*.parquet").replace("'", "''")
     db.execute(f"CREATE VIEW history AS SELECT * FROM read_parquet('{pattern}', hive_partitioning = true, "
                "hive_types = {'date': DATE})")
