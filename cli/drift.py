@@ -69,8 +69,12 @@ def _window(since: str, until: str) -> tuple[datetime, datetime]:
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     if t0 >= t1:
-        raise typer.BadParameter(f"the window starts ({t0:%Y-%m-%d %H:%M}) after it ends ({t1:%Y-%m-%d %H:%M})")
+        raise typer.BadParameter(f"the window must start before it ends, not {_span(t0, t1)}")
     return t0, t1
+
+
+def _span(t0: datetime, t1: datetime) -> str:
+    return f"from {t0:%Y-%m-%d %H:%M} to {t1:%Y-%m-%d %H:%M} UTC"
 
 
 def _top_deltas(deltas: list[float] | None, k: int = 3) -> str:
@@ -141,7 +145,7 @@ def user(
         if since:
             t0, t1 = _window(since, until)
             rows = drift.user_drift_in_window(db, user_id, t0, t1).to_pylist()
-            missing = f"the style of {user_id} did not change between {t0:%Y-%m-%d %H:%M} and {t1:%Y-%m-%d %H:%M}"
+            missing = f"the style of {user_id} did not change {_span(t0, t1)}"
         else:
             rows = drift.user_drift(db, user_id, from_version, to_version).to_pylist()
             missing = f"user {user_id} has no version {from_version} or {to_version}"
@@ -193,7 +197,7 @@ def top(
     """The users whose style moved most in a window (their version at its start against its end)."""
     t0, t1 = _window(since, until)
     rows = drift.top_drift(_connect(data_dir, history_dir), t0, t1, n).to_pylist()
-    emit(rows, fmt, f"Top {n} drift, {t0:%Y-%m-%d %H:%M} to {t1:%Y-%m-%d %H:%M} UTC",
+    emit(rows, fmt, f"Top {n} drift, {_span(t0, t1)}",
          {"user_id": "user", "from_version": "from", "to_version": "to", "drift": "distance", "trend": "in words",
           "top_deltas": "largest changes"})
 
@@ -207,7 +211,7 @@ def population(
     """How everyone's taste moved together: centroid shift and the share of users who moved."""
     t0, t1 = _window(since, until)
     rows = drift.population_drift(_connect(data_dir, history_dir), t0, t1, threshold).to_pylist()
-    emit(rows, fmt, f"Population drift, {t0:%Y-%m-%d %H:%M} to {t1:%Y-%m-%d %H:%M} UTC",
+    emit(rows, fmt, f"Population drift, {_span(t0, t1)}",
          {"users": "users", "centroid_shift": "centroid shift", "share_moved": f"share moved > {threshold}",
           "trend": "on average", "top_deltas": "largest mean changes"})
 

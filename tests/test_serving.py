@@ -239,3 +239,58 @@ def test_style_layers_only_injects_style_into_fewer_layers(generator):
     assert np.abs(layers - plain).mean() < np.abs(full - plain).mean()
     again = np.asarray(generator.generate(request("ana", "x"), style)[0], int)
     np.testing.assert_array_equal(again, full)  # the per-call scale does not leak into the next call
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_stream_loses_no_request_and_makes_no_second_image(
+        broker, make_ingestor, models_dir, diffusion, tmp_path):
+    """Two worker processes in one group; the first is SIGKILLed with requests still to do. The other
+    takes its partitions over: every request ends with exactly one image, and any request answered
+    twice (its result out, its offset not yet committed) is answered identically."""
+    import signal
+    import subprocess
+    import sys
+
+    bs = broker.bootstrap_servers
+    users = [f"user{i}" for i in range(4)]  # keys spread the requests over the partitions
+    looks = ("warm", "cool", "mono", "pastel")
+    photos = make_library(tmp_path / "lib", {u: [("a", look, 2)] for u, look in zip(users, looks, strict=True)})
+    produce(bs, PHOTO_EVENTS, [p.upload_event() for p in photos])
+    make_ingestor().run_until_caught_up()
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "models").symlink_to(models_dir, target_is_directory=True)
+    out = tmp_path / "images"
+    n = 48
+    produce(bs, GENERATION_REQUESTS, [request(users[i % 4], f"r{i:03d}", seed=i) for i in range(n)])
+
+    def worker(*extra: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "stylestream.cli.main", "serve", "-b", bs, "--data-dir",
+                                 str(data), "--output", str(out), "--max-batch", "2", *extra],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    first = worker()
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(out.glob("*/*.png"))) < 4 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        second = worker("--idle-exit-s", "20")
+        time.sleep(6)  # the second joins the group and takes some partitions over
+        done_before_kill = len(list(out.glob("*/*.png")))
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        assert second.wait(timeout=300) == 0
+    finally:
+        first.kill()
+    assert 4 <= done_before_kill < n, "the first worker must die with requests still to do"
+    images = sorted(p.stem for p in out.glob("*/*.png"))
+    assert images == [f"r{i:03d}" for i in range(n)]  # every request, one image each
+    results: dict[str, list] = {}
+    for m in read_topic(bs, GENERATION_RESULTS):
+        r = parse_event(GENERATION_RESULTS, m.value)
+        results.setdefault(r.request_id, []).append(r)
+    assert sorted(results) == images
+    for rid, answers in results.items():
+        assert all(a.type == "generation_completed" for a in answers), answers
+        assert all((a.image_uri, a.style_version) == (answers[0].image_uri, answers[0].style_version)
+                   for a in answers), rid
