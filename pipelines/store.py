@@ -263,7 +263,7 @@ class Store:
             "upload": [c.upload.model_dump_json(exclude_none=True) for _, up in items for c in up.catalog]},
             "OR IGNORE")
         removed = ([u for u, up in items for _ in up.remove], [p for _, up in items for p in up.remove])
-        self._redact_versions_with(*removed, views, cycle)
+        withdrawn = self._redact_versions_with(*removed, views, cycle)
         self._delete("contributions", *removed)
         added = [(u, c, w) for u, up in items for c, w in up.add]
         self._insert("contributions", {
@@ -296,17 +296,19 @@ class Store:
 
         outbox = [(PHOTO_EVENTS, u.encode(), upload) for u, upload in self._uploads(
             [(u, p) for u, up in items for p in up.reingest])]
-        outbox += [(STYLE_VECTORS, u.encode(), self._vector_event(u, v, facets.get(u, []), up.stats, now))
+        outbox += [(STYLE_VECTORS, u.encode(), self._vector_event(u, v, facets.get(u, []), up.stats, now,
+                                                                  withdrawn.get(u, [])))
                    for u, up, v in changed]
         return outbox
 
     def _redact_versions_with(self, users: list[str], photo_ids: list[str], views: dict[str, UserView],
-                              cycle: int) -> None:
+                              cycle: int) -> dict[str, list[int]]:
         """Withdrawn photos must stop influencing anything, the user's past versions included: every
         version from the first that counted one of them to the current one is deleted here and, after
-        the commit, from the Parquet history (`redactions`)."""
+        the commit, from the Parquet history (`redactions`); the user's next vector event names them,
+        so serving drops them too. Returns user -> those versions."""
         if not users:
-            return
+            return {}
         self.db.register("doomed", pa.table({"user_id": users, "photo_id": photo_ids}))
         first = self.db.execute("""SELECT c.user_id, min(c.added_version) FROM contributions c
                                    SEMI JOIN doomed d ON c.user_id = d.user_id AND c.photo_id = d.photo_id
@@ -319,6 +321,8 @@ class Store:
         self.db.execute("""DELETE FROM style_versions s USING tainted t WHERE s.user_id = t.user_id
                            AND s.version BETWEEN t.from_version AND t.to_version""")
         self.db.unregister("tainted")
+        return {u: list(range(a, b + 1)) for u, a, b in zip(ranges["user_id"], ranges["from_version"],
+                                                             ranges["to_version"], strict=True)}
 
     def _delete(self, table: str, users: list[str], photo_ids: list[str]) -> None:
         if users:
@@ -353,7 +357,8 @@ class Store:
         return [(u, upload.encode()) for u, upload in rows]
 
     @staticmethod
-    def _vector_event(user_id: str, version: int, facets: list[Facet], stats: StyleStats, now: datetime) -> bytes:
+    def _vector_event(user_id: str, version: int, facets: list[Facet], stats: StyleStats, now: datetime,
+                      withdrawn_versions: list[int]) -> bytes:
         def named(feat: np.ndarray) -> dict[str, float]:
             return {n: float(v) for n, v in zip(FEATURE_NAMES, feat, strict=True)}
 
@@ -364,7 +369,7 @@ class Store:
             facets=[StyleFacet(photo_count=f.stats.count,
                                weight_share=min(1.0, f.stats.total_weight / stats.total_weight),
                                embedding=f.stats.vector()[0].tolist(), features=named(f.stats.vector()[1]))
-                    for f in facets]))
+                    for f in facets], withdrawn_versions=withdrawn_versions))
 
     # --------------------------------------------------------------------------------- after the commit
     def unpublished_cycles(self) -> list[int]:

@@ -183,6 +183,8 @@ class StyleVectorUpdated(_Event):
     features: dict[str, float] = Field(description="time-weighted mean of the named aesthetic features")
     facets: list[StyleFacet] = Field(default_factory=list, description="distinct tastes, largest first")
     tombstone: bool = Field(default=False, description="True when the user's style was erased")
+    withdrawn_versions: list[int] = Field(
+        default_factory=list, description="earlier versions that counted photos since withdrawn: no longer to be used")
 
 
 PhotoEvent = Annotated[PhotoUploaded | PhotoDeleted, Field(discriminator="type")]

@@ -19,6 +19,7 @@ class StyleTable:
     def __init__(self, bootstrap_servers: str):
         self._consumer = clients.consumer(bootstrap_servers)
         self._versions: dict[str, dict[int, StyleVectorUpdated]] = {}
+        self._withdrawn: dict[str, set[int]] = {}  # versions that counted photos since withdrawn
         tps = clients.partitions_of(self._consumer, STYLE_VECTORS)
         self._ends = clients.true_end_offsets(self._consumer, tps)
         self._consumer.assign(tps)
@@ -43,7 +44,11 @@ class StyleTable:
                 except InvalidEvent as e:
                     log.warning("skipping bad style vector at %s[%d]@%d: %s", r.topic, r.partition, r.offset, e)
                     continue
-                self._versions.setdefault(v.user_id, {})[v.version] = v
+                versions = self._versions.setdefault(v.user_id, {})
+                versions[v.version] = v
+                for gone in v.withdrawn_versions:  # keyed by user: they came before this event
+                    versions.pop(gone, None)
+                self._withdrawn.setdefault(v.user_id, set()).update(v.withdrawn_versions)
                 n += 1
         return n
 
@@ -53,6 +58,10 @@ class StyleTable:
         if not versions:
             return None
         return versions.get(version) if version is not None else versions[max(versions)]
+
+    def withdrawn(self, user_id: str, version: int) -> bool:
+        """True if that version counted photos the user has since withdrawn: it must not be used."""
+        return version in self._withdrawn.get(user_id, ())
 
     def users(self) -> list[str]:
         return sorted(self._versions)

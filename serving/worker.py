@@ -191,6 +191,9 @@ class Worker:
         def acceptable(s: StyleVectorUpdated | None) -> bool:
             return s is not None and (request.min_style_version is None or s.version >= request.min_style_version)
 
+        if request.style_version is not None and self.styles.withdrawn(request.user_id, request.style_version):
+            return None, (f"style version {request.style_version} counted photos the user has since withdrawn; "
+                          "pin a later version or none")
         style = self.styles.get(request.user_id, request.style_version)
         waits = request.style_version is not None or request.min_style_version is not None
         deadline = time.monotonic() + self.cfg.style_wait_ms / 1000

@@ -10,11 +10,18 @@ import pytest
 from helpers import produce, read_topic
 from PIL import Image
 
-from stylestream.demo.synthetic import make_library
+from stylestream.demo.synthetic import make_library, toggle_event
 from stylestream.schemas.events import GenerationRequested, parse_event
 from stylestream.serving.generator import StyleGenerator
 from stylestream.serving.worker import ServeConfig, Worker
-from stylestream.streams.topics import GENERATION_REQUESTS, GENERATION_RESULTS, PHOTO_EVENTS, dlq
+from stylestream.streams.topics import (
+    CONSENT_EVENTS,
+    GENERATION_REQUESTS,
+    GENERATION_RESULTS,
+    PHOTO_EVENTS,
+    STYLE_VECTORS,
+    dlq,
+)
 
 
 def request(user: str, rid: str, **kw) -> GenerationRequested:
@@ -55,6 +62,31 @@ def test_personalized_image_names_its_style_version(broker, make_ingestor, gener
     assert ana.shape == (64, 64, 3)
     assert np.abs(ana.astype(int) - ben).max() > 0, "different styles, same seed: images must differ"
     assert np.abs(ana.astype(int) - plain).max() > 0
+
+
+def test_a_version_that_counted_withdrawn_photos_is_never_served(broker, make_ingestor, generator, tmp_path):
+    bs = broker.bootstrap_servers
+    photos = make_library(tmp_path / "lib", {"ana": [("home", "warm", 2), ("trip", "cool", 2)]})
+    produce(bs, PHOTO_EVENTS, [p.upload_event() for p in photos[:2]])
+    ing = make_ingestor()
+    ing.run_until_caught_up()  # version 1: home only
+    produce(bs, PHOTO_EVENTS, [p.upload_event() for p in photos[2:]])
+    ing.run_until_caught_up()  # version 2: home and trip
+    produce(bs, CONSENT_EVENTS, [toggle_event("ana", "album", "trip", False, datetime(2026, 3, 1, tzinfo=UTC))])
+    ing.run_until_caught_up()  # version 3: home only again; version 2 counted the trip
+    vectors = [parse_event(STYLE_VECTORS, m.value) for m in read_topic(bs, STYLE_VECTORS)]
+    assert [(v.version, v.withdrawn_versions) for v in vectors] == [(1, []), (2, []), (3, [2])]
+
+    reqs = [request("ana", "pinned-1", style_version=1), request("ana", "pinned-2", style_version=2),
+            request("ana", "latest")]
+    produce(bs, GENERATION_REQUESTS, reqs)
+    with Worker(ServeConfig(bs, str(tmp_path / "images"), style_wait_ms=300), generator) as worker:
+        assert worker.styles.get("ana", 2) is None
+        worker.run(max_requests=len(reqs), idle_exit_s=20)
+    results = {r.request_id: r for r in (parse_event(GENERATION_RESULTS, m.value)
+                                         for m in read_topic(bs, GENERATION_RESULTS))}
+    assert results["pinned-1"].style_version == 1 and results["latest"].style_version == 3
+    assert results["pinned-2"].type == "generation_failed" and "withdrawn" in results["pinned-2"].reason
 
 
 def test_redelivered_request_makes_no_second_image(broker, make_ingestor, generator, tmp_path):
