@@ -196,3 +196,25 @@ def test_parse_when():
     assert drift.parse_when("2026-11-01", now) == datetime(2026, 11, 1, tzinfo=UTC)
     with pytest.raises(ValueError, match="not a time"):
         drift.parse_when("last tuesday", now)
+
+
+def test_cli_sql_compact_and_a_missing_history(tmp_path):
+    start = datetime(2026, 8, 1, tzinfo=UTC)
+    folder = tmp_path / "history"
+    write_days(folder, 3, ["u0", "u1"], start)
+    first_day = next(folder.glob("date=2026-08-01/*.parquet"))
+    (folder / "date=2026-08-01" / "cycle-00000009.parquet").write_bytes(first_day.read_bytes())
+    runner = CliRunner()
+    out = runner.invoke(app, ["drift", "sql", "SELECT user_id, count(*) AS n FROM history GROUP BY ALL ORDER BY 1",
+                              "--format", "json", "--history", str(folder)])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output) == [{"user_id": "u0", "n": 4}, {"user_id": "u1", "n": 4}]  # day 1 twice
+    out = runner.invoke(app, ["history", "compact", "--before", "2026-08-02", "--history", str(folder)])
+    assert out.exit_code == 0 and "2026-08-01: 2 files -> 1 (2 versions)" in out.output, out.output
+    out = runner.invoke(app, ["drift", "sql", "SELECT count(*) AS n FROM history", "--format", "json",
+                              "--history", str(folder)])
+    assert json.loads(out.output) == [{"n": 6}]
+    out = runner.invoke(app, ["drift", "sql", "SELECT nonsense FROM history", "--history", str(folder)])
+    assert out.exit_code == 1 and "nonsense" in out.output
+    out = runner.invoke(app, ["drift", "top", "--history", str(tmp_path / "elsewhere")])
+    assert out.exit_code == 1 and "no style history" in out.output
