@@ -97,23 +97,24 @@ def redact(history_dir: Path, versions: list[tuple[str, int, int]]) -> int:
     """Remove the rows of (user_id, from_version, to_version) ranges from every history file; returns
     how many rows were removed. Files are rewritten whole, atomically; repeating a redaction is a
     no-op, so a crash in between is repaired by running it again."""
-    if not versions or not history_dir.exists():
+    existing = sorted(str(f) for f in history_dir.glob("date=*/*.parquet"))
+    if not versions or not existing:
         return 0
     doomed = pa.table({"user_id": [u for u, _, _ in versions], "v_from": [a for _, a, _ in versions],
                        "v_to": [b for _, _, b in versions]})
     removed = 0
     with locked(history_dir), duckdb.connect() as db:
         db.register("doomed", doomed)
-        files = [Path(f) for (f,) in db.execute(f"""
-            SELECT DISTINCT h.filename FROM read_parquet('{history_dir}/date=*/*.parquet', filename = true,
-                                                         hive_partitioning = false) h
-            JOIN doomed d ON h.user_id = d.user_id AND h.version BETWEEN d.v_from AND d.v_to""").fetchall()]
+        files = [Path(f) for (f,) in db.execute("""
+            SELECT DISTINCT h.filename FROM read_parquet($files, filename = true, hive_partitioning = false) h
+            JOIN doomed d ON h.user_id = d.user_id AND h.version BETWEEN d.v_from AND d.v_to""",
+                                                {"files": existing}).fetchall()]
         for f in files:
-            kept = db.sql(f"""
-                SELECT * FROM read_parquet('{f}', hive_partitioning = false) h
+            kept = db.sql("""
+                SELECT * FROM read_parquet($file, hive_partitioning = false) h
                 WHERE NOT EXISTS (SELECT 1 FROM doomed d WHERE h.user_id = d.user_id
                                   AND h.version BETWEEN d.v_from AND d.v_to)
-                ORDER BY user_id, version""").to_arrow_table()
+                ORDER BY user_id, version""", params={"file": str(f)}).to_arrow_table()
             removed += pq.ParquetFile(f).metadata.num_rows - kept.num_rows
             if kept.num_rows:
                 write_atomically(kept, f)

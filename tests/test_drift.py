@@ -187,6 +187,9 @@ def test_redaction_rewrites_only_the_files_holding_those_versions(tmp_path):
     assert sorted((r["user_id"], r["version"]) for r in rows) == [
         ("u0", 1), ("u0", 4), ("u1", 1), ("u1", 2), ("u1", 3), ("u1", 4)]
     assert {p: p.stat().st_mtime_ns for p in untouched} == untouched
+    assert history.redact(folder, [("u0", 1, 4), ("u1", 1, 4)]) == 6  # every row: the files go
+    assert not list(folder.glob("date=*/*.parquet"))
+    assert history.redact(folder, [("u0", 1, 4)]) == 0  # and an empty history is no error
 
 
 def test_parse_when():
