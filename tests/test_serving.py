@@ -97,11 +97,13 @@ def test_redelivered_request_makes_no_second_image(broker, make_ingestor, genera
     out = tmp_path / "images"
     produce(bs, GENERATION_REQUESTS, [request("ana", "same")])
     with Worker(ServeConfig(bs, str(out)), generator) as worker:
-        worker.run(max_requests=1, idle_exit_s=20)
+        assert worker.run(max_requests=1, idle_exit_s=60) == 1
+    [result] = [parse_event(GENERATION_RESULTS, m.value) for m in read_topic(bs, GENERATION_RESULTS)]
+    assert result.type == "generation_completed", result
     first = (out / "ana" / "same.png").stat().st_mtime_ns
     produce(bs, GENERATION_REQUESTS, [request("ana", "same")])  # redelivery
     with Worker(ServeConfig(bs, str(out)), generator) as worker:
-        worker.run(max_requests=1, idle_exit_s=20)
+        assert worker.run(max_requests=1, idle_exit_s=60) == 1
     assert (out / "ana" / "same.png").stat().st_mtime_ns == first
     results = [parse_event(GENERATION_RESULTS, m.value) for m in read_topic(bs, GENERATION_RESULTS)]
     assert [r.request_id for r in results] == ["same", "same"]
