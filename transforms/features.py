@@ -58,6 +58,11 @@ def lab_to_srgb(lab: np.ndarray) -> np.ndarray:
     return np.clip(np.where(lin <= 0.0031308, 12.92 * lin, 1.055 * lin ** (1 / 2.4) - 0.055), 0, 1)
 
 
+def channel_rows(image: np.ndarray) -> np.ndarray:
+    """An (h, w, 3) array as (3, h*w), each channel contiguous: per-channel statistics run far faster."""
+    return np.ascontiguousarray(np.moveaxis(image, -1, 0)).reshape(3, -1)
+
+
 def brightness(lab: np.ndarray) -> float:
     """Mean lightness L*, scaled to [0, 1]."""
     return float(lab[..., 0].mean() / 100)
@@ -102,8 +107,7 @@ def thirds_energy(lab: np.ndarray) -> float:
     the four intersections, divided by the windows' plain mean: 1 for evenly spread content, above 1
     when subjects sit on the thirds.
     """
-    channels = np.ascontiguousarray(np.moveaxis(lab, -1, 0)).reshape(3, -1)  # contiguous rows: a faster median
-    saliency = np.linalg.norm(lab - np.median(channels, axis=1), axis=-1)
+    saliency = np.linalg.norm(lab - np.median(channel_rows(lab), axis=1), axis=-1)
     windows = _thirds_windows(*lab.shape[:2])
     total = saliency.sum()
     if total <= 1e-9:
@@ -153,7 +157,7 @@ def aesthetic_features(image: Image.Image) -> np.ndarray:
     rgb = levels.astype(np.float32) / np.float32(255.0)
     lab = linear_to_lab(_LINEAR_U8[levels])
     gray = rgb @ np.array([0.299, 0.587, 0.114], np.float32)
-    spread = np.ascontiguousarray(np.moveaxis(lab, -1, 0)).reshape(3, -1).std(1) / 100  # per channel, fast
+    spread = channel_rows(lab).std(1) / 100
     values = {
         "brightness": brightness(lab),
         "contrast": contrast(lab),
