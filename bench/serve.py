@@ -145,7 +145,8 @@ def main() -> None:
     conds = [Conditioning(rng.normal(size=style_dim).astype(np.float32), float(rng.uniform(0.3, 1.0)), None)
              for _ in reqs]
     mixed = timed(lambda: gen.generate_batch(reqs, conds), a.batch, a.reps)
-    lora_conds = [Conditioning(c.embedding, c.strength, None, r.user_id) for c, r in zip(conds, reqs, strict=True)]
+    lora_conds = [Conditioning(c.embedding, c.strength, None, gen.loras.of_user(r.user_id))
+                  for c, r in zip(conds, reqs, strict=True)]
     mixed_lora = timed(lambda: gen.generate_batch(reqs, lora_conds), a.batch, a.reps)
     for name, ips in [("sequential", sequential), ("batched_plain", batched_plain), ("mixed_user", mixed),
                       ("mixed_lora", mixed_lora)]:

@@ -14,6 +14,7 @@ from rich.console import Console
 
 from stylestream.cli.drift import drift_app, history_app
 from stylestream.cli.options import DEFAULT_DATA_DIR, BootstrapServers, DataDir, Verbose
+from stylestream.cli.train import train_adapter
 
 app = typer.Typer(
     help="Learn each person's visual style from their photo stream and personalize image generation with it.",
@@ -22,6 +23,7 @@ schemas_app = typer.Typer(help="Event contracts as JSON Schema files.", no_args_
 app.add_typer(schemas_app, name="schemas")
 app.add_typer(drift_app, name="drift")
 app.add_typer(history_app, name="history")
+app.command("train-adapter")(train_adapter)
 console = Console()
 
 
@@ -153,11 +155,14 @@ def serve(
         help="A local diffusers StableDiffusionPipeline folder (default: the tiny random-weight model).")] = None,
     ip_adapter: Annotated[str | None, typer.Option(
         help="IP-Adapter-format weight file whose projection takes the style vector.")] = None,
+    hyper_lora: Annotated[str | None, typer.Option(
+        help="Hyper-LoRA file trained with that adapter: per-user LoRA made from each style version.")] = None,
     clip_model: Annotated[str, typer.Option(help="The embedding model ingestion uses (its text tower picks "
                                                  "facets by prompt).")] = "stylestream-tiny-clip",
     clip_pretrained: Annotated[str | None, typer.Option(help="Its pretrained tag or checkpoint path.")] = None,
     lora_dir: Annotated[Path | None, typer.Option(
-        help="Folder of per-user LoRA adapters, <user_id>.safetensors (diffusers LoRA format).")] = None,
+        help="Folder of per-user LoRA adapters, <user_id>.safetensors (diffusers LoRA format); a user's own "
+             "adapter takes the place of the hyper-LoRA's.")] = None,
     max_loras: Annotated[int, typer.Option(help="LoRA adapters kept loaded on the device at once.")] = 8,
     max_batch: Annotated[int, typer.Option(help="Requests per diffusion call, across users.")] = 8,
     max_wait_ms: Annotated[int, typer.Option(help="How long a request waits for others to share its call.")] = 50,
@@ -169,15 +174,14 @@ def serve(
 ) -> None:
     """Serve generation requests with each user's latest style until stopped."""
     _quiet(verbose)
-    from stylestream.models.clip import clip_spec, embedding_dim
+    from stylestream.models.clip import clip_spec
     from stylestream.models.diffusion import diffusion_spec
-    from stylestream.schemas.tables import FEATURE_NAMES
     from stylestream.serving.generator import StyleGenerator
     from stylestream.serving.metrics import ServeMetrics
     from stylestream.serving.worker import ServeConfig, Worker
 
     clip = clip_spec(data_dir / "models", clip_model, clip_pretrained)
-    spec = diffusion_spec(data_dir / "models", embedding_dim(clip) + len(FEATURE_NAMES), diffusion_model, ip_adapter)
+    spec = diffusion_spec(data_dir / "models", clip.pretrained, diffusion_model, ip_adapter, hyper_lora)
     cfg = ServeConfig(bootstrap_servers, output or str(data_dir / "images"), max_batch=max_batch,
                       max_wait_ms=max_wait_ms)
     metrics = ServeMetrics()

@@ -11,12 +11,14 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import fsspec
 import numpy as np
+from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
 from stylestream.demo.synthetic import LOOKS, make_library, toggle_event
-from stylestream.models.clip import clip_spec, embedding_dim
+from stylestream.models.clip import clip_spec
 from stylestream.models.diffusion import diffusion_spec
 from stylestream.pipelines.ingest import IngestConfig, Ingestor
 from stylestream.pipelines.store import CycleResult, Store
@@ -27,6 +29,8 @@ from stylestream.serving.worker import ServeConfig, Worker
 from stylestream.streams import clients
 from stylestream.streams.broker import running_broker
 from stylestream.streams.topics import CONSENT_EVENTS, GENERATION_REQUESTS, PHOTO_EVENTS, ensure_topics
+from stylestream.transforms.embed import OpenClipImageHandler, image_styles
+from stylestream.transforms.features import describe
 
 # user -> albums of (album id, look, photo count). Ana's "office" album is the one she withdraws.
 LIBRARY = {
@@ -44,7 +48,7 @@ def run_demo(data_dir: Path, console: Console) -> dict:
     say = console.print
     with console.status("preparing models (built once, then loaded like pretrained weights)"):
         clip = clip_spec(models_dir)
-        diffusion = diffusion_spec(models_dir, embedding_dim(clip) + len(FEATURE_NAMES))
+        diffusion = diffusion_spec(models_dir, clip.pretrained)
     with running_broker() as broker:
         bs = broker.bootstrap_servers
         ensure_topics(bs)
@@ -95,11 +99,15 @@ def run_demo(data_dir: Path, console: Console) -> dict:
             with Worker(ServeConfig(bs, str(run_dir / "images")), generator) as worker:
                 worker.run(max_requests=len(requests), idle_exit_s=30, on_result=results.append)
         say(results_table(results))
+        say(personalization_table(results, after, clip))
+        picture = side_by_side(results, after, run_dir / "personalization.png")
     elapsed = time.perf_counter() - t0
     say(f"[bold green]done[/] in {elapsed:.0f} s. State: {cfg.db_path}  History: {cfg.history_dir}")
+    say(f"personalization, side by side: {picture}", soft_wrap=True, highlight=False)
     say(f"drift: stylestream drift user ana --raw-id --key-file {cfg.state_dir / 'analytics.key'} "
         f"--history {cfg.history_dir} --plot ana.png", soft_wrap=True, highlight=False)  # one line, to copy
-    return {"run_dir": run_dir, "before": before, "after": after, "results": results, "seconds": elapsed}
+    return {"run_dir": run_dir, "before": before, "after": after, "results": results, "seconds": elapsed,
+            "picture": picture}
 
 
 def ingest(ingestor: Ingestor, console: Console, what: str) -> list[CycleResult]:
@@ -153,3 +161,59 @@ def results_table(results: list) -> Table:
         else:
             t.add_row(r.request_id, "[red]failed[/]", "-", "-", r.reason)
     return t
+
+
+def completed_images(results: list) -> dict[str, Image.Image]:
+    """user -> their generated image, for the completed requests."""
+    out = {}
+    for r in results:
+        if r.type == "generation_completed":
+            with fsspec.open(r.image_uri, "rb") as f:
+                out[r.user_id] = Image.open(f).convert("RGB")
+    return out
+
+
+def personalization_table(results: list, styles: dict, clip) -> Table:
+    """Per person: their style in words next to what the generated image shows, measured by the
+    same embedding and feature code as their photos."""
+    images = completed_images(results)
+    measured = dict(zip(images, image_styles(*_clip_handler(clip), list(images.values()))[1], strict=True))
+    t = Table(title="does each image follow its person's style? (same prompt and seed for everyone)")
+    for col in ("user", "their style", "their generated image"):
+        t.add_column(col)
+    for user in sorted(images):
+        t.add_row(user, describe(styles[user][2]), describe(measured[user]))
+    return t
+
+
+def _clip_handler(clip):
+    handler = OpenClipImageHandler(clip, device="cpu")
+    return handler, handler.load_model()
+
+
+def side_by_side(results: list, styles: dict, path: Path) -> Path:
+    """One row per person: their palette, their image, and the next person's image for the same
+    prompt and seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from stylestream.analytics.plot import palette_rgb
+
+    images = completed_images(results)
+    users = sorted(images)
+    fig, axes = plt.subplots(len(users), 3, figsize=(7.5, 2.6 * len(users)), squeeze=False)
+    for row, user in enumerate(users):
+        other = users[(row + 1) % len(users)]
+        colours = palette_rgb(np.asarray([styles[user][2]]))[:, 0]  # (3 colours, 3)
+        panels = [(np.repeat(colours[None], 8, 0).repeat(8, 1), f"{user}'s palette\n{describe(styles[user][2])}"),
+                  (images[user], f"{user}'s image"), (images[other], f"{other}'s image, same prompt and seed")]
+        for ax, (picture, title) in zip(axes[row], panels, strict=True):
+            ax.imshow(picture, interpolation="nearest")
+            ax.set_title(title, fontsize=9)
+            ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

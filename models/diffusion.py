@@ -1,18 +1,21 @@
 """diffusers text-to-image pipeline with an IP-Adapter-format style adapter: one loading path.
 
 Production names a diffusers model folder (e.g. a local copy of an SD-1.5 checkpoint) and an
-IP-Adapter weight file whose image projection takes the style vector. The offline default is a tiny
-pipeline built from configs/diffusion/tiny.json with random weights, written once with
-`save_pretrained` by `ensure_tiny_diffusion` and loaded back with `from_pretrained`, like real weights.
+IP-Adapter weight file whose image projection takes the style vector. The offline default is the
+tiny style model trained on these machines (models/tiny_style.py, shipped in models/trained/);
+tests also build tiny random-weight pipelines from configs/diffusion/ (`ensure_tiny_diffusion`),
+written once with `save_pretrained` and loaded back with `from_pretrained`, like real weights.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
 
@@ -24,9 +27,11 @@ IP_ADAPTER_FILE = "ip-adapter.safetensors"
 class DiffusionSpec:
     model_dir: str  # a diffusers StableDiffusionPipeline folder
     ip_adapter: str  # an IP-Adapter weight file (image_proj.* + ip_adapter.* tensors)
+    hyper_lora: str | None = None  # a hyper-LoRA file (style vector -> per-user LoRA), optional
 
     def describe(self) -> str:
-        return f"{self.model_dir} + {Path(self.ip_adapter).name}"
+        return f"{self.model_dir} + {Path(self.ip_adapter).name}" + (
+            f" + {Path(self.hyper_lora).name}" if self.hyper_lora else "")
 
 
 def per_sample_ip_adapter_embeds(ip_adapter_image_embeds: list[torch.Tensor], device, batch: int,
@@ -60,10 +65,11 @@ class StylePipeline(StableDiffusionPipeline):
                                             do_classifier_free_guidance)
 
 
-def load_pipeline(spec: DiffusionSpec, device: str = "cpu") -> StylePipeline:
+def load_pipeline(spec: DiffusionSpec, device: str = "cpu", dtype: torch.dtype | None = None) -> StylePipeline:
     """The pipeline from a local folder, with the style adapter loaded and set to scale 1
-    (per-sample strength goes through constant IP-Adapter masks)."""
-    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    (per-sample strength goes through constant IP-Adapter masks). Half precision on a GPU unless
+    `dtype` says otherwise (training keeps float32 weights)."""
+    dtype = dtype or (torch.float16 if device.startswith("cuda") else torch.float32)
     pipe = StylePipeline.from_pretrained(
         spec.model_dir, dtype=dtype, safety_checker=None, requires_safety_checker=False,
         local_files_only=True,
@@ -74,6 +80,18 @@ def load_pipeline(spec: DiffusionSpec, device: str = "cpu") -> StylePipeline:
                          local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def adapter_input(embedding: np.ndarray, features: np.ndarray, dim: int) -> np.ndarray:
+    """What the style adapter (and the hyper-LoRA) take for a style: the embedding, followed by the
+    aesthetic features when the adapter was made for both (`dim`, its input size, says which)."""
+    emb = np.asarray(embedding, np.float32)
+    if dim == len(emb):
+        return emb
+    if dim == len(emb) + len(features):
+        return np.concatenate([emb, np.asarray(features, np.float32)])
+    raise ValueError(f"style adapter takes {dim}-d input; style vectors have {len(emb)}-d embeddings "
+                     f"and {len(features)} features: configure an adapter trained for this embedding model")
 
 
 def adapter_input_dim(pipe) -> int:
@@ -99,9 +117,22 @@ def clip_tokenizer_files(directory: Path) -> None:
     (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
 
 
-def random_ip_adapter(unet, input_dim: int, tokens: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random IP-Adapter weights in the original layout: an image projection from `input_dim` to
-    `tokens` context tokens, and to_k_ip/to_v_ip for every cross-attention layer (numbered 1, 3, 5...)."""
+def _cross_attention_layers(unet) -> Iterator[tuple[int, str]]:
+    """(IP-Adapter key, attention module name) of every cross-attention layer, in the order and with
+    the odd numbering (1, 3, 5...) of the original IP-Adapter layout that diffusers' loader expects."""
+    key = 1
+    for name in unet.attn_processors:
+        if name.endswith("attn1.processor"):
+            continue
+        yield key, name.removesuffix(".processor")
+        key += 2
+
+
+def random_ip_adapter(unet, input_dim: int, tokens: int, seed: int = 0,
+                      like_text_attention: bool = False) -> dict[str, torch.Tensor]:
+    """New IP-Adapter weights in the original layout: an image projection from `input_dim` to `tokens`
+    context tokens, and to_k_ip/to_v_ip for every cross-attention layer, random or (to start training,
+    as IP-Adapter does) copies of the layer's text to_k/to_v."""
     g = torch.Generator().manual_seed(seed)
     cross = unet.config.cross_attention_dim
     sd = {
@@ -110,26 +141,40 @@ def random_ip_adapter(unet, input_dim: int, tokens: int, seed: int = 0) -> dict[
         "image_proj.norm.weight": torch.ones(cross),
         "image_proj.norm.bias": torch.zeros(cross),
     }
-    key = 1
-    for name in unet.attn_processors:
-        if name.endswith("attn1.processor"):
-            continue
-        attn = unet.get_submodule(name.removesuffix(".processor"))
-        hidden = attn.to_k.out_features
-        sd[f"ip_adapter.{key}.to_k_ip.weight"] = torch.randn(hidden, cross, generator=g) / cross**0.5
-        sd[f"ip_adapter.{key}.to_v_ip.weight"] = torch.randn(hidden, cross, generator=g) / cross**0.5
-        key += 2
+    for key, name in _cross_attention_layers(unet):
+        attn = unet.get_submodule(name)
+        for ip, text in (("to_k_ip", attn.to_k), ("to_v_ip", attn.to_v)):
+            sd[f"ip_adapter.{key}.{ip}.weight"] = (
+                text.weight.detach().clone() if like_text_attention
+                else torch.randn(text.out_features, cross, generator=g) / cross**0.5)
     return sd
 
 
-def diffusion_spec(models_dir: Path, style_dim: int, model_dir: str | None = None,
-                   ip_adapter: str | None = None) -> DiffusionSpec:
-    """What the command line asks for; the tiny default is materialized under models_dir."""
+def ip_adapter_state_dict(unet) -> dict[str, torch.Tensor]:
+    """The IP-Adapter loaded into `unet`, back in the original layout (what `load_ip_adapter` reads)."""
+    proj = unet.encoder_hid_proj.image_projection_layers[0]
+    sd = {"image_proj.proj.weight": proj.image_embeds.weight, "image_proj.proj.bias": proj.image_embeds.bias,
+          "image_proj.norm.weight": proj.norm.weight, "image_proj.norm.bias": proj.norm.bias}
+    for key, name in _cross_attention_layers(unet):
+        processor = unet.get_submodule(name).processor
+        sd[f"ip_adapter.{key}.to_k_ip.weight"] = processor.to_k_ip[0].weight
+        sd[f"ip_adapter.{key}.to_v_ip.weight"] = processor.to_v_ip[0].weight
+    return {k: v.detach().float().contiguous() for k, v in sd.items()}
+
+
+def diffusion_spec(models_dir: Path, clip_weights: str | None, model_dir: str | None = None,
+                   ip_adapter: str | None = None, hyper_lora: str | None = None) -> DiffusionSpec:
+    """What the command line asks for; by default the tiny trained style model (models/tiny_style.py),
+    which needs the tiny CLIP weights it was trained with (`clip_weights`, a checkpoint path)."""
     if model_dir is None and ip_adapter is None:
-        return ensure_tiny_diffusion(models_dir, style_dim)
+        if hyper_lora is not None:
+            raise ValueError("--hyper-lora needs the --diffusion-model and --ip-adapter it was trained with")
+        from stylestream.models.tiny_style import ensure_tiny_style
+
+        return ensure_tiny_style(models_dir, clip_weights)
     if model_dir is None or ip_adapter is None:
         raise ValueError("a diffusion model folder needs its style adapter file too (and the other way round)")
-    return DiffusionSpec(model_dir, ip_adapter)
+    return DiffusionSpec(model_dir, ip_adapter, hyper_lora)
 
 
 def ensure_tiny_diffusion(models_dir: Path, style_dim: int, config: str = "tiny") -> DiffusionSpec:
@@ -141,30 +186,36 @@ def ensure_tiny_diffusion(models_dir: Path, style_dim: int, config: str = "tiny"
     if Path(spec.model_dir, "model_index.json").exists() and Path(spec.ip_adapter).exists():
         return spec
 
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from safetensors.torch import save_file
+
+    if not Path(spec.model_dir, "model_index.json").exists():
+        random_pipeline(config, root / "tokenizer-src").save_pretrained(spec.model_dir)
+    unet = UNet2DConditionModel.from_pretrained(spec.model_dir, subfolder="unet")
+    Path(spec.ip_adapter).parent.mkdir(parents=True, exist_ok=True)
+    tokens = json.loads((CONFIG_DIR / f"{config}.json").read_text())["ip_adapter_tokens"]
+    save_file(random_ip_adapter(unet, style_dim, tokens), spec.ip_adapter)
+    return spec
+
+
+def random_pipeline(config: str, tokenizer_dir: Path) -> StableDiffusionPipeline:
+    """A StableDiffusionPipeline with random weights (seed 0) from configs/diffusion/<config>.json."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     cfg = json.loads((CONFIG_DIR / f"{config}.json").read_text())
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**cfg["unet"])
-    if not Path(spec.model_dir, "model_index.json").exists():
-        tok_dir = root / "tokenizer-src"
-        clip_tokenizer_files(tok_dir)
-        pipe = StableDiffusionPipeline(
-            vae=AutoencoderKL(**cfg["vae"]),
-            text_encoder=CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"])),
-            tokenizer=CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77),
-            unet=unet,
-            scheduler=EulerDiscreteScheduler(**cfg["scheduler"]),
-            safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False,
-        )
-        pipe.save_pretrained(spec.model_dir)
-    else:
-        unet = UNet2DConditionModel.from_pretrained(spec.model_dir, subfolder="unet")
-    Path(spec.ip_adapter).parent.mkdir(parents=True, exist_ok=True)
-    save_file(random_ip_adapter(unet, style_dim, cfg["ip_adapter_tokens"]), spec.ip_adapter)
-    return spec
+    clip_tokenizer_files(tokenizer_dir)
+    return StableDiffusionPipeline(
+        vae=AutoencoderKL(**cfg["vae"]),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"])),
+        tokenizer=CLIPTokenizer(str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt"),
+                                model_max_length=77),
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(**cfg["scheduler"]),
+        safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False,
+    )
 
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")

@@ -150,7 +150,8 @@ class GenerationCompleted(_Event):
     style_version: int | None = Field(
         default=None, description="The style version that conditioned the image; null if none.")
     facet: int | None = Field(default=None, description="The facet used; null for the overall style.")
-    lora: bool = Field(default=False, description="Whether the user's LoRA adapter was applied.")
+    lora: bool = Field(default=False, description="Whether a LoRA adapter was applied: the user's own, or the "
+                                             "hyper-LoRA's for their style.")
     style_strength: float
     seed: int
     timings_ms: dict[str, float] = Field(default_factory=dict)

@@ -11,32 +11,26 @@ import torch
 from PIL import Image
 
 from stylestream.models.clip import ClipSpec, load_clip
-from stylestream.models.diffusion import DiffusionSpec, adapter_input_dim, load_pipeline
+from stylestream.models.diffusion import DiffusionSpec, adapter_input, adapter_input_dim, load_pipeline
+from stylestream.models.hyper_lora import HyperLora
 from stylestream.schemas.events import GenerationRequested, StyleFacet, StyleVectorUpdated
 from stylestream.schemas.tables import FEATURE_NAMES
-from stylestream.serving.lora import UserLoras
+from stylestream.serving.lora import LoraSource, UserLoras
 from stylestream.transforms.facets import choose_facet
 
 
 def style_condition(style: StyleVectorUpdated | StyleFacet, dim: int) -> np.ndarray:
-    """The adapter input for a style (or one facet of it): the embedding, followed by the features
-    when the adapter's projection was made for both (its input size says which)."""
-    emb = np.asarray(style.embedding, np.float32)
-    if dim == len(emb):
-        return emb
-    feats = np.array([style.features[n] for n in FEATURE_NAMES], np.float32)
-    if dim == len(emb) + len(feats):
-        return np.concatenate([emb, feats])
-    raise ValueError(f"style adapter takes {dim}-d input; style vectors have {len(emb)}-d embeddings "
-                     f"and {len(feats)} features: configure an adapter trained for this embedding model")
+    """The adapter input for a style (or one facet of it)."""
+    return adapter_input(np.asarray(style.embedding, np.float32),
+                         np.array([style.features[n] for n in FEATURE_NAMES], np.float32), dim)
 
 
 @dataclass(frozen=True)
 class Conditioning:
     embedding: np.ndarray  # the style adapter's input
-    strength: float
+    strength: float  # the style adapter's strength for this sample
     facet: int | None
-    lora_user: str | None = None  # whose LoRA adapter applies to this sample, if any
+    lora: LoraSource | None = None  # the LoRA adapter for this sample, if any
 
 
 class StyleGenerator:
@@ -44,11 +38,16 @@ class StyleGenerator:
     style facets in the space the photos were embedded in."""
 
     def __init__(self, spec: DiffusionSpec, clip: ClipSpec, device: str | None = None,
-                 lora_dir: Path | None = None, max_loras: int = 8):
+                 lora_dir: Path | None = None, max_loras: int = 8, use_ip_adapter: bool = True):
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.pipe = load_pipeline(spec, self.device)
         self.style_dim = adapter_input_dim(self.pipe)
         self.loras = UserLoras(self.pipe, lora_dir, max_loras)
+        self.hyper = HyperLora.load(spec.hyper_lora) if spec.hyper_lora else None
+        if self.hyper is not None and self.hyper.input_dim != self.style_dim:
+            raise ValueError(f"the hyper-LoRA takes {self.hyper.input_dim}-d styles, the style adapter "
+                             f"{self.style_dim}-d: they must be trained together")
+        self.use_ip_adapter = use_ip_adapter  # off only to measure the hyper-LoRA alone
         self._clip, _, self._tokenize = load_clip(clip, self.device)
 
     def embed_prompt(self, prompt: str) -> np.ndarray:
@@ -72,10 +71,24 @@ class StyleGenerator:
         if style is None or style.tombstone:
             return Conditioning(np.zeros(self.style_dim, np.float32), 0.0, None)
         facet = self.pick_facet(request, style)
-        chosen = style if facet is None else style.facets[facet]
-        # A user's LoRA applies whenever their style does (strength 0 means no personalization at all).
-        lora = request.user_id if request.style_strength > 0 and self.loras.has(request.user_id) else None
-        return Conditioning(style_condition(chosen, self.style_dim), request.style_strength, facet, lora)
+        embedding = style_condition(style if facet is None else style.facets[facet], self.style_dim)
+        return Conditioning(embedding, request.style_strength if self.use_ip_adapter else 0.0, facet,
+                            self.lora_for(request, style, facet, embedding))
+
+    def lora_for(self, request: GenerationRequested, style: StyleVectorUpdated, facet: int | None,
+                 embedding: np.ndarray) -> LoraSource | None:
+        """The user's own LoRA file if they have one, else the hyper-LoRA's adapter for this style
+        version, facet and strength; none at strength 0 (no personalization at all)."""
+        strength = request.style_strength
+        if strength == 0:
+            return None
+        if self.loras.has(request.user_id):
+            return self.loras.of_user(request.user_id)
+        if self.hyper is None:
+            return None
+        key = f"hyper/{request.user_id}/v{style.version}/{'overall' if facet is None else facet}/{strength:g}"
+        return LoraSource(key, request.user_id, lambda: self.hyper.lora_state_dict(embedding, strength),
+                          style.version)
 
     def generate(self, request: GenerationRequested,
                  style: StyleVectorUpdated | None) -> tuple[Image.Image, int | None]:
@@ -97,11 +110,12 @@ class StyleGenerator:
             embeds = torch.cat([torch.zeros_like(embeds), embeds])
             strengths = torch.cat([strengths, strengths])
         # Per-sample strength: the adapter's output is scaled by a constant mask per row.
-        masks = strengths.view(-1, 1, 1, 1).expand(-1, 1, first.height // 8, first.width // 8)
+        masks = strengths.view(-1, 1, 1, 1).expand(
+            -1, 1, first.height // self.pipe.vae_scale_factor, first.width // self.pipe.vae_scale_factor)
         negative = [r.negative_prompt for r in requests] if any(r.negative_prompt for r in requests) else None
         # Once any LoRA is loaded, every row names its adapter (or none), or peft would apply them all.
-        adapters = self.loras.adapters([c.lora_user for c in conds]) if self.loras.loaded() or any(
-            c.lora_user for c in conds) else None
+        adapters = self.loras.adapters([c.lora for c in conds]) if self.loras.loaded() or any(
+            c.lora for c in conds) else None
         per_sample = self.loras.per_sample(adapters * (2 if cfg else 1)) if adapters else contextlib.nullcontext()
         self.pipe.set_ip_adapter_scale(style_layers(self.pipe.unet) if first.style_layers_only else 1.0)
         with per_sample:

@@ -111,6 +111,7 @@ class Worker:
         while max_requests is None or handled < max_requests:
             records = self._collect(max_requests - handled if max_requests else self.cfg.max_batch)
             self.styles.poll()
+            self.generator.loras.drop_versions(self.styles.withdrawn)
             if not records:
                 if idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s:
                     break
@@ -238,7 +239,7 @@ def _completed(request: GenerationRequested, style: StyleVectorUpdated | None, c
     return GenerationCompleted(
         event_id=f"done-{request.request_id}", user_id=request.user_id, event_time=datetime.now(UTC),
         request_id=request.request_id, image_uri=image_uri, style_version=style.version if style else None,
-        facet=cond.facet, lora=cond.lora_user is not None, style_strength=cond.strength, seed=request.seed,
+        facet=cond.facet, lora=cond.lora is not None, style_strength=cond.strength, seed=request.seed,
         timings_ms=timings)
 
 

@@ -55,3 +55,13 @@ def test_serve_bench_runs():
 def test_drift_bench_runs():
     r = final_json("drift.py", "--users", "300", "--versions", "12", "--window-days", "5", "--repeats", "1")
     assert r["rows"] == 3600 and {"topn_query_s", "timeline_query_s", "pandas_topn_s"} <= set(r)
+
+
+@pytest.mark.slow
+def test_personalization_bench_runs():
+    r = final_json("personalization.py", "--photos", "3", "--prompts", "1", "--seeds", "1", "--reps", "1")
+    assert r["people"] == 6 and r["chance"] == round(1 / 6, 4)
+    assert set(r["variants"]) == {"none", "ip_adapter", "hyper_lora", "both"}
+    for v in r["variants"].values():
+        assert len(v["strength_sweep"]) == 5 and v["images_per_s"] > 0 and v["cost_ratio"] > 0
+        assert 0 <= v["retrieval_accuracy"] <= 1 and -1 <= v["feature_correlation"] <= 1

@@ -237,8 +237,8 @@ def test_per_user_lora_in_a_mixed_batch(diffusion, clip, tmp_path):
     rng = np.random.default_rng(0)
     reqs = [request(u, f"l{i}", seed=i, guidance_scale=3.0) for i, u in enumerate(["ana", "ben", "cleo"])]
     conds = [Conditioning(rng.normal(size=gen.style_dim).astype(np.float32), 1.0, None,
-                          r.user_id if gen.loras.has(r.user_id) else None) for r in reqs]
-    assert [c.lora_user for c in conds] == ["ana", "ben", None]
+                          gen.loras.of_user(r.user_id) if gen.loras.has(r.user_id) else None) for r in reqs]
+    assert [c.lora.user_id if c.lora else None for c in conds] == ["ana", "ben", None]
 
     def diff(a, b) -> int:
         return int(np.abs(np.asarray(a, int) - np.asarray(b)).max())

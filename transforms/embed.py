@@ -19,6 +19,7 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInf
 from PIL import Image
 
 from stylestream.models.clip import ClipSpec, load_clip
+from stylestream.transforms.features import aesthetic_features
 from stylestream.transforms.records import Contribution, PreparedPhoto
 
 MIN_BATCH_SIZE = 1
@@ -99,3 +100,13 @@ class EmbedPhotos(beam.PTransform):
             | "RunInference" >> RunInference(self._handler)
             | "ToContribution" >> beam.Map(lambda result: to_contribution(result.example, result.inference))
         )
+
+
+def image_styles(handler: OpenClipImageHandler, model: LoadedClip,
+                 images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
+    """(embeddings, aesthetic features) of decoded images, one row each, through the same handler
+    and feature code ingestion uses (for training data, benchmarks and checks outside a pipeline)."""
+    size = handler.batch_elements_kwargs()["max_batch_size"]
+    embeddings = [r.inference for start in range(0, len(images), size)
+                  for r in handler.run_inference(images[start:start + size], model)]
+    return np.stack(embeddings), np.stack([aesthetic_features(im) for im in images])

@@ -10,6 +10,7 @@ better and every facet has enough photos.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,14 +34,22 @@ class Facet:
     photo_ids: tuple[str, ...]
 
 
+def style_space(embeddings: np.ndarray, features: np.ndarray) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """A map of (embeddings, features) rows into one space where distances compare styles: each part
+    centred and scaled to unit RMS norm over the given rows, so neither dominates by its size alone,
+    then the features weighted by FEATURE_WEIGHT. Fitted on these rows, applicable to others."""
+    def scaler(x: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+        mean = x.mean(0)
+        rms = np.sqrt(((x - mean) ** 2).sum(1).mean())
+        rms = rms if rms > 1e-12 else 1.0
+        return lambda y: (y.astype(np.float64) - mean) / rms
+    emb, feat = scaler(embeddings.astype(np.float64)), scaler(features.astype(np.float64))
+    return lambda e, f: np.hstack([emb(e), FEATURE_WEIGHT * feat(f)])
+
+
 def clustering_space(embeddings: np.ndarray, features: np.ndarray) -> np.ndarray:
-    """Rows to cluster: the embedding next to the features, each part centred and scaled to unit RMS
-    norm so neither dominates by its size alone, then the features weighted by FEATURE_WEIGHT."""
-    def unit(x: np.ndarray) -> np.ndarray:
-        x = x - x.mean(0)
-        rms = np.sqrt((x**2).sum(1).mean())
-        return x / rms if rms > 1e-12 else x
-    return np.hstack([unit(embeddings.astype(np.float64)), FEATURE_WEIGHT * unit(features.astype(np.float64))])
+    """Rows to cluster: the rows themselves in their `style_space`."""
+    return style_space(embeddings, features)(embeddings, features)
 
 
 def _kmeans(x: np.ndarray, w: np.ndarray, k: int) -> tuple[np.ndarray, float]:

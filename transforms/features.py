@@ -177,3 +177,33 @@ def aesthetic_features(image: Image.Image) -> np.ndarray:
     for i, (l_, a, b) in enumerate(palette(small), start=1):
         values |= {f"palette{i}_l": l_, f"palette{i}_a": a, f"palette{i}_b": b}
     return np.array([values[n] for n in FEATURE_NAMES], dtype=np.float32)
+
+
+
+# Words for where a style sits on a feature: (feature, word above, threshold, word below, threshold).
+# Thresholds fall between the synthetic looks (demo/synthetic.py): warmth is +0.71 for "warm and
+# saturated", -0.11 for "cool and muted", 0.00 for "high-contrast monochrome".
+LEVEL_WORDS = (
+    ("warmth", "warm", 0.15, "cool", -0.05),
+    ("saturation", "saturated", 0.6, "muted", 0.3),
+    ("brightness", "light", 0.7, "dark", 0.3),
+    ("contrast", "high-contrast", 0.2, "flat", 0.04),
+)
+MONOCHROME_BELOW = 0.06  # colourfulness under which hue and saturation words say nothing
+
+
+def describe(features: np.ndarray) -> str:
+    """A style's look in words ("warm, saturated"), from its features in FEATURE_NAMES order."""
+    def value(name: str) -> float:
+        return float(features[FEATURE_NAMES.index(name)])
+
+    mono = value("colourfulness") < MONOCHROME_BELOW
+    words = ["monochrome"] if mono else []
+    for name, above, high, below, low in LEVEL_WORDS:
+        if mono and name in ("warmth", "saturation"):
+            continue
+        if value(name) > high:
+            words.append(above)
+        elif value(name) < low:
+            words.append(below)
+    return ", ".join(words) or "neutral"

@@ -66,6 +66,14 @@ class StyleStats:
         return emb.astype(np.float32), (self.sum_features / self.total_weight).astype(np.float32)
 
 
+def style_of(embeddings: np.ndarray, features: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The style vector of photos with these weights, by the rule every user's style follows."""
+    stats = StyleStats.zero(embeddings.shape[1], features.shape[1])
+    for e, f, w in zip(embeddings, features, weights, strict=True):
+        stats = stats + StyleStats.of(e, f, float(w))
+    return stats.vector()
+
+
 @dataclass(frozen=True)
 class ConsentRecord:
     enabled: bool

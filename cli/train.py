@@ -1,0 +1,72 @@
+"""`stylestream train-adapter`: train the style adapter and the hyper-LoRA on a collection of images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from stylestream.cli.options import DEFAULT_DATA_DIR, DataDir
+
+console = Console()
+
+
+def train_adapter(
+    images: Annotated[Path, typer.Argument(
+        exists=True, help="A folder of images (its first-level folders are groups: a person, a look, an album) "
+                          "or a JSON-lines manifest of {\"path\", \"group\", \"caption\"}.")],
+    output: Annotated[Path, typer.Option(
+        "--output", "-o", file_okay=False,
+        help="Folder for ip-adapter.safetensors, hyper-lora.safetensors, loss.png, training.json and the "
+             "checkpoint; a run with the same folder resumes.")],
+    diffusion_model: Annotated[str | None, typer.Option(
+        help="A local diffusers StableDiffusionPipeline folder (default: the tiny trained model's).")] = None,
+    clip_model: Annotated[str, typer.Option(help="open_clip architecture that computes the style vectors "
+                                                 "(the one ingestion uses).")] = "stylestream-tiny-clip",
+    clip_pretrained: Annotated[str | None, typer.Option(help="Its pretrained tag or checkpoint path.")] = None,
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps in all (a resumed run continues to this).")]
+    = 2000,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per step.")] = 32,
+    learning_rate: Annotated[float, typer.Option(min=0.0, help="AdamW learning rate.")] = 1e-4,
+    resolution: Annotated[int, typer.Option(min=8, help="Training image side in pixels (512 for SD 1.5).")] = 64,
+    train_base: Annotated[bool, typer.Option(
+        "--train-base/--frozen-base", help="Also train the UNet (a small model from scratch); frozen by default.")]
+    = False,
+    hyper_rank: Annotated[int, typer.Option(min=1, help="Rank of the LoRA deltas the hyper-LoRA makes.")] = 4,
+    prompts: Annotated[Path | None, typer.Option(
+        exists=True, dir_okay=False, help="Captions, one per line, drawn for images the manifest gives none "
+                                          "(default: the empty prompt).")] = None,
+    seed: Annotated[int, typer.Option(help="Same seed, same data, same result.")] = 0,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when present).")] = None,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+) -> None:
+    """Train the style conditioning: the IP-Adapter-format style adapter (`serve --ip-adapter`) and the
+    hyper-LoRA (`serve --hyper-lora`), with the diffusion loss, from images and their style vectors."""
+    import torch
+
+    from stylestream.cli.progress import stage_bars
+    from stylestream.models.clip import clip_spec
+    from stylestream.models.style_training import TrainConfig, train_style
+    from stylestream.models.tiny_style import SHIPPED
+
+    clip = clip_spec(data_dir / "models", clip_model, clip_pretrained)
+    base = diffusion_model or str(SHIPPED / "pipeline")
+    cfg = TrainConfig(
+        images=images, diffusion_model=base, clip=clip, output=output, steps=steps, batch_size=batch_size,
+        learning_rate=learning_rate, resolution=resolution, seed=seed, train_base=train_base, hyper_rank=hyper_rank,
+        prompts=[p.strip() for p in prompts.read_text().splitlines()] if prompts else [""],
+        device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    console.print(f"training on {images} with {base} and {clip.describe()} ({cfg.device})")
+    with stage_bars(console) as stage:
+        bars = {}
+
+        def on_progress(what: str, done: int, total: int) -> None:
+            bars.setdefault(what, stage(what, total))(done)
+        summary = train_style(cfg, on_progress, on_step=stage("training", steps))
+    console.print(f"{summary['steps']} steps on {summary['images']} images in {summary['seconds']:.0f} s "
+                  f"({summary['seconds_per_step']:.3f} s/step), loss {summary['final_loss_mean_last_100']}")
+    console.print(f"serve with: --ip-adapter {output / 'ip-adapter.safetensors'} "
+                  f"--hyper-lora {output / 'hyper-lora.safetensors'}; loss curve: {output / 'loss.png'}",
+                  soft_wrap=True)
