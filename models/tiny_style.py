@@ -40,7 +40,7 @@ from stylestream.models.style_training import TRAINING_FILE, TrainConfig, square
 SHIPPED = Path(__file__).parent / "trained" / "tiny-style"
 CONFIG = "tiny-style"
 RESOLUTION = 64
-STEPS, VAE_STEPS, PER_LOOK, BATCH_SIZE = 2400, 600, 160, 32
+STEPS, VAE_STEPS, PER_LOOK, BATCH_SIZE = 4000, 600, 160, 32
 # Captions drawn at random for every training image: the tiny text encoder is random and knows no
 # words, so these only teach the UNet to keep the style whatever the prompt (the demo's and the
 # benchmark's prompts are among them).
@@ -157,10 +157,13 @@ def ensure_tiny_style(models_dir: Path, clip_weights: str | None) -> DiffusionSp
         with tempfile.TemporaryDirectory() as work, stage_bars() as stage:
             build(root, Path(work), STEPS, VAE_STEPS, PER_LOOK, BATCH_SIZE, stage)
     trained_with = json.loads((root / TRAINING_FILE).read_text())["clip_weights_sha256"]
-    if clip_weights is None or weights_sha256(clip_weights) != trained_with:
-        have = (weights_sha256(clip_weights) or "none")[:12]
-        raise ValueError(f"the tiny style model in {root} was trained with tiny CLIP weights {trained_with[:12]}…, "
-                         f"these are {have}…: rebuild it with `python -m stylestream.models.tiny_style`")
+    have = weights_sha256(clip_weights)
+    if have != trained_with:
+        raise ValueError(
+            f"the tiny style model ({root}) works with the tiny CLIP it was trained with (weights "
+            f"{trained_with[:12]}…), not with {f'weights {have[:12]}…' if have else 'another model'}: give "
+            "--diffusion-model and --ip-adapter trained for your embedding model (stylestream train-adapter), "
+            "or rebuild the tiny one with `python -m stylestream.models.tiny_style`")
     return DiffusionSpec(str(root / "pipeline"), str(root / IP_ADAPTER_FILE), str(root / HYPER_LORA_FILE))
 
 

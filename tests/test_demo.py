@@ -25,12 +25,13 @@ def test_demo_end_to_end(tmp_path):
     assert len(list((report["run_dir"] / "images").rglob("*.png"))) == 3
     text = out.getvalue()
     assert "1 to the dead-letter topic" in text and "opt-out effect" in text
+    assert "does each image follow its person's style?" in text and report["picture"].stat().st_size > 10_000
 
 
 def test_cli_help_explains_every_command():
     result = CliRunner().invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("broker", "ingest", "serve", "demo", "schemas"):
+    for command in ("broker", "ingest", "serve", "demo", "schemas", "train-adapter"):
         assert command in result.output
     ingest_help = CliRunner().invoke(app, ["ingest", "--help"], env={"COLUMNS": "200"}).output
     for option in ("--bootstrap-servers", "--clip-pretrained", "--follow", "--until-caught-up"):

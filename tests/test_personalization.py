@@ -165,7 +165,7 @@ def test_serve_loads_the_trained_adapter_and_hyper_lora_through_its_flags(broker
     assert "hyper-lora.safetensors" in result.output
     [done] = [parse_event(GENERATION_RESULTS, m.value) for m in read_topic(bs, GENERATION_RESULTS)]
     assert done.type == "generation_completed" and done.lora and done.style_version == look_styles["warm"].version
-    with pytest.raises(ValueError, match="rebuild it"):  # a tiny CLIP with other weights cannot use it
+    with pytest.raises(ValueError, match="rebuild the tiny one"):  # a CLIP with other weights cannot use it
         ensure_tiny_style(tmp_path, str(tmp_path / "other-clip.safetensors"))
 
 
@@ -196,8 +196,10 @@ def test_strength_zero_is_the_same_image_for_everyone(tiny, clip, look_styles):
     conds = [gen.condition(r, look_styles[r.user_id]) for r in reqs]
     assert all(c.lora is None for c in conds)
     images = gen.generate_batch(reqs, conds)
-    unpersonalized = none.generate(reqs[0], None)[0]
-    assert all(diff(im, unpersonalized) == 0 for im in images)
+    unpersonalized = none.generate_batch(reqs, [none.condition(r, None) for r in reqs])
+    assert [diff(a, b) for a, b in zip(images, unpersonalized, strict=True)] == [0, 0, 0]
+    alone = [gen.generate(r, look_styles[r.user_id])[0] for r in reqs]  # same seed: the same image for all
+    assert diff(alone[0], alone[1]) == diff(alone[0], alone[2]) == diff(alone[0], none.generate(reqs[0], None)[0]) == 0
     personalized = [gen.generate(request(u, f"o{u}"), look_styles[u])[0] for u in ("warm", "cool", "mono")]
     assert min(diff(a, b) for i, a in enumerate(personalized) for b in personalized[i + 1:]) > 30
 
@@ -219,12 +221,13 @@ def test_generated_images_follow_their_persons_style(tiny, clip, look_styles):
                     np.stack([[v.features[n] for n in FEATURE_NAMES] for v in vectors]))
     distances = {}
     for strength in (0.0, 0.5, 1.0):
-        reqs = [request(k, f"q{k}{s}{strength}", seed=s, style_strength=strength) for s in (1, 2) for k in looks]
+        reqs = [request(k, f"q{k}{s}{strength}", seed=s, style_strength=strength, num_inference_steps=20)
+                for s in (1, 2) for k in looks]
         images: list[Image.Image] = gen.generate_batch(reqs, [gen.condition(r, look_styles[r.user_id]) for r in reqs])
         points = space(*image_styles(handler, model, images))
         d = np.linalg.norm(points[:, None] - targets[None], axis=-1)  # (images, looks)
         own = np.array([looks.index(r.user_id) for r in reqs])
         distances[strength] = float(d[np.arange(len(reqs)), own].mean())
         if strength == 1.0:
-            assert (d.argmin(1) == own).mean() >= 0.75, d.argmin(1)
+            assert (d.argmin(1) == own).mean() >= 0.9, d.argmin(1)
     assert distances[1.0] < distances[0.5] < distances[0.0]
