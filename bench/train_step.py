@@ -53,6 +53,7 @@ def main() -> None:
                       steps=a.steps + 1, batch_size=a.batch, resolution=resolution, device=a.device)
     trainee = build_trainee(cfg, dim)
     data = prepare_training_set(cfg, trainee.pipe, dim)
+    trainee.fit_input(data.conditions.reshape(-1, dim))
     with torch.no_grad():
         text = trainee.pipe.encode_prompt([""], a.device, 1, False)[0].float().cpu()
     noise_scheduler = DDPMScheduler.from_config(trainee.pipe.scheduler.config)

@@ -43,8 +43,8 @@ from stylestream.models.diffusion import (
     random_ip_adapter,
 )
 from stylestream.models.hyper_lora import DEFAULT_TARGETS, HYPER_LORA_FILE, HyperLora, applied, target_layers
+from stylestream.pipelines.library import PHOTO_SUFFIXES, manifest_rows, photo_files
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".heic", ".heif")
 CONDITIONS_PER_IMAGE = 4  # the image's own style and three means over random subsets of its group
 MAX_SUBSET = 8  # photos in a group subset
 # Share of samples trained through each path: (none, IP-Adapter only, hyper-LoRA only, both).
@@ -88,23 +88,13 @@ def list_images(source: Path) -> list[tuple[Path, str, str | None]]:
     images directly in it are groups of one. A manifest: JSON lines with "path" (relative to the
     manifest), optional "group" and "caption"."""
     if source.is_dir():
-        found = []
-        for path in sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
-            rel = path.relative_to(source)
-            found.append((path, rel.parts[0] if len(rel.parts) > 1 else str(rel), None))
+        found = [(p, p.relative_to(source).parts[0] if len(p.relative_to(source).parts) > 1 else p.name, None)
+                 for p in photo_files(source)]
     else:
-        found = []
-        for n, line in enumerate(source.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                path = (source.parent / row["path"]).resolve()
-            except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{source}:{n}: expected {{\"path\": ..., \"group\"?, \"caption\"?}}: {e}") from None
-            found.append((path, str(row.get("group", row["path"])), row.get("caption")))
+        found = [(path, str(row.get("group", row["path"])), row.get("caption"))
+                 for path, row in manifest_rows(source, '{"path": ..., "group"?, "caption"?}')]
     if not found:
-        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {source}")
+        raise ValueError(f"no images ({', '.join(PHOTO_SUFFIXES)}) in {source}")
     return found
 
 

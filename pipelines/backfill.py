@@ -18,11 +18,11 @@ from pathlib import Path
 
 from PIL import Image
 
+from stylestream.pipelines.library import manifest_rows, photo_files
 from stylestream.schemas.events import ImageRef, PhotoUploaded, encode_event
 from stylestream.streams import clients
 from stylestream.streams.topics import PHOTO_EVENTS
 
-PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".heic", ".heif"}
 DATETIME_ORIGINAL, EXIF_IFD = 0x9003, 0x8769
 
 
@@ -37,20 +37,14 @@ class LibraryItem:
 def scan(source: Path) -> list[LibraryItem]:
     """The photos of a folder or a manifest file, in a stable order."""
     if source.is_dir():
-        files = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in PHOTO_SUFFIXES)
-        return [LibraryItem(p, p.relative_to(source).as_posix(),
-                            album_id=_album_of(p.relative_to(source))) for p in files]
+        return [LibraryItem(p, p.relative_to(source).as_posix(), album_id=_album_of(p.relative_to(source)))
+                for p in photo_files(source)]
     items = []
-    for n, line in enumerate(source.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
+    for path, row in manifest_rows(source, '{"path": ..., "album_id"?: ..., "taken_at"?: ...}'):
         try:
-            row = json.loads(line)
-            path = (source.parent / row["path"]).resolve()
             taken = datetime.fromisoformat(row["taken_at"]) if row.get("taken_at") else None
-        except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{source}:{n}: expected {{\"path\": ..., \"album_id\"?: ..., \"taken_at\"?: ...}}: "
-                             f"{e}") from None
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{source}: {row['path']}: taken_at: {e}") from None
         items.append(LibraryItem(path, row["path"], row.get("album_id"), taken))
     return items
 

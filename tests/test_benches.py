@@ -65,3 +65,9 @@ def test_personalization_bench_runs():
     for v in r["variants"].values():
         assert len(v["strength_sweep"]) == 5 and v["images_per_s"] > 0 and v["cost_ratio"] > 0
         assert 0 <= v["retrieval_accuracy"] <= 1 and -1 <= v["feature_correlation"] <= 1
+
+
+@pytest.mark.slow
+def test_train_step_bench_runs():
+    r = final_json("train_step.py", "--config", "tiny", "--batch", "2", "--steps", "1")
+    assert r["config"] == "tiny" and r["seconds_per_step"] > 0 and r["ratio"] > 0 and r["trainable_params_m"] > 0
