@@ -27,7 +27,13 @@ from diffusers import DDPMScheduler
 from stylestream.demo.synthetic import LOOKS, render
 from stylestream.models.clip import embedding_dim, ensure_tiny_clip
 from stylestream.models.diffusion import ensure_tiny_diffusion
-from stylestream.models.style_training import TrainConfig, build_trainee, prepare_training_set, training_step
+from stylestream.models.style_training import (
+    TrainConfig,
+    build_trainee,
+    is_style_adapter,
+    prepare_training_set,
+    training_step,
+)
 from stylestream.schemas.tables import FEATURE_NAMES
 
 
@@ -70,7 +76,7 @@ def main() -> None:
         loss.backward()
         optimizer.step()
 
-    def forward(_i: int) -> None:  # the baseline: the frozen UNet alone, no adapter path, no gradients
+    def forward(_i: int) -> None:  # the baseline: the UNet's forward pass alone (style masked off), no gradients
         lat = data.latents[: a.batch].to(a.device)
         with torch.no_grad():
             unet(lat, torch.full((a.batch,), 500, device=a.device), text.expand(a.batch, -1, -1).to(a.device),
@@ -91,7 +97,7 @@ def main() -> None:
     print(json.dumps({
         "bench": "train_step", "config": a.config, "device": a.device, "batch": a.batch, "resolution": resolution,
         "trainable_params_m": round(trainable / 1e6, 2),
-        "unet_params_m": round(sum(p.numel() for p in unet.parameters()) / 1e6, 1),
+        "unet_params_m": round(sum(p.numel() for n, p in unet.named_parameters() if not is_style_adapter(n)) / 1e6, 1),
         "seconds_per_step": round(timings["train"], 4), "forward_seconds": round(timings["forward"], 4),
         "ratio": round(timings["train"] / timings["forward"], 2),
         "images_per_s": round(a.batch / timings["train"], 2),

@@ -152,7 +152,7 @@ def serve(
     output: Annotated[str | None, typer.Option(help="Folder or fsspec URL for images (default: DATA_DIR/images).")]
     = None,
     diffusion_model: Annotated[str | None, typer.Option(
-        help="A local diffusers StableDiffusionPipeline folder (default: the tiny random-weight model).")] = None,
+        help="A local diffusers StableDiffusionPipeline folder (default: the tiny trained style model).")] = None,
     ip_adapter: Annotated[str | None, typer.Option(
         help="IP-Adapter-format weight file whose projection takes the style vector.")] = None,
     hyper_lora: Annotated[str | None, typer.Option(
@@ -180,8 +180,12 @@ def serve(
     from stylestream.serving.metrics import ServeMetrics
     from stylestream.serving.worker import ServeConfig, Worker
 
-    clip = clip_spec(data_dir / "models", clip_model, clip_pretrained)
-    spec = diffusion_spec(data_dir / "models", clip.pretrained, diffusion_model, ip_adapter, hyper_lora)
+    try:
+        clip = clip_spec(data_dir / "models", clip_model, clip_pretrained)
+        spec = diffusion_spec(data_dir / "models", clip.pretrained, diffusion_model, ip_adapter, hyper_lora)
+    except ValueError as e:
+        console.print(f"[red]cannot serve:[/] {e}", soft_wrap=True)
+        raise typer.Exit(2) from None
     cfg = ServeConfig(bootstrap_servers, output or str(data_dir / "images"), max_batch=max_batch,
                       max_wait_ms=max_wait_ms)
     metrics = ServeMetrics()

@@ -51,20 +51,34 @@ def train_adapter(
     from stylestream.models.style_training import TrainConfig, train_style
     from stylestream.models.tiny_style import SHIPPED
 
-    clip = clip_spec(data_dir / "models", clip_model, clip_pretrained)
     base = diffusion_model or str(SHIPPED / "pipeline")
-    cfg = TrainConfig(
-        images=images, diffusion_model=base, clip=clip, output=output, steps=steps, batch_size=batch_size,
-        learning_rate=learning_rate, resolution=resolution, seed=seed, train_base=train_base, hyper_rank=hyper_rank,
-        prompts=[p.strip() for p in prompts.read_text().splitlines()] if prompts else [""],
-        device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    console.print(f"training on {images} with {base} and {clip.describe()} ({cfg.device})")
-    with stage_bars(console) as stage:
-        bars = {}
+    if not Path(base, "model_index.json").is_file():
+        raise typer.BadParameter(f"{base} is not a diffusers pipeline folder (no model_index.json)",
+                                 param_hint="--diffusion-model")
+    captions = [line.strip() for line in prompts.read_text().splitlines()] if prompts else [""]
+    if not captions:
+        raise typer.BadParameter(f"{prompts} has no lines", param_hint="--prompts")
+    try:
+        clip = clip_spec(data_dir / "models", clip_model, clip_pretrained)
+        cfg = TrainConfig(
+            images=images, diffusion_model=base, clip=clip, output=output, steps=steps, batch_size=batch_size,
+            learning_rate=learning_rate, resolution=resolution, seed=seed, train_base=train_base,
+            hyper_rank=hyper_rank, prompts=captions, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        console.print(f"training on {images} with {base} and {clip.describe()} ({cfg.device})")
+        with stage_bars(console) as stage:
+            bars = {}
 
-        def on_progress(what: str, done: int, total: int) -> None:
-            bars.setdefault(what, stage(what, total))(done)
-        summary = train_style(cfg, on_progress, on_step=stage("training", steps))
+            def on_progress(what: str, done: int, total: int) -> None:
+                if what not in bars:
+                    bars[what] = stage(what, total)
+                bars[what](done)
+            summary = train_style(cfg, on_progress, on_step=stage("training", steps))
+    except ValueError as e:
+        console.print(f"[red]cannot train:[/] {e}", soft_wrap=True)
+        raise typer.Exit(1) from None
+    if summary["skipped_images"]:
+        console.print(f"[yellow]skipped {len(summary['skipped_images'])} unreadable image(s)[/], "
+                      f"e.g. {summary['skipped_images'][0]}", soft_wrap=True)
     console.print(f"{summary['steps']} steps on {summary['images']} images in {summary['seconds']:.0f} s "
                   f"({summary['seconds_per_step']:.3f} s/step), loss {summary['final_loss_mean_last_100']}")
     console.print(f"serve with: --ip-adapter {output / 'ip-adapter.safetensors'} "

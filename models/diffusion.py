@@ -159,7 +159,7 @@ def ip_adapter_state_dict(unet) -> dict[str, torch.Tensor]:
         processor = unet.get_submodule(name).processor
         sd[f"ip_adapter.{key}.to_k_ip.weight"] = processor.to_k_ip[0].weight
         sd[f"ip_adapter.{key}.to_v_ip.weight"] = processor.to_v_ip[0].weight
-    return {k: v.detach().float().contiguous() for k, v in sd.items()}
+    return {k: v.detach().float().cpu().contiguous() for k, v in sd.items()}
 
 
 def diffusion_spec(models_dir: Path, clip_weights: str | None, model_dir: str | None = None,

@@ -6,7 +6,7 @@ the style vector s. The deltas are therefore a function of the style alone, so a
 which changes the style vector, changes the deltas too: withdrawal stays exact for them.
 
 Two ways to apply the same deltas, kept equal by a test:
-- training: `applied(unet, deltas, strengths)` adds `strength * x A^T B^T` to each target's output
+- training: `applied(unet, targets, deltas, strengths)` adds `strength * x A^T B^T` to each target's output
   with forward hooks, one style per sample, differentiable;
 - serving: `lora_state_dict(style, strength)` materializes one user's deltas as a diffusers/peft LoRA
   (`unet.<layer>.lora_A.weight`, `lora_B.weight`), which the serving worker loads as an adapter and

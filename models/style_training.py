@@ -12,7 +12,7 @@ read the colour there instead of from the style, and samples from pure noise com
 Each sample is trained through one of four paths (none, IP-Adapter only, hyper-LoRA only, both), so
 either conditioning works alone and strength 0 stays the base model. Deterministic for a seed: every
 step draws from a generator seeded by (seed, step), so a resumed run continues exactly as an
-uninterrupted one would.
+uninterrupted one would (on the same device: GPU kernels and bfloat16 are not bit-exact).
 
 Outputs in the output folder: `ip-adapter.safetensors` (what `serve --ip-adapter` loads),
 `hyper-lora.safetensors` (`serve --hyper-lora`), with `train_base` a `pipeline/` folder
@@ -79,6 +79,7 @@ class TrainingSet:
     conditions: torch.Tensor  # (n, CONDITIONS_PER_IMAGE, style dim): adapter inputs
     captions: list[str | None]  # per image; None draws from the configured prompts
     groups: list[str]
+    skipped: list[str]  # images that could not be read, with the reason
 
 
 # -- 1. The images and their style vectors ---------------------------------------------------------
@@ -133,15 +134,21 @@ def prepare_training_set(cfg: TrainConfig, pipe, dim: int,
     handler = OpenClipImageHandler(cfg.clip, device=cfg.device)
     clip_model = handler.load_model()
     vae = pipe.vae
-    latents, embeddings, features = [], [], []
+    limits = DecodeLimits(min_side=max(DecodeLimits.min_side, cfg.resolution))  # never upscale to train
+    kept, skipped, latents, embeddings, features = [], [], [], [], []
     chunk = 32
     for start in range(0, len(listed), chunk):
         images = []
-        for path, _, _ in listed[start:start + chunk]:
+        for item in listed[start:start + chunk]:
             try:
-                images.append(decode(path.read_bytes(), DecodeLimits())[0])
+                images.append(decode(item[0].read_bytes(), limits)[0])
+                kept.append(item)
             except (OSError, PhotoError) as e:
-                raise ValueError(f"{path}: {e}") from None
+                skipped.append(f"{item[0]}: {e}")
+        if on_progress:
+            on_progress("styles and latents of the images", min(start + chunk, len(listed)), len(listed))
+        if not images:
+            continue
         emb, feats = image_styles(handler, clip_model, images)
         embeddings.append(emb)
         features.append(feats)
@@ -149,14 +156,20 @@ def prepare_training_set(cfg: TrainConfig, pipe, dim: int,
                               .permute(2, 0, 1) for im in images]).to(cfg.device, vae.dtype)
         with torch.no_grad():
             latents.append(vae.encode(pixels).latent_dist.mean.float().cpu() * vae.config.scaling_factor)
-        if on_progress:
-            on_progress("styles and latents of the images", min(start + chunk, len(listed)), len(listed))
+    if not kept:
+        raise ValueError(f"none of the {len(listed)} images in {cfg.images} could be read: {skipped[0]}")
+    listed = kept
     groups = [g for _, g, _ in listed]
     conds = group_conditions(np.concatenate(embeddings), np.concatenate(features), groups, dim, cfg.seed)
-    return TrainingSet(torch.cat(latents), torch.from_numpy(conds), [c for _, _, c in listed], groups)
+    return TrainingSet(torch.cat(latents), torch.from_numpy(conds), [c for _, _, c in listed], groups, skipped)
 
 
 # -- 2. The models ---------------------------------------------------------------------------------
+
+def is_style_adapter(name: str) -> bool:
+    """Whether a UNet parameter belongs to the loaded style adapter (its projection or to_k_ip/to_v_ip)."""
+    return name.startswith("encoder_hid_proj.") or ".processor." in name
+
 
 @dataclass
 class Trainee:
@@ -185,7 +198,7 @@ def build_trainee(cfg: TrainConfig, dim: int) -> Trainee:
     from safetensors.torch import save_file
 
     init = cfg.output / "init" / IP_ADAPTER_FILE
-    if not init.exists():
+    if not init.exists() or not (cfg.output / CHECKPOINT_FILE).exists():  # a fresh start: new initial weights
         unet = UNet2DConditionModel.from_pretrained(cfg.diffusion_model, subfolder="unet", local_files_only=True)
         init.parent.mkdir(parents=True, exist_ok=True)
         tokens = 4  # diffusers' loader reads four tokens from an IP-Adapter projection
@@ -196,8 +209,8 @@ def build_trainee(cfg: TrainConfig, dim: int) -> Trainee:
         module.requires_grad_(False)
     hyper = HyperLora(dim, target_layers(unet, cfg.hyper_targets), cfg.hyper_rank, cfg.hyper_hidden, cfg.seed)
     hyper.to(cfg.device)
-    adapter = [p for n, p in unet.named_parameters() if n.startswith("encoder_hid_proj.") or ".processor." in n]
-    base = [p for n, p in unet.named_parameters() if not (n.startswith("encoder_hid_proj.") or ".processor." in n)]
+    adapter = [p for n, p in unet.named_parameters() if is_style_adapter(n)]
+    base = [p for n, p in unet.named_parameters() if not is_style_adapter(n)]
     params = adapter + list(hyper.parameters()) + (base if cfg.train_base else [])
     for p in params:
         p.requires_grad_(True)
@@ -259,6 +272,12 @@ def train_style(cfg: TrainConfig, on_progress: Callable[[str, int, int], None] |
 
     cfg.output.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
+    if not cfg.prompts:
+        raise ValueError("no prompts to draw captions from (give at least the empty prompt)")
+    checkpoint = cfg.output / CHECKPOINT_FILE
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False) if checkpoint.exists() else None
+    if state is not None and state["fingerprint"] != _fingerprint(cfg):
+        raise ValueError(f"{checkpoint} was made with other settings; use another --output or delete it")
     # 1. The style adapter's input size: the embedding model's embedding plus the features
     from stylestream.models.clip import embedding_dim
     from stylestream.schemas.tables import FEATURE_NAMES
@@ -278,11 +297,7 @@ def train_style(cfg: TrainConfig, on_progress: Callable[[str, int, int], None] |
     optimizer = torch.optim.AdamW(trainee.params, lr=cfg.learning_rate, weight_decay=1e-4)
     # 3. Resume from the checkpoint, if any
     start, losses, seconds = 0, [], 0.0
-    checkpoint = cfg.output / CHECKPOINT_FILE
-    if checkpoint.exists():
-        state = torch.load(checkpoint, map_location=cfg.device, weights_only=False)
-        if state["fingerprint"] != _fingerprint(cfg):
-            raise ValueError(f"{checkpoint} was made with other settings; use another --output or delete it")
+    if state is not None:
         with torch.no_grad():
             for p, saved in zip(trainee.params, state["params"], strict=True):
                 p.copy_(saved)
@@ -305,7 +320,7 @@ def train_style(cfg: TrainConfig, on_progress: Callable[[str, int, int], None] |
             _save_checkpoint(checkpoint, cfg, trainee, optimizer, step + 1, losses, time.perf_counter() - t0)
     unet.eval()
     # 5. The products: adapter files, the trained base if any, the loss curve and a summary
-    return export(cfg, trainee, losses, time.perf_counter() - t0, len(data.latents), len(set(data.groups)))
+    return export(cfg, trainee, losses, time.perf_counter() - t0, data)
 
 
 def _fingerprint(cfg: TrainConfig) -> str:
@@ -325,8 +340,7 @@ def _save_checkpoint(path: Path, cfg: TrainConfig, trainee: Trainee, optimizer, 
 
 # -- 4. What training leaves behind ----------------------------------------------------------------
 
-def export(cfg: TrainConfig, trainee: Trainee, losses: list[float], seconds: float, images: int,
-           groups: int) -> dict:
+def export(cfg: TrainConfig, trainee: Trainee, losses: list[float], seconds: float, data: TrainingSet) -> dict:
     from safetensors.torch import save_file
 
     adapter = ip_adapter_state_dict(trainee.pipe.unet)
@@ -339,7 +353,8 @@ def export(cfg: TrainConfig, trainee: Trainee, losses: list[float], seconds: flo
     if cfg.train_base:
         save_base(trainee.pipe, cfg.diffusion_model, cfg.output / "pipeline")
     plot_losses(losses, cfg.output / "loss.png")
-    summary = {"steps": len(losses), "images": images, "groups": groups, "seconds": round(seconds, 1),
+    summary = {"steps": len(losses), "images": len(data.latents), "groups": len(set(data.groups)),
+               "skipped_images": data.skipped, "seconds": round(seconds, 1),
                "seconds_per_step": round(seconds / max(len(losses), 1), 4),
                "final_loss_mean_last_100": round(float(np.mean(losses[-100:])), 5) if losses else None,
                "clip_model": cfg.clip.model, "clip_weights_sha256": weights_sha256(cfg.clip.pretrained),
@@ -353,8 +368,7 @@ def save_base(pipe, base_dir: str, out: Path) -> None:
     from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(base_dir, subfolder="unet", local_files_only=True)
-    trained = {k: v for k, v in pipe.unet.state_dict().items()
-               if not (k.startswith("encoder_hid_proj.") or ".processor." in k)}
+    trained = {k: v for k, v in pipe.unet.state_dict().items() if not is_style_adapter(k)}
     unet.load_state_dict(trained)
     if out.exists():
         shutil.rmtree(out)

@@ -139,10 +139,11 @@ def build(out: Path, work: Path, steps: int, vae_steps: int, per_look: int, batc
         shutil.copy2(cfg.output / name, out / name)
     summary |= {"vae_steps": vae_steps, "vae_final_loss": round(float(np.mean(vae_losses[-50:])), 5),
                 "vae_seconds": round(vae_seconds, 1), "images_per_look": per_look,
-                "total_seconds": round(time.perf_counter() - t0, 1), "torch_threads": torch.get_num_threads()}
+                "this_run_seconds": round(time.perf_counter() - t0, 1), "torch_threads": torch.get_num_threads()}
     summary["config"]["images"] = "synthetic looks (demo/synthetic.py), rendered by models/tiny_style.py"
     summary["config"]["diffusion_model"] = "configs/diffusion/tiny-style.json, VAE trained first"
     summary["config"]["output"] = str(SHIPPED.relative_to(SHIPPED.parent.parent))
+    summary["config"]["clip"] = {"model": clip.model, "pretrained": "random weights, seed 0 (models/clip.py)"}
     (out / TRAINING_FILE).write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 

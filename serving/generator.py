@@ -15,7 +15,7 @@ from stylestream.models.diffusion import DiffusionSpec, adapter_input, adapter_i
 from stylestream.models.hyper_lora import HyperLora
 from stylestream.schemas.events import GenerationRequested, StyleFacet, StyleVectorUpdated
 from stylestream.schemas.tables import FEATURE_NAMES
-from stylestream.serving.lora import LoraSource, UserLoras
+from stylestream.serving.lora import BASE, LoraSource, UserLoras
 from stylestream.transforms.facets import choose_facet
 
 
@@ -84,7 +84,7 @@ class StyleGenerator:
             return None
         if self.loras.has(request.user_id):
             return self.loras.of_user(request.user_id)
-        if self.hyper is None:
+        if self.hyper is None or request.style_layers_only:  # its deltas reach every block, not only style ones
             return None
         key = f"hyper/{request.user_id}/v{style.version}/{'overall' if facet is None else facet}/{strength:g}"
         return LoraSource(key, request.user_id, lambda: self.hyper.lora_state_dict(embedding, strength),
@@ -106,9 +106,9 @@ class StyleGenerator:
         embeds = torch.from_numpy(np.stack([c.embedding for c in conds]))[:, None, :].to(self.device, dtype)
         strengths = torch.tensor([c.strength for c in conds])
         cfg = first.guidance_scale > 1.0
-        if cfg:  # classifier-free guidance rows: [unconditional..., conditional...]
-            embeds = torch.cat([torch.zeros_like(embeds), embeds])
-            strengths = torch.cat([strengths, strengths])
+        if cfg:  # classifier-free guidance rows: [unconditional..., conditional...], the former without style
+            embeds = torch.cat([embeds, embeds])
+            strengths = torch.cat([torch.zeros_like(strengths), strengths])
         # Per-sample strength: the adapter's output is scaled by a constant mask per row.
         masks = strengths.view(-1, 1, 1, 1).expand(
             -1, 1, first.height // self.pipe.vae_scale_factor, first.width // self.pipe.vae_scale_factor)
@@ -116,7 +116,8 @@ class StyleGenerator:
         # Once any LoRA is loaded, every row names its adapter (or none), or peft would apply them all.
         adapters = self.loras.adapters([c.lora for c in conds]) if self.loras.loaded() or any(
             c.lora for c in conds) else None
-        per_sample = self.loras.per_sample(adapters * (2 if cfg else 1)) if adapters else contextlib.nullcontext()
+        rows = [BASE] * len(adapters) + adapters if cfg and adapters else adapters
+        per_sample = self.loras.per_sample(rows) if adapters else contextlib.nullcontext()
         self.pipe.set_ip_adapter_scale(style_layers(self.pipe.unet) if first.style_layers_only else 1.0)
         with per_sample:
             out = self.pipe(

@@ -99,6 +99,14 @@ def test_train_adapter_command(image_folder, diffusion, tmp_path):
     assert "2 steps on 8 images" in result.output and "--hyper-lora" in result.output
     assert (out / IP_ADAPTER_FILE).exists() and (out / HYPER_LORA_FILE).exists() and (out / "loss.png").exists()
 
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for args, code, says in (([str(empty), "--diffusion-model", diffusion.model_dir], 1, "no images"),
+                             ([str(image_folder), "--diffusion-model", str(empty)], 2, "not a diffusers pipeline")):
+        result = CliRunner().invoke(app, ["train-adapter", *args, "--output", str(tmp_path / "o2"), "--steps", "1",
+                                          "--data-dir", str(tmp_path / "data")], env={"COLUMNS": "200"})
+        assert result.exit_code == code and says in result.output and "Traceback" not in result.output, result.output
+
 
 def test_hyper_lora_through_peft_equals_the_training_form(diffusion):
     """The LoRA that serving loads through peft is exactly the delta training adds with hooks."""
@@ -173,14 +181,18 @@ def test_mixed_batch_with_hyper_lora_equals_single_user_runs(tiny, clip, look_st
     gen = StyleGenerator(tiny, clip, device="cpu", max_loras=3)
     hyper_only = StyleGenerator(tiny, clip, device="cpu", use_ip_adapter=False)
     none = StyleGenerator(dataclasses.replace(tiny, hyper_lora=None), clip, device="cpu", use_ip_adapter=False)
-    users = ["warm", "cool", "mono"]
-    reqs = [request(u, f"m{i}", seed=20 + i) for i, u in enumerate(users)]
+    users = ["warm", "cool", "mono", "pastel"]
+    reqs = [request(u, f"m{i}", seed=20 + i, style_strength=0.0 if u == "pastel" else 1.0)
+            for i, u in enumerate(users)]
     conds = [gen.condition(r, look_styles[r.user_id]) for r in reqs]
-    assert all(c.lora is not None and c.lora.style_version == look_styles[c.lora.user_id].version for c in conds)
+    assert all(c.lora is not None and c.lora.style_version == look_styles[c.lora.user_id].version for c in conds[:3])
+    assert conds[3].lora is None  # strength 0: no adapter at all, while the others have theirs
     batch = gen.generate_batch(reqs, conds)
     alone = [gen.generate_batch([r], [c])[0] for r, c in zip(reqs, conds, strict=True)]
     assert all(diff(b, a) <= 2 for b, a in zip(batch, alone, strict=True))  # each row: its own style only
+    assert diff(alone[3], none.generate(reqs[3], None)[0]) == 0
     # the hyper-LoRA alone changes the image, each person's differently
+    reqs = reqs[:3]
     plain = [none.generate(r, look_styles[r.user_id])[0] for r in reqs]
     hyper = hyper_only.generate_batch(reqs, [hyper_only.condition(r, look_styles[r.user_id]) for r in reqs])
     assert all(diff(h, p) > 10 for h, p in zip(hyper, plain, strict=True))
@@ -200,6 +212,8 @@ def test_strength_zero_is_the_same_image_for_everyone(tiny, clip, look_styles):
     assert [diff(a, b) for a, b in zip(images, unpersonalized, strict=True)] == [0, 0, 0]
     alone = [gen.generate(r, look_styles[r.user_id])[0] for r in reqs]  # same seed: the same image for all
     assert diff(alone[0], alone[1]) == diff(alone[0], alone[2]) == diff(alone[0], none.generate(reqs[0], None)[0]) == 0
+    guided = request("warm", "g", style_strength=0.0, guidance_scale=3.0)  # guidance: no style in either row
+    assert diff(gen.generate(guided, look_styles["warm"])[0], none.generate(guided, None)[0]) == 0
     personalized = [gen.generate(request(u, f"o{u}"), look_styles[u])[0] for u in ("warm", "cool", "mono")]
     assert min(diff(a, b) for i, a in enumerate(personalized) for b in personalized[i + 1:]) > 30
 
