@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import time
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -40,17 +41,41 @@ def _quiet(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.CRITICAL)
 
 
+class Engine(StrEnum):
+    auto = "auto"
+    kafka = "kafka"
+    tansu = "tansu"
+
+
 @app.command()
 def broker(port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (default: a free one).")] = 0,
-           partitions: Annotated[int, typer.Option(help="Partitions per topic.")] = 4) -> None:
-    """Run a local Kafka-protocol broker (Tansu, memory only) with the stylestream topics until Ctrl-C."""
-    from stylestream.streams.broker import start_broker
+           partitions: Annotated[int, typer.Option(help="Partitions per topic.")] = 4,
+           engine: Annotated[Engine, typer.Option(
+               help="kafka: Apache Kafka (KRaft, data kept under DATA_DIR/kafka, needs Java); tansu: a "
+                    "memory-only Kafka-protocol broker; auto: kafka where Java is present.")] = Engine.auto,
+           data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
+    """Run a local broker with the stylestream topics until Ctrl-C."""
+    from stylestream.streams.broker import BrokerError, start_broker
+    from stylestream.streams.kafka_broker import KAFKA_VERSION, java_binary, start_kafka
     from stylestream.streams.topics import ensure_topics
 
-    b = start_broker(port or None)
+    if engine == Engine.auto:
+        engine, why = (Engine.kafka, "a Java runtime is present") if java_binary() else (
+            Engine.tansu, "no Java runtime on PATH")
+    else:
+        why = "asked for"
+    t0 = time.perf_counter()
+    try:
+        b = start_kafka(data_dir / "kafka", port or None) if engine == Engine.kafka else start_broker(port or None)
+    except BrokerError as e:
+        console.print(f"[red]cannot start the {engine.value} broker:[/] {e}", soft_wrap=True)
+        raise typer.Exit(1) from None
     try:
         created = ensure_topics(b.bootstrap_servers, partitions)
-        console.print(f"broker listening on [bold]{b.bootstrap_servers}[/] (memory only: a restart loses all data)")
+        what = (f"Apache Kafka {KAFKA_VERSION} (data in {data_dir / 'kafka'}, kept across restarts)"
+                if engine == Engine.kafka else "Tansu (memory only: a restart loses all data)")
+        console.print(f"{what} listening on [bold]{b.bootstrap_servers}[/] ({why}; started in "
+                      f"{time.perf_counter() - t0:.1f} s)", soft_wrap=True)
         console.print(f"topics: {', '.join(created)} ({partitions} partitions, keyed by user)")
         console.print(f"export STYLESTREAM_BOOTSTRAP_SERVERS={b.bootstrap_servers}")
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
