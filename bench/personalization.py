@@ -129,10 +129,10 @@ def main() -> None:
     # 1. The people and their styles
     styles = people_styles(work, handler, clip_model, a.photos, a.seed)
     people = sorted(styles)
-    emb = np.stack([styles[p].embedding for p in people])
-    feats = np.stack([[styles[p].features[n] for n in FEATURE_NAMES] for p in people])
-    space = style_space(emb, feats)  # distances between styles, scaled by the people's spread
-    targets = dict(zip(people, space(emb, feats), strict=True))
+    people_emb = np.stack([styles[p].embedding for p in people])
+    people_feats = np.stack([[styles[p].features[n] for n in FEATURE_NAMES] for p in people])
+    space = style_space(people_emb, people_feats)  # distances between styles, scaled by the people's spread
+    targets = dict(zip(people, space(people_emb, people_feats), strict=True))
 
     # 2. The four variants: one pipeline with the hyper-LoRA, one without
     with_hyper = StyleGenerator(spec, clip, a.device)

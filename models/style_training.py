@@ -21,6 +21,7 @@ Outputs in the output folder: `ip-adapter.safetensors` (what `serve --ip-adapter
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -104,6 +105,11 @@ def square(image: Image.Image, size: int) -> Image.Image:
     return ImageOps.fit(image, (size, size), Image.Resampling.LANCZOS)
 
 
+def to_pixels(image: Image.Image, size: int) -> torch.Tensor:
+    """The (3, size, size) tensor in [-1, 1] that the VAE encodes: centre-cropped and resized."""
+    return torch.from_numpy(np.asarray(square(image.convert("RGB"), size), np.float32) / 127.5 - 1).permute(2, 0, 1)
+
+
 def group_conditions(embeddings: np.ndarray, features: np.ndarray, groups: list[str], dim: int,
                      seed: int) -> np.ndarray:
     """(n, CONDITIONS_PER_IMAGE, dim): per image, its own style, then the styles of random subsets of
@@ -152,8 +158,7 @@ def prepare_training_set(cfg: TrainConfig, pipe, dim: int,
         emb, feats = image_styles(handler, clip_model, images)
         embeddings.append(emb)
         features.append(feats)
-        pixels = torch.stack([torch.from_numpy(np.asarray(square(im, cfg.resolution), np.float32) / 127.5 - 1)
-                              .permute(2, 0, 1) for im in images]).to(cfg.device, vae.dtype)
+        pixels = torch.stack([to_pixels(im, cfg.resolution) for im in images]).to(cfg.device, vae.dtype)
         with torch.no_grad():
             latents.append(vae.encode(pixels).latent_dist.mean.float().cpu() * vae.config.scaling_factor)
     if not kept:
@@ -176,18 +181,16 @@ class Trainee:
     pipe: object  # StylePipeline, style adapter loaded
     hyper: HyperLora
     params: list[torch.nn.Parameter]  # what the optimizer updates, in a fixed order
-    # The style adapter trains on standardized inputs (the style's parts differ in scale by orders of
-    # magnitude); `export` folds the standardization into its projection, so serving feeds raw vectors.
-    input_mean: torch.Tensor | None = None
-    input_scale: torch.Tensor | None = None
 
+    # The style adapter trains on the inputs standardized as the hyper-LoRA's (the style's parts differ
+    # in scale by orders of magnitude); `export` folds that into its projection, so serving feeds raw
+    # vectors.
     def fit_input(self, conditions: torch.Tensor) -> None:
         """Standardize both conditioning paths by the training vectors' mean and spread."""
         self.hyper.fit_input(conditions.numpy())
-        self.input_mean, self.input_scale = self.hyper.input_mean.clone(), self.hyper.input_scale.clone()
 
     def standardized(self, conditions: torch.Tensor) -> torch.Tensor:
-        return (conditions - self.input_mean.to(conditions.device)) / self.input_scale.to(conditions.device)
+        return (conditions - self.hyper.input_mean) / self.hyper.input_scale
 
 
 def build_trainee(cfg: TrainConfig, dim: int) -> Trainee:
@@ -261,8 +264,7 @@ def training_step(trainee: Trainee, data: TrainingSet, prompt_embeds: dict[str, 
 
 
 def _autocast(device: str):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast(
-        "cpu", enabled=False)
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
 
 
 def train_style(cfg: TrainConfig, on_progress: Callable[[str, int, int], None] | None = None,
@@ -345,9 +347,9 @@ def export(cfg: TrainConfig, trainee: Trainee, losses: list[float], seconds: flo
 
     adapter = ip_adapter_state_dict(trainee.pipe.unet)
     # fold the input standardization in: W (x - m) / s + b  ==  (W / s) x + (b - (W / s) m)
-    weight = adapter["image_proj.proj.weight"] / trainee.input_scale.cpu()[None, :]
+    weight = adapter["image_proj.proj.weight"] / trainee.hyper.input_scale.cpu()[None, :]
     adapter["image_proj.proj.weight"] = weight.contiguous()
-    adapter["image_proj.proj.bias"] = adapter["image_proj.proj.bias"] - weight @ trainee.input_mean.cpu()
+    adapter["image_proj.proj.bias"] = adapter["image_proj.proj.bias"] - weight @ trainee.hyper.input_mean.cpu()
     save_file(adapter, str(cfg.output / IP_ADAPTER_FILE))
     trainee.hyper.save(cfg.output / HYPER_LORA_FILE)
     if cfg.train_base:

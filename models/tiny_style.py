@@ -35,7 +35,14 @@ from PIL import Image
 from stylestream.models.clip import ensure_tiny_clip
 from stylestream.models.diffusion import IP_ADAPTER_FILE, DiffusionSpec, random_pipeline
 from stylestream.models.hyper_lora import HYPER_LORA_FILE
-from stylestream.models.style_training import TRAINING_FILE, TrainConfig, square, train_style, weights_sha256
+from stylestream.models.style_training import (
+    TRAINING_FILE,
+    TrainConfig,
+    step_generator,
+    to_pixels,
+    train_style,
+    weights_sha256,
+)
 
 SHIPPED = Path(__file__).parent / "trained" / "tiny-style"
 CONFIG = "tiny-style"
@@ -80,7 +87,7 @@ def train_vae(vae, images: torch.Tensor, steps: int, batch_size: int, seed: int,
     losses = []
     vae.train()
     for step in range(steps):
-        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        g = step_generator(seed, step)
         x = images[torch.randint(0, len(images), (batch_size,), generator=g)]
         dist = vae.encode(x).latent_dist
         z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g)
@@ -102,8 +109,7 @@ def train_vae(vae, images: torch.Tensor, steps: int, batch_size: int, seed: int,
 def load_images(root: Path) -> torch.Tensor:
     """Every training image, cropped and reduced as training does, in [-1, 1]."""
     paths = sorted(root.rglob("*.jpg"))
-    return torch.stack([torch.from_numpy(np.asarray(square(Image.open(p).convert("RGB"), RESOLUTION), np.float32)
-                                         / 127.5 - 1).permute(2, 0, 1) for p in paths])
+    return torch.stack([to_pixels(Image.open(p), RESOLUTION) for p in paths])
 
 
 # -- 3 and 4. Everything, in order -----------------------------------------------------------------
