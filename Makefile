@@ -15,10 +15,17 @@ $(BIN)/stylestream: pyproject.toml
 demo: $(BIN)/stylestream
 	$(BIN)/stylestream demo
 
-## Lint, then every test (slow end-to-end ones included). "No tests ran" is a failure.
+# The broker the whole suite runs on: kafka (Apache Kafka, needs Java; CI sets this), tansu, or auto
+# (kafka where Java is present). The smoke tests then run on Tansu too, so both brokers keep working.
+TEST_BROKER ?= auto
+# pytest on broker $(1) with arguments $(2); "no tests ran" (exit 5) is a failure
+PYTEST = rc=0; STYLESTREAM_TEST_BROKER=$(1) $(BIN)/python -m pytest $(2) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; [ $$rc -eq 0 ]
+
+## Lint, then every test (slow end-to-end ones included), then the smoke tests on Tansu.
 test: $(BIN)/stylestream lint
-	$(BIN)/python -m pytest; rc=$$?; \
-	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+	$(call PYTEST,$(TEST_BROKER),)
+	$(call PYTEST,tansu,-m smoke)
 
 lint: $(BIN)/stylestream
 	$(BIN)/ruff check .

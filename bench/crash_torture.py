@@ -6,7 +6,9 @@ event times out of order, some malformed events), produces the very same stream 
 brokers, then:
   reference   `stylestream ingest --until-caught-up` once, undisturbed, against broker A
   tortured    the same command against broker B, killed with SIGKILL at a random moment --kills
-              times and restarted each time, then left to finish
+              times and restarted each time, then left to finish; on Kafka, broker B itself is
+              SIGKILLed under running ingestion --broker-kills times and restarted on its log
+              directory (Tansu would come back empty, so it is never killed)
 and compares the DuckDB state (every table, timestamps aside), the Parquet history (every committed
 version exactly once, nothing uncommitted) and the last vector per user on each broker's
 style-vectors topic. Final line: JSON with kills, events, identical, mismatches.
@@ -23,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -36,7 +39,7 @@ from stylestream.analytics.pseudonyms import KEY_FILE, load_or_create_key
 from stylestream.demo.synthetic import LOOKS, SyntheticPhoto, render, toggle_event
 from stylestream.schemas.events import encode_event, parse_event
 from stylestream.streams import clients
-from stylestream.streams.broker import start_broker
+from stylestream.streams.broker import Engine, kill_and_restart, start_local_broker
 from stylestream.streams.topics import CONSENT_EVENTS, PHOTO_EVENTS, STYLE_VECTORS, ensure_topics
 
 # Timestamps differ between any two runs; everything else must match.
@@ -116,19 +119,28 @@ def run_to_end(cmd: list[str]) -> None:
         raise SystemExit(f"ingestion failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
 
 
-def torture(cmd: list[str], kills: int, rng: random.Random, window: tuple[float, float]) -> int:
-    done = 0
+def torture(cmd: list[str], kills: int, rng: random.Random, window: tuple[float, float],
+            broker_kills_at: set[int], kill_broker: Callable[[], None]) -> tuple[int, int]:
+    """SIGKILL ingestion `kills` times (and, at the kills numbered in `broker_kills_at`, the broker
+    first, while ingestion runs on); then let it finish. Returns (ingestion kills, broker kills)."""
+    done = broker_done = 0
     while done < kills:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(rng.uniform(*window))
         if proc.poll() is not None:  # finished before the kill: nothing left to interrupt
             break
+        if done + 1 in broker_kills_at:
+            kill_broker()
+            broker_done += 1
+            time.sleep(rng.uniform(1.0, 4.0))  # ingestion reconnects and goes on before its own kill
+            if proc.poll() is not None:
+                break
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         done += 1
-        print(json.dumps({"bench": "kill", "n": done}), file=sys.stderr, flush=True)
+        print(json.dumps({"bench": "kill", "n": done, "broker_kills": broker_done}), file=sys.stderr, flush=True)
     run_to_end(cmd)
-    return done
+    return done, broker_done
 
 
 def snapshot(data_dir: Path, bootstrap: str) -> dict:
@@ -163,16 +175,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=20_000)
     ap.add_argument("--users", type=int, default=300)
-    ap.add_argument("--kills", type=int, default=20)
+    ap.add_argument("--kills", type=int, default=20, help="ingestion SIGKILLs")
+    ap.add_argument("--broker", choices=[e.value for e in Engine], default="auto",
+                    help="local brokers: kafka, tansu, or auto (kafka where Java is present)")
+    ap.add_argument("--broker-kills", type=int, default=3,
+                    help="SIGKILLs and restarts of the tortured run's broker (Kafka only)")
     ap.add_argument("--max-events-per-partition", type=int, default=400)
-    ap.add_argument("--kill-window", type=float, nargs=2, default=(3.0, 14.0),
-                    help="seconds after a start at which the kill lands (start-up takes a few)")
+    ap.add_argument("--kill-window", type=float, nargs=2, default=None,
+                    help="seconds after a start at which the kill lands (start-up takes a few); default: "
+                         "from 3 s to 3 s + 1.5 x the reference run's time / kills, so every kill finds work")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     t0 = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="crash-torture-"))
     stream = make_stream(work, a.events, a.users, a.seed)
-    brokers = [start_broker(), start_broker()]
+    brokers = [start_local_broker(a.broker, work / f"broker-{n}") for n in ("reference", "tortured")]
+    broker_kills = a.broker_kills if brokers[1].engine == Engine.kafka else 0
     try:
         for b in brokers:
             ensure_topics(b.bootstrap_servers)
@@ -190,7 +208,13 @@ def main() -> None:
         run_to_end(ref)
         ref_s = time.perf_counter() - t_ref
         print(json.dumps({"bench": "reference", "seconds": round(ref_s, 1)}), flush=True)
-        kills = torture(tor, a.kills, random.Random(a.seed), tuple(a.kill_window))
+        window = tuple(a.kill_window or (3.0, 3.0 + 1.5 * ref_s / a.kills))
+        rng = random.Random(a.seed)
+
+        def kill_broker() -> None:
+            brokers[1] = kill_and_restart(brokers[1], rng.uniform(0.5, 3.0))
+        at = {round((i + 1) * a.kills / (broker_kills + 1)) for i in range(broker_kills)}
+        kills, broker_killed = torture(tor, a.kills, rng, window, at, kill_broker)
         mismatches = differences(snapshot(work / "reference", brokers[0].bootstrap_servers),
                                  snapshot(work / "tortured", brokers[1].bootstrap_servers))
     finally:
@@ -198,7 +222,8 @@ def main() -> None:
             b.stop()
     for m in mismatches[:20]:
         print(json.dumps({"bench": "mismatch", "where": m}), flush=True)
-    print(json.dumps({"bench": "crash_torture", "kills": kills, "events": len(stream),
+    print(json.dumps({"bench": "crash_torture", "broker": brokers[1].engine, "kills": kills,
+                      "broker_kills": broker_killed, "events": len(stream),
                       "identical": not mismatches, "mismatches": len(mismatches),
                       "reference_s": round(ref_s, 1), "total_s": round(time.perf_counter() - t0, 1)}))
 

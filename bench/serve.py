@@ -41,7 +41,7 @@ from stylestream.schemas.tables import FEATURE_NAMES
 from stylestream.serving.generator import Conditioning, StyleGenerator
 from stylestream.serving.worker import ServeConfig, Worker
 from stylestream.streams import clients
-from stylestream.streams.broker import start_broker
+from stylestream.streams.broker import Engine, start_local_broker
 from stylestream.streams.topics import GENERATION_REQUESTS, GENERATION_RESULTS, STYLE_VECTORS, ensure_topics
 
 
@@ -59,8 +59,8 @@ def timed(fn, images: int, reps: int) -> float:
 
 
 def steady_latency(gen: StyleGenerator, users: list[str], style_dim: int, rate: float, duration: float,
-                   size: int, steps: int, batch: int, work: Path) -> dict:
-    broker = start_broker()
+                   size: int, steps: int, batch: int, work: Path, engine: str) -> dict:
+    broker = start_local_broker(engine)
     try:
         bs = broker.bootstrap_servers
         ensure_topics(bs)
@@ -103,6 +103,8 @@ def steady_latency(gen: StyleGenerator, users: list[str], style_dim: int, rate: 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--broker", choices=[e.value for e in Engine], default="auto",
+                    help="local broker: kafka, tansu, or auto (kafka where Java is present)")
     ap.add_argument("--config", default="tiny", help="configs/diffusion/<config>.json: tiny or sd15")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=4)
@@ -151,7 +153,8 @@ def main() -> None:
     for name, ips in [("sequential", sequential), ("batched_plain", batched_plain), ("mixed_user", mixed),
                       ("mixed_lora", mixed_lora)]:
         print(json.dumps({"bench": name, "images_per_s": round(ips, 2)}), flush=True)
-    steady = steady_latency(gen, users, style_dim, a.rate, a.duration, size, a.steps, a.batch, work)
+    steady = steady_latency(gen, users, style_dim, a.rate, a.duration, size, a.steps, a.batch, work,
+                           a.broker)
     print(json.dumps({"bench": "steady", **steady}), flush=True)
     print(json.dumps({
         "bench": "serve", "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "config": a.config,

@@ -6,7 +6,6 @@ import logging
 import os
 import signal
 import time
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -16,6 +15,7 @@ from rich.console import Console
 from stylestream.cli.drift import drift_app, history_app
 from stylestream.cli.options import DEFAULT_DATA_DIR, BootstrapServers, DataDir, Verbose
 from stylestream.cli.train import train_adapter
+from stylestream.streams.broker import BrokerError, Engine, choose_engine, start_local_broker
 
 app = typer.Typer(
     help="Learn each person's visual style from their photo stream and personalize image generation with it.",
@@ -41,12 +41,6 @@ def _quiet(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.CRITICAL)
 
 
-class Engine(StrEnum):
-    auto = "auto"
-    kafka = "kafka"
-    tansu = "tansu"
-
-
 @app.command()
 def broker(port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (default: a free one).")] = 0,
            partitions: Annotated[int, typer.Option(help="Partitions per topic.")] = 4,
@@ -55,28 +49,21 @@ def broker(port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (default: a
                     "memory-only Kafka-protocol broker; auto: kafka where Java is present.")] = Engine.auto,
            data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
     """Run a local broker with the stylestream topics until Ctrl-C."""
-    from stylestream.streams.broker import BrokerError, start_broker
-    from stylestream.streams.kafka_broker import KAFKA_VERSION, java_binary, start_kafka
     from stylestream.streams.topics import ensure_topics
 
-    if engine == Engine.auto:
-        engine, why = (Engine.kafka, "a Java runtime is present") if java_binary() else (
-            Engine.tansu, "no Java runtime on PATH")
-    else:
-        why = "asked for"
+    engine, why = choose_engine(engine)
     t0 = time.perf_counter()
     try:
-        b = start_kafka(data_dir / "kafka", port or None) if engine == Engine.kafka else start_broker(port or None)
+        b = start_local_broker(engine, data_dir / "kafka", port or None)
     except BrokerError as e:
         console.print(f"[red]cannot start the {engine.value} broker:[/] {e}", soft_wrap=True)
         raise typer.Exit(1) from None
     try:
         created = ensure_topics(b.bootstrap_servers, partitions)
-        what = (f"Apache Kafka {KAFKA_VERSION} (data in {data_dir / 'kafka'}, kept across restarts)"
-                if engine == Engine.kafka else "Tansu (memory only: a restart loses all data)")
-        console.print(f"{what} listening on [bold]{b.bootstrap_servers}[/] ({why}; started in "
+        console.print(f"{b.description} listening on [bold]{b.bootstrap_servers}[/] ({why}; started in "
                       f"{time.perf_counter() - t0:.1f} s)", soft_wrap=True)
-        console.print(f"topics: {', '.join(created)} ({partitions} partitions, keyed by user)")
+        console.print(f"topics created: {', '.join(created)} ({partitions} partitions, keyed by user)" if created
+                      else "topics: all there already")
         console.print(f"export STYLESTREAM_BOOTSTRAP_SERVERS={b.bootstrap_servers}")
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
         while b.process.poll() is None:
@@ -227,12 +214,15 @@ def serve(
 
 
 @app.command()
-def demo(data_dir: DataDir = DEFAULT_DATA_DIR, verbose: Verbose = False) -> None:
+def demo(data_dir: DataDir = DEFAULT_DATA_DIR, verbose: Verbose = False,
+         broker_engine: Annotated[Engine, typer.Option(
+             "--broker", help="The local broker to start: kafka (needs Java), tansu, or auto (kafka where "
+                              "Java is present).")] = Engine.auto) -> None:
     """Everything on one machine: broker, synthetic photos, ingestion, an opt-out, personalized images."""
     _quiet(verbose)
     from stylestream.demo.run import run_demo
 
-    run_demo(data_dir, console)
+    run_demo(data_dir, console, broker_engine)
 
 
 @schemas_app.command("export")

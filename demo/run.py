@@ -1,8 +1,9 @@
 """`stylestream demo`: the whole system on one machine, with nothing to configure.
 
-Starts the local broker, writes a synthetic photo library for three users with clearly different
-looks, publishes their uploads (plus one malformed event), ingests, withdraws one album, ingests
-again, then asks the serving worker for one personalized image per user and reports what happened.
+Starts a local broker (Apache Kafka where Java is present, else Tansu), writes a synthetic photo
+library for three users with clearly different looks, publishes their uploads (plus one malformed
+event), ingests, withdraws one album, ingests again, then asks the serving worker for one
+personalized image per user and reports what happened.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from stylestream.schemas.tables import FEATURE_NAMES
 from stylestream.serving.generator import StyleGenerator
 from stylestream.serving.worker import ServeConfig, Worker
 from stylestream.streams import clients
-from stylestream.streams.broker import running_broker
+from stylestream.streams.broker import Engine, choose_engine, start_local_broker
 from stylestream.streams.topics import CONSENT_EVENTS, GENERATION_REQUESTS, PHOTO_EVENTS, ensure_topics
 from stylestream.transforms.embed import OpenClipImageHandler, image_styles
 from stylestream.transforms.features import describe
@@ -43,7 +44,7 @@ WITHDRAWN = ("ana", "office")
 STEPS = 20
 
 
-def run_demo(data_dir: Path, console: Console) -> dict:
+def run_demo(data_dir: Path, console: Console, broker_engine: Engine | str = Engine.auto) -> dict:
     run_dir = data_dir / "runs" / datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     models_dir = data_dir / "models"
     t0 = time.perf_counter()
@@ -51,10 +52,13 @@ def run_demo(data_dir: Path, console: Console) -> dict:
     with console.status("preparing models (built once, then loaded like pretrained weights)"):
         clip = clip_spec(models_dir)
         diffusion = diffusion_spec(models_dir, clip.pretrained)
-    with running_broker() as broker:
+    engine, why = choose_engine(broker_engine)
+    with console.status(f"starting the {engine} broker"):
+        broker = start_local_broker(engine, run_dir / "kafka")
+    with broker:
         bs = broker.bootstrap_servers
         ensure_topics(bs)
-        say(f"[bold]broker[/] Tansu on {bs} (memory only)")
+        say(f"[bold]broker[/] {broker.description} on {bs} ({why})", soft_wrap=True, highlight=False)
         with console.status("writing a synthetic photo library"):
             photos = make_library(run_dir / "library", LIBRARY)
         say(f"[bold]library[/] {len(photos)} JPEGs in {run_dir / 'library'}: " + ", ".join(

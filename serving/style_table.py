@@ -1,7 +1,8 @@
 """In-memory table of every user's style versions, fed by the style-vectors topic.
 
-Rebuilt on start by reading the topic from the beginning (the local broker does not compact), then
-kept current by polling between requests.
+Rebuilt on start by reading the topic from the beginning, then kept current by polling between
+requests. The topic is compacted by user on Kafka, so a new table holds each user's latest version
+(and the versions not compacted yet); Tansu does not compact, so there it holds every version.
 """
 
 from __future__ import annotations

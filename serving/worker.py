@@ -196,6 +196,12 @@ class Worker:
             return None, (f"style version {request.style_version} counted photos the user has since withdrawn; "
                           "pin a later version or none")
         style = self.styles.get(request.user_id, request.style_version)
+        latest = self.styles.get(request.user_id)
+        if style is None and request.style_version is not None and latest and latest.version > request.style_version:
+            # a user's versions arrive in order, so a newer one means this one was compacted away
+            return None, (f"style version {request.style_version} was superseded by version {latest.version} and is "
+                          "no longer kept (style-vectors keeps superseded versions at least an hour); pin a later "
+                          "version or none")
         waits = request.style_version is not None or request.min_style_version is not None
         deadline = time.monotonic() + self.cfg.style_wait_ms / 1000
         while waits and not acceptable(style) and time.monotonic() < deadline:

@@ -1,17 +1,18 @@
-"""Kafka clients configured for both a real cluster and the local Tansu broker.
+"""Kafka clients configured for Apache Kafka, with Tansu's quirks handled where Tansu answers.
 
-Tansu quirks handled here (see PLATFORM-NOTES): the idempotent producer breaks after a broker
-restart, consumer groups need a short session timeout, and reported end offsets are the base offset
-of the last batch + 1, so `true_end_offsets` finds the real end by reading the last batch.
+Each workaround sits behind `is_tansu` (see PLATFORM-NOTES): Tansu's idempotent producer breaks for
+good after a broker restart, so it stays off there (on everywhere else); and Tansu reports the base
+offset of the last batch + 1 as a partition's end, so `true_end_offsets` reads the last batch there.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 
 POLL_MS = 500
 # For consumers that read offsets known to exist: an empty fetch (a partition caught up) should not
@@ -19,14 +20,26 @@ POLL_MS = 500
 READ_FETCH_WAIT_MS = 10
 
 
+@functools.cache
+def is_tansu(bootstrap_servers: str) -> bool:
+    """Whether Tansu answers at `bootstrap_servers`: it names itself only by its cluster id."""
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    try:
+        return str(admin.describe_cluster().get("cluster_id", "")).startswith("tansu")
+    finally:
+        admin.close()
+
+
 def producer(bootstrap_servers: str, **overrides) -> KafkaProducer:
-    config = dict(bootstrap_servers=bootstrap_servers, acks="all", enable_idempotence=False, linger_ms=5,
-                  retries=5)
+    config = dict(bootstrap_servers=bootstrap_servers, acks="all", linger_ms=5, retries=5,
+                  enable_idempotence=not is_tansu(bootstrap_servers))
     config.update(overrides)
     return KafkaProducer(**config)
 
 
 def consumer(bootstrap_servers: str, group_id: str | None = None, **overrides) -> KafkaConsumer:
+    # A 6 s session: a worker that dies hands its partitions on within seconds, not Kafka's default
+    # 45 s (and Tansu answers JoinGroup only after half the session timeout).
     config = dict(bootstrap_servers=bootstrap_servers, group_id=group_id, enable_auto_commit=False,
                   auto_offset_reset="earliest", session_timeout_ms=6000, heartbeat_interval_ms=2000,
                   max_poll_records=500)
@@ -44,17 +57,19 @@ def true_end_offsets(c: KafkaConsumer, tps: Iterable[TopicPartition], timeout_s:
                      reader: KafkaConsumer | None = None) -> dict[TopicPartition, int]:
     """The offset after the last message of each partition.
 
-    The reported end may point inside the last batch, so `reader` (default `c`; it gets assigned to
-    the partitions) reads the last batch: the end is known once a record of it has arrived, since a
-    fetch returns a batch whole. A caller that asks often should pass a `reader` of its own: a fetch
-    in flight on `c` holds up its ListOffsets request for up to fetch_max_wait_ms, and then
-    kafka-python (3.0.12) sometimes leaves a partition out of the answer (a KeyError). `known`
-    (partition -> (reported, true end)) is kept up to date and spares the read where the reported end
-    is unchanged.
+    Kafka reports it. Tansu's reported end may point inside the last batch, so there `reader`
+    (default `c`; it gets assigned to the partitions) reads the last batch: the end is known once a
+    record of it has arrived, since a fetch returns a batch whole. A caller that asks often should
+    pass a `reader` of its own: a fetch in flight on `c` holds up its ListOffsets request for up to
+    fetch_max_wait_ms, and then kafka-python (3.0.12) sometimes leaves a partition out of the answer
+    (a KeyError). `known` (partition -> (reported, true end)) is kept up to date and spares the read
+    where the reported end is unchanged.
     """
     tps = list(tps)
     if not tps:
         return {}
+    if not is_tansu(c.config["bootstrap_servers"]):
+        return c.end_offsets(tps)
     known = {} if known is None else known
     reader = reader or c
     reported = c.end_offsets(tps)

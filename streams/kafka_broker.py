@@ -1,6 +1,6 @@
 """Apache Kafka on loopback: a single-node KRaft broker (broker and controller in one process) whose
 log directory lives in a folder the caller names, so a restart keeps topics, data and committed
-offsets (unlike Tansu, streams/broker.py, which keeps everything in memory).
+offsets (unlike Tansu, streams/tansu_broker.py, which keeps everything in memory).
 
 The jars come from Maven Central through streams/kafka/pom.xml, resolved once by Maven into a cache
 outside the repository (`~/.cache/stylestream`, or `$STYLESTREAM_CACHE`); nothing is committed.
@@ -9,16 +9,16 @@ Needs `java` (17 or newer) and, for the first start on a machine, `mvn`.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import uuid
 from pathlib import Path
 
-from stylestream.streams.broker import BrokerError, LocalBroker, free_port, wait_for_metadata
+from stylestream.streams.broker_process import BrokerError, LocalBroker, free_port, port_open, wait_for_metadata
 
 KAFKA_VERSION = "4.1.1"
 POM = Path(__file__).parent / "kafka" / "pom.xml"
@@ -35,23 +35,28 @@ def java_binary() -> str | None:
 
 
 def kafka_jars() -> Path:
-    """The folder of Kafka's jars, resolved with Maven on first use."""
+    """The folder of Kafka's jars, resolved with Maven on first use (one process at a time)."""
     libs = cache_dir() / f"kafka-{KAFKA_VERSION}" / "libs"
     if (libs / ".complete").exists():
         return libs
     mvn = shutil.which("mvn")
     if mvn is None:
         raise BrokerError("the bundled Kafka broker needs Maven once, to fetch its jars (apt-get install maven)")
-    partial = libs.with_name("libs.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    done = subprocess.run(
-        [mvn, "-q", "-B", "-f", str(POM), "dependency:copy-dependencies", f"-DoutputDirectory={partial}",
-         f"-Dmaven.repo.local={cache_dir() / 'm2'}"], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise BrokerError(f"Maven could not fetch Kafka {KAFKA_VERSION}:\n{(done.stdout + done.stderr)[-2000:]}")
-    shutil.rmtree(libs, ignore_errors=True)
-    partial.rename(libs)
-    (libs / ".complete").touch()
+    libs.parent.mkdir(parents=True, exist_ok=True)
+    with (libs.parent / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be fetching them right now
+        if (libs / ".complete").exists():
+            return libs
+        partial = libs.with_name("libs.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        done = subprocess.run(
+            [mvn, "-q", "-B", "-f", str(POM), "dependency:copy-dependencies", f"-DoutputDirectory={partial}",
+             f"-Dmaven.repo.local={cache_dir() / 'm2'}"], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise BrokerError(f"Maven could not fetch Kafka {KAFKA_VERSION}:\n{(done.stdout + done.stderr)[-2000:]}")
+        shutil.rmtree(libs, ignore_errors=True)
+        partial.rename(libs)
+        (libs / ".complete").touch()
     return libs
 
 
@@ -98,9 +103,10 @@ def start_kafka(log_dir: Path, port: int | None = None) -> LocalBroker:
                              "kafka.Kafka", str(props)], stdout=log, stderr=subprocess.STDOUT,
                             preexec_fn=_die_with_parent)
     log.close()
-    broker = LocalBroker(proc, port, stop_timeout_s=STOP_TIMEOUT_S)
+    broker = LocalBroker(proc, port, "kafka", f"Apache Kafka {KAFKA_VERSION} (data in {log_dir}, kept across restarts)",
+                         stop_timeout_s=STOP_TIMEOUT_S, data_dir=log_dir)
     deadline = time.monotonic() + START_TIMEOUT_S
-    while not _port_open(port):
+    while not port_open(port):
         if proc.poll() is not None or time.monotonic() > deadline:
             broker.stop()
             tail = (log_dir / "broker.log").read_text()[-3000:]
@@ -128,14 +134,9 @@ def _log4j(log_dir: Path) -> Path:
 
 def _die_with_parent() -> None:
     """In the child, before exec: SIGKILL it when the process that started it dies, so a killed
-    `stylestream broker` leaves no broker holding the port and the log directory (Linux prctl)."""
+    `stylestream broker` leaves no broker holding the port and the log directory (Linux prctl).
+    Linux sends it when the starting *thread* ends: start brokers from a thread that outlives them."""
     import ctypes
 
     pr_set_pdeathsig = 1
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.2)
-        return s.connect_ex(("127.0.0.1", port)) == 0

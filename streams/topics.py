@@ -26,6 +26,25 @@ ALL_TOPICS = (
     dlq(PHOTO_EVENTS), dlq(CONSENT_EVENTS), dlq(GENERATION_REQUESTS),
 )
 
+HOUR_MS = 3_600_000
+DAY_MS = 24 * HOUR_MS
+FOREVER = "-1"
+# Per-topic settings for topics this module creates (an existing cluster's own settings are left alone).
+TOPIC_CONFIGS: dict[str, dict[str, str]] = {
+    # Ingestion commits its offsets with its state; a week covers any outage it should catch up from.
+    PHOTO_EVENTS: {"retention.ms": str(7 * DAY_MS)},
+    # An opt-out must outlive any rebuild of ingestion state from the topic, so it is never dropped.
+    CONSENT_EVENTS: {"retention.ms": FOREVER},
+    GENERATION_REQUESTS: {"retention.ms": str(DAY_MS)},
+    GENERATION_RESULTS: {"retention.ms": str(7 * DAY_MS)},
+    # Latest vector per user (the key): a new serving worker reads one value per user, not the whole
+    # history. A superseded version stays pinnable for at least an hour and is gone within a day (with
+    # any vector that counted a withdrawn photo); an erasure tombstone stays a day for readers to see.
+    STYLE_VECTORS: {"cleanup.policy": "compact", "min.compaction.lag.ms": str(HOUR_MS),
+                    "max.compaction.lag.ms": str(DAY_MS), "delete.retention.ms": str(DAY_MS)},
+    **{dlq(t): {"retention.ms": str(14 * DAY_MS)} for t in (PHOTO_EVENTS, CONSENT_EVENTS, GENERATION_REQUESTS)},
+}
+
 
 def ensure_topics(bootstrap_servers: str, partitions: int = DEFAULT_PARTITIONS,
                   topics: tuple[str, ...] = ALL_TOPICS) -> list[str]:
@@ -36,7 +55,8 @@ def ensure_topics(bootstrap_servers: str, partitions: int = DEFAULT_PARTITIONS,
         missing = [t for t in topics if t not in existing]
         if missing:
             try:
-                admin.create_topics([NewTopic(t, partitions, 1) for t in missing])
+                admin.create_topics([NewTopic(t, partitions, 1, topic_configs=TOPIC_CONFIGS.get(t, {}))
+                                     for t in missing])
             except TopicAlreadyExistsError:
                 pass  # created concurrently by another process
         return missing

@@ -32,22 +32,25 @@ def test_decode_embed_bench_runs():
 
 
 @pytest.mark.slow
-def test_crash_torture_short_run_is_identical_to_an_uninterrupted_one():
-    r = final_json("crash_torture.py", "--events", "1200", "--users", "30", "--kills", "2",
-                   "--max-events-per-partition", "60", "--kill-window", "3", "6")
-    assert r["kills"] >= 1, r
+def test_crash_torture_short_run_is_identical_to_an_uninterrupted_one(broker_engine):
+    r = final_json("crash_torture.py", "--events", "1200", "--users", "30", "--kills", "2", "--broker-kills", "1",
+                   "--max-events-per-partition", "60", "--kill-window", "3", "6", "--broker", broker_engine)
+    assert r["kills"] >= 1 and r["broker"] == broker_engine, r
+    assert r["broker_kills"] == (1 if broker_engine == "kafka" else 0), r  # Tansu would come back empty
     assert r["identical"] and r["mismatches"] == 0, r
 
 
 @pytest.mark.slow
-def test_ingest_bench_runs():
-    r = final_json("ingest.py", "--users", "10", "--photos", "3", "--rate", "5", "--duration", "4", "--warmup", "1")
+def test_ingest_bench_runs(broker_engine):
+    r = final_json("ingest.py", "--users", "10", "--photos", "3", "--rate", "5", "--duration", "4", "--warmup", "1",
+                   "--broker", broker_engine)
     assert {"events_per_s", "overhead_ratio", "latency_p50_s", "latency_p99_s", "rss_growth"} <= set(r)
 
 
 @pytest.mark.slow
-def test_serve_bench_runs():
-    r = final_json("serve.py", "--batch", "2", "--reps", "1", "--rate", "2", "--duration", "2")
+def test_serve_bench_runs(broker_engine):
+    r = final_json("serve.py", "--batch", "2", "--reps", "1", "--rate", "2", "--duration", "2",
+                   "--broker", broker_engine)
     assert r["batch"] == 2 and r["mixed_user_ips"] > 0 and r["mixed_lora_ips"] > 0 and r["latency_p50_s"] > 0
 
 

@@ -12,10 +12,11 @@ from stylestream.cli.main import app
 from stylestream.demo.run import run_demo
 
 
+@pytest.mark.smoke
 @pytest.mark.slow
-def test_demo_end_to_end(tmp_path):
+def test_demo_end_to_end(tmp_path, broker_engine):
     out = io.StringIO()
-    report = run_demo(tmp_path, Console(file=out, width=200))
+    report = run_demo(tmp_path, Console(file=out, width=200), broker_engine)
     assert report["before"]["ana"][3] == 10 and report["after"]["ana"][3] == 6  # the album opt-out
     assert report["after"]["ana"][0] == report["before"]["ana"][0] + 1
     assert report["after"]["ben"][0] == report["before"]["ben"][0]

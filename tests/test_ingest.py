@@ -15,7 +15,7 @@ from stylestream.demo.synthetic import make_library, toggle_event
 from stylestream.pipelines.ingest import IngestConfig, Ingestor
 from stylestream.pipelines.store import Store
 from stylestream.schemas.events import parse_event
-from stylestream.streams.broker import running_broker
+from stylestream.streams.broker import start_local_broker
 from stylestream.streams.topics import CONSENT_EVENTS, PHOTO_EVENTS, STYLE_VECTORS, dlq, ensure_topics
 
 LATER = datetime(2026, 3, 1, tzinfo=UTC)
@@ -34,6 +34,7 @@ def latest(ingestor):
         return s.latest_vectors()
 
 
+@pytest.mark.smoke
 def test_upload_changes_its_user_and_no_one_else(broker, make_ingestor, library, tmp_path):
     bs = broker.bootstrap_servers
     extra = library.pop()  # one of ben's photos, uploaded later
@@ -74,7 +75,7 @@ def test_album_opt_out_equals_vector_from_scratch(broker, make_ingestor, library
     assert v_withdrawn[3] == 4
 
     # From scratch: a separate broker and state that only ever see the photos outside the album.
-    v_scratch = ingest_alone([p for p in ana if p.album_id != "office"], withdrawn.cfg)["ana"]
+    v_scratch = ingest_alone([p for p in ana if p.album_id != "office"], withdrawn.cfg, broker.engine)["ana"]
     assert v_scratch[3] == 4
     np.testing.assert_allclose(v_withdrawn[1], v_scratch[1], atol=1e-6)
     np.testing.assert_allclose(v_withdrawn[2], v_scratch[2], atol=1e-6)
@@ -82,8 +83,9 @@ def test_album_opt_out_equals_vector_from_scratch(broker, make_ingestor, library
         assert {p for p, *_ in s.contributions("ana")} == {p.photo_id for p in ana if p.album_id == "beach"}
 
 
-def ingest_alone(photos, like: IngestConfig) -> dict:
-    with running_broker() as other:
+def ingest_alone(photos, like: IngestConfig, engine: str) -> dict:
+    """The styles from `photos` alone, on a broker of their own."""
+    with start_local_broker(engine, like.state_dir.parent / "other-broker") as other:
         ensure_topics(other.bootstrap_servers)
         produce(other.bootstrap_servers, PHOTO_EVENTS, [p.upload_event() for p in photos])
         cfg = IngestConfig(other.bootstrap_servers, like.state_dir.parent / "from-scratch", like.clip)
@@ -92,6 +94,7 @@ def ingest_alone(photos, like: IngestConfig) -> dict:
             return latest(ing)
 
 
+@pytest.mark.smoke
 def test_malformed_events_go_to_dlq_and_good_ones_count(broker, make_ingestor, library):
     bs = broker.bootstrap_servers
     ben = [p for p in library if p.user_id == "ben"]

@@ -55,6 +55,7 @@ def test_follow_mode_processes_new_events_and_stops_cleanly_on_sigterm(broker, c
     assert "photos" in out and "lag 0" in out
 
 
+@pytest.mark.smoke
 def test_unreachable_broker_is_retried_and_ingestion_resumes(broker, make_ingestor, tmp_path):
     bs = broker.bootstrap_servers
     photos = make_library(tmp_path / "lib", {"ana": [("a", "warm", 2)]})

@@ -12,7 +12,7 @@ import pytest
 from kafka import KafkaConsumer, TopicPartition
 
 from stylestream.streams import clients
-from stylestream.streams.broker import free_port
+from stylestream.streams.broker_process import free_port
 from stylestream.streams.kafka_broker import KAFKA_VERSION, start_kafka
 from stylestream.streams.topics import PHOTO_EVENTS, ensure_topics
 

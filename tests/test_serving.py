@@ -34,6 +34,7 @@ def generator(diffusion, clip):
     return StyleGenerator(diffusion, clip, device="cpu")
 
 
+@pytest.mark.smoke
 def test_personalized_image_names_its_style_version(broker, make_ingestor, generator, tmp_path):
     bs = broker.bootstrap_servers
     photos = make_library(tmp_path / "lib", {"ana": [("a", "warm", 3)], "ben": [("b", "mono", 3)]})
@@ -89,6 +90,7 @@ def test_a_version_that_counted_withdrawn_photos_is_never_served(broker, make_in
     assert results["pinned-2"].type == "generation_failed" and "withdrawn" in results["pinned-2"].reason
 
 
+@pytest.mark.smoke
 def test_redelivered_request_makes_no_second_image(broker, make_ingestor, generator, tmp_path):
     bs = broker.bootstrap_servers
     photos = make_library(tmp_path / "lib", {"ana": [("a", "warm", 2)]})

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 from helpers import produce
 
 from stylestream.analytics.pseudonyms import load_or_create_key, pseudonym
@@ -19,6 +20,7 @@ from stylestream.schemas.tables import FEATURE_NAMES
 from stylestream.streams.topics import CONSENT_EVENTS, PHOTO_EVENTS
 
 
+@pytest.mark.smoke
 def test_streaming_pipeline_matches_the_local_driver(broker, make_ingestor, clip, tmp_path):
     bs = broker.bootstrap_servers
     photos = make_library(tmp_path / "lib", {"ana": [("a", "warm", 4), ("b", "cool", 3)],
