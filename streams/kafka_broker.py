@@ -94,8 +94,9 @@ def start_kafka(log_dir: Path, port: int | None = None) -> LocalBroker:
     props = log_dir / "server.properties"
     props.write_text(server_properties(log_dir, port, free_port()))
     if not (log_dir / "logs" / "meta.properties").exists():  # a new log directory: give it a cluster id
-        formatted = subprocess.run([java, "-cp", classpath, "kafka.tools.StorageTool", "format", "-t",
-                                    _cluster_id(), "-c", str(props)], capture_output=True, text=True)
+        # "--cluster-id=ID" in one word: an id may start with "-", which would read as an option
+        formatted = subprocess.run([java, "-cp", classpath, "kafka.tools.StorageTool", "format",
+                                    f"--cluster-id={_cluster_id()}", "-c", str(props)], capture_output=True, text=True)
         if formatted.returncode != 0:
             raise BrokerError(f"cannot format {log_dir}:\n{(formatted.stdout + formatted.stderr)[-2000:]}")
     log = (log_dir / "broker.log").open("a")

@@ -89,3 +89,13 @@ def produce_values(bootstrap_servers: str, values: list[bytes]) -> None:
         producer.send(PHOTO_EVENTS, key=b"ana", value=v)
     producer.flush()
     producer.close()
+
+
+def test_a_cluster_id_that_starts_with_a_dash_formats(tmp_path, monkeypatch):
+    """Cluster ids are URL-safe base64, so one in 64 starts with "-": it must not read as an option."""
+    from stylestream.streams import kafka_broker
+
+    monkeypatch.setattr(kafka_broker, "_cluster_id", lambda: "-" + "A" * 21)
+    with start_kafka(tmp_path / "kafka") as broker:
+        assert "cluster.id=-AAAA" in (tmp_path / "kafka" / "logs" / "meta.properties").read_text()
+        assert broker.engine == "kafka"
