@@ -72,12 +72,15 @@ def _history_user(user_id: str, raw_id: bool, key_file: Path | None, data_dir: P
 def _window(since: str, until: str) -> tuple[datetime, datetime]:
     from stylestream.analytics import drift
 
-    try:
-        t0, t1 = drift.parse_when(since), drift.parse_when(until) if until else datetime.now(UTC)
-    except ValueError as e:
-        raise typer.BadParameter(str(e)) from None
+    def when(value: str, option: str) -> datetime:
+        try:
+            return drift.parse_when(value)
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint=option) from None
+    t0, t1 = when(since, "--since"), when(until, "--until") if until else datetime.now(UTC)
     if t0 >= t1:
-        raise typer.BadParameter(f"the window must start before it ends, not {_span(t0, t1)}")
+        raise typer.BadParameter(f"the window must start before it ends, not {_span(t0, t1)}",
+                                 param_hint="--since/--until")
     return t0, t1
 
 
@@ -140,7 +143,7 @@ def _cell(row: dict, key: str) -> str:
     return "" if value is None else str(value)
 
 
-UserArg = Annotated[str, typer.Argument(help="The user's pseudonym, as in the history's user_id column "
+UserArg = Annotated[str, typer.Argument(metavar="USER", help="The user's pseudonym, as in the history's user_id column "
                                                "(or, with --raw-id, the user id itself).")]
 
 

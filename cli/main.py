@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Annotated
@@ -15,7 +17,9 @@ from rich.console import Console
 from stylestream.cli.drift import drift_app, history_app
 from stylestream.cli.options import DEFAULT_DATA_DIR, BootstrapServers, DataDir, Verbose
 from stylestream.cli.train import train_adapter
+from stylestream.streams import clients
 from stylestream.streams.broker import BrokerError, Engine, choose_engine, start_local_broker
+from stylestream.transforms.style import DEFAULT_HALF_LIFE_DAYS, MIN_HALF_LIFE_DAYS
 
 app = typer.Typer(
     help="Learn each person's visual style from their photo stream and personalize image generation with it.",
@@ -41,22 +45,48 @@ def _quiet(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.CRITICAL)
 
 
+def _say_retry(e: Exception, delay: float) -> None:
+    why = str(e) if isinstance(e, clients.BrokerUnreachable) else f"broker unavailable ({type(e).__name__}: {e})"
+    console.print(f"[yellow]{why}; retrying in {delay:.1f} s", soft_wrap=True)
+
+
+def _reach_broker(bootstrap_servers: str, stop, on_retry=None) -> bool:
+    """Whether a broker answers. With `on_retry` (commands meant to run long) it is retried with
+    backoff until it answers or `stop` is set; without, an unreachable broker ends the command."""
+    if on_retry is None:
+        try:
+            clients.require_broker(bootstrap_servers)
+        except clients.BrokerUnreachable as e:
+            console.print(f"[red]error:[/] {e}", soft_wrap=True)
+            raise typer.Exit(1) from None
+        return True
+    clients.with_backoff(lambda: clients.require_broker(bootstrap_servers), stop, on_retry)
+    if stop.is_set():
+        console.print("stopped before the broker answered")
+    return not stop.is_set()
+
+
 @app.command()
-def broker(port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (default: a free one).")] = 0,
-           partitions: Annotated[int, typer.Option(help="Partitions per topic.")] = 4,
+def broker(port: Annotated[int, typer.Option(min=0, max=65535, help="Port on 127.0.0.1 (default: a free one).")] = 0,
+           partitions: Annotated[int, typer.Option(min=1, max=1000, help="Partitions per topic.")] = 4,
            engine: Annotated[Engine, typer.Option(
                help="kafka: Apache Kafka (KRaft, data kept under DATA_DIR/kafka, needs Java); tansu: a "
                     "memory-only Kafka-protocol broker; auto: kafka where Java is present.")] = Engine.auto,
-           data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
+           data_dir: DataDir = DEFAULT_DATA_DIR, verbose: Verbose = False) -> None:
     """Run a local broker with the stylestream topics until Ctrl-C."""
+    from stylestream.streams.broker_process import port_open
     from stylestream.streams.topics import ensure_topics
 
+    if port and port_open(port):
+        raise typer.BadParameter(f"port {port} on 127.0.0.1 is already in use", param_hint="--port")
     engine, why = choose_engine(engine)
     t0 = time.perf_counter()
     try:
         b = start_local_broker(engine, data_dir / "kafka", port or None)
-    except BrokerError as e:
-        console.print(f"[red]cannot start the {engine.value} broker:[/] {e}", soft_wrap=True)
+    except BrokerError as e:  # the first line says what; the broker's log follows for --verbose
+        console.print(f"[red]cannot start the {engine.value} broker:[/] {str(e).splitlines()[0]}", soft_wrap=True)
+        if verbose:
+            console.print(str(e), soft_wrap=True, highlight=False)
         raise typer.Exit(1) from None
     try:
         created = ensure_topics(b.bootstrap_servers, partitions)
@@ -83,8 +113,10 @@ def ingest(
     clip_model: Annotated[str, typer.Option(help="open_clip architecture name.")] = "stylestream-tiny-clip",
     clip_pretrained: Annotated[str | None, typer.Option(
         help="open_clip pretrained tag or checkpoint path (required for any model but the tiny default).")] = None,
-    half_life_days: Annotated[float, typer.Option(help="A photo this much newer weighs twice as much.")] = 365.0,
+    half_life_days: Annotated[float, typer.Option(
+        min=MIN_HALF_LIFE_DAYS, help="A photo this much newer weighs twice as much.")] = DEFAULT_HALF_LIFE_DAYS,
     max_events_per_partition: Annotated[int, typer.Option(
+        min=1,
         help="At most this many events of each partition per cycle (bounds a cycle's memory and time).")] = 2000,
     follow: Annotated[bool, typer.Option(
         "--follow/--until-caught-up",
@@ -94,17 +126,14 @@ def ingest(
     """Process new photo and consent events in cycles; each cycle commits exactly once.
 
     Stopping (Ctrl-C, SIGTERM) waits for the cycle in progress, which either commits or leaves no
-    trace; a broker that cannot be reached is retried with backoff.
+    trace. With --follow a broker that cannot be reached is retried with backoff; without, an
+    unreachable broker ends the command within seconds.
     """
     _quiet(verbose)
-    import threading
 
     from stylestream.models.clip import clip_spec
     from stylestream.pipelines.ingest import IngestConfig, connect
 
-    cfg = IngestConfig(bootstrap_servers, data_dir / "state", clip_spec(data_dir / "models", clip_model,
-                                                                        clip_pretrained), half_life_days,
-                       max_events_per_partition)
     stop = threading.Event()
 
     def on_signal(signum, _frame):
@@ -113,17 +142,19 @@ def ingest(
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
 
-    def on_retry(e: Exception, delay: float) -> None:
-        console.print(f"[yellow]broker {bootstrap_servers} unavailable ({type(e).__name__}: {e}); "
-                      f"retrying in {delay:.1f} s")
-    ingestor = connect(cfg, stop, on_retry)
+    if not _reach_broker(bootstrap_servers, stop, _say_retry if follow else None):
+        return
+    cfg = IngestConfig(bootstrap_servers, data_dir / "state", clip_spec(data_dir / "models", clip_model,
+                                                                        clip_pretrained), half_life_days,
+                       max_events_per_partition)
+    ingestor = connect(cfg, stop, _say_retry)
     if ingestor is None:
         console.print("stopped before the broker answered")
         return
     with ingestor:
         cycles = ingestor.run(stop, follow, on_cycle=lambda r: console.print(
             f"cycle {r.cycle}: {r.events} events, {r.photos} photos, {r.users_updated} users updated, "
-            f"{r.dead_letters} dead letters, lag {r.lag}"), on_retry=on_retry)
+            f"{r.dead_letters} dead letters, lag {r.lag}"), on_retry=_say_retry)
     console.print(f"{'stopped' if stop.is_set() else 'caught up'} after {cycles} cycle(s); "
                   f"state in {cfg.db_path}, history in {cfg.history_dir}")
 
@@ -142,6 +173,8 @@ def backfill(
     """Bring an existing library in through the live path, exactly once, resumable after interruption."""
     _quiet(verbose)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    _reach_broker(bootstrap_servers, None)
 
     from stylestream.pipelines import backfill as bf
 
@@ -175,13 +208,16 @@ def serve(
     lora_dir: Annotated[Path | None, typer.Option(
         help="Folder of per-user LoRA adapters, <user_id>.safetensors (diffusers LoRA format); a user's own "
              "adapter takes the place of the hyper-LoRA's.")] = None,
-    max_loras: Annotated[int, typer.Option(help="LoRA adapters kept loaded on the device at once.")] = 8,
-    max_batch: Annotated[int, typer.Option(help="Requests per diffusion call, across users.")] = 8,
-    max_wait_ms: Annotated[int, typer.Option(help="How long a request waits for others to share its call.")] = 50,
+    max_loras: Annotated[int, typer.Option(min=1, help="LoRA adapters kept loaded on the device at once.")] = 8,
+    max_batch: Annotated[int, typer.Option(min=1, help="Requests per diffusion call, across users.")] = 8,
+    max_wait_ms: Annotated[int, typer.Option(
+        min=0, help="How long a request waits for others to share its call.")] = 50,
     metrics_port: Annotated[int | None, typer.Option(
+        min=1, max=65535,
         help="Serve Prometheus metrics on 127.0.0.1:PORT/metrics.")] = None,
-    max_requests: Annotated[int | None, typer.Option(help="Exit after this many requests.")] = None,
-    idle_exit_s: Annotated[float | None, typer.Option(help="Exit after this long without requests.")] = None,
+    max_requests: Annotated[int | None, typer.Option(min=1, help="Exit after this many requests.")] = None,
+    idle_exit_s: Annotated[float | None, typer.Option(
+        min=0, help="Exit after this long without requests.")] = None,
     verbose: Verbose = False,
 ) -> None:
     """Serve generation requests with each user's latest style until stopped."""
@@ -192,6 +228,7 @@ def serve(
     from stylestream.serving.metrics import ServeMetrics
     from stylestream.serving.worker import ServeConfig, Worker
 
+    _reach_broker(bootstrap_servers, threading.Event(), _say_retry)  # Ctrl-C ends the wait
     try:
         clip = clip_spec(data_dir / "models", clip_model, clip_pretrained)
         spec = diffusion_spec(data_dir / "models", clip.pretrained, diffusion_model, ip_adapter, hyper_lora)
@@ -240,5 +277,21 @@ def schemas_export(check: Annotated[bool, typer.Option(help="Only check the file
         console.print(f"wrote {path}")
 
 
+def main() -> None:
+    """The `stylestream` command: usage errors exit 2 (click says which option), anything else that
+    goes wrong is one line and exit 1; STYLESTREAM_DEBUG=1 shows the traceback instead."""
+    try:
+        app()
+    except Exception as e:
+        if os.environ.get("STYLESTREAM_DEBUG"):
+            raise
+        what = str(e).strip() or type(e).__name__
+        if not isinstance(e, BrokerError | clients.BrokerUnreachable):
+            what = f"{type(e).__name__}: {what}"
+        console.print(f"[red]error:[/] {what}", soft_wrap=True, highlight=False)
+        console.print("(STYLESTREAM_DEBUG=1 shows where it happened)", style="dim")
+        sys.exit(1)
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -9,9 +10,30 @@ import typer
 
 DEFAULT_DATA_DIR = Path("stylestream-data")
 
+
+def host_ports(value: str) -> str:
+    """`value` if it is host:port[,host:port...]; a usage error naming the bad part otherwise."""
+    for address in value.split(","):
+        host, _, port = address.strip().rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise typer.BadParameter(f"{address.strip()!r} is not host:port (for example 127.0.0.1:9092)")
+    return value
+
+
+def usable_folder(path: Path) -> Path:
+    """`path` if it is a folder, or could be made as one; a usage error otherwise."""
+    if path.exists() and not path.is_dir():
+        raise typer.BadParameter(f"{path} is a file, not a folder")
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not path.exists() and not os.access(existing, os.W_OK):
+        raise typer.BadParameter(f"cannot create {path}: {existing} is not writable")
+    return path
+
+
 BootstrapServers = Annotated[str, typer.Option(
-    "--bootstrap-servers", "-b", envvar="STYLESTREAM_BOOTSTRAP_SERVERS",
+    "--bootstrap-servers", "-b", envvar="STYLESTREAM_BOOTSTRAP_SERVERS", callback=host_ports,
     help="Kafka bootstrap servers (host:port[,host:port]); `stylestream broker` prints a local one.")]
 DataDir = Annotated[Path, typer.Option(
-    "--data-dir", envvar="STYLESTREAM_DATA_DIR", help="Where state, history, images and the tiny models live.")]
+    "--data-dir", envvar="STYLESTREAM_DATA_DIR", callback=usable_folder,
+    help="Where state, history, images and the tiny models live.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show library logs (Beam, Kafka).")]

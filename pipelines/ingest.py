@@ -16,11 +16,9 @@ import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TypeVar
 
 import apache_beam as beam
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
-from kafka.errors import KafkaError
 
 from stylestream.analytics import history, pseudonyms
 from stylestream.models.clip import ClipSpec, embedding_dim
@@ -37,9 +35,6 @@ from stylestream.transforms.style import DEFAULT_HALF_LIFE_DAYS, MIN_HALF_LIFE_D
 
 log = logging.getLogger(__name__)
 # Broker trouble is retried; anything else (a bug, a corrupt state file) stops ingestion.
-BROKER_ERRORS = (KafkaError, TimeoutError, ConnectionError)
-RETRY_FIRST_S, RETRY_MAX_S = 0.5, 30.0
-T = TypeVar("T")
 
 
 @dataclass
@@ -214,7 +209,7 @@ class Ingestor:
         stop = stop or threading.Event()
         cycles = 0
         while not stop.is_set():
-            result = with_backoff(self.run_cycle, stop, on_retry)  # None: caught up, or stopped
+            result = clients.with_backoff(self.run_cycle, stop, on_retry)  # None: caught up, or stopped
             if result is not None:
                 cycles += 1
                 if follow and cycles == 1:
@@ -261,25 +256,10 @@ class Ingestor:
         self._unfinished = False
 
 
-def with_backoff(fn: Callable[[], T], stop: threading.Event,
-                 on_retry: Callable[[Exception, float], None] | None = None) -> T | None:
-    """fn(), with broker errors retried after exponentially growing waits; None if `stop` is set first."""
-    delay = RETRY_FIRST_S
-    while not stop.is_set():
-        try:
-            return fn()
-        except BROKER_ERRORS as e:
-            if on_retry:
-                on_retry(e, delay)
-            stop.wait(delay)
-            delay = min(2 * delay, RETRY_MAX_S)
-    return None
-
-
 def connect(cfg: IngestConfig, stop: threading.Event,
             on_retry: Callable[[Exception, float], None] | None = None) -> Ingestor | None:
     """An Ingestor once the broker answers; None if `stop` was set first."""
-    return with_backoff(lambda: Ingestor(cfg), stop, on_retry)
+    return clients.with_backoff(lambda: Ingestor(cfg), stop, on_retry)
 
 
 def write_history_file(history_dir: Path, cycle: int, store: Store, key: bytes) -> Path | None:

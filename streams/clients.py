@@ -8,16 +8,62 @@ offset of the last batch + 1 as a partition's end, so `true_end_offsets` reads t
 from __future__ import annotations
 
 import functools
+import socket
+import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import KafkaError
 
 POLL_MS = 500
 # For consumers that read offsets known to exist: an empty fetch (a partition caught up) should not
 # hold the next request back for Kafka's default 500 ms.
 READ_FETCH_WAIT_MS = 10
+
+
+BROKER_ERRORS = (KafkaError, TimeoutError, ConnectionError)
+RETRY_FIRST_S, RETRY_MAX_S = 0.5, 30.0
+REACH_TIMEOUT_S = 3.0
+T = TypeVar("T")
+
+
+class BrokerUnreachable(ConnectionError):
+    """No broker answers at the bootstrap servers; the message says which and why, for people."""
+
+
+def require_broker(bootstrap_servers: str, timeout_s: float = REACH_TIMEOUT_S) -> None:
+    """Return once a broker answers a metadata request, or raise BrokerUnreachable within about
+    `timeout_s` (an unresolvable host at once), rather than after a client's 30-s request timeout."""
+    for address in bootstrap_servers.split(","):
+        host = address.rpartition(":")[0].strip("[]")
+        try:
+            socket.getaddrinfo(host, None)
+        except OSError as e:
+            raise BrokerUnreachable(f"cannot resolve the broker host {host!r} ({e.strerror})") from None
+    try:
+        KafkaAdminClient(bootstrap_servers=bootstrap_servers, request_timeout_ms=int(timeout_s * 1000),
+                         bootstrap_timeout_ms=int(timeout_s * 1000)).close()
+    except KafkaError as e:
+        raise BrokerUnreachable(f"no Kafka broker answers at {bootstrap_servers} ({type(e).__name__}); start "
+                                "one with `stylestream broker` or check --bootstrap-servers") from None
+
+
+def with_backoff(fn: Callable[[], T], stop: threading.Event,
+                 on_retry: Callable[[Exception, float], None] | None = None) -> T | None:
+    """fn(), with broker errors retried after exponentially growing waits; None if `stop` is set first."""
+    delay = RETRY_FIRST_S
+    while not stop.is_set():
+        try:
+            return fn()
+        except BROKER_ERRORS as e:
+            if on_retry:
+                on_retry(e, delay)
+            stop.wait(delay)
+            delay = min(2 * delay, RETRY_MAX_S)
+    return None
 
 
 @functools.cache

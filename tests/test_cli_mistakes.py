@@ -1,0 +1,109 @@
+"""Every command, given the mistakes people make, answers with a message naming what is wrong and
+the right exit status (2: usage, 1: runtime), never a traceback, and an invalid invocation publishes
+and writes nothing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import read_topic
+
+from stylestream.streams.broker_process import free_port
+from stylestream.streams.topics import ALL_TOPICS
+
+USAGE, RUNTIME = 2, 1
+
+
+def stylestream(*args: str, cwd: Path, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stylestream.cli.main", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout, env={**os.environ, "COLUMNS": "200", **(env or {})})
+
+
+def mistakes(bs: str, unreachable: str, tmp: Path) -> list[tuple[list[str], int, str]]:
+    """(arguments, exit status, what the message must name)."""
+    a_file = tmp / "a-file"
+    photos = tmp / "photos"
+    return [
+        (["broker", "--port", "70000"], USAGE, "--port"),
+        (["broker", "--partitions", "0"], USAGE, "--partitions"),
+        (["broker", "--engine", "zookeeper"], USAGE, "--engine"),
+        (["broker", "--data-dir", str(a_file)], USAGE, "is a file, not a folder"),
+        (["ingest"], USAGE, "--bootstrap-servers"),
+        (["ingest", "-b", "localhost"], USAGE, "is not host:port"),
+        (["ingest", "-b", "localhost:99999"], USAGE, "is not host:port"),
+        (["ingest", "-b", bs, "--half-life-days", "3"], USAGE, "--half-life-days"),
+        (["ingest", "-b", bs, "--max-events-per-partition", "0"], USAGE, "--max-events-per-partition"),
+        (["ingest", "-b", bs, "--data-dir", str(a_file)], USAGE, "--data-dir"),
+        (["ingest", "-b", unreachable, "--until-caught-up"], RUNTIME, f"no Kafka broker answers at {unreachable}"),
+        (["ingest", "-b", "no-such-host.invalid:9092"], RUNTIME, "cannot resolve the broker host"),
+        (["backfill", str(tmp / "missing"), "-u", "ana", "-b", bs], USAGE, "does not exist"),
+        (["backfill", str(photos), "-b", bs], USAGE, "--user"),
+        (["backfill", str(photos), "-u", "ana", "-b", unreachable], RUNTIME, "no Kafka broker answers"),
+        (["serve", "-b", bs, "--max-batch", "0"], USAGE, "--max-batch"),
+        (["serve", "-b", bs, "--max-wait-ms", "-1"], USAGE, "--max-wait-ms"),
+        (["serve", "-b", bs, "--metrics-port", "0"], USAGE, "--metrics-port"),
+        (["serve", "-b", bs, "--max-requests", "0"], USAGE, "--max-requests"),
+        (["serve", "-b", bs, "--idle-exit-s", "-5"], USAGE, "--idle-exit-s"),
+        (["serve", "-b", bs, "--max-loras", "0"], USAGE, "--max-loras"),
+        (["demo", "--broker", "zookeeper"], USAGE, "--broker"),
+        (["train-adapter", str(tmp / "missing"), "-o", str(tmp / "out")], USAGE, "does not exist"),
+        (["train-adapter", str(photos), "-o", str(tmp / "out"), "--steps", "0"], USAGE, "--steps"),
+        (["train-adapter", str(photos), "-o", str(a_file)], USAGE, "--output"),
+        (["drift", "top", "-n", "0"], USAGE, "'-n'"),
+        (["drift", "user"], USAGE, "Missing argument 'USER'"),
+        (["drift", "top", "--since", "yesterday-ish"], USAGE, "--since"),
+    ]
+
+
+@pytest.mark.slow
+def test_every_mistake_gets_a_clear_message_and_the_right_exit_status(broker, tmp_path):
+    bs = broker.bootstrap_servers
+    (tmp_path / "a-file").write_text("not a folder")
+    (tmp_path / "photos").mkdir()
+    unreachable = f"127.0.0.1:{free_port()}"
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    failures = []
+    for args, status, names in mistakes(bs, unreachable, tmp_path):
+        t0 = time.monotonic()
+        done = stylestream(*args, cwd=cwd)
+        out = done.stdout + done.stderr
+        seconds = time.monotonic() - t0
+        if "Traceback" in out or done.returncode != status or names not in " ".join(out.split()) or seconds > 30:
+            failures.append(f"{args}: exit {done.returncode} after {seconds:.0f} s, wanted {status} naming "
+                            f"{names!r}:\n{out[-1500:]}")
+    assert not failures, "\n\n".join(failures)
+    assert list(cwd.iterdir()) == [], "an invalid invocation wrote files"  # not even stylestream-data/
+    assert not (tmp_path / "out").exists()
+    assert all(read_topic(bs, t) == [] for t in ALL_TOPICS), "an invalid invocation published"
+
+
+def test_a_busy_port_is_named_before_anything_starts(tmp_path):
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        done = stylestream("broker", "--port", str(port), "--data-dir", str(tmp_path / "data"), cwd=tmp_path)
+    assert done.returncode == USAGE and f"port {port} on 127.0.0.1 is already in use" in done.stdout + done.stderr
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.slow
+def test_a_runtime_error_is_one_line_and_debug_shows_the_traceback(broker, tmp_path):
+    state = tmp_path / "data" / "state"
+    state.mkdir(parents=True)
+    (state / "state.duckdb").write_bytes(b"not a database" * 100)
+    args = ("ingest", "-b", broker.bootstrap_servers, "--data-dir", str(tmp_path / "data"))
+    plain = stylestream(*args, cwd=tmp_path)
+    out = plain.stdout + plain.stderr
+    assert plain.returncode == RUNTIME and "Traceback" not in out, out
+    assert "error: StoreError: cannot open the state database" in " ".join(out.split()), out
+    debug = stylestream(*args, cwd=tmp_path, env={"STYLESTREAM_DEBUG": "1"})
+    assert debug.returncode != 0 and "Traceback" in debug.stdout + debug.stderr
