@@ -11,7 +11,6 @@ import csv
 import json
 import sys
 from datetime import UTC, date, datetime
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -19,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from stylestream.cli.options import DEFAULT_DATA_DIR, DataDir
+from stylestream.cli.options import DEFAULT_DATA_DIR, DataDir, Format, OutputFormat
 
 drift_app = typer.Typer(help="How people's taste drifts: tables, CSV/JSON and plots from the style history.",
                         no_args_is_help=True)
@@ -27,15 +26,8 @@ history_app = typer.Typer(help="The Parquet style history: layout upkeep.", no_a
 console = Console()
 
 
-class Format(StrEnum):
-    table = "table"
-    csv = "csv"
-    json = "json"
-
-
 HistoryDir = Annotated[Path | None, typer.Option(
     "--history", help="The history folder itself (default: DATA_DIR/state/history), e.g. a synced copy.")]
-OutputFormat = Annotated[Format, typer.Option("--format", "-f", help="Readable table, or CSV / JSON for tools.")]
 Since = Annotated[str, typer.Option(help="Window start: 30d, 12h, 2w ago, or an ISO date/time (UTC).")]
 Until = Annotated[str, typer.Option(help="Window end, same forms; default now.")]
 

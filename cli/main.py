@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 import time
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -15,10 +16,11 @@ import typer
 from rich.console import Console
 
 from stylestream.cli.drift import drift_app, history_app
-from stylestream.cli.options import DEFAULT_DATA_DIR, BootstrapServers, DataDir, Verbose
+from stylestream.cli.options import DEFAULT_DATA_DIR, BootstrapServers, DataDir, Format, OutputFormat, Verbose
 from stylestream.cli.train import train_adapter
 from stylestream.streams import clients
 from stylestream.streams.broker import BrokerError, Engine, choose_engine, start_local_broker
+from stylestream.streams.topics import DLQ_SOURCES
 from stylestream.transforms.style import DEFAULT_HALF_LIFE_DAYS, MIN_HALF_LIFE_DAYS
 
 app = typer.Typer(
@@ -260,6 +262,48 @@ def demo(data_dir: DataDir = DEFAULT_DATA_DIR, verbose: Verbose = False,
     from stylestream.demo.run import run_demo
 
     run_demo(data_dir, console, broker_engine)
+
+
+DlqSource = StrEnum("DlqSource", {t.replace("-", "_"): t for t in DLQ_SOURCES})
+
+
+@app.command()
+def dlq(
+    bootstrap_servers: BootstrapServers,
+    topic: Annotated[DlqSource | None, typer.Option(help="Only the bad input of this topic (default: all).")] = None,
+    last: Annotated[int, typer.Option(min=1, help="The newest this many.")] = 20,
+    fmt: OutputFormat = Format.table,
+) -> None:
+    """Dead letters: input that could not be used, why, where it came from, and a preview of it."""
+    import json
+
+    from rich.table import Table
+
+    from stylestream.streams.topics import dlq as dlq_of
+    from stylestream.transforms.records import DEAD_LETTER_FIELDS, read_dead_letter
+
+    _reach_broker(bootstrap_servers, None)
+    rows = [read_dead_letter(m.value) for t in ([topic.value] if topic else DLQ_SOURCES)
+            for m in clients.read_all(bootstrap_servers, dlq_of(t))]
+    rows = sorted(rows, key=lambda r: r["failed_at"] or "")[-last:]
+    if fmt is Format.json:
+        print(json.dumps(rows, indent=1))
+    elif fmt is Format.csv:
+        import csv
+
+        writer = csv.DictWriter(sys.stdout, fieldnames=DEAD_LETTER_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    elif not rows:
+        console.print("no dead letters")
+    else:
+        table = Table(title=f"Dead letters (newest {len(rows)})")
+        for header in ("failed at", "from", "stage", "reason", "preview"):
+            table.add_column(header, overflow="fold")
+        for r in rows:
+            table.add_row((r["failed_at"] or "")[:19], f"{r['topic']}[{r['partition']}]@{r['offset']}", r["stage"],
+                          r["reason"], r["preview"])
+        console.print(table)
 
 
 @schemas_app.command("export")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -37,3 +38,12 @@ DataDir = Annotated[Path, typer.Option(
     "--data-dir", envvar="STYLESTREAM_DATA_DIR", callback=usable_folder,
     help="Where state, history, images and the tiny models live.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show library logs (Beam, Kafka).")]
+
+
+class Format(StrEnum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+OutputFormat = Annotated[Format, typer.Option("--format", "-f", help="Readable table, or CSV / JSON for tools.")]

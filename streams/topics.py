@@ -21,9 +21,10 @@ def dlq(topic: str) -> str:
     return f"{topic}.dlq"
 
 
+DLQ_SOURCES = (PHOTO_EVENTS, CONSENT_EVENTS, GENERATION_REQUESTS)  # the topics whose bad input is kept
 ALL_TOPICS = (
     PHOTO_EVENTS, CONSENT_EVENTS, GENERATION_REQUESTS, GENERATION_RESULTS, STYLE_VECTORS,
-    dlq(PHOTO_EVENTS), dlq(CONSENT_EVENTS), dlq(GENERATION_REQUESTS),
+    *(dlq(t) for t in DLQ_SOURCES),
 )
 
 HOUR_MS = 3_600_000
@@ -42,7 +43,7 @@ TOPIC_CONFIGS: dict[str, dict[str, str]] = {
     # any vector that counted a withdrawn photo); an erasure tombstone stays a day for readers to see.
     STYLE_VECTORS: {"cleanup.policy": "compact", "min.compaction.lag.ms": str(HOUR_MS),
                     "max.compaction.lag.ms": str(DAY_MS), "delete.retention.ms": str(DAY_MS)},
-    **{dlq(t): {"retention.ms": str(14 * DAY_MS)} for t in (PHOTO_EVENTS, CONSENT_EVENTS, GENERATION_REQUESTS)},
+    **{dlq(t): {"retention.ms": str(14 * DAY_MS)} for t in DLQ_SOURCES},
 }
 
 

@@ -9,8 +9,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from helpers import produce, read_topic
+from typer.testing import CliRunner
 
 from stylestream.analytics.pseudonyms import load_or_create_key, pseudonym
+from stylestream.cli.main import app
 from stylestream.demo.synthetic import make_library, toggle_event
 from stylestream.pipelines.ingest import IngestConfig, Ingestor
 from stylestream.pipelines.store import Store
@@ -117,6 +119,14 @@ def test_malformed_events_go_to_dlq_and_good_ones_count(broker, make_ingestor, l
     for d in letters:
         assert d["source"]["topic"] == PHOTO_EVENTS and d["original_base64"]
     assert latest(make_ingestor())["ben"][3] == 3  # all good photos counted, the corrupt one not
+
+    runner = CliRunner(env={"COLUMNS": "300"})  # `stylestream dlq`: the same letters, for people and tools
+    listed = json.loads(runner.invoke(app, ["dlq", "-b", bs, "--format", "json"]).stdout)
+    assert sorted(r["reason"] for r in listed) == reasons
+    assert {r["offset"] for r in listed} == {0, 4, 5} and {r["preview"] for r in listed} >= {"{not json"}
+    table = runner.invoke(app, ["dlq", "-b", bs, "--topic", PHOTO_EVENTS, "--last", "1"])
+    assert table.exit_code == 0 and "photo-events[" in table.stdout and "newest 1" in table.stdout
+    assert runner.invoke(app, ["dlq", "-b", bs, "--topic", "nope"]).exit_code == 2
 
 
 def test_running_again_over_the_same_events_changes_nothing(broker, make_ingestor, library):

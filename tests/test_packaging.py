@@ -3,6 +3,7 @@ virtual environment away from the source tree, runs the demo."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -16,8 +17,12 @@ ROOT = Path(__file__).parent.parent
 
 @pytest.mark.slow
 def test_the_wheel_runs_the_demo_in_a_fresh_virtual_environment(tmp_path, broker_engine):
-    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(tmp_path / "dist"), str(ROOT)],
-                           capture_output=True, text=True, check=True)
+    # Built from a copy of the sources: a build/ folder left in the checkout could add stale files.
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "*.egg-info", "__pycache__", "stylestream-data", ".*_cache"))
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(tmp_path / "dist"),
+                            str(source)], capture_output=True, text=True, check=True)
     assert "Warning" not in built.stderr, built.stderr  # every data folder declared
     wheel = next((tmp_path / "dist").glob("stylestream-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()

@@ -35,6 +35,29 @@ class DeadLetter:
         }).encode()
 
 
+PREVIEW_CHARS = 60
+DEAD_LETTER_FIELDS = ("failed_at", "topic", "partition", "offset", "stage", "reason", "preview", "key_base64",
+                      "original_base64")
+
+
+def read_dead_letter(value: bytes) -> dict:
+    """A dead-letter message (`DeadLetter.to_json`) as a flat record for people and tools, with a
+    short preview of the original bytes (text as text, anything else as its size)."""
+    d = json.loads(value)
+    original = None if d.get("original_base64") is None else base64.b64decode(d["original_base64"])
+    if original is None:
+        preview = "(no value)"
+    elif "\ufffd" not in (text := original.decode("utf-8", "replace")):
+        flat = " ".join(text.split())
+        preview = flat if len(flat) <= PREVIEW_CHARS else flat[:PREVIEW_CHARS - 1] + "…"
+    else:
+        preview = f"({len(original)} bytes, not text)"
+    source = d["source"]
+    values = (d.get("failed_at"), source["topic"], source["partition"], source["offset"], d.get("stage"),
+              d.get("reason"), preview, d.get("key_base64"), d.get("original_base64"))
+    return dict(zip(DEAD_LETTER_FIELDS, values, strict=True))
+
+
 @dataclass(frozen=True)
 class Sourced:
     """A valid event and the Kafka position it came from."""
