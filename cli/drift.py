@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from stylestream.cli.options import DEFAULT_DATA_DIR, DataDir, Format, OutputFormat
+from stylestream.cli.words import counted
 
 drift_app = typer.Typer(help="How people's taste drifts: tables, CSV/JSON and plots from the style history.",
                         no_args_is_help=True)
@@ -206,7 +207,7 @@ def timeline(
 
 @drift_app.command()
 def top(
-    n: Annotated[int, typer.Option("-n", min=1, help="How many users.")] = 10,
+    n: Annotated[int, typer.Option("--limit", "-n", min=1, help="How many users.")] = 10,
     since: Since = "30d", until: Until = "",
     fmt: OutputFormat = Format.table, data_dir: DataDir = DEFAULT_DATA_DIR, history_dir: HistoryDir = None,
 ) -> None:
@@ -273,4 +274,4 @@ def compact(
     done = history.compact(folder, day)
     for d, files, rows in done:
         console.print(f"{d}: {files} files -> 1 ({rows} versions)")
-    console.print(f"compacted {len(done)} day(s) in {folder}")
+    console.print(f"compacted {counted(len(done), 'day')} in {folder}")

@@ -18,6 +18,7 @@ from rich.console import Console
 from stylestream.cli.drift import drift_app, history_app
 from stylestream.cli.options import DEFAULT_DATA_DIR, BootstrapServers, DataDir, Format, OutputFormat, Verbose
 from stylestream.cli.train import train_adapter
+from stylestream.cli.words import counted, cycle_line
 from stylestream.streams import clients
 from stylestream.streams.broker import BrokerError, Engine, choose_engine, start_local_broker
 from stylestream.streams.topics import DLQ_SOURCES
@@ -154,10 +155,8 @@ def ingest(
         console.print("stopped before the broker answered")
         return
     with ingestor:
-        cycles = ingestor.run(stop, follow, on_cycle=lambda r: console.print(
-            f"cycle {r.cycle}: {r.events} events, {r.photos} photos, {r.users_updated} users updated, "
-            f"{r.dead_letters} dead letters, lag {r.lag}"), on_retry=_say_retry)
-    console.print(f"{'stopped' if stop.is_set() else 'caught up'} after {cycles} cycle(s); "
+        cycles = ingestor.run(stop, follow, on_cycle=lambda r: console.print(cycle_line(r)), on_retry=_say_retry)
+    console.print(f"{'stopped' if stop.is_set() else 'caught up'} after {counted(cycles, 'cycle')}; "
                   f"state in {cfg.db_path}, history in {cfg.history_dir}")
 
 
@@ -244,12 +243,13 @@ def serve(
         metrics.serve_http(metrics_port)
         console.print(f"metrics on http://127.0.0.1:{metrics_port}/metrics")
     with Worker(cfg, StyleGenerator(spec, clip, lora_dir=lora_dir, max_loras=max_loras), metrics) as worker:
-        console.print(f"serving with {spec.describe()}; {len(worker.styles.users())} users have a style")
+        console.print(f"serving with {spec.describe()}; {counted(len(worker.styles.users()), 'user')} with a style")
         n = worker.run(max_requests, idle_exit_s, on_result=lambda r: console.print(
-            f"{r.request_id}: " + (f"{r.image_uri} (style v{r.style_version}, facet {r.facet})"
+            f"{r.request_id}: " + (f"{r.image_uri} (style v{r.style_version}, "
+                                   f"{'overall style' if r.facet is None else f'facet {r.facet}'})"
                                    if r.type == "generation_completed"
                                    else f"failed: {r.reason}")))
-    console.print(f"handled {n} request(s)")
+    console.print(f"handled {counted(n, 'request')}")
 
 
 @app.command()

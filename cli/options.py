@@ -32,12 +32,12 @@ def usable_folder(path: Path) -> Path:
 
 
 BootstrapServers = Annotated[str, typer.Option(
-    "--bootstrap-servers", "-b", envvar="STYLESTREAM_BOOTSTRAP_SERVERS", callback=host_ports,
+    "--bootstrap-servers", "-b", envvar="STYLESTREAM_BOOTSTRAP_SERVERS", callback=host_ports, metavar="HOST:PORT",
     help="Kafka bootstrap servers (host:port[,host:port]); `stylestream broker` prints a local one.")]
 DataDir = Annotated[Path, typer.Option(
-    "--data-dir", envvar="STYLESTREAM_DATA_DIR", callback=usable_folder,
+    "--data-dir", envvar="STYLESTREAM_DATA_DIR", callback=usable_folder, metavar="DIR",
     help="Where state, history, images and the tiny models live.")]
-Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show library logs (Beam, Kafka).")]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", metavar="", help="Show library logs (Beam, Kafka).")]
 
 
 class Format(StrEnum):

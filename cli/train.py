@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from stylestream.cli.options import DEFAULT_DATA_DIR, DataDir
+from stylestream.cli.words import counted
 
 console = Console()
 
@@ -77,7 +78,7 @@ def train_adapter(
         console.print(f"[red]cannot train:[/] {e}", soft_wrap=True)
         raise typer.Exit(1) from None
     if summary["skipped_images"]:
-        console.print(f"[yellow]skipped {len(summary['skipped_images'])} unreadable image(s)[/], "
+        console.print(f"[yellow]skipped {counted(len(summary['skipped_images']), 'unreadable image')}[/], "
                       f"e.g. {summary['skipped_images'][0]}", soft_wrap=True)
     console.print(f"{summary['steps']} steps on {summary['images']} images in {summary['seconds']:.0f} s "
                   f"({summary['seconds_per_step']:.3f} s/step), loss {summary['final_loss_mean_last_100']}")

@@ -18,6 +18,7 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
+from stylestream.cli.words import cycle_line
 from stylestream.demo.synthetic import LOOKS, make_library, toggle_event
 from stylestream.models.clip import clip_spec
 from stylestream.models.diffusion import diffusion_spec
@@ -118,9 +119,7 @@ def run_demo(data_dir: Path, console: Console, broker_engine: Engine | str = Eng
 
 def ingest(ingestor: Ingestor, console: Console, what: str) -> list[CycleResult]:
     with console.status(what):
-        done = ingestor.run_until_caught_up(on_cycle=lambda r: console.print(
-            f"  cycle {r.cycle}: {r.events} events, {r.photos} photos, {r.users_updated} users updated, "
-            f"{r.dead_letters} to the dead-letter topic, lag {r.lag}"))
+        done = ingestor.run_until_caught_up(on_cycle=lambda r: console.print(f"  {cycle_line(r)}"))
     return done
 
 
