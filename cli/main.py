@@ -150,7 +150,8 @@ def ingest(
     cfg = IngestConfig(bootstrap_servers, data_dir / "state", clip_spec(data_dir / "models", clip_model,
                                                                         clip_pretrained), half_life_days,
                        max_events_per_partition)
-    ingestor = connect(cfg, stop, _say_retry)
+    with console.status(f"loading {cfg.clip.describe()}, reading the committed offsets"):
+        ingestor = connect(cfg, stop, _say_retry)
     if ingestor is None:
         console.print("stopped before the broker answered")
         return
@@ -229,20 +230,24 @@ def serve(
     from stylestream.serving.metrics import ServeMetrics
     from stylestream.serving.worker import ServeConfig, Worker
 
-    _reach_broker(bootstrap_servers, threading.Event(), _say_retry)  # Ctrl-C ends the wait
-    try:
+    try:  # model paths checked before the broker is waited for
         clip = clip_spec(data_dir / "models", clip_model, clip_pretrained)
         spec = diffusion_spec(data_dir / "models", clip.pretrained, diffusion_model, ip_adapter, hyper_lora)
     except ValueError as e:
         console.print(f"[red]cannot serve:[/] {e}", soft_wrap=True)
         raise typer.Exit(2) from None
+    _reach_broker(bootstrap_servers, threading.Event(), _say_retry)  # Ctrl-C ends the wait
     cfg = ServeConfig(bootstrap_servers, output or str(data_dir / "images"), max_batch=max_batch,
                       max_wait_ms=max_wait_ms)
     metrics = ServeMetrics()
     if metrics_port:
         metrics.serve_http(metrics_port)
         console.print(f"metrics on http://127.0.0.1:{metrics_port}/metrics")
-    with Worker(cfg, StyleGenerator(spec, clip, lora_dir=lora_dir, max_loras=max_loras), metrics) as worker:
+    with console.status(f"loading {spec.describe()}"):
+        generator = StyleGenerator(spec, clip, lora_dir=lora_dir, max_loras=max_loras)
+    with console.status("reading every user's latest style vector"):
+        worker = Worker(cfg, generator, metrics)
+    with worker:
         console.print(f"serving with {spec.describe()}; {counted(len(worker.styles.users()), 'user')} with a style")
         n = worker.run(max_requests, idle_exit_s, on_result=lambda r: console.print(
             f"{r.request_id}: " + (f"{r.image_uri} (style v{r.style_version}, "
