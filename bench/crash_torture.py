@@ -39,7 +39,7 @@ from stylestream.analytics.pseudonyms import KEY_FILE, load_or_create_key
 from stylestream.demo.synthetic import LOOKS, SyntheticPhoto, render, toggle_event
 from stylestream.schemas.events import encode_event, parse_event
 from stylestream.streams import clients
-from stylestream.streams.broker import Engine, kill_and_restart, start_local_broker
+from stylestream.streams.broker import Engine, add_broker_option, kill_and_restart, start_local_broker
 from stylestream.streams.topics import CONSENT_EVENTS, PHOTO_EVENTS, STYLE_VECTORS, ensure_topics
 
 # Timestamps differ between any two runs; everything else must match.
@@ -176,8 +176,7 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=20_000)
     ap.add_argument("--users", type=int, default=300)
     ap.add_argument("--kills", type=int, default=20, help="ingestion SIGKILLs")
-    ap.add_argument("--broker", choices=[e.value for e in Engine], default="auto",
-                    help="local brokers: kafka, tansu, or auto (kafka where Java is present)")
+    add_broker_option(ap)
     ap.add_argument("--broker-kills", type=int, default=3,
                     help="SIGKILLs and restarts of the tortured run's broker (Kafka only)")
     ap.add_argument("--max-events-per-partition", type=int, default=400)

@@ -40,7 +40,7 @@ from stylestream.models.clip import ensure_tiny_clip
 from stylestream.pipelines.ingest import IngestConfig, Ingestor
 from stylestream.schemas.events import encode_event, parse_event
 from stylestream.streams import clients
-from stylestream.streams.broker import Engine, start_local_broker
+from stylestream.streams.broker import add_broker_option, start_local_broker
 from stylestream.streams.topics import PHOTO_EVENTS, STYLE_VECTORS, ensure_topics
 from stylestream.transforms.embed import EmbedPhotos
 from stylestream.transforms.grouping import GroupByUser
@@ -137,8 +137,7 @@ def steady(cfg: IngestConfig, files: list[Path], rate: float, duration: float, w
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--broker", choices=[e.value for e in Engine], default="auto",
-                    help="local broker: kafka, tansu, or auto (kafka where Java is present)")
+    add_broker_option(ap)
     ap.add_argument("--users", type=int, default=1000)
     ap.add_argument("--photos", type=int, default=50, help="photos per user")
     ap.add_argument("--rate", type=float, default=50.0, help="events/s in the steady phase")

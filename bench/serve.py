@@ -41,7 +41,7 @@ from stylestream.schemas.tables import FEATURE_NAMES
 from stylestream.serving.generator import Conditioning, StyleGenerator
 from stylestream.serving.worker import ServeConfig, Worker
 from stylestream.streams import clients
-from stylestream.streams.broker import Engine, start_local_broker
+from stylestream.streams.broker import add_broker_option, start_local_broker
 from stylestream.streams.topics import GENERATION_REQUESTS, GENERATION_RESULTS, STYLE_VECTORS, ensure_topics
 
 
@@ -103,8 +103,7 @@ def steady_latency(gen: StyleGenerator, users: list[str], style_dim: int, rate: 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--broker", choices=[e.value for e in Engine], default="auto",
-                    help="local broker: kafka, tansu, or auto (kafka where Java is present)")
+    add_broker_option(ap)
     ap.add_argument("--config", default="tiny", help="configs/diffusion/<config>.json: tiny or sd15")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=4)

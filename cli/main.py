@@ -48,6 +48,11 @@ def _quiet(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.CRITICAL)
 
 
+def _headline(e: Exception) -> str:
+    """An error's first line: what went wrong (logs and output that follow are for --verbose/debug)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def _say_retry(e: Exception, delay: float) -> None:
     why = str(e) if isinstance(e, clients.BrokerUnreachable) else f"broker unavailable ({type(e).__name__}: {e})"
     console.print(f"[yellow]{why}; retrying in {delay:.1f} s", soft_wrap=True)
@@ -87,7 +92,7 @@ def broker(port: Annotated[int, typer.Option(min=0, max=65535, help="Port on 127
     try:
         b = start_local_broker(engine, data_dir / "kafka", port or None)
     except BrokerError as e:  # the first line says what; the broker's log follows for --verbose
-        console.print(f"[red]cannot start the {engine.value} broker:[/] {str(e).splitlines()[0]}", soft_wrap=True)
+        console.print(f"[red]cannot start the {engine.value} broker:[/] {_headline(e)}", soft_wrap=True)
         if verbose:
             console.print(str(e), soft_wrap=True, highlight=False)
         raise typer.Exit(1) from None
@@ -278,8 +283,10 @@ def dlq(
     topic: Annotated[DlqSource | None, typer.Option(help="Only the bad input of this topic (default: all).")] = None,
     last: Annotated[int, typer.Option(min=1, help="The newest this many.")] = 20,
     fmt: OutputFormat = Format.table,
+    verbose: Verbose = False,
 ) -> None:
     """Dead letters: input that could not be used, why, where it came from, and a preview of it."""
+    _quiet(verbose)
     import json
 
     from rich.table import Table
@@ -334,11 +341,11 @@ def main() -> None:
     except Exception as e:
         if os.environ.get("STYLESTREAM_DEBUG"):
             raise
-        what = str(e).strip() or type(e).__name__
+        what = _headline(e)
         if not isinstance(e, BrokerError | clients.BrokerUnreachable):
             what = f"{type(e).__name__}: {what}"
         console.print(f"[red]error:[/] {what}", soft_wrap=True, highlight=False)
-        console.print("(STYLESTREAM_DEBUG=1 shows where it happened)", style="dim")
+        console.print("(STYLESTREAM_DEBUG=1 shows the whole message and where it happened)", style="dim")
         sys.exit(1)
 
 

@@ -9,15 +9,17 @@ from typing import Annotated
 
 import typer
 
+from stylestream.streams.clients import split_bootstrap
+
 DEFAULT_DATA_DIR = Path("stylestream-data")
 
 
 def host_ports(value: str) -> str:
     """`value` if it is host:port[,host:port...]; a usage error naming the bad part otherwise."""
-    for address in value.split(","):
-        host, _, port = address.strip().rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise typer.BadParameter(f"{address.strip()!r} is not host:port (for example 127.0.0.1:9092)")
+    try:
+        split_bootstrap(value)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
     return value
 
 

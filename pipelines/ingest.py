@@ -34,7 +34,6 @@ from stylestream.transforms.records import DeadLetter, UserBatch
 from stylestream.transforms.style import DEFAULT_HALF_LIFE_DAYS, MIN_HALF_LIFE_DAYS
 
 log = logging.getLogger(__name__)
-# Broker trouble is retried; anything else (a bug, a corrupt state file) stops ingestion.
 
 
 @dataclass

@@ -7,6 +7,7 @@ pip-installed, for machines without Java). `auto` picks Kafka wherever a Java ru
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import tempfile
 import time
@@ -14,11 +15,18 @@ from enum import StrEnum
 from pathlib import Path
 
 from stylestream.streams.broker_process import BrokerError, LocalBroker
-from stylestream.streams.kafka_broker import KAFKA_VERSION, java_binary, start_kafka
+from stylestream.streams.kafka_broker import KAFKA_VERSION, jars_at_hand, java_binary, start_kafka
 from stylestream.streams.tansu_broker import start_tansu
 
-__all__ = ["BrokerError", "Engine", "LocalBroker", "choose_engine", "kill_and_restart",
-           "start_local_broker"]
+__all__ = [
+    "BrokerError",
+    "Engine",
+    "LocalBroker",
+    "add_broker_option",
+    "choose_engine",
+    "kill_and_restart",
+    "start_local_broker",
+]
 
 
 class Engine(StrEnum):
@@ -27,14 +35,22 @@ class Engine(StrEnum):
     tansu = "tansu"
 
 
+def add_broker_option(parser: argparse.ArgumentParser) -> None:
+    """`--broker kafka|tansu|auto` for the benchmark scripts."""
+    parser.add_argument("--broker", choices=[e.value for e in Engine], default=Engine.auto.value,
+                        help="local broker: kafka, tansu, or auto (kafka where Java is present)")
+
+
 def choose_engine(requested: Engine | str = Engine.auto) -> tuple[Engine, str]:
     """The engine to start for `requested`, and why (for the user to read)."""
     requested = Engine(requested)
     if requested != Engine.auto:
         return requested, "asked for"
-    if java_binary():
-        return Engine.kafka, "a Java runtime is present"
-    return Engine.tansu, "no Java runtime on PATH"
+    if java_binary() is None:
+        return Engine.tansu, "no Java runtime on PATH"
+    if not jars_at_hand():
+        return Engine.tansu, "Kafka's jars are not cached and there is no Maven to fetch them"
+    return Engine.kafka, "a Java runtime is present"
 
 
 def start_local_broker(engine: Engine | str = Engine.auto, data_dir: Path | None = None,
@@ -65,5 +81,7 @@ def kill_and_restart(broker: LocalBroker, down_s: float = 0.0) -> LocalBroker:
     broker.process.wait()
     time.sleep(down_s)
     again = start_local_broker(broker.engine, broker.data_dir, broker.port)
-    again.remove_data_on_stop = broker.remove_data_on_stop
+    # the new handle owns the folder now: stopping the old one must not remove it
+    again.remove_data_on_stop, broker.remove_data_on_stop = broker.remove_data_on_stop, False
+    again.description = broker.description
     return again

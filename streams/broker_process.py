@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import signal
 import socket
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kafka import KafkaAdminClient
+from stylestream.streams import clients
 
 READY_TIMEOUT_S = 20.0
 
@@ -63,15 +64,27 @@ class LocalBroker:
 
 
 def wait_for_metadata(bootstrap_servers: str, timeout_s: float = READY_TIMEOUT_S) -> None:
+    """Return once the broker just started answers metadata; BrokerError after `timeout_s`."""
+    clients.is_tansu.cache_clear()  # a new broker may answer on a port another engine used before
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            KafkaAdminClient(bootstrap_servers=bootstrap_servers, request_timeout_ms=5000).close()
+            clients.require_broker(bootstrap_servers, timeout_s=5.0)
             return
-        except Exception as e:
+        except clients.BrokerUnreachable as e:
             if time.monotonic() > deadline:
                 raise BrokerError(f"broker at {bootstrap_servers} does not answer metadata: {e}") from e
             time.sleep(0.05)
+
+
+def die_with_parent() -> None:
+    """In a child, before exec: SIGKILL it when the process that started it dies, so a killed
+    `stylestream broker` leaves no broker holding the port or the log directory (Linux prctl).
+    Linux sends it when the starting *thread* ends: start brokers from a thread that outlives them."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 def port_open(port: int) -> bool:

@@ -34,11 +34,21 @@ class BrokerUnreachable(ConnectionError):
     """No broker answers at the bootstrap servers; the message says which and why, for people."""
 
 
+def split_bootstrap(value: str) -> list[tuple[str, int]]:
+    """host:port[,host:port...] as (host, port) pairs; ValueError naming the part that is not one."""
+    pairs = []
+    for address in value.split(","):
+        host, _, port = address.strip().rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{address.strip()!r} is not host:port (for example 127.0.0.1:9092)")
+        pairs.append((host.strip("[]"), int(port)))
+    return pairs
+
+
 def require_broker(bootstrap_servers: str, timeout_s: float = REACH_TIMEOUT_S) -> None:
     """Return once a broker answers a metadata request, or raise BrokerUnreachable within about
     `timeout_s` (an unresolvable host at once), rather than after a client's 30-s request timeout."""
-    for address in bootstrap_servers.split(","):
-        host = address.rpartition(":")[0].strip("[]")
+    for host, _ in split_bootstrap(bootstrap_servers):
         try:
             socket.getaddrinfo(host, None)
         except OSError as e:

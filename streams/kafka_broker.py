@@ -12,13 +12,19 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
-import signal
 import subprocess
 import time
 import uuid
 from pathlib import Path
 
-from stylestream.streams.broker_process import BrokerError, LocalBroker, free_port, port_open, wait_for_metadata
+from stylestream.streams.broker_process import (
+    BrokerError,
+    LocalBroker,
+    die_with_parent,
+    free_port,
+    port_open,
+    wait_for_metadata,
+)
 
 KAFKA_VERSION = "4.1.1"
 POM = Path(__file__).parent / "kafka" / "pom.xml"
@@ -34,9 +40,18 @@ def java_binary() -> str | None:
     return shutil.which("java")
 
 
+def jars_at_hand() -> bool:
+    """Whether Kafka's jars are cached, or Maven is there to fetch them."""
+    return (_libs() / ".complete").exists() or shutil.which("mvn") is not None
+
+
+def _libs() -> Path:
+    return cache_dir() / f"kafka-{KAFKA_VERSION}" / "libs"
+
+
 def kafka_jars() -> Path:
     """The folder of Kafka's jars, resolved with Maven on first use (one process at a time)."""
-    libs = cache_dir() / f"kafka-{KAFKA_VERSION}" / "libs"
+    libs = _libs()
     if (libs / ".complete").exists():
         return libs
     mvn = shutil.which("mvn")
@@ -102,18 +117,21 @@ def start_kafka(log_dir: Path, port: int | None = None) -> LocalBroker:
     log = (log_dir / "broker.log").open("a")
     proc = subprocess.Popen([java, "-Xmx512m", "-cp", classpath, f"-Dlog4j.configuration=file:{_log4j(log_dir)}",
                              "kafka.Kafka", str(props)], stdout=log, stderr=subprocess.STDOUT,
-                            preexec_fn=_die_with_parent)
+                            preexec_fn=die_with_parent)
     log.close()
     broker = LocalBroker(proc, port, "kafka", f"Apache Kafka {KAFKA_VERSION} (data in {log_dir}, kept across restarts)",
                          stop_timeout_s=STOP_TIMEOUT_S, data_dir=log_dir)
     deadline = time.monotonic() + START_TIMEOUT_S
-    while not port_open(port):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            broker.stop()
-            tail = (log_dir / "broker.log").read_text()[-3000:]
-            raise BrokerError(f"Kafka did not start on port {port} (log: {log_dir / 'broker.log'}):\n{tail}")
-        time.sleep(0.1)
-    wait_for_metadata(broker.bootstrap_servers)
+    try:
+        while not port_open(port):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = (log_dir / "broker.log").read_text()[-3000:]
+                raise BrokerError(f"Kafka did not start on port {port} (log: {log_dir / 'broker.log'}):\n{tail}")
+            time.sleep(0.1)
+        wait_for_metadata(broker.bootstrap_servers)
+    except BaseException:  # a failed or interrupted start leaves no broker behind
+        broker.stop()
+        raise
     return broker
 
 
@@ -131,13 +149,3 @@ def _log4j(log_dir: Path) -> Path:
                     "log4j.appender.stdout.layout=org.apache.log4j.PatternLayout\n"
                     "log4j.appender.stdout.layout.ConversionPattern=[%d] %p %m (%c)%n\n")
     return path
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGKILL it when the process that started it dies, so a killed
-    `stylestream broker` leaves no broker holding the port and the log directory (Linux prctl).
-    Linux sends it when the starting *thread* ends: start brokers from a thread that outlives them."""
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)

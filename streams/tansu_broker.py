@@ -12,7 +12,14 @@ import subprocess
 import time
 from pathlib import Path
 
-from stylestream.streams.broker_process import READY_TIMEOUT_S, BrokerError, LocalBroker, free_port, wait_for_metadata
+from stylestream.streams.broker_process import (
+    READY_TIMEOUT_S,
+    BrokerError,
+    LocalBroker,
+    die_with_parent,
+    free_port,
+    wait_for_metadata,
+)
 
 
 def tansu_binary() -> Path:
@@ -33,18 +40,22 @@ def start_tansu(port: int | None = None) -> LocalBroker:
     cmd = [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
            "--storage-engine", "memory://tansu/"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")})
+                            env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
+                            preexec_fn=die_with_parent)
     broker = LocalBroker(proc, port, "tansu", "Tansu (memory only: a restart loses all data)")
     lines = []
     deadline = time.monotonic() + READY_TIMEOUT_S
     assert proc.stdout is not None
-    for line in proc.stdout:
-        lines.append(line)
-        if "ready in" in line or time.monotonic() > deadline:
-            break
-    # On a busy port Tansu panics and exits 0, so "exited" rather than a status code tells failure.
-    if proc.poll() is not None or not any("ready in" in ln for ln in lines):
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "ready in" in line or time.monotonic() > deadline:
+                break
+        # On a busy port Tansu panics and exits 0, so "exited" rather than a status code tells failure.
+        if proc.poll() is not None or not any("ready in" in ln for ln in lines):
+            raise BrokerError(f"Tansu did not start on port {port}:\n{''.join(lines[-20:])}")
+        wait_for_metadata(broker.bootstrap_servers)
+    except BaseException:  # a failed or interrupted start leaves no broker behind
         broker.stop()
-        raise BrokerError(f"Tansu did not start on port {port}:\n{''.join(lines[-20:])}")
-    wait_for_metadata(broker.bootstrap_servers)
+        raise
     return broker

@@ -50,7 +50,8 @@ def test_broker_sigkilled_mid_cycle_ingestion_loses_and_doubles_nothing(kafka, m
     second_cycle_done = threading.Event()
     cycles: list[int] = []
     ingesting = threading.Thread(target=lambda: cycles.append(ing.run(
-        on_cycle=lambda r: r.cycle == 2 and second_cycle_done.set(), on_retry=lambda e, d: retries.append(e))))
+        on_cycle=lambda r: r.cycle == 2 and second_cycle_done.set(), on_retry=lambda e, d: retries.append(e))),
+        daemon=True)
     ingesting.start()
     assert second_cycle_done.wait(120)
     time.sleep(0.2)  # into the third cycle
@@ -94,10 +95,12 @@ def test_broker_down_30_s_ingestion_and_serving_retry_and_recover(kafka, clip, d
     results = []
     brokers = [kafka]
     ingesting.start()
+    worker = serving = None
     try:
         wait_until(lambda: len(read_topic(bs, STYLE_VECTORS)) == 1, 120, "the first style version")
         worker = Worker(ServeConfig(bs, str(tmp_path / "images")), StyleGenerator(diffusion, clip, device="cpu"))
-        serving = threading.Thread(target=worker.run, kwargs=dict(max_requests=2, on_result=results.append))
+        serving = threading.Thread(target=worker.run, kwargs=dict(max_requests=2, on_result=results.append),
+                                   daemon=True)  # a failed test must not wait for it
         serving.start()
         produce(bs, GENERATION_REQUESTS, [request("before")])
         wait_until(lambda: len(results) == 1, 120, "the first result")
@@ -108,8 +111,9 @@ def test_broker_down_30_s_ingestion_and_serving_retry_and_recover(kafka, clip, d
         produce(bs, GENERATION_REQUESTS, [request("after", min_style_version=2)])
         serving.join(timeout=180)
         assert not serving.is_alive(), "serving did not recover from the outage"
-        worker.close()
     finally:
+        if worker is not None and not (serving and serving.is_alive()):
+            worker.close()
         stop.set()
         ingesting.join(timeout=120)
         ing.close()

@@ -12,9 +12,13 @@ import pytest
 from kafka import KafkaConsumer, TopicPartition
 
 from stylestream.streams import clients
+from stylestream.streams.broker import Engine, choose_engine
 from stylestream.streams.broker_process import free_port
 from stylestream.streams.kafka_broker import KAFKA_VERSION, start_kafka
 from stylestream.streams.topics import PHOTO_EVENTS, ensure_topics
+
+ENGINE, WHY = choose_engine(Engine.auto)
+pytestmark = pytest.mark.skipif(ENGINE != Engine.kafka, reason=f"the bundled Kafka cannot run here: {WHY}")
 
 
 @pytest.mark.slow
