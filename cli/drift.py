@@ -33,33 +33,49 @@ Since = Annotated[str, typer.Option(help="Window start: 30d, 12h, 2w ago, or an 
 Until = Annotated[str, typer.Option(help="Window end, same forms; default now.")]
 
 
+def _history(data_dir: Path, history_dir: Path | None) -> Path:
+    return history_dir or data_dir / "state" / "history"
+
+
 def _connect(data_dir: Path, history_dir: Path | None):
     from stylestream.analytics import drift
 
     try:
-        return drift.connect(history_dir or data_dir / "state" / "history")
+        return drift.connect(_history(data_dir, history_dir))
     except FileNotFoundError as e:
         console.print(f"[red]{e}[/]")
         raise typer.Exit(1) from None
 
 
 RawId = Annotated[bool, typer.Option(
-    "--raw-id", help="USER is a user id as the photo service knows it: turn it into the history's pseudonym "
-                     "with the analytics key (needs --key-file or DATA_DIR/state/analytics.key).")]
-KeyFile = Annotated[Path | None, typer.Option(help="The analytics key (default: DATA_DIR/state/analytics.key).")]
+    "--raw-id", help="USER is certainly a user id as the photo service knows it (not a pseudonym): fail "
+                     "if the analytics key is not at hand.")]
+KeyFile = Annotated[Path | None, typer.Option(
+    metavar="FILE", help="The analytics key (default: analytics.key beside the history folder).")]
 
 
-def _history_user(user_id: str, raw_id: bool, key_file: Path | None, data_dir: Path) -> str:
-    """The history holds pseudonyms (analytics/pseudonyms.py); operators with the key may name users."""
+def _history_user(db, typed: str, raw_id: bool, key_file: Path | None, history: Path) -> str:
+    """The history's id (a pseudonym, analytics/pseudonyms.py) for the user an operator typed: with
+    the analytics key at hand, a user id as the photo service knows it; otherwise a pseudonym."""
     from stylestream.analytics import pseudonyms
 
-    if not raw_id:
-        return user_id
+    key_path = key_file or history.parent / pseudonyms.KEY_FILE
+    if not key_path.exists():
+        if raw_id or not _has_versions(db, typed):
+            console.print(f"[red]no versions of {typed!r}[/]: no analytics key at {key_path} to turn a user id "
+                          "into the history's pseudonym (give it with --key-file)", soft_wrap=True)
+            raise typer.Exit(1)
+        return typed
     try:
-        return pseudonyms.pseudonym(user_id, pseudonyms.load_key(key_file or data_dir / "state" / pseudonyms.KEY_FILE))
-    except (FileNotFoundError, ValueError) as e:
+        mapped = pseudonyms.pseudonym(typed, pseudonyms.load_key(key_path))
+    except ValueError as e:
         console.print(f"[red]{e}[/]")
         raise typer.Exit(1) from None
+    return mapped if raw_id or _has_versions(db, mapped) or not _has_versions(db, typed) else typed
+
+
+def _has_versions(db, user_id: str) -> bool:
+    return bool(db.execute("SELECT 1 FROM history WHERE user_id = ? LIMIT 1", [user_id]).fetchall())
 
 
 def _window(since: str, until: str) -> tuple[datetime, datetime]:
@@ -136,8 +152,8 @@ def _cell(row: dict, key: str) -> str:
     return "" if value is None else str(value)
 
 
-UserArg = Annotated[str, typer.Argument(metavar="USER", help="The user's pseudonym, as in the history's user_id column "
-                                               "(or, with --raw-id, the user id itself).")]
+UserArg = Annotated[str, typer.Argument(metavar="USER", help="The user id as the photo service knows it (with the "
+                                               "analytics key at hand), or the history's pseudonym.")]
 
 
 @drift_app.command()
@@ -157,14 +173,14 @@ def user(
     from stylestream.analytics import drift
 
     db = _connect(data_dir, history_dir)
-    user_id = _history_user(user_id, raw_id, key_file, data_dir)
+    user = _history_user(db, user_id, raw_id, key_file, _history(data_dir, history_dir))
     try:
         if since:
             t0, t1 = _window(since, until)
-            rows = drift.user_drift_in_window(db, user_id, t0, t1).to_pylist()
+            rows = drift.user_drift_in_window(db, user, t0, t1).to_pylist()
             missing = f"the style of {user_id} did not change {_span(t0, t1)}"
         else:
-            rows = drift.user_drift(db, user_id, from_version, to_version).to_pylist()
+            rows = drift.user_drift(db, user, from_version, to_version).to_pylist()
             missing = f"user {user_id} has no version {from_version} or {to_version}"
     except KeyError as e:
         console.print(f"[red]{e.args[0]}[/]")
@@ -177,9 +193,10 @@ def user(
     if fmt is Format.table:
         r = rows[0]
         console.print(f"{user_id}: {r['trend']} from version {r['from_version']} ({r['from_time']:%Y-%m-%d %H:%M}) "
-                      f"to version {r['to_version']} ({r['to_time']:%Y-%m-%d %H:%M} UTC)", highlight=False)
+                      f"to version {r['to_version']} ({r['to_time']:%Y-%m-%d %H:%M} UTC)", highlight=False,
+                      soft_wrap=True)
     if plot:
-        _plot(drift.timeline(db, user_id), user_id, plot)
+        _plot(drift.timeline(db, user), user_id, plot)
 
 
 @drift_app.command()
@@ -193,8 +210,7 @@ def timeline(
     from stylestream.analytics import drift
 
     db = _connect(data_dir, history_dir)
-    user_id = _history_user(user_id, raw_id, key_file, data_dir)
-    table = drift.timeline(db, user_id)
+    table = drift.timeline(db, _history_user(db, user_id, raw_id, key_file, _history(data_dir, history_dir)))
     if table.num_rows == 0:
         console.print(f"[red]no versions of user {user_id!r} in the history[/]")
         raise typer.Exit(1)

@@ -111,8 +111,8 @@ def run_demo(data_dir: Path, console: Console, broker_engine: Engine | str = Eng
     elapsed = time.perf_counter() - t0
     say(f"[bold green]done[/] in {elapsed:.0f} s. State: {cfg.db_path}  History: {cfg.history_dir}")
     say(f"personalization, side by side: {picture}", soft_wrap=True, highlight=False)
-    say(f"drift: stylestream drift user ana --raw-id --key-file {cfg.state_dir / 'analytics.key'} "
-        f"--history {cfg.history_dir} --plot ana.png", soft_wrap=True, highlight=False)  # one line, to copy
+    say(f"drift: stylestream drift user ana --history {cfg.history_dir} --plot ana.png", soft_wrap=True,
+        highlight=False)  # one line, to copy; the analytics key beside the history maps "ana" to her pseudonym
     return {"run_dir": run_dir, "before": before, "after": after, "results": results, "seconds": elapsed,
             "picture": picture}
 

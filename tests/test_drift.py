@@ -116,7 +116,12 @@ def test_cli_tables_csv_json_and_plot(ingested, tmp_path):
     out = runner.invoke(app, ["drift", "timeline", named(ingested, "sam"), "--format", "csv", *where])
     assert out.exit_code == 0 and len(list(csv.DictReader(io.StringIO(out.output)))) == 3
     out = runner.invoke(app, ["drift", "timeline", "sam", "--raw-id", "--key-file", str(tmp_path / "none"), *where])
-    assert out.exit_code == 1 and "cannot read the analytics key" in out.output
+    assert out.exit_code == 1 and "no analytics key at" in out.output
+    # The id the operator knows, with the key beside the history found on its own; titles say that id.
+    out = runner.invoke(app, ["drift", "timeline", "sam", *where], env={"COLUMNS": "200"})
+    assert out.exit_code == 0 and "Style versions of sam" in out.output, out.output
+    out = runner.invoke(app, ["drift", "user", "wendy", *where], env={"COLUMNS": "200"})
+    assert out.exit_code == 0 and "wendy: cooler" in out.output, out.output
     out = runner.invoke(app, ["drift", "top", "--since", "yesterday-ish", *where])
     assert out.exit_code == 2 and "not a time" in out.output
 
