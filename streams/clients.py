@@ -86,9 +86,15 @@ def is_tansu(bootstrap_servers: str) -> bool:
         admin.close()
 
 
+# kafka-python backs reconnects off up to 30 s, so after an outage a client could stay away that
+# much longer than the broker; the Java client's 1 s brings every client back within a second.
+RECONNECT_BACKOFF_MAX_MS = 1000
+
+
 def producer(bootstrap_servers: str, **overrides) -> KafkaProducer:
     config = dict(bootstrap_servers=bootstrap_servers, acks="all", linger_ms=5, retries=5,
-                  enable_idempotence=not is_tansu(bootstrap_servers))
+                  enable_idempotence=not is_tansu(bootstrap_servers),
+                  reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS)
     config.update(overrides)
     return KafkaProducer(**config)
 
@@ -98,7 +104,7 @@ def consumer(bootstrap_servers: str, group_id: str | None = None, **overrides) -
     # 45 s (and Tansu answers JoinGroup only after half the session timeout).
     config = dict(bootstrap_servers=bootstrap_servers, group_id=group_id, enable_auto_commit=False,
                   auto_offset_reset="earliest", session_timeout_ms=6000, heartbeat_interval_ms=2000,
-                  max_poll_records=500)
+                  max_poll_records=500, reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS)
     config.update(overrides)
     return KafkaConsumer(**config)
 
