@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from stylestream.cli.drift import drift_app, history_app
+from stylestream.cli.drift import drift_app, emit, history_app
 from stylestream.cli.options import DEFAULT_DATA_DIR, BootstrapServers, DataDir, Format, OutputFormat, Verbose
 from stylestream.cli.train import train_adapter
 from stylestream.cli.words import counted, cycle_line
@@ -287,35 +287,18 @@ def dlq(
 ) -> None:
     """Dead letters: input that could not be used, why, where it came from, and a preview of it."""
     _quiet(verbose)
-    import json
-
-    from rich.table import Table
-
     from stylestream.streams.topics import dlq as dlq_of
-    from stylestream.transforms.records import DEAD_LETTER_FIELDS, read_dead_letter
+    from stylestream.transforms.records import read_dead_letter
 
     _reach_broker(bootstrap_servers, None)
     rows = [read_dead_letter(m.value) for t in ([topic.value] if topic else DLQ_SOURCES)
             for m in clients.read_all(bootstrap_servers, dlq_of(t))]
     rows = sorted(rows, key=lambda r: r["failed_at"] or "")[-last:]
-    if fmt is Format.json:
-        print(json.dumps(rows, indent=1))
-    elif fmt is Format.csv:
-        import csv
-
-        writer = csv.DictWriter(sys.stdout, fieldnames=DEAD_LETTER_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    elif not rows:
+    if fmt is Format.table and not rows:
         console.print("no dead letters")
-    else:
-        table = Table(title=f"Dead letters (newest {len(rows)})")
-        for header in ("failed at", "from", "stage", "reason", "preview"):
-            table.add_column(header, overflow="fold")
-        for r in rows:
-            table.add_row((r["failed_at"] or "")[:19], f"{r['topic']}[{r['partition']}]@{r['offset']}", r["stage"],
-                          r["reason"], r["preview"])
-        console.print(table)
+        return
+    emit(rows, fmt, f"Dead letters (newest {len(rows)})",
+         {"failed_at": "failed at", "source": "from", "stage": "stage", "reason": "reason", "preview": "preview"})
 
 
 @schemas_app.command("export")

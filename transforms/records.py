@@ -36,8 +36,6 @@ class DeadLetter:
 
 
 PREVIEW_CHARS = 60
-DEAD_LETTER_FIELDS = ("failed_at", "topic", "partition", "offset", "stage", "reason", "preview", "key_base64",
-                      "original_base64")
 
 
 def read_dead_letter(value: bytes) -> dict:
@@ -53,9 +51,10 @@ def read_dead_letter(value: bytes) -> dict:
     else:
         preview = f"({len(original)} bytes, not text)"
     source = d["source"]
-    values = (d.get("failed_at"), source["topic"], source["partition"], source["offset"], d.get("stage"),
-              d.get("reason"), preview, d.get("key_base64"), d.get("original_base64"))
-    return dict(zip(DEAD_LETTER_FIELDS, values, strict=True))
+    return {"failed_at": d.get("failed_at"), "source": f"{source['topic']}[{source['partition']}]@{source['offset']}",
+            "topic": source["topic"], "partition": source["partition"], "offset": source["offset"],
+            "stage": d.get("stage"), "reason": d.get("reason"), "preview": preview,
+            "key_base64": d.get("key_base64"), "original_base64": d.get("original_base64")}
 
 
 @dataclass(frozen=True)
