@@ -8,6 +8,7 @@ generating a second image.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -108,23 +109,34 @@ class Worker:
         `max_wait_ms` of the first, then one diffusion call per group of compatible requests.
         """
         handled, idle_since = 0, time.monotonic()
+        never = threading.Event()
         while max_requests is None or handled < max_requests:
-            records = self._collect(max_requests - handled if max_requests else self.cfg.max_batch)
-            self.styles.poll()
-            self.generator.loras.drop_versions(self.styles.withdrawn)
-            if not records:
-                if idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s:
-                    break
-                continue
-            for result in self.handle_batch(records):
-                if on_result:
-                    on_result(result)
-            handled += len(records)
-            self._update_queue_depth()
-            self._producer.flush()
-            self._requests.commit()  # after the results are out: a crash redelivers, never loses
-            idle_since = time.monotonic()
+            # A broker that goes away is waited for; what was handled but not committed comes again
+            # and is answered from its stored result.
+            limit = max_requests - handled if max_requests else self.cfg.max_batch
+            n = clients.with_backoff(partial(self._serve_batch, limit, on_result), never, on_retry=lambda e, delay:
+                                     log.warning("broker unavailable (%s); retrying in %.1f s", e, delay))
+            if n:
+                handled += n
+                idle_since = time.monotonic()
+            elif idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s:
+                break
         return handled
+
+    def _serve_batch(self, limit: int, on_result: Callable[[Result], None] | None) -> int:
+        """Collect, answer and commit one batch of requests; how many there were."""
+        records = self._collect(limit)
+        self.styles.poll()
+        self.generator.loras.drop_versions(self.styles.withdrawn)
+        if not records:
+            return 0
+        for result in self.handle_batch(records):
+            if on_result:
+                on_result(result)
+        self._update_queue_depth()
+        self._producer.flush()
+        self._requests.commit()  # after the results are out: a crash redelivers, never loses
+        return len(records)
 
     def _collect(self, limit: int) -> list:
         limit = min(limit, self.cfg.max_batch)
