@@ -50,6 +50,8 @@ FEATURE_WORDS = (
     FeatureWord("saturation", "more saturated", "less saturated", 0.07),
     FeatureWord("brightness", "brighter", "darker", 0.05),
     FeatureWord("contrast", "more contrasty", "flatter", 0.02),
+    FeatureWord("highlights", "more highlights", "fewer highlights", 0.1),
+    FeatureWord("shadows", "deeper shadows", "fewer shadows", 0.1),
     FeatureWord("colourfulness", "more colourful", "more muted", 0.07),
     FeatureWord("sharpness", "sharper", "softer", 0.03),
     FeatureWord("thirds_energy", "more off-centre", "more centred", 0.15),

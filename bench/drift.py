@@ -2,7 +2,7 @@
 """Drift queries over a large history, with pandas on the same files as the baseline in the same run.
 
 Generates USERS x VERSIONS style versions (one version per user per day, DIM-d embeddings that
-wander at a per-user speed, the 24 features), written as the history layout ingestion and
+wander at a per-user speed, the 23 features), written as the history layout ingestion and
 `stylestream history compact` produce: one file per day, sorted by user, small row groups. Then times
 
   topn      the top-N drift query (version in force 30 days before the end vs the latest), DuckDB

@@ -45,6 +45,7 @@ from stylestream.models.diffusion import (
 )
 from stylestream.models.hyper_lora import DEFAULT_TARGETS, HYPER_LORA_FILE, HyperLora, applied, target_layers
 from stylestream.pipelines.library import PHOTO_SUFFIXES, manifest_rows, photo_files
+from stylestream.schemas.tables import FEATURE_NAMES
 
 CONDITIONS_PER_IMAGE = 4  # the image's own style and three means over random subsets of its group
 MAX_SUBSET = 8  # photos in a group subset
@@ -282,7 +283,6 @@ def train_style(cfg: TrainConfig, on_progress: Callable[[str, int, int], None] |
         raise ValueError(f"{checkpoint} was made with other settings; use another --output or delete it")
     # 1. The style adapter's input size: the embedding model's embedding plus the features
     from stylestream.models.clip import embedding_dim
-    from stylestream.schemas.tables import FEATURE_NAMES
 
     dim = embedding_dim(cfg.clip) + len(FEATURE_NAMES)
     # 2. Models, then the training set through the frozen VAE and the embedding model
@@ -360,6 +360,7 @@ def export(cfg: TrainConfig, trainee: Trainee, losses: list[float], seconds: flo
                "seconds_per_step": round(seconds / max(len(losses), 1), 4),
                "final_loss_mean_last_100": round(float(np.mean(losses[-100:])), 5) if losses else None,
                "clip_model": cfg.clip.model, "clip_weights_sha256": weights_sha256(cfg.clip.pretrained),
+               "feature_names": list(FEATURE_NAMES),
                "config": json.loads(json.dumps(asdict(cfg), default=str))}
     (cfg.output / TRAINING_FILE).write_text(json.dumps(summary, indent=1) + "\n")
     return summary

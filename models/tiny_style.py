@@ -43,6 +43,7 @@ from stylestream.models.style_training import (
     train_style,
     weights_sha256,
 )
+from stylestream.schemas.tables import FEATURE_NAMES
 
 SHIPPED = Path(__file__).parent / "trained" / "tiny-style"
 CONFIG = "tiny-style"
@@ -163,7 +164,12 @@ def ensure_tiny_style(models_dir: Path, clip_weights: str | None) -> DiffusionSp
 
         with tempfile.TemporaryDirectory() as work, stage_bars() as stage:
             build(root, Path(work), STEPS, VAE_STEPS, PER_LOOK, BATCH_SIZE, stage)
-    trained_with = json.loads((root / TRAINING_FILE).read_text())["clip_weights_sha256"]
+    training = json.loads((root / TRAINING_FILE).read_text())
+    if training.get("feature_names") != list(FEATURE_NAMES):
+        raise ValueError(
+            f"the tiny style model ({root}) was trained on other aesthetic features than this code computes: "
+            "rebuild it with `python -m stylestream.models.tiny_style`")
+    trained_with = training["clip_weights_sha256"]
     have = weights_sha256(clip_weights)
     if have != trained_with:
         raise ValueError(

@@ -19,6 +19,9 @@ from stylestream.schemas.tables import FEATURE_NAMES
 WORK_SIZE = 128
 PALETTE_SIZE = 3
 PALETTE_WORK_SIZE = 32  # three dominant colours need even fewer pixels
+# Tonal extremes: where two libraries share a mean and spread of lightness, these tell a soft mid-tone
+# look from one split between deep shadows and bright highlights.
+HIGHLIGHT_L, SHADOW_L = 80.0, 20.0
 
 
 def srgb_to_linear(rgb: np.ndarray) -> np.ndarray:
@@ -71,6 +74,16 @@ def brightness(lab: np.ndarray) -> float:
 def contrast(lab: np.ndarray) -> float:
     """RMS contrast: standard deviation of lightness L*, divided by 100."""
     return float(lab[..., 0].std() / 100)
+
+
+def highlights(lab: np.ndarray) -> float:
+    """Share of pixels with lightness L* above HIGHLIGHT_L (high-key, airy looks)."""
+    return float((lab[..., 0] > HIGHLIGHT_L).mean())
+
+
+def shadows(lab: np.ndarray) -> float:
+    """Share of pixels with lightness L* below SHADOW_L (low-key, crushed blacks)."""
+    return float((lab[..., 0] < SHADOW_L).mean())
 
 
 def saturation(rgb: np.ndarray) -> float:
@@ -161,14 +174,14 @@ def aesthetic_features(image: Image.Image) -> np.ndarray:
     values = {
         "brightness": brightness(lab),
         "contrast": contrast(lab),
+        "highlights": highlights(lab),
+        "shadows": shadows(lab),
         "saturation": saturation(rgb),
         "warmth": warmth(lab),
         "colourfulness": colourfulness(rgb),
         "sharpness": sharpness(gray),
-        "lab_l_mean": float(lab[..., 0].mean() / 100),
         "lab_a_mean": float(lab[..., 1].mean() / 100),
         "lab_b_mean": float(lab[..., 2].mean() / 100),
-        "lab_l_spread": float(spread[0]),
         "lab_a_spread": float(spread[1]),
         "lab_b_spread": float(spread[2]),
         "thirds_energy": thirds_energy(lab[::2, ::2]),  # composition needs no fine detail

@@ -36,6 +36,8 @@ METADATA_WHITELIST = {
     0x8827: "iso",
     0x9209: "flash",
 }
+# Everything a photo's record keeps of its metadata (README "What a style is" lists the same).
+KEPT_METADATA = (*METADATA_WHITELIST.values(), "hour_of_day")
 EXIF_IFD = 0x8769
 DATETIME_ORIGINAL = 0x9003
 
