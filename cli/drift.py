@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from stylestream.cli.options import DEFAULT_DATA_DIR, DataDir, Format, OutputFormat
+from stylestream.cli.tables import print_table
 from stylestream.cli.words import counted
 
 drift_app = typer.Typer(help="How people's taste drifts: tables, CSV/JSON and plots from the style history.",
@@ -28,9 +29,10 @@ console = Console()
 
 
 HistoryDir = Annotated[Path | None, typer.Option(
-    "--history", help="The history folder itself (default: DATA_DIR/state/history), e.g. a synced copy.")]
-Since = Annotated[str, typer.Option(help="Window start: 30d, 12h, 2w ago, or an ISO date/time (UTC).")]
-Until = Annotated[str, typer.Option(help="Window end, same forms; default now.")]
+    "--history", metavar="DIR",
+    help="The history folder itself (default: DATA_DIR/state/history), e.g. a synced copy.")]
+Since = Annotated[str, typer.Option(metavar="WHEN", help="Window start: 30d, 12h, 2w ago, or an ISO date/time (UTC).")]
+Until = Annotated[str, typer.Option(metavar="WHEN", help="Window end, same forms; default now.")]
 
 
 def _history(data_dir: Path, history_dir: Path | None) -> Path:
@@ -138,7 +140,7 @@ def emit(rows: list[dict], fmt: Format, title: str, columns: dict[str, str]) -> 
             table.add_column(header)
         for r in rows:
             table.add_row(*(_cell(r, key) for key in columns))
-        console.print(table)
+        print_table(console, table)
 
 
 def _cell(row: dict, key: str) -> str:
@@ -153,18 +155,20 @@ def _cell(row: dict, key: str) -> str:
 
 
 UserArg = Annotated[str, typer.Argument(metavar="USER", help="The user id as the photo service knows it (with the "
-                                               "analytics key at hand), or the history's pseudonym.")]
+                                                             "analytics key at hand), or the history's pseudonym.")]
 
 
 @drift_app.command()
 def user(
     user_id: UserArg,
-    from_version: Annotated[int | None, typer.Option(help="Default: the first version.")] = None,
-    to_version: Annotated[int | None, typer.Option(help="Default: the latest version.")] = None,
-    since: Annotated[str | None, typer.Option(help="Instead of versions, a time window: its start (30d, 12h, "
-                                                   "or an ISO date/time, UTC).")] = None,
+    from_version: Annotated[int | None, typer.Option(metavar="N", help="Default: the first version.")] = None,
+    to_version: Annotated[int | None, typer.Option(metavar="N", help="Default: the latest version.")] = None,
+    since: Annotated[str | None, typer.Option(
+        metavar="WHEN", help="Instead of versions, a time window: its start (30d, 12h, "
+                             "or an ISO date/time, UTC).")] = None,
     until: Until = "",
-    plot: Annotated[Path | None, typer.Option(help="Also draw the user's timeline to this PNG file.")] = None,
+    plot: Annotated[Path | None, typer.Option(
+        metavar="PNG", help="Also draw the user's timeline to this PNG file.")] = None,
     raw_id: RawId = False, key_file: KeyFile = None,
     fmt: OutputFormat = Format.table, data_dir: DataDir = DEFAULT_DATA_DIR, history_dir: HistoryDir = None,
 ) -> None:
@@ -202,7 +206,8 @@ def user(
 @drift_app.command()
 def timeline(
     user_id: UserArg,
-    plot: Annotated[Path | None, typer.Option(help="Draw drift, feature trends and palettes to this PNG.")] = None,
+    plot: Annotated[Path | None, typer.Option(
+        metavar="PNG", help="Draw drift, feature trends and palettes to this PNG.")] = None,
     raw_id: RawId = False, key_file: KeyFile = None,
     fmt: OutputFormat = Format.table, data_dir: DataDir = DEFAULT_DATA_DIR, history_dir: HistoryDir = None,
 ) -> None:
@@ -223,7 +228,7 @@ def timeline(
 
 @drift_app.command()
 def top(
-    n: Annotated[int, typer.Option("--limit", "-n", min=1, help="How many users.")] = 10,
+    n: Annotated[int, typer.Option("--limit", "-n", min=1, metavar="N", help="How many users.")] = 10,
     since: Since = "30d", until: Until = "",
     fmt: OutputFormat = Format.table, data_dir: DataDir = DEFAULT_DATA_DIR, history_dir: HistoryDir = None,
 ) -> None:
@@ -239,7 +244,8 @@ def top(
 
 @drift_app.command()
 def population(
-    threshold: Annotated[float, typer.Option(help="Cosine distance that counts as 'moved'.")] = 0.05,
+    threshold: Annotated[float, typer.Option(
+        metavar="DISTANCE", help="Cosine distance that counts as 'moved'.")] = 0.05,
     since: Since = "30d", until: Until = "",
     fmt: OutputFormat = Format.table, data_dir: DataDir = DEFAULT_DATA_DIR, history_dir: HistoryDir = None,
 ) -> None:
@@ -255,8 +261,9 @@ def population(
 
 @drift_app.command()
 def sql(
-    query: Annotated[str, typer.Argument(help="SQL over the `history` view and the drift macros (see "
-                                              "analytics/drift.py), e.g. SELECT * FROM user_timeline('ana')")],
+    query: Annotated[str, typer.Argument(
+        metavar="QUERY", help="SQL over the `history` view and the drift macros (see "
+                              "analytics/drift.py), e.g. SELECT * FROM user_timeline('ana')")],
     fmt: OutputFormat = Format.table, data_dir: DataDir = DEFAULT_DATA_DIR, history_dir: HistoryDir = None,
 ) -> None:
     """Run any query with the drift views and macros."""
@@ -272,8 +279,9 @@ def sql(
 
 @history_app.command()
 def compact(
-    before: Annotated[str | None, typer.Option(help="Compact days before this ISO date (default: today, UTC; "
-                                                    "ingestion may still write today's).")] = None,
+    before: Annotated[str | None, typer.Option(
+        metavar="DATE", help="Compact days before this ISO date (default: today, UTC; "
+                             "ingestion may still write today's).")] = None,
     data_dir: DataDir = DEFAULT_DATA_DIR, history_dir: HistoryDir = None,
 ) -> None:
     """Merge each closed day's cycle files into one file sorted by user, so queries stay fast."""

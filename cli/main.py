@@ -26,12 +26,12 @@ from stylestream.transforms.style import DEFAULT_HALF_LIFE_DAYS, MIN_HALF_LIFE_D
 
 app = typer.Typer(
     help="Learn each person's visual style from their photo stream and personalize image generation with it.",
-    no_args_is_help=True, pretty_exceptions_show_locals=False)
+    no_args_is_help=True, pretty_exceptions_show_locals=False, rich_markup_mode=None,
+    context_settings={"max_content_width": 120})  # plain help: reads the same piped or in a terminal
 schemas_app = typer.Typer(help="Event contracts as JSON Schema files.", no_args_is_help=True)
 app.add_typer(schemas_app, name="schemas")
 app.add_typer(drift_app, name="drift")
 app.add_typer(history_app, name="history")
-app.command("train-adapter")(train_adapter)
 console = Console()
 
 
@@ -58,6 +58,18 @@ def _say_retry(e: Exception, delay: float) -> None:
     console.print(f"[yellow]{why}; retrying in {delay:.1f} s", soft_wrap=True)
 
 
+def _stop_on_signals(what: str) -> threading.Event:
+    """An event set by Ctrl-C or SIGTERM, for commands that finish the step in progress first."""
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        console.print(f"{signal.Signals(signum).name}: {what}")
+        stop.set()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    return stop
+
+
 def _reach_broker(bootstrap_servers: str, stop, on_retry=None) -> bool:
     """Whether a broker answers. With `on_retry` (commands meant to run long) it is retried with
     backoff until it answers or `stop` is set; without, an unreachable broker ends the command."""
@@ -75,8 +87,9 @@ def _reach_broker(bootstrap_servers: str, stop, on_retry=None) -> bool:
 
 
 @app.command()
-def broker(port: Annotated[int, typer.Option(min=0, max=65535, help="Port on 127.0.0.1 (default: a free one).")] = 0,
-           partitions: Annotated[int, typer.Option(min=1, max=1000, help="Partitions per topic.")] = 4,
+def broker(port: Annotated[int, typer.Option(
+    min=0, max=65535, metavar="PORT", help="Port on 127.0.0.1 (default: a free one).")] = 0,
+           partitions: Annotated[int, typer.Option(min=1, max=1000, metavar="N", help="Partitions per topic.")] = 4,
            engine: Annotated[Engine, typer.Option(
                help="kafka: Apache Kafka (KRaft, data kept under DATA_DIR/kafka, needs Java); tansu: a "
                     "memory-only Kafka-protocol broker; auto: kafka where Java is present.")] = Engine.auto,
@@ -118,13 +131,16 @@ def broker(port: Annotated[int, typer.Option(min=0, max=65535, help="Port on 127
 def ingest(
     bootstrap_servers: BootstrapServers,
     data_dir: DataDir = DEFAULT_DATA_DIR,
-    clip_model: Annotated[str, typer.Option(help="open_clip architecture name.")] = "stylestream-tiny-clip",
+    clip_model: Annotated[str, typer.Option(
+        metavar="NAME", help="open_clip architecture name.")] = "stylestream-tiny-clip",
     clip_pretrained: Annotated[str | None, typer.Option(
+        metavar="TAG|FILE",
         help="open_clip pretrained tag or checkpoint path (required for any model but the tiny default).")] = None,
     half_life_days: Annotated[float, typer.Option(
-        min=MIN_HALF_LIFE_DAYS, help="A photo this much newer weighs twice as much.")] = DEFAULT_HALF_LIFE_DAYS,
+        min=MIN_HALF_LIFE_DAYS, metavar="DAYS",
+        help="A photo this much newer weighs twice as much.")] = DEFAULT_HALF_LIFE_DAYS,
     max_events_per_partition: Annotated[int, typer.Option(
-        min=1,
+        min=1, metavar="N",
         help="At most this many events of each partition per cycle (bounds a cycle's memory and time).")] = 2000,
     follow: Annotated[bool, typer.Option(
         "--follow/--until-caught-up",
@@ -142,14 +158,7 @@ def ingest(
     from stylestream.models.clip import clip_spec
     from stylestream.pipelines.ingest import IngestConfig, connect
 
-    stop = threading.Event()
-
-    def on_signal(signum, _frame):
-        console.print(f"{signal.Signals(signum).name}: finishing the cycle in progress, then stopping")
-        stop.set()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, on_signal)
-
+    stop = _stop_on_signals("finishing the cycle in progress, then stopping")
     if not _reach_broker(bootstrap_servers, stop, _say_retry if follow else None):
         return
     cfg = IngestConfig(bootstrap_servers, data_dir / "state", clip_spec(data_dir / "models", clip_model,
@@ -169,8 +178,9 @@ def ingest(
 @app.command()
 def backfill(
     source: Annotated[Path, typer.Argument(
-        exists=True, help="A library folder (albums are its first-level folders) or a JSON-lines manifest.")],
-    user: Annotated[str, typer.Option("--user", "-u", help="Whose library it is.")],
+        exists=True, metavar="SOURCE",
+        help="A library folder (albums are its first-level folders) or a JSON-lines manifest.")],
+    user: Annotated[str, typer.Option("--user", "-u", metavar="USER_ID", help="Whose library it is.")],
     bootstrap_servers: BootstrapServers,
     data_dir: DataDir = DEFAULT_DATA_DIR,
     ingest_after: Annotated[bool, typer.Option("--ingest/--publish-only",
@@ -201,30 +211,37 @@ def backfill(
 def serve(
     bootstrap_servers: BootstrapServers,
     data_dir: DataDir = DEFAULT_DATA_DIR,
-    output: Annotated[str | None, typer.Option(help="Folder or fsspec URL for images (default: DATA_DIR/images).")]
+    output: Annotated[str | None, typer.Option(
+        metavar="DIR|URL", help="Folder or fsspec URL for images (default: DATA_DIR/images).")]
     = None,
     diffusion_model: Annotated[str | None, typer.Option(
+        metavar="DIR",
         help="A local diffusers StableDiffusionPipeline folder (default: the tiny trained style model).")] = None,
     ip_adapter: Annotated[str | None, typer.Option(
-        help="IP-Adapter-format weight file whose projection takes the style vector.")] = None,
+        metavar="FILE", help="IP-Adapter-format weight file whose projection takes the style vector.")] = None,
     hyper_lora: Annotated[str | None, typer.Option(
+        metavar="FILE",
         help="Hyper-LoRA file trained with that adapter: per-user LoRA made from each style version.")] = None,
-    clip_model: Annotated[str, typer.Option(help="The embedding model ingestion uses (its text tower picks "
-                                                 "facets by prompt).")] = "stylestream-tiny-clip",
-    clip_pretrained: Annotated[str | None, typer.Option(help="Its pretrained tag or checkpoint path.")] = None,
+    clip_model: Annotated[str, typer.Option(
+        metavar="NAME", help="The embedding model ingestion uses (its text tower picks "
+                             "facets by prompt).")] = "stylestream-tiny-clip",
+    clip_pretrained: Annotated[str | None, typer.Option(
+        metavar="TAG|FILE", help="Its pretrained tag or checkpoint path.")] = None,
     lora_dir: Annotated[Path | None, typer.Option(
+        metavar="DIR",
         help="Folder of per-user LoRA adapters, <user_id>.safetensors (diffusers LoRA format); a user's own "
              "adapter takes the place of the hyper-LoRA's.")] = None,
-    max_loras: Annotated[int, typer.Option(min=1, help="LoRA adapters kept loaded on the device at once.")] = 8,
-    max_batch: Annotated[int, typer.Option(min=1, help="Requests per diffusion call, across users.")] = 8,
+    max_loras: Annotated[int, typer.Option(
+        min=1, metavar="N", help="LoRA adapters kept loaded on the device at once.")] = 8,
+    max_batch: Annotated[int, typer.Option(min=1, metavar="N", help="Requests per diffusion call, across users.")] = 8,
     max_wait_ms: Annotated[int, typer.Option(
-        min=0, help="How long a request waits for others to share its call.")] = 50,
+        min=0, metavar="MS", help="How long a request waits for others to share its call.")] = 50,
     metrics_port: Annotated[int | None, typer.Option(
-        min=1, max=65535,
+        min=1, max=65535, metavar="PORT",
         help="Serve Prometheus metrics on 127.0.0.1:PORT/metrics.")] = None,
-    max_requests: Annotated[int | None, typer.Option(min=1, help="Exit after this many requests.")] = None,
+    max_requests: Annotated[int | None, typer.Option(min=1, metavar="N", help="Exit after this many requests.")] = None,
     idle_exit_s: Annotated[float | None, typer.Option(
-        min=0, help="Exit after this long without requests.")] = None,
+        min=0, metavar="SECONDS", help="Exit after this long without requests.")] = None,
     verbose: Verbose = False,
 ) -> None:
     """Serve generation requests with each user's latest style until stopped."""
@@ -241,7 +258,9 @@ def serve(
     except ValueError as e:
         console.print(f"[red]cannot serve:[/] {e}", soft_wrap=True)
         raise typer.Exit(2) from None
-    _reach_broker(bootstrap_servers, threading.Event(), _say_retry)  # Ctrl-C ends the wait
+    stop = _stop_on_signals("answering the batch in progress, then stopping")
+    if not _reach_broker(bootstrap_servers, stop, _say_retry):
+        return
     cfg = ServeConfig(bootstrap_servers, output or str(data_dir / "images"), max_batch=max_batch,
                       max_wait_ms=max_wait_ms)
     metrics = ServeMetrics()
@@ -254,7 +273,7 @@ def serve(
         worker = Worker(cfg, generator, metrics)
     with worker:
         console.print(f"serving with {spec.describe()}; {counted(len(worker.styles.users()), 'user')} with a style")
-        n = worker.run(max_requests, idle_exit_s, on_result=lambda r: console.print(
+        n = worker.run(max_requests, idle_exit_s, stop=stop, on_result=lambda r: console.print(
             f"{r.request_id}: " + (f"{r.image_uri} (style v{r.style_version}, "
                                    f"{'overall style' if r.facet is None else f'facet {r.facet}'})"
                                    if r.type == "generation_completed"
@@ -280,8 +299,9 @@ DlqSource = StrEnum("DlqSource", {t.replace("-", "_"): t for t in DLQ_SOURCES})
 @app.command()
 def dlq(
     bootstrap_servers: BootstrapServers,
-    topic: Annotated[DlqSource | None, typer.Option(help="Only the bad input of this topic (default: all).")] = None,
-    last: Annotated[int, typer.Option(min=1, help="The newest this many.")] = 20,
+    topic: Annotated[DlqSource | None, typer.Option(
+        metavar="TOPIC", help="Only the bad input of this topic (default: all).")] = None,
+    last: Annotated[int, typer.Option(min=1, metavar="N", help="The newest this many.")] = 20,
     fmt: OutputFormat = Format.table,
     verbose: Verbose = False,
 ) -> None:
@@ -299,6 +319,9 @@ def dlq(
         return
     emit(rows, fmt, f"Dead letters (newest {len(rows)})",
          {"failed_at": "failed at", "source": "from", "stage": "stage", "reason": "reason", "preview": "preview"})
+
+
+app.command("train-adapter")(train_adapter)  # listed in --help after the commands that run the system
 
 
 @schemas_app.command("export")

@@ -48,4 +48,5 @@ class Format(StrEnum):
     json = "json"
 
 
-OutputFormat = Annotated[Format, typer.Option("--format", "-f", help="Readable table, or CSV / JSON for tools.")]
+OutputFormat = Annotated[Format, typer.Option(
+    "--format", "-f", metavar="table|csv|json", help="Readable table, or CSV / JSON for tools.")]

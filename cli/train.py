@@ -16,31 +16,40 @@ console = Console()
 
 def train_adapter(
     images: Annotated[Path, typer.Argument(
-        exists=True, help="A folder of images (its first-level folders are groups: a person, a look, an album) "
-                          "or a JSON-lines manifest of {\"path\", \"group\", \"caption\"}.")],
+        exists=True, metavar="IMAGES",
+        help="A folder of images (its first-level folders are groups: a person, a look, an album) "
+             "or a JSON-lines manifest of {\"path\", \"group\", \"caption\"}.")],
     output: Annotated[Path, typer.Option(
-        "--output", "-o", file_okay=False,
+        "--output", "-o", file_okay=False, metavar="DIR",
         help="Folder for ip-adapter.safetensors, hyper-lora.safetensors, loss.png, training.json and the "
              "checkpoint; a run with the same folder resumes.")],
     diffusion_model: Annotated[str | None, typer.Option(
+        metavar="DIR",
         help="A local diffusers StableDiffusionPipeline folder (default: the tiny trained model's).")] = None,
-    clip_model: Annotated[str, typer.Option(help="open_clip architecture that computes the style vectors "
-                                                 "(the one ingestion uses).")] = "stylestream-tiny-clip",
-    clip_pretrained: Annotated[str | None, typer.Option(help="Its pretrained tag or checkpoint path.")] = None,
-    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps in all (a resumed run continues to this).")]
+    clip_model: Annotated[str, typer.Option(
+        metavar="NAME", help="open_clip architecture that computes the style vectors "
+                             "(the one ingestion uses).")] = "stylestream-tiny-clip",
+    clip_pretrained: Annotated[str | None, typer.Option(
+        metavar="TAG|FILE", help="Its pretrained tag or checkpoint path.")] = None,
+    steps: Annotated[int, typer.Option(
+        min=1, metavar="N", help="Optimizer steps in all (a resumed run continues to this).")]
     = 2000,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per step.")] = 32,
-    learning_rate: Annotated[float, typer.Option(min=0.0, help="AdamW learning rate.")] = 1e-4,
-    resolution: Annotated[int, typer.Option(min=8, help="Training image side in pixels (512 for SD 1.5).")] = 64,
+    batch_size: Annotated[int, typer.Option(min=1, metavar="N", help="Images per step.")] = 32,
+    learning_rate: Annotated[float, typer.Option(min=0.0, metavar="RATE", help="AdamW learning rate.")] = 1e-4,
+    resolution: Annotated[int, typer.Option(
+        min=8, metavar="PIXELS", help="Training image side in pixels (512 for SD 1.5).")] = 64,
     train_base: Annotated[bool, typer.Option(
         "--train-base/--frozen-base", help="Also train the UNet (a small model from scratch); frozen by default.")]
     = False,
-    hyper_rank: Annotated[int, typer.Option(min=1, help="Rank of the LoRA deltas the hyper-LoRA makes.")] = 4,
+    hyper_rank: Annotated[int, typer.Option(
+        min=1, metavar="N", help="Rank of the LoRA deltas the hyper-LoRA makes.")] = 4,
     prompts: Annotated[Path | None, typer.Option(
-        exists=True, dir_okay=False, help="Captions, one per line, drawn for images the manifest gives none "
-                                          "(default: the empty prompt).")] = None,
-    seed: Annotated[int, typer.Option(help="Same seed, same data, same result.")] = 0,
-    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when present).")] = None,
+        exists=True, dir_okay=False, metavar="FILE",
+        help="Captions, one per line, drawn for images the manifest gives none "
+             "(default: the empty prompt).")] = None,
+    seed: Annotated[int, typer.Option(metavar="N", help="Same seed, same data, same result.")] = 0,
+    device: Annotated[str | None, typer.Option(
+        metavar="DEVICE", help="cpu or cuda (default: cuda when present).")] = None,
     data_dir: DataDir = DEFAULT_DATA_DIR,
 ) -> None:
     """Train the style conditioning: the IP-Adapter-format style adapter (`serve --ip-adapter`) and the

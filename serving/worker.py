@@ -102,19 +102,20 @@ class Worker:
         self.close()
 
     def run(self, max_requests: int | None = None, idle_exit_s: float | None = None,
-            on_result: Callable[[Result], None] | None = None) -> int:
-        """Serve until `max_requests` were handled or nothing arrived for `idle_exit_s` (forever if None).
+            on_result: Callable[[Result], None] | None = None, stop: threading.Event | None = None) -> int:
+        """Serve until `max_requests` were handled, nothing arrived for `idle_exit_s` (forever if
+        None) or `stop` is set (the batch in progress is answered and committed first).
 
         Requests are batched across users: up to `max_batch` requests, or what arrived within
         `max_wait_ms` of the first, then one diffusion call per group of compatible requests.
         """
         handled, idle_since = 0, time.monotonic()
-        never = threading.Event()
-        while max_requests is None or handled < max_requests:
+        stop = stop or threading.Event()
+        while (max_requests is None or handled < max_requests) and not stop.is_set():
             # A broker that goes away is waited for; what was handled but not committed comes again
             # and is answered from its stored result.
             limit = max_requests - handled if max_requests else self.cfg.max_batch
-            n = clients.with_backoff(partial(self._serve_batch, limit, on_result), never, on_retry=lambda e, delay:
+            n = clients.with_backoff(partial(self._serve_batch, limit, on_result), stop, on_retry=lambda e, delay:
                                      log.warning("broker unavailable (%s); retrying in %.1f s", e, delay))
             if n:
                 handled += n
