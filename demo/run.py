@@ -1,9 +1,10 @@
 """`stylestream demo`: the whole system on one machine, with nothing to configure.
 
 Starts a local broker (Apache Kafka where Java is present, else Tansu), writes a synthetic photo
-library for three users with clearly different looks, publishes their uploads (plus one malformed
-event), ingests, withdraws one album, ingests again, then asks the serving worker for one
-personalized image per user and reports what happened.
+library for three users with clearly different looks, publishes each person's first album (plus one
+malformed event) and ingests, then their later albums and ingests again, withdraws one album and
+ingests once more, then asks the serving worker for one personalized image per user and reports what
+happened. `DATA_DIR/state` then points at this run's state, so `stylestream drift ...` reads its history.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-from stylestream.cli.words import cycle_line
+from stylestream.cli.tables import print_table
+from stylestream.cli.words import counted, cycle_line
 from stylestream.demo.synthetic import LOOKS, make_library, toggle_event
 from stylestream.models.clip import clip_spec
 from stylestream.models.diffusion import diffusion_spec
@@ -34,13 +36,15 @@ from stylestream.streams.topics import CONSENT_EVENTS, GENERATION_REQUESTS, PHOT
 from stylestream.transforms.embed import OpenClipImageHandler, image_styles
 from stylestream.transforms.features import describe
 
-# user -> albums of (album id, look, photo count). Ana's "office" album is the one she withdraws.
+# user -> albums of (album id, look, photo count). Each person's first album is uploaded first, the
+# others later, so every style has versions that drift. Ana's "office" album is the one she withdraws.
 LIBRARY = {
-    "ana": [("beach", "warm", 6), ("office", "cool", 4)],
-    "ben": [("walks", "cool", 6)],
-    "cleo": [("street", "mono", 6)],
+    "ana": [("beach", "warm", 6), ("office", "cool", 4), ("garden", "green", 4)],
+    "ben": [("walks", "cool", 6), ("nights", "moody", 4)],
+    "cleo": [("street", "mono", 6), ("studio", "pastel", 4)],
 }
 WITHDRAWN = ("ana", "office")
+DRIFT_EXAMPLE = "ben"
 # The tiny model draws crisp black and white (Cleo's look) only with more than serving's default 4 steps.
 STEPS = 20
 
@@ -66,18 +70,24 @@ def run_demo(data_dir: Path, console: Console, broker_engine: Engine | str = Eng
             f"{u} ({', '.join(f'{a}: {LOOKS[look].description}' for a, look, _ in albums)})"
             for u, albums in LIBRARY.items()))
 
+        first_albums = {(u, albums[0][0]) for u, albums in LIBRARY.items()}
+        first = [p for p in photos if (p.user_id, p.album_id) in first_albums]
+        later = [p for p in photos if (p.user_id, p.album_id) not in first_albums]
+        malformed = [(b"ben", b'{"type": "photo_uploaded", "user_id": "ben"}')]
         producer = clients.producer(bs)
-        for p in photos:
-            producer.send(PHOTO_EVENTS, key=p.user_id.encode(), value=encode_event(p.upload_event()))
-        producer.send(PHOTO_EVENTS, key=b"ben", value=b'{"type": "photo_uploaded", "user_id": "ben"}')
-        producer.flush()
-        say(f"[bold]published[/] {len(photos)} uploads and 1 malformed event to {PHOTO_EVENTS}")
-
         cfg = IngestConfig(bs, run_dir / "state", clip)
         with Ingestor(cfg) as ingestor:
-            ingest(ingestor, console, "ingesting uploads")
+            for what, wave, bad in (("first albums", first, malformed), ("later albums", later, [])):
+                for p in wave:
+                    producer.send(PHOTO_EVENTS, key=p.user_id.encode(), value=encode_event(p.upload_event()))
+                for key, value in bad:
+                    producer.send(PHOTO_EVENTS, key=key, value=value)
+                producer.flush()
+                also = f" and {counted(len(bad), 'malformed event')}" if bad else ""
+                say(f"[bold]published[/] {counted(len(wave), 'upload')} of the {what}{also} to {PHOTO_EVENTS}")
+                ingest(ingestor, console, f"ingesting the {what}")
             before = latest(cfg)
-            say(style_table(before, "style vectors after the uploads"))
+            print_table(console, style_table(before, "style vectors after the uploads"))
 
             user, album = WITHDRAWN
             producer.send(CONSENT_EVENTS, key=user.encode(), value=encode_event(
@@ -105,16 +115,31 @@ def run_demo(data_dir: Path, console: Console, broker_engine: Engine | str = Eng
             generator = StyleGenerator(diffusion, clip)
             with Worker(ServeConfig(bs, str(run_dir / "images")), generator) as worker:
                 worker.run(max_requests=len(requests), idle_exit_s=30, on_result=results.append)
-        say(results_table(results))
-        say(personalization_table(results, after, clip))
-        picture = side_by_side(results, after, run_dir / "personalization.png")
+        print_table(console, results_table(results))
+        used = styles_used(results, cfg)
+        print_table(console, personalization_table(results, used, clip))
+        picture = side_by_side(results, used, run_dir / "personalization.png")
     elapsed = time.perf_counter() - t0
     say(f"[bold green]done[/] in {elapsed:.0f} s. State: {cfg.db_path}  History: {cfg.history_dir}")
     say(f"personalization, side by side: {picture}", soft_wrap=True, highlight=False)
-    say(f"drift: stylestream drift user ana --history {cfg.history_dir} --plot ana.png", soft_wrap=True,
-        highlight=False)  # one line, to copy; the analytics key beside the history maps "ana" to her pseudonym
+    history = "" if point_state_at(data_dir, run_dir / "state") else f" --history {cfg.history_dir}"
+    # one line, to copy; the analytics key beside the history maps the user id to its pseudonym
+    say(f"drift: stylestream drift user {DRIFT_EXAMPLE}{history} --plot {DRIFT_EXAMPLE}.png", soft_wrap=True,
+        highlight=False)
     return {"run_dir": run_dir, "before": before, "after": after, "results": results, "seconds": elapsed,
             "picture": picture}
+
+
+def point_state_at(data_dir: Path, state: Path) -> bool:
+    """Make DATA_DIR/state a link to this run's state, so every command's default finds it; never
+    replaces a real state folder (only a previous demo's link). Returns whether the link is in place."""
+    link = data_dir / "state"
+    if link.exists() and not link.is_symlink():
+        return False
+    if link.is_symlink():
+        link.unlink()
+    link.symlink_to(state.relative_to(data_dir), target_is_directory=True)
+    return True
 
 
 def ingest(ingestor: Ingestor, console: Console, what: str) -> list[CycleResult]:
@@ -168,6 +193,17 @@ def results_table(results: list) -> Table:
     return t
 
 
+def styles_used(results: list, cfg: IngestConfig) -> dict[str, np.ndarray]:
+    """user -> the features of the style their image was conditioned on: the facet the worker chose
+    for the prompt, or the overall style."""
+    completed = [r for r in results if r.type == "generation_completed"]
+    with Store(cfg.db_path) as store:
+        overall = store.latest_vectors()
+        facets = store.facets([r.user_id for r in completed])
+    return {r.user_id: overall[r.user_id][2] if r.facet is None else facets[r.user_id][r.facet].stats.vector()[1]
+            for r in completed}
+
+
 def completed_images(results: list) -> dict[str, Image.Image]:
     """user -> their generated image, for the completed requests."""
     out = {}
@@ -178,16 +214,16 @@ def completed_images(results: list) -> dict[str, Image.Image]:
     return out
 
 
-def personalization_table(results: list, styles: dict, clip) -> Table:
-    """Per person: their style in words next to what the generated image shows, measured by the
-    same embedding and feature code as their photos."""
+def personalization_table(results: list, styles: dict[str, np.ndarray], clip) -> Table:
+    """Per person: the style their image was conditioned on, in words, next to what the generated
+    image shows, measured by the same embedding and feature code as their photos."""
     images = completed_images(results)
     measured = dict(zip(images, image_styles(*_clip_handler(clip), list(images.values()))[1], strict=True))
     t = Table(title="does each image follow its person's style? (same prompt and seed for everyone)")
-    for col in ("user", "their style", "their generated image"):
+    for col in ("user", "their style (the facet used)", "their generated image"):
         t.add_column(col)
     for user in sorted(images):
-        t.add_row(user, describe(styles[user][2]), describe(measured[user]))
+        t.add_row(user, describe(styles[user]), describe(measured[user]))
     return t
 
 
@@ -196,7 +232,7 @@ def _clip_handler(clip):
     return handler, handler.load_model()
 
 
-def side_by_side(results: list, styles: dict, path: Path) -> Path:
+def side_by_side(results: list, styles: dict[str, np.ndarray], path: Path) -> Path:
     """One row per person: their palette, their image, and the next person's image for the same
     prompt and seed."""
     import matplotlib
@@ -211,8 +247,8 @@ def side_by_side(results: list, styles: dict, path: Path) -> Path:
     fig, axes = plt.subplots(len(users), 3, figsize=(7.5, 2.6 * len(users)), squeeze=False)
     for row, user in enumerate(users):
         other = users[(row + 1) % len(users)]
-        colours = palette_rgb(np.asarray([styles[user][2]]))[:, 0]  # (3 colours, 3)
-        panels = [(np.repeat(colours[None], 8, 0).repeat(8, 1), f"{user}'s palette\n{describe(styles[user][2])}"),
+        colours = palette_rgb(np.asarray([styles[user]]))[:, 0]  # (3 colours, 3)
+        panels = [(np.repeat(colours[None], 8, 0).repeat(8, 1), f"{user}'s palette\n{describe(styles[user])}"),
                   (images[user], f"{user}'s image"), (images[other], f"{other}'s image, same prompt and seed")]
         for ax, (picture, title) in zip(axes[row], panels, strict=True):
             ax.imshow(picture, interpolation="nearest")

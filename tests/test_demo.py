@@ -17,7 +17,7 @@ from stylestream.demo.run import run_demo
 def test_demo_end_to_end(tmp_path, broker_engine):
     out = io.StringIO()
     report = run_demo(tmp_path, Console(file=out, width=200), broker_engine)
-    assert report["before"]["ana"][3] == 10 and report["after"]["ana"][3] == 6  # the album opt-out
+    assert report["before"]["ana"][3] == 14 and report["after"]["ana"][3] == 10  # the album opt-out
     assert report["after"]["ana"][0] == report["before"]["ana"][0] + 1
     assert report["after"]["ben"][0] == report["before"]["ben"][0]
     outcomes = sorted((r.request_id, r.type) for r in report["results"])
