@@ -5,6 +5,7 @@ and writes nothing."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -107,3 +108,42 @@ def test_a_runtime_error_is_one_line_and_debug_shows_the_traceback(broker, tmp_p
     assert "error: StoreError: cannot open the state database" in " ".join(out.split()), out
     debug = stylestream(*args, cwd=tmp_path, env={"STYLESTREAM_DEBUG": "1"})
     assert debug.returncode != 0 and "Traceback" in debug.stdout + debug.stderr
+
+
+def interrupt_after(seconds: float, *args: str, cwd: Path, sig: int = signal.SIGINT) -> tuple[int, str, float]:
+    """Run a command, send `sig` after `seconds`; (exit status, output, seconds from the signal to exit)."""
+    proc = subprocess.Popen([sys.executable, "-m", "stylestream.cli.main", *args], cwd=cwd, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "200"})
+    time.sleep(seconds)
+    t0 = time.monotonic()
+    proc.send_signal(sig)
+    try:
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, out, time.monotonic() - t0
+
+
+@pytest.mark.slow
+def test_ctrl_c_or_sigterm_at_any_moment_ends_without_a_traceback(tmp_path):
+    """Long commands stop cleanly: a demo while it loads models and while it ingests, and commands
+    that retry an absent broker (which stop at once: no cycle or batch is running)."""
+    unreachable = f"127.0.0.1:{free_port()}"
+    data = ["--data-dir", str(tmp_path / "data")]
+    cases = [
+        (1.0, ["demo", *data], signal.SIGINT, (130,)),
+        (8.0, ["demo", *data], signal.SIGINT, (130,)),
+        (3.0, ["ingest", "-b", unreachable, "--follow", *data], signal.SIGINT, (0,)),
+        (3.0, ["ingest", "-b", unreachable, "--follow", *data], signal.SIGTERM, (0,)),
+        (3.0, ["serve", "-b", unreachable, *data], signal.SIGINT, (0,)),
+    ]
+    failures, stops = [], []
+    for seconds, args, sig, statuses in cases:
+        status, out, stop = interrupt_after(seconds, *args, cwd=tmp_path, sig=sig)
+        stops.append((args[0], signal.Signals(sig).name, round(stop, 2)))
+        if status not in statuses or "Traceback" in out or stop > 10:
+            failures.append(f"{args} after {seconds} s, {signal.Signals(sig).name}: exit {status} "
+                            f"{stop:.1f} s after the signal:\n{out[-1500:]}")
+    print("seconds from the signal to exit:", stops)
+    assert not failures, "\n\n".join(failures)
