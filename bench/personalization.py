@@ -21,7 +21,7 @@ mixed-user batches through the serving generator, then measures each image with 
 
 Default: the tiny trained model (models/tiny_style.py), 20 denoising steps: at serving's default of
 4 it draws the monochrome person's black and white shapes as muted grey, and their images are then
-nearest the cool, muted person (retrieval 0.875 with both instead of 1.0; `--steps 4` shows it).
+nearest the cool, muted person (retrieval 0.833 with both instead of 0.958; `--steps 4` shows it).
 Real models: --diffusion-model, --ip-adapter, --hyper-lora, --clip-model, --clip-pretrained, as for
 `stylestream serve`. Final line: one JSON object
 {"people", "chance", "variants": {name: {...}}}. Targets with the tiny model: retrieval >= 0.9 with
