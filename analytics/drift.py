@@ -11,9 +11,11 @@ from SQL too (`stylestream drift sql "SELECT * FROM top_drift(now() - INTERVAL 3
     user_drift(user, v0, v1)       drift between two versions: distance and per-feature deltas
     window_ends(t0, t1)            per user: version in force at t0 (NULL if none), first and last ≤ t1,
                                    each with its date partition
+    window_pairs(t0, t1)           per user: the version at t0 (or their first after it) and their last ≤ t1
     drift_between(t0, t1)          per user who changed in the window: distance and deltas
     top_drift(t0, t1, n)           the n users who drifted most in the window
-    population_drift(t0, t1, thr)  centroid shift and share of users who moved more than thr
+    population_drift(t0, t1, thr)  centroid shift and share of users who moved more than thr (everyone
+                                   with a style in the window: at its start or first in it, against latest)
     trend_words(deltas)            'warmer and less saturated' (or 'no clear change')
 
 A version's time is when ingestion committed it (`updated_at`). Feature deltas are lists in
@@ -105,11 +107,14 @@ CREATE OR REPLACE MACRO pair_rows(ends) AS TABLE
     JOIN picked a ON a.user_id = e.user_id AND a.version = e.from_version
     JOIN picked b ON b.user_id = e.user_id AND b.version = e.to_version;
 
+-- Each user's version at the window's start (or their first in it, if they appeared during it) and their latest.
+CREATE OR REPLACE MACRO window_pairs(t0, t1) AS TABLE
+    SELECT user_id, coalesce(at_start, first_version) AS from_version,
+           coalesce(at_start_date, first_date) AS from_date, to_version, to_date
+    FROM window_ends(t0, t1);
+
 CREATE OR REPLACE MACRO drift_between(t0, t1) AS TABLE
-    WITH drift_ends AS (
-        SELECT user_id, coalesce(at_start, first_version) AS from_version,
-               coalesce(at_start_date, first_date) AS from_date, to_version, to_date
-        FROM window_ends(t0, t1) WHERE to_version > coalesce(at_start, first_version))
+    WITH drift_ends AS (SELECT * FROM window_pairs(t0, t1) WHERE to_version > from_version)
     SELECT user_id, from_version, to_version, from_time, to_time, style_distance(e0, e1) AS drift,
            feature_deltas(f0, f1) AS feature_deltas
     FROM pair_rows(drift_ends);
@@ -118,9 +123,7 @@ CREATE OR REPLACE MACRO top_drift(t0, t1, n) AS TABLE
     SELECT * FROM drift_between(t0, t1) ORDER BY drift DESC, user_id LIMIT n;
 
 CREATE OR REPLACE MACRO population_drift(t0, t1, threshold) AS TABLE
-    WITH population_ends AS (
-        SELECT user_id, at_start AS from_version, at_start_date AS from_date, to_version, to_date
-        FROM window_ends(t0, t1) WHERE at_start IS NOT NULL),
+    WITH population_ends AS (SELECT * FROM window_pairs(t0, t1)),
     pairs AS (SELECT * FROM pair_rows(population_ends)),
     embedding_means AS (
         SELECT list(m0 ORDER BY i) AS c0, list(m1 ORDER BY i) AS c1 FROM (

@@ -15,17 +15,16 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from stylestream.cli.options import DEFAULT_DATA_DIR, DataDir, Format, OutputFormat
-from stylestream.cli.tables import print_table
+from stylestream.cli.output import make_console, print_table
 from stylestream.cli.words import counted
 
 drift_app = typer.Typer(help="How people's taste drifts: tables, CSV/JSON and plots from the style history.",
                         no_args_is_help=True)
 history_app = typer.Typer(help="The Parquet style history: layout upkeep.", no_args_is_help=True)
-console = Console()
+console = make_console()
 
 
 HistoryDir = Annotated[Path | None, typer.Option(

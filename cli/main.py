@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from stylestream.cli.drift import drift_app, emit, history_app
 from stylestream.cli.options import DEFAULT_DATA_DIR, BootstrapServers, DataDir, Format, OutputFormat, Verbose
+from stylestream.cli.output import make_console
 from stylestream.cli.train import train_adapter
 from stylestream.cli.words import counted, cycle_line
 from stylestream.streams import clients
@@ -32,7 +32,7 @@ schemas_app = typer.Typer(help="Event contracts as JSON Schema files.", no_args_
 app.add_typer(schemas_app, name="schemas")
 app.add_typer(drift_app, name="drift")
 app.add_typer(history_app, name="history")
-console = Console()
+console = make_console()
 
 
 def _quiet(verbose: bool) -> None:

@@ -6,12 +6,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from stylestream.cli.options import DEFAULT_DATA_DIR, DataDir
+from stylestream.cli.output import make_console
 from stylestream.cli.words import counted
 
-console = Console()
+console = make_console()
 
 
 def train_adapter(

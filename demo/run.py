@@ -19,7 +19,7 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-from stylestream.cli.tables import print_table
+from stylestream.cli.output import print_table
 from stylestream.cli.words import counted, cycle_line
 from stylestream.demo.synthetic import LOOKS, make_library, toggle_event
 from stylestream.models.clip import clip_spec

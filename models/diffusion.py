@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
+from diffusers.utils import logging as diffusers_logging
 
 CONFIG_DIR = Path(__file__).parent / "configs" / "diffusion"
 IP_ADAPTER_FILE = "ip-adapter.safetensors"
@@ -70,6 +71,7 @@ def load_pipeline(spec: DiffusionSpec, device: str = "cpu", dtype: torch.dtype |
     (per-sample strength goes through constant IP-Adapter masks). Half precision on a GPU unless
     `dtype` says otherwise (training keeps float32 weights)."""
     dtype = dtype or (torch.float16 if device.startswith("cuda") else torch.float32)
+    diffusers_logging.disable_progress_bar()  # callers show their own progress
     pipe = StylePipeline.from_pretrained(
         spec.model_dir, dtype=dtype, safety_checker=None, requires_safety_checker=False,
         local_files_only=True,

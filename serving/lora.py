@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -59,7 +60,9 @@ class UserLoras:
             self._unload(next(k for k in self._loaded if k not in wanted))
         for key in missing:
             name = "lora_" + hashlib.sha256(key.encode()).hexdigest()[:16]
-            self.pipe.load_lora_weights(wanted[key].weights(), adapter_name=name)
+            with warnings.catch_warnings():  # many named adapters on one model is the point here
+                warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+                self.pipe.load_lora_weights(wanted[key].weights(), adapter_name=name)
             self._loaded[key] = (name, wanted[key])
         return [self._loaded[s.key][0] if s is not None else BASE for s in sources]
 

@@ -204,8 +204,9 @@ def test_every_readme_command_works_as_written(tmp_path, broker, models):
     assert "no clear change" not in ben and re.search(r"darker|deeper shadows|cooler|warmer", ben), ben
     assert (work / "ben.png").stat().st_size > 10_000
     top = outputs["stylestream drift top --since 30d -n 10"]
-    assert "3 users" in top or top.count("│") > 0, top
-    assert "no versions" not in outputs["stylestream drift timeline ana --format csv"]
+    assert len(re.findall(r"^u[0-9a-f]{32} ", top, re.M)) == 3, top  # the demo's people, by pseudonym
+    assert re.search(r"^3 ", outputs["stylestream drift population --since 90d --threshold 0.05"], re.M)
+    assert len(outputs["stylestream drift timeline ana --format csv"].splitlines()) == 3  # header, 2 versions
 
 
 def test_readme_lists_exactly_the_features_and_metadata_the_code_keeps():
