@@ -25,7 +25,7 @@ from stylestream.demo.synthetic import LOOKS, make_library, toggle_event
 from stylestream.models.clip import clip_spec
 from stylestream.models.diffusion import diffusion_spec
 from stylestream.pipelines.ingest import IngestConfig, Ingestor
-from stylestream.pipelines.store import CycleResult, Store
+from stylestream.pipelines.store import CycleResult, LatestVersion, Store
 from stylestream.schemas.events import GenerationRequested, encode_event
 from stylestream.schemas.tables import FEATURE_NAMES
 from stylestream.serving.generator import StyleGenerator
@@ -34,7 +34,9 @@ from stylestream.streams import clients
 from stylestream.streams.broker import Engine, choose_engine, start_local_broker
 from stylestream.streams.topics import CONSENT_EVENTS, GENERATION_REQUESTS, PHOTO_EVENTS, ensure_topics
 from stylestream.transforms.embed import OpenClipImageHandler, image_styles
+from stylestream.transforms.facets import facets_of
 from stylestream.transforms.features import describe
+from stylestream.transforms.style import style_of
 
 # user -> albums of (album id, look, photo count). Each person's first album is uploaded first, the
 # others later, so every style has versions that drift. Ana's "office" album is the one she withdraws.
@@ -148,35 +150,36 @@ def ingest(ingestor: Ingestor, console: Console, what: str) -> list[CycleResult]
     return done
 
 
-def latest(cfg: IngestConfig) -> dict:
+def latest(cfg: IngestConfig) -> dict[str, LatestVersion]:
     with Store(cfg.db_path) as store:
         return store.latest_vectors()
 
 
-def style_table(vectors: dict, title: str) -> Table:
+def style_table(vectors: dict[str, LatestVersion], title: str) -> Table:
     shown = ("warmth", "saturation", "contrast", "brightness")
     t = Table(title=title)
     for col in ("user", "version", "photos", *shown):
         t.add_column(col, justify="right" if col != "user" else "left")
-    for user, (version, _, feats, count) in sorted(vectors.items()):
-        named = dict(zip(FEATURE_NAMES, feats, strict=True))
-        t.add_row(user, str(version), str(count), *(f"{named[n]:+.3f}" for n in shown))
+    for user, latest_version in sorted(vectors.items()):
+        named = dict(zip(FEATURE_NAMES, latest_version.features, strict=True))
+        t.add_row(user, str(latest_version.version), str(latest_version.photo_count),
+                  *(f"{named[n]:+.3f}" for n in shown))
     return t
 
 
-def opt_out_report(before: dict, after: dict, cfg: IngestConfig, user: str) -> str:
-    v0, e0, f0, n0 = before[user]
-    v1, e1, f1, n1 = after[user]
-    deltas = dict(zip(FEATURE_NAMES, f1 - f0, strict=True))
+def opt_out_report(before: dict[str, LatestVersion], after: dict[str, LatestVersion], cfg: IngestConfig,
+                   user: str) -> str:
+    was, now = before[user], after[user]
+    deltas = dict(zip(FEATURE_NAMES, now.features - was.features, strict=True))
     moved = ", ".join(f"{n} {d:+.3f}" for n, d in sorted(deltas.items(), key=lambda kv: -abs(kv[1]))[:3])
     with Store(cfg.db_path) as store:
-        remaining = store.contributions(user)
-    w = np.array([c[2] for c in remaining])
-    scratch = (w[:, None] * np.stack([c[3] for c in remaining])).sum(0)
-    scratch /= np.linalg.norm(scratch)
-    return (f"[bold]opt-out effect[/] {user}: version {v0} -> {v1}, photos {n0} -> {n1}; "
-            f"largest feature moves: {moved}; cosine distance to before {1 - float(e0 @ e1):.4f}; "
-            f"max |difference| to a from-scratch vector without the album {np.abs(scratch - e1).max():.1e}")
+        remaining = list(store.stored_contributions([user])[user].values())
+    scratch, _ = style_of(np.stack([c.embedding for c in remaining]), np.stack([c.features for c in remaining]),
+                          np.array([c.weight for c in remaining]))
+    return (f"[bold]opt-out effect[/] {user}: version {was.version} -> {now.version}, photos {was.photo_count} -> "
+            f"{now.photo_count}; largest feature moves: {moved}; cosine distance to before "
+            f"{1 - float(was.embedding @ now.embedding):.4f}; max |difference| to a from-scratch vector without "
+            f"the album {np.abs(scratch - now.embedding).max():.1e}")
 
 
 def results_table(results: list) -> Table:
@@ -199,9 +202,9 @@ def styles_used(results: list, cfg: IngestConfig) -> dict[str, np.ndarray]:
     completed = [r for r in results if r.type == "generation_completed"]
     with Store(cfg.db_path) as store:
         overall = store.latest_vectors()
-        facets = store.facets([r.user_id for r in completed])
-    return {r.user_id: overall[r.user_id][2] if r.facet is None else facets[r.user_id][r.facet].stats.vector()[1]
-            for r in completed}
+        stored = store.stored_contributions([r.user_id for r in completed])
+    return {r.user_id: overall[r.user_id].features if r.facet is None
+            else facets_of(stored[r.user_id])[r.facet].stats.vector()[1] for r in completed}
 
 
 def completed_images(results: list) -> dict[str, Image.Image]:

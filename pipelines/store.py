@@ -18,26 +18,19 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import NamedTuple
 
 import duckdb
 import numpy as np
 import pyarrow as pa
 
-from stylestream.schemas.events import StyleFacet, StyleVectorUpdated, encode_event
+from stylestream.pipelines.plan import CycleWrites, NewVersion, Redaction, plan_cycle
+from stylestream.schemas.events import encode_event
 from stylestream.schemas.tables import FEATURE_NAMES, STYLE_HISTORY
 from stylestream.streams.topics import PHOTO_EVENTS, STYLE_VECTORS, dlq
-from stylestream.transforms.facets import Facet, find_facets
 from stylestream.transforms.kafka_read import OffsetRange
 from stylestream.transforms.records import DeadLetter, UserBatch
-from stylestream.transforms.style import (
-    ConsentRecord,
-    StoredContribution,
-    StyleStats,
-    UserUpdate,
-    UserView,
-    affected_scopes,
-    plan_user_update,
-)
+from stylestream.transforms.style import ConsentRecord, StoredContribution, StyleStats, UserView, affected_scopes
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL);
@@ -88,6 +81,13 @@ class CycleResult:
     dead_letters: int
     users_updated: int
     lag: int | None = None  # events left on the input topics when the cycle was planned, after it
+
+
+class LatestVersion(NamedTuple):
+    version: int
+    embedding: np.ndarray
+    features: np.ndarray
+    photo_count: int
 
 
 class Store:
@@ -146,19 +146,28 @@ class Store:
                              "(stored, configured); use a new state directory for a new model")
         self._insert("meta", {"key": list(want), "value": list(want.values())}, "OR IGNORE")
 
-    def latest_vectors(self) -> dict[str, tuple[int, np.ndarray, np.ndarray, int]]:
-        """user_id -> (version, embedding, features, photo_count) of each user's latest version."""
+    def latest_vectors(self) -> dict[str, LatestVersion]:
+        """user_id -> each user's latest style version."""
         rows = self.db.execute("""
             SELECT user_id, version, embedding, features, photo_count FROM style_versions
             QUALIFY version = max(version) OVER (PARTITION BY user_id)""").fetchall()
-        return {u: (v, np.array(e, np.float32), np.array(f, np.float32), n) for u, v, e, f, n in rows}
+        return {u: LatestVersion(v, np.array(e, np.float32), np.array(f, np.float32), n) for u, v, e, f, n in rows}
 
     def contributions(self, user_id: str) -> list[tuple[str, str | None, float, np.ndarray, np.ndarray]]:
-        rows = self.db.execute("""SELECT photo_id, album_id, weight, embedding, features FROM contributions
-                                  WHERE user_id = ? ORDER BY photo_id""", [user_id]).fetchall()
-        return [(p, a, w, np.array(e, np.float32), np.array(f, np.float32)) for p, a, w, e, f in rows]
+        """(photo_id, album_id, weight, embedding, features) of each of the user's stored contributions."""
+        return [(p, c.album_id, c.weight, c.embedding, c.features)
+                for p, c in self.stored_contributions([user_id])[user_id].items()]
 
-    def _views(self, batches: list[UserBatch], dim: int) -> dict[str, UserView]:
+    def stored_contributions(self, users: list[str]) -> dict[str, dict[str, StoredContribution]]:
+        """Every stored contribution of these users: user_id -> photo_id -> contribution."""
+        out: dict[str, dict[str, StoredContribution]] = {u: {} for u in users}
+        for u, p, a, w, e, f, v in self.db.execute(
+                "SELECT user_id, photo_id, album_id, weight, embedding, features, added_version FROM contributions "
+                "WHERE list_contains($users, user_id) ORDER BY user_id, photo_id", {"users": users}).fetchall():
+            out[u][p] = StoredContribution(a, w, np.array(e, np.float32), np.array(f, np.float32), v)
+        return out
+
+    def user_views(self, batches: list[UserBatch], dim: int) -> dict[str, UserView]:
         """What the store holds that the batches can touch, for all their users in a few queries."""
         users = [b.user_id for b in batches]
         scopes = {b.user_id: affected_scopes(b) for b in batches}
@@ -172,7 +181,9 @@ class Store:
         touched = """(list_contains($whole, t.user_id)
                       OR EXISTS (SELECT 1 FROM photo_keys k WHERE k.user_id = t.user_id AND k.photo_id = t.photo_id)
                       OR EXISTS (SELECT 1 FROM album_keys k WHERE k.user_id = t.user_id AND k.album_id = t.album_id))"""
-        views = {u: UserView(StyleStats.zero(dim, len(FEATURE_NAMES)), 0, {}, {}, set(), {}) for u in users}
+        views = {u: UserView.empty(dim, len(FEATURE_NAMES)) for u in users}
+        for u, stored in self.stored_contributions(users).items():
+            views[u].stored = stored
         with self._table("photo_keys", photo_keys), self._table("album_keys", album_keys):
             for u, version, count, weight, se, sf in self.db.execute(
                     "SELECT user_id, version, photo_count, total_weight, sum_embedding, sum_features FROM user_stats "
@@ -183,10 +194,6 @@ class Store:
                     "SELECT user_id, scope_key, enabled, event_time, event_id FROM consent "
                     "WHERE list_contains($users, user_id)", {"users": users}).fetchall():
                 views[u].consent[key] = ConsentRecord(enabled, t, event_id)
-            for u, p, a, w, e, f in self.db.execute(
-                    f"SELECT user_id, photo_id, album_id, weight, embedding, features FROM contributions t "
-                    f"WHERE {touched}", {"whole": whole}).fetchall():
-                views[u].stored[p] = StoredContribution(a, w, np.array(e, np.float32), np.array(f, np.float32))
             for u, p in self.db.execute("SELECT t.user_id, t.photo_id FROM tombstones t SEMI JOIN photo_keys k "
                                         "ON k.user_id = t.user_id AND k.photo_id = t.photo_id").fetchall():
                 views[u].deleted.add(p)
@@ -200,33 +207,48 @@ class Store:
                      dead_letters: Iterable[DeadLetter], half_life_days: float, embedding_dim: int) -> CycleResult:
         """Apply one cycle's user batches and record its offsets, atomically."""
         ranges, batches, dead_letters = list(ranges), list(batches), list(dead_letters)
-        events = sum(len(r) for r in ranges)
-        self.db.execute("BEGIN TRANSACTION")
-        try:
-            stored = self.offsets()
-            if ranges and all(stored.get((r.topic, r.partition)) == r.stop for r in ranges) and \
-                    self.db.execute("SELECT 1 FROM cycles WHERE cycle = ?", [cycle]).fetchone():
-                self.db.execute("ROLLBACK")  # a runner retried the commit: it is already in
-                return self.cycle_result(cycle)
-            for r in ranges:
-                if stored.get((r.topic, r.partition), 0) != r.start:
-                    raise StoreError(f"{r.topic}[{r.partition}] is at offset {stored.get((r.topic, r.partition), 0)},"
-                                     f" the cycle starts at {r.start}: another writer ran in between")
+        # 1. Offsets: a commit the runner retried is in already; a gap means another writer ran
+        if self._committed(cycle, ranges):
+            return self.cycle_result(cycle)
+        with self._transaction(cycle):
+            self._check_offsets(ranges)
+            # 2. Plan: every decision, from what the store holds (pipelines/plan.py)
             now = datetime.now(UTC)
-            batches = sorted(batches, key=lambda b: b.user_id)
-            views = self._views(batches, embedding_dim)
-            updates = {b.user_id: plan_user_update(views[b.user_id], b, half_life_days) for b in batches}
-            outbox = self._apply(updates, views, cycle, now)
-            updated = sum(u.changes_style for u in updates.values())
-            outbox += [(dlq(d.topic), d.key, d.to_json()) for d in dead_letters]
-            self._insert("outbox", {"cycle": [cycle] * len(outbox), "seq": list(range(len(outbox))),
-                                    "topic": [t for t, _, _ in outbox], "key": [k for _, k, _ in outbox],
-                                    "value": [v for _, _, v in outbox]})
+            writes = plan_cycle(self.user_views(batches, embedding_dim), batches, half_life_days, now)
+            # 3. Redact: the versions that counted withdrawn photos (the history follows after the commit)
+            self._write_redactions(cycle, writes.redactions)
+            # 4. Write: consent, deletions, catalogue, contributions, the new versions, offsets, the cycle
+            self._write_updates(writes)
+            self._write_versions(cycle, now, writes.versions)
             self._insert("offsets", {"topic": [r.topic for r in ranges], "partition": [r.partition for r in ranges],
                                      "next_offset": [r.stop for r in ranges]}, "OR REPLACE")
-            photos = sum(len(b.uploads) for b in batches)
+            result = CycleResult(cycle, sum(len(r) for r in ranges), sum(len(b.contributions) for b in batches),
+                                 len(dead_letters), len(writes.versions))
             self.db.execute("INSERT INTO cycles VALUES (?, ?, ?, ?, ?, ?, false, false)",
-                            [cycle, now, events, photos, len(dead_letters), updated])
+                            [cycle, now, result.events, result.photos, result.dead_letters, result.users_updated])
+            # 5. Outbox: uploads to re-ingest, the new style vectors, dead letters (published after the commit)
+            reingest = [(PHOTO_EVENTS, u.encode(), upload) for u, upload in self._uploads(writes.reingest)]
+            vectors = [(STYLE_VECTORS, v.user_id.encode(), encode_event(v.event)) for v in writes.versions]
+            self._write_outbox(cycle, reingest + vectors + [(dlq(d.topic), d.key, d.to_json()) for d in dead_letters])
+        return result
+
+    def _committed(self, cycle: int, ranges: list[OffsetRange]) -> bool:
+        stored = self.offsets()
+        return bool(ranges) and all(stored.get((r.topic, r.partition)) == r.stop for r in ranges) and bool(
+            self.db.execute("SELECT 1 FROM cycles WHERE cycle = ?", [cycle]).fetchone())
+
+    def _check_offsets(self, ranges: list[OffsetRange]) -> None:
+        stored = self.offsets()
+        for r in ranges:
+            if stored.get((r.topic, r.partition), 0) != r.start:
+                raise StoreError(f"{r.topic}[{r.partition}] is at offset {stored.get((r.topic, r.partition), 0)}, "
+                                 f"the cycle starts at {r.start}: another writer ran in between")
+
+    @contextlib.contextmanager
+    def _transaction(self, cycle: int):
+        self.db.execute("BEGIN TRANSACTION")
+        try:
+            yield
             self.db.execute("COMMIT")
         except (duckdb.IOException, duckdb.TransactionException) as e:  # a failed write fails the commit
             with contextlib.suppress(duckdb.Error):
@@ -236,7 +258,6 @@ class Store:
         except BaseException:
             self.db.execute("ROLLBACK")
             raise
-        return CycleResult(cycle, events, photos, len(dead_letters), updated)
 
     def _insert(self, table: str, columns: dict[str, list], conflict: str = "") -> None:
         """One INSERT of many rows through Arrow (far cheaper than a statement per row)."""
@@ -245,11 +266,10 @@ class Store:
         with self._table("new_rows", pa.table(columns)):
             self.db.execute(f"INSERT {conflict} INTO {table} BY NAME SELECT * FROM new_rows")
 
-    def _apply(self, updates: dict[str, UserUpdate], views: dict[str, UserView], cycle: int,
-               now: datetime) -> list[tuple[str, bytes | None, bytes]]:
-        """Write every user's update; returns the messages to publish (new style versions, uploads to
-        re-ingest)."""
-        items = sorted(updates.items())
+    def _write_updates(self, writes: CycleWrites) -> None:
+        """Every user's consent, deletions, catalogue and contributions."""
+        items = sorted(writes.updates.items())
+        versions = {v.user_id: v.version for v in writes.versions}
         self._insert("consent", {
             "user_id": [u for u, up in items for _ in up.consent],
             "scope_key": [k for _, up in items for k in up.consent],
@@ -267,85 +287,59 @@ class Store:
             "album_id": [c.album_id for _, up in items for c in up.catalog],
             "upload": [c.upload.model_dump_json(exclude_none=True) for _, up in items for c in up.catalog]},
             "OR IGNORE")
-        removed = ([u for u, up in items for _ in up.remove], [p for _, up in items for p in up.remove])
-        withdrawn = self._redact_versions_with(*removed, views, cycle)
-        self._delete("contributions", *removed)
+        self._delete("contributions", [u for u, up in items for _ in up.remove],
+                     [p for _, up in items for p in up.remove])
         added = [(u, c, w) for u, up in items for c, w in up.add]
         self._insert("contributions", {
-            "added_version": [views[u].version + 1 for u, _, _ in added],
+            "added_version": [versions[u] for u, _, _ in added],
             "user_id": [u for u, _, _ in added], "photo_id": [c.photo_id for _, c, _ in added],
             "album_id": [c.album_id for _, c, _ in added], "taken_at": [c.taken_at for _, c, _ in added],
             "weight": [w for _, _, w in added], "embedding": [c.embedding.tolist() for _, c, _ in added],
             "features": [c.features.tolist() for _, c, _ in added],
             "metadata": [json.dumps(c.metadata) for _, c, _ in added]})
 
-        changed = [(u, up, views[u].version + 1) for u, up in items if up.changes_style]
-        facets = self.facets([u for u, _, _ in changed])
+    def _write_versions(self, cycle: int, now: datetime, versions: list[NewVersion]) -> None:
+        """The users' new sums and their new immutable style versions."""
         self._insert("user_stats", {
-            "user_id": [u for u, _, _ in changed], "version": [v for _, _, v in changed],
-            "photo_count": [up.stats.count for _, up, _ in changed],
-            "total_weight": [up.stats.total_weight for _, up, _ in changed],
-            "sum_embedding": [up.stats.sum_embedding.tolist() for _, up, _ in changed],
-            "sum_features": [up.stats.sum_features.tolist() for _, up, _ in changed]}, "OR REPLACE")
-        vectors = [up.stats.vector() for _, up, _ in changed]
+            "user_id": [v.user_id for v in versions], "version": [v.version for v in versions],
+            "photo_count": [v.update.stats.count for v in versions],
+            "total_weight": [v.update.stats.total_weight for v in versions],
+            "sum_embedding": [v.update.stats.sum_embedding.tolist() for v in versions],
+            "sum_features": [v.update.stats.sum_features.tolist() for v in versions]}, "OR REPLACE")
+        vectors = [v.update.stats.vector() for v in versions]
         self._insert("style_versions", {
-            "user_id": [u for u, _, _ in changed], "version": [v for _, _, v in changed],
-            "cycle": [cycle] * len(changed), "updated_at": [now] * len(changed),
-            "photo_count": [up.stats.count for _, up, _ in changed],
-            "total_weight": [up.stats.total_weight for _, up, _ in changed],
+            "user_id": [v.user_id for v in versions], "version": [v.version for v in versions],
+            "cycle": [cycle] * len(versions), "updated_at": [now] * len(versions),
+            "photo_count": [v.update.stats.count for v in versions],
+            "total_weight": [v.update.stats.total_weight for v in versions],
             "embedding": [e.tolist() for e, _ in vectors], "features": [f.tolist() for _, f in vectors],
             "facets": [[{"photo_count": f.stats.count, "total_weight": f.stats.total_weight,
                          "embedding": f.stats.vector()[0].tolist(), "features": f.stats.vector()[1].tolist()}
-                        for f in facets.get(u, [])] for u, _, _ in changed],
-            "tombstone": [False] * len(changed)})
+                        for f in v.facets] for v in versions],
+            "tombstone": [False] * len(versions)})
 
-        outbox = [(PHOTO_EVENTS, u.encode(), upload) for u, upload in self._uploads(
-            [(u, p) for u, up in items for p in up.reingest])]
-        outbox += [(STYLE_VECTORS, u.encode(), self._vector_event(u, v, facets.get(u, []), up.stats, now,
-                                                                  withdrawn.get(u, [])))
-                   for u, up, v in changed]
-        return outbox
-
-    def _redact_versions_with(self, users: list[str], photo_ids: list[str], views: dict[str, UserView],
-                              cycle: int) -> dict[str, list[int]]:
-        """Withdrawn photos must stop influencing anything, the user's past versions included: every
-        version from the first that counted one of them to the current one is deleted here and, after
-        the commit, from the Parquet history (`redactions`); the user's next vector event names them,
-        so serving drops them too. Returns user -> those versions."""
-        if not users:
-            return {}
-        with self._table("doomed", pa.table({"user_id": users, "photo_id": photo_ids})):
-            first = self.db.execute("""SELECT c.user_id, min(c.added_version) FROM contributions c
-                                       SEMI JOIN doomed d ON c.user_id = d.user_id AND c.photo_id = d.photo_id
-                                       GROUP BY c.user_id ORDER BY c.user_id""").fetchall()
-        ranges = {"cycle": [cycle] * len(first), "user_id": [u for u, _ in first],
-                  "from_version": [v for _, v in first], "to_version": [views[u].version for u, _ in first]}
+    def _write_redactions(self, cycle: int, redactions: list[Redaction]) -> None:
+        """Withdrawn photos must stop influencing anything, the user's past versions included: the
+        versions that counted them are deleted here and, after the commit, from the Parquet history."""
+        ranges = {"cycle": [cycle] * len(redactions), "user_id": [r.user_id for r in redactions],
+                  "from_version": [r.from_version for r in redactions],
+                  "to_version": [r.to_version for r in redactions]}
         self._insert("redactions", ranges)
-        with self._table("tainted", pa.table(ranges)):
-            self.db.execute("""DELETE FROM style_versions s USING tainted t WHERE s.user_id = t.user_id
-                               AND s.version BETWEEN t.from_version AND t.to_version""")
-        return {u: list(range(a, b + 1)) for u, a, b in zip(ranges["user_id"], ranges["from_version"],
-                                                             ranges["to_version"], strict=True)}
+        if redactions:
+            with self._table("tainted", pa.table(ranges)):
+                self.db.execute("""DELETE FROM style_versions s USING tainted t WHERE s.user_id = t.user_id
+                                   AND s.version BETWEEN t.from_version AND t.to_version""")
+
+    def _write_outbox(self, cycle: int, messages: list[tuple[str, bytes | None, bytes]]) -> None:
+        self._insert("outbox", {"cycle": [cycle] * len(messages), "seq": list(range(len(messages))),
+                                "topic": [t for t, _, _ in messages], "key": [k for _, k, _ in messages],
+                                "value": [v for _, _, v in messages]})
 
     def _delete(self, table: str, users: list[str], photo_ids: list[str]) -> None:
         if users:
             with self._table("doomed", pa.table({"user_id": users, "photo_id": photo_ids})):
                 self.db.execute(f"DELETE FROM {table} t USING doomed d WHERE t.user_id = d.user_id "
                                 "AND t.photo_id = d.photo_id")
-
-    def facets(self, users: list[str]) -> dict[str, list[Facet]]:
-        """Each user's facets from their stored contributions (after this cycle's changes)."""
-        if not users:
-            return {}
-        rows = self.db.execute("""SELECT user_id, photo_id, weight, embedding, features FROM contributions
-                                  WHERE list_contains($users, user_id) ORDER BY user_id, photo_id""",
-                               {"users": users}).fetchall()
-        by_user: dict[str, list] = {}
-        for u, p, w, e, f in rows:
-            by_user.setdefault(u, []).append((p, w, e, f))
-        return {u: find_facets([p for p, _, _, _ in r], np.array([e for _, _, e, _ in r], np.float32),
-                               np.array([f for _, _, _, f in r], np.float32), np.array([w for _, w, _, _ in r]))
-                for u, r in by_user.items()}
 
     def _uploads(self, keys: list[tuple[str, str]]) -> list[tuple[str, bytes]]:
         """The catalogued upload events of these (user, photo) pairs, to publish again for re-embedding."""
@@ -356,21 +350,6 @@ class Store:
                                       ON w.user_id = t.user_id AND w.photo_id = t.photo_id
                                       ORDER BY t.user_id, t.photo_id""").fetchall()
         return [(u, upload.encode()) for u, upload in rows]
-
-    @staticmethod
-    def _vector_event(user_id: str, version: int, facets: list[Facet], stats: StyleStats, now: datetime,
-                      withdrawn_versions: list[int]) -> bytes:
-        def named(feat: np.ndarray) -> dict[str, float]:
-            return {n: float(v) for n, v in zip(FEATURE_NAMES, feat, strict=True)}
-
-        emb, feat = stats.vector()
-        return encode_event(StyleVectorUpdated(
-            event_id=f"{user_id}:v{version}", user_id=user_id, event_time=now, version=version,
-            photo_count=stats.count, embedding=emb.tolist(), features=named(feat),
-            facets=[StyleFacet(photo_count=f.stats.count,
-                               weight_share=min(1.0, f.stats.total_weight / stats.total_weight),
-                               embedding=f.stats.vector()[0].tolist(), features=named(f.stats.vector()[1]))
-                    for f in facets], withdrawn_versions=withdrawn_versions))
 
     # --------------------------------------------------------------------------------- after the commit
     def unpublished_cycles(self) -> list[int]:

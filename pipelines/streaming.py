@@ -8,14 +8,16 @@ Differences from the local micro-batch driver (pipelines/ingest.py):
   comes from the runner's checkpoints, which cover source offsets and state together.
 - Sinks: new style versions go to the style-vectors topic and, per window, to Parquet files.
 
-The per-user update rule is the same pure function (`plan_user_update`) in both modes, and it is
-order-free, so one event at a time in any order gives the same style as micro-batches.
+Each user's update is planned by the same pure function in both modes (`plan_user`, which builds the
+style-vector event with its facets and withdrawn versions), and it is order-free, so one event at a
+time in any order gives the same style as micro-batches.
 `run_bounded` runs this pipeline here over a bounded offset range on FnApiRunner, for tests.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import apache_beam as beam
@@ -26,7 +28,8 @@ from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 
 from stylestream.analytics.pseudonyms import load_key, pseudonym
 from stylestream.models.clip import ClipSpec
-from stylestream.schemas.events import PhotoUploaded
+from stylestream.pipelines.plan import NewVersion, plan_user
+from stylestream.schemas.events import PhotoUploaded, encode_event
 from stylestream.schemas.tables import STYLE_HISTORY
 from stylestream.streams.clients import Message
 from stylestream.transforms.embed import EmbedPhotos
@@ -34,12 +37,7 @@ from stylestream.transforms.images import PreparePhotos
 from stylestream.transforms.kafka_read import OffsetRange, ReadOffsetRanges
 from stylestream.transforms.parse import ParseEvents
 from stylestream.transforms.records import UserBatch
-from stylestream.transforms.style import (
-    StyleStats,
-    UserView,
-    apply_update,
-    plan_user_update,
-)
+from stylestream.transforms.style import DEFAULT_HALF_LIFE_DAYS, UserView
 
 REINGEST = "reingest"
 
@@ -71,22 +69,17 @@ class _UpdateUserStyle(beam.DoFn):
         self._dim, self._n_features, self._half_life = dim, n_features, half_life_days
 
     def process(self, keyed: tuple[str, UserBatch], state=beam.DoFn.StateParam(STATE)):  # noqa: B008 (Beam idiom)
-        user_id, batch = keyed
-        current = state.read() or UserState(UserView(StyleStats.zero(self._dim, self._n_features), 0, {}, {},
-                                                     set(), {}))
-        update = plan_user_update(current.view, batch, self._half_life)
-        uploads = {**current.uploads, **{c.photo_id: c.upload for c in update.catalog}}
-        for photo_id in update.tombstones:
+        _, batch = keyed
+        current = state.read() or UserState(UserView.empty(self._dim, self._n_features))
+        plan = plan_user(current.view, batch, self._half_life, datetime.now(UTC))
+        uploads = {**current.uploads, **{c.photo_id: c.upload for c in plan.update.catalog}}
+        for photo_id in plan.update.tombstones:
             uploads.pop(photo_id, None)
-        after = UserState(apply_update(current.view, update), uploads)
-        state.write(after)
-        for photo_id in update.reingest:
+        state.write(UserState(plan.after, uploads))
+        for photo_id in plan.update.reingest:
             yield beam.pvalue.TaggedOutput(REINGEST, uploads[photo_id])
-        if update.changes_style:
-            emb, feat = update.stats.vector()
-            yield {"user_id": user_id, "version": after.view.version, "photo_count": update.stats.count,
-                   "total_weight": update.stats.total_weight, "embedding": emb.tolist(),
-                   "features": feat.tolist()}
+        if plan.version:
+            yield plan.version
 
 
 class UpdateUserStyle(beam.PTransform):
@@ -100,7 +93,7 @@ class UpdateUserStyle(beam.PTransform):
     def expand(self, pcolls):
         contributions, deletes, toggles = pcolls
         return (
-            (contributions | "UploadBatch" >> beam.Map(lambda c: (c.user_id, UserBatch(c.user_id, uploads=[c]))),
+            (contributions | "UploadBatch" >> beam.Map(lambda c: (c.user_id, UserBatch(c.user_id, contributions=[c]))),
              deletes | "DeleteBatch" >> beam.Map(lambda s: (s.event.user_id, UserBatch(s.event.user_id,
                                                                                         deletes=[s.event]))),
              toggles | "ToggleBatch" >> beam.Map(lambda s: (s.event.user_id, UserBatch(s.event.user_id,
@@ -112,7 +105,7 @@ class UpdateUserStyle(beam.PTransform):
 
 def build_streaming(messages: beam.PCollection, clip: ClipSpec, dim: int, n_features: int,
                     half_life_days: float):
-    """messages -> (style versions as dicts, uploads to re-ingest, dead letters)."""
+    """messages -> (new style versions (pipelines/plan.NewVersion), uploads to re-ingest, dead letters)."""
     events = messages | "DecodeValidate" >> ParseEvents()
     photos = events.uploads | "FetchDecodeStripPII" >> PreparePhotos()
     contributions = photos.ok | "Embed" >> EmbedPhotos(clip)
@@ -126,35 +119,34 @@ HISTORY_SCHEMA = pa.schema([STYLE_HISTORY.field(n) for n in
                             ("user_id", "version", "photo_count", "total_weight", "embedding", "features")])
 
 
-def with_pseudonym(version: dict, key: bytes) -> dict:
+def history_row(version: NewVersion, key: bytes) -> dict:
     """A version for the analytics history: the user id replaced by its keyed hash."""
-    return version | {"user_id": pseudonym(version["user_id"], key)}
+    embedding, features = version.update.stats.vector()
+    return {"user_id": pseudonym(version.user_id, key), "version": version.version,
+            "photo_count": version.update.stats.count, "total_weight": version.update.stats.total_weight,
+            "embedding": embedding.tolist(), "features": features.tolist()}
 
 
 def run_bounded(bootstrap_servers: str, ranges: list[OffsetRange], clip: ClipSpec, dim: int, n_features: int,
-                output_prefix: str, pseudonym_key: bytes, half_life_days: float = 365.0) -> None:
+                output_prefix: str, pseudonym_key: bytes, half_life_days: float = DEFAULT_HALF_LIFE_DAYS,
+                vectors_prefix: str | None = None) -> None:
     """The streaming pipeline over a bounded offset range on FnApiRunner: Parquet files of every
-    style version under `output_prefix`."""
+    style version under `output_prefix` and, with `vectors_prefix`, the style-vector events it
+    publishes, as JSON lines."""
     with beam.Pipeline(runner=FnApiRunner()) as p:
         messages = (p | "Ranges" >> beam.Create(ranges, reshuffle=False)
                     | "ReadKafka" >> ReadOffsetRanges(bootstrap_servers))
         versions, _, _ = build_streaming(messages, clip, dim, n_features, half_life_days)
-        (versions | "Pseudonymize" >> beam.Map(with_pseudonym, pseudonym_key)
+        (versions | "HistoryRows" >> beam.Map(history_row, pseudonym_key)
          | "WriteHistory" >> beam.io.WriteToParquet(output_prefix, HISTORY_SCHEMA, file_name_suffix=".parquet"))
+        if vectors_prefix:
+            (versions | "VectorEvents" >> beam.Map(lambda v: encode_event(v.event).decode())
+             | "WriteVectors" >> beam.io.WriteToText(vectors_prefix, file_name_suffix=".jsonl"))
 
 
-def to_vector_message(version: dict) -> tuple[bytes, bytes]:
+def to_vector_message(version: NewVersion) -> tuple[bytes, bytes]:
     """A style version as a style-vectors message (key: user id)."""
-    from datetime import UTC, datetime
-
-    from stylestream.schemas.events import StyleVectorUpdated, encode_event
-    from stylestream.schemas.tables import FEATURE_NAMES
-
-    event = StyleVectorUpdated(
-        event_id=f"{version['user_id']}:v{version['version']}", user_id=version["user_id"],
-        event_time=datetime.now(UTC), version=version["version"], photo_count=version["photo_count"],
-        embedding=version["embedding"], features=dict(zip(FEATURE_NAMES, version["features"], strict=True)))
-    return version["user_id"].encode(), encode_event(event)
+    return version.user_id.encode(), encode_event(version.event)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -165,7 +157,6 @@ def main(argv: list[str] | None = None) -> None:
     from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
     from stylestream.models.clip import embedding_dim
-    from stylestream.schemas.events import encode_event
     from stylestream.schemas.tables import FEATURE_NAMES
     from stylestream.streams.topics import INGEST_TOPICS, PHOTO_EVENTS, STYLE_VECTORS, dlq
 
@@ -176,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--history", required=True, help="Parquet history prefix, e.g. gs://bucket/stylestream/history")
     ap.add_argument("--analytics-key-file", required=True, type=Path,
                     help="the key that turns user ids into the history's pseudonyms (see analytics/pseudonyms.py)")
-    ap.add_argument("--half-life-days", type=float, default=365.0)
+    ap.add_argument("--half-life-days", type=float, default=DEFAULT_HALF_LIFE_DAYS)
     args, beam_args = ap.parse_known_args(argv)
     options = PipelineOptions(beam_args)
     options.view_as(StandardOptions).streaming = True
@@ -194,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
             (dead | f"DeadLetters-{topic}" >> beam.Filter(lambda d, t=topic: d.topic == t)
              | f"DeadLetterMessages-{topic}" >> beam.Map(lambda d: (d.key or b"", d.to_json()))
              .with_output_types(tuple[bytes, bytes]) | f"Publish-{dlq(topic)}" >> WriteToKafka(producer, dlq(topic)))
-        (versions | "Pseudonymize" >> beam.Map(with_pseudonym, load_key(args.analytics_key_file))
+        (versions | "HistoryRows" >> beam.Map(history_row, load_key(args.analytics_key_file))
          | "HistoryWindows" >> beam.WindowInto(beam.window.FixedWindows(60))
          | "WriteHistory" >> beam.io.WriteToParquet(args.history, HISTORY_SCHEMA, file_name_suffix=".parquet",
                                                     triggering_frequency=60))

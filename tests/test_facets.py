@@ -31,9 +31,10 @@ def test_mixed_library_splits_into_its_looks_and_follows_a_withdrawal(broker, ma
     ing = make_ingestor()
     ing.run_until_caught_up()
     from stylestream.pipelines.store import Store
+    from stylestream.transforms.facets import facets_of
 
     with Store(ing.cfg.db_path) as s:
-        found = s.facets(["ana", "ben"])
+        found = {u: facets_of(stored) for u, stored in s.stored_contributions(["ana", "ben"]).items()}
     ana, ben = found["ana"], found["ben"]
     assert len(ana) == 2 and purity(ana, look_of) >= 0.9
     assert len(ben) == 1  # one look: no split

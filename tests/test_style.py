@@ -42,7 +42,7 @@ def apply(view: UserView, batch: UserBatch, embedded: dict[str, Contribution] | 
     after = apply_update(view, u)
     if u.reingest:
         embedded = embedded or {c.photo_id: c for c in PHOTOS}
-        after = apply(after, UserBatch("ana", uploads=[embedded[p] for p in u.reingest]), embedded)
+        after = apply(after, UserBatch("ana", contributions=[embedded[p] for p in u.reingest]), embedded)
     return after
 
 
@@ -73,7 +73,7 @@ def test_any_arrival_order_gives_the_same_style():
         view = empty_view()
         for kind, e in order:  # one event per cycle: the hardest case for ordering
             batch = UserBatch("ana")
-            {"up": batch.uploads, "toggle": batch.toggles, "delete": batch.deletes}[kind].append(e)
+            {"up": batch.contributions, "toggle": batch.toggles, "delete": batch.deletes}[kind].append(e)
             view = apply(view, batch)
         results.append((sorted(view.stored), view.stats.vector()[0]))
     for stored, vec in results:
@@ -96,7 +96,7 @@ from hypothesis import strategies as st  # noqa: E402
 def batch_of(events) -> UserBatch:
     b = UserBatch("ana")
     for kind, e in events:
-        {"up": b.uploads, "toggle": b.toggles, "delete": b.deletes}[kind].append(e)
+        {"up": b.contributions, "toggle": b.toggles, "delete": b.deletes}[kind].append(e)
     return b
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stylestream.transforms.style import StyleStats
+from stylestream.transforms.style import StoredContribution, StyleStats
 
 MAX_FACETS = 3
 MIN_FACET_PHOTOS = 3
@@ -98,6 +98,16 @@ def find_facets(photo_ids: list[str], embeddings: np.ndarray, features: np.ndarr
             stats = stats + StyleStats.of(e, f, float(wt))
         facets.append(Facet(stats, tuple(i for i, keep in zip(ids, m, strict=True) if keep)))
     return sorted(facets, key=lambda f: (-f.stats.total_weight, f.photo_ids))
+
+
+def facets_of(stored: dict[str, StoredContribution]) -> list[Facet]:
+    """The facets of a user's stored contributions (photo_id -> contribution)."""
+    ids = sorted(stored)
+    if not ids:
+        return []
+    return find_facets(ids, np.array([stored[p].embedding for p in ids], np.float32),
+                       np.array([stored[p].features for p in ids], np.float32),
+                       np.array([stored[p].weight for p in ids]))
 
 
 def choose_facet(text_embedding: np.ndarray, facet_embeddings: list[np.ndarray]) -> int | None:

@@ -10,7 +10,7 @@ from stylestream.transforms.records import UserBatch
 def to_user_batch(user_id: str, grouped: dict[str, list]) -> UserBatch:
     return UserBatch(
         user_id,
-        uploads=list(grouped["uploads"]),
+        contributions=list(grouped["contributions"]),
         deletes=[s.event for s in grouped["deletes"]],
         toggles=[s.event for s in grouped["toggles"]],
     )
@@ -22,7 +22,7 @@ class GroupByUser(beam.PTransform):
         contributions, deletes, toggles = pcolls
         return (
             {
-                "uploads": contributions | "KeyUploads" >> beam.Map(lambda c: (c.user_id, c)),
+                "contributions": contributions | "KeyContributions" >> beam.Map(lambda c: (c.user_id, c)),
                 "deletes": deletes | "KeyDeletes" >> beam.Map(lambda s: (s.event.user_id, s)),
                 "toggles": toggles | "KeyToggles" >> beam.Map(lambda s: (s.event.user_id, s)),
             }

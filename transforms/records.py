@@ -110,9 +110,9 @@ class Contribution:
 
 @dataclass
 class UserBatch:
-    """One user's share of a cycle: new contributions, deletions and consent toggles."""
+    """One user's share of a cycle: new contributions (embedded uploads), deletions and consent toggles."""
 
     user_id: str
-    uploads: list[Contribution] = field(default_factory=list)
+    contributions: list[Contribution] = field(default_factory=list)
     deletes: list[PhotoDeleted] = field(default_factory=list)
     toggles: list[StyleLearningToggled] = field(default_factory=list)

@@ -103,6 +103,7 @@ class StoredContribution:
     weight: float
     embedding: np.ndarray
     features: np.ndarray
+    added_version: int  # the user's first style version that counted it
 
 
 @dataclass
@@ -112,10 +113,16 @@ class UserView:
     stats: StyleStats
     version: int
     consent: dict[str, ConsentRecord]  # every scope the user has toggled
-    stored: dict[str, StoredContribution]  # stored contributions the batch may affect, by photo_id
+    stored: dict[str, StoredContribution]  # every stored contribution of the user, by photo_id
     deleted: set[str]  # photo ids of the batch already known as deleted
     catalog: dict[str, str | None] = field(default_factory=dict)  # known, undeleted photos the batch
     # may affect (photo_id -> album_id), counted or not
+
+    @classmethod
+    def empty(cls, embedding_dim: int, n_features: int) -> UserView:
+        """A user the store has never seen."""
+        return cls(StyleStats.zero(embedding_dim, n_features), 0, {}, {}, set(), {})
+
 
 @dataclass
 class UserUpdate:
@@ -134,7 +141,7 @@ class UserUpdate:
 
 def affected_scopes(batch: UserBatch) -> tuple[set[str], set[str], bool]:
     """(photo ids, album ids, whole user?) whose stored contributions the batch may withdraw or repeat."""
-    photos = {c.photo_id for c in batch.uploads} | {d.photo_id for d in batch.deletes}
+    photos = {c.photo_id for c in batch.contributions} | {d.photo_id for d in batch.deletes}
     albums = set()
     whole_user = False
     for t in batch.toggles:
@@ -174,7 +181,7 @@ def plan_user_update(view: UserView, batch: UserBatch, half_life_days: float) ->
             stats = stats - StyleStats.of(c.embedding, c.features, c.weight)
 
     seen, catalogued = set(view.stored), set(view.catalog)
-    for c in sorted(batch.uploads, key=lambda c: (c.photo_id, c.upload.event_id)):
+    for c in sorted(batch.contributions, key=lambda c: (c.photo_id, c.upload.event_id)):
         if c.photo_id in deleted:
             continue
         if c.photo_id not in catalogued:
@@ -198,8 +205,19 @@ def apply_update(view: UserView, update: UserUpdate) -> UserView:
     """The user's state after an update, held whole in memory: what a runner with per-user state
     keeps (the DuckDB store does the same in SQL, loading only what a batch touches)."""
     stored = {k: v for k, v in view.stored.items() if k not in update.remove}
-    stored |= {c.photo_id: StoredContribution(c.album_id, w, c.embedding, c.features) for c, w in update.add}
+    version = view.version + update.changes_style
+    stored |= {c.photo_id: StoredContribution(c.album_id, w, c.embedding, c.features, version) for c, w in update.add}
     catalog = {k: v for k, v in view.catalog.items() if k not in update.tombstones}
     catalog |= {c.photo_id: c.album_id for c in update.catalog}
-    return UserView(update.stats, view.version + update.changes_style, view.consent | update.consent, stored,
+    return UserView(update.stats, version, view.consent | update.consent, stored,
                     view.deleted | set(update.tombstones), catalog)
+
+
+def withdrawn_versions(view: UserView, update: UserUpdate) -> list[int]:
+    """The user's versions that counted a photo this update withdraws: from the first version that
+    counted one of them to the current one. They must stop influencing anything: the store deletes
+    them (and the history), and the next style-vector event names them so serving drops them."""
+    if not update.remove:
+        return []
+    first = min(view.stored[p].added_version for p in update.remove)
+    return list(range(first, view.version + 1))

@@ -1,0 +1,85 @@
+"""Planning one ingestion cycle: what the store must write, as a pure function of what it holds.
+
+The store (pipelines/store.py) reads each batch user's view, calls `plan_cycle`, and writes what it
+returns; every decision is made here, with no database: the per-user rule (transforms/style.py),
+the versions a withdrawal redacts, the facets (transforms/facets.py) and the style-vector events
+(transforms/vectors.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from stylestream.schemas.events import StyleVectorUpdated
+from stylestream.transforms.facets import Facet, facets_of
+from stylestream.transforms.records import UserBatch
+from stylestream.transforms.style import UserUpdate, UserView, apply_update, plan_user_update, withdrawn_versions
+from stylestream.transforms.vectors import style_vector_event
+
+
+@dataclass(frozen=True)
+class NewVersion:
+    """A user's new style version: what the store records and the event it publishes."""
+
+    user_id: str
+    version: int
+    update: UserUpdate
+    facets: list[Facet]
+    event: StyleVectorUpdated
+
+
+@dataclass(frozen=True)
+class Redaction:
+    """Versions of a user that counted a withdrawn photo: deleted from the state and the history."""
+
+    user_id: str
+    from_version: int
+    to_version: int
+
+
+@dataclass(frozen=True)
+class UserPlan:
+    """What one batch does to one user: the changes, the user's state after them, and, when their
+    style changed, the new version and the versions it withdraws."""
+
+    update: UserUpdate
+    after: UserView
+    version: NewVersion | None
+    redaction: Redaction | None
+
+
+def plan_user(view: UserView, batch: UserBatch, half_life_days: float, now: datetime) -> UserPlan:
+    """One user's share of a cycle (the local store) or one event (the streaming pipeline's state)."""
+    update = plan_user_update(view, batch, half_life_days)
+    after = apply_update(view, update)
+    if not update.changes_style:
+        return UserPlan(update, after, None, None)
+    withdrawn = withdrawn_versions(view, update)
+    facets = facets_of(after.stored)
+    event = style_vector_event(batch.user_id, after.version, update.stats, facets, withdrawn, now)
+    return UserPlan(update, after, NewVersion(batch.user_id, after.version, update, facets, event),
+                    Redaction(batch.user_id, withdrawn[0], withdrawn[-1]) if withdrawn else None)
+
+
+@dataclass(frozen=True)
+class CycleWrites:
+    updates: dict[str, UserUpdate]  # every batch user's changes, by user id
+    versions: list[NewVersion]  # for users whose style changed, by user id
+    redactions: list[Redaction]
+
+    @property
+    def reingest(self) -> list[tuple[str, str]]:
+        """(user, photo) of catalogued uploads that count again: their upload events are published anew."""
+        return [(u, p) for u, up in sorted(self.updates.items()) for p in up.reingest]
+
+
+def plan_cycle(views: dict[str, UserView], batches: list[UserBatch], half_life_days: float,
+               now: datetime) -> CycleWrites:
+    """The writes of one cycle. `views` holds, for every batch user, everything the store keeps of
+    them that the batch can touch (every stored contribution, for the facets and redactions)."""
+    plans = {b.user_id: plan_user(views[b.user_id], b, half_life_days, now)
+             for b in sorted(batches, key=lambda b: b.user_id)}
+    return CycleWrites({u: p.update for u, p in plans.items()},
+                       [p.version for p in plans.values() if p.version],
+                       [p.redaction for p in plans.values() if p.redaction])
