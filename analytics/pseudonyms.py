@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-KEY_FILE = "analytics.key"
+from stylestream.pipelines.layout import KEY_FILE
 
 
 def load_or_create_key(state_dir: Path) -> bytes:

@@ -48,6 +48,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from stylestream.defaults import HALF_LIFE_DAYS
 from stylestream.demo.synthetic import LOOKS, make_library
 from stylestream.models.clip import clip_spec
 from stylestream.models.diffusion import diffusion_spec
@@ -57,7 +58,8 @@ from stylestream.serving.generator import StyleGenerator
 from stylestream.transforms.embed import OpenClipImageHandler, image_styles
 from stylestream.transforms.facets import style_space
 from stylestream.transforms.images import DecodeLimits, decode
-from stylestream.transforms.style import DEFAULT_HALF_LIFE_DAYS, photo_weight, style_of
+from stylestream.transforms.style import photo_weight, stats_of
+from stylestream.transforms.vectors import style_vector_event
 
 STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 NAMED = ("warmth", "saturation", "brightness", "contrast", "colourfulness")
@@ -73,11 +75,8 @@ def people_styles(work: Path, handler, clip_model, photos: int, seed: int) -> di
         mine = [p for p in library if p.user_id == person]
         images = [decode(p.path.read_bytes(), DecodeLimits())[0] for p in mine]
         emb, feats = image_styles(handler, clip_model, images)
-        weights = np.array([photo_weight(p.taken_at, DEFAULT_HALF_LIFE_DAYS) for p in mine])
-        e, f = style_of(emb, feats, weights)
-        styles[person] = StyleVectorUpdated(
-            event_id=f"{person}:v1", user_id=person, event_time=datetime.now(UTC), version=1, photo_count=len(mine),
-            embedding=e.tolist(), features=dict(zip(FEATURE_NAMES, f.tolist(), strict=True)))
+        weights = np.array([photo_weight(p.taken_at, HALF_LIFE_DAYS) for p in mine])
+        styles[person] = style_vector_event(person, 1, stats_of(emb, feats, weights), [], [], datetime.now(UTC))
     return styles
 
 

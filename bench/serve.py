@@ -35,14 +35,16 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import save_file
 
 from stylestream.models.clip import embedding_dim, ensure_tiny_clip
-from stylestream.models.diffusion import ensure_tiny_diffusion, random_lora
-from stylestream.schemas.events import GenerationRequested, StyleVectorUpdated, encode_event, parse_event
+from stylestream.models.random_models import ensure_tiny_diffusion, random_lora
+from stylestream.schemas.events import GenerationRequested, encode_event, parse_event
 from stylestream.schemas.tables import FEATURE_NAMES
 from stylestream.serving.generator import Conditioning, StyleGenerator
 from stylestream.serving.worker import ServeConfig, Worker
 from stylestream.streams import clients
 from stylestream.streams.broker import add_broker_option, start_local_broker
 from stylestream.streams.topics import GENERATION_REQUESTS, GENERATION_RESULTS, STYLE_VECTORS, ensure_topics
+from stylestream.transforms.style import StyleStats
+from stylestream.transforms.vectors import style_vector_event
 
 
 def timed(fn, images: int, reps: int) -> float:
@@ -68,9 +70,9 @@ def steady_latency(gen: StyleGenerator, users: list[str], style_dim: int, rate: 
         producer = clients.producer(bs, linger_ms=0)
         for u in users:
             emb = rng.normal(size=style_dim - len(FEATURE_NAMES))
-            producer.send(STYLE_VECTORS, key=u.encode(), value=encode_event(StyleVectorUpdated(
-                event_id=f"{u}:v1", user_id=u, event_time=datetime.now(UTC), version=1, photo_count=1,
-                embedding=(emb / np.linalg.norm(emb)).tolist(), features=dict.fromkeys(FEATURE_NAMES, 0.3))))
+            stats = StyleStats.of(emb / np.linalg.norm(emb), np.full(len(FEATURE_NAMES), 0.3), 1.0)
+            producer.send(STYLE_VECTORS, key=u.encode(),
+                          value=encode_event(style_vector_event(u, 1, stats, [], [], datetime.now(UTC))))
         producer.flush()
         n = int(rate * duration)
         with Worker(ServeConfig(bs, str(work / "images"), max_batch=batch, max_wait_ms=int(1000 / rate)), gen) as w:

@@ -25,6 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 from tqdm import tqdm
 
+from stylestream.defaults import HALF_LIFE_DAYS, TINY_CLIP
 from stylestream.demo.synthetic import LOOKS, make_library
 from stylestream.models.clip import clip_spec
 from stylestream.transforms.embed import OpenClipImageHandler
@@ -39,7 +40,7 @@ def main() -> None:
     ap.add_argument("--users-per-look", type=int, default=8)
     ap.add_argument("--photos", type=int, default=12, help="photos per single-look user")
     ap.add_argument("--mixed-users", type=int, default=12)
-    ap.add_argument("--clip-model", default="stylestream-tiny-clip")
+    ap.add_argument("--clip-model", default=TINY_CLIP)
     ap.add_argument("--clip-pretrained", default=None)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
@@ -70,7 +71,7 @@ def main() -> None:
     for u in single:
         stats = StyleStats.zero(len(by_user[u][0][1]), len(by_user[u][0][2]))
         for p, e, f in by_user[u]:
-            stats = stats + StyleStats.of(e, f, photo_weight(p.taken_at, 365.0))
+            stats = stats + StyleStats.of(e, f, photo_weight(p.taken_at, HALF_LIFE_DAYS))
         vectors.append(stats.vector())
     space = clustering_space(np.stack([v[0] for v in vectors]), np.stack([v[1] for v in vectors]))
     d = ((space[:, None] - space[None]) ** 2).sum(-1)
@@ -84,7 +85,7 @@ def main() -> None:
         rows = by_user[u]
         facets = find_facets([p.photo_id for p, _, _ in rows], np.stack([e for _, e, _ in rows]),
                              np.stack([f for _, _, f in rows]),
-                             np.array([photo_weight(p.taken_at, 365.0) for p, _, _ in rows]))
+                             np.array([photo_weight(p.taken_at, HALF_LIFE_DAYS) for p, _, _ in rows]))
         look_of = {p.photo_id: p.look for p, _, _ in rows}
         n_facets.append(len(facets))
         for f in facets:

@@ -26,7 +26,7 @@ from diffusers import DDPMScheduler
 
 from stylestream.demo.synthetic import LOOKS, render
 from stylestream.models.clip import embedding_dim, ensure_tiny_clip
-from stylestream.models.diffusion import ensure_tiny_diffusion
+from stylestream.models.random_models import ensure_tiny_diffusion
 from stylestream.models.style_training import (
     TrainConfig,
     build_trainee,

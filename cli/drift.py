@@ -20,6 +20,7 @@ from rich.table import Table
 from stylestream.cli.options import DEFAULT_DATA_DIR, DataDir, Format, OutputFormat
 from stylestream.cli.output import make_console, print_table
 from stylestream.cli.words import counted
+from stylestream.pipelines.layout import DataLayout, StateLayout
 
 drift_app = typer.Typer(help="How people's taste drifts: tables, CSV/JSON and plots from the style history.",
                         no_args_is_help=True)
@@ -35,7 +36,7 @@ Until = Annotated[str, typer.Option(metavar="WHEN", help="Window end, same forms
 
 
 def _history(data_dir: Path, history_dir: Path | None) -> Path:
-    return history_dir or data_dir / "state" / "history"
+    return history_dir or DataLayout(data_dir).state.history
 
 
 def _connect(data_dir: Path, history_dir: Path | None):
@@ -60,7 +61,7 @@ def _history_user(db, typed: str, raw_id: bool, key_file: Path | None, history: 
     the analytics key at hand, a user id as the photo service knows it; otherwise a pseudonym."""
     from stylestream.analytics import pseudonyms
 
-    key_path = key_file or history.parent / pseudonyms.KEY_FILE
+    key_path = key_file or StateLayout.of_history(history).analytics_key
     if not key_path.exists():
         if raw_id or not _has_versions(db, typed):
             console.print(f"[red]no versions of {typed!r}[/]: no analytics key at {key_path} to turn a user id "
@@ -286,7 +287,7 @@ def compact(
     """Merge each closed day's cycle files into one file sorted by user, so queries stay fast."""
     from stylestream.analytics import history
 
-    folder = history_dir or data_dir / "state" / "history"
+    folder = _history(data_dir, history_dir)
     if not folder.exists():
         console.print(f"[red]no history at {folder}[/]")
         raise typer.Exit(1)

@@ -19,10 +19,11 @@ from stylestream.cli.options import DEFAULT_DATA_DIR, BootstrapServers, DataDir,
 from stylestream.cli.output import make_console
 from stylestream.cli.train import train_adapter
 from stylestream.cli.words import counted, cycle_line
+from stylestream.defaults import HALF_LIFE_DAYS, MAX_EVENTS_PER_PARTITION, MIN_HALF_LIFE_DAYS, TINY_CLIP
+from stylestream.pipelines.layout import DataLayout
 from stylestream.streams import clients
 from stylestream.streams.broker import BrokerError, Engine, choose_engine, start_local_broker
 from stylestream.streams.topics import DLQ_SOURCES
-from stylestream.transforms.style import DEFAULT_HALF_LIFE_DAYS, MIN_HALF_LIFE_DAYS
 
 app = typer.Typer(
     help="Learn each person's visual style from their photo stream and personalize image generation with it.",
@@ -103,7 +104,7 @@ def broker(port: Annotated[int, typer.Option(
     engine, why = choose_engine(engine)
     t0 = time.perf_counter()
     try:
-        b = start_local_broker(engine, data_dir / "kafka", port or None)
+        b = start_local_broker(engine, DataLayout(data_dir).kafka, port or None)
     except BrokerError as e:  # the first line says what; the broker's log follows for --verbose
         console.print(f"[red]cannot start the {engine.value} broker:[/] {_headline(e)}", soft_wrap=True)
         if verbose:
@@ -132,16 +133,17 @@ def ingest(
     bootstrap_servers: BootstrapServers,
     data_dir: DataDir = DEFAULT_DATA_DIR,
     clip_model: Annotated[str, typer.Option(
-        metavar="NAME", help="open_clip architecture name.")] = "stylestream-tiny-clip",
+        metavar="NAME", help="open_clip architecture name.")] = TINY_CLIP,
     clip_pretrained: Annotated[str | None, typer.Option(
         metavar="TAG|FILE",
         help="open_clip pretrained tag or checkpoint path (required for any model but the tiny default).")] = None,
     half_life_days: Annotated[float, typer.Option(
         min=MIN_HALF_LIFE_DAYS, metavar="DAYS",
-        help="A photo this much newer weighs twice as much.")] = DEFAULT_HALF_LIFE_DAYS,
+        help="A photo this much newer weighs twice as much.")] = HALF_LIFE_DAYS,
     max_events_per_partition: Annotated[int, typer.Option(
         min=1, metavar="N",
-        help="At most this many events of each partition per cycle (bounds a cycle's memory and time).")] = 2000,
+        help="At most this many events of each partition per cycle (bounds a cycle's memory and time).")
+    ] = MAX_EVENTS_PER_PARTITION,
     follow: Annotated[bool, typer.Option(
         "--follow/--until-caught-up",
         help="Keep processing new events until Ctrl-C or SIGTERM, or process what is there and exit.")] = False,
@@ -161,9 +163,9 @@ def ingest(
     stop = _stop_on_signals("finishing the cycle in progress, then stopping")
     if not _reach_broker(bootstrap_servers, stop, _say_retry if follow else None):
         return
-    cfg = IngestConfig(bootstrap_servers, data_dir / "state", clip_spec(data_dir / "models", clip_model,
-                                                                        clip_pretrained), half_life_days,
-                       max_events_per_partition)
+    layout = DataLayout(data_dir)
+    cfg = IngestConfig(bootstrap_servers, layout.state.root, clip_spec(layout.models, clip_model, clip_pretrained),
+                       half_life_days, max_events_per_partition)
     with console.status(f"loading {cfg.clip.describe()}, reading the committed offsets"):
         ingestor = connect(cfg, stop, _say_retry)
     if ingestor is None:
@@ -196,7 +198,7 @@ def backfill(
     from stylestream.pipelines import backfill as bf
 
     items = bf.scan(source)
-    progress_file = bf.Progress(data_dir / "state", user, source)
+    progress_file = bf.Progress(DataLayout(data_dir).state.root, user, source)
     already = progress_file.published()
     console.print(f"{len(items)} photos in {source}; {already} published by an earlier run")
     columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
@@ -224,7 +226,7 @@ def serve(
         help="Hyper-LoRA file trained with that adapter: per-user LoRA made from each style version.")] = None,
     clip_model: Annotated[str, typer.Option(
         metavar="NAME", help="The embedding model ingestion uses (its text tower picks "
-                             "facets by prompt).")] = "stylestream-tiny-clip",
+                             "facets by prompt).")] = TINY_CLIP,
     clip_pretrained: Annotated[str | None, typer.Option(
         metavar="TAG|FILE", help="Its pretrained tag or checkpoint path.")] = None,
     lora_dir: Annotated[Path | None, typer.Option(
@@ -253,15 +255,15 @@ def serve(
     from stylestream.serving.worker import ServeConfig, Worker
 
     try:  # model paths checked before the broker is waited for
-        clip = clip_spec(data_dir / "models", clip_model, clip_pretrained)
-        spec = diffusion_spec(data_dir / "models", clip.pretrained, diffusion_model, ip_adapter, hyper_lora)
+        clip = clip_spec(DataLayout(data_dir).models, clip_model, clip_pretrained)
+        spec = diffusion_spec(DataLayout(data_dir).models, clip.pretrained, diffusion_model, ip_adapter, hyper_lora)
     except ValueError as e:
         console.print(f"[red]cannot serve:[/] {e}", soft_wrap=True)
         raise typer.Exit(2) from None
     stop = _stop_on_signals("answering the batch in progress, then stopping")
     if not _reach_broker(bootstrap_servers, stop, _say_retry):
         return
-    cfg = ServeConfig(bootstrap_servers, output or str(data_dir / "images"), max_batch=max_batch,
+    cfg = ServeConfig(bootstrap_servers, output or str(DataLayout(data_dir).images), max_batch=max_batch,
                       max_wait_ms=max_wait_ms)
     metrics = ServeMetrics()
     if metrics_port:
@@ -307,8 +309,8 @@ def dlq(
 ) -> None:
     """Dead letters: input that could not be used, why, where it came from, and a preview of it."""
     _quiet(verbose)
+    from stylestream.schemas.dead_letters import read_dead_letter
     from stylestream.streams.topics import dlq as dlq_of
-    from stylestream.transforms.records import read_dead_letter
 
     _reach_broker(bootstrap_servers, None)
     rows = [read_dead_letter(m.value) for t in ([topic.value] if topic else DLQ_SOURCES)

@@ -10,6 +10,8 @@ import typer
 from stylestream.cli.options import DEFAULT_DATA_DIR, DataDir
 from stylestream.cli.output import make_console
 from stylestream.cli.words import counted
+from stylestream.defaults import TINY_CLIP
+from stylestream.pipelines.layout import DataLayout
 
 console = make_console()
 
@@ -28,7 +30,7 @@ def train_adapter(
         help="A local diffusers StableDiffusionPipeline folder (default: the tiny trained model's).")] = None,
     clip_model: Annotated[str, typer.Option(
         metavar="NAME", help="open_clip architecture that computes the style vectors "
-                             "(the one ingestion uses).")] = "stylestream-tiny-clip",
+                             "(the one ingestion uses).")] = TINY_CLIP,
     clip_pretrained: Annotated[str | None, typer.Option(
         metavar="TAG|FILE", help="Its pretrained tag or checkpoint path.")] = None,
     steps: Annotated[int, typer.Option(
@@ -69,7 +71,7 @@ def train_adapter(
     if not captions:
         raise typer.BadParameter(f"{prompts} has no lines", param_hint="--prompts")
     try:
-        clip = clip_spec(data_dir / "models", clip_model, clip_pretrained)
+        clip = clip_spec(DataLayout(data_dir).models, clip_model, clip_pretrained)
         cfg = TrainConfig(
             images=images, diffusion_model=base, clip=clip, output=output, steps=steps, batch_size=batch_size,
             learning_rate=learning_rate, resolution=resolution, seed=seed, train_base=train_base,

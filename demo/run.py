@@ -21,10 +21,11 @@ from rich.table import Table
 
 from stylestream.cli.output import print_table
 from stylestream.cli.words import counted, cycle_line
-from stylestream.demo.synthetic import LOOKS, make_library, toggle_event
+from stylestream.demo.synthetic import LOOKS, SyntheticPhoto, make_library, toggle_event
 from stylestream.models.clip import clip_spec
 from stylestream.models.diffusion import diffusion_spec
 from stylestream.pipelines.ingest import IngestConfig, Ingestor
+from stylestream.pipelines.layout import DataLayout
 from stylestream.pipelines.store import CycleResult, LatestVersion, Store
 from stylestream.schemas.events import GenerationRequested, encode_event
 from stylestream.schemas.tables import FEATURE_NAMES
@@ -52,45 +53,40 @@ STEPS = 20
 
 
 def run_demo(data_dir: Path, console: Console, broker_engine: Engine | str = Engine.auto) -> dict:
-    run_dir = data_dir / "runs" / datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-    models_dir = data_dir / "models"
+    run = DataLayout(data_dir / "runs" / datetime.now(UTC).strftime("%Y%m%dT%H%M%S"))  # each run its own
     t0 = time.perf_counter()
     say = console.print
+    # 1. Models: built once under DATA_DIR/models, then loaded like pretrained weights
     with console.status("preparing models (built once, then loaded like pretrained weights)"):
-        clip = clip_spec(models_dir)
-        diffusion = diffusion_spec(models_dir, clip.pretrained)
+        clip = clip_spec(DataLayout(data_dir).models)
+        diffusion = diffusion_spec(DataLayout(data_dir).models, clip.pretrained)
+    # 2. A local broker, the topics, and the synthetic library
     engine, why = choose_engine(broker_engine)
     with console.status(f"starting the {engine} broker"):
-        broker = start_local_broker(engine, run_dir / "kafka")
+        broker = start_local_broker(engine, run.kafka)
     with broker:
         bs = broker.bootstrap_servers
         ensure_topics(bs)
         say(f"[bold]broker[/] {broker.description} on {bs} ({why})", soft_wrap=True, highlight=False)
         with console.status("writing a synthetic photo library"):
-            photos = make_library(run_dir / "library", LIBRARY)
-        say(f"[bold]library[/] {len(photos)} JPEGs in {run_dir / 'library'}: " + ", ".join(
+            photos = make_library(run.root / "library", LIBRARY)
+        say(f"[bold]library[/] {len(photos)} JPEGs in {run.root / 'library'}: " + ", ".join(
             f"{u} ({', '.join(f'{a}: {LOOKS[look].description}' for a, look, _ in albums)})"
             for u, albums in LIBRARY.items()))
-
-        first_albums = {(u, albums[0][0]) for u, albums in LIBRARY.items()}
-        first = [p for p in photos if (p.user_id, p.album_id) in first_albums]
-        later = [p for p in photos if (p.user_id, p.album_id) not in first_albums]
-        malformed = [(b"ben", b'{"type": "photo_uploaded", "user_id": "ben"}')]
         producer = clients.producer(bs)
-        cfg = IngestConfig(bs, run_dir / "state", clip)
+        cfg = IngestConfig(bs, run.state.root, clip)
         with Ingestor(cfg) as ingestor:
+            # 3. Each person's first album (and a malformed event), then their later albums
+            first_albums = {(u, albums[0][0]) for u, albums in LIBRARY.items()}
+            first = [p for p in photos if (p.user_id, p.album_id) in first_albums]
+            later = [p for p in photos if (p.user_id, p.album_id) not in first_albums]
+            malformed = [(b"ben", b'{"type": "photo_uploaded", "user_id": "ben"}')]
             for what, wave, bad in (("first albums", first, malformed), ("later albums", later, [])):
-                for p in wave:
-                    producer.send(PHOTO_EVENTS, key=p.user_id.encode(), value=encode_event(p.upload_event()))
-                for key, value in bad:
-                    producer.send(PHOTO_EVENTS, key=key, value=value)
-                producer.flush()
-                also = f" and {counted(len(bad), 'malformed event')}" if bad else ""
-                say(f"[bold]published[/] {counted(len(wave), 'upload')} of the {what}{also} to {PHOTO_EVENTS}")
+                publish_uploads(producer, wave, bad, what, console)
                 ingest(ingestor, console, f"ingesting the {what}")
             before = latest(cfg)
             print_table(console, style_table(before, "style vectors after the uploads"))
-
+            # 4. The opt-out: one album withdrawn
             user, album = WITHDRAWN
             producer.send(CONSENT_EVENTS, key=user.encode(), value=encode_event(
                 toggle_event(user, "album", album, False, datetime.now(UTC))))
@@ -99,43 +95,61 @@ def run_demo(data_dir: Path, console: Console, broker_engine: Engine | str = Eng
             ingest(ingestor, console, "ingesting the opt-out")
         after = latest(cfg)
         say(opt_out_report(before, after, cfg, user))
-
-        requests = [GenerationRequested(
-            event_id=f"req-{u}", user_id=u, event_time=datetime.now(UTC), request_id=f"demo-{u}",
-            prompt="a birthday card with a cake", seed=7, num_inference_steps=STEPS) for u in LIBRARY]
-        requests.append(GenerationRequested(
-            event_id="req-nobody", user_id="nobody", event_time=datetime.now(UTC) + timedelta(seconds=1),
-            request_id="demo-nobody", prompt="a birthday card with a cake", seed=7, num_inference_steps=STEPS))
-        for r in requests:
-            producer.send(GENERATION_REQUESTS, key=r.user_id.encode(), value=encode_event(r))
-        producer.flush()
-        producer.close()
-        say(f"[bold]requests[/] {len(requests)} generation requests (one for a user with no photos)")
-
-        results = []
-        with console.status("serving: loading the diffusion pipeline and generating"):
-            generator = StyleGenerator(diffusion, clip)
-            with Worker(ServeConfig(bs, str(run_dir / "images")), generator) as worker:
-                worker.run(max_requests=len(requests), idle_exit_s=30, on_result=results.append)
+        # 5. One image per person, same prompt and seed, through the serving worker
+        results = generate_images(producer, bs, run, diffusion, clip, console)
+        # 6. What the images show, against the style each was conditioned on
         print_table(console, results_table(results))
         used = styles_used(results, cfg)
         print_table(console, personalization_table(results, used, clip))
-        picture = side_by_side(results, used, run_dir / "personalization.png")
+        picture = side_by_side(results, used, run.root / "personalization.png")
     elapsed = time.perf_counter() - t0
     say(f"[bold green]done[/] in {elapsed:.0f} s. State: {cfg.db_path}  History: {cfg.history_dir}")
     say(f"personalization, side by side: {picture}", soft_wrap=True, highlight=False)
-    history = "" if point_state_at(data_dir, run_dir / "state") else f" --history {cfg.history_dir}"
+    history = "" if point_state_at(data_dir, run.state.root) else f" --history {cfg.history_dir}"
     # one line, to copy; the analytics key beside the history maps the user id to its pseudonym
     say(f"drift: stylestream drift user {DRIFT_EXAMPLE}{history} --plot {DRIFT_EXAMPLE}.png", soft_wrap=True,
         highlight=False)
-    return {"run_dir": run_dir, "before": before, "after": after, "results": results, "seconds": elapsed,
+    return {"run_dir": run.root, "before": before, "after": after, "results": results, "seconds": elapsed,
             "picture": picture}
+
+
+def publish_uploads(producer, photos: list[SyntheticPhoto], bad: list[tuple[bytes, bytes]], what: str,
+                    console: Console) -> None:
+    """The photos' upload events and any malformed (key, value) messages, as a photo service sends them."""
+    for p in photos:
+        producer.send(PHOTO_EVENTS, key=p.user_id.encode(), value=encode_event(p.upload_event()))
+    for key, value in bad:
+        producer.send(PHOTO_EVENTS, key=key, value=value)
+    producer.flush()
+    also = f" and {counted(len(bad), 'malformed event')}" if bad else ""
+    console.print(f"[bold]published[/] {counted(len(photos), 'upload')} of the {what}{also} to {PHOTO_EVENTS}")
+
+
+def generate_images(producer, bootstrap_servers: str, run: DataLayout, diffusion, clip, console: Console) -> list:
+    """One request per person (and one for a user with no photos), answered by the serving worker."""
+    requests = [GenerationRequested(
+        event_id=f"req-{u}", user_id=u, event_time=datetime.now(UTC), request_id=f"demo-{u}",
+        prompt="a birthday card with a cake", seed=7, num_inference_steps=STEPS) for u in LIBRARY]
+    requests.append(GenerationRequested(
+        event_id="req-nobody", user_id="nobody", event_time=datetime.now(UTC) + timedelta(seconds=1),
+        request_id="demo-nobody", prompt="a birthday card with a cake", seed=7, num_inference_steps=STEPS))
+    for r in requests:
+        producer.send(GENERATION_REQUESTS, key=r.user_id.encode(), value=encode_event(r))
+    producer.flush()
+    producer.close()
+    console.print(f"[bold]requests[/] {len(requests)} generation requests (one for a user with no photos)")
+    results = []
+    with console.status("serving: loading the diffusion pipeline and generating"):
+        generator = StyleGenerator(diffusion, clip)
+        with Worker(ServeConfig(bootstrap_servers, str(run.images)), generator) as worker:
+            worker.run(max_requests=len(requests), idle_exit_s=30, on_result=results.append)
+    return results
 
 
 def point_state_at(data_dir: Path, state: Path) -> bool:
     """Make DATA_DIR/state a link to this run's state, so every command's default finds it; never
     replaces a real state folder (only a previous demo's link). Returns whether the link is in place."""
-    link = data_dir / "state"
+    link = DataLayout(data_dir).state.root
     if link.exists() and not link.is_symlink():
         return False
     if link.is_symlink():

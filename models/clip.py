@@ -16,8 +16,9 @@ from pathlib import Path
 import open_clip
 import torch
 
+from stylestream.defaults import TINY_CLIP
+
 CONFIG_DIR = Path(__file__).parent / "configs" / "clip"
-TINY_CLIP = "stylestream-tiny-clip"
 
 
 @cache

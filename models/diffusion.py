@@ -3,14 +3,12 @@
 Production names a diffusers model folder (e.g. a local copy of an SD-1.5 checkpoint) and an
 IP-Adapter weight file whose image projection takes the style vector. The offline default is the
 tiny style model trained on these machines (models/tiny_style.py, shipped in models/trained/);
-tests also build tiny random-weight pipelines from configs/diffusion/ (`ensure_tiny_diffusion`),
-written once with `save_pretrained` and loaded back with `from_pretrained`, like real weights.
+tests build tiny random-weight pipelines (models/random_models.py), written once with
+`save_pretrained` and loaded back here with `from_pretrained`, like real weights.
 """
 
 from __future__ import annotations
 
-import gzip
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,24 +100,7 @@ def adapter_input_dim(pipe) -> int:
     return int(proj.image_embeds.in_features)
 
 
-def clip_tokenizer_files(directory: Path) -> None:
-    """vocab.json + merges.txt for transformers' CLIPTokenizer, from open_clip's bundled BPE file.
-
-    Gives the same token ids as the CLIP tokenizer without downloading anything.
-    """
-    from open_clip.tokenizer import bytes_to_unicode, default_bpe
-
-    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
-    merges = [tuple(m.split()) for m in merges]
-    vocab = list(bytes_to_unicode().values())
-    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-
-
-def _cross_attention_layers(unet) -> Iterator[tuple[int, str]]:
+def cross_attention_layers(unet) -> Iterator[tuple[int, str]]:
     """(IP-Adapter key, attention module name) of every cross-attention layer, in the order and with
     the odd numbering (1, 3, 5...) of the original IP-Adapter layout that diffusers' loader expects."""
     key = 1
@@ -130,34 +111,12 @@ def _cross_attention_layers(unet) -> Iterator[tuple[int, str]]:
         key += 2
 
 
-def random_ip_adapter(unet, input_dim: int, tokens: int, seed: int = 0,
-                      like_text_attention: bool = False) -> dict[str, torch.Tensor]:
-    """New IP-Adapter weights in the original layout: an image projection from `input_dim` to `tokens`
-    context tokens, and to_k_ip/to_v_ip for every cross-attention layer, random or (to start training,
-    as IP-Adapter does) copies of the layer's text to_k/to_v."""
-    g = torch.Generator().manual_seed(seed)
-    cross = unet.config.cross_attention_dim
-    sd = {
-        "image_proj.proj.weight": torch.randn(cross * tokens, input_dim, generator=g) / input_dim**0.5,
-        "image_proj.proj.bias": torch.zeros(cross * tokens),
-        "image_proj.norm.weight": torch.ones(cross),
-        "image_proj.norm.bias": torch.zeros(cross),
-    }
-    for key, name in _cross_attention_layers(unet):
-        attn = unet.get_submodule(name)
-        for ip, text in (("to_k_ip", attn.to_k), ("to_v_ip", attn.to_v)):
-            sd[f"ip_adapter.{key}.{ip}.weight"] = (
-                text.weight.detach().clone() if like_text_attention
-                else torch.randn(text.out_features, cross, generator=g) / cross**0.5)
-    return sd
-
-
 def ip_adapter_state_dict(unet) -> dict[str, torch.Tensor]:
     """The IP-Adapter loaded into `unet`, back in the original layout (what `load_ip_adapter` reads)."""
     proj = unet.encoder_hid_proj.image_projection_layers[0]
     sd = {"image_proj.proj.weight": proj.image_embeds.weight, "image_proj.proj.bias": proj.image_embeds.bias,
           "image_proj.norm.weight": proj.norm.weight, "image_proj.norm.bias": proj.norm.bias}
-    for key, name in _cross_attention_layers(unet):
+    for key, name in cross_attention_layers(unet):
         processor = unet.get_submodule(name).processor
         sd[f"ip_adapter.{key}.to_k_ip.weight"] = processor.to_k_ip[0].weight
         sd[f"ip_adapter.{key}.to_v_ip.weight"] = processor.to_v_ip[0].weight
@@ -177,59 +136,3 @@ def diffusion_spec(models_dir: Path, clip_weights: str | None, model_dir: str | 
     if model_dir is None or ip_adapter is None:
         raise ValueError("a diffusion model folder needs its style adapter file too (and the other way round)")
     return DiffusionSpec(model_dir, ip_adapter, hyper_lora)
-
-
-def ensure_tiny_diffusion(models_dir: Path, style_dim: int, config: str = "tiny") -> DiffusionSpec:
-    """A random-weight pipeline built from configs/diffusion/<config>.json ("tiny" for tests and the
-    demo, "sd15" for an SD-1.5-sized one on a GPU) and a style adapter for `style_dim`-sized vectors,
-    written once."""
-    root = models_dir / "diffusion" / config
-    spec = DiffusionSpec(str(root / "pipeline"), str(root / f"style-{style_dim}" / IP_ADAPTER_FILE))
-    if Path(spec.model_dir, "model_index.json").exists() and Path(spec.ip_adapter).exists():
-        return spec
-
-    from diffusers import UNet2DConditionModel
-    from safetensors.torch import save_file
-
-    if not Path(spec.model_dir, "model_index.json").exists():
-        random_pipeline(config, root / "tokenizer-src").save_pretrained(spec.model_dir)
-    unet = UNet2DConditionModel.from_pretrained(spec.model_dir, subfolder="unet")
-    Path(spec.ip_adapter).parent.mkdir(parents=True, exist_ok=True)
-    tokens = json.loads((CONFIG_DIR / f"{config}.json").read_text())["ip_adapter_tokens"]
-    save_file(random_ip_adapter(unet, style_dim, tokens), spec.ip_adapter)
-    return spec
-
-
-def random_pipeline(config: str, tokenizer_dir: Path) -> StableDiffusionPipeline:
-    """A StableDiffusionPipeline with random weights (seed 0) from configs/diffusion/<config>.json."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    cfg = json.loads((CONFIG_DIR / f"{config}.json").read_text())
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(**cfg["unet"])
-    clip_tokenizer_files(tokenizer_dir)
-    return StableDiffusionPipeline(
-        vae=AutoencoderKL(**cfg["vae"]),
-        text_encoder=CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"])),
-        tokenizer=CLIPTokenizer(str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt"),
-                                model_max_length=77),
-        unet=unet,
-        scheduler=EulerDiscreteScheduler(**cfg["scheduler"]),
-        safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False,
-    )
-
-
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-
-
-def random_lora(unet, rank: int = 4, seed: int = 0, scale: float = 0.05) -> dict[str, torch.Tensor]:
-    """Random (non-zero) LoRA weights for the UNet's attention projections, in the diffusers/peft
-    key format (`unet.<module>.lora_A.weight`): stands in for a user's fine-tuned style offline."""
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for name, module in unet.named_modules():
-        if isinstance(module, torch.nn.Linear) and name.endswith(LORA_TARGETS) and ".processor." not in name:
-            sd[f"unet.{name}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=g) / rank
-            sd[f"unet.{name}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=g) * scale
-    return sd

@@ -41,9 +41,9 @@ from stylestream.models.diffusion import (
     adapter_input,
     ip_adapter_state_dict,
     load_pipeline,
-    random_ip_adapter,
 )
 from stylestream.models.hyper_lora import DEFAULT_TARGETS, HYPER_LORA_FILE, HyperLora, applied, target_layers
+from stylestream.models.random_models import random_ip_adapter
 from stylestream.pipelines.library import PHOTO_SUFFIXES, manifest_rows, photo_files
 from stylestream.schemas.tables import FEATURE_NAMES
 

@@ -33,8 +33,9 @@ import torch
 from PIL import Image
 
 from stylestream.models.clip import ensure_tiny_clip
-from stylestream.models.diffusion import IP_ADAPTER_FILE, DiffusionSpec, random_pipeline
+from stylestream.models.diffusion import IP_ADAPTER_FILE, DiffusionSpec
 from stylestream.models.hyper_lora import HYPER_LORA_FILE
+from stylestream.models.random_models import random_pipeline
 from stylestream.models.style_training import (
     TRAINING_FILE,
     TrainConfig,

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from stylestream.pipelines.layout import StateLayout
 from stylestream.pipelines.library import manifest_rows, photo_files
 from stylestream.schemas.events import ImageRef, PhotoUploaded, encode_event
 from stylestream.streams import clients
@@ -87,7 +88,7 @@ class Progress:
 
     def __init__(self, state_dir: Path, user_id: str, source: Path):
         digest = hashlib.sha256(f"{user_id}\0{source.resolve()}".encode()).hexdigest()[:16]
-        self.path = state_dir / "backfill" / f"{digest}.json"
+        self.path = StateLayout(state_dir).backfill / f"{digest}.json"
 
     def published(self) -> int:
         return json.loads(self.path.read_text())["published"] if self.path.exists() else 0

@@ -21,17 +21,18 @@ import apache_beam as beam
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
 from stylestream.analytics import history, pseudonyms
+from stylestream.defaults import HALF_LIFE_DAYS, MAX_EVENTS_PER_PARTITION, MIN_HALF_LIFE_DAYS
 from stylestream.models.clip import ClipSpec, embedding_dim
+from stylestream.pipelines.layout import StateLayout
 from stylestream.pipelines.store import CycleResult, Store
+from stylestream.schemas.dead_letters import DeadLetter
 from stylestream.streams import clients
 from stylestream.streams.topics import INGEST_TOPICS, ensure_topics
-from stylestream.transforms.embed import EmbedPhotos
 from stylestream.transforms.grouping import GroupByUser
-from stylestream.transforms.images import DecodeLimits, PreparePhotos
+from stylestream.transforms.images import DecodeLimits
+from stylestream.transforms.inputs import StyleInputs
 from stylestream.transforms.kafka_read import OffsetRange, ReadOffsetRanges
-from stylestream.transforms.parse import ParseEvents
-from stylestream.transforms.records import DeadLetter, UserBatch
-from stylestream.transforms.style import DEFAULT_HALF_LIFE_DAYS, MIN_HALF_LIFE_DAYS
+from stylestream.transforms.records import UserBatch
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,8 @@ class IngestConfig:
     bootstrap_servers: str
     state_dir: Path
     clip: ClipSpec
-    half_life_days: float = DEFAULT_HALF_LIFE_DAYS
-    max_events_per_partition: int = 2000  # bounds one cycle's memory and duration
+    half_life_days: float = HALF_LIFE_DAYS
+    max_events_per_partition: int = MAX_EVENTS_PER_PARTITION
     poll_interval_s: float = 0.1  # with --follow: the wait between looks when caught up
     kafka_timeout_ms: int = 30_000  # a broker silent this long counts as unavailable (then retried)
     limits: DecodeLimits = field(default_factory=DecodeLimits)
@@ -53,15 +54,15 @@ class IngestConfig:
 
     @property
     def db_path(self) -> Path:
-        return self.state_dir / "state.duckdb"
+        return StateLayout(self.state_dir).db
 
     @property
     def history_dir(self) -> Path:
-        return self.state_dir / "history"
+        return StateLayout(self.state_dir).history
 
     @property
     def plan_path(self) -> Path:
-        return self.state_dir / "cycle-plan.json"
+        return StateLayout(self.state_dir).cycle_plan
 
 
 class TopicReset(RuntimeError):
@@ -134,16 +135,13 @@ class CommitCycle(beam.PTransform):
 
 
 def build_cycle(p: beam.Pipeline, cfg: IngestConfig, embedding_dim: int) -> beam.PCollection:
-    """The data flow of one micro-batch, as in DESIGN.md; each run reads `cfg.plan_path`."""
+    """The data flow of one micro-batch (docs/architecture.md); each run reads `cfg.plan_path`."""
     plan = p | "Plan" >> beam.Create([str(cfg.plan_path)]) | "ReadPlan" >> beam.Map(CyclePlan.read)
     ranges = plan | "Ranges" >> beam.FlatMap(lambda pl: pl.ranges)
     messages = ranges | "ReadKafka" >> ReadOffsetRanges(cfg.bootstrap_servers)
-    events = messages | "DecodeValidate" >> ParseEvents()
-    photos = events.uploads | "FetchDecodeStripPII" >> PreparePhotos(cfg.limits)
-    contributions = photos.ok | "Embed" >> EmbedPhotos(cfg.clip)
-    batches = (contributions, events.deletes, events.toggles) | "GroupByUser" >> GroupByUser()
-    dead = (events.dead, photos.dead) | "DeadLetters" >> beam.Flatten()
-    return (plan, batches, dead) | "CommitCycle" >> CommitCycle(cfg, embedding_dim)
+    inputs = messages | "StyleInputs" >> StyleInputs(cfg.clip, cfg.limits)
+    batches = (inputs["contributions"], inputs["deletes"], inputs["toggles"]) | "GroupByUser" >> GroupByUser()
+    return (plan, batches, inputs["dead"]) | "CommitCycle" >> CommitCycle(cfg, embedding_dim)
 
 
 class Ingestor:

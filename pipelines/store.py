@@ -25,11 +25,12 @@ import numpy as np
 import pyarrow as pa
 
 from stylestream.pipelines.plan import CycleWrites, NewVersion, Redaction, plan_cycle
+from stylestream.schemas.dead_letters import DeadLetter
 from stylestream.schemas.events import encode_event
 from stylestream.schemas.tables import FEATURE_NAMES, STYLE_HISTORY
 from stylestream.streams.topics import PHOTO_EVENTS, STYLE_VECTORS, dlq
 from stylestream.transforms.kafka_read import OffsetRange
-from stylestream.transforms.records import DeadLetter, UserBatch
+from stylestream.transforms.records import UserBatch
 from stylestream.transforms.style import ConsentRecord, StoredContribution, StyleStats, UserView, affected_scopes
 
 SCHEMA = """

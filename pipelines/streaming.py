@@ -27,17 +27,17 @@ from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 
 from stylestream.analytics.pseudonyms import load_key, pseudonym
+from stylestream.defaults import HALF_LIFE_DAYS
 from stylestream.models.clip import ClipSpec
 from stylestream.pipelines.plan import NewVersion, plan_user
 from stylestream.schemas.events import PhotoUploaded, encode_event
 from stylestream.schemas.tables import STYLE_HISTORY
 from stylestream.streams.clients import Message
-from stylestream.transforms.embed import EmbedPhotos
-from stylestream.transforms.images import PreparePhotos
+from stylestream.transforms.images import DecodeLimits
+from stylestream.transforms.inputs import StyleInputs
 from stylestream.transforms.kafka_read import OffsetRange, ReadOffsetRanges
-from stylestream.transforms.parse import ParseEvents
 from stylestream.transforms.records import UserBatch
-from stylestream.transforms.style import DEFAULT_HALF_LIFE_DAYS, UserView
+from stylestream.transforms.style import UserView
 
 REINGEST = "reingest"
 
@@ -104,15 +104,12 @@ class UpdateUserStyle(beam.PTransform):
 
 
 def build_streaming(messages: beam.PCollection, clip: ClipSpec, dim: int, n_features: int,
-                    half_life_days: float):
+                    half_life_days: float, limits: DecodeLimits | None = None):
     """messages -> (new style versions (pipelines/plan.NewVersion), uploads to re-ingest, dead letters)."""
-    events = messages | "DecodeValidate" >> ParseEvents()
-    photos = events.uploads | "FetchDecodeStripPII" >> PreparePhotos()
-    contributions = photos.ok | "Embed" >> EmbedPhotos(clip)
-    updates = (contributions, events.deletes, events.toggles) | "UpdateUserStyle" >> UpdateUserStyle(
+    inputs = messages | "StyleInputs" >> StyleInputs(clip, limits)
+    updates = (inputs["contributions"], inputs["deletes"], inputs["toggles"]) | "UpdateUserStyle" >> UpdateUserStyle(
         dim, n_features, half_life_days)
-    dead = (events.dead, photos.dead) | "DeadLetters" >> beam.Flatten()
-    return updates.versions, updates[REINGEST], dead
+    return updates.versions, updates[REINGEST], inputs["dead"]
 
 
 HISTORY_SCHEMA = pa.schema([STYLE_HISTORY.field(n) for n in
@@ -128,7 +125,7 @@ def history_row(version: NewVersion, key: bytes) -> dict:
 
 
 def run_bounded(bootstrap_servers: str, ranges: list[OffsetRange], clip: ClipSpec, dim: int, n_features: int,
-                output_prefix: str, pseudonym_key: bytes, half_life_days: float = DEFAULT_HALF_LIFE_DAYS,
+                output_prefix: str, pseudonym_key: bytes, half_life_days: float = HALF_LIFE_DAYS,
                 vectors_prefix: str | None = None) -> None:
     """The streaming pipeline over a bounded offset range on FnApiRunner: Parquet files of every
     style version under `output_prefix` and, with `vectors_prefix`, the style-vector events it
@@ -167,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--history", required=True, help="Parquet history prefix, e.g. gs://bucket/stylestream/history")
     ap.add_argument("--analytics-key-file", required=True, type=Path,
                     help="the key that turns user ids into the history's pseudonyms (see analytics/pseudonyms.py)")
-    ap.add_argument("--half-life-days", type=float, default=DEFAULT_HALF_LIFE_DAYS)
+    ap.add_argument("--half-life-days", type=float, default=HALF_LIFE_DAYS)
     args, beam_args = ap.parse_known_args(argv)
     options = PipelineOptions(beam_args)
     options.view_as(StandardOptions).streaming = True

@@ -16,7 +16,6 @@ from stylestream.models.hyper_lora import HyperLora
 from stylestream.schemas.events import GenerationRequested, StyleFacet, StyleVectorUpdated
 from stylestream.schemas.tables import FEATURE_NAMES
 from stylestream.serving.lora import BASE, LoraSource, UserLoras
-from stylestream.transforms.facets import choose_facet
 
 
 def style_condition(style: StyleVectorUpdated | StyleFacet, dim: int) -> np.ndarray:
@@ -141,3 +140,12 @@ def style_layers(unet) -> dict:
     up block with cross-attention (up_blocks.0 in SDXL, up_blocks.1 in SD 1.5); every other layer 0."""
     first = next(i for i, t in enumerate(unet.config.up_block_types) if "CrossAttn" in t)
     return {"up": {f"block_{first}": 1.0}}
+
+
+def choose_facet(text_embedding: np.ndarray, facet_embeddings: list[np.ndarray]) -> int | None:
+    """The facet whose image embedding is closest (cosine) to the prompt's text embedding in the same
+    CLIP space; None when there is nothing to choose between."""
+    if len(facet_embeddings) < 2:
+        return None
+    t = text_embedding / (np.linalg.norm(text_embedding) or 1.0)
+    return int(np.argmax([float(t @ (e / (np.linalg.norm(e) or 1.0))) for e in facet_embeddings]))

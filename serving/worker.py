@@ -17,6 +17,7 @@ from functools import partial
 
 import fsspec
 
+from stylestream.schemas.dead_letters import DeadLetter
 from stylestream.schemas.events import (
     GenerationCompleted,
     GenerationFailed,
@@ -31,12 +32,20 @@ from stylestream.serving.metrics import ServeMetrics
 from stylestream.serving.style_table import StyleTable
 from stylestream.streams import clients
 from stylestream.streams.topics import GENERATION_REQUESTS, GENERATION_RESULTS, dlq, ensure_topics
-from stylestream.transforms.records import DeadLetter
 
 log = logging.getLogger(__name__)
 GROUP_ID = "stylestream-serve"
 
 Result = GenerationCompleted | GenerationFailed
+
+
+@dataclass(frozen=True)
+class Job:
+    """A request that passed its checks, with the style and conditioning it will be generated with."""
+
+    request: GenerationRequested
+    style: StyleVectorUpdated | None
+    cond: Conditioning
 
 
 @dataclass
@@ -151,35 +160,46 @@ class Worker:
 
     def handle_batch(self, records: list) -> list[Result]:
         """Results for a batch of request records (invalid ones go to the dead-letter topic)."""
-        results: dict[str, Result | None] = {}  # None: waiting for its diffusion call
-        requested: dict[str, datetime] = {}
-        todo: dict[tuple, list[tuple[GenerationRequested, StyleVectorUpdated | None, Conditioning]]] = {}
+        # 1. Parse: an invalid request becomes a dead letter; a request twice in the batch counts once
+        requests = self._parse(records)
+        # 2. Answer redeliveries from their stored results (no second image)
+        results: dict[str, Result | None] = {r.request_id: self.output.existing_result(r) for r in requests}
+        # 3. Resolve style and conditioning: a request that cannot be met fails now, the rest wait for
+        #    their diffusion call, grouped by batch key
+        jobs: dict[tuple, list[Job]] = {}
+        for request in requests:
+            if results[request.request_id] is None:
+                results[request.request_id] = self._plan(request, jobs)
+        # 4. One diffusion call per batch key
+        for group in jobs.values():
+            for job, result in self._generate(group):
+                results[job.request.request_id] = result
+        # 5. Publish the results and record their metrics
+        out = [r for r in results.values() if r is not None]
+        self._publish(out, {r.request_id: r.event_time for r in requests})
+        return out
+
+    def _parse(self, records: list) -> list[GenerationRequested]:
+        requests: dict[str, GenerationRequested] = {}
         for record in records:
             try:
                 request = parse_event(GENERATION_REQUESTS, record.value or b"")
             except InvalidEvent as e:
-                dead = DeadLetter(record.topic, record.partition, record.offset, record.key, record.value,
-                                  "validate", str(e))
+                dead = DeadLetter.of(record, "validate", str(e))
                 self._producer.send(dlq(GENERATION_REQUESTS), key=record.key, value=dead.to_json())
                 continue
-            if request.request_id in results:
-                continue  # the same request twice in one batch
-            requested[request.request_id] = request.event_time
-            # A redelivery gets its stored outcome (no new image); otherwise fail now or queue it.
-            results[request.request_id] = self.output.existing_result(request) or self._plan(request, todo)
-        for group in todo.values():
-            for request, result in self._generate(group):
-                results[request.request_id] = result
-        out = [r for r in results.values() if r is not None]
+            requests.setdefault(request.request_id, request)
+        return list(requests.values())
+
+    def _publish(self, results: list[Result], requested: dict[str, datetime]) -> None:
         now = datetime.now(UTC)
-        for result in out:
+        for result in results:
             self._producer.send(GENERATION_RESULTS, key=result.user_id.encode(), value=encode_event(result))
             self.metrics.results.labels("completed" if result.type == "generation_completed" else "failed").inc()
             self.metrics.latency.observe((now - requested[result.request_id]).total_seconds())
-        return out
 
-    def _plan(self, request: GenerationRequested, todo: dict[tuple, list]) -> Result | None:
-        """A failed result right away if the request cannot be met; else None, with it queued in `todo`
+    def _plan(self, request: GenerationRequested, jobs: dict[tuple, list[Job]]) -> Result | None:
+        """A failed result right away if the request cannot be met; else None, with it queued in `jobs`
         under its batch key."""
         style, missing = self._style_for(request)
         if missing:
@@ -188,7 +208,7 @@ class Worker:
             cond = self.generator.condition(request, style)
         except ValueError as e:
             return self.output.record(request, _failed(request, f"{type(e).__name__}: {e}"))
-        todo.setdefault(batch_key(request), []).append((request, style, cond))
+        jobs.setdefault(batch_key(request), []).append(Job(request, style, cond))
         return None
 
     def _update_queue_depth(self) -> None:
@@ -232,32 +252,31 @@ class Worker:
             return None, None
         return None, "no style vector yet (set allow_unpersonalized to generate without)"
 
-    def _generate(self, group: list) -> list[tuple[GenerationRequested, Result]]:
+    def _generate(self, group: list[Job]) -> list[tuple[Job, Result]]:
         """One diffusion call for the group; if it fails, each request alone, so one bad request
         (or one too large for memory) fails by itself while the rest complete."""
-        requests = [r for r, _, _ in group]
+        requests = [job.request for job in group]
         t0 = time.perf_counter()
         try:
-            images = self.generator.generate_batch(requests, [c for _, _, c in group])
+            images = self.generator.generate_batch(requests, [job.cond for job in group])
         except (ValueError, RuntimeError) as e:
             if len(group) == 1:
                 log.exception("generation failed for %s", requests[0].request_id)
-                return [(requests[0], self.output.record(requests[0], _failed(requests[0],
-                                                                              f"{type(e).__name__}: {e}")))]
-            return [pair for item in group for pair in self._generate([item])]
+                return [(group[0], self.output.record(requests[0], _failed(requests[0], f"{type(e).__name__}: {e}")))]
+            return [pair for job in group for pair in self._generate([job])]
         seconds = time.perf_counter() - t0
         self.metrics.batch_size.observe(len(group))
         self.metrics.generate.observe(seconds)
         timings = {"generate": round(seconds * 1000, 1), "batch": len(group)}
-        return [(request, self.output.save(request, image, partial(_completed, request, style, cond, timings)))
-                for (request, style, cond), image in zip(group, images, strict=True)]
+        return [(job, self.output.save(job.request, image, partial(_completed, job, timings)))
+                for job, image in zip(group, images, strict=True)]
 
 
-def _completed(request: GenerationRequested, style: StyleVectorUpdated | None, cond: Conditioning,
-               timings: dict[str, float], image_uri: str) -> GenerationCompleted:
+def _completed(job: Job, timings: dict[str, float], image_uri: str) -> GenerationCompleted:
+    request, cond = job.request, job.cond
     return GenerationCompleted(
         event_id=f"done-{request.request_id}", user_id=request.user_id, event_time=datetime.now(UTC),
-        request_id=request.request_id, image_uri=image_uri, style_version=style.version if style else None,
+        request_id=request.request_id, image_uri=image_uri, style_version=job.style.version if job.style else None,
         facet=cond.facet, lora=cond.lora is not None, style_strength=cond.strength, seed=request.seed,
         timings_ms=timings)
 

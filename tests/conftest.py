@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from stylestream.models.clip import ClipSpec, embedding_dim, ensure_tiny_clip
-from stylestream.models.diffusion import DiffusionSpec, ensure_tiny_diffusion
+from stylestream.models.diffusion import DiffusionSpec
+from stylestream.models.random_models import ensure_tiny_diffusion
 from stylestream.pipelines.ingest import IngestConfig, Ingestor
 from stylestream.schemas.tables import FEATURE_NAMES
 from stylestream.streams.broker import Engine, LocalBroker, choose_engine, start_local_broker

@@ -9,8 +9,9 @@ from helpers import produce, read_topic
 
 from stylestream.demo.synthetic import make_library, toggle_event
 from stylestream.schemas.events import parse_event
+from stylestream.serving.generator import choose_facet
 from stylestream.streams.topics import CONSENT_EVENTS, PHOTO_EVENTS, STYLE_VECTORS
-from stylestream.transforms.facets import choose_facet, find_facets
+from stylestream.transforms.facets import find_facets
 
 
 def purity(facets, look_of) -> float:

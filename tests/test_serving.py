@@ -227,7 +227,7 @@ def test_per_user_lora_in_a_mixed_batch(diffusion, clip, tmp_path):
     from diffusers import UNet2DConditionModel
     from safetensors.torch import save_file
 
-    from stylestream.models.diffusion import random_lora
+    from stylestream.models.random_models import random_lora
     from stylestream.serving.generator import Conditioning
 
     unet = UNet2DConditionModel.from_pretrained(diffusion.model_dir, subfolder="unet")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stylestream.transforms.style import StoredContribution, StyleStats
+from stylestream.transforms.style import StoredContribution, StyleStats, stats_of
 
 MAX_FACETS = 3
 MIN_FACET_PHOTOS = 3
@@ -93,10 +93,7 @@ def find_facets(photo_ids: list[str], embeddings: np.ndarray, features: np.ndarr
     facets = []
     for j in np.unique(labels):
         m = labels == j
-        stats = StyleStats.zero(emb.shape[1], feat.shape[1])
-        for e, f, wt in zip(emb[m], feat[m], w[m], strict=True):
-            stats = stats + StyleStats.of(e, f, float(wt))
-        facets.append(Facet(stats, tuple(i for i, keep in zip(ids, m, strict=True) if keep)))
+        facets.append(Facet(stats_of(emb[m], feat[m], w[m]), tuple(i for i, keep in zip(ids, m, strict=True) if keep)))
     return sorted(facets, key=lambda f: (-f.stats.total_weight, f.photo_ids))
 
 
@@ -108,12 +105,3 @@ def facets_of(stored: dict[str, StoredContribution]) -> list[Facet]:
     return find_facets(ids, np.array([stored[p].embedding for p in ids], np.float32),
                        np.array([stored[p].features for p in ids], np.float32),
                        np.array([stored[p].weight for p in ids]))
-
-
-def choose_facet(text_embedding: np.ndarray, facet_embeddings: list[np.ndarray]) -> int | None:
-    """The facet whose image embedding is closest (cosine) to the prompt's text embedding in the same
-    CLIP space; None when there is nothing to choose between."""
-    if len(facet_embeddings) < 2:
-        return None
-    t = text_embedding / (np.linalg.norm(text_embedding) or 1.0)
-    return int(np.argmax([float(t @ (e / (np.linalg.norm(e) or 1.0))) for e in facet_embeddings]))

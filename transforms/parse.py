@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import apache_beam as beam
 
+from stylestream.schemas.dead_letters import DeadLetter
 from stylestream.schemas.events import InvalidEvent, PhotoDeleted, PhotoUploaded, parse_event
 from stylestream.streams.clients import Message
-from stylestream.transforms.records import DeadLetter, Sourced
+from stylestream.transforms.records import Sourced
 
 UPLOADS, DELETES, TOGGLES, DEAD = "uploads", "deletes", "toggles", "dead"
 
@@ -16,11 +17,10 @@ def parse_message(msg: Message) -> Sourced | DeadLetter:
     try:
         event = parse_event(msg.topic, msg.value or b"")
     except InvalidEvent as e:
-        return DeadLetter(msg.topic, msg.partition, msg.offset, msg.key, msg.value, "validate", str(e))
+        return DeadLetter.of(msg, "validate", str(e))
     # The message key routes a user's events to one partition; a mismatch would break per-user order.
     if msg.key is not None and msg.key != event.user_id.encode():
-        return DeadLetter(msg.topic, msg.partition, msg.offset, msg.key, msg.value, "validate",
-                          f"message key {msg.key!r} is not the event's user_id {event.user_id!r}")
+        return DeadLetter.of(msg, "validate", f"message key {msg.key!r} is not the event's user_id {event.user_id!r}")
     return Sourced(event, msg.topic, msg.partition, msg.offset, msg.value)
 
 

@@ -19,10 +19,7 @@ import numpy as np
 
 from stylestream.transforms.records import Contribution, UserBatch
 
-EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
-DEFAULT_HALF_LIFE_DAYS = 365.0
-# 2 ** (exponent) must stay finite in float64 for photos up to ~2100: (100 years / half-life) < 1000.
-MIN_HALF_LIFE_DAYS = 40.0
+EPOCH = datetime(2000, 1, 1, tzinfo=UTC)  # photo weights grow by 2 ** (days since EPOCH / half-life)
 
 
 def photo_weight(taken_at: datetime, half_life_days: float) -> float:
@@ -66,12 +63,17 @@ class StyleStats:
         return emb.astype(np.float32), (self.sum_features / self.total_weight).astype(np.float32)
 
 
-def style_of(embeddings: np.ndarray, features: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The style vector of photos with these weights, by the rule every user's style follows."""
+def stats_of(embeddings: np.ndarray, features: np.ndarray, weights: np.ndarray) -> StyleStats:
+    """The sufficient statistics of photos with these weights, by the rule every user's style follows."""
     stats = StyleStats.zero(embeddings.shape[1], features.shape[1])
     for e, f, w in zip(embeddings, features, weights, strict=True):
         stats = stats + StyleStats.of(e, f, float(w))
-    return stats.vector()
+    return stats
+
+
+def style_of(embeddings: np.ndarray, features: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The style vector of photos with these weights."""
+    return stats_of(embeddings, features, weights).vector()
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,72 @@
+"""Where everything lives under a data directory (`--data-dir`): the one definition every command,
+the demo and ingestion use (imported by the command line at start-up: no heavy imports here).
+
+    DATA_DIR/
+        state/                 StateLayout: what ingestion keeps (back it up as one)
+            state.duckdb       per-user state, offsets, outbox
+            history/           the Parquet style history, date=YYYY-MM-DD/cycle-NNNNNNNN.parquet
+            analytics.key      the key of the history's pseudonyms (analytics/pseudonyms.py)
+            cycle-plan.json    the cycle in progress
+            backfill/          where each backfill stopped
+        models/                the tiny models, written on first use
+        images/                generated images (serve --output overrides)
+        kafka/                 the local broker's log (stylestream broker)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+KEY_FILE = "analytics.key"  # the history's pseudonym key (analytics/pseudonyms.py)
+
+
+@dataclass(frozen=True)
+class StateLayout:
+    root: Path
+
+    @property
+    def db(self) -> Path:
+        return self.root / "state.duckdb"
+
+    @property
+    def history(self) -> Path:
+        return self.root / "history"
+
+    @property
+    def analytics_key(self) -> Path:
+        return self.root / KEY_FILE
+
+    @property
+    def cycle_plan(self) -> Path:
+        return self.root / "cycle-plan.json"
+
+    @property
+    def backfill(self) -> Path:
+        return self.root / "backfill"
+
+    @classmethod
+    def of_history(cls, history: Path) -> StateLayout:
+        """The state a history folder belongs to (its analytics key sits beside it)."""
+        return cls(history.parent)
+
+
+@dataclass(frozen=True)
+class DataLayout:
+    root: Path
+
+    @property
+    def state(self) -> StateLayout:
+        return StateLayout(self.root / "state")
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def images(self) -> Path:
+        return self.root / "images"
+
+    @property
+    def kafka(self) -> Path:
+        return self.root / "kafka"

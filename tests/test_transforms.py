@@ -1,0 +1,107 @@
+"""Each Beam step alone, as Beam's own examples test theirs: TestPipeline and assert_that, in-memory
+inputs, no broker."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from stylestream.demo.synthetic import make_library, toggle_event
+from stylestream.pipelines.streaming import UpdateUserStyle
+from stylestream.schemas.events import encode_event
+from stylestream.schemas.tables import FEATURE_NAMES
+from stylestream.streams.clients import Message
+from stylestream.streams.topics import CONSENT_EVENTS, PHOTO_EVENTS
+from stylestream.transforms.grouping import GroupByUser
+from stylestream.transforms.images import PreparePhotos
+from stylestream.transforms.parse import ParseEvents
+from stylestream.transforms.records import Contribution, Sourced
+
+WHEN = datetime(2026, 3, 1, tzinfo=UTC)
+
+
+def message(topic: str, offset: int, event=None, key: bytes | None = None, value: bytes | None = None) -> Message:
+    return Message(topic, 0, offset, key if key is not None else event.user_id.encode(),
+                   value if value is not None else encode_event(event), 0)
+
+
+def sourced(event, offset: int = 0) -> Sourced:
+    topic = CONSENT_EVENTS if event.type == "style_learning_toggled" else PHOTO_EVENTS
+    return Sourced(event, topic, 0, offset, encode_event(event))
+
+
+def contribution(photo, seed: int) -> Contribution:
+    rng = np.random.default_rng(seed)
+    e = rng.normal(size=8).astype(np.float32)
+    return Contribution(photo.upload_event(), e / np.linalg.norm(e), rng.random(len(FEATURE_NAMES)).astype(np.float32))
+
+
+def test_parse_routes_each_event_and_gives_bad_input_a_reason(tmp_path):
+    [photo] = make_library(tmp_path, {"ana": [("a", "warm", 1)]})
+    messages = [
+        message(PHOTO_EVENTS, 0, photo.upload_event()),
+        message(PHOTO_EVENTS, 1, photo.delete_event(WHEN)),
+        message(CONSENT_EVENTS, 0, toggle_event("ana", "album", "a", False, WHEN)),
+        message(PHOTO_EVENTS, 2, key=b"ana", value=b"{not json"),
+        message(PHOTO_EVENTS, 3, photo.upload_event(), key=b"ben"),  # routed by another user's key
+    ]
+    with TestPipeline() as p:
+        events = p | beam.Create(messages) | ParseEvents()
+        assert_that(events.uploads | "U" >> beam.Map(lambda s: (s.event.photo_id, s.offset)),
+                    equal_to([(photo.photo_id, 0)]), label="uploads")
+        assert_that(events.deletes | "D" >> beam.Map(lambda s: s.event.photo_id), equal_to([photo.photo_id]),
+                    label="deletes")
+        assert_that(events.toggles | "T" >> beam.Map(lambda s: (s.event.scope, s.event.enabled)),
+                    equal_to([("album", False)]), label="toggles")
+        assert_that(events.dead | "X" >> beam.Map(lambda d: (d.offset, d.stage, "JSON" in d.reason or
+                                                             "is not the event's user_id" in d.reason)),
+                    equal_to([(2, "validate", True), (3, "validate", True)]), label="dead")
+
+
+def test_prepare_decodes_keeps_only_whitelisted_metadata_and_rejects_a_wrong_checksum(tmp_path):
+    good, bad = make_library(tmp_path, {"ana": [("a", "warm", 2)]})
+    wrong = bad.upload_event()
+    wrong = wrong.model_copy(update={"image": wrong.image.model_copy(update={"sha256": "0" * 64})})
+    with TestPipeline() as p:
+        photos = p | beam.Create([sourced(good.upload_event(), 0), sourced(wrong, 1)]) | PreparePhotos()
+        assert_that(photos.ok | "Ok" >> beam.Map(lambda ph: (ph.source.event.photo_id, ph.features.shape,
+                                                             sorted(ph.metadata))),
+                    equal_to([(good.photo_id, (len(FEATURE_NAMES),),
+                               ["exposure_time_s", "f_number", "flash", "focal_length_mm", "hour_of_day", "iso"])]),
+                    label="ok")
+        assert_that(photos.dead | "Dead" >> beam.Map(lambda d: (d.offset, "sha256" in d.reason)),
+                    equal_to([(1, True)]), label="dead")
+
+
+def test_group_by_user_gathers_a_users_share_of_the_cycle(tmp_path):
+    photos = make_library(tmp_path, {"ana": [("a", "warm", 2)], "ben": [("b", "cool", 1)]})
+    ana = [p for p in photos if p.user_id == "ana"]
+    [ben] = [p for p in photos if p.user_id == "ben"]
+    with TestPipeline() as p:
+        contributions = p | "C" >> beam.Create([contribution(ph, i) for i, ph in enumerate(photos)])
+        deletes = p | "D" >> beam.Create([sourced(ana[0].delete_event(WHEN))])
+        toggles = p | "T" >> beam.Create([sourced(toggle_event("ben", "user", None, False, WHEN))])
+        batches = (contributions, deletes, toggles) | GroupByUser()
+        assert_that(batches | beam.Map(lambda b: (b.user_id, sorted(c.photo_id for c in b.contributions),
+                                                  [d.photo_id for d in b.deletes], len(b.toggles))),
+                    equal_to([("ana", sorted(p.photo_id for p in ana), [ana[0].photo_id], 0),
+                              ("ben", [ben.photo_id], [], 1)]))
+
+
+def test_the_per_user_update_step_keeps_state_and_withdraws_what_an_opt_out_covers(tmp_path):
+    photos = make_library(tmp_path, {"ana": [("beach", "warm", 3), ("office", "cool", 2)]})
+    with TestPipeline() as p:
+        contributions = p | "C" >> beam.Create([contribution(ph, i) for i, ph in enumerate(photos)])
+        no_deletes = p | "D" >> beam.Create([])
+        off = p | "T" >> beam.Create([sourced(toggle_event("ana", "album", "office", False, WHEN))])
+        updates = (contributions, no_deletes, off) | UpdateUserStyle(8, len(FEATURE_NAMES), 365.0)
+        # Whatever order the runner delivers them in, the last version counts the beach photos only,
+        # and its facets too: exactly as the rule says (transforms/style.py).
+        latest = (updates.versions | beam.Map(lambda v: (v.user_id, v))
+                  | beam.CombinePerKey(lambda vs: max(vs, key=lambda v: v.version))
+                  | beam.MapTuple(lambda u, v: (u, v.event.photo_count, sum(f.photo_count for f in v.event.facets))))
+        assert_that(latest, equal_to([("ana", 3, 3)]))
