@@ -15,6 +15,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 import apache_beam as beam
@@ -24,6 +25,7 @@ from stylestream.analytics import history, pseudonyms
 from stylestream.defaults import HALF_LIFE_DAYS, MAX_EVENTS_PER_PARTITION, MIN_HALF_LIFE_DAYS
 from stylestream.models.clip import ClipSpec, embedding_dim
 from stylestream.pipelines.layout import StateLayout
+from stylestream.pipelines.plan import CycleWrites, plan_cycle
 from stylestream.pipelines.store import CycleResult, Store
 from stylestream.schemas.dead_letters import DeadLetter
 from stylestream.streams import clients
@@ -106,32 +108,44 @@ class CyclePlan:
         return CyclePlan(plan["cycle"], tuple(OffsetRange(**r) for r in plan["ranges"]))
 
 
-class _Commit(beam.DoFn):
+# The runner is in this process, so these steps' connections share the Ingestor's open database (the
+# one writer: nothing changes the state between the plan and the commit).
+
+class _PlanUserUpdates(beam.DoFn):
     def __init__(self, cfg: IngestConfig, embedding_dim: int):
         self._cfg, self._dim = cfg, embedding_dim
 
-    def process(self, plan: CyclePlan, gathered: list):
-        batches = [x for x in gathered if isinstance(x, UserBatch)]
-        dead = [x for x in gathered if isinstance(x, DeadLetter)]
-        # The runner is in this process, so this connection shares the Ingestor's open database.
+    def process(self, plan: CyclePlan, batches: list[UserBatch]):
         with Store(self._cfg.db_path) as store:
-            yield store.commit_cycle(plan.cycle, plan.ranges, batches, dead, self._cfg.half_life_days, self._dim)
+            views = store.user_views(batches, self._dim)
+        yield plan_cycle(views, batches, self._cfg.half_life_days, datetime.now(UTC))
+
+
+class _Commit(beam.DoFn):
+    def __init__(self, cfg: IngestConfig):
+        self._cfg = cfg
+
+    def process(self, plan: CyclePlan, writes: CycleWrites, dead: list[DeadLetter]):
+        with Store(self._cfg.db_path) as store:
+            yield store.commit_cycle(plan.cycle, plan.ranges, writes, dead)
 
 
 class CommitCycle(beam.PTransform):
-    """(plan, user batches, dead letters) -> one DuckDB transaction with the plan's offsets -> CycleResult.
+    """(plan, user batches, dead letters) -> the per-user updates, planned from what the store holds
+    (pipelines/plan.py) -> one DuckDB transaction with the plan's offsets -> CycleResult.
 
-    The plan is the main input, so the commit runs (and records the offsets) even for a cycle whose
-    messages produced nothing; everything the cycle produced arrives as one list beside it."""
+    The cycle's plan is the main input, so the commit runs (and records the offsets) even for a cycle
+    whose messages produced nothing; what the cycle produced arrives beside it as side inputs."""
 
     def __init__(self, cfg: IngestConfig, embedding_dim: int):
         super().__init__()
-        self._commit = _Commit(cfg, embedding_dim)
+        self._plan, self._commit = _PlanUserUpdates(cfg, embedding_dim), _Commit(cfg)
 
     def expand(self, pcolls):
         plan, batches, dead = pcolls
-        gathered = (batches, dead) | "Together" >> beam.Flatten()
-        return plan | "Commit" >> beam.ParDo(self._commit, beam.pvalue.AsList(gathered))
+        writes = plan | "PlanUserUpdates" >> beam.ParDo(self._plan, beam.pvalue.AsList(batches))
+        return plan | "Commit" >> beam.ParDo(self._commit, beam.pvalue.AsSingleton(writes),
+                                             beam.pvalue.AsList(dead))
 
 
 def build_cycle(p: beam.Pipeline, cfg: IngestConfig, embedding_dim: int) -> beam.PCollection:

@@ -1,7 +1,8 @@
 """Planning one ingestion cycle: what the store must write, as a pure function of what it holds.
 
-The store (pipelines/store.py) reads each batch user's view, calls `plan_cycle`, and writes what it
-returns; every decision is made here, with no database: the per-user rule (transforms/style.py),
+The cycle's pipeline (pipelines/ingest.py, step PlanUserUpdates) reads each batch user's view from the
+store, calls `plan_cycle`, and the store then writes what it returns (step Commit); every decision is
+made here, with no database: the per-user rule (transforms/style.py),
 the versions a withdrawal redacts, the facets (transforms/facets.py) and the style-vector events
 (transforms/vectors.py).
 """
@@ -67,6 +68,8 @@ class CycleWrites:
     updates: dict[str, UserUpdate]  # every batch user's changes, by user id
     versions: list[NewVersion]  # for users whose style changed, by user id
     redactions: list[Redaction]
+    photos: int  # contributions (embedded uploads) among the cycle's events
+    planned_at: datetime  # the new versions' time
 
     @property
     def reingest(self) -> list[tuple[str, str]]:
@@ -82,4 +85,5 @@ def plan_cycle(views: dict[str, UserView], batches: list[UserBatch], half_life_d
              for b in sorted(batches, key=lambda b: b.user_id)}
     return CycleWrites({u: p.update for u, p in plans.items()},
                        [p.version for p in plans.values() if p.version],
-                       [p.redaction for p in plans.values() if p.redaction])
+                       [p.redaction for p in plans.values() if p.redaction],
+                       sum(len(b.contributions) for b in batches), now)

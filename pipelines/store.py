@@ -24,14 +24,14 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from stylestream.pipelines.plan import CycleWrites, NewVersion, Redaction, plan_cycle
+from stylestream.pipelines.plan import CycleWrites, NewVersion, Redaction
 from stylestream.schemas.dead_letters import DeadLetter
 from stylestream.schemas.events import encode_event
 from stylestream.schemas.tables import FEATURE_NAMES, STYLE_HISTORY
 from stylestream.streams.topics import PHOTO_EVENTS, STYLE_VECTORS, dlq
 from stylestream.transforms.kafka_read import OffsetRange
 from stylestream.transforms.records import UserBatch
-from stylestream.transforms.style import ConsentRecord, StoredContribution, StyleStats, UserView, affected_scopes
+from stylestream.transforms.style import ConsentRecord, StoredContribution, StyleStats, UserView
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL);
@@ -171,7 +171,7 @@ class Store:
     def user_views(self, batches: list[UserBatch], dim: int) -> dict[str, UserView]:
         """What the store holds that the batches can touch, for all their users in a few queries."""
         users = [b.user_id for b in batches]
-        scopes = {b.user_id: affected_scopes(b) for b in batches}
+        scopes = {b.user_id: b.scopes() for b in batches}
         photo_keys = pa.table({"user_id": [u for u in users for _ in scopes[u][0]],
                                "photo_id": [p for u in users for p in sorted(scopes[u][0])]},
                               schema=pa.schema([("user_id", pa.string()), ("photo_id", pa.string())]))
@@ -204,30 +204,28 @@ class Store:
         return views
 
     # --------------------------------------------------------------------------------- the commit
-    def commit_cycle(self, cycle: int, ranges: Iterable[OffsetRange], batches: Iterable[UserBatch],
-                     dead_letters: Iterable[DeadLetter], half_life_days: float, embedding_dim: int) -> CycleResult:
-        """Apply one cycle's user batches and record its offsets, atomically."""
-        ranges, batches, dead_letters = list(ranges), list(batches), list(dead_letters)
+    def commit_cycle(self, cycle: int, ranges: Iterable[OffsetRange], writes: CycleWrites,
+                     dead_letters: Iterable[DeadLetter]) -> CycleResult:
+        """Record one cycle's planned writes (pipelines/plan.py) and its offsets, atomically."""
+        ranges, dead_letters = list(ranges), list(dead_letters)
         # 1. Offsets: a commit the runner retried is in already; a gap means another writer ran
         if self._committed(cycle, ranges):
             return self.cycle_result(cycle)
         with self._transaction(cycle):
             self._check_offsets(ranges)
-            # 2. Plan: every decision, from what the store holds (pipelines/plan.py)
-            now = datetime.now(UTC)
-            writes = plan_cycle(self.user_views(batches, embedding_dim), batches, half_life_days, now)
-            # 3. Redact: the versions that counted withdrawn photos (the history follows after the commit)
+            # 2. Redact: the versions that counted withdrawn photos (the history follows after the commit)
             self._write_redactions(cycle, writes.redactions)
-            # 4. Write: consent, deletions, catalogue, contributions, the new versions, offsets, the cycle
+            # 3. Write: consent, deletions, catalogue, contributions, the new versions, offsets, the cycle
             self._write_updates(writes)
-            self._write_versions(cycle, now, writes.versions)
+            self._write_versions(cycle, writes.planned_at, writes.versions)
             self._insert("offsets", {"topic": [r.topic for r in ranges], "partition": [r.partition for r in ranges],
                                      "next_offset": [r.stop for r in ranges]}, "OR REPLACE")
-            result = CycleResult(cycle, sum(len(r) for r in ranges), sum(len(b.contributions) for b in batches),
-                                 len(dead_letters), len(writes.versions))
+            result = CycleResult(cycle, sum(len(r) for r in ranges), writes.photos, len(dead_letters),
+                                 len(writes.versions))
             self.db.execute("INSERT INTO cycles VALUES (?, ?, ?, ?, ?, ?, false, false)",
-                            [cycle, now, result.events, result.photos, result.dead_letters, result.users_updated])
-            # 5. Outbox: uploads to re-ingest, the new style vectors, dead letters (published after the commit)
+                            [cycle, datetime.now(UTC), result.events, result.photos, result.dead_letters,
+                             result.users_updated])
+            # 4. Outbox: uploads to re-ingest, the new style vectors, dead letters (published after the commit)
             reingest = [(PHOTO_EVENTS, u.encode(), upload) for u, upload in self._uploads(writes.reingest)]
             vectors = [(STYLE_VECTORS, v.user_id.encode(), encode_event(v.event)) for v in writes.versions]
             self._write_outbox(cycle, reingest + vectors + [(dlq(d.topic), d.key, d.to_json()) for d in dead_letters])

@@ -70,3 +70,17 @@ class UserBatch:
     contributions: list[Contribution] = field(default_factory=list)
     deletes: list[PhotoDeleted] = field(default_factory=list)
     toggles: list[StyleLearningToggled] = field(default_factory=list)
+
+    def scopes(self) -> tuple[set[str], set[str], bool]:
+        """(photo ids, album ids, whole user?) whose stored state the batch may touch."""
+        photos = {c.photo_id for c in self.contributions} | {d.photo_id for d in self.deletes}
+        albums = set()
+        whole_user = False
+        for t in self.toggles:
+            if t.scope == "photo":
+                photos.add(t.scope_id)
+            elif t.scope == "album":
+                albums.add(t.scope_id)
+            else:
+                whole_user = True
+        return photos, albums, whole_user

@@ -141,21 +141,6 @@ class UserUpdate:
         return bool(self.add or self.remove)
 
 
-def affected_scopes(batch: UserBatch) -> tuple[set[str], set[str], bool]:
-    """(photo ids, album ids, whole user?) whose stored contributions the batch may withdraw or repeat."""
-    photos = {c.photo_id for c in batch.contributions} | {d.photo_id for d in batch.deletes}
-    albums = set()
-    whole_user = False
-    for t in batch.toggles:
-        if t.scope == "photo":
-            photos.add(t.scope_id)
-        elif t.scope == "album":
-            albums.add(t.scope_id)
-        else:
-            whole_user = True
-    return photos, albums, whole_user
-
-
 def plan_user_update(view: UserView, batch: UserBatch, half_life_days: float) -> UserUpdate:
     """The changes one batch makes to one user's state. Order-free: toggles resolve by event time,
     deletions are permanent, and a photo already stored is never added twice.
