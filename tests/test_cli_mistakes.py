@@ -19,6 +19,7 @@ from stylestream.streams.broker_process import free_port
 from stylestream.streams.topics import ALL_TOPICS
 
 USAGE, RUNTIME = 2, 1
+COMMAND = str(Path(sys.executable).parent / "stylestream")
 
 
 def stylestream(*args: str, cwd: Path, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -114,7 +115,7 @@ def test_a_runtime_error_is_one_line_and_debug_shows_the_traceback(broker, tmp_p
 def interrupt(when: float | str, *args: str, cwd: Path, sig: int = signal.SIGINT) -> tuple[int, str, float]:
     """Run a command and send `sig` after `when` seconds, or once its output shows the text `when`;
     (exit status, output, seconds from the signal to exit)."""
-    proc = subprocess.Popen([sys.executable, "-m", "stylestream.cli.main", *args], cwd=cwd, text=True,
+    proc = subprocess.Popen([COMMAND, *args], cwd=cwd, text=True,  # as a user runs it: the console script
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "200"})
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
@@ -144,6 +145,7 @@ def test_ctrl_c_or_sigterm_at_any_moment_ends_without_a_traceback(tmp_path):
     data = ["--data-dir", str(tmp_path / "data")]
     retrying = "retrying in"
     cases = [
+        (0.3, ["demo", *data], signal.SIGINT, 130),  # while its libraries load
         (1.0, ["demo", *data], signal.SIGINT, 130),
         (8.0, ["demo", *data], signal.SIGINT, 130),
         (retrying, ["ingest", "-b", unreachable, "--follow", *data], signal.SIGINT, 0),
