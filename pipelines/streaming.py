@@ -137,7 +137,7 @@ def run_bounded(bootstrap_servers: str, ranges: list[OffsetRange], clip: ClipSpe
         (versions | "HistoryRows" >> beam.Map(history_row, pseudonym_key)
          | "WriteHistory" >> beam.io.WriteToParquet(output_prefix, HISTORY_SCHEMA, file_name_suffix=".parquet"))
         if vectors_prefix:
-            (versions | "VectorEvents" >> beam.Map(lambda v: encode_event(v.event).decode())
+            (versions | "VectorEvents" >> beam.Map(lambda v: to_vector_message(v)[1].decode())
              | "WriteVectors" >> beam.io.WriteToText(vectors_prefix, file_name_suffix=".jsonl"))
 
 
