@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint prism clean
 
 $(BIN)/stylestream: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,13 @@ TEST_BROKER ?= auto
 PYTEST = rc=0; STYLESTREAM_TEST_BROKER=$(1) $(BIN)/python -m pytest $(2) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; [ $$rc -eq 0 ]
 
+## Prism, Beam's portable runner for the streaming pipeline: `go install` at the SDK's Beam release,
+## cached under ~/.cache/stylestream/prism/ (about a minute the first time).
+prism: $(BIN)/stylestream
+	$(BIN)/python -m stylestream.pipelines.prism
+
 ## Lint, then every test (slow end-to-end ones included), then the smoke tests on Tansu.
-test: $(BIN)/stylestream lint
+test: $(BIN)/stylestream lint prism
 	$(call PYTEST,$(TEST_BROKER),)
 	$(call PYTEST,tansu,-m smoke)
 

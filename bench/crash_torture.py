@@ -26,7 +26,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -36,11 +35,11 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from stylestream.analytics.pseudonyms import KEY_FILE, load_or_create_key
-from stylestream.demo.synthetic import LOOKS, SyntheticPhoto, render, toggle_event
-from stylestream.schemas.events import encode_event, parse_event
+from stylestream.demo.synthetic import messy_stream
+from stylestream.schemas.events import parse_event
 from stylestream.streams import clients
 from stylestream.streams.broker import Engine, add_broker_option, kill_and_restart, start_local_broker
-from stylestream.streams.topics import CONSENT_EVENTS, PHOTO_EVENTS, STYLE_VECTORS, ensure_topics
+from stylestream.streams.topics import STYLE_VECTORS, ensure_topics
 
 # Timestamps differ between any two runs; everything else must match.
 TABLES = {
@@ -59,45 +58,6 @@ TABLES = {
     "redactions": "cycle, user_id, from_version, to_version, applied",
     "outbox": "cycle, seq, topic",
 }
-
-
-def make_stream(root: Path, n_events: int, users: int, seed: int) -> list[tuple[str, bytes, bytes]]:
-    """(topic, key, value) in production order."""
-    rng = random.Random(seed)
-    images = []
-    for i in range(64):  # many photos share these few files: decoding is not what is tested here
-        path = root / f"img{i}.jpg"
-        render(LOOKS[sorted(LOOKS)[i % len(LOOKS)]], seed * 100 + i, (96, 72)).save(path, "JPEG", quality=85)
-        images.append(path)
-    t0 = datetime(2025, 1, 1, tzinfo=UTC)
-    stream, uploaded = [], []
-    n = 0
-    while len(stream) < n_events:
-        n += 1
-        user = f"u{rng.randrange(users):04d}"
-        album = f"{user}-a{rng.randrange(3)}"
-        when = t0 + timedelta(minutes=rng.randrange(500_000))  # event times in no particular order
-        r = rng.random()
-        if r < 0.62 or not uploaded:
-            p = SyntheticPhoto(user, f"{user}-p{n}", album, "", images[rng.randrange(len(images))], when)
-            uploaded.append(p)
-            stream.append((PHOTO_EVENTS, user, encode_event(p.upload_event(when))))
-        elif r < 0.72:  # a duplicate delivery of an earlier event
-            stream.append(stream[rng.randrange(len(stream))])
-            continue
-        elif r < 0.79:
-            p = rng.choice(uploaded)
-            stream.append((PHOTO_EVENTS, p.user_id, encode_event(p.delete_event(when))))
-        elif r < 0.90:
-            stream.append((CONSENT_EVENTS, user, encode_event(
-                toggle_event(user, "album", album, rng.random() < 0.5, when, event_id=f"t{n}"))))
-        elif r < 0.97:
-            p = rng.choice(uploaded)
-            stream.append((CONSENT_EVENTS, p.user_id, encode_event(
-                toggle_event(p.user_id, "photo", p.photo_id, rng.random() < 0.4, when, event_id=f"t{n}"))))
-        else:
-            stream.append((PHOTO_EVENTS, user, b'{"type": "photo_uploaded", "broken": ' + str(n).encode()))
-    return [(t, k.encode() if isinstance(k, str) else k, v) for t, k, v in stream]
 
 
 def produce(bootstrap: str, stream) -> None:
@@ -187,7 +147,7 @@ def main() -> None:
     a = ap.parse_args()
     t0 = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="crash-torture-"))
-    stream = make_stream(work, a.events, a.users, a.seed)
+    stream = messy_stream(work, a.events, a.users, a.seed)
     brokers = [start_local_broker(a.broker, work / f"broker-{n}") for n in ("reference", "tortured")]
     broker_kills = a.broker_kills if brokers[1].engine == Engine.kafka else 0
     try:

@@ -9,6 +9,7 @@ must never let through.
 from __future__ import annotations
 
 import hashlib
+import random
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,7 +17,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from stylestream.schemas import events
 from stylestream.schemas.events import ImageRef, PhotoDeleted, PhotoUploaded, StyleLearningToggled
+from stylestream.streams import topics
 
 
 @dataclass(frozen=True)
@@ -148,3 +151,45 @@ def make_library(root: Path, users: dict[str, list[tuple[str, str, int]]], seed:
                 photos.append(SyntheticPhoto(user_id, photo_id, album_id, look_name, path, taken))
                 n += 1
     return photos
+
+
+def messy_stream(root: Path, n_events: int, users: int, seed: int) -> list[tuple[str, bytes, bytes]]:
+    """A stream a photo service might send: uploads, duplicate deliveries, deletions, album and photo
+    opt-outs and opt-ins, event times in no particular order, and some malformed events, as
+    (topic, key, value) in production order. Its photos are few small JPEGs under `root`."""
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    images = []
+    for i in range(64):  # many photos share these few files: decoding is not what is tested here
+        path = root / f"img{i}.jpg"
+        render(LOOKS[sorted(LOOKS)[i % len(LOOKS)]], seed * 100 + i, (96, 72)).save(path, "JPEG", quality=85)
+        images.append(path)
+    t0 = datetime(2025, 1, 1, tzinfo=UTC)
+    stream, uploaded = [], []
+    n = 0
+    while len(stream) < n_events:
+        n += 1
+        user = f"u{rng.randrange(users):04d}"
+        album = f"{user}-a{rng.randrange(3)}"
+        when = t0 + timedelta(minutes=rng.randrange(500_000))  # event times in no particular order
+        r = rng.random()
+        if r < 0.62 or not uploaded:
+            p = SyntheticPhoto(user, f"{user}-p{n}", album, "", images[rng.randrange(len(images))], when)
+            uploaded.append(p)
+            stream.append((topics.PHOTO_EVENTS, user, events.encode_event(p.upload_event(when))))
+        elif r < 0.72:  # a duplicate delivery of an earlier event
+            stream.append(stream[rng.randrange(len(stream))])
+            continue
+        elif r < 0.79:
+            p = rng.choice(uploaded)
+            stream.append((topics.PHOTO_EVENTS, p.user_id, events.encode_event(p.delete_event(when))))
+        elif r < 0.90:
+            stream.append((topics.CONSENT_EVENTS, user, events.encode_event(
+                toggle_event(user, "album", album, rng.random() < 0.5, when, event_id=f"t{n}"))))
+        elif r < 0.97:
+            p = rng.choice(uploaded)
+            stream.append((topics.CONSENT_EVENTS, p.user_id, events.encode_event(
+                toggle_event(p.user_id, "photo", p.photo_id, rng.random() < 0.4, when, event_id=f"t{n}"))))
+        else:
+            stream.append((topics.PHOTO_EVENTS, user, b'{"type": "photo_uploaded", "broken": ' + str(n).encode()))
+    return [(t, k.encode() if isinstance(k, str) else k, v) for t, k, v in stream]

@@ -15,7 +15,15 @@ from datetime import datetime
 from stylestream.schemas.events import StyleVectorUpdated
 from stylestream.transforms.facets import Facet, facets_of
 from stylestream.transforms.records import UserBatch
-from stylestream.transforms.style import UserUpdate, UserView, apply_update, plan_user_update, withdrawn_versions
+from stylestream.transforms.style import (
+    StoredContribution,
+    StyleStats,
+    UserUpdate,
+    UserView,
+    apply_update,
+    plan_user_update,
+    withdrawn_versions,
+)
 from stylestream.transforms.vectors import style_vector_event
 
 
@@ -25,9 +33,29 @@ class NewVersion:
 
     user_id: str
     version: int
-    update: UserUpdate
+    stats: StyleStats  # the sums behind it
     facets: list[Facet]
     event: StyleVectorUpdated
+
+    def row(self, cycle: int, updated_at: datetime) -> dict:
+        """The version as a row of `style_versions` and of the history (schemas/tables.STYLE_HISTORY)."""
+        embedding, features = self.stats.vector()
+        return {"user_id": self.user_id, "version": self.version, "cycle": cycle, "updated_at": updated_at,
+                "photo_count": self.stats.count, "total_weight": self.stats.total_weight,
+                "embedding": embedding.tolist(), "features": features.tolist(),
+                "facets": [{"photo_count": f.stats.count, "total_weight": f.stats.total_weight,
+                            "embedding": f.stats.vector()[0].tolist(), "features": f.stats.vector()[1].tolist()}
+                           for f in self.facets],
+                "tombstone": False}
+
+
+def new_version(user_id: str, version: int, stats: StyleStats, stored: dict[str, StoredContribution],
+                withdrawn: list[int], now: datetime) -> NewVersion:
+    """Version `version` of a user's style: `stats` over `stored` (every contribution that counts,
+    for the facets), naming the earlier versions it withdraws."""
+    facets = facets_of(stored)
+    return NewVersion(user_id, version, stats, facets,
+                      style_vector_event(user_id, version, stats, facets, withdrawn, now))
 
 
 @dataclass(frozen=True)
@@ -57,9 +85,8 @@ def plan_user(view: UserView, batch: UserBatch, half_life_days: float, now: date
     if not update.changes_style:
         return UserPlan(update, after, None, None)
     withdrawn = withdrawn_versions(view, update)
-    facets = facets_of(after.stored)
-    event = style_vector_event(batch.user_id, after.version, update.stats, facets, withdrawn, now)
-    return UserPlan(update, after, NewVersion(batch.user_id, after.version, update, facets, event),
+    version = new_version(batch.user_id, after.version, update.stats, after.stored, withdrawn, now)
+    return UserPlan(update, after, version,
                     Redaction(batch.user_id, withdrawn[0], withdrawn[-1]) if withdrawn else None)
 
 

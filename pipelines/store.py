@@ -301,21 +301,12 @@ class Store:
         """The users' new sums and their new immutable style versions."""
         self._insert("user_stats", {
             "user_id": [v.user_id for v in versions], "version": [v.version for v in versions],
-            "photo_count": [v.update.stats.count for v in versions],
-            "total_weight": [v.update.stats.total_weight for v in versions],
-            "sum_embedding": [v.update.stats.sum_embedding.tolist() for v in versions],
-            "sum_features": [v.update.stats.sum_features.tolist() for v in versions]}, "OR REPLACE")
-        vectors = [v.update.stats.vector() for v in versions]
-        self._insert("style_versions", {
-            "user_id": [v.user_id for v in versions], "version": [v.version for v in versions],
-            "cycle": [cycle] * len(versions), "updated_at": [now] * len(versions),
-            "photo_count": [v.update.stats.count for v in versions],
-            "total_weight": [v.update.stats.total_weight for v in versions],
-            "embedding": [e.tolist() for e, _ in vectors], "features": [f.tolist() for _, f in vectors],
-            "facets": [[{"photo_count": f.stats.count, "total_weight": f.stats.total_weight,
-                         "embedding": f.stats.vector()[0].tolist(), "features": f.stats.vector()[1].tolist()}
-                        for f in v.facets] for v in versions],
-            "tombstone": [False] * len(versions)})
+            "photo_count": [v.stats.count for v in versions],
+            "total_weight": [v.stats.total_weight for v in versions],
+            "sum_embedding": [v.stats.sum_embedding.tolist() for v in versions],
+            "sum_features": [v.stats.sum_features.tolist() for v in versions]}, "OR REPLACE")
+        rows = [v.row(cycle, now) for v in versions]
+        self._insert("style_versions", {name: [r[name] for r in rows] for name in STYLE_HISTORY.names})
 
     def _write_redactions(self, cycle: int, redactions: list[Redaction]) -> None:
         """Withdrawn photos must stop influencing anything, the user's past versions included: the

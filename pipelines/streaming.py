@@ -1,144 +1,65 @@
-"""Ingestion past one machine: the same transforms as a streaming pipeline for a distributed runner.
+"""Ingestion past one machine: the same transforms as one unbounded Beam pipeline on a portable runner.
+
+    python -m stylestream.pipelines.streaming --bootstrap-servers HOST:PORT --data-dir DIR \\
+        [--runner PrismRunner] [any Beam pipeline option]
 
 Differences from the local micro-batch driver (pipelines/ingest.py):
-- Source: Beam's ReadFromKafka (a cross-language transform; the runner's expansion service reads
-  every partition in parallel and checkpoints offsets) instead of planned offset ranges.
-- State: each user's style state lives in the runner as per-key state of `UpdateUserStyle`
-  (Flink: RocksDB state backend; Dataflow: its managed state), instead of DuckDB. Exactly-once
-  comes from the runner's checkpoints, which cover source offsets and state together.
-- Sinks: new style versions go to the style-vectors topic and, per window, to Parquet files.
+- Source: every partition of the input topics, read without end by a splittable DoFn
+  (`transforms/kafka_read.ReadPartitions`; the runner checkpoints its claimed offsets), instead of
+  planned offset ranges. Beam's cross-language ReadFromKafka would need Beam's Java expansion service.
+- State: each user's style state lives in the runner as keyed state (`pipelines/streaming_state`:
+  a small summary cell and one entry per photo, so an event touches what it changes), instead of
+  DuckDB; a user's new version is published shortly after a change (a processing-time timer).
+- Sinks: new style versions, re-ingested uploads and dead letters go to Kafka; every published
+  version is a row of Parquet history (pseudonymous, like the local driver's).
 
-Each user's update is planned by the same pure function in both modes (`plan_user`, which builds the
-style-vector event with its facets and withdrawn versions), and it is order-free, so one event at a
-time in any order gives the same style as micro-batches.
-`run_bounded` runs this pipeline here over a bounded offset range on FnApiRunner, for tests.
+Each user's update is decided by the same pure functions in both modes (transforms/style.py), which
+are order-free, so one event at a time in any order gives the same style as micro-batches.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import signal
+import subprocess
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
 import apache_beam as beam
 import pyarrow as pa
-from apache_beam.coders import PickleCoder
-from apache_beam.runners.portability.fn_api_runner import FnApiRunner
-from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 
-from stylestream.analytics.pseudonyms import load_key, pseudonym
-from stylestream.defaults import HALF_LIFE_DAYS
+from stylestream.analytics.history import write_atomically
+from stylestream.analytics.pseudonyms import load_or_create_key, pseudonym
+from stylestream.defaults import HALF_LIFE_DAYS, TINY_CLIP
 from stylestream.models.clip import ClipSpec
-from stylestream.pipelines.plan import NewVersion, plan_user
+from stylestream.pipelines.plan import NewVersion
+from stylestream.pipelines.prism import ensure_prism
+from stylestream.pipelines.streaming_state import PUBLISH_DELAY_S, REINGEST, UpdateUserStyle
 from stylestream.schemas.events import PhotoUploaded, encode_event
 from stylestream.schemas.tables import STYLE_HISTORY
-from stylestream.streams.clients import Message
+from stylestream.streams import clients
+from stylestream.streams.topics import INGEST_TOPICS, PHOTO_EVENTS, STYLE_VECTORS, dlq, ensure_topics
 from stylestream.transforms.images import DecodeLimits
 from stylestream.transforms.inputs import StyleInputs
-from stylestream.transforms.kafka_read import OffsetRange, ReadOffsetRanges
-from stylestream.transforms.records import UserBatch
-from stylestream.transforms.style import UserView
-
-REINGEST = "reingest"
-
-
-@dataclass
-class UserState:
-    """Everything the runner keeps for one user."""
-
-    view: UserView
-    uploads: dict[str, PhotoUploaded] = field(default_factory=dict)  # catalogued uploads, for re-ingestion
-
-
-def kafka_source(bootstrap_servers: str, topics: list[str]) -> beam.PTransform:
-    """Every partition of `topics`, read in parallel by the runner (needs Beam's Java expansion
-    service, which the Flink and Dataflow runners provide)."""
-    from apache_beam.io.kafka import ReadFromKafka
-
-    return (ReadFromKafka(consumer_config={"bootstrap.servers": bootstrap_servers,
-                                           "auto.offset.reset": "earliest"},
-                          topics=topics, with_metadata=True)
-            | "ToMessage" >> beam.Map(lambda r: Message(r.topic, r.partition, r.offset, r.key, r.value,
-                                                        r.timestamp)))
-
-
-class _UpdateUserStyle(beam.DoFn):
-    STATE = ReadModifyWriteStateSpec("user_style", PickleCoder())
-
-    def __init__(self, dim: int, n_features: int, half_life_days: float):
-        self._dim, self._n_features, self._half_life = dim, n_features, half_life_days
-
-    def process(self, keyed: tuple[str, UserBatch], state=beam.DoFn.StateParam(STATE)):  # noqa: B008 (Beam idiom)
-        _, batch = keyed
-        current = state.read() or UserState(UserView.empty(self._dim, self._n_features))
-        plan = plan_user(current.view, batch, self._half_life, datetime.now(UTC))
-        uploads = {**current.uploads, **{c.photo_id: c.upload for c in plan.update.catalog}}
-        for photo_id in plan.update.tombstones:
-            uploads.pop(photo_id, None)
-        state.write(UserState(plan.after, uploads))
-        for photo_id in plan.update.reingest:
-            yield beam.pvalue.TaggedOutput(REINGEST, uploads[photo_id])
-        if plan.version:
-            yield plan.version
-
-
-class UpdateUserStyle(beam.PTransform):
-    """Per-user style state in the runner: (contributions, deletes, toggles) -> new style versions,
-    and (tagged `reingest`) uploads to publish again after an opt-in."""
-
-    def __init__(self, dim: int, n_features: int, half_life_days: float):
-        super().__init__()
-        self._fn = _UpdateUserStyle(dim, n_features, half_life_days)
-
-    def expand(self, pcolls):
-        contributions, deletes, toggles = pcolls
-        return (
-            (contributions | "UploadBatch" >> beam.Map(lambda c: (c.user_id, UserBatch(c.user_id, contributions=[c]))),
-             deletes | "DeleteBatch" >> beam.Map(lambda s: (s.event.user_id, UserBatch(s.event.user_id,
-                                                                                        deletes=[s.event]))),
-             toggles | "ToggleBatch" >> beam.Map(lambda s: (s.event.user_id, UserBatch(s.event.user_id,
-                                                                                        toggles=[s.event]))))
-            | "OneStream" >> beam.Flatten()
-            | "PerUser" >> beam.ParDo(self._fn).with_outputs(REINGEST, main="versions")
-        )
+from stylestream.transforms.kafka_read import ReadPartitions
 
 
 def build_streaming(messages: beam.PCollection, clip: ClipSpec, dim: int, n_features: int,
-                    half_life_days: float, limits: DecodeLimits | None = None):
+                    half_life_days: float, limits: DecodeLimits | None = None,
+                    publish_delay_s: float = PUBLISH_DELAY_S):
     """messages -> (new style versions (pipelines/plan.NewVersion), uploads to re-ingest, dead letters)."""
     inputs = messages | "StyleInputs" >> StyleInputs(clip, limits)
     updates = (inputs["contributions"], inputs["deletes"], inputs["toggles"]) | "UpdateUserStyle" >> UpdateUserStyle(
-        dim, n_features, half_life_days)
+        dim, n_features, half_life_days, publish_delay_s)
     return updates.versions, updates[REINGEST], inputs["dead"]
 
 
-HISTORY_SCHEMA = pa.schema([STYLE_HISTORY.field(n) for n in
-                            ("user_id", "version", "photo_count", "total_weight", "embedding", "features")])
+STREAM_CYCLE = 0  # the history's `cycle` of versions the streaming pipeline published (it has no cycles)
 
 
 def history_row(version: NewVersion, key: bytes) -> dict:
     """A version for the analytics history: the user id replaced by its keyed hash."""
-    embedding, features = version.update.stats.vector()
-    return {"user_id": pseudonym(version.user_id, key), "version": version.version,
-            "photo_count": version.update.stats.count, "total_weight": version.update.stats.total_weight,
-            "embedding": embedding.tolist(), "features": features.tolist()}
-
-
-def run_bounded(bootstrap_servers: str, ranges: list[OffsetRange], clip: ClipSpec, dim: int, n_features: int,
-                output_prefix: str, pseudonym_key: bytes, half_life_days: float = HALF_LIFE_DAYS,
-                vectors_prefix: str | None = None) -> None:
-    """The streaming pipeline over a bounded offset range on FnApiRunner: Parquet files of every
-    style version under `output_prefix` and, with `vectors_prefix`, the style-vector events it
-    publishes, as JSON lines."""
-    with beam.Pipeline(runner=FnApiRunner()) as p:
-        messages = (p | "Ranges" >> beam.Create(ranges, reshuffle=False)
-                    | "ReadKafka" >> ReadOffsetRanges(bootstrap_servers))
-        versions, _, _ = build_streaming(messages, clip, dim, n_features, half_life_days)
-        (versions | "HistoryRows" >> beam.Map(history_row, pseudonym_key)
-         | "WriteHistory" >> beam.io.WriteToParquet(output_prefix, HISTORY_SCHEMA, file_name_suffix=".parquet"))
-        if vectors_prefix:
-            (versions | "VectorEvents" >> beam.Map(lambda v: to_vector_message(v)[1].decode())
-             | "WriteVectors" >> beam.io.WriteToText(vectors_prefix, file_name_suffix=".jsonl"))
+    return version.row(STREAM_CYCLE, version.event.event_time) | {"user_id": pseudonym(version.user_id, key)}
 
 
 def to_vector_message(version: NewVersion) -> tuple[bytes, bytes]:
@@ -146,46 +67,143 @@ def to_vector_message(version: NewVersion) -> tuple[bytes, bytes]:
     return version.user_id.encode(), encode_event(version.event)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Unbounded ingestion on a distributed runner; see infra/README.md for Flink and Dataflow."""
-    import argparse
+def reingest_message(upload: PhotoUploaded) -> tuple[bytes, bytes]:
+    return upload.user_id.encode(), encode_event(upload)
 
-    from apache_beam.io.kafka import WriteToKafka
-    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+class _Publish(beam.DoFn):
+    def __init__(self, bootstrap_servers: str):
+        self._bootstrap = bootstrap_servers
+        self._producer = None
+
+    def setup(self):
+        self._producer = clients.producer(self._bootstrap)
+
+    def process(self, message: tuple[str, bytes, bytes]):
+        topic, key, value = message
+        self._producer.send(topic, key=key, value=value)
+
+    def finish_bundle(self):
+        self._producer.flush()  # a bundle is done only once the broker has its messages
+
+    def teardown(self):
+        if self._producer is not None:
+            self._producer.close()
+
+
+class PublishToKafka(beam.PTransform):
+    """(topic, key, value) -> messages on the broker, acknowledged before the bundle completes."""
+
+    def __init__(self, bootstrap_servers: str):
+        super().__init__()
+        self._bootstrap = bootstrap_servers
+
+    def expand(self, messages):
+        return messages | "Send" >> beam.ParDo(_Publish(self._bootstrap))
+
+
+class _WriteHistoryFiles(beam.DoFn):
+    def __init__(self, history_dir: str):
+        self._dir = Path(history_dir)
+        self._rows: list[dict] = []
+
+    def start_bundle(self):
+        self._rows = []
+
+    def process(self, row: dict):
+        self._rows.append(row)
+
+    def finish_bundle(self):
+        if self._rows:
+            now = datetime.now(UTC)
+            rows = sorted(self._rows, key=lambda r: (r["user_id"], r["version"]))
+            path = self._dir / f"date={now.date().isoformat()}" / f"stream-{uuid.uuid4().hex}.parquet"
+            write_atomically(pa.Table.from_pylist(rows, STYLE_HISTORY), path)
+            self._rows = []
+
+
+class WriteHistory(beam.PTransform):
+    """History rows -> one Parquet file per bundle under `history_dir/date=<day>/`."""
+
+    def __init__(self, history_dir: str):
+        super().__init__()
+        self._dir = history_dir
+
+    def expand(self, rows):
+        return rows | "Write" >> beam.ParDo(_WriteHistoryFiles(self._dir))
+
+
+def streaming_pipeline(p: beam.Pipeline, bootstrap_servers: str, clip: ClipSpec, history_dir: str,
+                       pseudonym_key: bytes, half_life_days: float = HALF_LIFE_DAYS,
+                       publish_delay_s: float = PUBLISH_DELAY_S) -> None:
+    """The whole unbounded job: Kafka in, style versions, re-ingestion and dead letters to Kafka,
+    history to Parquet."""
     from stylestream.models.clip import embedding_dim
     from stylestream.schemas.tables import FEATURE_NAMES
-    from stylestream.streams.topics import INGEST_TOPICS, PHOTO_EVENTS, STYLE_VECTORS, dlq
 
-    ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("--bootstrap-servers", required=True)
-    ap.add_argument("--clip-model", required=True)
-    ap.add_argument("--clip-pretrained", required=True, help="checkpoint path or tag, readable by the workers")
-    ap.add_argument("--history", required=True, help="Parquet history prefix, e.g. gs://bucket/stylestream/history")
-    ap.add_argument("--analytics-key-file", required=True, type=Path,
-                    help="the key that turns user ids into the history's pseudonyms (see analytics/pseudonyms.py)")
-    ap.add_argument("--half-life-days", type=float, default=HALF_LIFE_DAYS)
+    messages = p | "ReadKafka" >> ReadPartitions(bootstrap_servers, list(INGEST_TOPICS))
+    versions, reingest, dead = build_streaming(messages, clip, embedding_dim(clip), len(FEATURE_NAMES),
+                                               half_life_days, publish_delay_s=publish_delay_s)
+    outgoing = (
+        versions | "VectorMessages" >> beam.Map(lambda v: (STYLE_VECTORS, *to_vector_message(v))),
+        reingest | "ReingestMessages" >> beam.Map(lambda u: (PHOTO_EVENTS, *reingest_message(u))),
+        dead | "DeadLetterMessages" >> beam.Map(lambda d: (dlq(d.topic), d.key or b"", d.to_json())),
+    )
+    outgoing | "Outgoing" >> beam.Flatten() | "Publish" >> PublishToKafka(bootstrap_servers)
+    (versions | "HistoryRows" >> beam.Map(history_row, pseudonym_key)
+     | "WriteHistory" >> WriteHistory(history_dir))
+
+
+def runner_args(beam_args: list[str]) -> list[str]:
+    """Beam's options with this project's defaults: Prism (as built by `make prism`), and SDK workers
+    in this process (LOOPBACK: no Docker engine needed)."""
+    given = {a.split("=")[0] for a in beam_args if a.startswith("--")}
+    defaults = {"--runner": "PrismRunner", "--environment_type": "LOOPBACK"}
+    if "--prism_location" not in given:
+        defaults["--prism_location"] = str(ensure_prism())
+    return list(beam_args) + [f"{k}={v}" for k, v in defaults.items() if k not in given]
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    ap = argparse.ArgumentParser(
+        prog="python -m stylestream.pipelines.streaming",
+        description="Unbounded ingestion on a Beam portable runner (Prism by default): reads photo-events and "
+                    "consent-events from Kafka until stopped (Ctrl-C or SIGTERM cancels the job), keeps each "
+                    "user's style state in the runner, publishes style versions to Kafka and writes their "
+                    "history to Parquet. Other arguments are Beam pipeline options.",
+        epilog="example: python -m stylestream.pipelines.streaming --bootstrap-servers 127.0.0.1:9092 "
+               "--data-dir /srv/stylestream-stream --runner PrismRunner")
+    ap.add_argument("--bootstrap-servers", required=True, metavar="HOST:PORT")
+    ap.add_argument("--data-dir", required=True, type=Path, metavar="DIR",
+                    help="history/ (Parquet) and the analytics key file go here")
+    ap.add_argument("--clip-model", default=TINY_CLIP, metavar="NAME")
+    ap.add_argument("--clip-pretrained", default=None, metavar="TAG|FILE",
+                    help="checkpoint path or tag, readable by the workers (default: random weights for the tiny model)")
+    ap.add_argument("--half-life-days", type=float, default=HALF_LIFE_DAYS, metavar="DAYS")
+    ap.add_argument("--publish-delay-s", type=float, default=PUBLISH_DELAY_S, metavar="S",
+                    help="a user's new style version is published at most this long after their first change")
     args, beam_args = ap.parse_known_args(argv)
-    options = PipelineOptions(beam_args)
-    options.view_as(StandardOptions).streaming = True
-    clip = ClipSpec(args.clip_model, args.clip_pretrained)
-    producer = {"bootstrap.servers": args.bootstrap_servers}
-    with beam.Pipeline(options=options) as p:
-        messages = p | "ReadKafka" >> kafka_source(args.bootstrap_servers, list(INGEST_TOPICS))
-        versions, reingest, dead = build_streaming(messages, clip, embedding_dim(clip), len(FEATURE_NAMES),
-                                                   args.half_life_days)
-        (versions | "VectorMessages" >> beam.Map(to_vector_message).with_output_types(tuple[bytes, bytes])
-         | "PublishVectors" >> WriteToKafka(producer, STYLE_VECTORS))
-        (reingest | "ReingestMessages" >> beam.Map(lambda u: (u.user_id.encode(), encode_event(u)))
-         .with_output_types(tuple[bytes, bytes]) | "Reingest" >> WriteToKafka(producer, PHOTO_EVENTS))
-        for topic in INGEST_TOPICS:
-            (dead | f"DeadLetters-{topic}" >> beam.Filter(lambda d, t=topic: d.topic == t)
-             | f"DeadLetterMessages-{topic}" >> beam.Map(lambda d: (d.key or b"", d.to_json()))
-             .with_output_types(tuple[bytes, bytes]) | f"Publish-{dlq(topic)}" >> WriteToKafka(producer, dlq(topic)))
-        (versions | "HistoryRows" >> beam.Map(history_row, load_key(args.analytics_key_file))
-         | "HistoryWindows" >> beam.WindowInto(beam.window.FixedWindows(60))
-         | "WriteHistory" >> beam.io.WriteToParquet(args.history, HISTORY_SCHEMA, file_name_suffix=".parquet",
-                                                    triggering_frequency=60))
+    try:
+        options = PipelineOptions(runner_args(beam_args), streaming=True)
+    except (RuntimeError, subprocess.CalledProcessError) as e:
+        ap.exit(1, f"error: {e}\n")
+    args.data_dir.mkdir(parents=True, exist_ok=True)
+    ensure_topics(args.bootstrap_servers)
+    key = load_or_create_key(args.data_dir)
+    p = beam.Pipeline(options=options)
+    streaming_pipeline(p, args.bootstrap_servers, ClipSpec(args.clip_model, args.clip_pretrained),
+                       str(args.data_dir / "history"), key, args.half_life_days, args.publish_delay_s)
+    result = p.run()
+    # SIGTERM (a service manager, a test) stops the job like Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        result.wait_until_finish()
+    except KeyboardInterrupt:
+        result.cancel()
 
 
 if __name__ == "__main__":

@@ -1,15 +1,24 @@
-"""Reading a fixed set of Kafka offset ranges as a bounded Beam source.
+"""Reading Kafka in Beam, in pure Python: a fixed set of offset ranges (bounded), or every
+partition without end (unbounded).
 
-Beam's own ReadFromKafka is a cross-language (Java) transform that needs an expansion service; this
-pure-Python read of planned offset ranges is what lets the local driver run micro-batches whose
-exact ranges are committed together with the state they produced.
+Beam's own ReadFromKafka is a cross-language (Java) transform that needs Beam's Java expansion
+service. The bounded read of planned offset ranges is what lets the local driver run micro-batches
+whose exact ranges are committed together with the state they produced; the unbounded read is the
+streaming pipeline's source on runners where the expansion service cannot be had.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import apache_beam as beam
+from apache_beam.io.restriction_trackers import OffsetRange as BeamOffsetRange
+from apache_beam.io.restriction_trackers import OffsetRestrictionTracker
+from apache_beam.io.watermark_estimators import WalltimeWatermarkEstimator
+from apache_beam.transforms.core import RestrictionProvider
+from apache_beam.transforms.window import TimestampedValue
+from apache_beam.utils.timestamp import Duration
 from kafka import TopicPartition
 
 from stylestream.streams import clients
@@ -52,3 +61,93 @@ class ReadOffsetRanges(beam.PTransform):
 
     def expand(self, ranges):
         return ranges | "Read" >> beam.ParDo(_ReadRange(self._bootstrap))
+
+
+# --- unbounded: every partition from its start, for a streaming runner ---------------------------------
+
+UNBOUNDED = sys.maxsize  # the end of an unbounded partition's offsets
+
+
+@dataclass(frozen=True)
+class PartitionStart:
+    topic: str
+    partition: int
+    start: int  # the first offset to read
+
+
+class _CheckpointOnly(OffsetRestrictionTracker):
+    """A partition is read in order by one reader: the runner may checkpoint it (split off the rest
+    after what was claimed) but not cut it in two (Prism splits at fractions of the remaining range,
+    which for an unbounded partition would start a reader at offset 2**62)."""
+
+    def try_split(self, fraction_of_remainder):
+        return super().try_split(0) if fraction_of_remainder == 0 else None
+
+
+class _PartitionOffsets(RestrictionProvider):
+    """A partition's offsets from `start` on, without end; the runner splits off what was read."""
+
+    def initial_restriction(self, element: PartitionStart) -> BeamOffsetRange:
+        return BeamOffsetRange(element.start, UNBOUNDED)
+
+    def create_tracker(self, restriction: BeamOffsetRange) -> OffsetRestrictionTracker:
+        return _CheckpointOnly(restriction)
+
+    def restriction_size(self, element: PartitionStart, restriction: BeamOffsetRange) -> int:
+        return 1  # unknown backlog; every partition is worth the same
+
+
+class _ReadPartition(beam.DoFn):
+    def __init__(self, bootstrap_servers: str, idle_wait_s: float):
+        self._bootstrap, self._idle_wait = bootstrap_servers, idle_wait_s
+        self._consumer = None
+
+    def setup(self):
+        self._consumer = clients.consumer(self._bootstrap, fetch_max_wait_ms=clients.READ_FETCH_WAIT_MS)
+
+    @beam.DoFn.unbounded_per_element()
+    def process(self, element: PartitionStart,
+                tracker=beam.DoFn.RestrictionParam(_PartitionOffsets()),  # noqa: B008 (Beam idiom)
+                _watermark=beam.DoFn.WatermarkEstimatorParam(WalltimeWatermarkEstimator.default_provider())):  # noqa: B008
+        tp = TopicPartition(element.topic, element.partition)
+        self._consumer.assign([tp])
+        self._consumer.seek(tp, tracker.current_restriction().start)
+        records = self._consumer.poll(timeout_ms=clients.POLL_MS).get(tp, [])
+        for r in records:
+            if not tracker.try_claim(r.offset):
+                return
+            yield TimestampedValue(clients.Message(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp),
+                                   r.timestamp / 1000)
+        # Hand back to the runner (it checkpoints what was claimed) and come back for more.
+        tracker.defer_remainder(Duration(seconds=0 if records else self._idle_wait))
+
+    def teardown(self):
+        if self._consumer is not None:
+            self._consumer.close()
+
+
+def partition_starts(bootstrap_servers: str, topics: list[str]) -> list[PartitionStart]:
+    """Every partition of `topics`, from its earliest offset still on the broker."""
+    c = clients.consumer(bootstrap_servers)
+    try:
+        tps = [tp for t in topics for tp in clients.partitions_of(c, t)]
+        return [PartitionStart(tp.topic, tp.partition, start) for tp, start in sorted(c.beginning_offsets(tps).items())]
+    finally:
+        c.close()
+
+
+class ReadPartitions(beam.PTransform):
+    """Every message of `topics`, without end, from the beginning (`streams.clients.Message`): a
+    splittable DoFn over each partition, which the runner checkpoints at its claimed offsets. Used
+    where Beam's cross-language ReadFromKafka cannot be (its Java expansion service is not available)."""
+
+    def __init__(self, bootstrap_servers: str, topics: list[str], idle_wait_s: float = 0.1):
+        super().__init__()
+        self._bootstrap, self._topics, self._idle_wait = bootstrap_servers, topics, idle_wait_s
+
+    def expand(self, begin):
+        return (begin
+                | "Start" >> beam.Impulse()
+                | "Partitions" >> beam.FlatMap(lambda _: partition_starts(self._bootstrap, self._topics))
+                | "Spread" >> beam.Reshuffle()
+                | "Read" >> beam.ParDo(_ReadPartition(self._bootstrap, self._idle_wait)))
