@@ -74,3 +74,21 @@ def test_personalization_bench_runs():
 def test_train_step_bench_runs():
     r = final_json("train_step.py", "--config", "tiny", "--batch", "2", "--steps", "1")
     assert r["config"] == "tiny" and r["seconds_per_step"] > 0 and r["ratio"] > 0 and r["trainable_params_m"] > 0
+
+
+@pytest.mark.slow
+def test_state_bytes_bench_runs():
+    r = final_json("state_bytes.py", "--photos", "60", "--dim", "16")
+    kinds = {row["event"]: row for row in r["per_event"]}
+    assert set(kinds) == {"upload", "delete", "toggle-photo", "toggle-album", "toggle-user", "first publish"}
+    # An upload touches one photo's entry: less than the earlier layout's whole-library cell.
+    assert kinds["upload"]["read_after"] < kinds["upload"]["read_before"]
+
+
+@pytest.mark.slow
+def test_streaming_bench_runs():
+    r = final_json("streaming.py", "--events", "300", "--users", "8", "--rate", "2", "--duration", "3")
+    local, prism, flink = r["runners"]
+    assert (local["runner"], prism["runner"], flink["available"]) == ("local", "prism", False)
+    assert prism["identical_to_local"] is True, r
+    assert prism["latency_samples"] == local["latency_samples"] == 6
