@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint prism clean
+.PHONY: demo test lint prism flink clean
 
 $(BIN)/stylestream: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +27,13 @@ PYTEST = rc=0; STYLESTREAM_TEST_BROKER=$(1) $(BIN)/python -m pytest $(2) || rc=$
 prism: $(BIN)/stylestream
 	$(BIN)/python -m stylestream.pipelines.prism
 
+## The Flink job's environment: PyFlink and the project in a virtual environment of their own, and
+## Flink's Kafka connector from Maven Central, under ~/.cache/stylestream/flink/ (a few minutes once).
+flink: $(BIN)/stylestream
+	$(BIN)/python -m stylestream.pipelines.flink_setup
+
 ## Lint, then every test (slow end-to-end ones included), then the smoke tests on Tansu.
-test: $(BIN)/stylestream lint prism
+test: $(BIN)/stylestream lint prism flink
 	$(call PYTEST,$(TEST_BROKER),)
 	$(call PYTEST,tansu,-m smoke)
 

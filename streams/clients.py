@@ -102,9 +102,12 @@ def producer(bootstrap_servers: str, **overrides) -> KafkaProducer:
 def consumer(bootstrap_servers: str, group_id: str | None = None, **overrides) -> KafkaConsumer:
     # A 6 s session: a worker that dies hands its partitions on within seconds, not Kafka's default
     # 45 s (and Tansu answers JoinGroup only after half the session timeout).
+    # read_committed: what a transactional producer (the Flink job) aborted is never read. Tansu
+    # has no transactions.
     config = dict(bootstrap_servers=bootstrap_servers, group_id=group_id, enable_auto_commit=False,
                   auto_offset_reset="earliest", session_timeout_ms=6000, heartbeat_interval_ms=2000,
-                  max_poll_records=500, reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS)
+                  max_poll_records=500, reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,
+                  isolation_level="read_uncommitted" if is_tansu(bootstrap_servers) else "read_committed")
     config.update(overrides)
     return KafkaConsumer(**config)
 
@@ -171,6 +174,8 @@ def read_range(c: KafkaConsumer, tp: TopicPartition, start: int, stop: int) -> I
     empty_polls = 0
     while True:
         records = c.poll(timeout_ms=POLL_MS).get(tp, [])
+        if not records and c.position(tp) >= stop:  # the rest were transaction markers or aborted
+            return
         if not records:
             empty_polls += 1
             if empty_polls > 20:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from stylestream.schemas.events import encode_event
+import numpy as np
+
+from stylestream.schemas.dead_letters import read_dead_letter
+from stylestream.schemas.events import StyleVectorUpdated, encode_event, parse_event
 from stylestream.streams import clients
+from stylestream.streams.topics import INGEST_TOPICS, STYLE_VECTORS, dlq
 
 
 def produce(bootstrap_servers: str, topic: str, events) -> None:
@@ -20,6 +24,53 @@ def produce(bootstrap_servers: str, topic: str, events) -> None:
 def read_topic(bootstrap_servers: str, topic: str) -> list:
     """Every message on the topic, in partition then offset order."""
     return clients.read_all(bootstrap_servers, topic)
+
+
+def produce_stream(bootstrap: str, stream) -> None:
+    """(topic, key, value) messages, as `demo.synthetic.messy_stream` gives them."""
+    p = clients.producer(bootstrap, linger_ms=20)
+    for topic, key, value in stream:
+        p.send(topic, key=key, value=value)
+    p.flush()
+    p.close()
+
+
+def latest_styles(bootstrap: str) -> dict[str, StyleVectorUpdated]:
+    latest = {}
+    for m in clients.read_all(bootstrap, STYLE_VECTORS):
+        v = parse_event(STYLE_VECTORS, m.value)
+        if v.version > getattr(latest.get(v.user_id), "version", 0):
+            latest[v.user_id] = v
+    return latest
+
+
+def dead_letters(bootstrap: str) -> dict[tuple[str, int, int], tuple[str, str]]:
+    out = {}
+    for topic in INGEST_TOPICS:
+        for m in clients.read_all(bootstrap, dlq(topic)):
+            d = read_dead_letter(m.value)
+            out[(d["topic"], d["partition"], d["offset"])] = (d["stage"], d["reason"])
+    return out
+
+
+def style_differences(want: dict[str, StyleVectorUpdated], got: dict[str, StyleVectorUpdated]) -> list[str]:
+    """Per user: the last style vector and features (within 1e-6), photo count and facets."""
+    # A user seen by one path only must have no photo counted there: a path that met an upload and
+    # its deletion in one cycle never published the user, one that met them apart published twice.
+    out = [f"{u}: only {'locally' if u in want else 'streamed'}" for u in sorted(set(want) ^ set(got))
+           if (want.get(u) or got.get(u)).photo_count > 0]
+    for u in sorted(set(want) & set(got)):
+        w, g = want[u], got[u]
+        if g.photo_count != w.photo_count:
+            out.append(f"{u}: {g.photo_count} photos streamed, {w.photo_count} locally")
+        elif not (np.allclose(g.embedding, w.embedding, atol=1e-6)
+                  and np.allclose(list(g.features.values()), list(w.features.values()), atol=1e-6)):
+            out.append(f"{u}: style differs")
+        elif [f.photo_count for f in g.facets] != [f.photo_count for f in w.facets] or not all(
+                abs(gf.weight_share - wf.weight_share) < 1e-6 and np.allclose(gf.embedding, wf.embedding, atol=1e-6)
+                for gf, wf in zip(g.facets, w.facets, strict=True)):
+            out.append(f"{u}: facets differ")
+    return out
 
 
 # Values planted in test photos beyond the synthetic library's EXIF (GPS, serial, owner, artist).

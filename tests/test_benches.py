@@ -89,6 +89,6 @@ def test_state_bytes_bench_runs():
 def test_streaming_bench_runs():
     r = final_json("streaming.py", "--events", "300", "--users", "8", "--rate", "2", "--duration", "3")
     local, prism, flink = r["runners"]
-    assert (local["runner"], prism["runner"], flink["available"]) == ("local", "prism", False)
-    assert prism["identical_to_local"] is True, r
-    assert prism["latency_samples"] == local["latency_samples"] == 6
+    assert (local["runner"], prism["runner"], flink["runner"]) == ("local", "prism", "flink")
+    assert prism["identical_to_local"] is True and flink["identical_to_local"] is True, r
+    assert prism["latency_samples"] == local["latency_samples"] == flink["latency_samples"] == 6

@@ -1,113 +1,84 @@
-"""The streaming pipeline, run unbounded on Prism (Beam's portable runner) against a real broker,
-gives the same styles and dead letters as the local driver over the same messy stream.
+"""The streaming pipeline on real runners against a real broker gives the same styles and dead letters
+as the local driver over the same messy stream: unbounded on Prism (Beam's portable runner), and as
+the Flink job (pipelines/flink_job.py) on Apache Flink, also when killed mid-stream and restored
+from its last checkpoint.
 
 Version numbers are not compared: the local driver counts a version per cycle, the streaming
-pipeline per event, so they number (and withdraw) different versions of the same styles.
+pipeline per publish, so they number (and withdraw) different versions of the same styles.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from helpers import dead_letters, latest_styles, produce_stream, style_differences
 
 from stylestream.analytics.pseudonyms import load_or_create_key, pseudonym
 from stylestream.demo.synthetic import messy_stream
-from stylestream.schemas.dead_letters import read_dead_letter
-from stylestream.schemas.events import StyleVectorUpdated, parse_event
+from stylestream.pipelines.flink_setup import flink_python
+from stylestream.schemas.events import parse_event
 from stylestream.streams import clients
 from stylestream.streams.broker import start_local_broker
-from stylestream.streams.topics import INGEST_TOPICS, STYLE_VECTORS, dlq, ensure_topics
+from stylestream.streams.topics import STYLE_VECTORS, ensure_topics
 
 N_EVENTS = 2000
 
 
-def produce(bootstrap: str, stream) -> None:
-    p = clients.producer(bootstrap, linger_ms=20)
-    for topic, key, value in stream:
-        p.send(topic, key=key, value=value)
-    p.flush()
-    p.close()
+@pytest.fixture
+def reference(broker, make_ingestor, tmp_path):
+    """A messy stream of N_EVENTS, and the local driver's answer over it: (stream, styles, dead letters)."""
+    stream = messy_stream(tmp_path / "images", N_EVENTS, users=30, seed=14)
+    assert len(stream) >= N_EVENTS
+    produce_stream(broker.bootstrap_servers, stream)
+    make_ingestor().run_until_caught_up()
+    styles, dead = latest_styles(broker.bootstrap_servers), dead_letters(broker.bootstrap_servers)
+    assert len(styles) >= 25 and len(dead) >= 30  # the stream reaches most users, and has malformed events
+    return stream, styles, dead
 
 
-def latest_styles(bootstrap: str) -> dict[str, StyleVectorUpdated]:
-    latest = {}
-    for m in clients.read_all(bootstrap, STYLE_VECTORS):
-        v = parse_event(STYLE_VECTORS, m.value)
-        if v.version > getattr(latest.get(v.user_id), "version", 0):
-            latest[v.user_id] = v
-    return latest
+def start(cmd: list[str], log: Path) -> subprocess.Popen:
+    # A session of its own: the Flink job's JVM and Python workers go down with it.
+    return subprocess.Popen(cmd, stdout=log.open("a"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def dead_letters(bootstrap: str) -> dict[tuple[str, int, int], tuple[str, str]]:
-    out = {}
-    for topic in INGEST_TOPICS:
-        for m in clients.read_all(bootstrap, dlq(topic)):
-            d = read_dead_letter(m.value)
-            out[(d["topic"], d["partition"], d["offset"])] = (d["stage"], d["reason"])
-    return out
-
-
-def style_differences(want: dict[str, StyleVectorUpdated], got: dict[str, StyleVectorUpdated]) -> list[str]:
-    """Per user: the last style vector and features (within 1e-6), photo count and facets."""
-    out = [f"{u}: only {'locally' if u in want else 'streamed'}" for u in sorted(set(want) ^ set(got))]
-    for u in sorted(set(want) & set(got)):
-        w, g = want[u], got[u]
-        if g.photo_count != w.photo_count:
-            out.append(f"{u}: {g.photo_count} photos streamed, {w.photo_count} locally")
-        elif not (np.allclose(g.embedding, w.embedding, atol=1e-6)
-                  and np.allclose(list(g.features.values()), list(w.features.values()), atol=1e-6)):
-            out.append(f"{u}: style differs")
-        elif [f.photo_count for f in g.facets] != [f.photo_count for f in w.facets] or not all(
-                abs(gf.weight_share - wf.weight_share) < 1e-6 and np.allclose(gf.embedding, wf.embedding, atol=1e-6)
-                for gf, wf in zip(g.facets, w.facets, strict=True)):
-            out.append(f"{u}: facets differ")
-    return out
+def wait_for(bootstrap: str, want, want_dead, job: subprocess.Popen, deadline_s: float):
+    """Polls the job's outputs until they equal the local driver's (or the deadline, or the job ends)."""
+    deadline = time.monotonic() + deadline_s
+    got, got_dead = {}, {}
+    while time.monotonic() < deadline and job.poll() is None:
+        time.sleep(5)
+        got, got_dead = latest_styles(bootstrap), dead_letters(bootstrap)
+        if not style_differences(want, got) and got_dead == want_dead:
+            break
+    return got, got_dead
 
 
 @pytest.mark.slow
-def test_prism_matches_the_local_driver_over_a_messy_stream(broker, broker_engine, make_ingestor, clip, tmp_path):
-    stream = messy_stream(tmp_path / "images", N_EVENTS, users=30, seed=14)
-    assert len(stream) >= N_EVENTS
-    produce(broker.bootstrap_servers, stream)
-
-    # 1. The local driver, to the end of the stream.
-    ing = make_ingestor()
-    ing.run_until_caught_up()
-    want, want_dead = latest_styles(broker.bootstrap_servers), dead_letters(broker.bootstrap_servers)
-    assert len(want) >= 25 and len(want_dead) >= 30  # the stream reaches most users, and has malformed events
-
-    # 2. The streaming pipeline on Prism, over the same stream on a broker of its own, until it has
-    # caught up (its answers equal the local ones) or the deadline passes.
+def test_prism_matches_the_local_driver_over_a_messy_stream(reference, broker_engine, clip, tmp_path):
+    stream, want, want_dead = reference
     with start_local_broker(broker_engine, tmp_path / "kafka-stream") as other:
         ensure_topics(other.bootstrap_servers)
-        produce(other.bootstrap_servers, stream)
-        log = open(tmp_path / "streaming.log", "w")
-        job = subprocess.Popen(
-            [sys.executable, "-m", "stylestream.pipelines.streaming", "--bootstrap-servers", other.bootstrap_servers,
-             "--data-dir", str(tmp_path / "stream"), "--clip-model", clip.model, "--clip-pretrained", clip.pretrained],
-            stdout=log, stderr=subprocess.STDOUT)
+        produce_stream(other.bootstrap_servers, stream)
+        job = start([sys.executable, "-m", "stylestream.pipelines.streaming", "--bootstrap-servers",
+                     other.bootstrap_servers, "--data-dir", str(tmp_path / "stream"), "--clip-model", clip.model,
+                     "--clip-pretrained", clip.pretrained], tmp_path / "streaming.log")
         try:
-            deadline = time.monotonic() + 420
-            while time.monotonic() < deadline and job.poll() is None:
-                time.sleep(5)
-                got, got_dead = latest_styles(other.bootstrap_servers), dead_letters(other.bootstrap_servers)
-                if not style_differences(want, got) and got_dead == want_dead:
-                    break
+            got, got_dead = wait_for(other.bootstrap_servers, want, want_dead, job, 420)
         finally:
             job.send_signal(signal.SIGTERM)
             rc = job.wait(60)
-            log.close()
     assert rc == 0, (tmp_path / "streaming.log").read_text()[-3000:]
     assert style_differences(want, got) == []
     assert got_dead == want_dead
 
-    # 3. The streamed history: every published version once, under pseudonyms.
+    # The streamed history: every published version once, under pseudonyms.
     key = load_or_create_key(tmp_path / "stream")
     history = pq.read_table(tmp_path / "stream" / "history").to_pylist()
     last = {}
@@ -115,3 +86,72 @@ def test_prism_matches_the_local_driver_over_a_messy_stream(broker, broker_engin
         last[r["user_id"]] = max(last.get(r["user_id"], 0), r["version"])
     assert last == {pseudonym(u, key): v.version for u, v in got.items()}
     assert len({(r["user_id"], r["version"]) for r in history}) == len(history)
+
+
+def flink_job(bootstrap: str, data_dir: Path, clip, *extra: str) -> list[str]:
+    return [str(flink_python()), "-m", "stylestream.pipelines.flink_job", "--bootstrap-servers", bootstrap,
+            "--data-dir", str(data_dir), "--clip-model", clip.model, "--clip-pretrained", clip.pretrained,
+            "--parallelism", "2", "--checkpointing-interval-ms", "2000", *extra]
+
+
+def kill(job: subprocess.Popen) -> None:
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait(60)
+
+
+def published_versions(bootstrap: str) -> dict[tuple[str, int], set]:
+    """Every committed style-vector message, by (user, version): the contents published under it."""
+    out: dict[tuple[str, int], set] = {}
+    for m in clients.read_all(bootstrap, STYLE_VECTORS):
+        v = parse_event(STYLE_VECTORS, m.value)
+        out.setdefault((v.user_id, v.version), set()).add((v.photo_count, tuple(v.embedding)))
+    return out
+
+
+@pytest.mark.slow
+def test_flink_matches_the_local_driver_over_a_messy_stream(reference, broker_engine, clip, tmp_path):
+    stream, want, want_dead = reference
+    with start_local_broker(broker_engine, tmp_path / "kafka-flink") as other:
+        ensure_topics(other.bootstrap_servers)
+        produce_stream(other.bootstrap_servers, stream)
+        job = start(flink_job(other.bootstrap_servers, tmp_path / "flink", clip), tmp_path / "flink.log")
+        try:
+            got, got_dead = wait_for(other.bootstrap_servers, want, want_dead, job, 480)
+            versions = published_versions(other.bootstrap_servers)
+        finally:
+            kill(job)
+    assert style_differences(want, got) == [], (tmp_path / "flink.log").read_text()[-3000:]
+    assert got_dead == want_dead
+    assert all(len(contents) == 1 for contents in versions.values())
+
+
+@pytest.mark.slow
+def test_flink_killed_mid_stream_resumes_from_its_last_checkpoint(reference, broker_engine, clip, tmp_path):
+    stream, want, want_dead = reference
+    with start_local_broker(broker_engine, tmp_path / "kafka-flink") as other:
+        bs = other.bootstrap_servers
+        ensure_topics(bs)
+        produce_stream(bs, stream)
+        log = tmp_path / "flink.log"
+        # 1. Run until some versions are out (so checkpoints have completed), then SIGKILL the job.
+        job = start(flink_job(bs, tmp_path / "flink", clip), log)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and len(latest_styles(bs)) < 5 and job.poll() is None:
+            time.sleep(2)
+        before_kill = latest_styles(bs)
+        kill(job)
+        assert 5 <= len(before_kill) and style_differences(want, before_kill), "killed too late: nothing left to do"
+        assert list((tmp_path / "flink" / "checkpoints").glob("*/chk-*/_metadata")), log.read_text()[-3000:]
+        # 2. Restart from the newest checkpoint and let it finish.
+        job = start(flink_job(bs, tmp_path / "flink", clip, "--restore", "latest"), log)
+        try:
+            got, got_dead = wait_for(bs, want, want_dead, job, 480)
+            versions = published_versions(bs)
+        finally:
+            kill(job)
+    assert "restoring from" in log.read_text()
+    assert style_differences(want, got) == [], log.read_text()[-3000:]
+    assert got_dead == want_dead
+    # No version was published twice with different content (a replay after the restore publishes
+    # nothing its checkpoint did not cover; what the killed job had not committed was aborted).
+    assert all(len(contents) == 1 for contents in versions.values()), [k for k, c in versions.items() if len(c) > 1]

@@ -1,14 +1,22 @@
 """Kafka messages -> what the per-user update takes: one composite for the local driver and the
-streaming pipeline alike, so both parse, fetch, decode, strip and embed the same way."""
+streaming pipeline alike, so both parse, fetch, decode, strip and embed the same way; and the same
+steps for one message at a time (`style_input`), for the Flink job."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import apache_beam as beam
+import numpy as np
 
 from stylestream.models.clip import ClipSpec
-from stylestream.transforms.embed import EmbedPhotos
-from stylestream.transforms.images import DecodeLimits, PreparePhotos
-from stylestream.transforms.parse import ParseEvents
+from stylestream.schemas.dead_letters import DeadLetter
+from stylestream.schemas.events import PhotoUploaded
+from stylestream.streams.clients import Message
+from stylestream.transforms.embed import EmbedPhotos, to_contribution
+from stylestream.transforms.images import DecodeLimits, PhotoError, PreparePhotos, prepare_photo
+from stylestream.transforms.parse import ParseEvents, parse_message
+from stylestream.transforms.records import Contribution, PreparedPhoto, Sourced
 
 
 class StyleInputs(beam.PTransform):
@@ -25,3 +33,16 @@ class StyleInputs(beam.PTransform):
         contributions = photos.ok | "Embed" >> EmbedPhotos(self._clip)
         dead = (events.dead, photos.dead) | "DeadLetters" >> beam.Flatten()
         return {"contributions": contributions, "deletes": events.deletes, "toggles": events.toggles, "dead": dead}
+
+
+def style_input(msg: Message, limits: DecodeLimits,
+                embed: Callable[[PreparedPhoto], np.ndarray]) -> Contribution | Sourced | DeadLetter:
+    """One message through StyleInputs' steps: an embedded upload, a deletion or toggle, or a dead letter."""
+    parsed = parse_message(msg)
+    if isinstance(parsed, DeadLetter) or not isinstance(parsed.event, PhotoUploaded):
+        return parsed
+    try:
+        photo = prepare_photo(parsed, limits)
+    except PhotoError as e:
+        return parsed.dead(e.stage, str(e))
+    return to_contribution(photo, embed(photo))

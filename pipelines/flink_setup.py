@@ -1,0 +1,66 @@
+"""The Flink job's environment: PyFlink and the project in a virtual environment of their own (PyFlink
+pins apache-beam<=2.61 and pyarrow<21), and Flink's Kafka connector jar from Maven Central, both cached
+outside the project under ~/.cache/stylestream/flink/.
+
+    python -m stylestream.pipelines.flink_setup     # build it if missing, print its Python (`make flink`)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REQUIREMENTS = HERE / "flink" / "requirements.txt"
+POM = HERE / "flink" / "pom.xml"
+
+
+def flink_home() -> Path:
+    """The environment of these requirements (a new one when they change)."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    digest = hashlib.sha256(REQUIREMENTS.read_bytes() + POM.read_bytes()).hexdigest()[:12]
+    return cache / "stylestream" / "flink" / digest
+
+
+def flink_python() -> Path:
+    return flink_home() / "venv" / "bin" / "python"
+
+
+def connector_jars() -> list[Path]:
+    return sorted((flink_home() / "jars").glob("*.jar"))
+
+
+def project_root() -> Path:
+    root = HERE.parent
+    if not (root / "pyproject.toml").exists():
+        raise RuntimeError("the Flink environment is built from a source checkout of stylestream (pip install -e .)")
+    return root
+
+
+def ensure_flink() -> Path:
+    """The Flink job's Python, after building its environment (a few minutes the first time)."""
+    home = flink_home()
+    if (home / ".complete").exists():
+        return flink_python()
+    mvn = shutil.which("mvn")
+    if mvn is None or shutil.which("java") is None:
+        raise RuntimeError("the Flink job needs Java 17 and Maven (to fetch Flink's Kafka connector once)")
+    print(f"building the Flink job's environment in {home} (once)", file=sys.stderr)
+    shutil.rmtree(home, ignore_errors=True)
+    home.mkdir(parents=True)
+    subprocess.run([mvn, "-q", "-B", "-Dstyle.color=never", "-f", str(POM), "dependency:copy-dependencies",
+                    f"-DoutputDirectory={home / 'jars'}"], check=True)
+    subprocess.run([getattr(sys, "_base_executable", sys.executable), "-m", "venv", str(home / "venv")], check=True)
+    pip = [str(flink_python()), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    subprocess.run([*pip, "-r", str(REQUIREMENTS)], check=True)
+    subprocess.run([*pip, "--no-deps", "-e", str(project_root())], check=True)
+    (home / ".complete").touch()
+    return flink_python()
+
+
+if __name__ == "__main__":
+    print(ensure_flink())

@@ -1,0 +1,160 @@
+"""Each user's style state inside a streaming runner, laid out so that an event touches what it changes.
+
+A user's cells (the runner's keyed state; the key is the user id):
+- the summary, one value: the sums (`StyleStats`), the version, the consent records and what waits to
+  be published. A few KB, whatever the size of the user's library.
+- the photos: one entry per photo the user ever sent (`PhotoEntry`: its album, its catalogued
+  upload for re-ingestion, whether it is deleted, and its stored contribution while it counts).
+- the album index: which photos are in which album, so that an album toggle reads that album's
+  entries only.
+
+An upload, a deletion or a photo toggle reads and writes the summary and one photo entry; an album
+toggle reads its album's entries; only a whole-user toggle reads every entry. The facets need every
+contribution, so they are computed when a version is published: the runner calls `publish_latest`
+from a processing-time timer that `apply_batch` asks for at the user's first unpublished change, so
+a burst of events costs one read of the library, as one cycle of the local driver does.
+Intermediate versions are counted but not published (serving only ever wants the latest).
+
+The decisions are the local driver's (`plan_user_update`, `apply_update`, `withdrawn_versions`,
+`new_version`); `apply_batch` and `publish_latest` are the two steps every runner calls, over cells
+that map them onto its own state (Beam: `pipelines/streaming_state.py`; Flink:
+`pipelines/flink_job.py`). Values are stored pickled as bytes, so the cells count exactly the bytes
+each event reads and writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol
+
+from stylestream.pipelines.plan import NewVersion, new_version
+from stylestream.schemas.events import PhotoUploaded
+from stylestream.transforms.records import UserBatch
+from stylestream.transforms.style import (
+    ConsentRecord,
+    StoredContribution,
+    StyleStats,
+    UserUpdate,
+    UserView,
+    apply_update,
+    plan_user_update,
+    withdrawn_versions,
+)
+
+PUBLISH_DELAY_S = 0.5  # a user's new version waits at most this long, so a burst publishes once
+
+
+@dataclass
+class UserSummary:
+    """The small cell: what every event of the user reads."""
+
+    stats: StyleStats
+    version: int
+    consent: dict[str, ConsentRecord] = field(default_factory=dict)
+    published: int = 0  # the latest version published
+    withdrawn: tuple[int, int] | None = None  # (first, last) version withdrawn since then
+    timer_set: bool = False
+
+
+@dataclass(frozen=True)
+class PhotoEntry:
+    """What the runner keeps of one photo of the user."""
+
+    photo_id: str
+    album_id: str | None
+    upload: PhotoUploaded | None  # the catalogued upload (references only); None once deleted
+    deleted: bool = False
+    stored: StoredContribution | None = None  # while the photo counts
+
+
+# --- the view of the touched entries, and the entries after an update ---------------------------------
+
+def view_of(summary: UserSummary, entries: dict[str, PhotoEntry]) -> UserView:
+    """The `UserView` the per-user rule needs, from the summary and the entries the batch touches."""
+    return UserView(summary.stats, summary.version, dict(summary.consent),
+                    {p: e.stored for p, e in entries.items() if e.stored is not None},
+                    {p for p, e in entries.items() if e.deleted},
+                    {p: e.album_id for p, e in entries.items() if e.upload is not None and not e.deleted})
+
+
+def entries_after(entries: dict[str, PhotoEntry], update: UserUpdate, after: UserView) -> dict[str, PhotoEntry]:
+    """The touched and new photos' entries once `update` is applied (`after`: the view it gives)."""
+    uploads = {p: e.upload for p, e in entries.items() if e.upload is not None}
+    uploads |= {c.photo_id: c.upload for c in update.catalog}
+    albums = {p: e.album_id for p, e in entries.items()} | {c.photo_id: c.album_id for c in update.catalog}
+    photos = set(entries) | set(uploads) | set(update.tombstones)
+    return {p: PhotoEntry(p, albums.get(p), None if p in after.deleted else uploads.get(p), p in after.deleted,
+                          after.stored.get(p)) for p in sorted(photos)}
+
+
+def event_kind(batch: UserBatch) -> str:
+    """upload, delete, toggle-photo, toggle-album or toggle-user: the name its byte counts go under."""
+    if batch.toggles:
+        return f"toggle-{batch.toggles[0].scope}"
+    return "delete" if batch.deletes else "upload"
+
+
+class UserCells(Protocol):
+    """One user's cells in a runner's keyed state, for one call; `read` and `written` count bytes."""
+
+    read: int
+    written: int
+
+    def summary(self, empty: UserSummary) -> UserSummary: ...
+    def write_summary(self, summary: UserSummary) -> None: ...
+    def entries(self, photo_ids: Iterable[str]) -> dict[str, PhotoEntry]: ...
+    def album_photos(self, album_id: str) -> set[str]: ...
+    def every_entry(self) -> dict[str, PhotoEntry]: ...
+    def write_entries(self, before: dict[str, PhotoEntry], after: dict[str, PhotoEntry]) -> None: ...
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What one batch asks of the runner."""
+
+    reingest: list[PhotoUploaded]  # uploads to publish again: their photos count again after an opt-in
+    set_timer: bool  # the user's style changed and no publish is pending: publish after the delay
+
+
+def apply_batch(cells: UserCells, batch: UserBatch, empty: UserSummary, half_life_days: float) -> Applied:
+    """One batch (one event, in a streaming runner) applied to one user's cells."""
+    # 1. Read the summary and only the entries the batch can touch.
+    summary = cells.summary(empty)
+    photo_ids, album_ids, whole_user = batch.scopes()
+    if whole_user:
+        entries = cells.every_entry()
+    else:
+        entries = cells.entries(photo_ids.union(*(cells.album_photos(a) for a in album_ids)))
+    # 2. Decide, by the local driver's rule.
+    view = view_of(summary, entries)
+    update = plan_user_update(view, batch, half_life_days)
+    after = apply_update(view, update)
+    # 3. Write what changed; a style change waits for the publish timer.
+    new_entries = entries_after(entries, update, after)
+    cells.write_entries(entries, new_entries)
+    summary.stats, summary.version, summary.consent = after.stats, after.version, after.consent
+    withdrawn = withdrawn_versions(view, update)
+    if withdrawn:
+        first = min(withdrawn[0], summary.withdrawn[0]) if summary.withdrawn else withdrawn[0]
+        summary.withdrawn = (first, withdrawn[-1])
+    set_timer = update.changes_style and not summary.timer_set
+    summary.timer_set = summary.timer_set or set_timer
+    cells.write_summary(summary)
+    # 4. Photos that count again after an opt-in are published anew, to be embedded again.
+    return Applied([new_entries[p].upload for p in update.reingest], set_timer)
+
+
+def publish_latest(cells: UserCells, user_id: str, empty: UserSummary, now: datetime) -> NewVersion | None:
+    """The user's latest version, with its facets, if it is not published yet (the timer's work)."""
+    summary = cells.summary(empty)
+    summary.timer_set = False
+    version = None
+    if summary.version > summary.published:
+        stored = {p: e.stored for p, e in cells.every_entry().items() if e.stored is not None}
+        withdrawn = list(range(summary.withdrawn[0], summary.withdrawn[1] + 1)) if summary.withdrawn else []
+        version = new_version(user_id, summary.version, summary.stats, stored, withdrawn, now)
+        summary.published, summary.withdrawn = summary.version, None
+    cells.write_summary(summary)
+    return version
