@@ -8,8 +8,8 @@ Each runner gets a broker of its own (Apache Kafka on loopback) holding the same
                the events per second that makes; `first_output_s`: start until its first style
                version is on the topic (start-up: Python, models, the runner, the first bundle)
   steady rate  it keeps running while --rate uploads per second arrive for --duration seconds,
-               each for a new user: produce-to-style-version latency (Kafka timestamps of the
-               upload and of the version) p50 and p99
+               each for a new user: latency from the upload's send to its user's first style
+               version (that message's Kafka timestamp, the same clock) p50 and p99
 The runners run one after the other (2 cores). Flink is the Flink job (pipelines/flink_job.py, PyFlink
 on a local Flink, 2-s checkpoints: its outputs are committed with each checkpoint), not Beam's
 FlinkRunner, whose job server is not served by the Maven Central these machines reach.

@@ -154,8 +154,8 @@ def make_library(root: Path, users: dict[str, list[tuple[str, str, int]]], seed:
 
 
 def messy_stream(root: Path, n_events: int, users: int, seed: int) -> list[tuple[str, bytes, bytes]]:
-    """A stream a photo service might send: uploads, duplicate deliveries, deletions, album and photo
-    opt-outs and opt-ins, event times in no particular order, and some malformed events, as
+    """A stream a photo service might send: uploads, duplicate deliveries, deletions, album, photo and
+    whole-user opt-outs and opt-ins, event times in no particular order, and some malformed events, as
     (topic, key, value) in production order. Its photos are few small JPEGs under `root`."""
     rng = random.Random(seed)
     root.mkdir(parents=True, exist_ok=True)
@@ -186,10 +186,13 @@ def messy_stream(root: Path, n_events: int, users: int, seed: int) -> list[tuple
         elif r < 0.90:
             stream.append((topics.CONSENT_EVENTS, user, events.encode_event(
                 toggle_event(user, "album", album, rng.random() < 0.5, when, event_id=f"t{n}"))))
-        elif r < 0.97:
+        elif r < 0.955:
             p = rng.choice(uploaded)
             stream.append((topics.CONSENT_EVENTS, p.user_id, events.encode_event(
                 toggle_event(p.user_id, "photo", p.photo_id, rng.random() < 0.4, when, event_id=f"t{n}"))))
+        elif r < 0.97:  # the whole user off or on
+            stream.append((topics.CONSENT_EVENTS, user, events.encode_event(
+                toggle_event(user, "user", None, rng.random() < 0.6, when, event_id=f"t{n}"))))
         else:
             stream.append((topics.PHOTO_EVENTS, user, b'{"type": "photo_uploaded", "broken": ' + str(n).encode()))
     return [(t, k.encode() if isinstance(k, str) else k, v) for t, k, v in stream]

@@ -9,6 +9,7 @@ it exactly as production loads real weights.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -35,14 +36,23 @@ class ClipSpec:
         return f"{self.model} ({self.pretrained or 'random weights'})"
 
 
+_RANDOM_INIT = threading.Lock()
+
+
 def load_clip(spec: ClipSpec, device: str = "cpu"):
     """Returns (model in eval mode, image preprocess transform, tokenizer)."""
     _register_configs()
     if spec.pretrained is None:
-        torch.manual_seed(0)  # random weights, but the same ones in every process
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        spec.model, pretrained=spec.pretrained, device=device
-    )
+        # Random weights, but the same ones in every process: seeded, and built by one thread at a
+        # time (two models built at once draw from the one generator in turn, as a Flink worker
+        # opening two subtasks did).
+        with _RANDOM_INIT, torch.random.fork_rng():
+            torch.manual_seed(0)
+            model, _, preprocess = open_clip.create_model_and_transforms(spec.model, device=device)
+    else:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            spec.model, pretrained=spec.pretrained, device=device
+        )
     model.eval()
     return model, preprocess, open_clip.get_tokenizer(spec.model)
 

@@ -15,8 +15,8 @@ the same steps written against Flink's API instead:
     -> Kafka (style-vectors, photo-events for re-ingestion, dead-letter topics), in Kafka transactions
        committed with each checkpoint: exactly once across a crash and a restore.
 
-Checkpoints go to DIR/checkpoints and are kept when the job stops; `--restore latest` starts from the
-newest complete one (sources' offsets, users' state and pending timers together). The Parquet history
+Checkpoints go to DIR/checkpoints (or --checkpoint-dir) and are kept when the job stops; `--restore
+latest` starts from the newest complete one (sources' offsets, users' state and pending timers). The Parquet history
 is written by the Beam pipelines only.
 """
 
@@ -47,11 +47,13 @@ from stylestream.pipelines.user_state import (
     PUBLISH_DELAY_S,
     PhotoEntry,
     UserSummary,
+    album_index_changes,
     apply_batch,
+    changed_entries,
     publish_latest,
 )
 from stylestream.schemas.dead_letters import DeadLetter
-from stylestream.schemas.events import encode_event
+from stylestream.schemas.events import to_message
 from stylestream.schemas.tables import FEATURE_NAMES
 from stylestream.streams.clients import Message
 from stylestream.streams.topics import INGEST_TOPICS, PHOTO_EVENTS, STYLE_VECTORS, dlq
@@ -59,12 +61,12 @@ from stylestream.transforms.embed import OpenClipImageHandler, photo_image
 from stylestream.transforms.images import DecodeLimits
 from stylestream.transforms.inputs import style_input
 from stylestream.transforms.records import Contribution, UserBatch
-from stylestream.transforms.style import StyleStats
 
 OUTGOING = Types.ROW_NAMED(["topic", "key", "value"], [Types.STRING(), Types.PRIMITIVE_ARRAY(Types.BYTE()),
                                                        Types.PRIMITIVE_ARRAY(Types.BYTE())])
 OUTGOING_TOPICS = [STYLE_VECTORS, PHOTO_EVENTS, *(dlq(t) for t in INGEST_TOPICS)]  # `topic` picks one per row
-KEYED = Types.TUPLE([Types.STRING(), Types.PICKLED_BYTE_ARRAY()])
+# (kind, user, pickled UserBatch or DeadLetter): kind "update" goes to the user's state, "dead" out
+KEYED = Types.TUPLE([Types.STRING(), Types.STRING(), Types.PICKLED_BYTE_ARRAY()])
 
 
 class MapStateCells:
@@ -100,18 +102,16 @@ class MapStateCells:
         return {p: self._load(raw) for p, raw in self._photos.items()}
 
     def write_entries(self, before: dict[str, PhotoEntry], after: dict[str, PhotoEntry]) -> None:
-        albums: dict[str, set[str]] = {}
-        for p, entry in after.items():
-            raw = pickle.dumps(entry)
-            old = before.get(p)
-            if old is not None and pickle.dumps(old) == raw:
-                continue
-            self._photos.put(p, self._dump(entry))
-            indexed = old is not None and old.album_id is not None and not old.deleted
-            if entry.album_id is not None and not entry.deleted and not indexed:
-                albums.setdefault(entry.album_id, self.album_photos(entry.album_id)).add(p)
-            elif indexed and entry.deleted:
-                albums.setdefault(old.album_id, self.album_photos(old.album_id)).discard(p)
+        """Rewrites the entries that changed, and the id lists of albums whose photos changed."""
+        for p, raw in changed_entries(before, after).items():
+            self.written += len(raw)
+            self._photos.put(p, raw)
+        gained, lost = album_index_changes(before, after)
+        albums = {album_id: self.album_photos(album_id) for album_id in {a for a, _ in gained + lost}}
+        for album_id, p in gained:
+            albums[album_id].add(p)
+        for album_id, p in lost:
+            albums[album_id].discard(p)
         for album_id, ids in albums.items():
             self._albums.put(album_id, self._dump(sorted(ids)))
 
@@ -134,17 +134,14 @@ class StyleInputs(FlatMapFunction):
                       bytes(value) if value is not None else None, ts.to_epoch_milli() if ts is not None else 0)
         out = style_input(msg, self._limits, self._embed)
         if isinstance(out, DeadLetter):
-            yield "dead", pickle.dumps(out)
-        elif isinstance(out, Contribution):
-            yield out.user_id, pickle.dumps(UserBatch(out.user_id, contributions=[out]))
-        elif out.event.type == "photo_deleted":
-            yield out.event.user_id, pickle.dumps(UserBatch(out.event.user_id, deletes=[out.event]))
+            yield "dead", "", pickle.dumps(out)
         else:
-            yield out.event.user_id, pickle.dumps(UserBatch(out.event.user_id, toggles=[out.event]))
+            yield "update", out.user_id if isinstance(out, Contribution) else out.event.user_id, pickle.dumps(
+                UserBatch.of(out))
 
 
 def dead_letter_row(keyed) -> Row:
-    d: DeadLetter = pickle.loads(keyed[1])
+    d: DeadLetter = pickle.loads(keyed[2])
     return Row(dlq(d.topic), d.key or b"", d.to_json())
 
 
@@ -165,21 +162,25 @@ class UpdateUserStyle(KeyedProcessFunction):
         return MapStateCells(self._summary, self._photos, self._albums)
 
     def _empty(self) -> UserSummary:
-        return UserSummary(StyleStats.zero(self._dim, self._n_features), 0)
+        return UserSummary.empty(self._dim, self._n_features)
 
     def process_element(self, keyed, ctx: KeyedProcessFunction.Context):
-        applied = apply_batch(self._cells(), pickle.loads(keyed[1]), self._empty(), self._half_life)
-        if applied.set_timer:
+        applied = apply_batch(self._cells(), pickle.loads(keyed[2]), self._empty(), self._half_life)
+        if applied.changed:
+            # On the next multiple of the delay after it: Flink keeps one timer per key and time, so
+            # a burst registers one, and a change after a restore registers one whatever the restored
+            # state says is pending.
             ts = ctx.timer_service()
-            ts.register_processing_time_timer(ts.current_processing_time() + self._delay_ms)
+            due = ts.current_processing_time() + self._delay_ms
+            ts.register_processing_time_timer(-(-due // self._delay_ms) * self._delay_ms)
         for upload in applied.reingest:
-            yield Row(PHOTO_EVENTS, upload.user_id.encode(), encode_event(upload))
+            yield Row(PHOTO_EVENTS, *to_message(upload))
 
     def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext):
         user_id = ctx.get_current_key()
         version = publish_latest(self._cells(), user_id, self._empty(), datetime.now(UTC))
         if version is not None:
-            yield Row(STYLE_VECTORS, user_id.encode(), encode_event(version.event))
+            yield Row(STYLE_VECTORS, *to_message(version.event))
 
 
 def latest_checkpoint(checkpoints: Path) -> Path | None:
@@ -190,16 +191,18 @@ def latest_checkpoint(checkpoints: Path) -> Path | None:
 
 def build_job(args, jars: list[Path]) -> StreamExecutionEnvironment:
     conf = Configuration()
-    conf.set_string("pipeline.jars", ";".join(p.resolve().as_uri() for p in jars))
+    if jars:  # else Flink's own lib/ must hold the connector (a cluster image)
+        conf.set_string("pipeline.jars", ";".join(p.resolve().as_uri() for p in jars))
     conf.set_string("python.executable", sys.executable)
     conf.set_string("python.execution-mode", "process")
     conf.set_string("execution.checkpointing.interval", f"{args.checkpointing_interval_ms} ms")
     conf.set_string("execution.checkpointing.mode", "EXACTLY_ONCE")
-    conf.set_string("execution.checkpointing.dir", (args.data_dir / "checkpoints").resolve().as_uri())
+    conf.set_string("execution.checkpointing.dir", args.checkpoint_dir)
     conf.set_string("execution.checkpointing.externalized-checkpoint-retention", "RETAIN_ON_CANCELLATION")
     conf.set_string("state.backend.type", "rocksdb")
     if args.restore:
-        path = latest_checkpoint(args.data_dir / "checkpoints") if args.restore == "latest" else Path(args.restore)
+        local = Path(args.checkpoint_dir.removeprefix("file://"))
+        path = latest_checkpoint(local) if args.restore == "latest" else Path(args.restore)
         if path is not None:
             print(f"restoring from {path}", file=sys.stderr, flush=True)
             conf.set_string("execution.state-recovery.path", path.resolve().as_uri())
@@ -215,19 +218,20 @@ def build_job(args, jars: list[Path]) -> StreamExecutionEnvironment:
           `offset` BIGINT METADATA VIRTUAL, `ts` TIMESTAMP_LTZ(3) METADATA FROM 'timestamp' VIRTUAL
         ) WITH ({kafka}, 'topic' = '{";".join(INGEST_TOPICS)}', 'scan.startup.mode' = 'earliest-offset',
                 'properties.group.id' = 'stylestream-flink', 'properties.isolation.level' = 'read_committed')""")
-    # Outgoing messages in Kafka transactions, committed with each checkpoint (the transaction timeout
-    # stays under the broker's 15-minute maximum).
+    # Outgoing messages in Kafka transactions, committed with each checkpoint. After a crash, readers
+    # (read_committed) wait for the killed job's open transaction until it times out; a job down for
+    # longer than that loses the outputs of its last checkpoint, whose transaction the broker aborted.
     t_env.execute_sql(f"""
         CREATE TABLE outgoing (`topic` STRING METADATA, `key` BYTES, `value` BYTES)
         WITH ({kafka}, 'topic' = '{";".join(OUTGOING_TOPICS)}', 'sink.delivery-guarantee' = 'exactly-once',
               'sink.transactional-id-prefix' = 'stylestream-flink',
-              'properties.transaction.timeout.ms' = '600000')""")
+              'properties.transaction.timeout.ms' = '{args.transaction_timeout_s * 1000}')""")
 
     clip = ClipSpec(args.clip_model, args.clip_pretrained)
     inputs = (t_env.to_data_stream(t_env.from_path("incoming"))
               .flat_map(StyleInputs(clip), output_type=KEYED).name("StyleInputs"))
-    versions = (inputs.filter(lambda k: k[0] != "dead")
-                .key_by(lambda k: k[0], key_type=Types.STRING())
+    versions = (inputs.filter(lambda k: k[0] == "update")
+                .key_by(lambda k: k[1], key_type=Types.STRING())
                 .process(UpdateUserStyle(embedding_dim(clip), len(FEATURE_NAMES), args.half_life_days,
                                          args.publish_delay_s), output_type=OUTGOING).name("UpdateUserStyle"))
     dead = inputs.filter(lambda k: k[0] == "dead").map(dead_letter_row, output_type=OUTGOING).name("DeadLetters")
@@ -249,11 +253,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--parallelism", type=int, default=2, metavar="N")
     ap.add_argument("--checkpointing-interval-ms", type=int, default=2000, metavar="MS",
                     help="outputs become visible when the checkpoint after them completes")
-    ap.add_argument("--restore", metavar="latest|DIR", help="start from this checkpoint (latest: the newest kept)")
+    ap.add_argument("--checkpoint-dir", metavar="URI", help="where checkpoints go (default: DIR/checkpoints)")
+    ap.add_argument("--transaction-timeout-s", type=int, default=60, metavar="S",
+                    help="Kafka transaction timeout: how long readers wait after a crash, and the longest "
+                         "a job may be down without losing its last checkpoint's outputs (at most 900)")
+    ap.add_argument("--restore", metavar="latest|DIR",
+                    help="start from this checkpoint (latest: the newest under a local --checkpoint-dir)")
     args = ap.parse_args(argv)
+    args.checkpoint_dir = args.checkpoint_dir or (args.data_dir / "checkpoints").resolve().as_uri()
     jars = connector_jars()
     if not jars:
-        ap.exit(1, "error: Flink's Kafka connector is missing: run `make flink`\n")
+        print("Flink's Kafka connector is not in the cache (`make flink` fetches it): using Flink's lib/",
+              file=sys.stderr)
     args.data_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     env = build_job(args, jars)

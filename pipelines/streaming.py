@@ -10,8 +10,10 @@ Differences from the local micro-batch driver (pipelines/ingest.py):
 - State: each user's style state lives in the runner as keyed state (`pipelines/streaming_state`:
   a small summary cell and one entry per photo, so an event touches what it changes), instead of
   DuckDB; a user's new version is published shortly after a change (a processing-time timer).
-- Sinks: new style versions, re-ingested uploads and dead letters go to Kafka; every published
-  version is a row of Parquet history (pseudonymous, like the local driver's).
+- Sinks: new style versions, re-ingested uploads and dead letters go to Kafka, at least once (a
+  bundle the runner retries may publish again; readers keep the latest version per user); every
+  published version is a row of Parquet history (pseudonymous, like the local driver's), and the
+  rows of versions a withdrawal names are deleted from it.
 
 Each user's update is decided by the same pure functions in both modes (transforms/style.py), which
 are order-free, so one event at a time in any order gives the same style as micro-batches.
@@ -27,15 +29,16 @@ from pathlib import Path
 
 import apache_beam as beam
 import pyarrow as pa
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from stylestream.analytics.history import write_atomically
+from stylestream.analytics.history import redact, write_atomically
 from stylestream.analytics.pseudonyms import load_or_create_key, pseudonym
 from stylestream.defaults import HALF_LIFE_DAYS, TINY_CLIP
 from stylestream.models.clip import ClipSpec
 from stylestream.pipelines.plan import NewVersion
 from stylestream.pipelines.prism import ensure_prism
 from stylestream.pipelines.streaming_state import PUBLISH_DELAY_S, REINGEST, UpdateUserStyle
-from stylestream.schemas.events import PhotoUploaded, encode_event
+from stylestream.schemas.events import to_message
 from stylestream.schemas.tables import STYLE_HISTORY
 from stylestream.streams import clients
 from stylestream.streams.topics import INGEST_TOPICS, PHOTO_EVENTS, STYLE_VECTORS, dlq, ensure_topics
@@ -57,34 +60,38 @@ def build_streaming(messages: beam.PCollection, clip: ClipSpec, dim: int, n_feat
 STREAM_CYCLE = 0  # the history's `cycle` of versions the streaming pipeline published (it has no cycles)
 
 
-def history_row(version: NewVersion, key: bytes) -> dict:
-    """A version for the analytics history: the user id replaced by its keyed hash."""
-    return version.row(STREAM_CYCLE, version.event.event_time) | {"user_id": pseudonym(version.user_id, key)}
-
-
-def to_vector_message(version: NewVersion) -> tuple[bytes, bytes]:
-    """A style version as a style-vectors message (key: user id)."""
-    return version.user_id.encode(), encode_event(version.event)
-
-
-def reingest_message(upload: PhotoUploaded) -> tuple[bytes, bytes]:
-    return upload.user_id.encode(), encode_event(upload)
+def history_entry(version: NewVersion, key: bytes) -> tuple[dict, tuple[str, int, int] | None]:
+    """A version for the analytics history, under the user's keyed hash, and the range of the user's
+    versions it withdraws (their rows must go)."""
+    user = pseudonym(version.user_id, key)
+    withdrawn = version.event.withdrawn_versions
+    return (version.row(STREAM_CYCLE, version.event.event_time) | {"user_id": user},
+            (user, min(withdrawn), max(withdrawn)) if withdrawn else None)
 
 
 class _Publish(beam.DoFn):
     def __init__(self, bootstrap_servers: str):
         self._bootstrap = bootstrap_servers
         self._producer = None
+        self._sent = []
 
     def setup(self):
         self._producer = clients.producer(self._bootstrap)
 
+    def start_bundle(self):
+        self._sent = []
+
     def process(self, message: tuple[str, bytes, bytes]):
         topic, key, value = message
-        self._producer.send(topic, key=key, value=value)
+        self._sent.append(self._producer.send(topic, key=key, value=value))
 
     def finish_bundle(self):
-        self._producer.flush()  # a bundle is done only once the broker has its messages
+        # A bundle is done only once the broker acknowledged each message; a failed send fails the
+        # bundle, which the runner retries (at least once: a retry may publish a message again).
+        self._producer.flush()
+        for sent in self._sent:
+            sent.get()
+        self._sent = []
 
     def teardown(self):
         if self._producer is not None:
@@ -106,12 +113,16 @@ class _WriteHistoryFiles(beam.DoFn):
     def __init__(self, history_dir: str):
         self._dir = Path(history_dir)
         self._rows: list[dict] = []
+        self._withdrawn: list[tuple[str, int, int]] = []
 
     def start_bundle(self):
-        self._rows = []
+        self._rows, self._withdrawn = [], []
 
-    def process(self, row: dict):
+    def process(self, entry: tuple[dict, tuple[str, int, int] | None]):
+        row, withdrawn = entry
         self._rows.append(row)
+        if withdrawn:
+            self._withdrawn.append(withdrawn)
 
     def finish_bundle(self):
         if self._rows:
@@ -119,11 +130,13 @@ class _WriteHistoryFiles(beam.DoFn):
             rows = sorted(self._rows, key=lambda r: (r["user_id"], r["version"]))
             path = self._dir / f"date={now.date().isoformat()}" / f"stream-{uuid.uuid4().hex}.parquet"
             write_atomically(pa.Table.from_pylist(rows, STYLE_HISTORY), path)
-            self._rows = []
+        redact(self._dir, self._withdrawn)
+        self._rows, self._withdrawn = [], []
 
 
 class WriteHistory(beam.PTransform):
-    """History rows -> one Parquet file per bundle under `history_dir/date=<day>/`."""
+    """(history row, withdrawn (user, first, last) or None) -> one Parquet file per bundle under
+    `history_dir/date=<day>/`; then the rows of the versions withdrawn are deleted from every file."""
 
     def __init__(self, history_dir: str):
         super().__init__()
@@ -145,12 +158,12 @@ def streaming_pipeline(p: beam.Pipeline, bootstrap_servers: str, clip: ClipSpec,
     versions, reingest, dead = build_streaming(messages, clip, embedding_dim(clip), len(FEATURE_NAMES),
                                                half_life_days, publish_delay_s=publish_delay_s)
     outgoing = (
-        versions | "VectorMessages" >> beam.Map(lambda v: (STYLE_VECTORS, *to_vector_message(v))),
-        reingest | "ReingestMessages" >> beam.Map(lambda u: (PHOTO_EVENTS, *reingest_message(u))),
+        versions | "VectorMessages" >> beam.Map(lambda v: (STYLE_VECTORS, *to_message(v.event))),
+        reingest | "ReingestMessages" >> beam.Map(lambda u: (PHOTO_EVENTS, *to_message(u))),
         dead | "DeadLetterMessages" >> beam.Map(lambda d: (dlq(d.topic), d.key or b"", d.to_json())),
     )
     outgoing | "Outgoing" >> beam.Flatten() | "Publish" >> PublishToKafka(bootstrap_servers)
-    (versions | "HistoryRows" >> beam.Map(history_row, pseudonym_key)
+    (versions | "HistoryRows" >> beam.Map(history_entry, pseudonym_key)
      | "WriteHistory" >> WriteHistory(history_dir))
 
 
@@ -159,15 +172,15 @@ def runner_args(beam_args: list[str]) -> list[str]:
     in this process (LOOPBACK: no Docker engine needed)."""
     given = {a.split("=")[0] for a in beam_args if a.startswith("--")}
     defaults = {"--runner": "PrismRunner", "--environment_type": "LOOPBACK"}
-    if "--prism_location" not in given:
+    runner = PipelineOptions([*beam_args, "--runner=PrismRunner"] if "--runner" not in given else beam_args
+                             ).view_as(StandardOptions).runner
+    if runner == "PrismRunner" and "--prism_location" not in given:
         defaults["--prism_location"] = str(ensure_prism())
     return list(beam_args) + [f"{k}={v}" for k, v in defaults.items() if k not in given]
 
 
 def main(argv: list[str] | None = None) -> None:
     import argparse
-
-    from apache_beam.options.pipeline_options import PipelineOptions
 
     ap = argparse.ArgumentParser(
         prog="python -m stylestream.pipelines.streaming",

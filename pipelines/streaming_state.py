@@ -23,12 +23,13 @@ from stylestream.pipelines.user_state import (
     PUBLISH_DELAY_S,
     PhotoEntry,
     UserSummary,
+    album_index_changes,
     apply_batch,
+    changed_entries,
     event_kind,
     publish_latest,
 )
-from stylestream.transforms.records import UserBatch
-from stylestream.transforms.style import StyleStats
+from stylestream.transforms.records import Contribution, Sourced, UserBatch
 
 REINGEST = "reingest"
 
@@ -50,15 +51,17 @@ def album_key(album_id: str, photo_id: str | None = None) -> int:
 class OrderedListCells:
     """One user's state cells for one call, with the bytes read and written.
 
-    An entry is replaced by appending its new value under the same key: reads keep the last value per
-    photo. The older values are cleared when the key is next written in a later bundle: Prism 2.77
-    fails on clearing ordered-list state that its bundle did not start with, and a value appended
-    in the current bundle is not there yet (`written`: the keys this bundle appended to)."""
+    A photo's entry is replaced by appending its new value under the same key, numbered: reads keep
+    the highest number per photo. The older values are cleared when the key is next written in a
+    later bundle: Prism 2.77 fails on clearing ordered-list state that its bundle did not start with,
+    and a value appended in the current bundle is not there yet (`written`: the keys this bundle
+    appended to, with the number their next value gets). The album index holds photo ids; one left
+    behind by a deletion in the bundle that indexed it only makes an album toggle read that entry."""
 
-    def __init__(self, user_id: str, summary, photos, albums, written: set[tuple[str, str, int]]):
+    def __init__(self, user_id: str, summary, photos, albums, written: dict[tuple[str, str, int], int]):
         self._user, self._summary, self._photos, self._albums = user_id, summary, photos, albums
         self._written = written
-        self._under: dict[int, dict[str, PhotoEntry]] = {}  # the latest entry per photo under each read key
+        self._under: dict[int, dict[str, tuple[int, PhotoEntry]]] = {}  # per read key: photo -> (number, entry)
         self.read = self.written = 0
 
     def summary(self, empty: UserSummary) -> UserSummary:
@@ -73,10 +76,13 @@ class OrderedListCells:
 
     def _entries(self, items: Iterable) -> dict[str, PhotoEntry]:
         out = {}
-        for key, raw in items:  # in key order, and in append order within a key: the last value wins
+        for key, raw in items:
             self.read += len(raw)
-            entry = pickle.loads(raw)
-            out[entry.photo_id] = self._under.setdefault(key.micros, {})[entry.photo_id] = entry
+            number, entry = int.from_bytes(raw[:4], "big"), pickle.loads(raw[4:])
+            under = self._under.setdefault(key.micros, {})
+            if entry.photo_id not in under or number >= under[entry.photo_id][0]:
+                under[entry.photo_id] = (number, entry)
+                out[entry.photo_id] = entry
         return out
 
     def entries(self, photo_ids: Iterable[str]) -> dict[str, PhotoEntry]:
@@ -86,44 +92,48 @@ class OrderedListCells:
             out |= self._entries(self._photos.read_range(Timestamp(micros=k), Timestamp(micros=k + 1)))
         return {p: e for p, e in out.items() if p in wanted}
 
-    def album_photos(self, album_id: str) -> set[str]:
-        start = album_key(album_id)
-        items = self._albums.read_range(Timestamp(micros=start), Timestamp(micros=start + (1 << 32)))
+    def _album_ids(self, start: int, stop: int) -> set[str]:
         ids = set()
-        for _, raw in items:
+        for _, raw in self._albums.read_range(Timestamp(micros=start), Timestamp(micros=stop)):
             self.read += len(raw)
             ids.add(raw.decode())
         return ids
 
+    def album_photos(self, album_id: str) -> set[str]:
+        start = album_key(album_id)
+        return self._album_ids(start, start + (1 << 32))
+
     def every_entry(self) -> dict[str, PhotoEntry]:
         return self._entries(self._photos.read())
 
-    def _replace(self, cell, name: str, key: int, values: list[bytes], existing: bool) -> None:
+    def _replace(self, cell, name: str, key: int, values: list[bytes], existing: bool) -> int:
         """`values` become everything under `key` (or its latest values, until a later bundle);
-        `existing`: whether the key holds values already."""
-        if existing and (name, self._user, key) not in self._written:
+        `existing`: whether the key holds values already. Returns the number the values get."""
+        written = (name, self._user, key)
+        if existing and written not in self._written:
             cell.clear_range(Timestamp(micros=key), Timestamp(micros=key + 1))
-        self._written.add((name, self._user, key))
+        number = self._written.get(written, 0)
+        self._written[written] = number + 1
         for v in values:
+            v = number.to_bytes(4, "big") + v if name == "photos" else v
             self.written += len(v)
             cell.add((Timestamp(micros=key), v))
+        return number
 
     def write_entries(self, before: dict[str, PhotoEntry], after: dict[str, PhotoEntry]) -> None:
-        """Rewrites the entries that changed (and the album index of photos that gained or left one)."""
-        for p, entry in after.items():
-            raw = pickle.dumps(entry)
-            old = before.get(p)
-            if old is not None and pickle.dumps(old) == raw:
-                continue
+        """Rewrites the entries that changed, and the album index of photos that gained or left one."""
+        for p, raw in changed_entries(before, after).items():
             k = photo_key(p)
             # Entries of other photos under the same key (a hash collision) stay.
-            kept = [pickle.dumps(e) for q, e in self._under.get(k, {}).items() if q != p]
+            kept = [pickle.dumps(e) for q, (_, e) in self._under.get(k, {}).items() if q != p]
             self._replace(self._photos, "photos", k, [*kept, raw], existing=bool(self._under.get(k)))
-            indexed = old is not None and old.album_id is not None and not old.deleted
-            if entry.album_id is not None and not entry.deleted and not indexed:
-                self._replace(self._albums, "albums", album_key(entry.album_id, p), [p.encode()], existing=False)
-            elif indexed and entry.deleted:
-                self._replace(self._albums, "albums", album_key(old.album_id, p), [], existing=True)
+        gained, lost = album_index_changes(before, after)
+        for album_id, p in gained:
+            self._replace(self._albums, "albums", album_key(album_id, p), [p.encode()], existing=False)
+        for album_id, p in lost:
+            k = album_key(album_id, p)
+            others = self._album_ids(k, k + 1) - {p}  # another photo under the same key stays
+            self._replace(self._albums, "albums", k, [q.encode() for q in sorted(others)], existing=True)
 
 
 class _UpdateUserStyle(beam.DoFn):
@@ -137,10 +147,10 @@ class _UpdateUserStyle(beam.DoFn):
         self._half_life, self._delay = half_life_days, publish_delay_s
 
     def start_bundle(self):
-        self._written: set[tuple[str, str, int]] = set()
+        self._written: dict[tuple[str, str, int], int] = {}
 
     def _empty(self) -> UserSummary:
-        return UserSummary(StyleStats.zero(self._dim, self._n_features), 0)
+        return UserSummary.empty(self._dim, self._n_features)
 
     def _count(self, kind: str, cells: OrderedListCells) -> None:
         Metrics.distribution("user_state", f"{kind}.bytes_read").update(cells.read)
@@ -172,6 +182,11 @@ class _UpdateUserStyle(beam.DoFn):
             yield version
 
 
+def keyed_batch(item: Contribution | Sourced) -> tuple[str, UserBatch]:
+    batch = UserBatch.of(item)
+    return batch.user_id, batch
+
+
 class UpdateUserStyle(beam.PTransform):
     """Per-user style state in the runner: (contributions, deletes, toggles) -> the users' new style
     versions (`pipelines/plan.NewVersion`, main output `versions`) and, tagged `reingest`, uploads to
@@ -182,16 +197,10 @@ class UpdateUserStyle(beam.PTransform):
         self._fn = _UpdateUserStyle(dim, n_features, half_life_days, publish_delay_s)
 
     def expand(self, pcolls):
-        contributions, deletes, toggles = pcolls
-        keyed = tuple[str, UserBatch]  # a str key: Beam's deterministic coder for keyed state
         return (
-            (contributions | "UploadBatch" >> beam.Map(
-                lambda c: (c.user_id, UserBatch(c.user_id, contributions=[c]))).with_output_types(keyed),
-             deletes | "DeleteBatch" >> beam.Map(
-                 lambda s: (s.event.user_id, UserBatch(s.event.user_id, deletes=[s.event]))).with_output_types(keyed),
-             toggles | "ToggleBatch" >> beam.Map(
-                 lambda s: (s.event.user_id, UserBatch(s.event.user_id, toggles=[s.event]))).with_output_types(keyed))
+            pcolls
             | "OneStream" >> beam.Flatten()
+            | "ByUser" >> beam.Map(keyed_batch).with_output_types(tuple[str, UserBatch])  # str: a deterministic key
             | "PerUser" >> beam.ParDo(self._fn).with_outputs(REINGEST, main="versions")
         )
 

@@ -1,8 +1,8 @@
 """Each user's style state inside a streaming runner, laid out so that an event touches what it changes.
 
 A user's cells (the runner's keyed state; the key is the user id):
-- the summary, one value: the sums (`StyleStats`), the version, the consent records and what waits to
-  be published. A few KB, whatever the size of the user's library.
+- the summary, one value: the sums (`StyleStats`), the version, the consent records (one per scope
+  the user ever toggled) and what waits to be published: a few KB, whatever the size of the library.
 - the photos: one entry per photo the user ever sent (`PhotoEntry`: its album, its catalogued
   upload for re-ingestion, whether it is deleted, and its stored contribution while it counts).
 - the album index: which photos are in which album, so that an album toggle reads that album's
@@ -24,6 +24,7 @@ each event reads and writes.
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -52,10 +53,14 @@ class UserSummary:
 
     stats: StyleStats
     version: int
-    consent: dict[str, ConsentRecord] = field(default_factory=dict)
+    consent: dict[str, ConsentRecord] = field(default_factory=dict)  # one record per scope ever toggled
     published: int = 0  # the latest version published
     withdrawn: tuple[int, int] | None = None  # (first, last) version withdrawn since then
     timer_set: bool = False
+
+    @classmethod
+    def empty(cls, embedding_dim: int, n_features: int) -> UserSummary:
+        return cls(StyleStats.zero(embedding_dim, n_features), 0)
 
 
 @dataclass(frozen=True)
@@ -89,6 +94,28 @@ def entries_after(entries: dict[str, PhotoEntry], update: UserUpdate, after: Use
                           after.stored.get(p)) for p in sorted(photos)}
 
 
+def changed_entries(before: dict[str, PhotoEntry], after: dict[str, PhotoEntry]) -> dict[str, bytes]:
+    """The entries `after` changes, pickled (what the cells write)."""
+    out = {}
+    for p, entry in after.items():
+        raw = pickle.dumps(entry)
+        if p not in before or pickle.dumps(before[p]) != raw:
+            out[p] = raw
+    return out
+
+
+def album_index_changes(before: dict[str, PhotoEntry], after: dict[str, PhotoEntry],
+                        ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(album, photo) pairs the album index gains and loses: a photo is indexed under its album while
+    it is catalogued and not deleted."""
+    def indexed(e: PhotoEntry | None) -> bool:
+        return e is not None and e.album_id is not None and not e.deleted
+
+    gained = [(e.album_id, p) for p, e in after.items() if indexed(e) and not indexed(before.get(p))]
+    lost = [(before[p].album_id, p) for p, e in after.items() if indexed(before.get(p)) and not indexed(e)]
+    return gained, lost
+
+
 def event_kind(batch: UserBatch) -> str:
     """upload, delete, toggle-photo, toggle-album or toggle-user: the name its byte counts go under."""
     if batch.toggles:
@@ -115,7 +142,8 @@ class Applied:
     """What one batch asks of the runner."""
 
     reingest: list[PhotoUploaded]  # uploads to publish again: their photos count again after an opt-in
-    set_timer: bool  # the user's style changed and no publish is pending: publish after the delay
+    changed: bool  # the user's style changed: a publish must follow
+    set_timer: bool  # ...and none is pending yet (for runners whose timers replace each other)
 
 
 def apply_batch(cells: UserCells, batch: UserBatch, empty: UserSummary, half_life_days: float) -> Applied:
@@ -143,7 +171,7 @@ def apply_batch(cells: UserCells, batch: UserBatch, empty: UserSummary, half_lif
     summary.timer_set = summary.timer_set or set_timer
     cells.write_summary(summary)
     # 4. Photos that count again after an opt-in are published anew, to be embedded again.
-    return Applied([new_entries[p].upload for p in update.reingest], set_timer)
+    return Applied([new_entries[p].upload for p in update.reingest], update.changes_style, set_timer)
 
 
 def publish_latest(cells: UserCells, user_id: str, empty: UserSummary, now: datetime) -> NewVersion | None:

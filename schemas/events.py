@@ -234,6 +234,11 @@ def encode_event(event: BaseModel) -> bytes:
     return event.model_dump_json(exclude_none=True).encode()
 
 
+def to_message(event: _Event) -> tuple[bytes, bytes]:
+    """An event as a Kafka message: (key, value). Every topic is keyed by user id."""
+    return event.user_id.encode(), encode_event(event)
+
+
 def json_schemas() -> dict[str, dict]:
     """The JSON Schema of every topic's contract, keyed by topic."""
     out = {}

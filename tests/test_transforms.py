@@ -26,7 +26,8 @@ from stylestream.transforms.records import Contribution, Sourced
 WHEN = datetime(2026, 3, 1, tzinfo=UTC)
 # Each step runs on Prism, the portable runner the streaming pipeline runs on (`make prism` builds it;
 # keyed ordered-list state and processing-time timers need it: FnApiRunner has neither).
-PRISM = PipelineOptions(runner_args([]))
+def prism() -> PipelineOptions:
+    return PipelineOptions(runner_args([]))
 
 
 def message(topic: str, offset: int, event=None, key: bytes | None = None, value: bytes | None = None) -> Message:
@@ -54,7 +55,7 @@ def test_parse_routes_each_event_and_gives_bad_input_a_reason(tmp_path):
         message(PHOTO_EVENTS, 2, key=b"ana", value=b"{not json"),
         message(PHOTO_EVENTS, 3, photo.upload_event(), key=b"ben"),  # routed by another user's key
     ]
-    with BeamTestPipeline(options=PRISM) as p:
+    with BeamTestPipeline(options=prism()) as p:
         events = p | beam.Create(messages) | ParseEvents()
         assert_that(events.uploads | "U" >> beam.Map(lambda s: (s.event.photo_id, s.offset)),
                     equal_to([(photo.photo_id, 0)]), label="uploads")
@@ -71,7 +72,7 @@ def test_prepare_decodes_keeps_only_whitelisted_metadata_and_rejects_a_wrong_che
     good, bad = make_library(tmp_path, {"ana": [("a", "warm", 2)]})
     wrong = bad.upload_event()
     wrong = wrong.model_copy(update={"image": wrong.image.model_copy(update={"sha256": "0" * 64})})
-    with BeamTestPipeline(options=PRISM) as p:
+    with BeamTestPipeline(options=prism()) as p:
         photos = p | beam.Create([sourced(good.upload_event(), 0), sourced(wrong, 1)]) | PreparePhotos()
         assert_that(photos.ok | "Ok" >> beam.Map(lambda ph: (ph.source.event.photo_id, ph.features.shape,
                                                              sorted(ph.metadata))),
@@ -86,7 +87,7 @@ def test_group_by_user_gathers_a_users_share_of_the_cycle(tmp_path):
     photos = make_library(tmp_path, {"ana": [("a", "warm", 2)], "ben": [("b", "cool", 1)]})
     ana = [p for p in photos if p.user_id == "ana"]
     [ben] = [p for p in photos if p.user_id == "ben"]
-    with BeamTestPipeline(options=PRISM) as p:
+    with BeamTestPipeline(options=prism()) as p:
         contributions = p | "C" >> beam.Create([contribution(ph, i) for i, ph in enumerate(photos)])
         deletes = p | "D" >> beam.Create([sourced(ana[0].delete_event(WHEN))])
         toggles = p | "T" >> beam.Create([sourced(toggle_event("ben", "user", None, False, WHEN))])
@@ -99,7 +100,7 @@ def test_group_by_user_gathers_a_users_share_of_the_cycle(tmp_path):
 
 def test_the_per_user_update_step_keeps_state_and_withdraws_what_an_opt_out_covers(tmp_path):
     photos = make_library(tmp_path, {"ana": [("beach", "warm", 3), ("office", "cool", 2)]})
-    with BeamTestPipeline(options=PRISM) as p:
+    with BeamTestPipeline(options=prism()) as p:
         contributions = p | "C" >> beam.Create([contribution(ph, i) for i, ph in enumerate(photos)])
         no_deletes = p | "D" >> beam.Create([])
         off = p | "T" >> beam.Create([sourced(toggle_event("ana", "album", "office", False, WHEN))])

@@ -8,6 +8,7 @@ bundles give. On a GPU the model runs in half precision.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -74,9 +75,18 @@ class OpenClipImageHandler(ModelHandler[object, PredictionResult, LoadedClip]):
         return False
 
 
-@cache
+_LOADING = threading.Lock()
+
+
 def _loaded_clip(spec: ClipSpec, device: str) -> LoadedClip:
-    """One model per process: each ingestion cycle is a new pipeline run, which would otherwise reload it."""
+    """One model per process: each ingestion cycle is a new pipeline run, which would otherwise reload
+    it; threads that ask at once (a runner's parallel workers) wait for the one load."""
+    with _LOADING:
+        return _load_clip_once(spec, device)
+
+
+@cache
+def _load_clip_once(spec: ClipSpec, device: str) -> LoadedClip:
     model, preprocess, _ = load_clip(spec, device)
     if device.startswith("cuda"):
         model = model.half()

@@ -71,6 +71,15 @@ class UserBatch:
     deletes: list[PhotoDeleted] = field(default_factory=list)
     toggles: list[StyleLearningToggled] = field(default_factory=list)
 
+    @classmethod
+    def of(cls, item: Contribution | Sourced) -> UserBatch:
+        """One embedded upload, deletion or toggle as its user's batch (a streaming runner's unit)."""
+        if isinstance(item, Contribution):
+            return cls(item.user_id, contributions=[item])
+        if isinstance(item.event, PhotoDeleted):
+            return cls(item.event.user_id, deletes=[item.event])
+        return cls(item.event.user_id, toggles=[item.event])
+
     def scopes(self) -> tuple[set[str], set[str], bool]:
         """(photo ids, album ids, whole user?) whose stored state the batch may touch."""
         photos = {c.photo_id for c in self.contributions} | {d.photo_id for d in self.deletes}
