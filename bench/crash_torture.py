@@ -60,14 +60,6 @@ TABLES = {
 }
 
 
-def produce(bootstrap: str, stream) -> None:
-    p = clients.producer(bootstrap, linger_ms=20, batch_size=256 * 1024)
-    for topic, key, value in stream:
-        p.send(topic, key=key, value=value)
-    p.flush()
-    p.close()
-
-
 def ingest_cmd(bootstrap: str, data_dir: Path, per_partition: int) -> list[str]:
     return [sys.executable, "-m", "stylestream.cli.main", "ingest", "--until-caught-up", "-b", bootstrap,
             "--data-dir", str(data_dir), "--max-events-per-partition", str(per_partition)]
@@ -153,7 +145,7 @@ def main() -> None:
     try:
         for b in brokers:
             ensure_topics(b.bootstrap_servers)
-            produce(b.bootstrap_servers, stream)
+            clients.send_all(b.bootstrap_servers, stream)
         models = work / "models"
         key = load_or_create_key(work / "reference" / "state")  # one deployment: both runs share the key
         for name in ("reference", "tortured"):

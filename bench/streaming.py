@@ -41,14 +41,6 @@ from stylestream.streams.broker import start_local_broker
 from stylestream.streams.topics import PHOTO_EVENTS, STYLE_VECTORS, ensure_topics
 
 
-def produce(bootstrap: str, stream) -> None:
-    p = clients.producer(bootstrap, linger_ms=20)
-    for topic, key, value in stream:
-        p.send(topic, key=key, value=value)
-    p.flush()
-    p.close()
-
-
 def latest_styles(bootstrap: str) -> dict[str, tuple]:
     latest = {}
     for m in clients.read_all(bootstrap, STYLE_VECTORS):
@@ -153,7 +145,7 @@ def main() -> None:
         runs = []
         with start_local_broker("kafka", work / "kafka-local") as broker:
             ensure_topics(broker.bootstrap_servers)
-            produce(broker.bootstrap_servers, stream)
+            clients.send_all(broker.bootstrap_servers, stream)
             ingest = [sys.executable, "-m", "stylestream.cli.main", "ingest", "-b", broker.bootstrap_servers,
                       "--data-dir", str(work / "local")]
             local, reference = measure("local", [*ingest, "--until-caught-up"], [*ingest, "--follow"],
@@ -161,14 +153,14 @@ def main() -> None:
             runs.append(local)
         with start_local_broker("kafka", work / "kafka-prism") as broker:
             ensure_topics(broker.bootstrap_servers)
-            produce(broker.bootstrap_servers, stream)
+            clients.send_all(broker.bootstrap_servers, stream)
             job = [sys.executable, "-m", "stylestream.pipelines.streaming", "--bootstrap-servers",
                    broker.bootstrap_servers, "--data-dir", str(work / "prism")]
             prism, _ = measure("prism", None, job, broker.bootstrap_servers, work, reference, a)
             runs.append(prism)
         with start_local_broker("kafka", work / "kafka-flink") as broker:
             ensure_topics(broker.bootstrap_servers)
-            produce(broker.bootstrap_servers, stream)
+            clients.send_all(broker.bootstrap_servers, stream)
             job = [str(ensure_flink()), "-m", "stylestream.pipelines.flink_job", "--bootstrap-servers",
                    broker.bootstrap_servers, "--data-dir", str(work / "flink"), "--parallelism", "2"]
             flink, _ = measure("flink", None, job, broker.bootstrap_servers, work, reference, a)

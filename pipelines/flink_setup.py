@@ -42,9 +42,17 @@ def project_root() -> Path:
 
 
 def ensure_flink() -> Path:
-    """The Flink job's Python, after building its environment (a few minutes the first time)."""
+    """The Flink job's Python, after building its environment (a few minutes the first time). The
+    environment is shared by every checkout on the machine and runs the project of the last one
+    that asked: another checkout re-installs itself there (seconds)."""
     home = flink_home()
+    pip = [str(flink_python()), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    root, serves = project_root(), home / ".project"
     if (home / ".complete").exists():
+        if serves.exists() and serves.read_text() == str(root):
+            return flink_python()
+        subprocess.run([*pip, "--no-deps", "-e", str(root)], check=True)
+        serves.write_text(str(root))
         return flink_python()
     mvn = shutil.which("mvn")
     if mvn is None or shutil.which("java") is None:
@@ -55,9 +63,9 @@ def ensure_flink() -> Path:
     subprocess.run([mvn, "-q", "-B", "-Dstyle.color=never", "-f", str(POM), "dependency:copy-dependencies",
                     f"-DoutputDirectory={home / 'jars'}"], check=True)
     subprocess.run([getattr(sys, "_base_executable", sys.executable), "-m", "venv", str(home / "venv")], check=True)
-    pip = [str(flink_python()), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
     subprocess.run([*pip, "-r", str(REQUIREMENTS)], check=True)
-    subprocess.run([*pip, "--no-deps", "-e", str(project_root())], check=True)
+    subprocess.run([*pip, "--no-deps", "-e", str(root)], check=True)
+    serves.write_text(str(root))
     (home / ".complete").touch()
     return flink_python()
 

@@ -99,6 +99,17 @@ def producer(bootstrap_servers: str, **overrides) -> KafkaProducer:
     return KafkaProducer(**config)
 
 
+def send_all(bootstrap_servers: str, messages: Iterable[tuple[str, bytes, bytes]]) -> None:
+    """(topic, key, value) messages, in order, acknowledged before it returns."""
+    p = producer(bootstrap_servers, linger_ms=20, batch_size=256 * 1024)
+    try:
+        for topic, key, value in messages:
+            p.send(topic, key=key, value=value)
+        p.flush()
+    finally:
+        p.close()
+
+
 def consumer(bootstrap_servers: str, group_id: str | None = None, **overrides) -> KafkaConsumer:
     # A 6 s session: a worker that dies hands its partitions on within seconds, not Kafka's default
     # 45 s (and Tansu answers JoinGroup only after half the session timeout).

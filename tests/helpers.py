@@ -26,15 +26,6 @@ def read_topic(bootstrap_servers: str, topic: str) -> list:
     return clients.read_all(bootstrap_servers, topic)
 
 
-def produce_stream(bootstrap: str, stream) -> None:
-    """(topic, key, value) messages, as `demo.synthetic.messy_stream` gives them."""
-    p = clients.producer(bootstrap, linger_ms=20)
-    for topic, key, value in stream:
-        p.send(topic, key=key, value=value)
-    p.flush()
-    p.close()
-
-
 def latest_styles(bootstrap: str) -> dict[str, StyleVectorUpdated]:
     latest = {}
     for m in clients.read_all(bootstrap, STYLE_VECTORS):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from helpers import dead_letters, latest_styles, produce_stream, style_differences
+from helpers import dead_letters, latest_styles, style_differences
 
 from stylestream.analytics.pseudonyms import load_or_create_key, pseudonym
 from stylestream.demo.synthetic import messy_stream
@@ -37,7 +37,7 @@ def reference(broker, make_ingestor, tmp_path):
     """A messy stream of N_EVENTS, and the local driver's answer over it: (stream, styles, dead letters)."""
     stream = messy_stream(tmp_path / "images", N_EVENTS, users=30, seed=14)
     assert len(stream) >= N_EVENTS
-    produce_stream(broker.bootstrap_servers, stream)
+    clients.send_all(broker.bootstrap_servers, stream)
     make_ingestor().run_until_caught_up()
     styles, dead = latest_styles(broker.bootstrap_servers), dead_letters(broker.bootstrap_servers)
     assert len(styles) >= 20 and len(dead) >= 30  # the stream reaches most users, and has malformed events
@@ -67,7 +67,7 @@ def test_prism_matches_the_local_driver_over_a_messy_stream(reference, broker_en
     stream, want, want_dead = reference
     with start_local_broker(broker_engine, tmp_path / "kafka-stream") as other:
         ensure_topics(other.bootstrap_servers)
-        produce_stream(other.bootstrap_servers, stream)
+        clients.send_all(other.bootstrap_servers, stream)
         job = start([sys.executable, "-m", "stylestream.pipelines.streaming", "--bootstrap-servers",
                      other.bootstrap_servers, "--data-dir", str(tmp_path / "stream"), "--clip-model", clip.model,
                      "--clip-pretrained", clip.pretrained], tmp_path / "streaming.log")
@@ -137,7 +137,7 @@ def test_flink_matches_the_local_driver_over_a_messy_stream(reference, broker_en
     stream, want, want_dead = reference
     with start_local_broker(broker_engine, tmp_path / "kafka-flink") as other:
         ensure_topics(other.bootstrap_servers)
-        produce_stream(other.bootstrap_servers, stream)
+        clients.send_all(other.bootstrap_servers, stream)
         job = start(flink_job(other.bootstrap_servers, tmp_path / "flink", clip), tmp_path / "flink.log")
         try:
             got, got_dead = wait_for(other.bootstrap_servers, want, want_dead, job, 480)
@@ -160,12 +160,12 @@ def test_flink_killed_mid_stream_resumes_from_its_last_checkpoint(reference, bro
         # 1. The first half of the stream, until its versions are out (a checkpoint has completed);
         # then the second half, and SIGKILL the job while it works on it.
         half = len(stream) // 2
-        produce_stream(bs, stream[:half])
+        clients.send_all(bs, stream[:half])
         job = start(flink_job(bs, tmp_path / "flink", clip), log)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not latest_styles(bs) and job.poll() is None:
             time.sleep(1)
-        produce_stream(bs, stream[half:])
+        clients.send_all(bs, stream[half:])
         time.sleep(3)
         kill(job)
         before_kill = latest_styles(bs)
