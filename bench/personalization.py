@@ -76,7 +76,8 @@ def people_styles(work: Path, handler, clip_model, photos: int, seed: int) -> di
         images = [decode(p.path.read_bytes(), DecodeLimits())[0] for p in mine]
         emb, feats = image_styles(handler, clip_model, images)
         weights = np.array([photo_weight(p.taken_at, HALF_LIFE_DAYS) for p in mine])
-        styles[person] = style_vector_event(person, 1, stats_of(emb, feats, weights), [], [], datetime.now(UTC))
+        styles[person] = style_vector_event(person, 1, stats_of(emb, feats, weights), [], [], None,
+                                             datetime.now(UTC))
     return styles
 
 

@@ -72,7 +72,7 @@ def steady_latency(gen: StyleGenerator, users: list[str], style_dim: int, rate: 
             emb = rng.normal(size=style_dim - len(FEATURE_NAMES))
             stats = StyleStats.of(emb / np.linalg.norm(emb), np.full(len(FEATURE_NAMES), 0.3), 1.0)
             producer.send(STYLE_VECTORS, key=u.encode(),
-                          value=encode_event(style_vector_event(u, 1, stats, [], [], datetime.now(UTC))))
+                          value=encode_event(style_vector_event(u, 1, stats, [], [], None, datetime.now(UTC))))
         producer.flush()
         n = int(rate * duration)
         with Worker(ServeConfig(bs, str(work / "images"), max_batch=batch, max_wait_ms=int(1000 / rate)), gen) as w:

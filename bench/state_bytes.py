@@ -33,9 +33,12 @@ from tqdm import tqdm
 
 from stylestream.defaults import HALF_LIFE_DAYS
 from stylestream.demo.synthetic import toggle_event
+from stylestream.models.clip import ClipSpec
 from stylestream.pipelines.streaming_state import _UpdateUserStyle
 from stylestream.schemas.events import ImageRef, PhotoDeleted, PhotoUploaded
 from stylestream.schemas.tables import FEATURE_NAMES
+from stylestream.transforms.images import DecodeLimits
+from stylestream.transforms.manifest import style_basis
 from stylestream.transforms.records import Contribution, UserBatch
 from stylestream.transforms.style import StoredContribution, StyleStats, UserView, photo_weight
 
@@ -90,7 +93,7 @@ class Timer:
 def earlier_layout_bytes(contributions: list[Contribution], dim: int) -> int:
     """The earlier single cell for this user: (UserView with every contribution, uploads by photo)."""
     stored = {c.photo_id: StoredContribution(c.album_id, photo_weight(c.taken_at, HALF_LIFE_DAYS), c.embedding,
-                                             c.features, 1) for c in contributions}
+                                             c.features, 1, c.sha256) for c in contributions}
     view = UserView(StyleStats.zero(dim, len(FEATURE_NAMES)), len(contributions), {}, stored, set(),
                     {c.photo_id: c.album_id for c in contributions})
     return len(pickle.dumps((view, {c.photo_id: c.upload for c in contributions})))
@@ -113,7 +116,7 @@ def main() -> None:
         "toggle-album": UserBatch(USER, toggles=[toggle_event(USER, "album", "a1", False, when)]),
         "toggle-user": UserBatch(USER, toggles=[toggle_event(USER, "user", None, False, when)]),
     }
-    fn = _UpdateUserStyle(a.dim, len(FEATURE_NAMES), HALF_LIFE_DAYS, 0.5)
+    fn = _UpdateUserStyle(a.dim, len(FEATURE_NAMES), style_basis(ClipSpec(), HALF_LIFE_DAYS, DecodeLimits()), 0.5)
     cells = {"summary_cell": ValueCell(), "photos_cell": OrderedListCell(), "albums_cell": OrderedListCell()}
     counted: dict[str, list[int]] = {}
     fn._count = lambda kind, c: counted.setdefault(kind, []).append((c.read, c.written))

@@ -9,6 +9,7 @@ it exactly as production loads real weights.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from dataclasses import dataclass
 from functools import cache
@@ -78,6 +79,22 @@ def clip_spec(models_dir: Path, model: str = TINY_CLIP, pretrained: str | None =
     if pretrained is None:
         raise ValueError(f"{model} needs pretrained weights (an open_clip tag or a checkpoint path)")
     return ClipSpec(model, pretrained)
+
+
+@cache
+def weights_id(spec: ClipSpec) -> str:
+    """Which weights a spec loads, for style manifests: sha256:<hex> of a checkpoint file,
+    open_clip:<tag> for open_clip's named weights, random:seed0 for the seeded random ones."""
+    if spec.pretrained is None:
+        return "random:seed0"
+    path = Path(spec.pretrained)
+    if not path.is_file():
+        return f"open_clip:{spec.pretrained}"
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return f"sha256:{digest.hexdigest()}"
 
 
 def embedding_dim(spec: ClipSpec) -> int:

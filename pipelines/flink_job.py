@@ -53,18 +53,20 @@ from stylestream.pipelines.user_state import (
     publish_latest,
 )
 from stylestream.schemas.dead_letters import DeadLetter
-from stylestream.schemas.events import to_message
+from stylestream.schemas.events import StyleBasis, to_message
 from stylestream.schemas.tables import FEATURE_NAMES
 from stylestream.streams.clients import Message
-from stylestream.streams.topics import INGEST_TOPICS, PHOTO_EVENTS, STYLE_VECTORS, dlq
+from stylestream.streams.topics import INGEST_TOPICS, PHOTO_EVENTS, STYLE_MANIFESTS, STYLE_VECTORS, dlq
 from stylestream.transforms.embed import OpenClipImageHandler, photo_image
 from stylestream.transforms.images import DecodeLimits
 from stylestream.transforms.inputs import style_input
+from stylestream.transforms.manifest import style_basis
 from stylestream.transforms.records import Contribution, UserBatch
 
 OUTGOING = Types.ROW_NAMED(["topic", "key", "value"], [Types.STRING(), Types.PRIMITIVE_ARRAY(Types.BYTE()),
                                                        Types.PRIMITIVE_ARRAY(Types.BYTE())])
-OUTGOING_TOPICS = [STYLE_VECTORS, PHOTO_EVENTS, *(dlq(t) for t in INGEST_TOPICS)]  # `topic` picks one per row
+# `topic` picks one per row
+OUTGOING_TOPICS = [STYLE_VECTORS, STYLE_MANIFESTS, PHOTO_EVENTS, *(dlq(t) for t in INGEST_TOPICS)]
 # (kind, user, pickled UserBatch or DeadLetter): kind "update" goes to the user's state, "dead" out
 KEYED = Types.TUPLE([Types.STRING(), Types.STRING(), Types.PICKLED_BYTE_ARRAY()])
 
@@ -142,15 +144,15 @@ class StyleInputs(FlatMapFunction):
 
 def dead_letter_row(keyed) -> Row:
     d: DeadLetter = pickle.loads(keyed[2])
-    return Row(dlq(d.topic), d.key or b"", d.to_json())
+    return Row(*d.message())
 
 
 class UpdateUserStyle(KeyedProcessFunction):
     """Each user's style state in Flink keyed state; emits outgoing rows."""
 
-    def __init__(self, dim: int, n_features: int, half_life_days: float, publish_delay_s: float):
+    def __init__(self, dim: int, n_features: int, basis: StyleBasis, publish_delay_s: float):
         self._dim, self._n_features = dim, n_features
-        self._half_life, self._delay_ms = half_life_days, int(publish_delay_s * 1000)
+        self._basis, self._delay_ms = basis, int(publish_delay_s * 1000)
 
     def open(self, ctx: RuntimeContext):
         raw = Types.PICKLED_BYTE_ARRAY()
@@ -165,7 +167,7 @@ class UpdateUserStyle(KeyedProcessFunction):
         return UserSummary.empty(self._dim, self._n_features)
 
     def process_element(self, keyed, ctx: KeyedProcessFunction.Context):
-        applied = apply_batch(self._cells(), pickle.loads(keyed[2]), self._empty(), self._half_life)
+        applied = apply_batch(self._cells(), pickle.loads(keyed[2]), self._empty(), self._basis)
         if applied.changed:
             # On the next multiple of the delay after it: Flink keeps one timer per key and time, so
             # a burst registers one, and a change after a restore registers one whatever the restored
@@ -178,9 +180,10 @@ class UpdateUserStyle(KeyedProcessFunction):
 
     def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext):
         user_id = ctx.get_current_key()
-        version = publish_latest(self._cells(), user_id, self._empty(), datetime.now(UTC))
+        version = publish_latest(self._cells(), user_id, self._empty(), self._basis, datetime.now(UTC))
         if version is not None:
-            yield Row(STYLE_VECTORS, *to_message(version.event))
+            for message in version.messages():
+                yield Row(*message)
 
 
 def latest_checkpoint(checkpoints: Path) -> Path | None:
@@ -232,7 +235,8 @@ def build_job(args, jars: list[Path]) -> StreamExecutionEnvironment:
               .flat_map(StyleInputs(clip), output_type=KEYED).name("StyleInputs"))
     versions = (inputs.filter(lambda k: k[0] == "update")
                 .key_by(lambda k: k[1], key_type=Types.STRING())
-                .process(UpdateUserStyle(embedding_dim(clip), len(FEATURE_NAMES), args.half_life_days,
+                .process(UpdateUserStyle(embedding_dim(clip), len(FEATURE_NAMES),
+                                         style_basis(clip, args.half_life_days, DecodeLimits()),
                                          args.publish_delay_s), output_type=OUTGOING).name("UpdateUserStyle"))
     dead = inputs.filter(lambda k: k[0] == "dead").map(dead_letter_row, output_type=OUTGOING).name("DeadLetters")
     statements = t_env.create_statement_set()

@@ -28,12 +28,14 @@ from stylestream.pipelines.layout import StateLayout
 from stylestream.pipelines.plan import CycleWrites, plan_cycle
 from stylestream.pipelines.store import CycleResult, Store
 from stylestream.schemas.dead_letters import DeadLetter
+from stylestream.schemas.events import StyleBasis
 from stylestream.streams import clients
 from stylestream.streams.topics import INGEST_TOPICS, ensure_topics
 from stylestream.transforms.grouping import GroupByUser
 from stylestream.transforms.images import DecodeLimits
 from stylestream.transforms.inputs import StyleInputs
 from stylestream.transforms.kafka_read import OffsetRange, ReadOffsetRanges
+from stylestream.transforms.manifest import style_basis
 from stylestream.transforms.records import UserBatch
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,11 @@ class IngestConfig:
     def __post_init__(self):
         if self.half_life_days < MIN_HALF_LIFE_DAYS:
             raise ValueError(f"half-life must be at least {MIN_HALF_LIFE_DAYS} days, got {self.half_life_days}")
+
+    @property
+    def basis(self) -> StyleBasis:
+        """What every style version is computed from besides the photos (named in its manifest)."""
+        return style_basis(self.clip, self.half_life_days, self.limits)
 
     @property
     def db_path(self) -> Path:
@@ -118,7 +125,7 @@ class _PlanUserUpdates(beam.DoFn):
     def process(self, plan: CyclePlan, batches: list[UserBatch]):
         with Store(self._cfg.db_path) as store:
             views = store.user_views(batches, self._dim)
-        yield plan_cycle(views, batches, self._cfg.half_life_days, datetime.now(UTC))
+        yield plan_cycle(views, batches, self._cfg.basis, datetime.now(UTC))
 
 
 class _Commit(beam.DoFn):

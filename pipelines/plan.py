@@ -12,8 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from stylestream.schemas.events import StyleVectorUpdated
+from stylestream.schemas.events import StyleBasis, StyleManifest, StyleVectorUpdated, to_message
+from stylestream.streams.topics import STYLE_MANIFESTS, STYLE_VECTORS
 from stylestream.transforms.facets import Facet, facets_of
+from stylestream.transforms.manifest import manifest_photos, style_code, style_manifest
 from stylestream.transforms.records import UserBatch
 from stylestream.transforms.style import (
     StoredContribution,
@@ -29,13 +31,18 @@ from stylestream.transforms.vectors import style_vector_event
 
 @dataclass(frozen=True)
 class NewVersion:
-    """A user's new style version: what the store records and the event it publishes."""
+    """A user's new style version: what the store records, the event it publishes and its manifest."""
 
     user_id: str
     version: int
     stats: StyleStats  # the sums behind it
     facets: list[Facet]
     event: StyleVectorUpdated
+    manifest: StyleManifest
+
+    def messages(self) -> list[tuple[str, bytes, bytes]]:
+        """(topic, key, value) of what the version publishes: its style vector and its manifest."""
+        return [(STYLE_VECTORS, *to_message(self.event)), (STYLE_MANIFESTS, *to_message(self.manifest))]
 
     def row(self, cycle: int, updated_at: datetime) -> dict:
         """The version as a row of `style_versions` and of the history (schemas/tables.STYLE_HISTORY)."""
@@ -50,12 +57,13 @@ class NewVersion:
 
 
 def new_version(user_id: str, version: int, stats: StyleStats, stored: dict[str, StoredContribution],
-                withdrawn: list[int], now: datetime) -> NewVersion:
+                withdrawn: list[int], basis: StyleBasis, now: datetime) -> NewVersion:
     """Version `version` of a user's style: `stats` over `stored` (every contribution that counts,
-    for the facets), naming the earlier versions it withdraws."""
+    for the facets and the manifest), naming the earlier versions it withdraws."""
     facets = facets_of(stored)
-    return NewVersion(user_id, version, stats, facets,
-                      style_vector_event(user_id, version, stats, facets, withdrawn, now))
+    code = style_code(basis, manifest_photos(stored))
+    event = style_vector_event(user_id, version, stats, facets, withdrawn, code, now)
+    return NewVersion(user_id, version, stats, facets, event, style_manifest(basis, stored, stats, facets, event, now))
 
 
 @dataclass(frozen=True)
@@ -78,14 +86,14 @@ class UserPlan:
     redaction: Redaction | None
 
 
-def plan_user(view: UserView, batch: UserBatch, half_life_days: float, now: datetime) -> UserPlan:
+def plan_user(view: UserView, batch: UserBatch, basis: StyleBasis, now: datetime) -> UserPlan:
     """One user's share of a cycle (the local store) or one event (the streaming pipeline's state)."""
-    update = plan_user_update(view, batch, half_life_days)
+    update = plan_user_update(view, batch, basis.half_life_days)
     after = apply_update(view, update)
     if not update.changes_style:
         return UserPlan(update, after, None, None)
     withdrawn = withdrawn_versions(view, update)
-    version = new_version(batch.user_id, after.version, update.stats, after.stored, withdrawn, now)
+    version = new_version(batch.user_id, after.version, update.stats, after.stored, withdrawn, basis, now)
     return UserPlan(update, after, version,
                     Redaction(batch.user_id, withdrawn[0], withdrawn[-1]) if withdrawn else None)
 
@@ -104,11 +112,11 @@ class CycleWrites:
         return [(u, p) for u, up in sorted(self.updates.items()) for p in up.reingest]
 
 
-def plan_cycle(views: dict[str, UserView], batches: list[UserBatch], half_life_days: float,
+def plan_cycle(views: dict[str, UserView], batches: list[UserBatch], basis: StyleBasis,
                now: datetime) -> CycleWrites:
     """The writes of one cycle. `views` holds, for every batch user, everything the store keeps of
     them that the batch can touch (every stored contribution, for the facets and redactions)."""
-    plans = {b.user_id: plan_user(views[b.user_id], b, half_life_days, now)
+    plans = {b.user_id: plan_user(views[b.user_id], b, basis, now)
              for b in sorted(batches, key=lambda b: b.user_id)}
     return CycleWrites({u: p.update for u, p in plans.items()},
                        [p.version for p in plans.values() if p.version],

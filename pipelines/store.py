@@ -26,9 +26,8 @@ import pyarrow as pa
 
 from stylestream.pipelines.plan import CycleWrites, NewVersion, Redaction
 from stylestream.schemas.dead_letters import DeadLetter
-from stylestream.schemas.events import encode_event
 from stylestream.schemas.tables import FEATURE_NAMES, STYLE_HISTORY
-from stylestream.streams.topics import PHOTO_EVENTS, STYLE_VECTORS, dlq
+from stylestream.streams.topics import PHOTO_EVENTS
 from stylestream.transforms.kafka_read import OffsetRange
 from stylestream.transforms.records import UserBatch
 from stylestream.transforms.style import ConsentRecord, StoredContribution, StyleStats, UserView
@@ -51,7 +50,8 @@ CREATE TABLE IF NOT EXISTS photos (
 CREATE TABLE IF NOT EXISTS contributions (
     user_id VARCHAR, photo_id VARCHAR, album_id VARCHAR, taken_at TIMESTAMPTZ NOT NULL,
     weight DOUBLE NOT NULL, embedding FLOAT[] NOT NULL, features FLOAT[] NOT NULL, metadata JSON,
-    added_version BIGINT NOT NULL, PRIMARY KEY (user_id, photo_id));
+    added_version BIGINT NOT NULL, sha256 VARCHAR, PRIMARY KEY (user_id, photo_id));
+ALTER TABLE contributions ADD COLUMN IF NOT EXISTS sha256 VARCHAR;  -- state written before manifests
 CREATE TABLE IF NOT EXISTS user_stats (
     user_id VARCHAR PRIMARY KEY, version BIGINT NOT NULL, photo_count BIGINT NOT NULL,
     total_weight DOUBLE NOT NULL, sum_embedding DOUBLE[] NOT NULL, sum_features DOUBLE[] NOT NULL);
@@ -162,10 +162,11 @@ class Store:
     def stored_contributions(self, users: list[str]) -> dict[str, dict[str, StoredContribution]]:
         """Every stored contribution of these users: user_id -> photo_id -> contribution."""
         out: dict[str, dict[str, StoredContribution]] = {u: {} for u in users}
-        for u, p, a, w, e, f, v in self.db.execute(
-                "SELECT user_id, photo_id, album_id, weight, embedding, features, added_version FROM contributions "
-                "WHERE list_contains($users, user_id) ORDER BY user_id, photo_id", {"users": users}).fetchall():
-            out[u][p] = StoredContribution(a, w, np.array(e, np.float32), np.array(f, np.float32), v)
+        for u, p, a, w, e, f, v, h in self.db.execute(
+                "SELECT user_id, photo_id, album_id, weight, embedding, features, added_version, sha256 "
+                "FROM contributions WHERE list_contains($users, user_id) ORDER BY user_id, photo_id",
+                {"users": users}).fetchall():
+            out[u][p] = StoredContribution(a, w, np.array(e, np.float32), np.array(f, np.float32), v, h)
         return out
 
     def user_views(self, batches: list[UserBatch], dim: int) -> dict[str, UserView]:
@@ -227,8 +228,8 @@ class Store:
                              result.users_updated])
             # 4. Outbox: uploads to re-ingest, the new style vectors, dead letters (published after the commit)
             reingest = [(PHOTO_EVENTS, u.encode(), upload) for u, upload in self._uploads(writes.reingest)]
-            vectors = [(STYLE_VECTORS, v.user_id.encode(), encode_event(v.event)) for v in writes.versions]
-            self._write_outbox(cycle, reingest + vectors + [(dlq(d.topic), d.key, d.to_json()) for d in dead_letters])
+            vectors = [m for v in writes.versions for m in v.messages()]
+            self._write_outbox(cycle, reingest + vectors + [d.message() for d in dead_letters])
         return result
 
     def _committed(self, cycle: int, ranges: list[OffsetRange]) -> bool:
@@ -295,7 +296,8 @@ class Store:
             "album_id": [c.album_id for _, c, _ in added], "taken_at": [c.taken_at for _, c, _ in added],
             "weight": [w for _, _, w in added], "embedding": [c.embedding.tolist() for _, c, _ in added],
             "features": [c.features.tolist() for _, c, _ in added],
-            "metadata": [json.dumps(c.metadata) for _, c, _ in added]})
+            "metadata": [json.dumps(c.metadata) for _, c, _ in added],
+            "sha256": [c.sha256 for _, c, _ in added]})
 
     def _write_versions(self, cycle: int, now: datetime, versions: list[NewVersion]) -> None:
         """The users' new sums and their new immutable style versions."""

@@ -38,22 +38,25 @@ from stylestream.models.clip import ClipSpec
 from stylestream.pipelines.plan import NewVersion
 from stylestream.pipelines.prism import ensure_prism
 from stylestream.pipelines.streaming_state import PUBLISH_DELAY_S, REINGEST, UpdateUserStyle
+from stylestream.schemas.dead_letters import DeadLetter
 from stylestream.schemas.events import to_message
 from stylestream.schemas.tables import STYLE_HISTORY
 from stylestream.streams import clients
-from stylestream.streams.topics import INGEST_TOPICS, PHOTO_EVENTS, STYLE_VECTORS, dlq, ensure_topics
+from stylestream.streams.topics import INGEST_TOPICS, PHOTO_EVENTS, ensure_topics
 from stylestream.transforms.images import DecodeLimits
 from stylestream.transforms.inputs import StyleInputs
 from stylestream.transforms.kafka_read import ReadPartitions
+from stylestream.transforms.manifest import style_basis
 
 
 def build_streaming(messages: beam.PCollection, clip: ClipSpec, dim: int, n_features: int,
                     half_life_days: float, limits: DecodeLimits | None = None,
                     publish_delay_s: float = PUBLISH_DELAY_S):
     """messages -> (new style versions (pipelines/plan.NewVersion), uploads to re-ingest, dead letters)."""
+    limits = limits or DecodeLimits()
     inputs = messages | "StyleInputs" >> StyleInputs(clip, limits)
     updates = (inputs["contributions"], inputs["deletes"], inputs["toggles"]) | "UpdateUserStyle" >> UpdateUserStyle(
-        dim, n_features, half_life_days, publish_delay_s)
+        dim, n_features, style_basis(clip, half_life_days, limits), publish_delay_s)
     return updates.versions, updates[REINGEST], inputs["dead"]
 
 
@@ -158,9 +161,9 @@ def streaming_pipeline(p: beam.Pipeline, bootstrap_servers: str, clip: ClipSpec,
     versions, reingest, dead = build_streaming(messages, clip, embedding_dim(clip), len(FEATURE_NAMES),
                                                half_life_days, publish_delay_s=publish_delay_s)
     outgoing = (
-        versions | "VectorMessages" >> beam.Map(lambda v: (STYLE_VECTORS, *to_message(v.event))),
+        versions | "VersionMessages" >> beam.FlatMap(NewVersion.messages),
         reingest | "ReingestMessages" >> beam.Map(lambda u: (PHOTO_EVENTS, *to_message(u))),
-        dead | "DeadLetterMessages" >> beam.Map(lambda d: (dlq(d.topic), d.key or b"", d.to_json())),
+        dead | "DeadLetterMessages" >> beam.Map(DeadLetter.message),
     )
     outgoing | "Outgoing" >> beam.Flatten() | "Publish" >> PublishToKafka(bootstrap_servers)
     (versions | "HistoryRows" >> beam.Map(history_entry, pseudonym_key)

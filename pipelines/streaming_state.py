@@ -29,6 +29,7 @@ from stylestream.pipelines.user_state import (
     event_kind,
     publish_latest,
 )
+from stylestream.schemas.events import StyleBasis
 from stylestream.transforms.records import Contribution, Sourced, UserBatch
 
 REINGEST = "reingest"
@@ -142,9 +143,9 @@ class _UpdateUserStyle(beam.DoFn):
     ALBUMS = OrderedListStateSpec("albums", BytesCoder())
     PUBLISH = TimerSpec("publish", TimeDomain.REAL_TIME)
 
-    def __init__(self, dim: int, n_features: int, half_life_days: float, publish_delay_s: float):
+    def __init__(self, dim: int, n_features: int, basis: StyleBasis, publish_delay_s: float):
         self._dim, self._n_features = dim, n_features
-        self._half_life, self._delay = half_life_days, publish_delay_s
+        self._basis, self._delay = basis, publish_delay_s
 
     def start_bundle(self):
         self._written: dict[tuple[str, str, int], int] = {}
@@ -163,7 +164,7 @@ class _UpdateUserStyle(beam.DoFn):
                 publish=beam.DoFn.TimerParam(PUBLISH)):  # noqa: B008
         user_id, batch = keyed
         cells = OrderedListCells(user_id, summary_cell, photos_cell, albums_cell, self._written)
-        applied = apply_batch(cells, batch, self._empty(), self._half_life)
+        applied = apply_batch(cells, batch, self._empty(), self._basis)
         if applied.set_timer:
             publish.set(Timestamp.now() + Duration(seconds=self._delay))
         self._count(event_kind(batch), cells)
@@ -176,7 +177,7 @@ class _UpdateUserStyle(beam.DoFn):
                 photos_cell=beam.DoFn.StateParam(PHOTOS),  # noqa: B008
                 albums_cell=beam.DoFn.StateParam(ALBUMS)):  # noqa: B008
         cells = OrderedListCells(user_id, summary_cell, photos_cell, albums_cell, self._written)
-        version = publish_latest(cells, user_id, self._empty(), datetime.now(UTC))
+        version = publish_latest(cells, user_id, self._empty(), self._basis, datetime.now(UTC))
         self._count("publish", cells)
         if version is not None:
             yield version
@@ -192,9 +193,9 @@ class UpdateUserStyle(beam.PTransform):
     versions (`pipelines/plan.NewVersion`, main output `versions`) and, tagged `reingest`, uploads to
     publish again after an opt-in."""
 
-    def __init__(self, dim: int, n_features: int, half_life_days: float, publish_delay_s: float = PUBLISH_DELAY_S):
+    def __init__(self, dim: int, n_features: int, basis: StyleBasis, publish_delay_s: float = PUBLISH_DELAY_S):
         super().__init__()
-        self._fn = _UpdateUserStyle(dim, n_features, half_life_days, publish_delay_s)
+        self._fn = _UpdateUserStyle(dim, n_features, basis, publish_delay_s)
 
     def expand(self, pcolls):
         return (

@@ -31,7 +31,7 @@ from datetime import datetime
 from typing import Protocol
 
 from stylestream.pipelines.plan import NewVersion, new_version
-from stylestream.schemas.events import PhotoUploaded
+from stylestream.schemas.events import PhotoUploaded, StyleBasis
 from stylestream.transforms.records import UserBatch
 from stylestream.transforms.style import (
     ConsentRecord,
@@ -146,7 +146,7 @@ class Applied:
     set_timer: bool  # ...and none is pending yet (for runners whose timers replace each other)
 
 
-def apply_batch(cells: UserCells, batch: UserBatch, empty: UserSummary, half_life_days: float) -> Applied:
+def apply_batch(cells: UserCells, batch: UserBatch, empty: UserSummary, basis: StyleBasis) -> Applied:
     """One batch (one event, in a streaming runner) applied to one user's cells."""
     # 1. Read the summary and only the entries the batch can touch.
     summary = cells.summary(empty)
@@ -157,7 +157,7 @@ def apply_batch(cells: UserCells, batch: UserBatch, empty: UserSummary, half_lif
         entries = cells.entries(photo_ids.union(*(cells.album_photos(a) for a in album_ids)))
     # 2. Decide, by the local driver's rule.
     view = view_of(summary, entries)
-    update = plan_user_update(view, batch, half_life_days)
+    update = plan_user_update(view, batch, basis.half_life_days)
     after = apply_update(view, update)
     # 3. Write what changed; a style change waits for the publish timer.
     new_entries = entries_after(entries, update, after)
@@ -174,7 +174,8 @@ def apply_batch(cells: UserCells, batch: UserBatch, empty: UserSummary, half_lif
     return Applied([new_entries[p].upload for p in update.reingest], update.changes_style, set_timer)
 
 
-def publish_latest(cells: UserCells, user_id: str, empty: UserSummary, now: datetime) -> NewVersion | None:
+def publish_latest(cells: UserCells, user_id: str, empty: UserSummary, basis: StyleBasis,
+                   now: datetime) -> NewVersion | None:
     """The user's latest version, with its facets, if it is not published yet (the timer's work)."""
     summary = cells.summary(empty)
     summary.timer_set = False
@@ -182,7 +183,7 @@ def publish_latest(cells: UserCells, user_id: str, empty: UserSummary, now: date
     if summary.version > summary.published:
         stored = {p: e.stored for p, e in cells.every_entry().items() if e.stored is not None}
         withdrawn = list(range(summary.withdrawn[0], summary.withdrawn[1] + 1)) if summary.withdrawn else []
-        version = new_version(user_id, summary.version, summary.stats, stored, withdrawn, now)
+        version = new_version(user_id, summary.version, summary.stats, stored, withdrawn, basis, now)
         summary.published, summary.withdrawn = summary.version, None
     cells.write_summary(summary)
     return version

@@ -8,6 +8,8 @@ import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from stylestream.streams.topics import dlq
+
 
 @dataclass(frozen=True)
 class DeadLetter:
@@ -26,6 +28,11 @@ class DeadLetter:
         """The dead letter of a raw message (anything with topic, partition, offset, key and value:
         a Kafka record or a `streams.clients.Message`)."""
         return cls(message.topic, message.partition, message.offset, message.key, message.value, stage, reason)
+
+    def message(self) -> tuple[str, bytes, bytes]:
+        """(topic, key, value) on the source's dead-letter topic. Keyed by user like its source; a
+        message without a key gets an empty one (the topic is compacted, which needs keys)."""
+        return dlq(self.topic), self.key or b"", self.to_json()
 
     def to_json(self) -> bytes:
         return json.dumps({

@@ -59,8 +59,11 @@ class PhotoUploaded(_Event):
     photo_id: Id
     album_id: Id | None = None
     taken_at: AwareDatetime | None = Field(
-        default=None, description="When the photo was taken; weights the photo in time. Defaults to event_time."
-    )
+        default=None, description="When the photo was taken; weights the photo in time. Defaults to event_time. "
+        "Ingestion keeps only its day (UTC), the precision the weighting needs.")
+    taken_at_zone_known: bool = Field(
+        default=True, description="False when the camera recorded a local time without its time zone: "
+        "taken_at is then that local day, labelled UTC (off by less than a day).")
     image: ImageRef | None = None
     renditions: list[ImageRef] = Field(
         default_factory=list,
@@ -118,6 +121,17 @@ class StyleLearningToggled(_Event):
         return self
 
 
+class UserForgotten(_Event):
+    """Forget the person: every record of them in every store the project writes is deleted, once,
+    and a signed erasure receipt (by this event's id) says what was deleted."""
+
+    type: Literal["user_forgotten"] = "user_forgotten"
+
+
+StyleCode = Annotated[str, Field(pattern=r"^sc1-[0-9a-f]{40}$", description="A style version's code: the hash "
+                                 "of its manifest's basis and photos (schemas/manifests.py)")]
+
+
 class GenerationRequested(_Event):
     type: Literal["generation_requested"] = "generation_requested"
     request_id: Id
@@ -130,6 +144,7 @@ class GenerationRequested(_Event):
     height: int = Field(default=64, ge=16, le=2048, multiple_of=8)
     style_strength: float = Field(default=1.0, ge=0.0, le=2.0)
     style_version: int | None = Field(default=None, ge=1, description="Pin this exact version of the style.")
+    style_code: StyleCode | None = Field(default=None, description="Pin the style version with this code.")
     min_style_version: int | None = Field(
         default=None, ge=1, description="Read-your-writes: use the latest style, but at least this version "
         "(the worker waits a bounded time for it to arrive).")
@@ -142,6 +157,12 @@ class GenerationRequested(_Event):
         default=False, description="If the user has no style yet, generate without one instead of failing."
     )
 
+    @model_validator(mode="after")
+    def _one_pin(self) -> GenerationRequested:
+        if self.style_version is not None and self.style_code is not None:
+            raise ValueError("pin a style by style_version or by style_code, not both")
+        return self
+
 
 class GenerationCompleted(_Event):
     type: Literal["generation_completed"] = "generation_completed"
@@ -149,6 +170,8 @@ class GenerationCompleted(_Event):
     image_uri: str
     style_version: int | None = Field(
         default=None, description="The style version that conditioned the image; null if none.")
+    style_code: StyleCode | None = Field(
+        default=None, description="That version's code: its manifest names the photos behind the image.")
     facet: int | None = Field(default=None, description="The facet used; null for the overall style.")
     lora: bool = Field(default=False, description="Whether a LoRA adapter was applied: the user's own, or the "
                                              "hyper-LoRA's for their style.")
@@ -183,13 +206,101 @@ class StyleVectorUpdated(_Event):
     embedding: list[float] = Field(description="L2-normalized, time-weighted mean image embedding")
     features: dict[str, float] = Field(description="time-weighted mean of the named aesthetic features")
     facets: list[StyleFacet] = Field(default_factory=list, description="distinct tastes, largest first")
-    tombstone: bool = Field(default=False, description="True when the user's style was erased")
+    style_code: StyleCode | None = Field(
+        default=None, description="the code of this version's manifest (on style-manifests): the same photos "
+        "give the same code")
+    tombstone: bool = Field(default=False, description="True on the last event of a person who asked to be "
+                            "forgotten (a null-value tombstone for their key follows): drop them")
     withdrawn_versions: list[int] = Field(
         default_factory=list, description="earlier versions that counted photos since withdrawn: no longer to be used")
 
 
+class StyleBasis(BaseModel):
+    """What, besides the photos, a style vector is computed from: with the photos, its whole recipe."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(description="open_clip architecture")
+    weights: str = Field(description="sha256:<hex> of the checkpoint file, open_clip:<tag>, or random:seed0")
+    half_life_days: float
+    preprocessing: str = Field(description="decode and masking steps, versioned (transforms/images.py)")
+
+
+class ManifestPhoto(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    photo_id: Id
+    sha256: Sha256 | None = Field(description="of the photo's file as uploaded; null for photos stored "
+                                  "before manifests existed")
+    weight: float = Field(gt=0, description="its time-decay weight in the mean")
+    album_id: Id | None = None
+
+
+class Pull(BaseModel):
+    """How much one photo moves one part of the style: its share of the weighted mean's deviation."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    photo_id: Id
+    album_id: Id | None = None
+    pull: float
+
+
+class FeaturePulls(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    raises: list[Pull]
+    lowers: list[Pull]
+
+
+class FacetPulls(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    photo_count: int
+    typical: list[Pull] = Field(description="the facet's photos closest to it, weighted")
+
+
+class Explanation(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    overall: list[Pull] = Field(description="photos that pull the overall embedding most toward themselves")
+    features: dict[str, FeaturePulls] = Field(description="per named feature, the photos raising and lowering it")
+    facets: list[FacetPulls]
+
+
+class StyleManifest(_Event):
+    """What one style version was computed from, keyed by user on the style-manifests topic. Its
+    `style_code` is the hash of `basis` and `photos` alone (transforms/manifest.py): anyone holding the
+    photos can recompute the vector (`stylestream verify`) and see which photos count."""
+
+    type: Literal["style_manifest"] = "style_manifest"
+    version: int = Field(ge=1)
+    style_code: StyleCode
+    basis: StyleBasis
+    photos: list[ManifestPhoto] = Field(description="the photos that count, sorted by photo_id")
+    embedding: list[float] = Field(description="the version's published style embedding")
+    features: dict[str, float]
+    explanation: Explanation
+
+
+class ErasureReceipt(BaseModel):
+    """What forgetting a person deleted, signed by the service (Ed25519). Names the request by its
+    event id only: no user id, no pseudonym, nothing the requester does not already know."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: Literal["stylestream-erasure-receipt/1"] = "stylestream-erasure-receipt/1"
+    request_event_id: Id
+    requested_at: AwareDatetime
+    completed_at: AwareDatetime
+    deleted: dict[str, dict[str, int]] = Field(description="store -> kind of data -> how many records")
+    pending: dict[str, str] = Field(description="store -> what still waits, and until when (compaction)")
+    key_id: str = Field(description="sha256 of the signing public key (raw bytes), hex")
+    signature: str = Field(default="", description="base64 Ed25519 signature of the receipt without it")
+
+
 PhotoEvent = Annotated[PhotoUploaded | PhotoDeleted, Field(discriminator="type")]
-ConsentEvent = StyleLearningToggled
+ConsentEvent = Annotated[StyleLearningToggled | UserForgotten, Field(discriminator="type")]
 GenerationResult = Annotated[GenerationCompleted | GenerationFailed, Field(discriminator="type")]
 
 # One contract per topic; the JSON Schema export is generated from this table.
@@ -199,6 +310,8 @@ TOPIC_CONTRACTS: dict[str, object] = {
     "generation-requests": GenerationRequested,
     "generation-results": GenerationResult,
     "style-vectors": StyleVectorUpdated,
+    "style-manifests": StyleManifest,
+    "erasure-receipts": ErasureReceipt,
 }
 _ADAPTERS = {topic: TypeAdapter(contract) for topic, contract in TOPIC_CONTRACTS.items()}
 

@@ -31,7 +31,7 @@ from stylestream.serving.generator import Conditioning, StyleGenerator, batch_ke
 from stylestream.serving.metrics import ServeMetrics
 from stylestream.serving.style_table import StyleTable
 from stylestream.streams import clients
-from stylestream.streams.topics import GENERATION_REQUESTS, GENERATION_RESULTS, dlq, ensure_topics
+from stylestream.streams.topics import GENERATION_REQUESTS, GENERATION_RESULTS, ensure_topics
 
 log = logging.getLogger(__name__)
 GROUP_ID = "stylestream-serve"
@@ -186,7 +186,8 @@ class Worker:
                 request = parse_event(GENERATION_REQUESTS, record.value or b"")
             except InvalidEvent as e:
                 dead = DeadLetter.of(record, "validate", str(e))
-                self._producer.send(dlq(GENERATION_REQUESTS), key=record.key, value=dead.to_json())
+                topic, key, value = dead.message()
+                self._producer.send(topic, key=key, value=value)
                 continue
             requests.setdefault(request.request_id, request)
         return list(requests.values())

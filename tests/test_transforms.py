@@ -12,6 +12,7 @@ from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline  
 from apache_beam.testing.util import assert_that, equal_to
 
 from stylestream.demo.synthetic import make_library, toggle_event
+from stylestream.models.clip import ClipSpec
 from stylestream.pipelines.streaming import runner_args
 from stylestream.pipelines.streaming_state import UpdateUserStyle
 from stylestream.schemas.events import encode_event
@@ -19,7 +20,8 @@ from stylestream.schemas.tables import FEATURE_NAMES
 from stylestream.streams.clients import Message
 from stylestream.streams.topics import CONSENT_EVENTS, PHOTO_EVENTS
 from stylestream.transforms.grouping import GroupByUser
-from stylestream.transforms.images import PreparePhotos
+from stylestream.transforms.images import DecodeLimits, PreparePhotos
+from stylestream.transforms.manifest import style_basis
 from stylestream.transforms.parse import ParseEvents
 from stylestream.transforms.records import Contribution, Sourced
 
@@ -104,7 +106,8 @@ def test_the_per_user_update_step_keeps_state_and_withdraws_what_an_opt_out_cove
         contributions = p | "C" >> beam.Create([contribution(ph, i) for i, ph in enumerate(photos)])
         no_deletes = p | "D" >> beam.Create([])
         off = p | "T" >> beam.Create([sourced(toggle_event("ana", "album", "office", False, WHEN))])
-        updates = (contributions, no_deletes, off) | UpdateUserStyle(8, len(FEATURE_NAMES), 365.0)
+        basis = style_basis(ClipSpec(), 365.0, DecodeLimits())
+        updates = (contributions, no_deletes, off) | UpdateUserStyle(8, len(FEATURE_NAMES), basis)
         # Whatever order the runner delivers them in, the last version counts the beach photos only,
         # and its facets too: exactly as the rule says (transforms/style.py).
         latest = (updates.versions | beam.Map(lambda v: (v.user_id, v))

@@ -42,11 +42,23 @@ EXIF_IFD = 0x8769
 DATETIME_ORIGINAL = 0x9003
 
 
+# Bumped whenever decoding changes what the embedding or the features see (manifests name it).
+PREPROCESSING_VERSION = "decode-v1"
+
+
 @dataclass(frozen=True)
 class DecodeLimits:
+    """How photos are decoded: the limits on what is accepted, and whether faces are masked."""
+
     max_bytes: int = 50 * 1024 * 1024
     max_pixels: int = 100_000_000  # decompression-bomb guard
     min_side: int = 224  # decode at reduced size, but never below this
+    mask_faces: bool = False  # fill faces before the features and the embedding see them
+
+    @property
+    def preprocessing(self) -> str:
+        """The preprocessing's name in style manifests."""
+        return PREPROCESSING_VERSION + ("+mask-faces" if self.mask_faces else "")
 
 
 class PhotoError(ValueError):

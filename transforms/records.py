@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -60,6 +61,12 @@ class Contribution:
     @property
     def taken_at(self) -> datetime:
         return self.upload.effective_taken_at
+
+    @property
+    def sha256(self) -> str:
+        """Of the photo's file as uploaded (what the person holds), whichever rendition was decoded."""
+        inline = self.upload.inline_bytes()
+        return hashlib.sha256(inline).hexdigest() if inline is not None else self.upload.image.sha256
 
 
 @dataclass

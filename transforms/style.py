@@ -106,6 +106,7 @@ class StoredContribution:
     embedding: np.ndarray
     features: np.ndarray
     added_version: int  # the user's first style version that counted it
+    sha256: str | None  # of the photo's file (None for photos stored before manifests existed)
 
 
 @dataclass
@@ -193,7 +194,8 @@ def apply_update(view: UserView, update: UserUpdate) -> UserView:
     keeps (the DuckDB store does the same in SQL, loading only what a batch touches)."""
     stored = {k: v for k, v in view.stored.items() if k not in update.remove}
     version = view.version + update.changes_style
-    stored |= {c.photo_id: StoredContribution(c.album_id, w, c.embedding, c.features, version) for c, w in update.add}
+    stored |= {c.photo_id: StoredContribution(c.album_id, w, c.embedding, c.features, version, c.sha256)
+               for c, w in update.add}
     catalog = {k: v for k, v in view.catalog.items() if k not in update.tombstones}
     catalog |= {c.photo_id: c.album_id for c in update.catalog}
     return UserView(update.stats, version, view.consent | update.consent, stored,

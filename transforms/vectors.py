@@ -18,8 +18,9 @@ def named_features(features: np.ndarray) -> dict[str, float]:
 
 
 def style_vector_event(user_id: str, version: int, stats: StyleStats, facets: list[Facet],
-                       withdrawn_versions: list[int], event_time: datetime) -> StyleVectorUpdated:
-    """Version `version` of the user's style, with its facets and the versions it withdraws."""
+                       withdrawn_versions: list[int], style_code: str | None,
+                       event_time: datetime) -> StyleVectorUpdated:
+    """Version `version` of the user's style, with its facets, its code and the versions it withdraws."""
     embedding, features = stats.vector()
     return StyleVectorUpdated(
         event_id=f"{user_id}:v{version}", user_id=user_id, event_time=event_time, version=version,
@@ -28,4 +29,4 @@ def style_vector_event(user_id: str, version: int, stats: StyleStats, facets: li
                            weight_share=min(1.0, f.stats.total_weight / stats.total_weight),
                            embedding=f.stats.vector()[0].tolist(), features=named_features(f.stats.vector()[1]))
                 for f in facets],
-        withdrawn_versions=withdrawn_versions)
+        style_code=style_code, withdrawn_versions=withdrawn_versions)

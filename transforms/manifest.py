@@ -1,0 +1,109 @@
+"""Style manifests: what a style version was computed from, and its style code.
+
+A version's manifest lists the photos that count (id, sha256 of the file, weight) and its basis (the
+embedding model and its weights, the half-life, the preprocessing); its style code is the hash of
+those two alone, so the same photos under the same recipe give the same code, whatever the version
+number, the runner or the order the events came in. With the manifest and their own copies of the
+photos anyone can recompute the vector (`stylestream verify`, cli/privacy.py), and see that a
+withdrawn photo is not in the set. The explanation (which photos pull the style where) comes from the
+same stored contributions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime
+
+import numpy as np
+
+from stylestream.models.clip import ClipSpec, weights_id
+from stylestream.schemas.events import (
+    Explanation,
+    FacetPulls,
+    FeaturePulls,
+    ManifestPhoto,
+    Pull,
+    StyleBasis,
+    StyleManifest,
+    StyleVectorUpdated,
+)
+from stylestream.schemas.tables import FEATURE_NAMES
+from stylestream.transforms.facets import Facet
+from stylestream.transforms.images import DecodeLimits
+from stylestream.transforms.style import StoredContribution, StyleStats
+
+CODE_PREFIX = "sc1-"
+TOP_PHOTOS = 3  # photos named per direction in an explanation
+# The features a person can read in words (the palette entries are shown as swatches, not explained).
+EXPLAINED_FEATURES = tuple(n for n in FEATURE_NAMES if not n.startswith("palette"))
+
+
+def style_basis(clip: ClipSpec, half_life_days: float, limits: DecodeLimits) -> StyleBasis:
+    """The basis of every version ingestion configured so computes."""
+    return StyleBasis(model=clip.model, weights=weights_id(clip), half_life_days=half_life_days,
+                      preprocessing=limits.preprocessing)
+
+
+def canonical_json(value: object) -> bytes:
+    """One byte string per value: sorted keys, no spaces, floats as Python's shortest repr."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+
+
+def style_code(basis: StyleBasis, photos: list[ManifestPhoto]) -> str:
+    """The code of a set of photos under a basis: sha256 over both, canonically written (160 bits kept)."""
+    rows = sorted([p.photo_id, p.sha256, p.weight] for p in photos)
+    digest = hashlib.sha256(canonical_json({"basis": basis.model_dump(), "photos": rows})).hexdigest()
+    return CODE_PREFIX + digest[:40]
+
+
+def manifest_photos(stored: dict[str, StoredContribution]) -> list[ManifestPhoto]:
+    return [ManifestPhoto(photo_id=p, sha256=c.sha256, weight=c.weight, album_id=c.album_id)
+            for p, c in sorted(stored.items())]
+
+
+def _top(ids: list[str], albums: list[str | None], pull: np.ndarray, sign: float) -> list[Pull]:
+    """The (at most TOP_PHOTOS) photos with the largest pull in direction `sign`, ties by photo id."""
+    order = sorted(range(len(ids)), key=lambda i: (-sign * pull[i], ids[i]))
+    return [Pull(photo_id=ids[i], album_id=albums[i], pull=round(float(pull[i]), 6))
+            for i in order[:TOP_PHOTOS] if sign * pull[i] > 0]
+
+
+def explain(stored: dict[str, StoredContribution], stats: StyleStats, facets: list[Facet]) -> Explanation:
+    """Which photos pull the style where. A photo's pull on a feature is its weighted share of the
+    mean's deviation, w_i (x_i - mean) / sum(w); on the overall embedding (or a facet's), its weighted
+    share of the cosine similarity to it."""
+    ids = sorted(stored)
+    if not ids:
+        return Explanation(overall=[], features={}, facets=[])
+    albums = [stored[p].album_id for p in ids]
+    w = np.array([stored[p].weight for p in ids])
+    emb = np.array([stored[p].embedding for p in ids], np.float64)
+    feat = np.array([stored[p].features for p in ids], np.float64)
+    style_emb, style_feat = stats.vector()
+    total = w.sum()
+    features = {}
+    for name in EXPLAINED_FEATURES:
+        j = FEATURE_NAMES.index(name)
+        pull = w * (feat[:, j] - style_feat[j]) / total
+        features[name] = FeaturePulls(raises=_top(ids, albums, pull, 1.0), lowers=_top(ids, albums, pull, -1.0))
+    facet_pulls = []
+    index = {p: i for i, p in enumerate(ids)}
+    for f in facets:
+        rows = [index[p] for p in f.photo_ids]
+        pull = w[rows] * (emb[rows] @ f.stats.vector()[0]) / w[rows].sum()
+        facet_pulls.append(FacetPulls(photo_count=len(rows), typical=_top(
+            [ids[i] for i in rows], [albums[i] for i in rows], pull, 1.0)))
+    return Explanation(overall=_top(ids, albums, w * (emb @ style_emb) / total, 1.0), features=features,
+                       facets=facet_pulls)
+
+
+def style_manifest(basis: StyleBasis, stored: dict[str, StoredContribution], stats: StyleStats,
+                   facets: list[Facet], vector: StyleVectorUpdated, now: datetime) -> StyleManifest:
+    """The manifest of the version `vector` publishes, computed from `stored` (every contribution that
+    counts in it)."""
+    photos = manifest_photos(stored)
+    return StyleManifest(
+        event_id=f"{vector.user_id}:v{vector.version}:manifest", user_id=vector.user_id, event_time=now,
+        version=vector.version, style_code=style_code(basis, photos), basis=basis, photos=photos,
+        embedding=vector.embedding, features=vector.features, explanation=explain(stored, stats, facets))
