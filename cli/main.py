@@ -17,6 +17,7 @@ import typer
 from stylestream.cli.drift import drift_app, emit, history_app
 from stylestream.cli.options import DEFAULT_DATA_DIR, BootstrapServers, DataDir, Format, OutputFormat, Verbose
 from stylestream.cli.output import make_console
+from stylestream.cli.privacy import audit, forget, receipt_app, style_app, verify
 from stylestream.cli.train import train_adapter
 from stylestream.cli.words import counted, cycle_line
 from stylestream.defaults import HALF_LIFE_DAYS, MAX_EVENTS_PER_PARTITION, MIN_HALF_LIFE_DAYS, TINY_CLIP
@@ -33,6 +34,8 @@ schemas_app = typer.Typer(help="Event contracts as JSON Schema files.", no_args_
 app.add_typer(schemas_app, name="schemas")
 app.add_typer(drift_app, name="drift")
 app.add_typer(history_app, name="history")
+app.add_typer(style_app, name="style")
+app.add_typer(receipt_app, name="receipt")
 console = make_console()
 
 
@@ -147,6 +150,10 @@ def ingest(
     follow: Annotated[bool, typer.Option(
         "--follow/--until-caught-up",
         help="Keep processing new events until Ctrl-C or SIGTERM, or process what is there and exit.")] = False,
+    mask_faces: Annotated[bool, typer.Option(
+        "--mask-faces/--keep-faces",
+        help="Fill faces before the features and the embedding see a photo (OpenCV's bundled face cascade), "
+             "so people's faces do not shape styles. Use one setting for the life of a state.")] = False,
     verbose: Verbose = False,
 ) -> None:
     """Process new photo and consent events in cycles; each cycle commits exactly once.
@@ -159,13 +166,14 @@ def ingest(
 
     from stylestream.models.clip import clip_spec
     from stylestream.pipelines.ingest import IngestConfig, connect
+    from stylestream.transforms.images import DecodeLimits
 
     stop = _stop_on_signals("finishing the cycle in progress, then stopping")
     if not _reach_broker(bootstrap_servers, stop, _say_retry if follow else None):
         return
     layout = DataLayout(data_dir)
     cfg = IngestConfig(bootstrap_servers, layout.state.root, clip_spec(layout.models, clip_model, clip_pretrained),
-                       half_life_days, max_events_per_partition)
+                       half_life_days, max_events_per_partition, limits=DecodeLimits(mask_faces=mask_faces))
     with console.status(f"loading {cfg.clip.describe()}, reading the committed offsets"):
         ingestor = connect(cfg, stop, _say_retry)
     if ingestor is None:
@@ -323,6 +331,9 @@ def dlq(
          {"failed_at": "failed at", "source": "from", "stage": "stage", "reason": "reason", "preview": "preview"})
 
 
+app.command()(forget)  # the privacy commands: cli/privacy.py
+app.command()(verify)
+app.command()(audit)
 app.command("train-adapter")(train_adapter)  # listed in --help after the commands that run the system
 
 

@@ -27,6 +27,8 @@ from stylestream.models.clip import ClipSpec, embedding_dim
 from stylestream.pipelines.layout import StateLayout
 from stylestream.pipelines.plan import CycleWrites, plan_cycle
 from stylestream.pipelines.store import CycleResult, Store
+from stylestream.privacy import erasure
+from stylestream.privacy.release import Ledger
 from stylestream.schemas.dead_letters import DeadLetter
 from stylestream.schemas.events import StyleBasis
 from stylestream.streams import clients
@@ -132,9 +134,12 @@ class _Commit(beam.DoFn):
     def __init__(self, cfg: IngestConfig):
         self._cfg = cfg
 
+    def setup(self):
+        self._signing_key = erasure.load_or_create_signing_key(self._cfg.state_dir)
+
     def process(self, plan: CyclePlan, writes: CycleWrites, dead: list[DeadLetter]):
         with Store(self._cfg.db_path) as store:
-            yield store.commit_cycle(plan.cycle, plan.ranges, writes, dead)
+            yield store.commit_cycle(plan.cycle, plan.ranges, writes, dead, self._signing_key)
 
 
 class CommitCycle(beam.PTransform):
@@ -271,6 +276,12 @@ class Ingestor:
             history.redact(self.cfg.history_dir, [(pseudonyms.pseudonym(u, self._key), a, b)
                                                   for _, u, a, b in redactions])
             store.mark_redacted(sorted({c for c, _, _, _ in redactions}))
+        if erased := store.pending_erasures():  # every version of theirs, under their pseudonym
+            history.redact(self.cfg.history_dir, [(pseudonyms.pseudonym(u, self._key), 0, 2**62) for u in erased])
+            Ledger(self.cfg.state_dir).forget(erased)
+            store.finish_erasures(erased)
+        if store.compaction_due():
+            self._store = store.rewrite()
         self._unfinished = False
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from stylestream.schemas.events import StyleBasis, StyleManifest, StyleVectorUpdated, to_message
+from stylestream.schemas.events import StyleBasis, StyleManifest, StyleVectorUpdated, UserForgotten, to_message
 from stylestream.streams.topics import STYLE_MANIFESTS, STYLE_VECTORS
 from stylestream.transforms.facets import Facet, facets_of
 from stylestream.transforms.manifest import manifest_photos, style_code, style_manifest
@@ -99,10 +99,21 @@ def plan_user(view: UserView, batch: UserBatch, basis: StyleBasis, now: datetime
 
 
 @dataclass(frozen=True)
+class Erasure:
+    """A person who asked to be forgotten: the store deletes every record of them (and of the rest of
+    their batch) and answers each request with a signed receipt."""
+
+    user_id: str
+    requests: list[UserForgotten]
+    last_version: int  # their latest style version, all of which are withdrawn
+
+
+@dataclass(frozen=True)
 class CycleWrites:
     updates: dict[str, UserUpdate]  # every batch user's changes, by user id
     versions: list[NewVersion]  # for users whose style changed, by user id
     redactions: list[Redaction]
+    erasures: list[Erasure]
     photos: int  # contributions (embedded uploads) among the cycle's events
     planned_at: datetime  # the new versions' time
 
@@ -116,9 +127,10 @@ def plan_cycle(views: dict[str, UserView], batches: list[UserBatch], basis: Styl
                now: datetime) -> CycleWrites:
     """The writes of one cycle. `views` holds, for every batch user, everything the store keeps of
     them that the batch can touch (every stored contribution, for the facets and redactions)."""
-    plans = {b.user_id: plan_user(views[b.user_id], b, basis, now)
-             for b in sorted(batches, key=lambda b: b.user_id)}
+    batches = sorted(batches, key=lambda b: b.user_id)
+    plans = {b.user_id: plan_user(views[b.user_id], b, basis, now) for b in batches if not b.forgets}
     return CycleWrites({u: p.update for u, p in plans.items()},
                        [p.version for p in plans.values() if p.version],
                        [p.redaction for p in plans.values() if p.redaction],
-                       sum(len(b.contributions) for b in batches), now)
+                       [Erasure(b.user_id, b.forgets, views[b.user_id].version) for b in batches if b.forgets],
+                       sum(len(b.contributions) for b in batches if not b.forgets), now)

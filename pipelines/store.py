@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,8 +24,10 @@ from typing import NamedTuple
 import duckdb
 import numpy as np
 import pyarrow as pa
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from stylestream.pipelines.plan import CycleWrites, NewVersion, Redaction
+from stylestream.pipelines.plan import CycleWrites, Erasure, NewVersion, Redaction
+from stylestream.privacy.erasure import erasure_messages, signed_receipt
 from stylestream.schemas.dead_letters import DeadLetter
 from stylestream.schemas.tables import FEATURE_NAMES, STYLE_HISTORY
 from stylestream.streams.topics import PHOTO_EVENTS
@@ -65,9 +68,22 @@ CREATE TABLE IF NOT EXISTS redactions (
     cycle BIGINT NOT NULL, user_id VARCHAR NOT NULL, from_version BIGINT NOT NULL, to_version BIGINT NOT NULL,
     applied BOOLEAN NOT NULL DEFAULT false, PRIMARY KEY (cycle, user_id));
 CREATE TABLE IF NOT EXISTS outbox (
-    cycle BIGINT NOT NULL, seq BIGINT NOT NULL, topic VARCHAR NOT NULL, key BLOB, value BLOB NOT NULL,
+    cycle BIGINT NOT NULL, seq BIGINT NOT NULL, topic VARCHAR NOT NULL, key BLOB, value BLOB,
     PRIMARY KEY (cycle, seq));
+ALTER TABLE outbox ALTER COLUMN value DROP NOT NULL;  -- null: a tombstone (state written before erasures)
+CREATE TABLE IF NOT EXISTS pending_erasures (cycle BIGINT NOT NULL, user_id VARCHAR NOT NULL);
 """
+# Every table holding a person's rows, and what the erasure receipt calls them.
+PERSONAL_TABLES = {
+    "photos": "catalogued photo references",
+    "contributions": "photo contributions (embeddings, features, coarse metadata)",
+    "style_versions": "style versions",
+    "user_stats": "style sums",
+    "consent": "consent records",
+    "tombstones": "deleted-photo records",
+    "redactions": "withdrawal records",
+}
+COMPACTION_DUE = "compaction_due"  # meta key: erased rows may still sit in the file's free blocks
 
 
 class StoreError(RuntimeError):
@@ -206,7 +222,7 @@ class Store:
 
     # --------------------------------------------------------------------------------- the commit
     def commit_cycle(self, cycle: int, ranges: Iterable[OffsetRange], writes: CycleWrites,
-                     dead_letters: Iterable[DeadLetter]) -> CycleResult:
+                     dead_letters: Iterable[DeadLetter], signing_key: Ed25519PrivateKey) -> CycleResult:
         """Record one cycle's planned writes (pipelines/plan.py) and its offsets, atomically."""
         ranges, dead_letters = list(ranges), list(dead_letters)
         # 1. Offsets: a commit the runner retried is in already; a gap means another writer ran
@@ -214,8 +230,10 @@ class Store:
             return self.cycle_result(cycle)
         with self._transaction(cycle):
             self._check_offsets(ranges)
-            # 2. Redact: the versions that counted withdrawn photos (the history follows after the commit)
+            # 2. Redact: the versions that counted withdrawn photos (the history follows after the commit);
+            #    erase the people who asked to be forgotten, with receipts
             self._write_redactions(cycle, writes.redactions)
+            erased = self._erase(cycle, writes.erasures, signing_key, writes.planned_at)
             # 3. Write: consent, deletions, catalogue, contributions, the new versions, offsets, the cycle
             self._write_updates(writes)
             self._write_versions(cycle, writes.planned_at, writes.versions)
@@ -229,7 +247,7 @@ class Store:
             # 4. Outbox: uploads to re-ingest, the new style vectors, dead letters (published after the commit)
             reingest = [(PHOTO_EVENTS, u.encode(), upload) for u, upload in self._uploads(writes.reingest)]
             vectors = [m for v in writes.versions for m in v.messages()]
-            self._write_outbox(cycle, reingest + vectors + [d.message() for d in dead_letters])
+            self._write_outbox(cycle, reingest + vectors + [d.message() for d in dead_letters] + erased)
         return result
 
     def _committed(self, cycle: int, ranges: list[OffsetRange]) -> bool:
@@ -322,7 +340,30 @@ class Store:
                 self.db.execute("""DELETE FROM style_versions s USING tainted t WHERE s.user_id = t.user_id
                                    AND s.version BETWEEN t.from_version AND t.to_version""")
 
-    def _write_outbox(self, cycle: int, messages: list[tuple[str, bytes | None, bytes]]) -> None:
+    def _erase(self, cycle: int, erasures: list[Erasure], signing_key: Ed25519PrivateKey,
+               now: datetime) -> list[tuple[str, bytes, bytes | None]]:
+        """Delete every row of these people; their history follows after the commit. Returns the
+        messages the erasures publish (tombstones, receipts)."""
+        if not erasures:
+            return []
+        users = [e.user_id for e in erasures]
+        counts: dict[str, dict[str, int]] = {u: {} for u in users}
+        for table, kind in PERSONAL_TABLES.items():
+            for u, n in self.db.execute(f"SELECT user_id, count(*) FROM {table} WHERE list_contains($u, user_id) "
+                                        "GROUP BY user_id", {"u": users}).fetchall():
+                counts[u][kind] = n
+            self.db.execute(f"DELETE FROM {table} WHERE list_contains($u, user_id)", {"u": users})
+        self._insert("pending_erasures", {"cycle": [cycle] * len(users), "user_id": users})
+        messages = []
+        for e in erasures:
+            deleted = {"state": counts[e.user_id],
+                       "history": {"style versions": counts[e.user_id].get(PERSONAL_TABLES["style_versions"], 0)}}
+            for request in e.requests:
+                receipt = signed_receipt(request, deleted, now, signing_key)
+                messages += erasure_messages(request, e.last_version, receipt, now)
+        return messages
+
+    def _write_outbox(self, cycle: int, messages: list[tuple[str, bytes | None, bytes | None]]) -> None:
         self._insert("outbox", {"cycle": [cycle] * len(messages), "seq": list(range(len(messages))),
                                 "topic": [t for t, _, _ in messages], "key": [k for _, k, _ in messages],
                                 "value": [v for _, _, v in messages]})
@@ -344,6 +385,22 @@ class Store:
         return [(u, upload.encode()) for u, upload in rows]
 
     # --------------------------------------------------------------------------------- after the commit
+    # --------------------------------------------------------------------------------- erasing for good
+    def rewrite(self) -> Store:
+        """A copy of the database in a fresh file in place of this one (closed), so that no erased
+        row survives in the file's free blocks: DuckDB reuses freed blocks but does not clear them.
+        Crash-safe: the copy replaces the file by an atomic rename, and until then the flag stays set."""
+        fresh = self.path.with_name(self.path.name + ".rewrite")
+        fresh.unlink(missing_ok=True)
+        [(name,)] = self.db.execute("SELECT current_database()").fetchall()
+        self.db.execute("ATTACH ? AS fresh", [str(fresh)])
+        self.db.execute(f'COPY FROM DATABASE "{name}" TO fresh')
+        self.db.execute("DELETE FROM fresh.meta WHERE key = ?", [COMPACTION_DUE])
+        self.db.execute("DETACH fresh")
+        self.close()
+        os.replace(fresh, self.path)
+        return Store(self.path)
+
     def unpublished_cycles(self) -> list[int]:
         return [c for (c,) in self.db.execute(
             "SELECT cycle FROM cycles WHERE NOT published ORDER BY cycle").fetchall()]
@@ -368,6 +425,20 @@ class Store:
                    tombstone
             FROM style_versions WHERE cycle = ?""", params=[cycle]).to_arrow_table()
         return table.cast(STYLE_HISTORY)
+
+    def pending_erasures(self) -> list[str]:
+        """People erased whose history rows may still exist."""
+        return [u for (u,) in self.db.execute("SELECT DISTINCT user_id FROM pending_erasures ORDER BY 1").fetchall()]
+
+    def finish_erasures(self, users: list[str]) -> None:
+        """Their history is rewritten: the last rows naming them go, and the file is due a rewrite."""
+        self.db.execute("BEGIN TRANSACTION")
+        self.db.execute("DELETE FROM pending_erasures WHERE list_contains(?, user_id)", [users])
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, 'true')", [COMPACTION_DUE])
+        self.db.execute("COMMIT")
+
+    def compaction_due(self) -> bool:
+        return bool(self.db.execute("SELECT 1 FROM meta WHERE key = ?", [COMPACTION_DUE]).fetchone())
 
     def pending_redactions(self) -> list[tuple[int, str, int, int]]:
         return self.db.execute("""SELECT cycle, user_id, from_version, to_version FROM redactions

@@ -279,6 +279,8 @@ class StyleManifest(_Event):
     basis: StyleBasis
     photos: list[ManifestPhoto] = Field(description="the photos that count, sorted by photo_id")
     embedding: list[float] = Field(description="the version's published style embedding")
+    embedding_norm: float = Field(ge=0, description="the norm of the weighted mean before it was normalized "
+                                  "(bounds what one photo can change: privacy/release.py)")
     features: dict[str, float]
     explanation: Explanation
 

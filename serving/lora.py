@@ -76,6 +76,14 @@ class UserLoras:
             if source.style_version is not None and is_gone(source.user_id, source.style_version):
                 self._unload(key)
 
+    def forget(self, user_id: str) -> None:
+        """A forgotten person: their adapters unloaded and their own adapter file deleted."""
+        for key, (_, source) in list(self._loaded.items()):
+            if source.user_id == user_id:
+                self._unload(key)
+        if self.folder is not None:
+            (self.folder / f"{user_id}.safetensors").unlink(missing_ok=True)
+
     def _unload(self, key: str) -> None:
         self.pipe.delete_adapters(self._loaded.pop(key)[0])
 

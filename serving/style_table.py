@@ -21,6 +21,7 @@ class StyleTable:
         self._consumer = clients.consumer(bootstrap_servers)
         self._versions: dict[str, dict[int, StyleVectorUpdated]] = {}
         self._withdrawn: dict[str, set[int]] = {}  # versions that counted photos since withdrawn
+        self._forgotten: set[str] = set()  # people erased since the last `take_forgotten`
         tps = clients.partitions_of(self._consumer, STYLE_VECTORS)
         self._ends = clients.true_end_offsets(self._consumer, tps)
         self._consumer.assign(tps)
@@ -40,10 +41,18 @@ class StyleTable:
         n = 0
         for records in self._consumer.poll(timeout_ms=timeout_ms).values():
             for r in records:
+                if r.value is None:  # a tombstone: the person (the key) asked to be forgotten
+                    self._forget(r.key.decode())
+                    n += 1
+                    continue
                 try:
                     v = parse_event(STYLE_VECTORS, r.value)
                 except InvalidEvent as e:
                     log.warning("skipping bad style vector at %s[%d]@%d: %s", r.topic, r.partition, r.offset, e)
+                    continue
+                if v.tombstone:
+                    self._forget(v.user_id)
+                    n += 1
                     continue
                 versions = self._versions.setdefault(v.user_id, {})
                 versions[v.version] = v
@@ -53,12 +62,26 @@ class StyleTable:
                 n += 1
         return n
 
+    def _forget(self, user_id: str) -> None:
+        self._versions.pop(user_id, None)
+        self._withdrawn.pop(user_id, None)
+        self._forgotten.add(user_id)
+
+    def take_forgotten(self) -> set[str]:
+        """The people erased since the last call (their files are the worker's to delete)."""
+        out, self._forgotten = self._forgotten, set()
+        return out
+
     def get(self, user_id: str, version: int | None = None) -> StyleVectorUpdated | None:
         """The pinned version, or the latest one; None if unknown."""
         versions = self._versions.get(user_id)
         if not versions:
             return None
         return versions.get(version) if version is not None else versions[max(versions)]
+
+    def version_with_code(self, user_id: str, code: str) -> int | None:
+        """The latest kept version of the user with this style code (the same photos may come back)."""
+        return max((v for v, s in self._versions.get(user_id, {}).items() if s.style_code == code), default=None)
 
     def withdrawn(self, user_id: str, version: int) -> bool:
         """True if that version counted photos the user has since withdrawn: it must not be used."""

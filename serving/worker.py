@@ -81,6 +81,11 @@ class OutputStore:
             image.save(f, "PNG")
         return self.record(request, make_result(self.fs.unstrip_protocol(png)))
 
+    def forget(self, user_id: str) -> None:
+        """Delete a forgotten person's images and results."""
+        if self.fs.exists(f"{self.root}/{user_id}"):
+            self.fs.rm(f"{self.root}/{user_id}", recursive=True)
+
     def record(self, request: GenerationRequested, result: Result) -> Result:
         self.fs.makedirs(f"{self.root}/{request.user_id}", exist_ok=True)
         self.fs.pipe_file(self._path(request, "json"), encode_event(result))
@@ -96,6 +101,7 @@ class Worker:
         self.output = OutputStore(cfg.output_url)
         self.styles = StyleTable(cfg.bootstrap_servers)
         self.styles.catch_up()
+        self._forget_erased()
         self._producer = clients.producer(cfg.bootstrap_servers)
         self._requests = clients.consumer(cfg.bootstrap_servers, group_id=cfg.group_id)
         self._requests.subscribe([GENERATION_REQUESTS])
@@ -137,6 +143,7 @@ class Worker:
         """Collect, answer and commit one batch of requests; how many there were."""
         records = self._collect(limit)
         self.styles.poll()
+        self._forget_erased()
         self.generator.loras.drop_versions(self.styles.withdrawn)
         if not records:
             return 0
@@ -147,6 +154,13 @@ class Worker:
         self._producer.flush()
         self._requests.commit()  # after the results are out: a crash redelivers, never loses
         return len(records)
+
+    def _forget_erased(self) -> None:
+        """People who asked to be forgotten: their images, results and LoRA adapters deleted."""
+        for user_id in sorted(self.styles.take_forgotten()):
+            self.output.forget(user_id)
+            self.generator.loras.forget(user_id)
+            log.info("forgot a person: their images, results and LoRA adapter are deleted")
 
     def _collect(self, limit: int) -> list:
         limit = min(limit, self.cfg.max_batch)
@@ -226,25 +240,32 @@ class Worker:
         def acceptable(s: StyleVectorUpdated | None) -> bool:
             return s is not None and (request.min_style_version is None or s.version >= request.min_style_version)
 
-        if request.style_version is not None and self.styles.withdrawn(request.user_id, request.style_version):
-            return None, (f"style version {request.style_version} counted photos the user has since withdrawn; "
+        pinned = request.style_version
+        if request.style_code is not None:  # a pin by code is a pin of the latest version with that code
+            pinned = self.styles.version_with_code(request.user_id, request.style_code)
+            if pinned is None:
+                return None, (f"no style version with code {request.style_code} is kept (withdrawn, superseded "
+                              "more than an hour ago, or never published)")
+
+        if pinned is not None and self.styles.withdrawn(request.user_id, pinned):
+            return None, (f"style version {pinned} counted photos the user has since withdrawn; "
                           "pin a later version or none")
-        style = self.styles.get(request.user_id, request.style_version)
+        style = self.styles.get(request.user_id, pinned)
         latest = self.styles.get(request.user_id)
-        if style is None and request.style_version is not None and latest and latest.version > request.style_version:
+        if style is None and pinned is not None and latest and latest.version > pinned:
             # a user's versions arrive in order, so a newer one means this one was compacted away
-            return None, (f"style version {request.style_version} was superseded by version {latest.version} and is "
+            return None, (f"style version {pinned} was superseded by version {latest.version} and is "
                           "no longer kept (style-vectors keeps superseded versions at least an hour); pin a later "
                           "version or none")
-        waits = request.style_version is not None or request.min_style_version is not None
+        waits = pinned is not None or request.min_style_version is not None
         deadline = time.monotonic() + self.cfg.style_wait_ms / 1000
         while waits and not acceptable(style) and time.monotonic() < deadline:
             self.styles.poll(timeout_ms=100)
-            style = self.styles.get(request.user_id, request.style_version)
+            style = self.styles.get(request.user_id, pinned)
         if acceptable(style):
             return style, None
-        if request.style_version is not None:
-            return None, f"style version {request.style_version} not known after {self.cfg.style_wait_ms} ms"
+        if pinned is not None:
+            return None, f"style version {pinned} not known after {self.cfg.style_wait_ms} ms"
         if request.min_style_version is not None:
             have = f"version {style.version}" if style else "no style"
             return None, (f"has {have}, the request needs at least version {request.min_style_version} "
@@ -278,6 +299,7 @@ def _completed(job: Job, timings: dict[str, float], image_uri: str) -> Generatio
     return GenerationCompleted(
         event_id=f"done-{request.request_id}", user_id=request.user_id, event_time=datetime.now(UTC),
         request_id=request.request_id, image_uri=image_uri, style_version=job.style.version if job.style else None,
+        style_code=job.style.style_code if job.style else None,
         facet=cond.facet, lora=cond.lora is not None, style_strength=cond.strength, seed=request.seed,
         timings_ms=timings)
 

@@ -27,9 +27,16 @@ def read_topic(bootstrap_servers: str, topic: str) -> list:
 
 
 def latest_styles(bootstrap: str) -> dict[str, StyleVectorUpdated]:
+    """Each user's latest style version; a forgotten user's tombstones clear what came before them."""
     latest = {}
-    for m in clients.read_all(bootstrap, STYLE_VECTORS):
+    for m in clients.read_all(bootstrap, STYLE_VECTORS):  # a user's messages are in order on one partition
+        if m.value is None:
+            latest.pop(m.key.decode(), None)
+            continue
         v = parse_event(STYLE_VECTORS, m.value)
+        if v.tombstone:
+            latest.pop(v.user_id, None)
+            continue
         if v.version > getattr(latest.get(v.user_id), "version", 0):
             latest[v.user_id] = v
     return latest

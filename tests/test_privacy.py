@@ -1,14 +1,144 @@
-"""Private metadata planted in photos never reaches anything the pipeline writes."""
+"""Privacy a person can check: manifests they verify from their own photos, forgetting them with a
+signed receipt, an audit that finds nothing of them afterwards, and planted metadata kept out."""
 
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 
-from helpers import PLANTED, plant_private_metadata, produce, read_topic
+import numpy as np
+import pytest
+from helpers import PLANTED, latest_styles, plant_private_metadata, produce, read_topic
+from typer.testing import CliRunner
 
-from stylestream.demo.synthetic import PRIVATE_EXIF, make_library
+from stylestream.cli.main import app
+from stylestream.demo.synthetic import PRIVATE_EXIF, make_library, toggle_event
+from stylestream.pipelines.layout import StateLayout
 from stylestream.pipelines.store import Store
-from stylestream.streams.topics import ALL_TOPICS, PHOTO_EVENTS
+from stylestream.privacy.audit import audit, needles_for
+from stylestream.privacy.erasure import load_or_create_signing_key, verify_receipt
+from stylestream.privacy.verify import files_by_sha256, photos_in_set, verify
+from stylestream.schemas.events import ErasureReceipt, GenerationRequested, StyleManifest, parse_event
+from stylestream.serving.generator import StyleGenerator
+from stylestream.serving.worker import ServeConfig, Worker
+from stylestream.streams.topics import (
+    CONSENT_EVENTS,
+    ERASURE_RECEIPTS,
+    GENERATION_REQUESTS,
+    GENERATION_RESULTS,
+    PHOTO_EVENTS,
+    STYLE_MANIFESTS,
+)
+
+PERSON = "pia-7f3a9c"  # distinctive: the audit looks for it as a substring everywhere
+
+
+def latest_manifest(bs: str, user: str) -> StyleManifest | None:
+    value = None
+    for m in read_topic(bs, STYLE_MANIFESTS):
+        if m.key == user.encode():
+            value = m.value
+    return None if value is None else StyleManifest.model_validate_json(value)
+
+
+def generate(bs: str, worker: Worker, user: str, rid: str) -> None:
+    produce(bs, GENERATION_REQUESTS, [GenerationRequested(
+        event_id=f"e-{rid}", user_id=user, event_time=datetime.now(UTC), request_id=rid, prompt="a card")])
+    assert worker.run(max_requests=1, idle_exit_s=30) == 1
+
+
+@pytest.mark.slow
+def test_a_person_verifies_their_style_withdraws_a_photo_and_is_forgotten(broker, make_ingestor, clip, diffusion,
+                                                                        tmp_path):
+    bs = broker.bootstrap_servers
+    photos = make_library(tmp_path / "pia-photos", {PERSON: [("trips", "warm", 3), ("home", "mono", 2)],
+                                                    "olaf": [("a", "cool", 3)]})
+    mine = [p for p in photos if p.user_id == PERSON]
+    produce(bs, PHOTO_EVENTS, [p.upload_event() for p in photos])
+    ing = make_ingestor()
+    ing.run_until_caught_up()
+
+    # 1. The manifest names every photo that counts; the style code rides on the vector; the person
+    #    recomputes the vector from their own files
+    first = latest_manifest(bs, PERSON)
+    assert [p.photo_id for p in first.photos] == sorted(p.photo_id for p in mine)
+    assert latest_styles(bs)[PERSON].style_code == first.style_code
+    files = files_by_sha256(tmp_path / "pia-photos")
+    check = verify(first, files, clip)
+    assert check.code_matches and check.vector_matches, check
+    assert check.embedding_diff < 1e-4
+
+    # 2. A withdrawal: the next manifest lacks the photo, and the person's files agree with it
+    gone = mine[0]
+    produce(bs, CONSENT_EVENTS, [toggle_event(PERSON, "photo", gone.photo_id, False,
+                                              gone.taken_at + timedelta(days=30))])
+    ing.run_until_caught_up()
+    second = latest_manifest(bs, PERSON)
+    assert second.version == first.version + 1 and second.style_code != first.style_code
+    assert gone.photo_id not in {p.photo_id for p in second.photos}
+    assert photos_in_set(second, [gone.path]) == {gone.path: None}
+    assert photos_in_set(first, [gone.path]) == {gone.path: gone.photo_id}
+    assert verify(second, files, clip).vector_matches
+    tampered = second.model_copy(update={"photos": [*second.photos, first.photos[0]]})
+    assert not verify(tampered, files, clip).code_matches  # a manifest cannot hide a photo it counted
+
+    # 3. What shaped the style names photos and albums, never pixels
+    explained = CliRunner().invoke(app, ["style", "explain", PERSON, "-b", bs, "--format", "json"])
+    assert explained.exit_code == 0, explained.output
+    rows = json.loads(explained.output)
+    assert {r["photo_id"] for r in rows} <= {p.photo_id for p in second.photos}
+    assert {"warmth", "saturation", "overall"} <= {r["part"] for r in rows}
+
+    # 4. Serving generates with the style and names its code
+    images = tmp_path / "images"
+    worker = Worker(ServeConfig(bs, str(images)), StyleGenerator(diffusion, clip, device="cpu"))
+    generate(bs, worker, PERSON, "r1")
+    [result] = [parse_event(GENERATION_RESULTS, m.value) for m in read_topic(bs, GENERATION_RESULTS)]
+    assert result.type == "generation_completed" and result.style_code == second.style_code
+    assert (images / PERSON / "r1.png").exists()
+
+    # 5. Forget the person: exactly once, with a receipt that verifies and names no one
+    asked = CliRunner().invoke(app, ["forget", PERSON, "-b", bs])
+    assert asked.exit_code == 0, asked.output
+    ing.run_until_caught_up()
+    ing.run_until_caught_up()  # nothing left to do: no second erasure, no second receipt
+    [raw] = [m.value for m in read_topic(bs, ERASURE_RECEIPTS)]
+    receipt = ErasureReceipt.model_validate_json(raw)
+    public = load_or_create_signing_key(ing.cfg.state_dir).public_key()
+    assert verify_receipt(receipt, public)
+    assert not verify_receipt(receipt.model_copy(update={"deleted": {"state": {}}}), public)
+    assert receipt.deleted["state"]["catalogued photo references"] == 5
+    assert receipt.deleted["state"]["style versions"] == 1  # the first counted the withdrawn photo
+    assert PERSON.encode() not in raw
+    receipt_file = tmp_path / "receipt.json"
+    receipt_file.write_bytes(raw)
+    checked = CliRunner().invoke(app, ["receipt", "verify", str(receipt_file), "--data-dir", str(tmp_path)])
+    assert checked.exit_code == 0 and "valid" in checked.output, checked.output
+    receipt_file.write_bytes(raw.replace(b'"style versions":1', b'"style versions":0'))
+    checked = CliRunner().invoke(app, ["receipt", "verify", str(receipt_file), "--data-dir", str(tmp_path)])
+    assert checked.exit_code == 1 and "INVALID" in checked.output, checked.output
+
+    # 6. Serving drops them: style, images, results
+    worker.run(max_requests=1, idle_exit_s=1)  # polls the tombstone
+    assert worker.styles.get(PERSON) is None and not (images / PERSON).exists()
+    worker.close()
+
+    # 7. Nothing of them anywhere the project writes (the topics' old values only await compaction)
+    ing.close()
+    state = StateLayout(ing.cfg.state_dir)
+    findings = audit(state, images, needles_for([PERSON], [], state), bs)
+    assert [f for f in findings if f.violation] == []
+    assert all("compaction" in f.pending or "tombstone" in f.pending for f in findings)
+    assert any(f.store == "topic style-vectors" for f in findings)  # really searched, really pending
+    with Store(state.db) as s:
+        assert s.latest_vectors().keys() == {"olaf"}
+
+    # 8. Uploading again later starts from nothing
+    again = make_ingestor()
+    produce(bs, PHOTO_EVENTS, [mine[1].upload_event(event_time=datetime.now(UTC))])
+    again.run_until_caught_up()
+    fresh = latest_styles(bs)[PERSON]
+    assert (fresh.version, fresh.photo_count) == (1, 1)
 
 
 def test_planted_exif_values_appear_in_no_store(broker, make_ingestor, tmp_path, caplog):
@@ -26,16 +156,21 @@ def test_planted_exif_values_appear_in_no_store(broker, make_ingestor, tmp_path,
     produce(bs, PHOTO_EVENTS, [photos[0].upload_event(), photos[2].upload_event(), bad])
     ing = make_ingestor()
     ing.run_until_caught_up()
-
     with Store(ing.cfg.db_path) as s:
         rows = s.db.execute("SELECT metadata FROM contributions").fetchall()
     assert len(rows) == 2
     for (meta,) in rows:
         assert set(json.loads(meta)) == {"focal_length_mm", "f_number", "exposure_time_s", "iso", "flash",
                                          "hour_of_day"}
-    stores = [p.read_bytes() for p in ing.cfg.state_dir.rglob("*") if p.is_file()]
-    stores += [m.value or b"" for t in ALL_TOPICS for m in read_topic(bs, t) if t != PHOTO_EVENTS]
-    stores.append(caplog.text.encode())
-    for blob in stores:
-        for value in planted:
-            assert value.encode() not in blob
+    ing.close()
+
+    log = tmp_path / "test.log"
+    log.write_text(caplog.text)
+    state = StateLayout(ing.cfg.state_dir)
+    findings = audit(state, tmp_path / "images", needles_for([], planted, state), bs, extra=[log])
+    assert findings == []
+    # ...and the audit does find what is there: the photos themselves hold every planted value and are
+    # image bytes, and the dead letter names the photo's file
+    found = audit(state, tmp_path / "images", needles_for([], planted, state), bs, extra=[tmp_path / "lib"])
+    assert {f.what for f in found} >= {*planted[:3], "JPEG image bytes"}
+    assert np.all([f.violation for f in found])

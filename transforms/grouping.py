@@ -1,18 +1,21 @@
-"""Gather each user's uploads, deletions and consent toggles of a cycle into one UserBatch."""
+"""Gather each user's uploads, deletions and consent events of a cycle into one UserBatch."""
 
 from __future__ import annotations
 
 import apache_beam as beam
 
+from stylestream.schemas.events import UserForgotten
 from stylestream.transforms.records import UserBatch
 
 
 def to_user_batch(user_id: str, grouped: dict[str, list]) -> UserBatch:
+    consent = [s.event for s in grouped["toggles"]]
     return UserBatch(
         user_id,
         contributions=list(grouped["contributions"]),
         deletes=[s.event for s in grouped["deletes"]],
-        toggles=[s.event for s in grouped["toggles"]],
+        toggles=[e for e in consent if not isinstance(e, UserForgotten)],
+        forgets=sorted((e for e in consent if isinstance(e, UserForgotten)), key=lambda e: e.event_id),
     )
 
 class GroupByUser(beam.PTransform):

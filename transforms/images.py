@@ -13,10 +13,12 @@ from dataclasses import dataclass
 
 import apache_beam as beam
 import fsspec
+import numpy as np
 import pillow_heif
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from stylestream.schemas.events import ImageRef, PhotoUploaded
+from stylestream.transforms.faces import mask_faces
 from stylestream.transforms.features import aesthetic_features
 from stylestream.transforms.records import PreparedPhoto, Sourced
 
@@ -163,13 +165,23 @@ def whitelisted_metadata(im: Image.Image) -> dict[str, float | int | str]:
     return out
 
 
+def style_image(data: bytes, limits: DecodeLimits, content_type: str | None = None,
+                ) -> tuple[Image.Image, np.ndarray, dict[str, float | int | str]]:
+    """A photo's bytes as the style sees them: (the decoded image, faces filled if configured; its
+    aesthetic features; the whitelisted metadata). Ingestion and `stylestream verify` both call it."""
+    image, metadata = decode(data, limits, content_type)
+    if limits.mask_faces:
+        image = mask_faces(image)
+    return image, aesthetic_features(image), metadata
+
+
 def prepare_photo(sourced: Sourced, limits: DecodeLimits) -> PreparedPhoto:
     event: PhotoUploaded = sourced.event
     ref = choose_rendition(event, limits.min_side)
     inline = event.inline_bytes()
     data = inline if inline is not None else fetch(ref, limits)
-    image, metadata = decode(data, limits, ref.content_type if inline is None else None)
-    return PreparedPhoto(sourced, image, aesthetic_features(image), metadata)
+    image, features, metadata = style_image(data, limits, ref.content_type if inline is None else None)
+    return PreparedPhoto(sourced, image, features, metadata)
 
 
 class _Prepare(beam.DoFn):

@@ -21,7 +21,7 @@ from stylestream.transforms.records import Contribution, PreparedPhoto, Sourced
 
 class StyleInputs(beam.PTransform):
     """messages -> {"contributions": embedded uploads, "deletes": Sourced deletions, "toggles": Sourced
-    consent toggles, "dead": dead letters of every stage}."""
+    consent events (toggles and forget requests), "dead": dead letters of every stage}."""
 
     def __init__(self, clip: ClipSpec, limits: DecodeLimits | None = None):
         super().__init__()

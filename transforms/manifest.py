@@ -106,4 +106,10 @@ def style_manifest(basis: StyleBasis, stored: dict[str, StoredContribution], sta
     return StyleManifest(
         event_id=f"{vector.user_id}:v{vector.version}:manifest", user_id=vector.user_id, event_time=now,
         version=vector.version, style_code=style_code(basis, photos), basis=basis, photos=photos,
-        embedding=vector.embedding, features=vector.features, explanation=explain(stored, stats, facets))
+        embedding=vector.embedding, embedding_norm=mean_norm(stats), features=vector.features,
+        explanation=explain(stored, stats, facets))
+
+
+def mean_norm(stats: StyleStats) -> float:
+    """|m|: the norm of the weighted mean embedding, before normalization."""
+    return float(np.linalg.norm(stats.sum_embedding / stats.total_weight)) if stats.total_weight > 0 else 0.0

@@ -41,7 +41,8 @@ class _Route(beam.DoFn):
 
 
 class ParseEvents(beam.PTransform):
-    """Messages -> tagged outputs `uploads`, `deletes`, `toggles` (Sourced) and `dead` (DeadLetter)."""
+    """Messages -> tagged outputs `uploads`, `deletes`, `toggles` (Sourced: consent toggles and forget
+    requests) and `dead` (DeadLetter)."""
 
     def expand(self, messages):
         return messages | beam.ParDo(_Route()).with_outputs(UPLOADS, DELETES, TOGGLES, DEAD)

@@ -9,14 +9,14 @@ from datetime import datetime
 import numpy as np
 
 from stylestream.schemas.dead_letters import DeadLetter
-from stylestream.schemas.events import PhotoDeleted, PhotoUploaded, StyleLearningToggled
+from stylestream.schemas.events import PhotoDeleted, PhotoUploaded, StyleLearningToggled, UserForgotten
 
 
 @dataclass(frozen=True)
 class Sourced:
     """A valid event and the Kafka position it came from."""
 
-    event: PhotoUploaded | PhotoDeleted | StyleLearningToggled
+    event: PhotoUploaded | PhotoDeleted | StyleLearningToggled | UserForgotten
     topic: str
     partition: int
     offset: int
@@ -71,12 +71,14 @@ class Contribution:
 
 @dataclass
 class UserBatch:
-    """One user's share of a cycle: new contributions (embedded uploads), deletions and consent toggles."""
+    """One user's share of a cycle: new contributions (embedded uploads), deletions, consent toggles
+    and, if they asked to be forgotten, those requests (they erase the rest of the batch with them)."""
 
     user_id: str
     contributions: list[Contribution] = field(default_factory=list)
     deletes: list[PhotoDeleted] = field(default_factory=list)
     toggles: list[StyleLearningToggled] = field(default_factory=list)
+    forgets: list[UserForgotten] = field(default_factory=list)
 
     @classmethod
     def of(cls, item: Contribution | Sourced) -> UserBatch:
@@ -85,6 +87,8 @@ class UserBatch:
             return cls(item.user_id, contributions=[item])
         if isinstance(item.event, PhotoDeleted):
             return cls(item.event.user_id, deletes=[item.event])
+        if isinstance(item.event, UserForgotten):
+            return cls(item.event.user_id, forgets=[item.event])
         return cls(item.event.user_id, toggles=[item.event])
 
     def scopes(self) -> tuple[set[str], set[str], bool]:

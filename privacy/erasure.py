@@ -1,0 +1,117 @@
+"""Forgetting a person: the messages that erase them from the topics, and the signed erasure receipt.
+
+Ingestion deletes the person's rows in the cycle that reads their `user_forgotten` request
+(pipelines/store.py), rewrites the history files without their pseudonym and then rewrites the state
+file, so no deleted bytes stay in it. What it deleted is counted in a receipt signed with the
+service's Ed25519 key (`state/erasure-signing.key`, created on first use) and published on
+erasure-receipts under the request's event id. Anyone with the public key
+(`stylestream receipt public-key`) can check a receipt (`stylestream receipt verify`).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import os
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from stylestream.schemas.events import ErasureReceipt, StyleVectorUpdated, UserForgotten, encode_event
+from stylestream.streams.topics import DAY_MS, ERASABLE_TOPICS, ERASURE_RECEIPTS, STYLE_VECTORS
+from stylestream.transforms.manifest import canonical_json
+
+SIGNING_KEY_FILE = "erasure-signing.key"
+# Compaction removes a person's earlier values on the erasable topics within max.compaction.lag.ms of
+# the tombstone, and the tombstones themselves delete.retention.ms later (streams/topics.py).
+COMPACTED_WITHIN = timedelta(milliseconds=DAY_MS)
+TOMBSTONE_KEPT = timedelta(milliseconds=DAY_MS)
+
+
+def load_or_create_signing_key(state_dir: Path) -> Ed25519PrivateKey:
+    """The service's receipt-signing key, created on first use (readable by its owner only)."""
+    path = state_dir / SIGNING_KEY_FILE
+    if not path.exists():
+        state_dir.mkdir(parents=True, exist_ok=True)
+        pem = Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        tmp = state_dir / f"{SIGNING_KEY_FILE}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+        with contextlib.suppress(FileExistsError):  # another process made it first: use theirs
+            os.link(tmp, path)
+        tmp.unlink()
+    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError(f"{path} is not an Ed25519 private key")
+    return key
+
+
+def public_key_pem(key: Ed25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def load_public_key(pem: bytes) -> Ed25519PublicKey:
+    key = serialization.load_pem_public_key(pem)
+    if not isinstance(key, Ed25519PublicKey):
+        raise ValueError("not an Ed25519 public key")
+    return key
+
+
+def key_id(public: Ed25519PublicKey) -> str:
+    return hashlib.sha256(public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)).hexdigest()
+
+
+def _signed_bytes(receipt: ErasureReceipt) -> bytes:
+    return canonical_json(receipt.model_dump(mode="json", exclude={"signature"}))
+
+
+def signed_receipt(request: UserForgotten, deleted: dict[str, dict[str, int]], completed_at: datetime,
+                   key: Ed25519PrivateKey) -> ErasureReceipt:
+    """The receipt of one erasure: what was deleted, what waits for compaction, signed."""
+    pending = {
+        "topics": f"earlier values under the person's key on {', '.join(ERASABLE_TOPICS)} are removed by "
+                  f"compaction by {(completed_at + COMPACTED_WITHIN).isoformat()}; the tombstones themselves "
+                  f"{TOMBSTONE_KEPT.days} day later",
+        "history and release ledger": "the person's rows are deleted right after this commit, files rewritten",
+        "serving": "each serving worker deletes the person's generated images, results and LoRA adapter "
+                   "when it reads the tombstone on style-vectors",
+    }
+    receipt = ErasureReceipt(request_event_id=request.event_id, requested_at=request.event_time,
+                             completed_at=completed_at, deleted=deleted, pending=pending,
+                             key_id=key_id(key.public_key()))
+    signature = base64.b64encode(key.sign(_signed_bytes(receipt))).decode()
+    return receipt.model_copy(update={"signature": signature})
+
+
+def verify_receipt(receipt: ErasureReceipt, public: Ed25519PublicKey) -> bool:
+    """True if the receipt is exactly as the holder of `public`'s private key signed it."""
+    if receipt.key_id != key_id(public):
+        return False
+    try:
+        public.verify(base64.b64decode(receipt.signature, validate=True), _signed_bytes(receipt))
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+def tombstone_event(request: UserForgotten, last_version: int, now: datetime) -> StyleVectorUpdated:
+    """The last style-vectors event of a forgotten person: every version withdrawn, drop them."""
+    return StyleVectorUpdated(event_id=f"{request.user_id}:forgotten", user_id=request.user_id, event_time=now,
+                              version=last_version + 1, photo_count=0, embedding=[], features={},
+                              tombstone=True, withdrawn_versions=list(range(1, last_version + 1)))
+
+
+def erasure_messages(request: UserForgotten, last_version: int, receipt: ErasureReceipt,
+                     now: datetime) -> list[tuple[str, bytes, bytes | None]]:
+    """What an erasure publishes: the tombstone event, a null-value tombstone for the person's key on
+    every topic the project writes under it, and the receipt (keyed by the request's id only)."""
+    key = request.user_id.encode()
+    return [(STYLE_VECTORS, key, encode_event(tombstone_event(request, last_version, now))),
+            *((topic, key, None) for topic in ERASABLE_TOPICS),
+            (ERASURE_RECEIPTS, request.event_id.encode(), encode_event(receipt))]
