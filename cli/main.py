@@ -206,13 +206,15 @@ def backfill(
     from stylestream.pipelines import backfill as bf
 
     items = bf.scan(source)
-    progress_file = bf.Progress(DataLayout(data_dir).state.root, user, source)
+    state = DataLayout(data_dir).state
+    progress_file = bf.Progress(state.root, user, source)
     already = progress_file.published()
     console.print(f"{len(items)} photos in {source}; {already} published by an earlier run")
     columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console) as bar:
         task = bar.add_task("publishing", total=len(items), completed=already)
-        bf.publish(bootstrap_servers, items, user, progress_file, on_item=lambda n: bar.update(task, completed=n))
+        bf.publish(bootstrap_servers, items, user, progress_file, state.libraries,
+                   on_item=lambda n: bar.update(task, completed=n))
     if ingest_after:
         ingest(bootstrap_servers, data_dir, follow=False, verbose=verbose)
 

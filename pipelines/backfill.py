@@ -5,12 +5,17 @@ A folder (searched recursively) or a manifest (JSON lines: `{"path": ..., "album
 which ingestion then processes with its usual exactly-once bookkeeping. Photo and event ids derive
 from the user and the file's place in the library, so a repeated backfill counts nothing twice;
 a progress file makes an interrupted one resume where it stopped instead of publishing again.
+
+Events keep only what the style needs: photos are referenced as library://<id>/<path inside the
+library> (the library's folder is registered in the state, never sent), and the capture time is
+the day it was taken, flagged when the camera did not record its time zone.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,34 +24,38 @@ from pathlib import Path
 from PIL import Image
 
 from stylestream.pipelines.layout import StateLayout
-from stylestream.pipelines.library import manifest_rows, photo_files
+from stylestream.pipelines.library import library_uri, manifest_rows, photo_files, register_library
 from stylestream.schemas.events import ImageRef, PhotoUploaded, encode_event
 from stylestream.streams import clients
 from stylestream.streams.topics import PHOTO_EVENTS
+from stylestream.transforms.records import capture_day
 
-DATETIME_ORIGINAL, EXIF_IFD = 0x9003, 0x8769
+DATETIME_ORIGINAL, OFFSET_TIME_ORIGINAL, EXIF_IFD = 0x9003, 0x9011, 0x8769
 
 
 @dataclass(frozen=True)
 class LibraryItem:
     path: Path
     key: str  # the file's place in the library (relative path): the basis of its ids
+    root: Path  # the library's folder: events reference the file relative to it
     album_id: str | None = None
-    taken_at: datetime | None = None
+    taken_at: datetime | None = None  # naive: a local time of unknown zone
 
 
 def scan(source: Path) -> list[LibraryItem]:
     """The photos of a folder or a manifest file, in a stable order."""
     if source.is_dir():
-        return [LibraryItem(p, p.relative_to(source).as_posix(), album_id=_album_of(p.relative_to(source)))
-                for p in photo_files(source)]
+        return [LibraryItem(p, p.relative_to(source).as_posix(), source.absolute(),
+                            album_id=_album_of(p.relative_to(source))) for p in photo_files(source)]
+    rows = manifest_rows(source, '{"path": ..., "album_id"?: ..., "taken_at"?: ...}')
+    root = Path(os.path.commonpath([p.parent for p, _ in rows])) if rows else source.parent.resolve()
     items = []
-    for path, row in manifest_rows(source, '{"path": ..., "album_id"?: ..., "taken_at"?: ...}'):
+    for path, row in rows:
         try:
             taken = datetime.fromisoformat(row["taken_at"]) if row.get("taken_at") else None
         except (ValueError, TypeError) as e:
             raise ValueError(f"{source}: {row['path']}: taken_at: {e}") from None
-        items.append(LibraryItem(path, row["path"], row.get("album_id"), taken))
+        items.append(LibraryItem(path, row["path"], root, row.get("album_id"), taken))
     return items
 
 
@@ -61,26 +70,32 @@ def _safe_id(text: str) -> str:
 
 
 def taken_at(path: Path) -> datetime:
-    """EXIF DateTimeOriginal (read as UTC) if the file has it, else the file's modification time."""
+    """EXIF DateTimeOriginal (with OffsetTimeOriginal, if the camera wrote one; naive if not: a local
+    time of unknown zone), else the file's modification time (UTC)."""
     try:
         with Image.open(path) as im:
-            raw = im.getexif().get_ifd(EXIF_IFD).get(DATETIME_ORIGINAL)
+            exif = im.getexif().get_ifd(EXIF_IFD)
+        raw, offset = exif.get(DATETIME_ORIGINAL), exif.get(OFFSET_TIME_ORIGINAL)
         if isinstance(raw, str):
-            return datetime.strptime(raw.strip()[:19], "%Y:%m:%d %H:%M:%S").replace(tzinfo=UTC)
+            local = datetime.strptime(raw.strip()[:19], "%Y:%m:%d %H:%M:%S")
+            if isinstance(offset, str) and offset.strip():
+                return datetime.fromisoformat(local.isoformat() + offset.strip())
+            return local
     except (OSError, ValueError, SyntaxError):
         pass  # not readable as an image here: ingestion gives it a dead-letter reason
     return datetime.fromtimestamp(path.stat().st_mtime, UTC)
 
 
-def upload_event(item: LibraryItem, user_id: str) -> PhotoUploaded:
+def upload_event(item: LibraryItem, user_id: str, library_id: str) -> PhotoUploaded:
     data = item.path.read_bytes()
     photo_id = "bf-" + hashlib.sha256(f"{user_id}\0{item.key}".encode()).hexdigest()[:24]
     when = item.taken_at or taken_at(item.path)
+    day, zone_known = capture_day(when), when.tzinfo is not None
     return PhotoUploaded(
-        event_id=f"backfill:{photo_id}", user_id=user_id, event_time=when, photo_id=photo_id,
-        album_id=item.album_id, taken_at=when,
-        image=ImageRef(uri=item.path.resolve().as_uri(), sha256=hashlib.sha256(data).hexdigest(),
-                       size_bytes=len(data)))
+        event_id=f"backfill:{photo_id}", user_id=user_id, event_time=day, photo_id=photo_id,
+        album_id=item.album_id, taken_at=day, taken_at_zone_known=zone_known,
+        image=ImageRef(uri=library_uri(library_id, Path(os.path.relpath(item.path.absolute(), item.root)).as_posix()),
+                       sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data)))
 
 
 class Progress:
@@ -100,15 +115,18 @@ class Progress:
         tmp.replace(self.path)
 
 
-def publish(bootstrap_servers: str, items: list[LibraryItem], user_id: str, progress: Progress,
+def publish(bootstrap_servers: str, items: list[LibraryItem], user_id: str, progress: Progress, registry: Path,
             on_item: Callable[[int], None] | None = None, checkpoint_every: int = 100) -> int:
-    """Publish the items not published yet; returns how many this call published."""
+    """Publish the items not published yet, their libraries registered in `registry`; returns how
+    many this call published."""
+    library_ids = {root: register_library(registry, root) for root in sorted({i.root for i in items})}
     start = progress.published()
     producer = clients.producer(bootstrap_servers)
     try:
         done = start
         for done, item in enumerate(items[start:], start=start + 1):
-            producer.send(PHOTO_EVENTS, key=user_id.encode(), value=encode_event(upload_event(item, user_id)))
+            event = upload_event(item, user_id, library_ids[item.root])
+            producer.send(PHOTO_EVENTS, key=user_id.encode(), value=encode_event(event))
             if done % checkpoint_every == 0:
                 producer.flush()  # only what the broker has is marked published
                 progress.save(done, len(items))

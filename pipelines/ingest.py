@@ -57,6 +57,8 @@ class IngestConfig:
     def __post_init__(self):
         if self.half_life_days < MIN_HALF_LIFE_DAYS:
             raise ValueError(f"half-life must be at least {MIN_HALF_LIFE_DAYS} days, got {self.half_life_days}")
+        # Backfilled photos are read from the libraries registered in this state (library:// URIs).
+        self.limits = replace(self.limits, libraries=str(StateLayout(self.state_dir).libraries))
 
     @property
     def basis(self) -> StyleBasis:

@@ -8,6 +8,7 @@ the demo and ingestion use (imported by the command line at start-up: no heavy i
             analytics.key      the key of the history's pseudonyms (analytics/pseudonyms.py)
             cycle-plan.json    the cycle in progress
             backfill/          where each backfill stopped
+            libraries.json     the folders backfilled photos are read from, by library id
         models/                the tiny models, written on first use
         images/                generated images (serve --output overrides)
         kafka/                 the local broker's log (stylestream broker)
@@ -44,6 +45,11 @@ class StateLayout:
     @property
     def backfill(self) -> Path:
         return self.root / "backfill"
+
+    @property
+    def libraries(self) -> Path:
+        """The backfilled libraries' folders on this host, by id (pipelines/library.py)."""
+        return self.root / "libraries.json"
 
     @classmethod
     def of_history(cls, history: Path) -> StateLayout:

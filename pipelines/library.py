@@ -4,10 +4,37 @@ name a "path" relative to the manifest, with fields of the reader's own."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import os
 from pathlib import Path
+from urllib.parse import quote
+
+from stylestream.transforms.images import LIBRARY_SCHEME
 
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".heic", ".heif")
+
+
+def register_library(registry: Path, root: Path) -> str:
+    """The id of a library folder on this host, recorded in `registry` (JSON: id -> absolute root).
+    Events reference photos as library://<id>/<relative path>, so no local path travels in them."""
+    root = root.resolve()
+    library_id = hashlib.sha256(str(root).encode()).hexdigest()[:16]
+    with contextlib.suppress(FileNotFoundError):
+        roots = json.loads(registry.read_text())
+        if roots.get(library_id) == str(root):
+            return library_id
+    registry.parent.mkdir(parents=True, exist_ok=True)
+    roots = json.loads(registry.read_text()) if registry.exists() else {}
+    tmp = registry.with_name(f"{registry.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(roots | {library_id: str(root)}, indent=2, sort_keys=True))
+    tmp.replace(registry)
+    return library_id
+
+
+def library_uri(library_id: str, relative: str) -> str:
+    return f"{LIBRARY_SCHEME}{library_id}/{quote(relative)}"
 
 
 def photo_files(folder: Path) -> list[Path]:

@@ -21,7 +21,7 @@ from PIL import Image
 
 from stylestream.models.clip import ClipSpec, load_clip
 from stylestream.transforms.features import aesthetic_features
-from stylestream.transforms.records import Contribution, PreparedPhoto
+from stylestream.transforms.records import Contribution, PreparedPhoto, kept_upload
 
 MIN_BATCH_SIZE = 1
 MAX_BATCH_SIZE = 64
@@ -94,7 +94,7 @@ def _load_clip_once(spec: ClipSpec, device: str) -> LoadedClip:
 
 
 def to_contribution(photo: PreparedPhoto, embedding: np.ndarray) -> Contribution:
-    return Contribution(photo.source.event, embedding, photo.features, photo.metadata)
+    return Contribution(kept_upload(photo.source.event), embedding, photo.features, photo.metadata)
 
 
 class EmbedPhotos(beam.PTransform):

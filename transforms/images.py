@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote
 
 import apache_beam as beam
 import fsspec
@@ -56,6 +59,7 @@ class DecodeLimits:
     max_pixels: int = 100_000_000  # decompression-bomb guard
     min_side: int = 224  # decode at reduced size, but never below this
     mask_faces: bool = False  # fill faces before the features and the embedding see them
+    libraries: str | None = None  # the registry of library:// roots (pipelines/library.py), a JSON file
 
     @property
     def preprocessing(self) -> str:
@@ -79,12 +83,32 @@ def choose_rendition(event: PhotoUploaded, min_side: int) -> ImageRef | None:
     return event.image
 
 
+LIBRARY_SCHEME = "library://"  # library://<library id>/<path inside the library>: backfilled photos
+
+
+def resolve_uri(uri: str, libraries: str | None) -> str:
+    """A readable URL for `uri`: library:// references through the registry of this host's libraries
+    (so events name no local folder or user name), anything else as it is."""
+    if not uri.startswith(LIBRARY_SCHEME):
+        return uri
+    library_id, _, relative = uri.removeprefix(LIBRARY_SCHEME).partition("/")
+    try:
+        roots = json.loads(Path(libraries).read_text()) if libraries else {}
+    except (OSError, ValueError):
+        roots = {}
+    if library_id not in roots:
+        raise PhotoError("fetch", f"library {library_id} is not registered on this ingestion host; backfill it "
+                                  "with this host's --data-dir")
+    return (Path(roots[library_id]) / unquote(relative)).as_uri()
+
+
 def fetch(ref: ImageRef, limits: DecodeLimits) -> bytes:
     """The image bytes behind a reference, checked against its declared size and sha256."""
     if ref.size_bytes > limits.max_bytes:
         raise PhotoError("fetch", f"{ref.size_bytes} bytes is over the {limits.max_bytes}-byte limit")
+    uri = resolve_uri(ref.uri, limits.libraries)
     try:
-        with fsspec.open(ref.uri, "rb") as f:
+        with fsspec.open(uri, "rb") as f:
             data = f.read(limits.max_bytes + 1)
     except (OSError, ValueError) as e:
         raise PhotoError("fetch", f"cannot read {ref.uri}: {type(e).__name__}: {e}") from None

@@ -4,12 +4,24 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 
 import numpy as np
 
 from stylestream.schemas.dead_letters import DeadLetter
 from stylestream.schemas.events import PhotoDeleted, PhotoUploaded, StyleLearningToggled, UserForgotten
+
+
+def capture_day(when: datetime) -> datetime:
+    """The day a photo was taken, at 00:00 labelled UTC: the precision the style's weighting needs, and
+    all that is kept. A naive time (a camera's local time, zone unknown) keeps its local date."""
+    day = when.astimezone(UTC) if when.tzinfo is not None else when
+    return datetime(day.year, day.month, day.day, tzinfo=UTC)
+
+
+def kept_upload(event: PhotoUploaded) -> PhotoUploaded:
+    """An upload as the state keeps and re-publishes it: its capture time reduced to the day."""
+    return event.model_copy(update={"taken_at": capture_day(event.effective_taken_at)})
 
 
 @dataclass(frozen=True)
