@@ -2,7 +2,7 @@
 """Crash torture: SIGKILL ingestion at random moments, restart it, and compare with a clean run.
 
 Makes a messy event stream (uploads, duplicates, deletions, album and photo opt-outs and opt-ins,
-event times out of order, some malformed events), produces the very same stream to two local
+forget requests, event times out of order, some malformed events), produces the very same stream to two local
 brokers, then:
   reference   `stylestream ingest --until-caught-up` once, undisturbed, against broker A
   tortured    the same command against broker B, killed with SIGKILL at a random moment --kills
@@ -57,6 +57,7 @@ TABLES = {
     "style_versions": "user_id, version, cycle, photo_count, total_weight, embedding, features, facets, tombstone",
     "redactions": "cycle, user_id, from_version, to_version, applied",
     "outbox": "cycle, seq, topic",
+    "pending_erasures": "cycle, user_id",
 }
 
 
@@ -101,9 +102,14 @@ def snapshot(data_dir: Path, bootstrap: str) -> dict:
     db.close()
     history = pq.read_table(data_dir / "state" / "history").drop(["updated_at", "date"]).to_pylist()
     latest = {}
-    for m in clients.read_all(bootstrap, STYLE_VECTORS):
+    for m in clients.read_all(bootstrap, STYLE_VECTORS):  # a user's messages are in order on one partition
+        if m.value is None:  # a forgotten person: what came before is gone
+            latest.pop(m.key.decode(), None)
+            continue
         v = parse_event(STYLE_VECTORS, m.value)
-        if v.version >= latest.get(v.user_id, (0,))[0]:
+        if v.tombstone:
+            latest.pop(v.user_id, None)
+        elif v.version >= latest.get(v.user_id, (0,))[0]:
             latest[v.user_id] = (v.version, v.photo_count, v.embedding)
     return {"tables": tables, "history": sorted(history, key=lambda r: (r["user_id"], r["version"])),
             "topic_latest": latest}
@@ -135,11 +141,13 @@ def main() -> None:
     ap.add_argument("--kill-window", type=float, nargs=2, default=None,
                     help="seconds after a start at which the kill lands (start-up takes a few); default: "
                          "from 3 s to 3 s + 1.5 x the reference run's time / kills, so every kill finds work")
+    ap.add_argument("--forget-share", type=float, default=0.005, metavar="SHARE",
+                    help="share of the events that are forget requests")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     t0 = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="crash-torture-"))
-    stream = messy_stream(work, a.events, a.users, a.seed)
+    stream = messy_stream(work, a.events, a.users, a.seed, forget_share=a.forget_share)
     brokers = [start_local_broker(a.broker, work / f"broker-{n}") for n in ("reference", "tortured")]
     broker_kills = a.broker_kills if brokers[1].engine == Engine.kafka else 0
     try:
@@ -175,6 +183,7 @@ def main() -> None:
         print(json.dumps({"bench": "mismatch", "where": m}), flush=True)
     print(json.dumps({"bench": "crash_torture", "broker": brokers[1].engine, "kills": kills,
                       "broker_kills": broker_killed, "events": len(stream),
+                      "forget_requests": sum(b'"user_forgotten"' in v for _, _, v in stream),
                       "identical": not mismatches, "mismatches": len(mismatches),
                       "reference_s": round(ref_s, 1), "total_s": round(time.perf_counter() - t0, 1)}))
 

@@ -35,6 +35,51 @@ from stylestream.transforms.images import DecodeLimits, decode
 from stylestream.transforms.style import StyleStats, photo_weight
 
 
+def population(work: Path, users_per_look: int, photos: int, mixed_users: int, seed: int,
+               handler: OpenClipImageHandler) -> dict[str, list]:
+    """user -> [(photo, embedding, features)]: single-look users named <look>-<i>, mixed ones mixed-<i>,
+    their photos decoded, embedded and measured as ingestion does."""
+    model = handler.load_model()
+    rng = np.random.default_rng(seed)
+    looks = sorted(LOOKS)
+    users: dict[str, list[tuple[str, str, int]]] = {}
+    for look in looks:
+        for i in range(users_per_look):
+            users[f"{look}-{i}"] = [("all", look, photos)]
+    for i in range(mixed_users):
+        x, y = rng.choice(looks, 2, replace=False)
+        users[f"mixed-{i}"] = [("a", str(x), photos // 2 + 2), ("b", str(y), photos // 2 + 2)]
+    made = make_library(work / "library", users, seed=seed)
+    by_user: dict[str, list] = {}
+    for p in tqdm(made, desc="decode, features, embed", unit="photo"):
+        image, _ = decode(p.path.read_bytes(), DecodeLimits())
+        [emb] = handler.run_inference([image], model)
+        by_user.setdefault(p.user_id, []).append((p, emb.inference, aesthetic_features(image)))
+    return by_user
+
+
+def single_look_styles(by_user: dict[str, list]) -> tuple[list[str], list[StyleStats]]:
+    """The single-look users and the sums behind each one's style."""
+    single = sorted(u for u in by_user if not u.startswith("mixed"))
+    out = []
+    for u in single:
+        stats = StyleStats.zero(len(by_user[u][0][1]), len(by_user[u][0][2]))
+        for p, e, f in by_user[u]:
+            stats = stats + StyleStats.of(e, f, photo_weight(p.taken_at, HALF_LIFE_DAYS))
+        out.append(stats)
+    return single, out
+
+
+def nn_accuracy(users: list[str], embeddings: np.ndarray, features: np.ndarray | None) -> float:
+    """Share of users whose nearest other user (in the style space; embedding only without features)
+    has their look."""
+    space = clustering_space(embeddings, features) if features is not None else embeddings
+    d = ((space[:, None] - space[None]) ** 2).sum(-1)
+    np.fill_diagonal(d, np.inf)
+    family = [u.split("-")[0] for u in users]
+    return float(np.mean([family[i] == family[int(np.argmin(d[i]))] for i in range(len(users))]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--users-per-look", type=int, default=8)
@@ -47,37 +92,10 @@ def main() -> None:
     t0 = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="style-quality-"))
     handler = OpenClipImageHandler(clip_spec(work / "models", a.clip_model, a.clip_pretrained))
-    model = handler.load_model()
-    rng = np.random.default_rng(a.seed)
-    looks = sorted(LOOKS)
-
-    users: dict[str, list[tuple[str, str, int]]] = {}
-    for look in looks:
-        for i in range(a.users_per_look):
-            users[f"{look}-{i}"] = [("all", look, a.photos)]
-    for i in range(a.mixed_users):
-        x, y = rng.choice(looks, 2, replace=False)
-        users[f"mixed-{i}"] = [("a", str(x), a.photos // 2 + 2), ("b", str(y), a.photos // 2 + 2)]
-    photos = make_library(work / "library", users, seed=a.seed)
-
-    by_user: dict[str, list] = {}
-    for p in tqdm(photos, desc="decode, features, embed", unit="photo"):
-        image, _ = decode(p.path.read_bytes(), DecodeLimits())
-        [emb] = handler.run_inference([image], model)
-        by_user.setdefault(p.user_id, []).append((p, emb.inference, aesthetic_features(image)))
-
-    single = sorted(u for u in by_user if not u.startswith("mixed"))
-    vectors = []
-    for u in single:
-        stats = StyleStats.zero(len(by_user[u][0][1]), len(by_user[u][0][2]))
-        for p, e, f in by_user[u]:
-            stats = stats + StyleStats.of(e, f, photo_weight(p.taken_at, HALF_LIFE_DAYS))
-        vectors.append(stats.vector())
-    space = clustering_space(np.stack([v[0] for v in vectors]), np.stack([v[1] for v in vectors]))
-    d = ((space[:, None] - space[None]) ** 2).sum(-1)
-    np.fill_diagonal(d, np.inf)
-    family = [u.split("-")[0] for u in single]
-    nn_hits = [family[i] == family[int(np.argmin(d[i]))] for i in range(len(single))]
+    by_user = population(work, a.users_per_look, a.photos, a.mixed_users, a.seed, handler)
+    single, styles = single_look_styles(by_user)
+    vectors = [s.vector() for s in styles]
+    accuracy = nn_accuracy(single, np.stack([v[0] for v in vectors]), np.stack([v[1] for v in vectors]))
 
     right = total = 0
     n_facets = []
@@ -94,8 +112,8 @@ def main() -> None:
             total += len(members)
     print(json.dumps({
         "bench": "style_quality", "clip_model": a.clip_model, "pretrained": a.clip_pretrained,
-        "looks": len(looks), "single_look_users": len(single), "mixed_users": a.mixed_users,
-        "photos": len(photos), "nn_accuracy": round(float(np.mean(nn_hits)), 4),
+        "looks": len(LOOKS), "single_look_users": len(single), "mixed_users": a.mixed_users,
+        "photos": sum(len(v) for v in by_user.values()), "nn_accuracy": round(accuracy, 4),
         "facet_purity": round(right / max(total, 1), 4), "mixed_users_with_2_facets": n_facets.count(2),
         "seconds": round(time.perf_counter() - t0, 1),
     }))

@@ -153,10 +153,12 @@ def make_library(root: Path, users: dict[str, list[tuple[str, str, int]]], seed:
     return photos
 
 
-def messy_stream(root: Path, n_events: int, users: int, seed: int) -> list[tuple[str, bytes, bytes]]:
+def messy_stream(root: Path, n_events: int, users: int, seed: int,
+                 forget_share: float = 0.0) -> list[tuple[str, bytes, bytes]]:
     """A stream a photo service might send: uploads, duplicate deliveries, deletions, album, photo and
-    whole-user opt-outs and opt-ins, event times in no particular order, and some malformed events, as
-    (topic, key, value) in production order. Its photos are few small JPEGs under `root`."""
+    whole-user opt-outs and opt-ins, event times in no particular order, some malformed events and,
+    with `forget_share`, requests to forget a person, as (topic, key, value) in production order.
+    Its photos are few small JPEGs under `root`."""
     rng = random.Random(seed)
     root.mkdir(parents=True, exist_ok=True)
     images = []
@@ -193,6 +195,9 @@ def messy_stream(root: Path, n_events: int, users: int, seed: int) -> list[tuple
         elif r < 0.97:  # the whole user off or on
             stream.append((topics.CONSENT_EVENTS, user, events.encode_event(
                 toggle_event(user, "user", None, rng.random() < 0.6, when, event_id=f"t{n}"))))
+        elif r < 0.97 + forget_share:
+            stream.append((topics.CONSENT_EVENTS, user, events.encode_event(
+                events.UserForgotten(event_id=f"forget-{n}", user_id=user, event_time=when))))
         else:
             stream.append((topics.PHOTO_EVENTS, user, b'{"type": "photo_uploaded", "broken": ' + str(n).encode()))
     return [(t, k.encode() if isinstance(k, str) else k, v) for t, k, v in stream]

@@ -398,6 +398,8 @@ class Store:
         self.db.execute("DELETE FROM fresh.meta WHERE key = ?", [COMPACTION_DUE])
         self.db.execute("DETACH fresh")
         self.close()
+        with fresh.open("rb+") as f:  # on disk before it takes the old file's place
+            os.fsync(f.fileno())
         os.replace(fresh, self.path)
         return Store(self.path)
 

@@ -194,6 +194,8 @@ def test_every_readme_command_works_as_written(tmp_path, broker, models):
                 outputs[readme_command] = serve.output()
             else:
                 outputs[readme_command] = run(command)
+                if readme_command.startswith("stylestream forget"):  # the id it prints, for `receipt get`
+                    values["REQUEST_ID"] = re.search(r"requested: (\S+)", outputs[readme_command]).group(1)
     finally:
         if kafka is not None:
             kafka.interrupt()
@@ -207,6 +209,13 @@ def test_every_readme_command_works_as_written(tmp_path, broker, models):
     assert len(re.findall(r"^u[0-9a-f]{32} ", top, re.M)) == 3, top  # the demo's people, by pseudonym
     assert re.search(r"^3 ", outputs["stylestream drift population --since 90d --threshold 0.05"], re.M)
     assert len(outputs["stylestream drift timeline ana --format csv"].splitlines()) == 3  # header, 2 versions
+    # ...and of privacy: ana verifies her style from her own files, is forgotten with a valid receipt,
+    # and the audit finds nothing of her
+    verified = outputs["stylestream verify --manifest ana-style.json --photos ~/Pictures --data-dir /srv/stylestream"]
+    assert "the published vector is the one these photos give" in verified, verified
+    assert "valid" in outputs["stylestream receipt verify receipt.json --data-dir /srv/stylestream"]
+    assert "nothing found" in outputs["stylestream audit --user ana -b KAFKA --data-dir /srv/stylestream"] or \
+        "0 findings" in outputs["stylestream audit --user ana -b KAFKA --data-dir /srv/stylestream"]
 
 
 def test_readme_lists_exactly_the_features_and_metadata_the_code_keeps():
