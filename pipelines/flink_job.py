@@ -51,9 +51,10 @@ from stylestream.pipelines.user_state import (
     apply_batch,
     changed_entries,
     publish_latest,
+    unerased,
 )
 from stylestream.schemas.dead_letters import DeadLetter
-from stylestream.schemas.events import StyleBasis, to_message
+from stylestream.schemas.events import StyleBasis, UserForgotten, to_message
 from stylestream.schemas.tables import FEATURE_NAMES
 from stylestream.streams.clients import Message
 from stylestream.streams.topics import INGEST_TOPICS, PHOTO_EVENTS, STYLE_MANIFESTS, STYLE_VECTORS, dlq
@@ -61,7 +62,7 @@ from stylestream.transforms.embed import OpenClipImageHandler, photo_image
 from stylestream.transforms.images import DecodeLimits
 from stylestream.transforms.inputs import style_input
 from stylestream.transforms.manifest import style_basis
-from stylestream.transforms.records import Contribution, UserBatch
+from stylestream.transforms.records import Contribution, Sourced, UserBatch
 
 OUTGOING = Types.ROW_NAMED(["topic", "key", "value"], [Types.STRING(), Types.PRIMITIVE_ARRAY(Types.BYTE()),
                                                        Types.PRIMITIVE_ARRAY(Types.BYTE())])
@@ -135,6 +136,8 @@ class StyleInputs(FlatMapFunction):
         msg = Message(topic, partition, offset, bytes(key) if key is not None else None,
                       bytes(value) if value is not None else None, ts.to_epoch_milli() if ts is not None else 0)
         out = style_input(msg, self._limits, self._embed)
+        if isinstance(out, Sourced) and isinstance(out.event, UserForgotten):
+            out = unerased(out)
         if isinstance(out, DeadLetter):
             yield "dead", "", pickle.dumps(out)
         else:

@@ -38,8 +38,9 @@ from stylestream.models.clip import ClipSpec
 from stylestream.pipelines.plan import NewVersion
 from stylestream.pipelines.prism import ensure_prism
 from stylestream.pipelines.streaming_state import PUBLISH_DELAY_S, REINGEST, UpdateUserStyle
+from stylestream.pipelines.user_state import unerased
 from stylestream.schemas.dead_letters import DeadLetter
-from stylestream.schemas.events import to_message
+from stylestream.schemas.events import UserForgotten, to_message
 from stylestream.schemas.tables import STYLE_HISTORY
 from stylestream.streams import clients
 from stylestream.streams.topics import INGEST_TOPICS, PHOTO_EVENTS, ensure_topics
@@ -47,6 +48,7 @@ from stylestream.transforms.images import DecodeLimits
 from stylestream.transforms.inputs import StyleInputs
 from stylestream.transforms.kafka_read import ReadPartitions
 from stylestream.transforms.manifest import style_basis
+from stylestream.transforms.records import Sourced
 
 
 def build_streaming(messages: beam.PCollection, clip: ClipSpec, dim: int, n_features: int,
@@ -55,9 +57,16 @@ def build_streaming(messages: beam.PCollection, clip: ClipSpec, dim: int, n_feat
     """messages -> (new style versions (pipelines/plan.NewVersion), uploads to re-ingest, dead letters)."""
     limits = limits or DecodeLimits()
     inputs = messages | "StyleInputs" >> StyleInputs(clip, limits)
-    updates = (inputs["contributions"], inputs["deletes"], inputs["toggles"]) | "UpdateUserStyle" >> UpdateUserStyle(
+    consent = inputs["toggles"] | "ForgetsApart" >> beam.Partition(lambda s, _: is_forget(s), 2)
+    updates = (inputs["contributions"], inputs["deletes"], consent[0]) | "UpdateUserStyle" >> UpdateUserStyle(
         dim, n_features, style_basis(clip, half_life_days, limits), publish_delay_s)
-    return updates.versions, updates[REINGEST], inputs["dead"]
+    unerased_forgets = consent[1] | "Unerased" >> beam.Map(unerased)
+    dead = (inputs["dead"], unerased_forgets) | "DeadLetters" >> beam.Flatten()
+    return updates.versions, updates[REINGEST], dead
+
+
+def is_forget(sourced: Sourced) -> int:
+    return int(isinstance(sourced.event, UserForgotten))
 
 
 STREAM_CYCLE = 0  # the history's `cycle` of versions the streaming pipeline published (it has no cycles)

@@ -31,8 +31,9 @@ from datetime import datetime
 from typing import Protocol
 
 from stylestream.pipelines.plan import NewVersion, new_version
+from stylestream.schemas.dead_letters import DeadLetter
 from stylestream.schemas.events import PhotoUploaded, StyleBasis
-from stylestream.transforms.records import UserBatch
+from stylestream.transforms.records import Sourced, UserBatch
 from stylestream.transforms.style import (
     ConsentRecord,
     StoredContribution,
@@ -45,6 +46,12 @@ from stylestream.transforms.style import (
 )
 
 PUBLISH_DELAY_S = 0.5  # a user's new version waits at most this long, so a burst publishes once
+
+
+def unerased(forget: Sourced) -> DeadLetter:
+    """A forget request a streaming runner cannot carry out yet: a dead letter saying so, never ignored."""
+    return forget.dead("forget", "forgetting a person is carried out by the local driver (stylestream ingest) "
+                                 "only; this streaming runner keeps the person's state (infra/README.md)")
 
 
 @dataclass

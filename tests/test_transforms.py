@@ -12,10 +12,10 @@ from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline  
 from apache_beam.testing.util import assert_that, equal_to
 
 from stylestream.demo.synthetic import make_library, toggle_event
-from stylestream.models.clip import ClipSpec
-from stylestream.pipelines.streaming import runner_args
+from stylestream.models.clip import ClipSpec, embedding_dim
+from stylestream.pipelines.streaming import build_streaming, runner_args
 from stylestream.pipelines.streaming_state import UpdateUserStyle
-from stylestream.schemas.events import encode_event
+from stylestream.schemas.events import UserForgotten, encode_event
 from stylestream.schemas.tables import FEATURE_NAMES
 from stylestream.streams.clients import Message
 from stylestream.streams.topics import CONSENT_EVENTS, PHOTO_EVENTS
@@ -114,3 +114,16 @@ def test_the_per_user_update_step_keeps_state_and_withdraws_what_an_opt_out_cove
                   | beam.CombinePerKey(lambda vs: max(vs, key=lambda v: v.version))
                   | beam.MapTuple(lambda u, v: (u, v.event.photo_count, sum(f.photo_count for f in v.event.facets))))
         assert_that(latest, equal_to([("ana", 3, 3)]))
+
+
+def test_the_streaming_pipeline_dead_letters_a_forget_request_it_cannot_carry_out(tmp_path, clip):
+    [photo] = make_library(tmp_path, {"ana": [("a", "warm", 1)]})
+    forget = UserForgotten(event_id="forget-1", user_id="ana", event_time=WHEN)
+    with BeamTestPipeline(options=prism()) as p:
+        messages = p | beam.Create([message(PHOTO_EVENTS, 0, photo.upload_event()),
+                                    message(CONSENT_EVENTS, 0, forget)])
+        versions, _, dead = build_streaming(messages, clip, embedding_dim(clip), len(FEATURE_NAMES), 365.0,
+                                            publish_delay_s=0.1)
+        assert_that(dead | beam.Map(lambda d: (d.topic, d.offset, d.stage)), equal_to([(CONSENT_EVENTS, 0, "forget")]),
+                    label="the forget request, with its reason")
+        assert_that(versions | beam.Map(lambda v: v.event.photo_count), equal_to([1]), label="the upload counts")
