@@ -7,7 +7,6 @@ from __future__ import annotations
 import threading
 from functools import cache
 
-import cv2
 import numpy as np
 from PIL import Image, ImageDraw
 
@@ -18,7 +17,9 @@ _DETECTING = threading.Lock()  # one cascade per process; detectMultiScale is no
 
 
 @cache
-def _cascade() -> cv2.CascadeClassifier:
+def _cascade():
+    import cv2  # here: only ingestion with --mask-faces needs OpenCV (the Flink job's environment lacks it)
+
     cascade = cv2.CascadeClassifier(cv2.data.haarcascades + CASCADE)
     if cascade.empty():
         raise RuntimeError(f"cannot load {CASCADE} from {cv2.data.haarcascades}")
@@ -27,6 +28,8 @@ def _cascade() -> cv2.CascadeClassifier:
 
 def find_faces(image: Image.Image) -> list[tuple[int, int, int, int]]:
     """(x, y, width, height) of each frontal face, in pixels of `image` (RGB)."""
+    import cv2
+
     gray = cv2.cvtColor(np.asarray(image.convert("RGB")), cv2.COLOR_RGB2GRAY)
     smallest = max(20, min(gray.shape) // 16)
     with _DETECTING:
