@@ -30,7 +30,7 @@ from style_quality import nn_accuracy, population, single_look_styles
 from stylestream.defaults import HALF_LIFE_DAYS, TINY_CLIP
 from stylestream.demo.synthetic import LOOKS
 from stylestream.models.clip import clip_spec
-from stylestream.privacy.release import noise_multiplier, noisy, sensitivity
+from stylestream.privacy.release import BUDGET_DELTA, noise_multiplier, noisy, sensitivity
 from stylestream.transforms.embed import OpenClipImageHandler
 from stylestream.transforms.manifest import mean_norm
 from stylestream.transforms.style import photo_weight
@@ -41,7 +41,7 @@ def main() -> None:
     ap.add_argument("--users-per-look", type=int, default=8)
     ap.add_argument("--photos", type=int, default=12, help="photos per user")
     ap.add_argument("--epsilons", type=float, nargs="+", default=[0.5, 1, 2, 4, 8, 16, 64, 256])
-    ap.add_argument("--delta", type=float, default=1e-6)
+    ap.add_argument("--delta", type=float, default=BUDGET_DELTA)
     ap.add_argument("--trials", type=int, default=10, help="noise draws per epsilon")
     ap.add_argument("--clip-model", default=TINY_CLIP)
     ap.add_argument("--clip-pretrained", default=None)

@@ -6,6 +6,7 @@ cli/main.py, so that every other command starts fast.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
@@ -96,16 +97,15 @@ def style_export(
     user_id: User, bootstrap_servers: BootstrapServers, data_dir: DataDir = DEFAULT_DATA_DIR,
     epsilon: Annotated[float, typer.Option(min=0.01, metavar="EPS",
                                            help="Privacy loss of this release (Gaussian mechanism).")] = 1.0,
-    delta: Annotated[float, typer.Option(min=1e-12, max=0.1, metavar="DELTA")] = 1e-6,
     budget: Annotated[float, typer.Option(min=0.01, metavar="EPS",
                                           help="Each person's total epsilon over all releases.")] = 4.0,
     output: Annotated[Path | None, typer.Option("--output", "-o", dir_okay=False, metavar="FILE")] = None,
 ) -> None:
     """Release a person's latest style vector with Gaussian noise, charged to their privacy budget.
 
-    The sensitivity is what one photo can change of the normalized mean; the budget is composed over
-    every release to the person with dp-accounting's RDP accountant at DELTA, and a release that would
-    exceed it is refused."""
+    The sensitivity is what one photo can change of the normalized mean (computed from the person's
+    photos, not released); the budget is composed over every release to the person with
+    dp-accounting's RDP accountant at delta 1e-6, and a release that would exceed it is refused."""
     from stylestream.privacy.release import BudgetExceeded, Ledger, release
     from stylestream.schemas.events import StyleVectorUpdated
     from stylestream.streams.topics import STYLE_VECTORS
@@ -118,18 +118,18 @@ def style_export(
         raise typer.Exit(1)
     ledger = Ledger(DataLayout(data_dir).state.root)
     try:
-        released = release(style, [p.weight for p in manifest.photos], manifest.embedding_norm, epsilon, delta,
-                           budget, ledger)
+        released = release(style, [p.weight for p in manifest.photos], manifest.embedding_norm, epsilon, budget,
+                           ledger)
     except BudgetExceeded as e:
         console.print(f"[red]refused:[/] {e}", soft_wrap=True)
         raise typer.Exit(1) from None
-    text = json.dumps(released, indent=2)
+    text = json.dumps(dataclasses.asdict(released), indent=2)
     if output is None:
         print(text)
     else:
         output.write_text(text + "\n")
-        console.print(f"wrote {output}: epsilon {epsilon} spent, {released['privacy']['epsilon_spent_total']:.3f} "
-                      f"of {budget} in all", soft_wrap=True)
+        console.print(f"wrote {output}: epsilon {epsilon} spent, {released.epsilon_spent_total:.3f} of {budget} "
+                      f"in all ({counted(released.releases, 'release')})", soft_wrap=True)
 
 
 def forget(user_id: User, bootstrap_servers: BootstrapServers,
@@ -212,7 +212,7 @@ def receipt_verify(
     """Check an erasure receipt's Ed25519 signature: exit 0 if it is exactly as the service signed it."""
     from pydantic import ValidationError
 
-    from stylestream.privacy.erasure import load_or_create_signing_key, load_public_key, public_key_pem, verify_receipt
+    from stylestream.privacy.erasure import load_public_key, load_signing_key, public_key_pem, verify_receipt
     from stylestream.schemas.events import ErasureReceipt
 
     try:
@@ -221,7 +221,7 @@ def receipt_verify(
         console.print(f"[red]not an erasure receipt:[/] {e.errors()[0]['msg']}", soft_wrap=True)
         raise typer.Exit(1) from None
     if public_key is None:
-        pem = public_key_pem(load_or_create_signing_key(DataLayout(data_dir).state.root))
+        pem = public_key_pem(load_signing_key(DataLayout(data_dir).state.root))
     else:
         pem = public_key.read_bytes()
     if verify_receipt(parsed, load_public_key(pem)):
@@ -236,9 +236,9 @@ def receipt_verify(
 @receipt_app.command("public-key")
 def receipt_public_key(data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
     """Print the public key that checks this service's receipts (PEM), to publish to people."""
-    from stylestream.privacy.erasure import load_or_create_signing_key, public_key_pem
+    from stylestream.privacy.erasure import load_signing_key, public_key_pem
 
-    print(public_key_pem(load_or_create_signing_key(DataLayout(data_dir).state.root)).decode(), end="")
+    print(public_key_pem(load_signing_key(DataLayout(data_dir).state.root)).decode(), end="")
 
 
 def verify(
@@ -307,8 +307,9 @@ def audit(
     fmt: OutputFormat = Format.table,
 ) -> None:
     """Search every store the project writes for a person or given text, and for image bytes where no
-    image may be. Exit 0 when nothing is found but what compaction removes by itself (listed as
-    pending), 1 otherwise. Run it with ingestion stopped: it reads the state database."""
+    image may be. Exit 0 when nothing is found but what the broker removes by itself in a stated time
+    or what lies on the photo service's input topics (both listed, with why), 1 otherwise. Run it
+    with ingestion stopped: it reads the state database."""
     from stylestream.cli.drift import emit
     from stylestream.privacy.audit import audit as search
     from stylestream.privacy.audit import needles_for
@@ -318,7 +319,7 @@ def audit(
     if bootstrap_servers:
         clients.require_broker(bootstrap_servers)
     with console.status("searching"):
-        findings = search(layout.state, images or layout.images, needles, bootstrap_servers, also or [])
+        findings = search(layout.state, images or layout.images, needles, bootstrap_servers, also or [], user or [])
     violations = [f for f in findings if f.violation]
     rows = [{"store": f.store, "where": f.where, "found": f.what, "pending": f.pending or ""} for f in findings]
     if fmt is not Format.table or rows:

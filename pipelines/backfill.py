@@ -23,8 +23,10 @@ from pathlib import Path
 
 from PIL import Image
 
+from stylestream.analytics import pseudonyms
 from stylestream.pipelines.layout import StateLayout
 from stylestream.pipelines.library import library_uri, manifest_rows, photo_files, register_library
+from stylestream.privacy import erasure
 from stylestream.schemas.events import ImageRef, PhotoUploaded, encode_event
 from stylestream.streams import clients
 from stylestream.streams.topics import PHOTO_EVENTS
@@ -49,6 +51,8 @@ def scan(source: Path) -> list[LibraryItem]:
                             album_id=_album_of(p.relative_to(source))) for p in photo_files(source)]
     rows = manifest_rows(source, '{"path": ..., "album_id"?: ..., "taken_at"?: ...}')
     root = Path(os.path.commonpath([p.parent for p, _ in rows])) if rows else source.parent.resolve()
+    if root == Path(root.anchor):  # events would carry whole local paths
+        raise ValueError(f"{source}: its photos share no folder below {root}; keep a library under one folder")
     items = []
     for path, row in rows:
         try:
@@ -92,18 +96,26 @@ def upload_event(item: LibraryItem, user_id: str, library_id: str) -> PhotoUploa
     when = item.taken_at or taken_at(item.path)
     day, zone_known = capture_day(when), when.tzinfo is not None
     return PhotoUploaded(
-        event_id=f"backfill:{photo_id}", user_id=user_id, event_time=day, photo_id=photo_id,
+        # sent now: a person forgotten before may bring their library back
+        event_id=f"backfill:{photo_id}", user_id=user_id, event_time=datetime.now(UTC), photo_id=photo_id,
         album_id=item.album_id, taken_at=day, taken_at_zone_known=zone_known,
-        image=ImageRef(uri=library_uri(library_id, Path(os.path.relpath(item.path.absolute(), item.root)).as_posix()),
+        image=ImageRef(uri=library_uri(library_id, os.path.relpath(item.path.absolute(), item.root)),
                        sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data)))
 
 
+def progress_files(state: StateLayout, subject: str) -> Path:
+    """The folder of one user's backfill progress files."""
+    return state.backfill / subject
+
+
 class Progress:
-    """How many items of one (user, source) backfill are published, kept in a small JSON file."""
+    """How many items of one (user, source) backfill are published, kept in a small JSON file named by
+    the user's erasure subject (so forgetting them deletes it: a later backfill starts over)."""
 
     def __init__(self, state_dir: Path, user_id: str, source: Path):
-        digest = hashlib.sha256(f"{user_id}\0{source.resolve()}".encode()).hexdigest()[:16]
-        self.path = StateLayout(state_dir).backfill / f"{digest}.json"
+        subject = erasure.subject(user_id, pseudonyms.load_or_create_key(state_dir))
+        digest = hashlib.sha256(str(source.resolve()).encode()).hexdigest()[:16]
+        self.path = progress_files(StateLayout(state_dir), subject) / f"{digest}.json"
 
     def published(self) -> int:
         return json.loads(self.path.read_text())["published"] if self.path.exists() else 0

@@ -57,7 +57,14 @@ from stylestream.schemas.dead_letters import DeadLetter
 from stylestream.schemas.events import StyleBasis, UserForgotten, to_message
 from stylestream.schemas.tables import FEATURE_NAMES
 from stylestream.streams.clients import Message
-from stylestream.streams.topics import INGEST_TOPICS, PHOTO_EVENTS, STYLE_MANIFESTS, STYLE_VECTORS, dlq
+from stylestream.streams.topics import (
+    INGEST_TOPICS,
+    MAX_MESSAGE_BYTES,
+    PHOTO_EVENTS,
+    STYLE_MANIFESTS,
+    STYLE_VECTORS,
+    dlq,
+)
 from stylestream.transforms.embed import OpenClipImageHandler, photo_image
 from stylestream.transforms.images import DecodeLimits
 from stylestream.transforms.inputs import style_input
@@ -231,6 +238,7 @@ def build_job(args, jars: list[Path]) -> StreamExecutionEnvironment:
         CREATE TABLE outgoing (`topic` STRING METADATA, `key` BYTES, `value` BYTES)
         WITH ({kafka}, 'topic' = '{";".join(OUTGOING_TOPICS)}', 'sink.delivery-guarantee' = 'exactly-once',
               'sink.transactional-id-prefix' = 'stylestream-flink',
+              'properties.max.request.size' = '{MAX_MESSAGE_BYTES}',
               'properties.transaction.timeout.ms' = '{args.transaction_timeout_s * 1000}')""")
 
     clip = ClipSpec(args.clip_model, args.clip_pretrained)

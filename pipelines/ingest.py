@@ -12,8 +12,9 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import shutil
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,15 +25,16 @@ from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from stylestream.analytics import history, pseudonyms
 from stylestream.defaults import HALF_LIFE_DAYS, MAX_EVENTS_PER_PARTITION, MIN_HALF_LIFE_DAYS
 from stylestream.models.clip import ClipSpec, embedding_dim
+from stylestream.pipelines.backfill import progress_files
 from stylestream.pipelines.layout import StateLayout
 from stylestream.pipelines.plan import CycleWrites, plan_cycle
 from stylestream.pipelines.store import CycleResult, Store
 from stylestream.privacy import erasure
 from stylestream.privacy.release import Ledger
 from stylestream.schemas.dead_letters import DeadLetter
-from stylestream.schemas.events import StyleBasis
+from stylestream.schemas.events import StyleBasis, encode_event
 from stylestream.streams import clients
-from stylestream.streams.topics import INGEST_TOPICS, ensure_topics
+from stylestream.streams.topics import ERASURE_RECEIPTS, INGEST_TOPICS, ensure_topics
 from stylestream.transforms.grouping import GroupByUser
 from stylestream.transforms.images import DecodeLimits
 from stylestream.transforms.inputs import StyleInputs
@@ -122,13 +124,19 @@ class CyclePlan:
 # The runner is in this process, so these steps' connections share the Ingestor's open database (the
 # one writer: nothing changes the state between the plan and the commit).
 
+def erasure_subjects(cfg: IngestConfig, users: Iterable[str]) -> dict[str, str]:
+    """Each user's erasure subject (a keyed hash of the id, under the state's key)."""
+    key = pseudonyms.load_or_create_key(cfg.state_dir)
+    return {u: erasure.subject(u, key) for u in users}
+
+
 class _PlanUserUpdates(beam.DoFn):
     def __init__(self, cfg: IngestConfig, embedding_dim: int):
         self._cfg, self._dim = cfg, embedding_dim
 
     def process(self, plan: CyclePlan, batches: list[UserBatch]):
         with Store(self._cfg.db_path) as store:
-            views = store.user_views(batches, self._dim)
+            views = store.user_views(batches, self._dim, erasure_subjects(self._cfg, [b.user_id for b in batches]))
         yield plan_cycle(views, batches, self._cfg.basis, datetime.now(UTC))
 
 
@@ -136,12 +144,10 @@ class _Commit(beam.DoFn):
     def __init__(self, cfg: IngestConfig):
         self._cfg = cfg
 
-    def setup(self):
-        self._signing_key = erasure.load_or_create_signing_key(self._cfg.state_dir)
-
     def process(self, plan: CyclePlan, writes: CycleWrites, dead: list[DeadLetter]):
+        subjects = erasure_subjects(self._cfg, [e.user_id for e in writes.erasures])
         with Store(self._cfg.db_path) as store:
-            yield store.commit_cycle(plan.cycle, plan.ranges, writes, dead, self._signing_key)
+            yield store.commit_cycle(plan.cycle, plan.ranges, writes, dead, subjects)
 
 
 class CommitCycle(beam.PTransform):
@@ -189,7 +195,7 @@ class Ingestor:
         # Held for the Ingestor's life: it keeps other writers out, and opening and closing the file
         # three times a cycle cost ~0.1 s.
         self._store = Store(cfg.db_path)
-        self._store.check_model(cfg.clip.model, self.embedding_dim)
+        self._store.check_basis(cfg.basis, self.embedding_dim)
         self._pipeline: beam.Pipeline | None = None  # built on the first cycle, run once per cycle
 
     def close(self) -> None:
@@ -278,12 +284,25 @@ class Ingestor:
             history.redact(self.cfg.history_dir, [(pseudonyms.pseudonym(u, self._key), a, b)
                                                   for _, u, a, b in redactions])
             store.mark_redacted(sorted({c for c, _, _, _ in redactions}))
-        if erased := store.pending_erasures():  # every version of theirs, under their pseudonym
-            history.redact(self.cfg.history_dir, [(pseudonyms.pseudonym(u, self._key), 0, 2**62) for u in erased])
-            Ledger(self.cfg.state_dir).forget(erased)
-            store.finish_erasures(erased)
+        for user_id, requests in store.pending_erasures():  # every version of theirs, under their pseudonym
+            rows = history.redact(self.cfg.history_dir, [(pseudonyms.pseudonym(user_id, self._key), 0, 2**62)])
+            releases = Ledger(self.cfg.state_dir).forget([user_id])
+            shutil.rmtree(progress_files(StateLayout(self.cfg.state_dir), erasure.subject(user_id, self._key)),
+                          ignore_errors=True)  # a later backfill of theirs starts over
+            store.finish_erasure(user_id, requests, {"history": {"style versions": rows},
+                                                     "release ledger": {"releases": releases}})
         if store.compaction_due():
-            self._store = store.rewrite()
+            self._store = store = store.rewrite()
+        if unsigned := store.unsigned_receipts():  # signed once everything they count is done
+            key = erasure.load_or_create_signing_key(self.cfg.state_dir)
+            for request_id, requested_at, deleted in unsigned:
+                receipt = erasure.signed_receipt(request_id, requested_at, deleted, datetime.now(UTC), key)
+                store.save_receipt(request_id, encode_event(receipt).decode())
+        if receipts := store.unpublished_receipts():
+            for request_id, receipt in receipts:
+                self._producer.send(ERASURE_RECEIPTS, key=request_id.encode(), value=receipt)
+            self._producer.flush()
+            store.mark_receipts_published([r for r, _ in receipts])
         self._unfinished = False
 
 

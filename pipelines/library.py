@@ -5,6 +5,7 @@ name a "path" relative to the manifest, with fields of the reader's own."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -21,15 +22,16 @@ def register_library(registry: Path, root: Path) -> str:
     Events reference photos as library://<id>/<relative path>, so no local path travels in them."""
     root = root.resolve()
     library_id = hashlib.sha256(str(root).encode()).hexdigest()[:16]
-    with contextlib.suppress(FileNotFoundError):
-        roots = json.loads(registry.read_text())
-        if roots.get(library_id) == str(root):
-            return library_id
     registry.parent.mkdir(parents=True, exist_ok=True)
-    roots = json.loads(registry.read_text()) if registry.exists() else {}
-    tmp = registry.with_name(f"{registry.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(roots | {library_id: str(root)}, indent=2, sort_keys=True))
-    tmp.replace(registry)
+    with (registry.with_name(registry.name + ".lock")).open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two backfills registering at once must not lose one
+        roots = {}
+        with contextlib.suppress(FileNotFoundError):
+            roots = json.loads(registry.read_text())
+        if roots.get(library_id) != str(root):
+            tmp = registry.with_name(f"{registry.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(roots | {library_id: str(root)}, indent=2, sort_keys=True))
+            tmp.replace(registry)
     return library_id
 
 

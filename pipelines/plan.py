@@ -100,12 +100,13 @@ def plan_user(view: UserView, batch: UserBatch, basis: StyleBasis, now: datetime
 
 @dataclass(frozen=True)
 class Erasure:
-    """A person who asked to be forgotten: the store deletes every record of them (and of the rest of
-    their batch) and answers each request with a signed receipt."""
+    """A person who asked to be forgotten: the store deletes every record of them and answers each
+    request with a signed receipt. Their events up to `forgotten_at` are void, whenever they arrive."""
 
     user_id: str
     requests: list[UserForgotten]
     last_version: int  # their latest style version, all of which are withdrawn
+    forgotten_at: datetime  # the latest request's event time
 
 
 @dataclass(frozen=True)
@@ -127,10 +128,23 @@ def plan_cycle(views: dict[str, UserView], batches: list[UserBatch], basis: Styl
                now: datetime) -> CycleWrites:
     """The writes of one cycle. `views` holds, for every batch user, everything the store keeps of
     them that the batch can touch (every stored contribution, for the facets and redactions)."""
-    batches = sorted(batches, key=lambda b: b.user_id)
-    plans = {b.user_id: plan_user(views[b.user_id], b, basis, now) for b in batches if not b.forgets}
+    plans, erasures, photos = {}, [], 0
+    for b in sorted(batches, key=lambda b: b.user_id):
+        view = views[b.user_id]
+        # 1. Events from before an earlier erasure of the user are void: late uploads, re-published
+        #    ones, a repeated request
+        if view.forgotten_at is not None:
+            b = b.after(view.forgotten_at)
+        # 2. A forget request: the user's state goes; what they sent after it starts from nothing
+        if b.forgets:
+            erasure = Erasure(b.user_id, b.forgets, view.version, max(f.event_time for f in b.forgets))
+            erasures.append(erasure)
+            b = b.after(erasure.forgotten_at)
+            view = UserView.empty(len(view.stats.sum_embedding), len(view.stats.sum_features))
+        # 3. The rest, by the per-user rule
+        if not b.empty:
+            plans[b.user_id] = plan_user(view, b, basis, now)
+            photos += len(b.contributions)
     return CycleWrites({u: p.update for u, p in plans.items()},
                        [p.version for p in plans.values() if p.version],
-                       [p.redaction for p in plans.values() if p.redaction],
-                       [Erasure(b.user_id, b.forgets, views[b.user_id].version) for b in batches if b.forgets],
-                       sum(len(b.contributions) for b in batches if not b.forgets), now)
+                       [p.redaction for p in plans.values() if p.redaction], erasures, photos, now)

@@ -24,11 +24,11 @@ from typing import NamedTuple
 import duckdb
 import numpy as np
 import pyarrow as pa
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from stylestream.pipelines.plan import CycleWrites, Erasure, NewVersion, Redaction
-from stylestream.privacy.erasure import erasure_messages, signed_receipt
+from stylestream.privacy.erasure import erasure_messages
 from stylestream.schemas.dead_letters import DeadLetter
+from stylestream.schemas.events import StyleBasis
 from stylestream.schemas.tables import FEATURE_NAMES, STYLE_HISTORY
 from stylestream.streams.topics import PHOTO_EVENTS
 from stylestream.transforms.kafka_read import OffsetRange
@@ -71,7 +71,11 @@ CREATE TABLE IF NOT EXISTS outbox (
     cycle BIGINT NOT NULL, seq BIGINT NOT NULL, topic VARCHAR NOT NULL, key BLOB, value BLOB,
     PRIMARY KEY (cycle, seq));
 ALTER TABLE outbox ALTER COLUMN value DROP NOT NULL;  -- null: a tombstone (state written before erasures)
-CREATE TABLE IF NOT EXISTS pending_erasures (cycle BIGINT NOT NULL, user_id VARCHAR NOT NULL);
+CREATE TABLE IF NOT EXISTS pending_erasures (cycle BIGINT NOT NULL, user_id VARCHAR NOT NULL, requests VARCHAR[]);
+CREATE TABLE IF NOT EXISTS forgotten (subject VARCHAR PRIMARY KEY, forgotten_at TIMESTAMPTZ NOT NULL);
+CREATE TABLE IF NOT EXISTS erasure_receipts (
+    request_event_id VARCHAR PRIMARY KEY, cycle BIGINT NOT NULL, requested_at TIMESTAMPTZ NOT NULL,
+    deleted JSON NOT NULL, receipt JSON, published BOOLEAN NOT NULL DEFAULT false);
 """
 # Every table holding a person's rows, and what the erasure receipt calls them.
 PERSONAL_TABLES = {
@@ -152,15 +156,16 @@ class Store:
     def next_cycle(self) -> int:
         return self.db.execute("SELECT coalesce(max(cycle), 0) + 1 FROM cycles").fetchone()[0]
 
-    def check_model(self, clip_model: str, embedding_dim: int) -> None:
-        """Remember the embedding model on first use; refuse to mix vectors of two models."""
-        want = {"clip_model": clip_model, "embedding_dim": str(embedding_dim),
-                "features": ",".join(FEATURE_NAMES)}
+    def check_basis(self, basis: StyleBasis, embedding_dim: int) -> None:
+        """Remember what styles are computed from on first use (model, half-life, preprocessing); refuse
+        to mix contributions computed otherwise, which no manifest could then describe."""
+        want = {"clip_model": basis.model, "embedding_dim": str(embedding_dim), "features": ",".join(FEATURE_NAMES),
+                "half_life_days": repr(basis.half_life_days), "preprocessing": basis.preprocessing}
         have = dict(self.db.execute("SELECT key, value FROM meta").fetchall())
         clash = {k: (have[k], v) for k, v in want.items() if k in have and have[k] != v}
         if clash:
-            raise StoreError(f"{self.path} holds style state of another model or feature set {clash} "
-                             "(stored, configured); use a new state directory for a new model")
+            raise StoreError(f"{self.path} holds style state computed otherwise {clash} (stored, configured): "
+                             "use the stored settings, or a new state directory")
         self._insert("meta", {"key": list(want), "value": list(want.values())}, "OR IGNORE")
 
     def latest_vectors(self) -> dict[str, LatestVersion]:
@@ -185,8 +190,9 @@ class Store:
             out[u][p] = StoredContribution(a, w, np.array(e, np.float32), np.array(f, np.float32), v, h)
         return out
 
-    def user_views(self, batches: list[UserBatch], dim: int) -> dict[str, UserView]:
-        """What the store holds that the batches can touch, for all their users in a few queries."""
+    def user_views(self, batches: list[UserBatch], dim: int, subjects: dict[str, str]) -> dict[str, UserView]:
+        """What the store holds that the batches can touch, for all their users in a few queries
+        (`subjects`: each user's erasure subject, to find whether and when they were forgotten)."""
         users = [b.user_id for b in batches]
         scopes = {b.user_id: b.scopes() for b in batches}
         photo_keys = pa.table({"user_id": [u for u in users for _ in scopes[u][0]],
@@ -212,6 +218,11 @@ class Store:
                     "SELECT user_id, scope_key, enabled, event_time, event_id FROM consent "
                     "WHERE list_contains($users, user_id)", {"users": users}).fetchall():
                 views[u].consent[key] = ConsentRecord(enabled, t, event_id)
+            forgotten = dict(self.db.execute(
+                "SELECT subject, forgotten_at FROM forgotten WHERE list_contains(?, subject)",
+                [[subjects[u] for u in users]]).fetchall())
+            for u in users:
+                views[u].forgotten_at = forgotten.get(subjects[u])
             for u, p in self.db.execute("SELECT t.user_id, t.photo_id FROM tombstones t SEMI JOIN photo_keys k "
                                         "ON k.user_id = t.user_id AND k.photo_id = t.photo_id").fetchall():
                 views[u].deleted.add(p)
@@ -222,8 +233,9 @@ class Store:
 
     # --------------------------------------------------------------------------------- the commit
     def commit_cycle(self, cycle: int, ranges: Iterable[OffsetRange], writes: CycleWrites,
-                     dead_letters: Iterable[DeadLetter], signing_key: Ed25519PrivateKey) -> CycleResult:
-        """Record one cycle's planned writes (pipelines/plan.py) and its offsets, atomically."""
+                     dead_letters: Iterable[DeadLetter], subjects: dict[str, str]) -> CycleResult:
+        """Record one cycle's planned writes (pipelines/plan.py) and its offsets, atomically.
+        `subjects`: the erasure subject (privacy/erasure.subject) of each user the writes erase."""
         ranges, dead_letters = list(ranges), list(dead_letters)
         # 1. Offsets: a commit the runner retried is in already; a gap means another writer ran
         if self._committed(cycle, ranges):
@@ -233,7 +245,7 @@ class Store:
             # 2. Redact: the versions that counted withdrawn photos (the history follows after the commit);
             #    erase the people who asked to be forgotten, with receipts
             self._write_redactions(cycle, writes.redactions)
-            erased = self._erase(cycle, writes.erasures, signing_key, writes.planned_at)
+            erased = self._erase(cycle, writes.erasures, subjects, writes.planned_at)
             # 3. Write: consent, deletions, catalogue, contributions, the new versions, offsets, the cycle
             self._write_updates(writes)
             self._write_versions(cycle, writes.planned_at, writes.versions)
@@ -247,7 +259,8 @@ class Store:
             # 4. Outbox: uploads to re-ingest, the new style vectors, dead letters (published after the commit)
             reingest = [(PHOTO_EVENTS, u.encode(), upload) for u, upload in self._uploads(writes.reingest)]
             vectors = [m for v in writes.versions for m in v.messages()]
-            self._write_outbox(cycle, reingest + vectors + [d.message() for d in dead_letters] + erased)
+            # an erasure's tombstones come first: what the person sent after it follows them
+            self._write_outbox(cycle, erased + reingest + vectors + [d.message() for d in dead_letters])
         return result
 
     def _committed(self, cycle: int, ranges: list[OffsetRange]) -> bool:
@@ -340,10 +353,11 @@ class Store:
                 self.db.execute("""DELETE FROM style_versions s USING tainted t WHERE s.user_id = t.user_id
                                    AND s.version BETWEEN t.from_version AND t.to_version""")
 
-    def _erase(self, cycle: int, erasures: list[Erasure], signing_key: Ed25519PrivateKey,
+    def _erase(self, cycle: int, erasures: list[Erasure], subjects: dict[str, str],
                now: datetime) -> list[tuple[str, bytes, bytes | None]]:
-        """Delete every row of these people; their history follows after the commit. Returns the
-        messages the erasures publish (tombstones, receipts)."""
+        """Delete every row of these people (their history and release-ledger rows follow after the
+        commit, then the receipts), and remember each by a keyed hash of their id with the time of the
+        request, so their earlier events arriving late count for nothing. Returns the tombstones."""
         if not erasures:
             return []
         users = [e.user_id for e in erasures]
@@ -353,15 +367,16 @@ class Store:
                                         "GROUP BY user_id", {"u": users}).fetchall():
                 counts[u][kind] = n
             self.db.execute(f"DELETE FROM {table} WHERE list_contains($u, user_id)", {"u": users})
-        self._insert("pending_erasures", {"cycle": [cycle] * len(users), "user_id": users})
-        messages = []
-        for e in erasures:
-            deleted = {"state": counts[e.user_id],
-                       "history": {"style versions": counts[e.user_id].get(PERSONAL_TABLES["style_versions"], 0)}}
-            for request in e.requests:
-                receipt = signed_receipt(request, deleted, now, signing_key)
-                messages += erasure_messages(request, e.last_version, receipt, now)
-        return messages
+        self._insert("forgotten", {"subject": [subjects[u] for u in users],
+                                   "forgotten_at": [e.forgotten_at for e in erasures]}, "OR REPLACE")
+        self._insert("pending_erasures", {"cycle": [cycle] * len(users), "user_id": users,
+                                          "requests": [[r.event_id for r in e.requests] for e in erasures]})
+        requests = [(e, r) for e in erasures for r in e.requests]
+        self._insert("erasure_receipts", {
+            "request_event_id": [r.event_id for _, r in requests], "cycle": [cycle] * len(requests),
+            "requested_at": [r.event_time for _, r in requests],
+            "deleted": [json.dumps({"state": counts[e.user_id]}) for e, _ in requests]}, "OR IGNORE")
+        return [m for e in erasures for m in erasure_messages(e.user_id, e.last_version, now)]
 
     def _write_outbox(self, cycle: int, messages: list[tuple[str, bytes | None, bytes | None]]) -> None:
         self._insert("outbox", {"cycle": [cycle] * len(messages), "seq": list(range(len(messages))),
@@ -385,18 +400,20 @@ class Store:
         return [(u, upload.encode()) for u, upload in rows]
 
     # --------------------------------------------------------------------------------- after the commit
-    # --------------------------------------------------------------------------------- erasing for good
     def rewrite(self) -> Store:
         """A copy of the database in a fresh file in place of this one (closed), so that no erased
         row survives in the file's free blocks: DuckDB reuses freed blocks but does not clear them.
         Crash-safe: the copy replaces the file by an atomic rename, and until then the flag stays set."""
         fresh = self.path.with_name(self.path.name + ".rewrite")
-        fresh.unlink(missing_ok=True)
+        for leftover in (fresh, fresh.with_name(fresh.name + ".wal")):  # of an attempt that crashed
+            leftover.unlink(missing_ok=True)
         [(name,)] = self.db.execute("SELECT current_database()").fetchall()
         self.db.execute("ATTACH ? AS fresh", [str(fresh)])
-        self.db.execute(f'COPY FROM DATABASE "{name}" TO fresh')
-        self.db.execute("DELETE FROM fresh.meta WHERE key = ?", [COMPACTION_DUE])
-        self.db.execute("DETACH fresh")
+        try:
+            self.db.execute(f'COPY FROM DATABASE "{name}" TO fresh')
+            self.db.execute("DELETE FROM fresh.meta WHERE key = ?", [COMPACTION_DUE])
+        finally:
+            self.db.execute("DETACH fresh")
         self.close()
         with fresh.open("rb+") as f:  # on disk before it takes the old file's place
             os.fsync(f.fileno())
@@ -407,7 +424,7 @@ class Store:
         return [c for (c,) in self.db.execute(
             "SELECT cycle FROM cycles WHERE NOT published ORDER BY cycle").fetchall()]
 
-    def outbox(self, cycle: int) -> list[tuple[str, bytes | None, bytes]]:
+    def outbox(self, cycle: int) -> list[tuple[str, bytes | None, bytes | None]]:
         return self.db.execute("SELECT topic, key, value FROM outbox WHERE cycle = ? ORDER BY seq",
                                [cycle]).fetchall()
 
@@ -428,16 +445,41 @@ class Store:
             FROM style_versions WHERE cycle = ?""", params=[cycle]).to_arrow_table()
         return table.cast(STYLE_HISTORY)
 
-    def pending_erasures(self) -> list[str]:
-        """People erased whose history rows may still exist."""
-        return [u for (u,) in self.db.execute("SELECT DISTINCT user_id FROM pending_erasures ORDER BY 1").fetchall()]
+    def pending_erasures(self) -> list[tuple[str, list[str]]]:
+        """(user, their forget requests) erased whose history and ledger rows may still exist."""
+        return self.db.execute("SELECT user_id, requests FROM pending_erasures ORDER BY cycle, user_id").fetchall()
 
-    def finish_erasures(self, users: list[str]) -> None:
-        """Their history is rewritten: the last rows naming them go, and the file is due a rewrite."""
+    def finish_erasure(self, user_id: str, requests: list[str], deleted: dict[str, dict[str, int]]) -> None:
+        """Their history and ledger rows are gone (`deleted` counts them): the last rows naming them go,
+        their receipts take the counts, and the file is due a rewrite."""
         self.db.execute("BEGIN TRANSACTION")
-        self.db.execute("DELETE FROM pending_erasures WHERE list_contains(?, user_id)", [users])
+        for request in requests:
+            [(before,)] = self.db.execute("SELECT deleted FROM erasure_receipts WHERE request_event_id = ?",
+                                          [request]).fetchall()
+            self.db.execute("UPDATE erasure_receipts SET deleted = ? WHERE request_event_id = ?",
+                            [json.dumps(json.loads(before) | deleted), request])
+        self.db.execute("DELETE FROM pending_erasures WHERE user_id = ?", [user_id])
         self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, 'true')", [COMPACTION_DUE])
         self.db.execute("COMMIT")
+
+    def unsigned_receipts(self) -> list[tuple[str, datetime, dict[str, dict[str, int]]]]:
+        """(request id, requested at, what was deleted) of erasures done but not signed yet."""
+        done = "NOT EXISTS (SELECT 1 FROM pending_erasures p WHERE list_contains(p.requests, request_event_id))"
+        return [(r, t, json.loads(d)) for r, t, d in self.db.execute(
+            f"SELECT request_event_id, requested_at, deleted FROM erasure_receipts WHERE receipt IS NULL AND {done} "
+            "ORDER BY request_event_id").fetchall()]
+
+    def save_receipt(self, request_id: str, receipt: str) -> None:
+        self.db.execute("UPDATE erasure_receipts SET receipt = ? WHERE request_event_id = ?", [receipt, request_id])
+
+    def unpublished_receipts(self) -> list[tuple[str, bytes]]:
+        return [(r, v.encode()) for r, v in self.db.execute(
+            "SELECT request_event_id, receipt FROM erasure_receipts WHERE receipt IS NOT NULL AND NOT published "
+            "ORDER BY request_event_id").fetchall()]
+
+    def mark_receipts_published(self, request_ids: list[str]) -> None:
+        self.db.execute("UPDATE erasure_receipts SET published = true WHERE list_contains(?, request_event_id)",
+                        [request_ids])
 
     def compaction_due(self) -> bool:
         return bool(self.db.execute("SELECT 1 FROM meta WHERE key = ?", [COMPACTION_DUE]).fetchone())

@@ -1,17 +1,20 @@
 """`stylestream audit`: look for a person, or any given strings, and for image bytes, in every store
 the project writes.
 
-Stores searched: the ingestion state (every table, row by row, and the raw bytes of the database file,
-where deleted rows could linger), the Parquet style history, the other files of the state folder, the
-generated images' folder (paths and result records), every topic the project writes (keys, values,
-and base64 fields inside them, so the original of a dead letter is searched too) and any extra file
-or folder given (logs). A person is looked for by their user id and by their pseudonym in the history.
-Image bytes (JPEG, PNG, WebP, HEIC signatures) may only be in the generated images' folder.
+Stores searched: the ingestion state (every table, row by row: its file is rewritten after an
+erasure, so deleted rows do not linger in it, and DuckDB compresses text, so its raw bytes would show
+nothing), the Parquet style history, the other files of the state folder, the generated images'
+folder (file names and result records), every topic (keys, values, and base64 fields inside them,
+so the original of a dead letter is searched too) and any extra file or folder given (logs). A
+person is looked for by their user id and by their pseudonym in the history. Image bytes (JPEG, PNG,
+WebP, HEIC signatures) may only be in the generated images' folder.
 
-On a compacted topic a value followed by a tombstone for its key is not a finding but pending: the
-broker removes it by compaction within max.compaction.lag.ms, and the tombstone later. The input
-topics (photo-events, consent-events, generation-requests) belong to the photo service and are not
-searched; their retention is theirs to set (README, "Privacy").
+Some findings are not violations, and say why and until when, from the topics' settings as the
+broker reports them: on a compacted topic, a value followed by a tombstone for its key (compaction
+removes it within max.compaction.lag.ms of the tombstone; past that it is a violation); on the
+project's other topics, a person's own messages (keyed by them), which go with the topic's retention;
+and anything on the input topics (photo-events, consent-events, generation-requests), which belong
+to the photo service (README, "Privacy").
 """
 
 from __future__ import annotations
@@ -27,16 +30,17 @@ from pathlib import Path
 
 import duckdb
 import pyarrow.parquet as pq
+from kafka import KafkaAdminClient
+from kafka.admin import ConfigResource, ConfigResourceType
 
 from stylestream.analytics.pseudonyms import load_key, pseudonym
 from stylestream.pipelines.layout import StateLayout
 from stylestream.streams import clients
-from stylestream.streams.topics import ALL_TOPICS, CONSENT_EVENTS, GENERATION_REQUESTS, PHOTO_EVENTS, TOPIC_CONFIGS
+from stylestream.streams.topics import ALL_TOPICS, CONSENT_EVENTS, GENERATION_REQUESTS, PHOTO_EVENTS
 
 # Topics the photo service writes (the project writes photo-events too, to re-ingest, but the service
 # owns its retention); every other topic is the project's.
 INPUT_TOPICS = (PHOTO_EVENTS, CONSENT_EVENTS, GENERATION_REQUESTS)
-PROJECT_TOPICS = tuple(t for t in ALL_TOPICS if t not in INPUT_TOPICS)
 IMAGE_SIGNATURES = {
     "JPEG": re.compile(rb"\xff\xd8\xff[\xdb\xe0-\xef\xfe]"),
     "PNG": re.compile(re.escape(b"\x89PNG\r\n\x1a\n")),
@@ -51,7 +55,8 @@ class Finding:
     store: str
     where: str
     what: str  # the string found, or "<format> image bytes"
-    pending: str | None = None  # set when the store removes it by itself (compaction), and by when
+    pending: str | None = None  # why it is not a violation: the store removes it by itself (and by when),
+    # or it is outside what the project writes
 
     @property
     def violation(self) -> bool:
@@ -102,7 +107,7 @@ def _cell_bytes(value: object) -> bytes:
 
 
 def audit_state_database(db_path: Path, needles: list[bytes]) -> Iterator[Finding]:
-    """Every row of every table; then the file's raw bytes, where deleted rows could remain."""
+    """Every row of every table."""
     if not db_path.exists():
         return
     try:
@@ -122,15 +127,14 @@ def audit_state_database(db_path: Path, needles: list[bytes]) -> Iterator[Findin
                     for column, value in zip(columns, row, strict=True):
                         for what in scan_bytes(_cell_bytes(value), needles, images=True):
                             yield Finding("state database", f"{table}.{column} (row {n})", what)
-    for path in (db_path, db_path.with_name(db_path.name + ".wal")):
-        if path.exists():
-            raw = path.read_bytes()
-            for what in scan_bytes(raw, needles, images=False):
-                yield Finding("state database file", str(path), what)
 
 
 def audit_history(history: Path, needles: list[bytes]) -> Iterator[Finding]:
-    for path in sorted(history.glob("date=*/*.parquet")):
+    for path in sorted(p for p in history.rglob("*") if p.is_file()):  # leftover temporary files too
+        if path.suffix != ".parquet":
+            for what in scan_bytes(path.read_bytes(), needles, images=True):
+                yield Finding("history", str(path), what)
+            continue
         table = pq.read_table(path)
         for column in table.column_names:
             for i, value in enumerate(table.column(column).to_pylist()):
@@ -138,43 +142,83 @@ def audit_history(history: Path, needles: list[bytes]) -> Iterator[Finding]:
                     yield Finding("history", f"{path.name}: {column} (row {i + 1})", what)
 
 
-def audit_files(root: Path, needles: list[bytes], store: str, images_allowed: bool = False,
+def audit_files(root: Path, needles: list[bytes], store: str, named_by_id: bool = False,
                 skip: Iterable[Path] = ()) -> Iterator[Finding]:
-    """Names and contents of the files under `root` (or `root` itself, a file)."""
+    """Contents of the files under `root` (or `root` itself, a file); with `named_by_id` (the generated
+    images, in folders named by user id and files by request id) their names too, and images allowed."""
     skipped = {p.resolve() for p in skip}
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
     for path in files:
         if path.resolve() in skipped or any(s in path.resolve().parents for s in skipped):
             continue
-        for needle in needles:
-            if needle.decode() in str(path.relative_to(root) if root.is_dir() else path.name):
-                yield Finding(store, str(path), f"{needle.decode()} (in the file's name)")
-        for what in scan_bytes(path.read_bytes(), needles, images=not images_allowed):
+        if named_by_id:
+            for needle in needles:
+                if needle.decode() in path.relative_to(root).as_posix():
+                    yield Finding(store, str(path), f"{needle.decode()} (in the file's name)")
+        for what in scan_bytes(path.read_bytes(), needles, images=not named_by_id):
             yield Finding(store, str(path), what)
 
 
-def audit_topics(bootstrap_servers: str, needles: list[bytes]) -> Iterator[Finding]:
-    for topic in PROJECT_TOPICS:
+# Kafka's defaults, for settings a topic does not override.
+KAFKA_DEFAULTS = {"cleanup.policy": "delete", "retention.ms": str(7 * 24 * 3600 * 1000),
+                  "max.compaction.lag.ms": str(2**63 - 1), "delete.retention.ms": str(24 * 3600 * 1000)}
+
+
+def topic_settings(bootstrap_servers: str, topics: Iterable[str]) -> dict[str, dict[str, str]]:
+    """Each topic's settings as the broker has them (overrides on Kafka's defaults)."""
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    try:
+        found = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, t) for t in topics])
+    finally:
+        admin.close()
+    overrides = found.get("topic", {})
+    return {t: KAFKA_DEFAULTS | {k: v["value"] for k, v in overrides.get(t, {}).items()} for t in topics}
+
+
+def _until(at: datetime, ms: str) -> datetime | None:
+    """`at` plus a duration in ms; None for "forever" (-1 or Long.MAX_VALUE)."""
+    ms_ = int(ms)
+    return None if ms_ < 0 or ms_ >= 2**62 else at + timedelta(milliseconds=ms_)
+
+
+def topic_note(topic: str, settings: dict[str, str], m: clients.Message, tombstoned_at: datetime | None,
+               person: bool, now: datetime) -> str | None:
+    """Why a finding in this message is not a violation, and until when; None if it is one."""
+    sent = datetime.fromtimestamp(m.timestamp_ms / 1000, UTC)
+    if topic in INPUT_TOPICS:
+        kept = _until(sent, settings["retention.ms"])
+        return f"the photo service's input topic: kept {'until ' + kept.date().isoformat() if kept else 'forever'}"
+    if "compact" in settings["cleanup.policy"] and tombstoned_at is not None:
+        lag = settings["max.compaction.lag.ms"]
+        removed = _until(tombstoned_at, lag)
+        if m.value is None:
+            removed = removed and _until(removed, settings["delete.retention.ms"])
+        if removed is None or removed < now:
+            return None  # compaction should have removed it by now, or never will
+        return f"{'a tombstone' if m.value is None else 'awaits compaction'}: removed by {removed:%Y-%m-%d %H:%M} UTC"
+    if person and "delete" in settings["cleanup.policy"]:
+        removed = _until(sent, settings["retention.ms"])
+        if removed is not None and removed > now:
+            return f"the person's own message: removed with the topic's retention by {removed:%Y-%m-%d}"
+    return None
+
+
+def audit_topics(bootstrap_servers: str, needles: list[bytes], users: list[bytes]) -> Iterator[Finding]:
+    now = datetime.now(UTC)
+    settings = topic_settings(bootstrap_servers, ALL_TOPICS)
+    for topic in ALL_TOPICS:
         messages = clients.read_all(bootstrap_servers, topic)
-        compacted = "compact" in TOPIC_CONFIGS.get(topic, {}).get("cleanup.policy", "")
-        lag = timedelta(milliseconds=int(TOPIC_CONFIGS.get(topic, {}).get("max.compaction.lag.ms", 0)))
-        kept = timedelta(milliseconds=int(TOPIC_CONFIGS.get(topic, {}).get("delete.retention.ms", 0)))
-        tombstoned: dict[tuple[int, bytes], int] = {}  # (partition, key) -> offset of its last tombstone
+        tombstones = {(m.partition, m.key): datetime.fromtimestamp(m.timestamp_ms / 1000, UTC)
+                      for m in messages if m.value is None and m.key is not None}
+        last = {(m.partition, m.key): m.offset for m in messages if m.value is None and m.key is not None}
         for m in messages:
-            if m.value is None and m.key is not None:
-                tombstoned[(m.partition, m.key)] = m.offset
-        for m in messages:
-            where = f"{topic}[{m.partition}]@{m.offset}"
-            at = datetime.fromtimestamp(m.timestamp_ms / 1000, UTC)
+            before_tombstone = m.offset <= last.get((m.partition, m.key), -1)
             for part in (m.key or b"", m.value or b""):
                 for what in scan_bytes(part, needles, images=True):
-                    pending = None
-                    last = tombstoned.get((m.partition, m.key or b""))
-                    if compacted and last is not None and m.value is None:
-                        pending = f"a tombstone: removed by {(at + lag + kept).isoformat(timespec='seconds')}"
-                    elif compacted and last is not None and m.offset < last:
-                        pending = f"awaits compaction: removed by {(at + lag).isoformat(timespec='seconds')}"
-                    yield Finding(f"topic {topic}", where, what, pending)
+                    note = topic_note(topic, settings[topic], m,
+                                      tombstones.get((m.partition, m.key)) if before_tombstone else None,
+                                      m.key in users, now)
+                    yield Finding(f"topic {topic}", f"{topic}[{m.partition}]@{m.offset}", what, note)
 
 
 def needles_for(user_ids: list[str], strings: list[str], state: StateLayout) -> list[bytes]:
@@ -188,18 +232,19 @@ def needles_for(user_ids: list[str], strings: list[str], state: StateLayout) -> 
 
 
 def audit(state: StateLayout, images: Path, needles: list[bytes], bootstrap_servers: str | None,
-          extra: Iterable[Path] = ()) -> list[Finding]:
+          extra: Iterable[Path] = (), users: Iterable[str] = ()) -> list[Finding]:
     """Every finding in every store the project writes under `state` and `images`, on the broker's
-    topics if one is given, and in the extra files or folders."""
+    topics if one is given, and in the extra files or folders; `users`: the people looked for (their
+    own messages on a topic go with its retention)."""
     findings = list(audit_state_database(state.db, needles))
     findings += audit_history(state.history, needles)
     if state.root.exists():
         findings += audit_files(state.root, needles, "state files",
                                 skip=[state.history, state.db, state.db.with_name(state.db.name + ".wal")])
     if images.exists():
-        findings += audit_files(images, needles, "generated images", images_allowed=True)
+        findings += audit_files(images, needles, "generated images", named_by_id=True)
     if bootstrap_servers:
-        findings += audit_topics(bootstrap_servers, needles)
+        findings += audit_topics(bootstrap_servers, needles, [u.encode() for u in users])
     for path in extra:
         findings += audit_files(path, needles, f"extra: {path}")
     return findings

@@ -1,10 +1,11 @@
 """Forgetting a person: the messages that erase them from the topics, and the signed erasure receipt.
 
 Ingestion deletes the person's rows in the cycle that reads their `user_forgotten` request
-(pipelines/store.py), rewrites the history files without their pseudonym and then rewrites the state
-file, so no deleted bytes stay in it. What it deleted is counted in a receipt signed with the
-service's Ed25519 key (`state/erasure-signing.key`, created on first use) and published on
-erasure-receipts under the request's event id. Anyone with the public key
+(pipelines/store.py), then rewrites the history files without their pseudonym, deletes their release
+ledger rows and rewrites the state file, so no deleted bytes stay in it (pipelines/ingest.py). Only
+then is what it deleted counted in a receipt, signed with the service's Ed25519 key
+(`state/erasure-signing.key`, created on first use) and published on erasure-receipts under the
+request's event id. Anyone with the public key
 (`stylestream receipt public-key`) can check a receipt (`stylestream receipt verify`).
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import hmac
 import os
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -21,15 +23,24 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from stylestream.schemas.events import ErasureReceipt, StyleVectorUpdated, UserForgotten, encode_event
-from stylestream.streams.topics import DAY_MS, ERASABLE_TOPICS, ERASURE_RECEIPTS, STYLE_VECTORS
+from stylestream.schemas.events import ErasureReceipt, StyleVectorUpdated, encode_event
+from stylestream.streams.topics import (
+    DLQ_SOURCES,
+    ERASABLE_TOPICS,
+    GENERATION_RESULTS,
+    STYLE_VECTORS,
+    TOPIC_CONFIGS,
+    dlq,
+)
 from stylestream.transforms.manifest import canonical_json
 
 SIGNING_KEY_FILE = "erasure-signing.key"
 # Compaction removes a person's earlier values on the erasable topics within max.compaction.lag.ms of
 # the tombstone, and the tombstones themselves delete.retention.ms later (streams/topics.py).
-COMPACTED_WITHIN = timedelta(milliseconds=DAY_MS)
-TOMBSTONE_KEPT = timedelta(milliseconds=DAY_MS)
+COMPACTED_WITHIN = timedelta(milliseconds=int(TOPIC_CONFIGS[STYLE_VECTORS]["max.compaction.lag.ms"]))
+TOMBSTONE_KEPT = timedelta(milliseconds=int(TOPIC_CONFIGS[STYLE_VECTORS]["delete.retention.ms"]))
+RESULTS_KEPT_MS = int(TOPIC_CONFIGS[GENERATION_RESULTS]["retention.ms"])
+DEAD_LETTERS_KEPT_MS = max(int(TOPIC_CONFIGS[dlq(t)]["retention.ms"]) for t in DLQ_SOURCES)
 
 
 def load_or_create_signing_key(state_dir: Path) -> Ed25519PrivateKey:
@@ -46,7 +57,17 @@ def load_or_create_signing_key(state_dir: Path) -> Ed25519PrivateKey:
         with contextlib.suppress(FileExistsError):  # another process made it first: use theirs
             os.link(tmp, path)
         tmp.unlink()
-    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    return load_signing_key(state_dir)
+
+
+def load_signing_key(state_dir: Path) -> Ed25519PrivateKey:
+    """The existing receipt-signing key of a state (an error if there is none: never a new one)."""
+    path = state_dir / SIGNING_KEY_FILE
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no receipt-signing key at {path}: give the state's --data-dir, or the service's "
+                                "public key with --public-key") from None
     if not isinstance(key, Ed25519PrivateKey):
         raise ValueError(f"{path} is not an Ed25519 private key")
     return key
@@ -71,18 +92,21 @@ def _signed_bytes(receipt: ErasureReceipt) -> bytes:
     return canonical_json(receipt.model_dump(mode="json", exclude={"signature"}))
 
 
-def signed_receipt(request: UserForgotten, deleted: dict[str, dict[str, int]], completed_at: datetime,
-                   key: Ed25519PrivateKey) -> ErasureReceipt:
-    """The receipt of one erasure: what was deleted, what waits for compaction, signed."""
+def signed_receipt(request_event_id: str, requested_at: datetime, deleted: dict[str, dict[str, int]],
+                   completed_at: datetime, key: Ed25519PrivateKey) -> ErasureReceipt:
+    """The receipt of one erasure, once everything it counts is done: what was deleted, what still
+    waits (and until when), signed."""
     pending = {
-        "topics": f"earlier values under the person's key on {', '.join(ERASABLE_TOPICS)} are removed by "
-                  f"compaction by {(completed_at + COMPACTED_WITHIN).isoformat()}; the tombstones themselves "
-                  f"{TOMBSTONE_KEPT.days} day later",
-        "history and release ledger": "the person's rows are deleted right after this commit, files rewritten",
+        "compacted topics": f"earlier values under the person's key on {', '.join(ERASABLE_TOPICS)} are removed "
+                            f"by compaction by {(completed_at + COMPACTED_WITHIN).isoformat(timespec='seconds')}; "
+                            f"the tombstones themselves {TOMBSTONE_KEPT.days} day later",
+        "other topics": "generation results and dead letters go with their topics' retention: by "
+                        f"{(completed_at + timedelta(milliseconds=RESULTS_KEPT_MS)).date()} and "
+                        f"{(completed_at + timedelta(milliseconds=DEAD_LETTERS_KEPT_MS)).date()}",
         "serving": "each serving worker deletes the person's generated images, results and LoRA adapter "
                    "when it reads the tombstone on style-vectors",
     }
-    receipt = ErasureReceipt(request_event_id=request.event_id, requested_at=request.event_time,
+    receipt = ErasureReceipt(request_event_id=request_event_id, requested_at=requested_at,
                              completed_at=completed_at, deleted=deleted, pending=pending,
                              key_id=key_id(key.public_key()))
     signature = base64.b64encode(key.sign(_signed_bytes(receipt))).decode()
@@ -100,18 +124,22 @@ def verify_receipt(receipt: ErasureReceipt, public: Ed25519PublicKey) -> bool:
     return True
 
 
-def tombstone_event(request: UserForgotten, last_version: int, now: datetime) -> StyleVectorUpdated:
+def tombstone_event(user_id: str, last_version: int, now: datetime) -> StyleVectorUpdated:
     """The last style-vectors event of a forgotten person: every version withdrawn, drop them."""
-    return StyleVectorUpdated(event_id=f"{request.user_id}:forgotten", user_id=request.user_id, event_time=now,
+    return StyleVectorUpdated(event_id=f"{user_id}:forgotten", user_id=user_id, event_time=now,
                               version=last_version + 1, photo_count=0, embedding=[], features={},
                               tombstone=True, withdrawn_versions=list(range(1, last_version + 1)))
 
 
-def erasure_messages(request: UserForgotten, last_version: int, receipt: ErasureReceipt,
-                     now: datetime) -> list[tuple[str, bytes, bytes | None]]:
-    """What an erasure publishes: the tombstone event, a null-value tombstone for the person's key on
-    every topic the project writes under it, and the receipt (keyed by the request's id only)."""
-    key = request.user_id.encode()
-    return [(STYLE_VECTORS, key, encode_event(tombstone_event(request, last_version, now))),
-            *((topic, key, None) for topic in ERASABLE_TOPICS),
-            (ERASURE_RECEIPTS, request.event_id.encode(), encode_event(receipt))]
+def erasure_messages(user_id: str, last_version: int, now: datetime) -> list[tuple[str, bytes, bytes | None]]:
+    """What an erasure publishes at once: the tombstone event, then a null-value tombstone for the
+    person's key on every compacted topic the project writes under it."""
+    key = user_id.encode()
+    return [(STYLE_VECTORS, key, encode_event(tombstone_event(user_id, last_version, now))),
+            *((topic, key, None) for topic in ERASABLE_TOPICS)]
+
+
+def subject(user_id: str, key: bytes) -> str:
+    """Who was forgotten, as the state remembers it: a keyed hash of the user id (not the history's
+    pseudonym), so that their earlier events arriving late are recognised and dropped."""
+    return "f" + hmac.new(key, b"forgotten\0" + user_id.encode(), hashlib.sha256).hexdigest()[:32]

@@ -1,22 +1,25 @@
 """Releasing a style vector outside the service with a privacy budget (`stylestream style export`).
 
 The released vector is the published, L2-normalized style embedding u = m / |m| (m: the weighted mean
-of the photos' unit embeddings) plus Gaussian noise. Sensitivity per photo: adding or removing one
-photo of weight w moves m by at most 2 w / W (W: the total weight), and so u by at most
-4 w / (W |m|); the largest such bound over the person's photos (capped at 2, the diameter of the
-sphere) is the stated sensitivity. It depends on the person's own photos, as it must for a weighted
-mean, so it is computed from the manifest of the version released and stated with the release.
+of the photos' unit embeddings) plus Gaussian noise. Sensitivity per photo: removing a photo of
+weight w moves m by w |x - m'| / W <= 2 w / (W - w) (W: the total weight, m': the mean without it),
+and so u by at most 4 w / ((W - w) |m|); the largest such bound over the person's photos (at most 2,
+the sphere's diameter) is the sensitivity used. It is computed from the person's own photos (the
+version's manifest) and is not released; strictly, a bound computed from the data protects people
+whose neighbouring libraries share it (a smooth-sensitivity caveat the README states).
 
-The noise multiplier for a target (epsilon, delta) is calibrated with dp-accounting, and every release
-to a person is recorded in a small ledger (SQLite, beside the state; forgetting the person deletes
-their rows); a release is refused when the composition of all of them, by dp-accounting's RDP
-accountant, would pass the person's budget.
+The noise multiplier for a target epsilon is calibrated with dp-accounting at one fixed delta
+(BUDGET_DELTA), and every release to a person is recorded in a small ledger (SQLite, beside the
+state; forgetting the person deletes their rows); a release is refused when the composition of all
+of them, by dp-accounting's RDP accountant at that delta, would pass the person's budget.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -26,6 +29,7 @@ import numpy as np
 from stylestream.schemas.events import StyleVectorUpdated
 
 LEDGER_FILE = "releases.sqlite"
+BUDGET_DELTA = 1e-6  # one delta for every release and budget: a caller choosing it could spend more
 
 
 class BudgetExceeded(ValueError):
@@ -35,9 +39,10 @@ class BudgetExceeded(ValueError):
 def sensitivity(weights: Sequence[float], mean_norm: float) -> float:
     """The L2 sensitivity per photo of the normalized style embedding (see the module's docstring)."""
     w = np.asarray(weights, np.float64)
-    if len(w) == 0 or mean_norm <= 0:
+    rest = w.sum() - w.max()
+    if len(w) < 2 or mean_norm <= 0 or rest <= 0:
         return 2.0
-    return float(min(2.0, 4.0 * w.max() / (w.sum() * mean_norm)))
+    return float(min(2.0, 4.0 * w.max() / (rest * mean_norm)))
 
 
 def noise_multiplier(epsilon: float, delta: float) -> float:
@@ -64,34 +69,49 @@ def noisy(embedding: np.ndarray, sigma: float, rng: np.random.Generator) -> np.n
 
 
 class Ledger:
-    """Each person's releases: (noise multiplier, delta) per release, to compose their budget."""
+    """Each person's releases (noise multipliers, at BUDGET_DELTA), to compose their budget."""
 
     def __init__(self, state_dir: Path):
         state_dir.mkdir(parents=True, exist_ok=True)
         self.path = state_dir / LEDGER_FILE
         with self._db() as db:
             db.execute("CREATE TABLE IF NOT EXISTS releases (user_id TEXT NOT NULL, released_at TEXT NOT NULL, "
-                       "noise_multiplier REAL NOT NULL, epsilon REAL NOT NULL, delta REAL NOT NULL)")
+                       "noise_multiplier REAL NOT NULL, epsilon REAL NOT NULL)")
 
-    def _db(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.path, timeout=30)
+    @contextlib.contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        """A connection holding the ledger's write lock from the start: a budget check and the release
+        it allows are one transaction, whoever else releases at the same time."""
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            yield db
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        finally:
+            db.close()
 
-    def multipliers(self, user_id: str) -> list[float]:
+    def charge(self, user_id: str, multiplier: float, epsilon: float, budget: float) -> tuple[int, float]:
+        """Record a release if the person's releases with it stay within `budget`; returns (releases,
+        epsilon spent in all). BudgetExceeded otherwise, recording nothing."""
         with self._db() as db:
-            return [z for (z,) in db.execute("SELECT noise_multiplier FROM releases WHERE user_id = ?", [user_id])]
-
-    def record(self, user_id: str, multiplier: float, epsilon: float, delta: float) -> None:
-        with self._db() as db:
-            db.execute("INSERT INTO releases VALUES (?, ?, ?, ?, ?)",
-                       [user_id, datetime.now(UTC).isoformat(), multiplier, epsilon, delta])
+            before = [z for (z,) in db.execute("SELECT noise_multiplier FROM releases WHERE user_id = ?", [user_id])]
+            total = spent([*before, multiplier], BUDGET_DELTA)
+            if total > budget:
+                raise BudgetExceeded(f"this release would bring {user_id}'s privacy loss to epsilon {total:.3f} "
+                                     f"(delta {BUDGET_DELTA:g}) over {len(before) + 1} releases, past the budget "
+                                     f"of {budget}")
+            db.execute("INSERT INTO releases VALUES (?, ?, ?, ?)",
+                       [user_id, datetime.now(UTC).isoformat(), multiplier, epsilon])
+        return len(before) + 1, total
 
     def forget(self, user_ids: list[str]) -> int:
-        """Delete these people's releases; then rewrite the file so no deleted bytes remain."""
-        if not self.path.exists():
-            return 0
+        """Delete these people's releases, then rewrite the file so no deleted bytes remain."""
         with self._db() as db:
             n = sum(db.execute("DELETE FROM releases WHERE user_id = ?", [u]).rowcount for u in user_ids)
-        db = self._db()
+        db = sqlite3.connect(self.path, timeout=30)
         try:
             db.execute("VACUUM")
         finally:
@@ -99,20 +119,27 @@ class Ledger:
         return n
 
 
-def release(style: StyleVectorUpdated, weights: Sequence[float], mean_norm: float, epsilon: float, delta: float,
-            budget: float, ledger: Ledger, rng: np.random.Generator | None = None) -> dict:
+@dataclass(frozen=True)
+class Release:
+    """A released style: the noisy embedding and the privacy it cost."""
+
+    user_id: str
+    version: int
+    style_code: str | None
+    embedding: list[float]
+    epsilon: float
+    delta: float
+    releases: int  # to this person, this one included
+    epsilon_spent_total: float
+    budget: float
+
+
+def release(style: StyleVectorUpdated, weights: Sequence[float], mean_norm: float, epsilon: float, budget: float,
+            ledger: Ledger, rng: np.random.Generator | None = None) -> Release:
     """The noisy release of a style, charged to its person's budget (BudgetExceeded if it would pass)."""
-    z = noise_multiplier(epsilon, delta)
-    before = ledger.multipliers(style.user_id)
-    total = spent([*before, z], delta)
-    if total > budget:
-        raise BudgetExceeded(f"this release would bring {style.user_id}'s privacy loss to epsilon {total:.3f} "
-                             f"(delta {delta:g}) over {len(before) + 1} releases, past the budget of {budget}")
-    delta_u = sensitivity(weights, mean_norm)
-    vector = noisy(np.asarray(style.embedding, np.float64), z * delta_u, rng or np.random.default_rng())
-    ledger.record(style.user_id, z, epsilon, delta)
-    return {"user_id": style.user_id, "version": style.version, "style_code": style.style_code,
-            "embedding": [round(float(v), 7) for v in vector],
-            "privacy": {"mechanism": "gaussian", "epsilon": epsilon, "delta": delta, "sensitivity": delta_u,
-                        "noise_multiplier": z, "sigma": z * delta_u, "releases": len(before) + 1,
-                        "epsilon_spent_total": total, "budget": budget}}
+    z = noise_multiplier(epsilon, BUDGET_DELTA)
+    releases, total = ledger.charge(style.user_id, z, epsilon, budget)
+    sigma = z * sensitivity(weights, mean_norm)
+    vector = noisy(np.asarray(style.embedding, np.float64), sigma, rng or np.random.default_rng())
+    return Release(style.user_id, style.version, style.style_code, [round(float(v), 7) for v in vector],
+                   epsilon, BUDGET_DELTA, releases, total, budget)

@@ -31,6 +31,11 @@ class LoraSource:
     style_version: int | None = None  # set for adapters made from one style version
 
 
+def _plain_name(user_id: str) -> bool:
+    """Whether the id is a file name in the adapter folder and nothing else ("..", "a/b" are not)."""
+    return "/" not in user_id and not user_id.startswith(".")
+
+
 class UserLoras:
     def __init__(self, pipe, folder: Path | None, max_loaded: int = 8):
         self.pipe = pipe
@@ -38,14 +43,20 @@ class UserLoras:
         self.max_loaded = max_loaded
         self._loaded: OrderedDict[str, tuple[str, LoraSource]] = OrderedDict()  # key -> (adapter name, source)
 
+    def _file(self, user_id: str) -> Path:
+        """`<folder>/<user_id>.safetensors`, only where the id is one plain file name."""
+        if not _plain_name(user_id):
+            raise ValueError(f"user id {user_id!r} cannot name an adapter file")
+        return self.folder / f"{user_id}.safetensors"
+
     def has(self, user_id: str) -> bool:
-        return self.folder is not None and (self.folder / f"{user_id}.safetensors").is_file()
+        return self.folder is not None and _plain_name(user_id) and self._file(user_id).is_file()
 
     def of_user(self, user_id: str) -> LoraSource:
         """The user's own adapter file."""
         from safetensors.torch import load_file
 
-        return LoraSource(user_id, user_id, lambda: load_file(self.folder / f"{user_id}.safetensors"))
+        return LoraSource(user_id, user_id, lambda: load_file(self._file(user_id)))
 
     def adapters(self, sources: list[LoraSource | None]) -> list[str]:
         """An adapter name per sample (BASE for none), loading what is missing and unloading the least
@@ -81,8 +92,8 @@ class UserLoras:
         for key, (_, source) in list(self._loaded.items()):
             if source.user_id == user_id:
                 self._unload(key)
-        if self.folder is not None:
-            (self.folder / f"{user_id}.safetensors").unlink(missing_ok=True)
+        if self.has(user_id):
+            self._file(user_id).unlink()
 
     def _unload(self, key: str) -> None:
         self.pipe.delete_adapters(self._loaded.pop(key)[0])

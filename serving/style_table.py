@@ -8,6 +8,7 @@ requests. The topic is compacted by user on Kafka, so a new table holds each use
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime
 
 from stylestream.schemas.events import InvalidEvent, StyleVectorUpdated, parse_event
 from stylestream.streams import clients
@@ -22,18 +23,23 @@ class StyleTable:
         self._versions: dict[str, dict[int, StyleVectorUpdated]] = {}
         self._withdrawn: dict[str, set[int]] = {}  # versions that counted photos since withdrawn
         self._forgotten: set[str] = set()  # people erased since the last `take_forgotten`
-        tps = clients.partitions_of(self._consumer, STYLE_VECTORS)
-        self._ends = clients.true_end_offsets(self._consumer, tps)
-        self._consumer.assign(tps)
-        self._consumer.seek_to_beginning(*tps)
+        self._forgotten_at: dict[str, datetime] = {}  # when each person erased was forgotten
+        self._lister = clients.consumer(bootstrap_servers)  # asks for end offsets while the other reads
+        self._known_ends: dict = {}
+        self._tps = clients.partitions_of(self._consumer, STYLE_VECTORS)
+        self._consumer.assign(self._tps)
+        self._consumer.seek_to_beginning(*self._tps)
 
     def close(self) -> None:
         self._consumer.close()
+        self._lister.close()
 
     def catch_up(self) -> int:
-        """Read until every partition reaches the end it had when the table was created."""
+        """Read until every partition reaches the end it has now: a version, a withdrawal or an erasure
+        published before a request was collected is known before the request is answered."""
+        ends = clients.true_end_offsets(self._lister, self._tps, known=self._known_ends, reader=self._lister)
         n = 0
-        while any(self._consumer.position(tp) < end for tp, end in self._ends.items()):
+        while any(self._consumer.position(tp) < end for tp, end in ends.items()):
             n += self.poll(timeout_ms=clients.POLL_MS)
         return n
 
@@ -42,7 +48,7 @@ class StyleTable:
         for records in self._consumer.poll(timeout_ms=timeout_ms).values():
             for r in records:
                 if r.value is None:  # a tombstone: the person (the key) asked to be forgotten
-                    self._forget(r.key.decode())
+                    self._forget(r.key.decode(), datetime.fromtimestamp(r.timestamp / 1000, UTC))
                     n += 1
                     continue
                 try:
@@ -51,7 +57,7 @@ class StyleTable:
                     log.warning("skipping bad style vector at %s[%d]@%d: %s", r.topic, r.partition, r.offset, e)
                     continue
                 if v.tombstone:
-                    self._forget(v.user_id)
+                    self._forget(v.user_id, v.event_time)
                     n += 1
                     continue
                 versions = self._versions.setdefault(v.user_id, {})
@@ -62,10 +68,15 @@ class StyleTable:
                 n += 1
         return n
 
-    def _forget(self, user_id: str) -> None:
+    def _forget(self, user_id: str, at: datetime) -> None:
         self._versions.pop(user_id, None)
         self._withdrawn.pop(user_id, None)
         self._forgotten.add(user_id)
+        self._forgotten_at[user_id] = max(at, self._forgotten_at.get(user_id, at))
+
+    def forgotten_since(self, user_id: str, when: datetime) -> bool:
+        """True if the person was forgotten after `when` (a request made before that is void)."""
+        return user_id in self._forgotten_at and when <= self._forgotten_at[user_id]
 
     def take_forgotten(self) -> set[str]:
         """The people erased since the last call (their files are the worker's to delete)."""

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
+from urllib.parse import quote
 
 import fsspec
 
@@ -58,6 +59,13 @@ class ServeConfig:
     style_wait_ms: int = 5000  # how long a request waits for a pinned or minimum style version
 
 
+def path_segment(id_: str) -> str:
+    """An id as one file-name segment: ids may hold "/" and dots, so "..", "." or "a/../b" must not
+    name a folder above or beside the one meant (the folder a forget deletes)."""
+    segment = quote(id_, safe="@:_-.")
+    return segment.replace(".", "%2E", 1) if segment.startswith(".") else segment
+
+
 class OutputStore:
     """Images and their result records under one fsspec URL, by user and request id."""
 
@@ -66,7 +74,10 @@ class OutputStore:
         self.fs.makedirs(self.root, exist_ok=True)
 
     def _path(self, request: GenerationRequested, ext: str) -> str:
-        return f"{self.root}/{request.user_id}/{request.request_id}.{ext}"
+        return f"{self._folder(request.user_id)}/{path_segment(request.request_id)}.{ext}"
+
+    def _folder(self, user_id: str) -> str:
+        return f"{self.root}/{path_segment(user_id)}"
 
     def existing_result(self, request: GenerationRequested) -> Result | None:
         path = self._path(request, "json")
@@ -76,18 +87,18 @@ class OutputStore:
 
     def save(self, request: GenerationRequested, image, make_result: Callable[[str], Result]) -> Result:
         png = self._path(request, "png")
-        self.fs.makedirs(png.rsplit("/", 1)[0], exist_ok=True)
+        self.fs.makedirs(self._folder(request.user_id), exist_ok=True)
         with self.fs.open(png, "wb") as f:
             image.save(f, "PNG")
         return self.record(request, make_result(self.fs.unstrip_protocol(png)))
 
     def forget(self, user_id: str) -> None:
-        """Delete a forgotten person's images and results."""
-        if self.fs.exists(f"{self.root}/{user_id}"):
-            self.fs.rm(f"{self.root}/{user_id}", recursive=True)
+        """Delete a forgotten person's images and results (their folder, one path segment under root)."""
+        if self.fs.exists(self._folder(user_id)):
+            self.fs.rm(self._folder(user_id), recursive=True)
 
     def record(self, request: GenerationRequested, result: Result) -> Result:
-        self.fs.makedirs(f"{self.root}/{request.user_id}", exist_ok=True)
+        self.fs.makedirs(self._folder(request.user_id), exist_ok=True)
         self.fs.pipe_file(self._path(request, "json"), encode_event(result))
         return result
 
@@ -142,7 +153,10 @@ class Worker:
     def _serve_batch(self, limit: int, on_result: Callable[[Result], None] | None) -> int:
         """Collect, answer and commit one batch of requests; how many there were."""
         records = self._collect(limit)
-        self.styles.poll()
+        if records:
+            self.styles.catch_up()
+        else:
+            self.styles.poll()
         self._forget_erased()
         self.generator.loras.drop_versions(self.styles.withdrawn)
         if not records:
@@ -174,8 +188,9 @@ class Worker:
 
     def handle_batch(self, records: list) -> list[Result]:
         """Results for a batch of request records (invalid ones go to the dead-letter topic)."""
-        # 1. Parse: an invalid request becomes a dead letter; a request twice in the batch counts once
-        requests = self._parse(records)
+        # 1. Parse: an invalid request becomes a dead letter; a request twice in the batch counts once;
+        #    a request of a person forgotten since is void (answering it would keep something of them)
+        requests = [r for r in self._parse(records) if not self.styles.forgotten_since(r.user_id, r.event_time)]
         # 2. Answer redeliveries from their stored results (no second image)
         results: dict[str, Result | None] = {r.request_id: self.output.existing_result(r) for r in requests}
         # 3. Resolve style and conditioning: a request that cannot be met fails now, the rest wait for

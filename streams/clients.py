@@ -18,6 +18,8 @@ from typing import TypeVar
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
 
+from stylestream.streams.topics import MAX_MESSAGE_BYTES
+
 POLL_MS = 500
 # For consumers that read offsets known to exist: an empty fetch (a partition caught up) should not
 # hold the next request back for Kafka's default 500 ms.
@@ -92,9 +94,11 @@ RECONNECT_BACKOFF_MAX_MS = 1000
 
 
 def producer(bootstrap_servers: str, **overrides) -> KafkaProducer:
+    """A producer for the project's topics: every acknowledgement, idempotent where the broker allows,
+    and requests as large as the largest message a topic takes (a style manifest)."""
     config = dict(bootstrap_servers=bootstrap_servers, acks="all", linger_ms=5, retries=5,
                   enable_idempotence=not is_tansu(bootstrap_servers),
-                  reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS)
+                  reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS, max_request_size=MAX_MESSAGE_BYTES)
     config.update(overrides)
     return KafkaProducer(**config)
 

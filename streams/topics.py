@@ -28,11 +28,13 @@ ALL_TOPICS = (
     PHOTO_EVENTS, CONSENT_EVENTS, GENERATION_REQUESTS, GENERATION_RESULTS, STYLE_VECTORS, STYLE_MANIFESTS,
     ERASURE_RECEIPTS, *(dlq(t) for t in DLQ_SOURCES),
 )
-# The topics the project writes, keyed by user: forgetting a person writes a null-value tombstone for
-# their key on each, and compaction then removes every earlier value of theirs (within
-# max.compaction.lag.ms, the tombstone itself delete.retention.ms later).
-ERASABLE_TOPICS = (STYLE_VECTORS, STYLE_MANIFESTS, GENERATION_RESULTS, *(dlq(t) for t in DLQ_SOURCES))
+# The compacted topics the project writes, keyed by user: forgetting a person writes a null-value
+# tombstone for their key on each, and compaction then removes every earlier value of theirs (within
+# max.compaction.lag.ms, the tombstone itself delete.retention.ms later). On the project's other
+# topics (results, dead letters) a person's messages go with the topic's retention.
+ERASABLE_TOPICS = (STYLE_VECTORS, STYLE_MANIFESTS)
 
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024  # style-manifests' limit: a manifest lists every photo that counts
 HOUR_MS = 3_600_000
 DAY_MS = 24 * HOUR_MS
 FOREVER = "-1"
@@ -43,10 +45,7 @@ TOPIC_CONFIGS: dict[str, dict[str, str]] = {
     # An opt-out must outlive any rebuild of ingestion state from the topic, so it is never dropped.
     CONSENT_EVENTS: {"retention.ms": FOREVER},
     GENERATION_REQUESTS: {"retention.ms": str(DAY_MS)},
-    # Compacted as well as deleted by age: a forgotten person's results go within a day of the tombstone.
-    GENERATION_RESULTS: {"cleanup.policy": "compact,delete", "retention.ms": str(7 * DAY_MS),
-                         "min.compaction.lag.ms": str(HOUR_MS), "max.compaction.lag.ms": str(DAY_MS),
-                         "delete.retention.ms": str(DAY_MS)},
+    GENERATION_RESULTS: {"retention.ms": str(7 * DAY_MS)},
     # Latest vector per user (the key): a new serving worker reads one value per user, not the whole
     # history. A superseded version stays pinnable for at least an hour and is gone within a day (with
     # any vector that counted a withdrawn photo); an erasure tombstone stays a day for readers to see.
@@ -55,14 +54,10 @@ TOPIC_CONFIGS: dict[str, dict[str, str]] = {
     # As style-vectors: the latest manifest per user; one lists every photo that counts, so up to 8 MB.
     STYLE_MANIFESTS: {"cleanup.policy": "compact", "min.compaction.lag.ms": str(HOUR_MS),
                       "max.compaction.lag.ms": str(DAY_MS), "delete.retention.ms": str(DAY_MS),
-                      "max.message.bytes": str(8 * 1024 * 1024)},
+                      "max.message.bytes": str(MAX_MESSAGE_BYTES)},
     # Receipts hold no personal data and are the service's proof of erasure: kept.
     ERASURE_RECEIPTS: {"retention.ms": FOREVER},
-    # Dead letters are keyed by user too: a forgotten person's go within a day of the tombstone (the
-    # compaction keeps only a user's latest dead letter older than a day, which operators rarely need).
-    **{dlq(t): {"cleanup.policy": "compact,delete", "retention.ms": str(14 * DAY_MS),
-                "min.compaction.lag.ms": str(DAY_MS), "max.compaction.lag.ms": str(DAY_MS),
-                "delete.retention.ms": str(DAY_MS)} for t in DLQ_SOURCES},
+    **{dlq(t): {"retention.ms": str(14 * DAY_MS)} for t in DLQ_SOURCES},
 }
 
 

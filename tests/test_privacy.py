@@ -18,9 +18,15 @@ from stylestream.pipelines.store import Store
 from stylestream.privacy.audit import audit, needles_for
 from stylestream.privacy.erasure import load_or_create_signing_key, verify_receipt
 from stylestream.privacy.verify import files_by_sha256, photos_in_set, verify
-from stylestream.schemas.events import ErasureReceipt, GenerationRequested, StyleManifest, parse_event
+from stylestream.schemas.events import (
+    ErasureReceipt,
+    GenerationFailed,
+    GenerationRequested,
+    StyleManifest,
+    parse_event,
+)
 from stylestream.serving.generator import StyleGenerator
-from stylestream.serving.worker import ServeConfig, Worker
+from stylestream.serving.worker import OutputStore, ServeConfig, Worker
 from stylestream.streams.topics import (
     CONSENT_EVENTS,
     ERASURE_RECEIPTS,
@@ -97,11 +103,16 @@ def test_a_person_verifies_their_style_withdraws_a_photo_and_is_forgotten(broker
     assert result.type == "generation_completed" and result.style_code == second.style_code
     assert (images / PERSON / "r1.png").exists()
 
-    # 5. Forget the person: exactly once, with a receipt that verifies and names no one
+    # 5. Forget the person: exactly once, with a receipt that verifies and names no one. A request
+    #    they made before it is still queued for serving.
+    produce(bs, GENERATION_REQUESTS, [GenerationRequested(
+        event_id="e-r2", user_id=PERSON, event_time=datetime.now(UTC), request_id="r2", prompt="a card")])
     asked = CliRunner().invoke(app, ["forget", PERSON, "-b", bs])
     assert asked.exit_code == 0, asked.output
     ing.run_until_caught_up()
-    ing.run_until_caught_up()  # nothing left to do: no second erasure, no second receipt
+    produce(bs, CONSENT_EVENTS, [parse_event(CONSENT_EVENTS, m.value) for m in read_topic(bs, CONSENT_EVENTS)
+                                 if b"user_forgotten" in m.value])  # the request delivered twice
+    ing.run_until_caught_up()  # ...is void: no second erasure, no second receipt
     [raw] = [m.value for m in read_topic(bs, ERASURE_RECEIPTS)]
     receipt = ErasureReceipt.model_validate_json(raw)
     public = load_or_create_signing_key(ing.cfg.state_dir).public_key()
@@ -109,6 +120,7 @@ def test_a_person_verifies_their_style_withdraws_a_photo_and_is_forgotten(broker
     assert not verify_receipt(receipt.model_copy(update={"deleted": {"state": {}}}), public)
     assert receipt.deleted["state"]["catalogued photo references"] == 5
     assert receipt.deleted["state"]["style versions"] == 1  # the first counted the withdrawn photo
+    assert receipt.deleted["history"]["style versions"] == 1  # ...and left the history then
     assert PERSON.encode() not in raw
     receipt_file = tmp_path / "receipt.json"
     receipt_file.write_bytes(raw)
@@ -118,27 +130,46 @@ def test_a_person_verifies_their_style_withdraws_a_photo_and_is_forgotten(broker
     checked = CliRunner().invoke(app, ["receipt", "verify", str(receipt_file), "--data-dir", str(tmp_path)])
     assert checked.exit_code == 1 and "INVALID" in checked.output, checked.output
 
-    # 6. Serving drops them: style, images, results
-    worker.run(max_requests=1, idle_exit_s=1)  # polls the tombstone
+    # 6. Serving drops them (style, images, results) and the request they made before is void
+    assert worker.run(max_requests=1, idle_exit_s=30) == 1
     assert worker.styles.get(PERSON) is None and not (images / PERSON).exists()
+    assert [parse_event(GENERATION_RESULTS, m.value).request_id for m in read_topic(bs, GENERATION_RESULTS)] == ["r1"]
     worker.close()
 
-    # 7. Nothing of them anywhere the project writes (the topics' old values only await compaction)
+    # 7. Nothing of them anywhere the project writes: the broker removes what is left by itself, in a
+    #    stated time, and the input topics are the photo service's
     ing.close()
     state = StateLayout(ing.cfg.state_dir)
-    findings = audit(state, images, needles_for([PERSON], [], state), bs)
+    findings = audit(state, images, needles_for([PERSON], [], state), bs, users=[PERSON])
     assert [f for f in findings if f.violation] == []
-    assert all("compaction" in f.pending or "tombstone" in f.pending for f in findings)
-    assert any(f.store == "topic style-vectors" for f in findings)  # really searched, really pending
+    pending = {}
+    for f in findings:
+        pending[f.store] = pending.get(f.store, "") + f.pending
+    assert "awaits compaction" in pending["topic style-vectors"] and "tombstone" in pending["topic style-manifests"]
+    assert "retention" in pending["topic generation-results"] and "input topic" in pending["topic photo-events"]
     with Store(state.db) as s:
         assert s.latest_vectors().keys() == {"olaf"}
 
-    # 8. Uploading again later starts from nothing
+    # 8. Uploading again later starts from nothing; an upload from before the erasure arriving late
+    #    counts for nothing
     again = make_ingestor()
-    produce(bs, PHOTO_EVENTS, [mine[1].upload_event(event_time=datetime.now(UTC))])
+    produce(bs, PHOTO_EVENTS, [mine[1].upload_event(event_time=datetime.now(UTC)), mine[2].upload_event()])
     again.run_until_caught_up()
     fresh = latest_styles(bs)[PERSON]
     assert (fresh.version, fresh.photo_count) == (1, 1)
+
+
+def test_a_forget_deletes_one_folder_whatever_the_id(tmp_path):
+    out = OutputStore(str(tmp_path / "images"))
+    for user in ("ana", "..", ".", "a/../.."):
+        request = GenerationRequested(event_id="e", user_id=user, event_time=datetime.now(UTC), request_id="r",
+                                      prompt="p")
+        out.record(request, GenerationFailed(event_id="f", user_id=user, event_time=datetime.now(UTC),
+                                             request_id="r", reason="test"))
+    for user in ("..", ".", "a/../.."):
+        out.forget(user)
+    assert [p.name for p in (tmp_path / "images").iterdir()] == ["ana"]
+    assert (tmp_path / "images" / "ana" / "r.json").exists()
 
 
 def test_planted_exif_values_appear_in_no_store(broker, make_ingestor, tmp_path, caplog):

@@ -21,7 +21,7 @@ from PIL import Image
 
 from stylestream.models.clip import ClipSpec, load_clip
 from stylestream.transforms.features import aesthetic_features
-from stylestream.transforms.records import Contribution, PreparedPhoto, kept_upload
+from stylestream.transforms.records import Contribution, PreparedPhoto, file_sha256, kept_upload
 
 MIN_BATCH_SIZE = 1
 MAX_BATCH_SIZE = 64
@@ -94,7 +94,8 @@ def _load_clip_once(spec: ClipSpec, device: str) -> LoadedClip:
 
 
 def to_contribution(photo: PreparedPhoto, embedding: np.ndarray) -> Contribution:
-    return Contribution(kept_upload(photo.source.event), embedding, photo.features, photo.metadata)
+    event = photo.source.event
+    return Contribution(kept_upload(event), embedding, photo.features, photo.metadata, file_sha256(event))
 
 
 class EmbedPhotos(beam.PTransform):

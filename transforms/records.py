@@ -19,9 +19,17 @@ def capture_day(when: datetime) -> datetime:
     return datetime(day.year, day.month, day.day, tzinfo=UTC)
 
 
+def file_sha256(event: PhotoUploaded) -> str:
+    """Of the photo's file as uploaded (what the person holds), whichever rendition is decoded."""
+    inline = event.inline_bytes()
+    return hashlib.sha256(inline).hexdigest() if inline is not None else event.image.sha256
+
+
 def kept_upload(event: PhotoUploaded) -> PhotoUploaded:
-    """An upload as the state keeps and re-publishes it: its capture time reduced to the day."""
-    return event.model_copy(update={"taken_at": capture_day(event.effective_taken_at)})
+    """An upload as the state keeps and re-publishes it: its capture time reduced to the day (set
+    explicitly, so the upload time no longer stands in for it) and no pixels (an inline image is not
+    kept: such a photo cannot be re-embedded after an opt-in unless the photo service sends it again)."""
+    return event.model_copy(update={"taken_at": capture_day(event.effective_taken_at), "inline_base64": None})
 
 
 @dataclass(frozen=True)
@@ -53,10 +61,11 @@ class PreparedPhoto:
 class Contribution:
     """What one photo adds to its user's style: stored until the photo is withdrawn, then deleted."""
 
-    upload: PhotoUploaded  # the event (references only, no pixels): kept to re-ingest after an opt-in
+    upload: PhotoUploaded  # the event as kept (`kept_upload`: no pixels): to re-ingest after an opt-in
     embedding: np.ndarray  # float32, L2-normalized
     features: np.ndarray  # float32
     metadata: dict[str, float | int | str] = field(default_factory=dict)
+    sha256: str | None = None  # of the photo's file as uploaded (`file_sha256`), for its style manifest
 
     @property
     def user_id(self) -> str:
@@ -74,11 +83,6 @@ class Contribution:
     def taken_at(self) -> datetime:
         return self.upload.effective_taken_at
 
-    @property
-    def sha256(self) -> str:
-        """Of the photo's file as uploaded (what the person holds), whichever rendition was decoded."""
-        inline = self.upload.inline_bytes()
-        return hashlib.sha256(inline).hexdigest() if inline is not None else self.upload.image.sha256
 
 
 @dataclass
@@ -102,6 +106,17 @@ class UserBatch:
         if isinstance(item.event, UserForgotten):
             return cls(item.event.user_id, forgets=[item.event])
         return cls(item.event.user_id, toggles=[item.event])
+
+    def after(self, when: datetime) -> UserBatch:
+        """The events of the batch later than `when` (what follows an erasure at that time)."""
+        return UserBatch(self.user_id, [c for c in self.contributions if c.upload.event_time > when],
+                         [d for d in self.deletes if d.event_time > when],
+                         [t for t in self.toggles if t.event_time > when],
+                         [f for f in self.forgets if f.event_time > when])
+
+    @property
+    def empty(self) -> bool:
+        return not (self.contributions or self.deletes or self.toggles or self.forgets)
 
     def scopes(self) -> tuple[set[str], set[str], bool]:
         """(photo ids, album ids, whole user?) whose stored state the batch may touch."""

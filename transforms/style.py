@@ -120,6 +120,7 @@ class UserView:
     deleted: set[str]  # photo ids of the batch already known as deleted
     catalog: dict[str, str | None] = field(default_factory=dict)  # known, undeleted photos the batch
     # may affect (photo_id -> album_id), counted or not
+    forgotten_at: datetime | None = None  # the user asked to be forgotten then: earlier events are void
 
     @classmethod
     def empty(cls, embedding_dim: int, n_features: int) -> UserView:
