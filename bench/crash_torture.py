@@ -83,11 +83,12 @@ def torture(cmd: list[str], kills: int, rng: random.Random, window: tuple[float,
         if proc.poll() is not None:  # finished before the kill: nothing left to interrupt
             break
         if done + 1 in broker_kills_at:
+            broker_kills_at = broker_kills_at - {done + 1}
             kill_broker()
             broker_done += 1
             time.sleep(rng.uniform(1.0, 4.0))  # ingestion reconnects and goes on before its own kill
-            if proc.poll() is not None:
-                break
+            if proc.poll() is not None:  # it was starting and found no broker (no --follow): again
+                continue
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         done += 1

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-import dp_accounting
 import numpy as np
 
 from stylestream.schemas.events import StyleVectorUpdated
@@ -47,6 +46,8 @@ def sensitivity(weights: Sequence[float], mean_norm: float) -> float:
 
 def noise_multiplier(epsilon: float, delta: float) -> float:
     """The Gaussian noise multiplier (sigma / sensitivity) of one release at (epsilon, delta)."""
+    import dp_accounting  # here: ingestion imports this module (to forget) and needs no accountant
+
     return float(dp_accounting.calibrate_dp_mechanism(
         dp_accounting.rdp.RdpAccountant, dp_accounting.GaussianDpEvent, epsilon, delta,
         bracket_interval=dp_accounting.ExplicitBracketInterval(1e-3, 1e4)))
@@ -56,6 +57,8 @@ def spent(multipliers: Sequence[float], delta: float) -> float:
     """The epsilon of all these Gaussian releases together, at delta (RDP composition)."""
     if not multipliers:
         return 0.0
+    import dp_accounting
+
     accountant = dp_accounting.rdp.RdpAccountant()
     for z in multipliers:
         accountant.compose(dp_accounting.GaussianDpEvent(z))
