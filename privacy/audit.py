@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import re
 from collections.abc import Iterable, Iterator
@@ -63,11 +64,17 @@ class Finding:
         return self.pending is None
 
 
+@functools.cache
+def _word(needle: bytes) -> re.Pattern:
+    """The needle as a whole word: not inside a longer one (user "ana" is not in "explanation")."""
+    return re.compile(rb"(?<![A-Za-z0-9])" + re.escape(needle) + rb"(?![A-Za-z0-9])")
+
+
 def scan_bytes(blob: bytes, needles: list[bytes], images: bool) -> Iterator[str]:
-    """What of `needles` (and, if asked, image signatures) `blob` holds, looking into base64 fields
-    of JSON inside it too."""
+    """What of `needles` (as whole words; and, if asked, image signatures) `blob` holds, looking into
+    base64 fields of JSON inside it too."""
     for needle in needles:
-        if needle in blob:
+        if needle in blob and _word(needle).search(blob):
             yield needle.decode(errors="replace")
     if images:
         for name, signature in IMAGE_SIGNATURES.items():
@@ -153,7 +160,7 @@ def audit_files(root: Path, needles: list[bytes], store: str, named_by_id: bool 
             continue
         if named_by_id:
             for needle in needles:
-                if needle.decode() in path.relative_to(root).as_posix():
+                if _word(needle).search(path.relative_to(root).as_posix().encode()):
                     yield Finding(store, str(path), f"{needle.decode()} (in the file's name)")
         for what in scan_bytes(path.read_bytes(), needles, images=not named_by_id):
             yield Finding(store, str(path), what)

@@ -92,3 +92,11 @@ def test_streaming_bench_runs():
     assert (local["runner"], prism["runner"], flink["runner"]) == ("local", "prism", "flink")
     assert prism["identical_to_local"] is True and flink["identical_to_local"] is True, r
     assert prism["latency_samples"] == local["latency_samples"] == flink["latency_samples"] == 6
+
+
+@pytest.mark.slow
+def test_privacy_utility_bench_runs():
+    r = final_json("privacy_utility.py", "--users-per-look", "2", "--photos", "6", "--epsilons", "1", "64",
+                   "--trials", "2")
+    assert [row["epsilon"] for row in r["rows"]] == ["no noise", 1, 64], r
+    assert all(0 <= row["nn_accuracy"] <= 1 for row in r["rows"]) and r["sensitivity_median"] > 0

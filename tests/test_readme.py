@@ -211,11 +211,12 @@ def test_every_readme_command_works_as_written(tmp_path, broker, models):
     assert len(outputs["stylestream drift timeline ana --format csv"].splitlines()) == 3  # header, 2 versions
     # ...and of privacy: ana verifies her style from her own files, is forgotten with a valid receipt,
     # and the audit finds nothing of her
-    verified = outputs["stylestream verify --manifest ana-style.json --photos ~/Pictures --data-dir /srv/stylestream"]
-    assert "the published vector is the one these photos give" in verified, verified
-    assert "valid" in outputs["stylestream receipt verify receipt.json --data-dir /srv/stylestream"]
-    assert "nothing found" in outputs["stylestream audit --user ana -b KAFKA --data-dir /srv/stylestream"] or \
-        "0 findings" in outputs["stylestream audit --user ana -b KAFKA --data-dir /srv/stylestream"]
+    def output_of(start: str) -> str:
+        [out] = [text for command, text in outputs.items() if command.startswith(start)]
+        return out
+    assert "the published vector is the one these photos give" in output_of("stylestream verify --manifest")
+    assert "valid" in output_of("stylestream receipt verify")
+    assert re.search(r"nothing found|^0 findings", output_of("stylestream audit --user ana"), re.M)
 
 
 def test_readme_lists_exactly_the_features_and_metadata_the_code_keeps():
