@@ -301,7 +301,8 @@ def audit(
         file_okay=False, metavar="DIR", help="The generated images' folder (default: DATA_DIR/images).")] = None,
     bootstrap_servers: Annotated[str | None, typer.Option(
         "--bootstrap-servers", "-b", envvar="STYLESTREAM_BOOTSTRAP_SERVERS", metavar="HOST:PORT",
-        help="Also search every topic the project writes on this broker.")] = None,
+        help="Also search every topic on this broker (the input topics' findings are listed as the photo "
+             "service's).")] = None,
     also: Annotated[list[Path] | None, typer.Option(
         exists=True, metavar="PATH", help="Also search this file or folder, e.g. logs (repeatable).")] = None,
     fmt: OutputFormat = Format.table,
