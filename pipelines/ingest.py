@@ -14,7 +14,7 @@ import json
 import logging
 import shutil
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -124,19 +124,17 @@ class CyclePlan:
 # The runner is in this process, so these steps' connections share the Ingestor's open database (the
 # one writer: nothing changes the state between the plan and the commit).
 
-def erasure_subjects(cfg: IngestConfig, users: Iterable[str]) -> dict[str, str]:
-    """Each user's erasure subject (a keyed hash of the id, under the state's key)."""
-    key = pseudonyms.load_or_create_key(cfg.state_dir)
-    return {u: erasure.subject(u, key) for u in users}
-
-
 class _PlanUserUpdates(beam.DoFn):
     def __init__(self, cfg: IngestConfig, embedding_dim: int):
         self._cfg, self._dim = cfg, embedding_dim
 
+    def setup(self):
+        self._key = pseudonyms.load_or_create_key(self._cfg.state_dir)  # for the erasure subjects
+
     def process(self, plan: CyclePlan, batches: list[UserBatch]):
+        subjects = {b.user_id: erasure.subject(b.user_id, self._key) for b in batches}
         with Store(self._cfg.db_path) as store:
-            views = store.user_views(batches, self._dim, erasure_subjects(self._cfg, [b.user_id for b in batches]))
+            views = store.user_views(batches, self._dim, subjects)
         yield plan_cycle(views, batches, self._cfg.basis, datetime.now(UTC))
 
 
@@ -144,8 +142,11 @@ class _Commit(beam.DoFn):
     def __init__(self, cfg: IngestConfig):
         self._cfg = cfg
 
+    def setup(self):
+        self._key = pseudonyms.load_or_create_key(self._cfg.state_dir)
+
     def process(self, plan: CyclePlan, writes: CycleWrites, dead: list[DeadLetter]):
-        subjects = erasure_subjects(self._cfg, [e.user_id for e in writes.erasures])
+        subjects = {e.user_id: erasure.subject(e.user_id, self._key) for e in writes.erasures}
         with Store(self._cfg.db_path) as store:
             yield store.commit_cycle(plan.cycle, plan.ranges, writes, dead, subjects)
 

@@ -61,9 +61,10 @@ def new_version(user_id: str, version: int, stats: StyleStats, stored: dict[str,
     """Version `version` of a user's style: `stats` over `stored` (every contribution that counts,
     for the facets and the manifest), naming the earlier versions it withdraws."""
     facets = facets_of(stored)
-    code = style_code(basis, manifest_photos(stored))
-    event = style_vector_event(user_id, version, stats, facets, withdrawn, code, now)
-    return NewVersion(user_id, version, stats, facets, event, style_manifest(basis, stored, stats, facets, event, now))
+    photos = manifest_photos(stored)
+    event = style_vector_event(user_id, version, stats, facets, withdrawn, style_code(basis, photos), now)
+    return NewVersion(user_id, version, stats, facets, event,
+                      style_manifest(basis, photos, stored, stats, facets, event, now))
 
 
 @dataclass(frozen=True)

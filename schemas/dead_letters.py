@@ -30,8 +30,8 @@ class DeadLetter:
         return cls(message.topic, message.partition, message.offset, message.key, message.value, stage, reason)
 
     def message(self) -> tuple[str, bytes, bytes]:
-        """(topic, key, value) on the source's dead-letter topic. Keyed by user like its source; a
-        message without a key gets an empty one (the topic is compacted, which needs keys)."""
+        """(topic, key, value) on the source's dead-letter topic, keyed by user like its source; a
+        message without a key gets an empty one (every runner's sink takes it: Flink's needs bytes)."""
         return dlq(self.topic), self.key or b"", self.to_json()
 
     def to_json(self) -> bytes:

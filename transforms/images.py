@@ -7,6 +7,7 @@ embedded thumbnails are never read into any record, so nothing downstream can st
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -86,6 +87,12 @@ def choose_rendition(event: PhotoUploaded, min_side: int) -> ImageRef | None:
 LIBRARY_SCHEME = "library://"  # library://<library id>/<path inside the library>: backfilled photos
 
 
+@functools.lru_cache(maxsize=4)
+def _registry(path: str, mtime_ns: int) -> dict[str, str]:
+    """The registry's roots, read again only when the file changes (not once per photo)."""
+    return json.loads(Path(path).read_text())
+
+
 def resolve_uri(uri: str, libraries: str | None) -> str:
     """A readable URL for `uri`: library:// references through the registry of this host's libraries
     (so events name no local folder or user name), anything else as it is."""
@@ -93,7 +100,7 @@ def resolve_uri(uri: str, libraries: str | None) -> str:
         return uri
     library_id, _, relative = uri.removeprefix(LIBRARY_SCHEME).partition("/")
     try:
-        roots = json.loads(Path(libraries).read_text()) if libraries else {}
+        roots = _registry(libraries, Path(libraries).stat().st_mtime_ns) if libraries else {}
     except (OSError, ValueError):
         roots = {}
     if library_id not in roots:

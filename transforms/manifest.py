@@ -98,14 +98,13 @@ def explain(stored: dict[str, StoredContribution], stats: StyleStats, facets: li
                        facets=facet_pulls)
 
 
-def style_manifest(basis: StyleBasis, stored: dict[str, StoredContribution], stats: StyleStats,
-                   facets: list[Facet], vector: StyleVectorUpdated, now: datetime) -> StyleManifest:
-    """The manifest of the version `vector` publishes, computed from `stored` (every contribution that
-    counts in it)."""
-    photos = manifest_photos(stored)
+def style_manifest(basis: StyleBasis, photos: list[ManifestPhoto], stored: dict[str, StoredContribution],
+                   stats: StyleStats, facets: list[Facet], vector: StyleVectorUpdated, now: datetime) -> StyleManifest:
+    """The manifest of the version `vector` publishes (its code computed from `basis` and `photos`, the
+    `manifest_photos` of `stored`: every contribution that counts in it)."""
     return StyleManifest(
         event_id=f"{vector.user_id}:v{vector.version}:manifest", user_id=vector.user_id, event_time=now,
-        version=vector.version, style_code=style_code(basis, photos), basis=basis, photos=photos,
+        version=vector.version, style_code=vector.style_code, basis=basis, photos=photos,
         embedding=vector.embedding, embedding_norm=mean_norm(stats), features=vector.features,
         explanation=explain(stored, stats, facets))
 
