@@ -12,10 +12,8 @@ request's event id. Anyone with the public key
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import hmac
-import os
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from stylestream.keyfiles import create_once, new_ed25519_pem
 from stylestream.schemas.events import ErasureReceipt, StyleVectorUpdated, encode_event
 from stylestream.streams.topics import (
     DLQ_SOURCES,
@@ -45,18 +44,7 @@ DEAD_LETTERS_KEPT_MS = max(int(TOPIC_CONFIGS[dlq(t)]["retention.ms"]) for t in D
 
 def load_or_create_signing_key(state_dir: Path) -> Ed25519PrivateKey:
     """The service's receipt-signing key, created on first use (readable by its owner only)."""
-    path = state_dir / SIGNING_KEY_FILE
-    if not path.exists():
-        state_dir.mkdir(parents=True, exist_ok=True)
-        pem = Ed25519PrivateKey.generate().private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-        tmp = state_dir / f"{SIGNING_KEY_FILE}.{os.getpid()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(pem)
-        with contextlib.suppress(FileExistsError):  # another process made it first: use theirs
-            os.link(tmp, path)
-        tmp.unlink()
+    create_once(state_dir / SIGNING_KEY_FILE, new_ed25519_pem())
     return load_signing_key(state_dir)
 
 

@@ -190,7 +190,9 @@ class Worker:
         """Results for a batch of request records (invalid ones go to the dead-letter topic)."""
         # 1. Parse: an invalid request becomes a dead letter; a request twice in the batch counts once;
         #    a request of a person forgotten since is void (answering it would keep something of them)
-        requests = [r for r in self._parse(records) if not self.styles.forgotten_since(r.user_id, r.event_time)]
+        traces: dict[str, bytes] = {}
+        requests = [r for r in self._parse(records, traces)
+                    if not self.styles.forgotten_since(r.user_id, r.event_time)]
         # 2. Answer redeliveries from their stored results (no second image)
         results: dict[str, Result | None] = {r.request_id: self.output.existing_result(r) for r in requests}
         # 3. Resolve style and conditioning: a request that cannot be met fails now, the rest wait for
@@ -205,10 +207,11 @@ class Worker:
                 results[job.request.request_id] = result
         # 5. Publish the results and record their metrics
         out = [r for r in results.values() if r is not None]
-        self._publish(out, {r.request_id: r.event_time for r in requests})
+        self._publish(out, {r.request_id: r.event_time for r in requests}, traces)
         return out
 
-    def _parse(self, records: list) -> list[GenerationRequested]:
+    def _parse(self, records: list, traces: dict[str, bytes]) -> list[GenerationRequested]:
+        """The valid requests, once each; `traces` gets each one's trace id header, if it has one."""
         requests: dict[str, GenerationRequested] = {}
         for record in records:
             try:
@@ -219,12 +222,16 @@ class Worker:
                 self._producer.send(topic, key=key, value=value)
                 continue
             requests.setdefault(request.request_id, request)
+            if trace := dict(record.headers or ()).get(clients.TRACE_HEADER):
+                traces[request.request_id] = trace
         return list(requests.values())
 
-    def _publish(self, results: list[Result], requested: dict[str, datetime]) -> None:
+    def _publish(self, results: list[Result], requested: dict[str, datetime], traces: dict[str, bytes]) -> None:
         now = datetime.now(UTC)
         for result in results:
-            self._producer.send(GENERATION_RESULTS, key=result.user_id.encode(), value=encode_event(result))
+            trace = traces.get(result.request_id)
+            self._producer.send(GENERATION_RESULTS, key=result.user_id.encode(), value=encode_event(result),
+                                headers=[(clients.TRACE_HEADER, trace)] if trace else None)
             self.metrics.results.labels("completed" if result.type == "generation_completed" else "failed").inc()
             self.metrics.latency.observe((now - requested[result.request_id]).total_seconds())
 

@@ -26,6 +26,8 @@ POLL_MS = 500
 READ_FETCH_WAIT_MS = 10
 
 
+# The Kafka header that carries a request's trace id from the API through serving to its result.
+TRACE_HEADER = "trace-id"
 BROKER_ERRORS = (KafkaError, TimeoutError, ConnectionError)
 RETRY_FIRST_S, RETRY_MAX_S = 0.5, 30.0
 REACH_TIMEOUT_S = 3.0
@@ -178,6 +180,7 @@ class Message:
     key: bytes | None
     value: bytes | None
     timestamp_ms: int
+    headers: tuple[tuple[str, bytes], ...] = ()  # e.g. ("trace-id", ...) from the API to the result
 
 
 def read_range(c: KafkaConsumer, tp: TopicPartition, start: int, stop: int) -> Iterator[Message]:
@@ -201,7 +204,7 @@ def read_range(c: KafkaConsumer, tp: TopicPartition, start: int, stop: int) -> I
             if r.offset >= stop:
                 return
             start = r.offset + 1
-            yield Message(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp)
+            yield Message(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp, tuple(r.headers or ()))
         if start >= stop:
             return
 

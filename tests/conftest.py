@@ -13,7 +13,11 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import logging
+import time
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -24,6 +28,10 @@ from stylestream.pipelines.ingest import IngestConfig, Ingestor
 from stylestream.schemas.tables import FEATURE_NAMES
 from stylestream.streams.broker import Engine, LocalBroker, choose_engine, start_local_broker
 from stylestream.streams.topics import ensure_topics
+
+if TYPE_CHECKING:
+    from stylestream.api.config import ApiConfig
+    from stylestream.api.system import DemoIssuer
 
 # Clients of brokers that tests have stopped log reconnect attempts until the process exits.
 logging.getLogger("kafka").setLevel(logging.CRITICAL)
@@ -80,3 +88,72 @@ def make_ingestor(broker, clip, tmp_path):
     yield make
     for ing in made:
         ing.close()
+
+
+# People of the running system the API tests share: Ana's page is driven in the browser, Ben and Cleo
+# show who may see what, Eve asks to be forgotten; "fuzz" (no photos) is the fuzzer's person.
+API_LIBRARY = {
+    "ana": [("beach", "warm", 4), ("office", "cool", 4)],
+    "ben": [("walks", "cool", 4)],
+    "cleo": [("street", "mono", 4)],
+    "eve": [("garden", "green", 3)],
+}
+
+
+@dataclass
+class ApiSystem:
+    url: str
+    bootstrap_servers: str
+    issuer: DemoIssuer
+    root: Path
+    api: ApiConfig
+
+    def token(self, user_id: str, **lifetime) -> str:
+        return self.issuer.token(user_id, timedelta(**lifetime) if lifetime else timedelta(hours=1))
+
+
+@pytest.fixture(scope="session")
+def api_system(tmp_path_factory, clip, diffusion) -> ApiSystem:
+    """Broker, ingestion following, a serving worker and the API, running for every test that asks;
+    each person's photos ingested before the first test."""
+    from stylestream.api.config import ApiConfig
+    from stylestream.api.system import DemoIssuer, running_services
+    from stylestream.demo.synthetic import make_library
+    from stylestream.pipelines.layout import DataLayout
+    from stylestream.schemas.events import encode_event
+    from stylestream.serving.generator import StyleGenerator
+    from stylestream.serving.worker import ServeConfig
+    from stylestream.streams import clients
+    from stylestream.streams.topics import PHOTO_EVENTS
+
+    root = tmp_path_factory.mktemp("api-system")
+    broker = start_local_broker(TEST_BROKER, root / "kafka")
+    bs = broker.bootstrap_servers
+    ensure_topics(bs)
+    photos = make_library(root / "library", API_LIBRARY)
+    clients.send_all(bs, [(PHOTO_EVENTS, p.user_id.encode(), encode_event(p.upload_event())) for p in photos])
+    layout = DataLayout(root)
+    ingest = IngestConfig(bs, layout.state.root, clip)
+    with Ingestor(ingest) as ingestor:
+        ingestor.run_until_caught_up()
+    issuer = DemoIssuer(root / "issuer")
+    api = ApiConfig(bs, root, issuer.verifier())
+    try:
+        with running_services(api, ingest, ServeConfig(bs, str(layout.images)),
+                              StyleGenerator(diffusion, clip)) as server:
+            system = ApiSystem(server.url, bs, issuer, root, api)
+            _wait_for_styles(system, [u for u in API_LIBRARY])
+            yield system
+    finally:
+        broker.stop()
+
+
+def _wait_for_styles(system: ApiSystem, users: list[str], timeout_s: float = 60) -> None:
+    import requests
+
+    deadline = time.monotonic() + timeout_s
+    for user in users:
+        while requests.get(f"{system.url}/v1/me/style", headers={
+                "Authorization": f"Bearer {system.token(user)}"}, timeout=10).status_code != 200:
+            assert time.monotonic() < deadline, f"the API never showed {user}'s style"
+            time.sleep(0.2)

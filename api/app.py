@@ -1,0 +1,487 @@
+"""`stylestream api`: the HTTP front door.
+
+- `POST /v1/images/generations` speaks the OpenAI Images API, personalized with the signed-in
+  person's style: the request becomes generation-requests events (a trace id in their Kafka
+  headers), and the response waits, bounded, for their results (`follower.py` folds them in).
+- `/v1/me/...`: the person's own style, its history, what shaped it, their albums and photos,
+  style-learning switches (consent events), a download of their data, forget-me, and grants.
+- `/`: the person's page (static/), which uses the same endpoints.
+
+Every error has the OpenAI error shape; every endpoint checks the caller's scope, and the subject is
+always the caller's own: no route takes another person's id.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import random
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated
+
+import fsspec
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from limits import parse
+from limits.storage import MemoryStorage
+from limits.strategies import MovingWindowRateLimiter
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from stylestream.api import views
+from stylestream.api.auth import (
+    ACCOUNT,
+    CONSENT_WRITE,
+    IMAGES_GENERATE,
+    STYLE_READ,
+    AuthError,
+    Principal,
+    authenticate,
+    new_grant,
+)
+from stylestream.api.config import ApiConfig
+from stylestream.api.follower import Follower
+from stylestream.api.models import (
+    ErrorBody,
+    GrantRequest,
+    ImageData,
+    ImageGenerationRequest,
+    ImagesResponse,
+    StyleLearningSwitch,
+)
+from stylestream.api.store import ApiStore
+from stylestream.keyfiles import create_once
+from stylestream.schemas.events import GenerationRequested, StyleLearningToggled, UserForgotten, to_message
+from stylestream.streams import clients
+from stylestream.streams.topics import CONSENT_EVENTS, GENERATION_REQUESTS, ensure_topics
+
+STATIC = Path(__file__).parent / "static"
+URL_LIFETIME_S = 3600
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
+               422: "invalid_request_error", 429: "rate_limit_error", 504: "timeout_error"}
+ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 403, 404, 413, 429)}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, param: str | None = None,
+                 generation_id: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.param = status, code, message, param
+        self.generation_id, self.headers = generation_id, headers
+
+
+def error_response(status: int, code: str, message: str, param: str | None = None,
+                   generation_id: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    detail = {"status": status, "code": code, "message": message,
+              "type": ERROR_TYPES.get(status, "server_error"), "param": param, "generation_id": generation_id}
+    return JSONResponse({"error": detail}, status_code=status, headers=headers)
+
+
+@dataclass
+class Services:
+    cfg: ApiConfig
+    store: ApiStore
+    follower: Follower
+    producer: object
+    limiter: MovingWindowRateLimiter
+    url_key: bytes
+
+    def sign(self, request_id: str, expires: int) -> str:
+        return hmac.new(self.url_key, f"{request_id}\n{expires}".encode(), hashlib.sha256).hexdigest()
+
+    def send(self, topic: str, event, trace_id: str | None = None) -> None:
+        key, value = to_message(event)
+        headers = [(clients.TRACE_HEADER, trace_id.encode())] if trace_id else None
+        self.producer.send(topic, key=key, value=value, headers=headers)
+
+
+class BodyLimit:
+    """Refuses request bodies over `max_bytes` (declared or streamed) before a route reads them."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        too_large = error_response(413, "request_too_large", f"request bodies are limited to {self.max_bytes} bytes")
+        if not declared.isdigit() or int(declared) > self.max_bytes:
+            return await too_large(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise ApiError(413, "request_too_large", f"request bodies are limited to {self.max_bytes} bytes")
+            return message
+        return await self.app(scope, counted, send)
+
+
+def create_app(cfg: ApiConfig) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        ensure_topics(cfg.bootstrap_servers)
+        create_once(cfg.url_key_path, secrets.token_bytes(32))
+        store = ApiStore(cfg.db_path)
+        app.state.services = Services(cfg, store, Follower(cfg.bootstrap_servers, store).start(),
+                                      clients.producer(cfg.bootstrap_servers),
+                                      MovingWindowRateLimiter(MemoryStorage()), cfg.url_key_path.read_bytes())
+        yield
+        services: Services = app.state.services
+        services.follower.close()
+        services.producer.close()
+        store.close()
+
+    app = FastAPI(title="stylestream", version="1", lifespan=lifespan, summary=(
+        "Personalized image generation with each person's own style; the person's view of their style, "
+        "switches and grants."))
+    app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
+    _errors(app)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    _routes(app, cfg)
+    return app
+
+
+def _errors(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_request: Request, e: ApiError) -> JSONResponse:
+        return error_response(e.status, e.code, e.message, e.param, e.generation_id, e.headers)
+
+    @app.exception_handler(AuthError)
+    async def auth_error(_request: Request, e: AuthError) -> JSONResponse:
+        return error_response(e.status, e.code, e.message, headers={"WWW-Authenticate": "Bearer"})
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
+        param = ".".join(str(p) for p in first["loc"] if p != "body") or None
+        message = "; ".join(f"{'.'.join(str(p) for p in err['loc'] if p != 'body') or 'body'}: {err['msg']}"
+                            for err in e.errors())
+        return error_response(400, "invalid_request", message, param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, e: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
+        return error_response(e.status_code, code, str(e.detail))
+
+
+def services_of(request: Request) -> Services:
+    return request.app.state.services
+
+
+def caller(request: Request) -> Principal:
+    """The authenticated caller, counted against their rate limits (the person's, and the grant's)."""
+    s = services_of(request)
+    principal = authenticate(request.headers.get("authorization"), s.cfg.verifier, s.store)
+    _limit(s, principal, s.cfg.person_rate, s.cfg.grant_rate, "requests")
+    return principal
+
+
+def _limit(s: Services, p: Principal, person_rate: str, grant_rate: str, what: str, cost: int = 1) -> None:
+    checks = [(parse(person_rate), ("person", what, p.user_id))]
+    if p.grant_id:
+        checks.append((parse(grant_rate), ("grant", what, p.grant_id)))
+    for rate, key in checks:
+        if not s.limiter.hit(rate, *key, cost=cost):
+            reset = s.limiter.get_window_stats(rate, *key).reset_time
+            wait = max(1, int(reset - time.time() + 0.999))
+            raise ApiError(429, "rate_limited", f"{key[0]} limit of {rate} {what} reached; retry in {wait} s",
+                           headers={"Retry-After": str(wait)})
+
+
+Caller = Annotated[Principal, Depends(caller)]
+
+
+def _routes(app: FastAPI, cfg: ApiConfig) -> None:
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    @app.get("/healthz", tags=["service"])
+    def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/config", tags=["service"])
+    def config() -> dict:
+        """What this server's generation accepts."""
+        return {"sizes": list(cfg.sizes), "max_images": cfg.max_images,
+                "generation_timeout_s": cfg.generation_timeout_s}
+
+    # --- generation (OpenAI-compatible) ----------------------------------------------------------
+    @app.post("/v1/images/generations", tags=["images"], response_model=ImagesResponse,
+              responses={**ERRORS, 422: {"model": ErrorBody}, 504: {"model": ErrorBody}})
+    async def create_images(body: ImageGenerationRequest, request: Request, principal: Caller):
+        """Generate `n` images with the caller's style; waits at most `generation_timeout_s` (then a
+        504 names the generation id, to fetch later)."""
+        s = services_of(request)
+        principal.require(IMAGES_GENERATE)
+        width, height = _size(cfg, body)
+        if body.user is not None and body.user != principal.user_id:
+            raise ApiError(403, "user_mismatch", "`user` must be the signed-in person's own user id", "user")
+        _limit(s, principal, cfg.person_images_rate, cfg.grant_images_rate, "images", cost=body.n)
+        generation_id = await run_in_threadpool(_start, s, principal, body, width, height)
+        if body.stream:
+            return StreamingResponse(_stream(s, generation_id, body), media_type="text/event-stream")
+        g = await run_in_threadpool(s.store.wait_for_results, generation_id, cfg.generation_timeout_s)
+        out = _images_response(s, g, str(request.base_url))
+        headers = {"x-request-id": generation_id, "trace-id": out.trace_id}
+        if out.status == "pending":
+            raise ApiError(504, "generation_timeout", f"the images were not ready within {cfg.generation_timeout_s:g} "
+                           f"s; fetch them later with GET /v1/images/generations/{generation_id}",
+                           generation_id=generation_id, headers=headers)
+        if out.status == "failed":
+            raise ApiError(422, "generation_failed", "; ".join(out.failures), generation_id=generation_id,
+                           headers=headers)
+        return JSONResponse(out.model_dump(mode="json"), headers=headers)
+
+    @app.get("/v1/images/generations/{generation_id}", tags=["images"], response_model=ImagesResponse,
+             responses=ERRORS)
+    def get_generation(generation_id: str, request: Request, principal: Caller) -> ImagesResponse:
+        """A generation by id, finished or not (`status`): the way back after a timeout."""
+        principal.require(IMAGES_GENERATE)
+        s = services_of(request)
+        g = s.store.generation(generation_id)
+        if g is None or g["user_id"] != principal.user_id:
+            raise ApiError(404, "not_found", f"no generation {generation_id} of yours")
+        return _images_response(s, g, str(request.base_url))
+
+    @app.get("/v1/images/files/{request_id}", tags=["images"], response_class=Response,
+             responses={**ERRORS, 200: {"content": {"image/png": {}}}})
+    def image_file(request_id: str, request: Request, expires: int = 0, sig: str = "") -> Response:
+        """An image by its signed URL (as the generation response gives it), or with the owner's token."""
+        s = services_of(request)
+        owner = s.store.image_owner(request_id)
+        if sig:
+            if not (hmac.compare_digest(sig, s.sign(request_id, expires)) and time.time() < expires):
+                raise ApiError(403, "bad_signature", "the image URL is expired or not valid")
+        else:
+            principal = caller(request)
+            principal.require(IMAGES_GENERATE)
+            if owner is None or owner[0] != principal.user_id:
+                raise ApiError(404, "not_found", f"no image {request_id} of yours")
+        if owner is None or not owner[1] or owner[1].get("type") != "generation_completed":
+            raise ApiError(404, "not_found", f"no image {request_id}")
+        return Response(_read_image(owner[1]["image_uri"]), media_type="image/png",
+                        headers={"Cache-Control": "private, max-age=3600"})
+
+    # --- the person's own -------------------------------------------------------------------------
+    @app.get("/v1/me", tags=["me"], responses=ERRORS)
+    def me(principal: Caller) -> dict:
+        return {"user_id": principal.user_id, "scopes": sorted(principal.scopes), "grant_id": principal.grant_id}
+
+    @app.get("/v1/me/style", tags=["me"], responses=ERRORS)
+    def my_style(request: Request, principal: Caller) -> dict:
+        """The latest style: version, style code, palette, the look in words, named features, facets."""
+        principal.require(STYLE_READ)
+        event = services_of(request).store.style(principal.user_id)
+        if event is None:
+            raise ApiError(404, "no_style", "no style yet: upload photos with style learning on")
+        return views.style(event)
+
+    @app.get("/v1/me/style/history", tags=["me"], responses=ERRORS)
+    def my_history(principal: Caller) -> dict:
+        """Every version over time, with its drift from the first and the previous, from the history."""
+        principal.require(STYLE_READ)
+        return {"versions": views.history(cfg.layout.state, principal.user_id)}
+
+    @app.get("/v1/me/style/explanation", tags=["me"], responses=ERRORS)
+    def my_explanation(request: Request, principal: Caller) -> dict:
+        """What shaped the latest style: the manifest's photos and the ones pulling each feature."""
+        principal.require(STYLE_READ)
+        manifest = services_of(request).store.manifest(principal.user_id)
+        if manifest is None:
+            raise ApiError(404, "no_style", "no style manifest yet")
+        return {k: manifest[k] for k in ("version", "style_code", "basis", "photos", "explanation")}
+
+    @app.get("/v1/me/albums", tags=["me"], responses=ERRORS)
+    def my_albums(request: Request, principal: Caller) -> dict:
+        """Albums as catalogued (ids and counts only), each with its style-learning switch."""
+        principal.require(STYLE_READ)
+        store = services_of(request).store
+        return views.albums(store.photos(principal.user_id), store.switches(principal.user_id))
+
+    @app.get("/v1/me/photos", tags=["me"], responses=ERRORS)
+    def my_photos(request: Request, principal: Caller) -> dict:
+        """Photos as catalogued: references only (id, album, upload day), each with whether it counts."""
+        principal.require(STYLE_READ)
+        store = services_of(request).store
+        return {"photos": views.photos(store.photos(principal.user_id), store.switches(principal.user_id))}
+
+    @app.put("/v1/me/style-learning", tags=["me"], status_code=202, responses=ERRORS)
+    async def switch_learning(body: StyleLearningSwitch, request: Request, principal: Caller) -> dict:
+        """Style learning on or off for the person, an album or a photo: a consent event ingestion applies."""
+        principal.require(CONSENT_WRITE)
+        if (body.scope == "user") != (body.id is None):
+            raise ApiError(400, "invalid_request", "give `id` for an album or photo, and none for scope 'user'", "id")
+        now = datetime.now(UTC)
+        event = StyleLearningToggled(event_id=f"api-{uuid.uuid4().hex}", user_id=principal.user_id, event_time=now,
+                                     scope=body.scope, scope_id=body.id, enabled=body.enabled)
+        await run_in_threadpool(_send_now, services_of(request), CONSENT_EVENTS, event)
+        return {"event_id": event.event_id, "scope": body.scope, "id": body.id, "enabled": body.enabled}
+
+    @app.get("/v1/me/generations", tags=["me"], responses=ERRORS)
+    def my_generations(request: Request, principal: Caller, limit: int = 30) -> dict:
+        """The gallery: the person's latest generations through this API, with the style version used."""
+        principal.require(IMAGES_GENERATE)
+        s = services_of(request)
+        return {"generations": [_images_response(s, g, str(request.base_url)).model_dump(mode="json") | {
+            "prompt": g["prompt"], "created_at": g["created_at"]}
+            for g in s.store.generations_of(principal.user_id, max(1, min(limit, 100)))]}
+
+    @app.get("/v1/me/export", tags=["me"], responses=ERRORS)
+    def my_export(request: Request, principal: Caller) -> Response:
+        """Everything the service shows of the person, as one JSON download (their sign-in only)."""
+        principal.require(ACCOUNT)
+        s = services_of(request)
+        user = principal.user_id
+        style = s.store.style(user)
+        data = {"user_id": user, "exported_at": datetime.now(UTC).isoformat(),
+                "style": views.style(style) if style else None,
+                "history": views.history(cfg.layout.state, user), "manifest": s.store.manifest(user),
+                "albums": views.albums(s.store.photos(user), s.store.switches(user)),
+                "photos": views.photos(s.store.photos(user), s.store.switches(user)),
+                "generations": [{k: v for k, v in g.items() if k != "images"} | {
+                    "results": [r for _, r in g["images"]]} for g in s.store.generations_of(user, 10_000)],
+                "grants": [g.public() for g in s.store.grants_of(user)]}
+        return Response(json.dumps(data, indent=2), media_type="application/json",
+                        headers={"Content-Disposition": f'attachment; filename="stylestream-{user}.json"'})
+
+    @app.post("/v1/me/forget", tags=["me"], status_code=202, responses=ERRORS)
+    async def forget_me(request: Request, principal: Caller) -> dict:
+        """Ask to be forgotten: ingestion erases every record and signs a receipt under the request id."""
+        principal.require(ACCOUNT)
+        event = UserForgotten(event_id=f"forget-{uuid.uuid4().hex}", user_id=principal.user_id,
+                              event_time=datetime.now(UTC))
+        await run_in_threadpool(_send_now, services_of(request), CONSENT_EVENTS, event)
+        return {"request_id": event.event_id,
+                "receipt": f"stylestream receipt get {event.event_id} (once ingestion has erased you)"}
+
+    # --- grants --------------------------------------------------------------------------------------
+    @app.get("/v1/me/grants", tags=["grants"], responses=ERRORS)
+    def my_grants(request: Request, principal: Caller) -> dict:
+        principal.require(ACCOUNT)
+        return {"grants": [g.public() for g in services_of(request).store.grants_of(principal.user_id)]}
+
+    @app.post("/v1/me/grants", tags=["grants"], status_code=201, responses=ERRORS)
+    def create_grant(body: GrantRequest, request: Request, principal: Caller) -> dict:
+        """A token for another application with these scopes until it expires or is revoked; shown once."""
+        principal.require(ACCOUNT)
+        try:
+            grant, token = new_grant(principal.user_id, body.name, list(body.scopes),
+                                     timedelta(seconds=body.expires_in_s))
+        except AuthError as e:
+            raise ApiError(e.status, e.code, e.message) from None
+        services_of(request).store.add_grant(grant)
+        return {**grant.public(), "token": token}
+
+    @app.delete("/v1/me/grants/{grant_id}", tags=["grants"], responses=ERRORS)
+    def revoke_grant(grant_id: str, request: Request, principal: Caller) -> dict:
+        principal.require(ACCOUNT)
+        if not services_of(request).store.revoke_grant(principal.user_id, grant_id):
+            raise ApiError(404, "not_found", f"no grant {grant_id} of yours")
+        return {"id": grant_id, "revoked": True}
+
+
+def _size(cfg: ApiConfig, body: ImageGenerationRequest) -> tuple[int, int]:
+    size = body.size or cfg.sizes[0]
+    if size not in cfg.sizes:
+        raise ApiError(400, "invalid_size", f"size must be one of {', '.join(cfg.sizes)}", "size")
+    if body.n > cfg.max_images:
+        raise ApiError(400, "invalid_n", f"n must be at most {cfg.max_images}", "n")
+    width, height = size.split("x")
+    return int(width), int(height)
+
+
+def _send_now(s: Services, topic: str, event, trace_id: str | None = None) -> None:
+    s.send(topic, event, trace_id)
+    s.producer.flush(timeout=30)
+
+
+def _start(s: Services, principal: Principal, body: ImageGenerationRequest, width: int, height: int) -> str:
+    """Record the generation, then publish one request per image, all under one trace id."""
+    generation_id, trace_id = f"gen-{uuid.uuid4().hex}", secrets.token_hex(16)
+    seed = body.seed if body.seed is not None else random.randrange(2**31)
+    requests = [GenerationRequested(
+        event_id=f"{generation_id}-{i}", user_id=principal.user_id, event_time=datetime.now(UTC),
+        request_id=f"{generation_id}-{i}", prompt=body.prompt, seed=seed + i, num_inference_steps=s.cfg.steps,
+        width=width, height=height, style_strength=body.style_strength, style_version=body.style_version,
+        style_code=body.style_code, facet=body.facet) for i in range(body.n)]
+    s.store.add_generation(generation_id, principal.user_id, principal.grant_id, trace_id, body.prompt,
+                           f"{width}x{height}", body.response_format, [r.request_id for r in requests])
+    for r in requests:
+        s.send(GENERATION_REQUESTS, r, trace_id)
+    s.producer.flush(timeout=30)
+    return generation_id
+
+
+def _read_image(uri: str) -> bytes:
+    with fsspec.open(uri, "rb") as f:
+        return f.read()
+
+
+def _images_response(s: Services, g: dict, base_url: str) -> ImagesResponse:
+    data, failures, pending = [], [], False
+    for request_id, result in g["images"]:
+        if result is None:
+            pending = True
+        elif result["type"] == "generation_failed":
+            failures.append(result["reason"])
+        else:
+            item = ImageData(request_id=request_id, revised_prompt=g["prompt"],
+                             style_version=result.get("style_version"), style_code=result.get("style_code"),
+                             facet=result.get("facet"))
+            if g["response_format"] == "b64_json":
+                item.b64_json = base64.b64encode(_read_image(result["image_uri"])).decode()
+            else:
+                expires = int(time.time()) + URL_LIFETIME_S
+                item.url = (f"{base_url}v1/images/files/{request_id}?expires={expires}"
+                            f"&sig={s.sign(request_id, expires)}")
+            data.append(item)
+    status = "pending" if pending else "failed" if failures else "completed"
+    created = int(datetime.fromisoformat(g["created_at"]).timestamp())
+    return ImagesResponse(created=created, data=data, id=g["id"], trace_id=g["trace_id"], status=status,
+                          failures=failures)
+
+
+async def _stream(s: Services, generation_id: str, body: ImageGenerationRequest) -> AsyncIterator[str]:
+    """Server-sent events as the OpenAI API streams images: one image_generation.completed per image
+    (with b64_json), comments while waiting, an error event on failure or timeout."""
+    deadline = time.monotonic() + s.cfg.generation_timeout_s
+    while True:
+        g = await run_in_threadpool(s.store.wait_for_results, generation_id, 2.0)
+        out = _images_response(s, {**g, "response_format": "b64_json"}, "")
+        if out.status == "completed":
+            for item in out.data:
+                event = {"type": "image_generation.completed", "b64_json": item.b64_json, "created_at": out.created,
+                         "size": body.size or s.cfg.sizes[0], "quality": "auto", "background": "auto",
+                         "output_format": "png", "usage": {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
+                                                           "input_tokens_details": {"image_tokens": 0,
+                                                                                    "text_tokens": 0}},
+                         "request_id": item.request_id, "style_version": item.style_version,
+                         "style_code": item.style_code, "trace_id": out.trace_id}
+                yield f"event: image_generation.completed\ndata: {json.dumps(event)}\n\n"
+            return
+        if out.status == "failed" or time.monotonic() > deadline:
+            timed_out = out.status == "pending"
+            error = {"status": 504 if timed_out else 422,
+                     "code": "generation_timeout" if timed_out else "generation_failed",
+                     "message": f"not ready within {s.cfg.generation_timeout_s:g} s" if timed_out
+                     else "; ".join(out.failures), "generation_id": generation_id}
+            yield f"event: error\ndata: {json.dumps({'type': 'error', 'error': error})}\n\n"
+            return
+        yield ": generating\n\n"

@@ -1,0 +1,117 @@
+"""Folds the topics the API shows into its own database: each person's photos (references only),
+style-learning switches, latest style and manifest, and the results of the generations it asked for.
+
+One thread, one consumer assigned every partition; a batch of messages and the offsets after it are
+applied in one SQLite transaction, so after a crash nothing is folded twice or missed. A forget
+request or an erasure tombstone deletes every row of the person, grants and generations included.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+
+from kafka import TopicPartition
+
+from stylestream.api.store import ApiStore
+from stylestream.schemas.events import InvalidEvent, parse_event
+from stylestream.streams import clients
+from stylestream.streams.clients import TRACE_HEADER, Message
+from stylestream.streams.topics import CONSENT_EVENTS, GENERATION_RESULTS, PHOTO_EVENTS, STYLE_MANIFESTS, STYLE_VECTORS
+
+log = logging.getLogger(__name__)
+FOLLOWED = (PHOTO_EVENTS, CONSENT_EVENTS, STYLE_VECTORS, STYLE_MANIFESTS, GENERATION_RESULTS)
+
+
+def fold(db: sqlite3.Connection, store: ApiStore, m: Message) -> None:
+    """Apply one message to the read model (in the caller's transaction); invalid ones are skipped
+    (ingestion and serving dead-letter them)."""
+    if m.value is None:  # a tombstone on a compacted topic: the person (the key) was forgotten
+        if m.topic in (STYLE_VECTORS, STYLE_MANIFESTS) and m.key:
+            store.forget(db, m.key.decode())
+        return
+    try:
+        e = parse_event(m.topic, m.value)
+    except InvalidEvent:
+        return
+    match e.type:
+        case "photo_uploaded":  # the day only: the page needs no more, and keeps no more
+            db.execute("INSERT OR REPLACE INTO photos VALUES (?, ?, ?, ?)",
+                       (e.user_id, e.photo_id, e.album_id, e.event_time.date().isoformat()))
+        case "photo_deleted":
+            db.execute("DELETE FROM photos WHERE user_id = ? AND photo_id = ?", (e.user_id, e.photo_id))
+        case "style_learning_toggled":
+            db.execute("""INSERT INTO switches VALUES (?, ?, ?, ?, ?)
+                          ON CONFLICT DO UPDATE SET enabled = excluded.enabled, changed_at = excluded.changed_at
+                          WHERE excluded.changed_at >= switches.changed_at""",
+                       (e.user_id, e.scope, e.scope_id or "", int(e.enabled), e.event_time.isoformat()))
+        case "user_forgotten":
+            store.forget(db, e.user_id)
+        case "style_vector_updated" if e.tombstone:
+            store.forget(db, e.user_id)
+        case "style_vector_updated" | "style_manifest":
+            table = "styles" if e.type == "style_vector_updated" else "manifests"
+            db.execute(f"""INSERT INTO {table} VALUES (?, ?, ?)
+                           ON CONFLICT DO UPDATE SET version = excluded.version, event = excluded.event
+                           WHERE excluded.version >= {table}.version""",
+                       (e.user_id, e.version, m.value.decode()))
+        case "generation_completed" | "generation_failed":
+            db.execute("UPDATE images SET result = ? WHERE request_id = ? AND user_id = ?",
+                       (json.dumps({**json.loads(m.value), "trace_id": _trace(m)}), e.request_id, e.user_id))
+
+
+def _trace(m: Message) -> str | None:
+    trace = dict(m.headers).get(TRACE_HEADER)
+    return trace.decode() if trace else None
+
+
+class Follower:
+    def __init__(self, bootstrap_servers: str, store: ApiStore):
+        self.store = store
+        self._consumer = clients.consumer(bootstrap_servers, fetch_max_wait_ms=100)
+        tps = [tp for topic in FOLLOWED for tp in clients.partitions_of(self._consumer, topic)]
+        self._consumer.assign(tps)
+        done = store.offsets()
+        for tp in tps:
+            if (tp.topic, tp.partition) in done:
+                self._consumer.seek(tp, done[(tp.topic, tp.partition)])
+            else:
+                self._consumer.seek_to_beginning(tp)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="api-follower", daemon=True)
+
+    def start(self) -> Follower:
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self._consumer.close()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            clients.with_backoff(self.poll_once, self._stop, on_retry=lambda e, delay: log.warning(
+                "broker unavailable (%s); retrying in %.1f s", e, delay))
+
+    def poll_once(self) -> int:
+        batches = self._consumer.poll(timeout_ms=200)
+        if not batches:
+            return 0
+        n = 0
+        with self.store.transaction() as db:
+            for tp, records in sorted(batches.items(), key=lambda kv: (kv[0].topic, kv[0].partition)):
+                for r in records:
+                    fold(db, self.store, Message(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp,
+                                                 tuple(r.headers or ())))
+                    n += 1
+                self._save_offset(db, tp, records[-1].offset + 1)
+        with self.store.changed:
+            self.store.changed.notify_all()
+        return n
+
+    @staticmethod
+    def _save_offset(db: sqlite3.Connection, tp: TopicPartition, next_offset: int) -> None:
+        db.execute("INSERT OR REPLACE INTO offsets VALUES (?, ?, ?)", (tp.topic, tp.partition, next_offset))

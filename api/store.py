@@ -1,0 +1,194 @@
+"""The API's own small database (SQLite): grants, the generations it was asked for, and a read model
+of each person's photos, switches, style and manifest, folded from the topics by `follower.py`.
+
+The API never opens ingestion's DuckDB state (one writer process); what it shows comes from the
+topics, applied here together with the offsets they came from, so a restart resumes exactly where
+the last committed fold stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS grants (
+    id TEXT PRIMARY KEY, user_id TEXT NOT NULL, name TEXT NOT NULL, scopes TEXT NOT NULL,
+    secret_sha256 TEXT NOT NULL, created_at TEXT NOT NULL, expires_at TEXT NOT NULL, revoked_at TEXT);
+CREATE INDEX IF NOT EXISTS grants_by_user ON grants (user_id);
+CREATE TABLE IF NOT EXISTS generations (
+    id TEXT PRIMARY KEY, user_id TEXT NOT NULL, grant_id TEXT, trace_id TEXT NOT NULL,
+    prompt TEXT NOT NULL, size TEXT NOT NULL, response_format TEXT NOT NULL, created_at TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS generations_by_user ON generations (user_id, created_at);
+CREATE TABLE IF NOT EXISTS images (
+    request_id TEXT PRIMARY KEY, generation_id TEXT NOT NULL, user_id TEXT NOT NULL, idx INTEGER NOT NULL,
+    result TEXT);
+CREATE INDEX IF NOT EXISTS images_by_generation ON images (generation_id, idx);
+CREATE TABLE IF NOT EXISTS photos (
+    user_id TEXT NOT NULL, photo_id TEXT NOT NULL, album_id TEXT, uploaded_at TEXT NOT NULL,
+    PRIMARY KEY (user_id, photo_id));
+CREATE TABLE IF NOT EXISTS switches (
+    user_id TEXT NOT NULL, scope TEXT NOT NULL, scope_id TEXT NOT NULL, enabled INTEGER NOT NULL,
+    changed_at TEXT NOT NULL, PRIMARY KEY (user_id, scope, scope_id));
+CREATE TABLE IF NOT EXISTS styles (user_id TEXT PRIMARY KEY, version INTEGER NOT NULL, event TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS manifests (user_id TEXT PRIMARY KEY, version INTEGER NOT NULL, event TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS offsets (topic TEXT NOT NULL, part INTEGER NOT NULL, next INTEGER NOT NULL,
+    PRIMARY KEY (topic, part));
+"""
+PERSONAL_TABLES = ("grants", "generations", "images", "photos", "switches", "styles", "manifests")
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+@dataclass(frozen=True)
+class Grant:
+    id: str
+    user_id: str
+    name: str
+    scopes: tuple[str, ...]
+    secret_sha256: str
+    created_at: datetime
+    expires_at: datetime
+    revoked_at: datetime | None
+
+    def live(self, at: datetime) -> bool:
+        return self.revoked_at is None and at < self.expires_at
+
+    def public(self) -> dict:
+        """What the person sees of a grant (never the secret or its hash)."""
+        return {"id": self.id, "name": self.name, "scopes": list(self.scopes),
+                "created_at": self.created_at.isoformat(), "expires_at": self.expires_at.isoformat(),
+                "revoked_at": self.revoked_at.isoformat() if self.revoked_at else None}
+
+
+def _grant(row: sqlite3.Row) -> Grant:
+    return Grant(row["id"], row["user_id"], row["name"], tuple(row["scopes"].split()), row["secret_sha256"],
+                 datetime.fromisoformat(row["created_at"]), datetime.fromisoformat(row["expires_at"]),
+                 datetime.fromisoformat(row["revoked_at"]) if row["revoked_at"] else None)
+
+
+class ApiStore:
+    """One SQLite connection shared by the request threads and the follower, behind one lock."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._lock = threading.RLock()
+        self.changed = threading.Condition(self._lock)  # notified after every fold of new messages
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _rows(self, sql: str, params: Iterable = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, tuple(params)).fetchall()
+
+    # --- grants ---------------------------------------------------------------------------------
+    def add_grant(self, grant: Grant) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT INTO grants VALUES (?, ?, ?, ?, ?, ?, ?, NULL)",
+                       (grant.id, grant.user_id, grant.name, " ".join(grant.scopes), grant.secret_sha256,
+                        grant.created_at.isoformat(), grant.expires_at.isoformat()))
+
+    def grant(self, grant_id: str) -> Grant | None:
+        rows = self._rows("SELECT * FROM grants WHERE id = ?", [grant_id])
+        return _grant(rows[0]) if rows else None
+
+    def grants_of(self, user_id: str) -> list[Grant]:
+        return [_grant(r) for r in self._rows(
+            "SELECT * FROM grants WHERE user_id = ? ORDER BY created_at DESC", [user_id])]
+
+    def revoke_grant(self, user_id: str, grant_id: str) -> bool:
+        """Revoke one of the person's grants; False if they have none with that id."""
+        with self.transaction() as db:
+            cur = db.execute("UPDATE grants SET revoked_at = coalesce(revoked_at, ?) WHERE id = ? AND user_id = ?",
+                             (now_iso(), grant_id, user_id))
+            return cur.rowcount == 1
+
+    # --- generations ----------------------------------------------------------------------------
+    def add_generation(self, generation_id: str, user_id: str, grant_id: str | None, trace_id: str, prompt: str,
+                       size: str, response_format: str, request_ids: list[str]) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT INTO generations VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       (generation_id, user_id, grant_id, trace_id, prompt, size, response_format, now_iso()))
+            db.executemany("INSERT INTO images VALUES (?, ?, ?, ?, NULL)",
+                           [(r, generation_id, user_id, i) for i, r in enumerate(request_ids)])
+
+    def generation(self, generation_id: str) -> dict | None:
+        rows = self._rows("SELECT * FROM generations WHERE id = ?", [generation_id])
+        if not rows:
+            return None
+        images = self._rows("SELECT request_id, result FROM images WHERE generation_id = ? ORDER BY idx",
+                            [generation_id])
+        return {**dict(rows[0]), "images": [(r["request_id"], json.loads(r["result"]) if r["result"] else None)
+                                            for r in images]}
+
+    def generations_of(self, user_id: str, limit: int = 50) -> list[dict]:
+        ids = [r["id"] for r in self._rows(
+            "SELECT id FROM generations WHERE user_id = ? ORDER BY created_at DESC LIMIT ?", [user_id, limit])]
+        return [g for g in map(self.generation, ids) if g is not None]
+
+    def image_owner(self, request_id: str) -> tuple[str, dict | None] | None:
+        rows = self._rows("SELECT user_id, result FROM images WHERE request_id = ?", [request_id])
+        return (rows[0]["user_id"], json.loads(rows[0]["result"]) if rows[0]["result"] else None) if rows else None
+
+    def wait_for_results(self, generation_id: str, timeout_s: float) -> dict | None:
+        """The generation once every image has its result, or as it stands after `timeout_s`."""
+        with self.changed:
+            self.changed.wait_for(lambda: self._done(generation_id), timeout=timeout_s)
+            return self.generation(generation_id)
+
+    def _done(self, generation_id: str) -> bool:
+        return not self._rows("SELECT 1 FROM images WHERE generation_id = ? AND result IS NULL", [generation_id])
+
+    # --- the read model -------------------------------------------------------------------------
+    def offsets(self) -> dict[tuple[str, int], int]:
+        return {(r["topic"], r["part"]): r["next"] for r in self._rows("SELECT * FROM offsets")}
+
+    def style(self, user_id: str) -> dict | None:
+        rows = self._rows("SELECT event FROM styles WHERE user_id = ?", [user_id])
+        return json.loads(rows[0]["event"]) if rows else None
+
+    def manifest(self, user_id: str) -> dict | None:
+        rows = self._rows("SELECT event FROM manifests WHERE user_id = ?", [user_id])
+        return json.loads(rows[0]["event"]) if rows else None
+
+    def photos(self, user_id: str) -> list[dict]:
+        return [dict(r) for r in self._rows(
+            "SELECT photo_id, album_id, uploaded_at FROM photos WHERE user_id = ? ORDER BY album_id, photo_id",
+            [user_id])]
+
+    def switches(self, user_id: str) -> dict[tuple[str, str], bool]:
+        """(scope, scope id) -> style learning on or off, as last switched ('user', '') for the person."""
+        return {(r["scope"], r["scope_id"]): bool(r["enabled"]) for r in self._rows(
+            "SELECT scope, scope_id, enabled FROM switches WHERE user_id = ?", [user_id])}
+
+    def forget(self, db: sqlite3.Connection, user_id: str) -> None:
+        """Every row of the person, in the caller's transaction (a forget request or an erasure tombstone)."""
+        for table in PERSONAL_TABLES:
+            db.execute(f"DELETE FROM {table} WHERE user_id = ?", (user_id,))

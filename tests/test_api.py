@@ -1,0 +1,209 @@
+"""`stylestream api` against the running system (real broker, ingestion, serving worker, uvicorn):
+the official OpenAI client, who may do what, limits and errors, the person's own endpoints."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import sqlite3
+import time
+from datetime import UTC, datetime, timedelta
+
+import openai
+import pytest
+import requests
+from PIL import Image
+
+from stylestream.api.app import create_app
+from stylestream.api.auth import new_grant
+from stylestream.api.config import ApiConfig
+from stylestream.api.store import ApiStore
+from stylestream.api.system import ApiServer, DemoIssuer
+from stylestream.schemas.events import parse_event
+from stylestream.streams import clients
+from stylestream.streams.topics import CONSENT_EVENTS, GENERATION_RESULTS
+
+pytestmark = pytest.mark.slow
+
+
+def call(system, method: str, path: str, token: str | None, **kw) -> requests.Response:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return requests.request(method, f"{system.url}{path}", headers=headers, timeout=120, **kw)
+
+
+def grant(system, user: str, scopes: list[str], name: str = "an app") -> dict:
+    r = call(system, "POST", "/v1/me/grants", system.token(user), json={"name": name, "scopes": scopes})
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def assert_error(r: requests.Response, status: int, code: str) -> dict:
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert (error["status"], error["code"]) == (status, code)
+    assert error["message"] and error["type"]
+    return error
+
+
+def test_the_openai_client_generates_with_the_persons_style(api_system):
+    token = api_system.token("ben")
+    style = call(api_system, "GET", "/v1/me/style", token).json()
+    client = openai.OpenAI(base_url=f"{api_system.url}/v1", api_key=token, max_retries=0)
+
+    raw = client.images.with_raw_response.generate(
+        prompt="a lighthouse", n=2, size="64x64", response_format="b64_json", extra_body={"style_strength": 1.0})
+    images = raw.parse()
+    assert len(images.data) == 2
+    for item in images.data:
+        picture = Image.open(io.BytesIO(base64.b64decode(item.b64_json)))
+        assert picture.size == (64, 64)
+        assert (item.style_version, item.style_code) == (style["version"], style["style_code"])
+    # The trace id travels in the Kafka headers from the request to its result, and back to the caller.
+    trace = raw.headers["trace-id"]
+    results = [m for m in clients.read_all(api_system.bootstrap_servers, GENERATION_RESULTS)
+               if parse_event(GENERATION_RESULTS, m.value).request_id == images.data[0].request_id]
+    assert dict(results[0].headers)["trace-id"].decode() == trace
+
+    by_url = client.images.generate(prompt="a lighthouse", size="64x64")  # response_format url, the default
+    fetched = requests.get(by_url.data[0].url, timeout=30)  # a signed URL: no token needed
+    assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/png"
+    assert requests.get(by_url.data[0].url.replace("sig=", "sig=0"), timeout=30).status_code == 403
+
+    events = list(client.images.generate(prompt="a lighthouse", size="64x64", stream=True))
+    assert [e.type for e in events] == ["image_generation.completed"]
+    assert Image.open(io.BytesIO(base64.b64decode(events[0].b64_json))).size == (64, 64)
+
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.images.generate(prompt="a lighthouse", size="4096x4096")
+    assert bad.value.body["code"] == "invalid_size"
+
+
+def test_one_person_cannot_read_use_switch_or_generate_with_anothers_style(api_system):
+    ben, cleo = api_system.token("ben"), api_system.token("cleo")
+    bens = call(api_system, "GET", "/v1/me/style", ben).json()
+    cleos = call(api_system, "GET", "/v1/me/style", cleo).json()
+    assert bens["style_code"] != cleos["style_code"]  # each token sees its own subject's style, only
+
+    made = call(api_system, "POST", "/v1/images/generations", ben, json={"prompt": "a cat", "size": "64x64"}).json()
+    assert_error(call(api_system, "GET", f"/v1/images/generations/{made['id']}", cleo), 404, "not_found")
+    request_id = made["data"][0]["request_id"]
+    assert call(api_system, "GET", f"/v1/images/files/{request_id}", ben).status_code == 200
+    assert_error(call(api_system, "GET", f"/v1/images/files/{request_id}", cleo), 404, "not_found")
+    assert_error(call(api_system, "POST", "/v1/images/generations", cleo,
+                      json={"prompt": "a cat", "user": "ben"}), 403, "user_mismatch")
+
+    # A switch always concerns the caller: Cleo's request becomes Cleo's consent event.
+    r = call(api_system, "PUT", "/v1/me/style-learning", cleo, json={"scope": "album", "id": "walks", "enabled": False})
+    assert r.status_code == 202
+    switched = [parse_event(CONSENT_EVENTS, m.value) for m in clients.read_all(api_system.bootstrap_servers,
+                                                                              CONSENT_EVENTS)]
+    assert [(e.user_id, e.scope_id) for e in switched if e.event_id == r.json()["event_id"]] == [("cleo", "walks")]
+
+    # Grants: scoped to their person; Cleo can neither list nor revoke Ben's.
+    reader = grant(api_system, "ben", ["style:read"])
+    assert call(api_system, "GET", "/v1/me/style", reader["token"]).json()["style_code"] == bens["style_code"]
+    assert_error(call(api_system, "POST", "/v1/images/generations", reader["token"], json={"prompt": "a cat"}),
+                 403, "insufficient_scope")
+    assert_error(call(api_system, "PUT", "/v1/me/style-learning", reader["token"],
+                      json={"scope": "user", "enabled": False}), 403, "insufficient_scope")
+    for path in ("/v1/me/grants", "/v1/me/export"):  # the person's own sign-in only
+        assert_error(call(api_system, "GET", path, reader["token"]), 403, "insufficient_scope")
+    assert reader["id"] not in call(api_system, "GET", "/v1/me/grants", cleo).text
+    assert_error(call(api_system, "DELETE", f"/v1/me/grants/{reader['id']}", cleo), 404, "not_found")
+    assert call(api_system, "GET", "/v1/me/style", reader["token"]).status_code == 200
+
+    # Revoked: the very next request fails.
+    assert call(api_system, "DELETE", f"/v1/me/grants/{reader['id']}", ben).status_code == 200
+    assert_error(call(api_system, "GET", "/v1/me/style", reader["token"]), 401, "token_revoked")
+
+    # Expired: a grant whose minute runs out in a second, and a sign-in token past its expiry.
+    short, token = new_grant("ben", "brief", ["style:read"], timedelta(minutes=1),
+                             now=datetime.now(UTC) - timedelta(seconds=59))
+    ApiStore(api_system.api.db_path).add_grant(short)
+    assert call(api_system, "GET", "/v1/me/style", token).status_code == 200
+    time.sleep(max(0.0, (short.expires_at - datetime.now(UTC)).total_seconds()) + 0.2)
+    assert_error(call(api_system, "GET", "/v1/me/style", token), 401, "token_expired")
+    assert_error(call(api_system, "GET", "/v1/me", api_system.token("ben", seconds=-1)), 401, "token_expired")
+
+    # Only tokens from the configured issuer's key count.
+    stranger = DemoIssuer(api_system.root / "another-issuer").token("ben")
+    assert_error(call(api_system, "GET", "/v1/me", stranger), 401, "invalid_token")
+    unsigned = ".".join(base64.urlsafe_b64encode(json.dumps(part).encode()).decode().rstrip("=") for part in (
+        {"alg": "none", "typ": "JWT"}, {"sub": "ben", "exp": int(time.time()) + 60})) + "."
+    assert_error(call(api_system, "GET", "/v1/me", unsigned), 401, "invalid_token")
+    assert_error(call(api_system, "GET", "/v1/me", None), 401, "missing_token")
+
+    # Secrets are stored hashed: the database holds the hash, never the token.
+    with sqlite3.connect(api_system.api.db_path) as db:
+        stored = dict(db.execute("SELECT id, secret_sha256 FROM grants").fetchall())
+        dump = "\n".join(db.iterdump())
+    secret = reader["token"].split("_", 2)[2]
+    assert stored[reader["id"]] == hashlib.sha256(secret.encode()).hexdigest()
+    assert secret not in dump
+
+
+def test_limits_answer_in_the_openai_error_shape(api_system):
+    token = api_system.token("ben")
+    assert_error(call(api_system, "POST", "/v1/images/generations", token,
+                      json={"prompt": "x" * 70_000}), 413, "request_too_large")
+    assert_error(call(api_system, "POST", "/v1/images/generations", token, json={"prompt": ""}),
+                 400, "invalid_request")
+    assert_error(call(api_system, "POST", "/v1/images/generations", token, json={"prompt": "a", "n": 9}),
+                 400, "invalid_n")
+    app = grant(api_system, "ben", ["images:generate"], name="busy app")  # 10 images a minute per grant
+    for _ in range(2):
+        r = call(api_system, "POST", "/v1/images/generations", app["token"],
+                 json={"prompt": "a", "n": 4, "size": "64x64"})
+        assert r.status_code == 200, r.text
+    error = assert_error(call(api_system, "POST", "/v1/images/generations", app["token"],
+                              json={"prompt": "a", "n": 4}), 429, "rate_limited")
+    assert error["type"] == "rate_limit_error" and "grant limit" in error["message"]
+
+
+def test_a_generation_that_times_out_says_so_and_is_fetched_later(api_system, tmp_path):
+    # A second API on the same broker that waits for nothing: the running worker still answers.
+    cfg = ApiConfig(api_system.bootstrap_servers, tmp_path, api_system.issuer.verifier(), generation_timeout_s=0)
+    token = api_system.token("ben")
+    with ApiServer(create_app(cfg)) as impatient:
+        r = requests.post(f"{impatient.url}/v1/images/generations", json={"prompt": "a boat"},
+                          headers={"Authorization": f"Bearer {token}"}, timeout=30)
+        error = assert_error(r, 504, "generation_timeout")
+        assert error["type"] == "timeout_error" and error["generation_id"] in error["message"]
+        deadline = time.monotonic() + 60
+        while (later := requests.get(f"{impatient.url}/v1/images/generations/{error['generation_id']}",
+                                     headers={"Authorization": f"Bearer {token}"}, timeout=30).json()
+               )["status"] == "pending":
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    assert later["status"] == "completed" and later["data"][0]["style_version"] >= 1
+
+
+def test_the_persons_own_endpoints(api_system):
+    ana = api_system.token("ana")
+    albums = call(api_system, "GET", "/v1/me/albums", ana).json()
+    assert [(a["album_id"], a["photo_count"]) for a in albums["albums"]] == [("beach", 4), ("office", 4)]
+    photos = call(api_system, "GET", "/v1/me/photos", ana).json()["photos"]
+    assert len(photos) == 8 and set(photos[0]) == {"photo_id", "album_id", "uploaded_at", "learning"}
+    history = call(api_system, "GET", "/v1/me/style/history", ana).json()["versions"]
+    assert history and history[-1]["palette"][0].startswith("#")
+    explained = call(api_system, "GET", "/v1/me/style/explanation", ana).json()
+    assert len(explained["photos"]) == 8 and explained["explanation"]["overall"]
+    export = call(api_system, "GET", "/v1/me/export", ana)
+    assert "attachment" in export.headers["content-disposition"]
+    assert export.json()["style"]["style_code"] == explained["style_code"]
+
+
+def test_forget_me_through_the_api(api_system):
+    eve = api_system.token("eve")
+    app = grant(api_system, "eve", ["style:read"])
+    assert call(api_system, "GET", "/v1/me/style", app["token"]).status_code == 200
+    r = call(api_system, "POST", "/v1/me/forget", eve)
+    assert r.status_code == 202 and r.json()["request_id"].startswith("forget-")
+    deadline = time.monotonic() + 90
+    while call(api_system, "GET", "/v1/me/style", eve).status_code != 404:
+        assert time.monotonic() < deadline, "ingestion did not erase eve"
+        time.sleep(0.5)
+    assert call(api_system, "GET", "/v1/me/albums", eve).json()["albums"] == []
+    assert_error(call(api_system, "GET", "/v1/me/style", app["token"]), 401, "invalid_token")  # grants go too
