@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint prism flink clean
+.PHONY: demo test lint prism flink browser clean
 
 $(BIN)/stylestream: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,8 +32,16 @@ prism: $(BIN)/stylestream
 flink: $(BIN)/stylestream
 	$(BIN)/python -m stylestream.pipelines.flink_setup
 
+## Debian's chromium for the page's browser tests (Playwright drives it; no browser download at test time).
+CHROMIUM ?= /usr/bin/chromium
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+browser:
+	@test -x $(CHROMIUM) || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
+	@$(CHROMIUM) --version
+
 ## Lint, then every test (slow end-to-end ones included), then the smoke tests on Tansu.
-test: $(BIN)/stylestream lint prism flink
+test: $(BIN)/stylestream lint prism flink browser
 	$(call PYTEST,$(TEST_BROKER),)
 	$(call PYTEST,tansu,-m smoke)
 
@@ -41,4 +49,4 @@ lint: $(BIN)/stylestream
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) stylestream-data .pytest_cache .ruff_cache
+	rm -rf $(VENV) stylestream-data .pytest_cache .ruff_cache test-artifacts

@@ -32,10 +32,12 @@ import fsspec
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.security import HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from limits import parse
 from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -62,7 +64,13 @@ from stylestream.api.models import (
 )
 from stylestream.api.store import ApiStore
 from stylestream.keyfiles import create_once
-from stylestream.schemas.events import GenerationRequested, StyleLearningToggled, UserForgotten, to_message
+from stylestream.schemas.events import (
+    GenerationRequested,
+    StyleLearningToggled,
+    UserForgotten,
+    describe_validation_error,
+    to_message,
+)
 from stylestream.streams import clients
 from stylestream.streams.topics import CONSENT_EVENTS, GENERATION_REQUESTS, ensure_topics
 
@@ -184,8 +192,13 @@ def services_of(request: Request) -> Services:
     return request.app.state.services
 
 
-def caller(request: Request) -> Principal:
-    """The authenticated caller, counted against their rate limits (the person's, and the grant's)."""
+BEARER = HTTPBearer(auto_error=False, description="A sign-in JWT from the photo service (sub = user id), or a "
+                                                    "grant token (ssg_...) the person made for an application.")
+
+
+def caller(request: Request, _declared: Annotated[object, Depends(BEARER)] = None) -> Principal:
+    """The authenticated caller, counted against their rate limits (the person's, and the grant's).
+    (`_declared` puts the bearer scheme in the spec; the header is read here either way.)"""
     s = services_of(request)
     principal = authenticate(request.headers.get("authorization"), s.cfg.verifier, s.store)
     _limit(s, principal, s.cfg.person_rate, s.cfg.grant_rate, "requests")
@@ -267,7 +280,7 @@ def _routes(app: FastAPI, cfg: ApiConfig) -> None:
         s = services_of(request)
         owner = s.store.image_owner(request_id)
         if sig:
-            if not (hmac.compare_digest(sig, s.sign(request_id, expires)) and time.time() < expires):
+            if not (hmac.compare_digest(sig.encode(), s.sign(request_id, expires).encode()) and time.time() < expires):
                 raise ApiError(403, "bad_signature", "the image URL is expired or not valid")
         else:
             principal = caller(request)
@@ -416,11 +429,14 @@ def _start(s: Services, principal: Principal, body: ImageGenerationRequest, widt
     """Record the generation, then publish one request per image, all under one trace id."""
     generation_id, trace_id = f"gen-{uuid.uuid4().hex}", secrets.token_hex(16)
     seed = body.seed if body.seed is not None else random.randrange(2**31)
-    requests = [GenerationRequested(
-        event_id=f"{generation_id}-{i}", user_id=principal.user_id, event_time=datetime.now(UTC),
-        request_id=f"{generation_id}-{i}", prompt=body.prompt, seed=seed + i, num_inference_steps=s.cfg.steps,
-        width=width, height=height, style_strength=body.style_strength, style_version=body.style_version,
-        style_code=body.style_code, facet=body.facet) for i in range(body.n)]
+    try:  # the event contract has the last word on what a request may combine
+        requests = [GenerationRequested(
+            event_id=f"{generation_id}-{i}", user_id=principal.user_id, event_time=datetime.now(UTC),
+            request_id=f"{generation_id}-{i}", prompt=body.prompt, seed=seed + i, num_inference_steps=s.cfg.steps,
+            width=width, height=height, style_strength=body.style_strength, style_version=body.style_version,
+            style_code=body.style_code, facet=body.facet) for i in range(body.n)]
+    except ValidationError as e:
+        raise ApiError(400, "invalid_request", describe_validation_error(e)) from None
     s.store.add_generation(generation_id, principal.user_id, principal.grant_id, trace_id, body.prompt,
                            f"{width}x{height}", body.response_format, [r.request_id for r in requests])
     for r in requests:

@@ -80,7 +80,7 @@ def _thread(name: str, target: Callable[[], None], failures: list) -> threading.
 
 
 @contextmanager
-def running_services(api: ApiConfig, ingest=None, serve=None, generator=None) -> Iterator[ApiServer]:
+def running_services(api: ApiConfig, ingest=None, serve=None, generator=None, port: int = 0) -> Iterator[ApiServer]:
     """Ingestion following (an IngestConfig), a serving worker (a ServeConfig and its StyleGenerator)
     and the API, until the block ends; each one left out (None) is not started."""
     from stylestream.pipelines.ingest import Ingestor
@@ -105,7 +105,7 @@ def running_services(api: ApiConfig, ingest=None, serve=None, generator=None) ->
             t.start()
         stack.callback(lambda: [t.join(timeout=60) for t in threads])
         stack.callback(stop.set)
-        yield stack.enter_context(ApiServer(create_app(api)))
+        yield stack.enter_context(ApiServer(create_app(api), port=port))
     if failures:
         name, error = failures[0]
         raise RuntimeError(f"the {name} service failed: {error}") from error

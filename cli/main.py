@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 
+from stylestream.cli.api import api, api_spec, api_token
 from stylestream.cli.drift import drift_app, emit, history_app
 from stylestream.cli.options import DEFAULT_DATA_DIR, BootstrapServers, DataDir, Format, OutputFormat, Verbose
 from stylestream.cli.output import make_console
@@ -297,12 +298,18 @@ def serve(
 def demo(data_dir: DataDir = DEFAULT_DATA_DIR, verbose: Verbose = False,
          broker_engine: Annotated[Engine, typer.Option(
              "--broker", help="The local broker to start: kafka (needs Java), tansu, or auto (kafka where "
-                              "Java is present).")] = Engine.auto) -> None:
+                              "Java is present).")] = Engine.auto,
+         serve: Annotated[bool, typer.Option(
+             "--serve", help="Afterwards keep the broker, ingestion, serving and the API running until Ctrl-C, "
+                             "and print the page's address with a sign-in token.")] = False,
+         port: Annotated[int, typer.Option(min=0, max=65535, help="With --serve: the API's port (0: any free "
+                                                                   "one).")] = 8000) -> None:
     """Everything on one machine: broker, synthetic photos, ingestion, an opt-out, personalized images."""
     _quiet(verbose)
     from stylestream.demo.run import run_demo
 
-    run_demo(data_dir, console, broker_engine)
+    stop = _stop_on_signals("stopping the demo's services") if serve else None
+    run_demo(data_dir, console, broker_engine, stop, port)
 
 
 DlqSource = StrEnum("DlqSource", {t.replace("-", "_"): t for t in DLQ_SOURCES})
@@ -336,6 +343,9 @@ def dlq(
 app.command()(forget)  # the privacy commands: cli/privacy.py
 app.command()(verify)
 app.command()(audit)
+app.command()(api)  # the HTTP front door: cli/api.py
+app.command("api-token")(api_token)
+app.command("api-spec")(api_spec)
 app.command("train-adapter")(train_adapter)  # listed in --help after the commands that run the system
 
 

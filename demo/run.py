@@ -9,6 +9,7 @@ happened. `DATA_DIR/state` then points at this run's state, so `stylestream drif
 
 from __future__ import annotations
 
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -52,7 +53,10 @@ DRIFT_EXAMPLE = "ben"
 STEPS = 20
 
 
-def run_demo(data_dir: Path, console: Console, broker_engine: Engine | str = Engine.auto) -> dict:
+def run_demo(data_dir: Path, console: Console, broker_engine: Engine | str = Engine.auto,
+             serve_until: threading.Event | None = None, port: int = 8000) -> dict:
+    """The demo; with `serve_until`, its broker, ingestion, serving and the API then keep running
+    (the page's address and a sign-in token printed) until that event is set."""
     run = DataLayout(data_dir / "runs" / datetime.now(UTC).strftime("%Y%m%dT%H%M%S"))  # each run its own
     t0 = time.perf_counter()
     say = console.print
@@ -102,6 +106,8 @@ def run_demo(data_dir: Path, console: Console, broker_engine: Engine | str = Eng
         used = styles_used(results, cfg)
         print_table(console, personalization_table(results, used, clip))
         picture = side_by_side(results, used, run.root / "personalization.png")
+        if serve_until is not None:
+            keep_serving(cfg, run, diffusion, clip, console, serve_until, port)
     elapsed = time.perf_counter() - t0
     say(f"[bold green]done[/] in {elapsed:.0f} s. State: {cfg.db_path}  History: {cfg.history_dir}")
     say(f"personalization, side by side: {picture}", soft_wrap=True, highlight=False)
@@ -111,6 +117,33 @@ def run_demo(data_dir: Path, console: Console, broker_engine: Engine | str = Eng
         highlight=False)
     return {"run_dir": run.root, "before": before, "after": after, "results": results, "seconds": elapsed,
             "picture": picture}
+
+
+def keep_serving(cfg: IngestConfig, run: DataLayout, diffusion, clip, console: Console, stop: threading.Event,
+                 port: int) -> None:
+    """Ingestion following, a serving worker and the API on this run's broker and data, until `stop`."""
+    from stylestream.api.config import ApiConfig
+    from stylestream.api.system import DemoIssuer, running_services
+
+    issuer = DemoIssuer(run.root / "api")
+    api = ApiConfig(cfg.bootstrap_servers, run.root, issuer.verifier())
+    with console.status("starting ingestion (following), serving and the API"):
+        services = running_services(api, cfg, ServeConfig(cfg.bootstrap_servers, str(run.images)),
+                                    StyleGenerator(diffusion, clip), port=port)
+        server = services.__enter__()
+    try:
+        user = WITHDRAWN[0]
+        token = issuer.token(user)
+        say = console.print
+        say(f"[bold]serving[/] the page for {user}: {server.url}/#token={token}", soft_wrap=True, highlight=False)
+        say(f"sign-in token for {user} (paste it on the page, or use it as the OpenAI client's api_key with "
+            f"base_url {server.url}/v1):\n{token}", soft_wrap=True, highlight=False)
+        say(f"other people's tokens: stylestream api-token ben --data-dir {run.root}; the API's spec: "
+            f"{server.url}/docs. Ctrl-C stops everything.", soft_wrap=True, highlight=False)
+        stop.wait()
+    finally:
+        with console.status("stopping the services"):
+            services.__exit__(None, None, None)
 
 
 def publish_uploads(producer, photos: list[SyntheticPhoto], bad: list[tuple[bytes, bytes]], what: str,

@@ -207,3 +207,12 @@ def test_forget_me_through_the_api(api_system):
         time.sleep(0.5)
     assert call(api_system, "GET", "/v1/me/albums", eve).json()["albums"] == []
     assert_error(call(api_system, "GET", "/v1/me/style", app["token"]), 401, "invalid_token")  # grants go too
+
+
+def test_the_published_spec_matches_the_code():
+    from typer.testing import CliRunner
+
+    from stylestream.cli.main import app
+
+    result = CliRunner().invoke(app, ["api-spec", "--check"])
+    assert result.exit_code == 0, result.output

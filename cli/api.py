@@ -1,0 +1,98 @@
+"""`stylestream api` and its helpers: the HTTP front door, sign-in tokens for trying it, its spec."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from stylestream.cli.options import DEFAULT_DATA_DIR, BootstrapServers, DataDir, Verbose
+from stylestream.cli.output import make_console
+
+console = make_console()
+
+
+def api(
+    bootstrap_servers: BootstrapServers,
+    jwt_public_key: Annotated[Path, typer.Option(
+        exists=True, dir_okay=False, envvar="STYLESTREAM_JWT_PUBLIC_KEY", metavar="FILE",
+        help="The photo service's token-signing public key: a PEM file, or a JWKS file (keys chosen by kid). "
+             "People sign in with JWTs it signed (sub = user id).")],
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8000,
+    jwt_issuer: Annotated[str | None, typer.Option(metavar="ISS", help="Require this `iss` claim.")] = None,
+    jwt_audience: Annotated[str | None, typer.Option(metavar="AUD", help="Require this `aud` claim.")] = None,
+    generation_timeout: Annotated[float, typer.Option(
+        min=0, metavar="SECONDS", help="How long a generation request waits before answering 504 with an id "
+                                       "to fetch the images later.")] = 60.0,
+    sizes: Annotated[str, typer.Option(
+        metavar="WxH,...", help="The sizes the served model draws; the first is the default.")]
+    = "64x64,128x128,256x256,512x512",
+    steps: Annotated[int, typer.Option(min=1, max=200, help="Diffusion steps per image.")] = 4,
+    verbose: Verbose = False,
+) -> None:
+    """Serve the HTTP API and the person's page: OpenAI-compatible POST /v1/images/generations, each
+    person's style, switches, data and grants under /v1/me, the page at /, the spec at /openapi.json.
+    Ingestion and serving run as their own commands (`ingest --follow`, `serve`)."""
+    import uvicorn
+
+    from stylestream.api.app import create_app
+    from stylestream.api.auth import TokenVerifier
+    from stylestream.api.config import ApiConfig
+    from stylestream.cli.main import _quiet, _reach_broker
+
+    _quiet(verbose)
+    try:
+        verifier = TokenVerifier.from_file(jwt_public_key, jwt_issuer, jwt_audience)
+    except ValueError as e:
+        raise typer.BadParameter(f"{jwt_public_key}: {e}", param_hint="--jwt-public-key") from None
+    _reach_broker(bootstrap_servers, None)
+    cfg = ApiConfig(bootstrap_servers, data_dir, verifier, generation_timeout, tuple(sizes.split(",")), steps=steps)
+    console.print(f"the page: http://{host}:{port}/   the spec: http://{host}:{port}/docs", soft_wrap=True)
+    uvicorn.run(create_app(cfg), host=host, port=port, log_level="info" if verbose else "warning")
+
+
+def api_token(
+    user_id: Annotated[str, typer.Argument(metavar="USER_ID", help="Whose sign-in token (its `sub`).")],
+    issuer_key: Annotated[Path | None, typer.Option(
+        exists=True, dir_okay=False, metavar="FILE",
+        help="The private key to sign with (PEM; default: the demo issuer's key under DATA_DIR/api).")] = None,
+    hours: Annotated[float, typer.Option(min=0.01, help="How long the token is valid.")] = 12.0,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+) -> None:
+    """A sign-in token for trying the API, signed as a photo service signs them. In production the
+    photo service issues these; `stylestream api` only verifies them."""
+    from stylestream.api.auth import issue_person_token
+    from stylestream.api.system import DemoIssuer
+
+    if issuer_key is None:
+        issuer = DemoIssuer(data_dir / "api")
+        console.print(f"# verify with --jwt-public-key {_write_public(issuer, data_dir)}", soft_wrap=True)
+        print(issuer.token(user_id, timedelta(hours=hours)))
+        return
+    print(issue_person_token(issuer_key.read_bytes(), user_id, timedelta(hours=hours)))
+
+
+def _write_public(issuer, data_dir: Path) -> Path:
+    path = data_dir / "api" / "demo-issuer.pub.pem"
+    path.write_bytes(issuer.public_key_pem())
+    return path
+
+
+def api_spec(check: Annotated[bool, typer.Option(help="Only check the published spec matches the code.")] = False
+             ) -> None:
+    """Write the OpenAPI spec to api/openapi.json (also served at /openapi.json)."""
+    from stylestream.api.openapi import SPEC_PATH, spec_text
+
+    text = spec_text()
+    if check:
+        if not SPEC_PATH.exists() or SPEC_PATH.read_text() != text:
+            console.print(f"[red]{SPEC_PATH} is out of date[/] (run `stylestream api-spec`)", soft_wrap=True)
+            raise typer.Exit(1)
+        console.print("the published spec matches the code")
+        return
+    SPEC_PATH.write_text(text)
+    console.print(f"wrote {SPEC_PATH}", soft_wrap=True)
