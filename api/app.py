@@ -206,14 +206,14 @@ def caller(request: Request, _declared: Annotated[object, Depends(BEARER)] = Non
 
 
 def _limit(s: Services, p: Principal, person_rate: str, grant_rate: str, what: str, cost: int = 1) -> None:
-    checks = [(parse(person_rate), ("person", what, p.user_id))]
+    checks = [(person_rate, ("person", what, p.user_id))]
     if p.grant_id:
-        checks.append((parse(grant_rate), ("grant", what, p.grant_id)))
-    for rate, key in checks:
+        checks.append((grant_rate, ("grant", what, p.grant_id)))
+    for text, key in checks:
+        rate = parse(text)
         if not s.limiter.hit(rate, *key, cost=cost):
-            reset = s.limiter.get_window_stats(rate, *key).reset_time
-            wait = max(1, int(reset - time.time() + 0.999))
-            raise ApiError(429, "rate_limited", f"{key[0]} limit of {rate} {what} reached; retry in {wait} s",
+            wait = max(1, int(s.limiter.get_window_stats(rate, *key).reset_time - time.time() + 0.999))
+            raise ApiError(429, "rate_limited", f"the {key[0]}'s limit of {text} {what} is reached; retry in {wait} s",
                            headers={"Retry-After": str(wait)})
 
 

@@ -159,7 +159,7 @@ def test_limits_answer_in_the_openai_error_shape(api_system):
         assert r.status_code == 200, r.text
     error = assert_error(call(api_system, "POST", "/v1/images/generations", app["token"],
                               json={"prompt": "a", "n": 4}), 429, "rate_limited")
-    assert error["type"] == "rate_limit_error" and "grant limit" in error["message"]
+    assert error["type"] == "rate_limit_error" and "grant's limit" in error["message"]
 
 
 def test_a_generation_that_times_out_says_so_and_is_fetched_later(api_system, tmp_path):

@@ -100,3 +100,9 @@ def test_privacy_utility_bench_runs():
                    "--trials", "2")
     assert [row["epsilon"] for row in r["rows"]] == ["no noise", 1, 64], r
     assert all(0 <= row["nn_accuracy"] <= 1 for row in r["rows"]) and r["sensitivity_median"] > 0
+
+
+@pytest.mark.slow
+def test_api_latency_bench_runs(broker_engine):
+    r = final_json("api_latency.py", "--requests", "3", "--broker", broker_engine)
+    assert r["direct"]["median_ms"] > 0 and r["api"]["median_ms"] > 0 and r["ratio_median"] > 0, r

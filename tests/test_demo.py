@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import io
+import re
+import threading
+import time
 
 import pytest
+import requests
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -15,8 +19,24 @@ from stylestream.demo.run import run_demo
 @pytest.mark.smoke
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path, broker_engine):
-    out = io.StringIO()
-    report = run_demo(tmp_path, Console(file=out, width=200), broker_engine)
+    """The demo, then (as `demo --serve`) its services kept running: the printed page address and
+    sign-in token work, until the demo is told to stop."""
+    out, stop, reports = io.StringIO(), threading.Event(), []
+    demo = threading.Thread(target=lambda: reports.append(
+        run_demo(tmp_path, Console(file=out, width=200), broker_engine, serve_until=stop, port=0)))
+    demo.start()
+    deadline = time.monotonic() + 600
+    while not (served := re.search(r"the page for ana: (http://\S+)/#token=(\S+)", out.getvalue())):
+        assert demo.is_alive() and time.monotonic() < deadline, out.getvalue()
+        time.sleep(0.5)
+    url, token = served.groups()
+    assert "<title>Your style" in requests.get(url, timeout=30).text
+    style = requests.get(f"{url}/v1/me/style", headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    stop.set()
+    demo.join(timeout=120)
+    assert not demo.is_alive()
+    [report] = reports
+    assert style.status_code == 200 and style.json()["version"] == report["after"]["ana"][0]
     assert report["before"]["ana"][3] == 14 and report["after"]["ana"][3] == 10  # the album opt-out
     assert report["after"]["ana"][0] == report["before"]["ana"][0] + 1
     assert report["after"]["ben"][0] == report["before"]["ben"][0]

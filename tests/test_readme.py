@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+import requests
 from helpers import produce
 
 from stylestream.demo.synthetic import make_library
@@ -175,7 +176,20 @@ def test_every_readme_command_works_as_written(tmp_path, broker, models):
                 produce(broker.bootstrap_servers, PHOTO_EVENTS, [p.upload_event() for p in service])  # "yours"
                 continue
             command = shortened(substitute(readme_command, values), tmp_path)
-            if "--follow" in command:
+            if command.startswith(("stylestream demo --serve", "stylestream api ")):
+                # long-running: the address it prints serves the page and, with a token, the person's style
+                running = Background(command, work, env, tmp_path / f"{i}.log")
+                url = running.wait_for(r"(http://127\.0\.0\.1:\d+)/", timeout=300).group(1)
+                if command.startswith("stylestream demo"):
+                    user, token = "ana", running.wait_for(r"#token=(\S+)").group(1)
+                else:
+                    user, token = "ben", outputs["stylestream api-token ben"].split()[-1]
+                assert "<title>Your style" in requests.get(url, timeout=30).text
+                me = requests.get(f"{url}/v1/me", headers={"Authorization": f"Bearer {token}"}, timeout=30)
+                assert me.status_code == 200 and me.json()["user_id"] == user, me.text
+                stops[command.split(" -")[0]] = running.interrupt()
+                outputs[readme_command] = running.output()
+            elif "--follow" in command:
                 follow = Background(command, work, env, tmp_path / f"{i}.log")
                 produce(address, PHOTO_EVENTS, [p.upload_event() for p in service])  # the photo service
                 follow.wait_for(r"cycle \d+: 2 events, 2 photos")
