@@ -31,8 +31,8 @@ class ApiConfig:
 
     @property
     def db_path(self) -> Path:
-        return self.data_dir / "api" / "api.sqlite"
+        return self.layout.api / "api.sqlite"
 
     @property
     def url_key_path(self) -> Path:
-        return self.data_dir / "api" / "url-signing.key"
+        return self.layout.api / "url-signing.key"

@@ -25,17 +25,18 @@ log = logging.getLogger(__name__)
 FOLLOWED = (PHOTO_EVENTS, CONSENT_EVENTS, STYLE_VECTORS, STYLE_MANIFESTS, GENERATION_RESULTS)
 
 
-def fold(db: sqlite3.Connection, store: ApiStore, m: Message) -> None:
+def fold(db: sqlite3.Connection, store: ApiStore, m: Message) -> bool:
     """Apply one message to the read model (in the caller's transaction); invalid ones are skipped
-    (ingestion and serving dead-letter them)."""
+    (ingestion and serving dead-letter them). True if it forgot a person."""
     if m.value is None:  # a tombstone on a compacted topic: the person (the key) was forgotten
         if m.topic in (STYLE_VECTORS, STYLE_MANIFESTS) and m.key:
             store.forget(db, m.key.decode())
-        return
+            return True
+        return False
     try:
         e = parse_event(m.topic, m.value)
     except InvalidEvent:
-        return
+        return False
     match e.type:
         case "photo_uploaded":  # the day only: the page needs no more, and keeps no more
             db.execute("INSERT OR REPLACE INTO photos VALUES (?, ?, ?, ?)",
@@ -49,8 +50,10 @@ def fold(db: sqlite3.Connection, store: ApiStore, m: Message) -> None:
                        (e.user_id, e.scope, e.scope_id or "", int(e.enabled), e.event_time.isoformat()))
         case "user_forgotten":
             store.forget(db, e.user_id)
+            return True
         case "style_vector_updated" if e.tombstone:
             store.forget(db, e.user_id)
+            return True
         case "style_vector_updated" | "style_manifest":
             table = "styles" if e.type == "style_vector_updated" else "manifests"
             db.execute(f"""INSERT INTO {table} VALUES (?, ?, ?)
@@ -60,6 +63,7 @@ def fold(db: sqlite3.Connection, store: ApiStore, m: Message) -> None:
         case "generation_completed" | "generation_failed":
             db.execute("UPDATE images SET result = ? WHERE request_id = ? AND user_id = ?",
                        (json.dumps({**json.loads(m.value), "trace_id": _trace(m)}), e.request_id, e.user_id))
+    return False
 
 
 def _trace(m: Message) -> str | None:
@@ -100,14 +104,16 @@ class Follower:
         batches = self._consumer.poll(timeout_ms=200)
         if not batches:
             return 0
-        n = 0
+        n, forgot = 0, False
         with self.store.transaction() as db:
             for tp, records in sorted(batches.items(), key=lambda kv: (kv[0].topic, kv[0].partition)):
                 for r in records:
-                    fold(db, self.store, Message(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp,
-                                                 tuple(r.headers or ())))
+                    forgot |= fold(db, self.store, Message(r.topic, r.partition, r.offset, r.key, r.value,
+                                                           r.timestamp, tuple(r.headers or ())))
                     n += 1
                 self._save_offset(db, tp, records[-1].offset + 1)
+        if forgot:
+            self.store.checkpoint()
         with self.store.changed:
             self.store.changed.notify_all()
         return n

@@ -87,6 +87,8 @@ class ApiStore:
         self.changed = threading.Condition(self._lock)  # notified after every fold of new messages
         with self._lock:
             self._db.execute("PRAGMA journal_mode = WAL")
+            # A forgotten person's deleted rows are overwritten, not left in free pages (see `forget`).
+            self._db.execute("PRAGMA secure_delete = ON")
             self._db.executescript(SCHEMA)
 
     def close(self) -> None:
@@ -189,6 +191,13 @@ class ApiStore:
             "SELECT scope, scope_id, enabled FROM switches WHERE user_id = ?", [user_id])}
 
     def forget(self, db: sqlite3.Connection, user_id: str) -> None:
-        """Every row of the person, in the caller's transaction (a forget request or an erasure tombstone)."""
+        """Every row of the person, in the caller's transaction (a forget request or an erasure
+        tombstone); `checkpoint` after the commit leaves no copy of them in the write-ahead log."""
         for table in PERSONAL_TABLES:
             db.execute(f"DELETE FROM {table} WHERE user_id = ?", (user_id,))
+
+    def checkpoint(self) -> None:
+        """Fold the write-ahead log into the file and empty it: with secure_delete, nothing deleted
+        stays readable in either."""
+        with self._lock:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")

@@ -14,6 +14,15 @@ from stylestream.cli.output import make_console
 console = make_console()
 
 
+def _sizes(value: str) -> str:
+    """WIDTHxHEIGHT[,...], each side a multiple of 8 from 16 to 2048 (what generation requests take)."""
+    for size in value.split(","):
+        sides = size.split("x")
+        if len(sides) != 2 or not all(s.isdigit() and 16 <= int(s) <= 2048 and int(s) % 8 == 0 for s in sides):
+            raise typer.BadParameter(f"{size!r} is not WIDTHxHEIGHT with sides multiples of 8 from 16 to 2048")
+    return value
+
+
 def api(
     bootstrap_servers: BootstrapServers,
     jwt_public_key: Annotated[Path, typer.Option(
@@ -29,7 +38,7 @@ def api(
         min=0, metavar="SECONDS", help="How long a generation request waits before answering 504 with an id "
                                        "to fetch the images later.")] = 60.0,
     sizes: Annotated[str, typer.Option(
-        metavar="WxH,...", help="The sizes the served model draws; the first is the default.")]
+        metavar="WxH,...", callback=_sizes, help="The sizes the served model draws; the first is the default.")]
     = "64x64,128x128,256x256,512x512",
     steps: Annotated[int, typer.Option(min=1, max=200, help="Diffusion steps per image.")] = 4,
     verbose: Verbose = False,

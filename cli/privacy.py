@@ -320,7 +320,8 @@ def audit(
     if bootstrap_servers:
         clients.require_broker(bootstrap_servers)
     with console.status("searching"):
-        findings = search(layout.state, images or layout.images, needles, bootstrap_servers, also or [], user or [])
+        findings = search(layout.state, images or layout.images, needles, bootstrap_servers, also or [], user or [],
+                          layout.api)
     violations = [f for f in findings if f.violation]
     rows = [{"store": f.store, "where": f.where, "found": f.what, "pending": f.pending or ""} for f in findings]
     if fmt is not Format.table or rows:

@@ -12,6 +12,7 @@ the demo and ingestion use (imported by the command line at start-up: no heavy i
         models/                the tiny models, written on first use
         images/                generated images (serve --output overrides)
         kafka/                 the local broker's log (stylestream broker)
+        api/                   stylestream api's own database and keys
 """
 
 from __future__ import annotations
@@ -76,3 +77,7 @@ class DataLayout:
     @property
     def kafka(self) -> Path:
         return self.root / "kafka"
+
+    @property
+    def api(self) -> Path:
+        return self.root / "api"

@@ -4,7 +4,8 @@ the project writes.
 Stores searched: the ingestion state (every table, row by row: its file is rewritten after an
 erasure, so deleted rows do not linger in it, and DuckDB compresses text, so its raw bytes would show
 nothing), the Parquet style history, the other files of the state folder, the generated images'
-folder (file names and result records), every topic (keys, values, and base64 fields inside them,
+folder (file names and result records), the HTTP API's database (SQLite keeps text as it is, and
+deletes securely), every topic (keys, values, and base64 fields inside them,
 so the original of a dead letter is searched too) and any extra file or folder given (logs). A
 person is looked for by their user id and by their pseudonym in the history. Image bytes (JPEG, PNG,
 WebP, HEIC signatures) may only be in the generated images' folder.
@@ -239,10 +240,11 @@ def needles_for(user_ids: list[str], strings: list[str], state: StateLayout) -> 
 
 
 def audit(state: StateLayout, images: Path, needles: list[bytes], bootstrap_servers: str | None,
-          extra: Iterable[Path] = (), users: Iterable[str] = ()) -> list[Finding]:
-    """Every finding in every store the project writes under `state` and `images`, on the broker's
-    topics if one is given, and in the extra files or folders; `users`: the people looked for (their
-    own messages on a topic go with its retention)."""
+          extra: Iterable[Path] = (), users: Iterable[str] = (), api: Path | None = None) -> list[Finding]:
+    """Every finding in every store the project writes under `state`, `images` and `api` (the HTTP
+    API's database and keys, searched byte by byte), on the broker's topics if one is given, and in
+    the extra files or folders; `users`: the people looked for (their own messages on a topic go
+    with its retention)."""
     findings = list(audit_state_database(state.db, needles))
     findings += audit_history(state.history, needles)
     if state.root.exists():
@@ -250,6 +252,8 @@ def audit(state: StateLayout, images: Path, needles: list[bytes], bootstrap_serv
                                 skip=[state.history, state.db, state.db.with_name(state.db.name + ".wal")])
     if images.exists():
         findings += audit_files(images, needles, "generated images", named_by_id=True)
+    if api is not None and api.exists():
+        findings += audit_files(api, needles, "API database")
     if bootstrap_servers:
         findings += audit_topics(bootstrap_servers, needles, [u.encode() for u in users])
     for path in extra:

@@ -21,6 +21,7 @@ from stylestream.api.auth import new_grant
 from stylestream.api.config import ApiConfig
 from stylestream.api.store import ApiStore
 from stylestream.api.system import ApiServer, DemoIssuer
+from stylestream.privacy.audit import audit_files
 from stylestream.schemas.events import parse_event
 from stylestream.streams import clients
 from stylestream.streams.topics import CONSENT_EVENTS, GENERATION_RESULTS
@@ -199,6 +200,7 @@ def test_forget_me_through_the_api(api_system):
     eve = api_system.token("eve")
     app = grant(api_system, "eve", ["style:read"])
     assert call(api_system, "GET", "/v1/me/style", app["token"]).status_code == 200
+    assert list(audit_files(api_system.root / "api", [b"eve"], "API database"))  # the audit sees her now
     r = call(api_system, "POST", "/v1/me/forget", eve)
     assert r.status_code == 202 and r.json()["request_id"].startswith("forget-")
     deadline = time.monotonic() + 90
@@ -207,6 +209,8 @@ def test_forget_me_through_the_api(api_system):
         time.sleep(0.5)
     assert call(api_system, "GET", "/v1/me/albums", eve).json()["albums"] == []
     assert_error(call(api_system, "GET", "/v1/me/style", app["token"]), 401, "invalid_token")  # grants go too
+    # Nothing of her is left in the API's database file or its write-ahead log, not even in free pages.
+    assert list(audit_files(api_system.root / "api", [b"eve"], "API database")) == []
 
 
 def test_the_published_spec_matches_the_code():

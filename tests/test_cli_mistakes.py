@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from helpers import read_topic
 
+from stylestream.api.system import DemoIssuer
 from stylestream.streams.broker_process import free_port
 from stylestream.streams.topics import ALL_TOPICS
 
@@ -60,6 +61,13 @@ def mistakes(bs: str, unreachable: str, tmp: Path) -> list[tuple[list[str], int,
         (["drift", "top", "-n", "0"], USAGE, "'-n'"),
         (["drift", "user"], USAGE, "Missing argument 'USER'"),
         (["drift", "top", "--since", "yesterday-ish"], USAGE, "--since"),
+        (["api", "-b", bs], USAGE, "--jwt-public-key"),
+        (["api", "-b", bs, "--jwt-public-key", str(a_file)], USAGE, "--jwt-public-key"),  # not a key
+        (["api", "-b", bs, "--jwt-public-key", str(tmp / "missing")], USAGE, "does not exist"),
+        (["api", "-b", bs, "--jwt-public-key", str(tmp / "key.pem"), "--sizes", "64x64,huge"], USAGE, "'huge'"),
+        (["api", "-b", bs, "--jwt-public-key", str(tmp / "key.pem"), "--port", "70000"], USAGE, "--port"),
+        (["api", "-b", unreachable, "--jwt-public-key", str(tmp / "key.pem")], RUNTIME, "no Kafka broker answers"),
+        (["api-token"], USAGE, "Missing argument 'USER_ID'"),
     ]
 
 
@@ -68,6 +76,7 @@ def test_every_mistake_gets_a_clear_message_and_the_right_exit_status(broker, tm
     bs = broker.bootstrap_servers
     (tmp_path / "a-file").write_text("not a folder")
     (tmp_path / "photos").mkdir()
+    (tmp_path / "key.pem").write_bytes(DemoIssuer(tmp_path / "issuer").public_key_pem())
     unreachable = f"127.0.0.1:{free_port()}"
     cwd = tmp_path / "cwd"
     cwd.mkdir()
