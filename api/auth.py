@@ -22,9 +22,12 @@ from pathlib import Path
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from pydantic import TypeAdapter, ValidationError
 
 from stylestream.api.store import ApiStore, Grant
+from stylestream.schemas.events import Id
 
+_USER_ID = TypeAdapter(Id)
 STYLE_READ, IMAGES_GENERATE, CONSENT_WRITE = "style:read", "images:generate", "consent:write"
 GRANTABLE = (STYLE_READ, IMAGES_GENERATE, CONSENT_WRITE)
 # Only the person themselves (their own JWT) manages grants, downloads their data or asks to be forgotten.
@@ -94,7 +97,10 @@ class TokenVerifier:
             raise AuthError(401, "token_expired", "the sign-in token has expired") from None
         except jwt.PyJWTError as e:
             raise AuthError(401, "invalid_token", f"the sign-in token is not valid: {e}") from None
-        return str(claims["sub"])
+        try:  # the subject becomes the user id of events: it must be one
+            return _USER_ID.validate_python(claims["sub"])
+        except ValidationError:
+            raise AuthError(401, "invalid_token", "the token's sub is not a user id stylestream accepts") from None
 
 
 def secret_hash(secret: str) -> str:

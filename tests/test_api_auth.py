@@ -51,6 +51,9 @@ def test_a_pem_key_refuses_algorithm_confusion(tmp_path):
     (tmp_path / "key.pem").write_bytes(pem)
     verifier = TokenVerifier.from_file(tmp_path / "key.pem")
     assert verifier.user_id(jwt.encode(_claims(), key, "RS256")) == "ben"
+    for sub in ("", "ben smith", "a" * 201, 42):  # not a user id events can carry
+        with pytest.raises(AuthError):
+            verifier.user_id(jwt.encode({**_claims(), "sub": sub}, key, "RS256"))
     with pytest.raises(AuthError) as expired:
         verifier.user_id(jwt.encode(_claims(seconds=-5), key, "RS256"))
     assert expired.value.code == "token_expired"
