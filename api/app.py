@@ -434,7 +434,8 @@ def _start(s: Services, principal: Principal, body: ImageGenerationRequest, widt
             event_id=f"{generation_id}-{i}", user_id=principal.user_id, event_time=datetime.now(UTC),
             request_id=f"{generation_id}-{i}", prompt=body.prompt, seed=seed + i, num_inference_steps=s.cfg.steps,
             width=width, height=height, style_strength=body.style_strength, style_version=body.style_version,
-            style_code=body.style_code, facet=body.facet) for i in range(body.n)]
+            style_code=body.style_code, facet=body.facet, partial_images=body.partial_images if body.stream else 0)
+            for i in range(body.n)]
     except ValidationError as e:
         raise ApiError(400, "invalid_request", describe_validation_error(e)) from None
     s.store.add_generation(generation_id, principal.user_id, principal.grant_id, trace_id, body.prompt,
@@ -475,21 +476,29 @@ def _images_response(s: Services, g: dict, base_url: str) -> ImagesResponse:
 
 
 async def _stream(s: Services, generation_id: str, body: ImageGenerationRequest) -> AsyncIterator[str]:
-    """Server-sent events as the OpenAI API streams images: one image_generation.completed per image
-    (with b64_json), comments while waiting, an error event on failure or timeout."""
+    """Server-sent events as the OpenAI API streams images: image_generation.partial_image for each
+    preview as the worker publishes it, then image_generation.completed per image (b64_json), an
+    error event on failure or timeout, and comments while nothing new has come."""
     deadline = time.monotonic() + s.cfg.generation_timeout_s
+    sent: set[tuple[str, int]] = set()
+    common = {"size": body.size or s.cfg.sizes[0], "quality": "auto", "background": "auto", "output_format": "png"}
     while True:
-        g = await run_in_threadpool(s.store.wait_for_results, generation_id, 2.0)
+        for request_id, index, uri in await run_in_threadpool(s.store.previews, generation_id):
+            if (request_id, index) not in sent:
+                sent.add((request_id, index))
+                event = {"type": "image_generation.partial_image", "partial_image_index": index,
+                         "b64_json": base64.b64encode(_read_image(uri)).decode(), "created_at": int(time.time()),
+                         "request_id": request_id, **common}
+                yield f"event: image_generation.partial_image\ndata: {json.dumps(event)}\n\n"
+        g = await run_in_threadpool(s.store.generation, generation_id)
         out = _images_response(s, {**g, "response_format": "b64_json"}, "")
         if out.status == "completed":
             for item in out.data:
                 event = {"type": "image_generation.completed", "b64_json": item.b64_json, "created_at": out.created,
-                         "size": body.size or s.cfg.sizes[0], "quality": "auto", "background": "auto",
-                         "output_format": "png", "usage": {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
-                                                           "input_tokens_details": {"image_tokens": 0,
-                                                                                    "text_tokens": 0}},
+                         "usage": {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
+                                   "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}},
                          "request_id": item.request_id, "style_version": item.style_version,
-                         "style_code": item.style_code, "trace_id": out.trace_id}
+                         "style_code": item.style_code, "trace_id": out.trace_id, **common}
                 yield f"event: image_generation.completed\ndata: {json.dumps(event)}\n\n"
             return
         if out.status == "failed" or time.monotonic() > deadline:
@@ -501,3 +510,4 @@ async def _stream(s: Services, generation_id: str, body: ImageGenerationRequest)
             yield f"event: error\ndata: {json.dumps({'type': 'error', 'error': error})}\n\n"
             return
         yield ": generating\n\n"
+        await run_in_threadpool(s.store.wait_for_change, 1.0)

@@ -60,6 +60,10 @@ def fold(db: sqlite3.Connection, store: ApiStore, m: Message) -> bool:
                            ON CONFLICT DO UPDATE SET version = excluded.version, event = excluded.event
                            WHERE excluded.version >= {table}.version""",
                        (e.user_id, e.version, m.value.decode()))
+        case "generation_progress":  # only for requests this API made (their images rows)
+            db.execute("""INSERT OR IGNORE INTO previews SELECT ?, ?, user_id, ? FROM images
+                          WHERE request_id = ? AND user_id = ?""",
+                       (e.request_id, e.partial_image_index, e.image_uri, e.request_id, e.user_id))
         case "generation_completed" | "generation_failed":
             db.execute("UPDATE images SET result = ? WHERE request_id = ? AND user_id = ?",
                        (json.dumps({**json.loads(m.value), "trace_id": _trace(m)}), e.request_id, e.user_id))

@@ -38,7 +38,11 @@ class ImageGenerationRequest(BaseModel):
     response_format: Literal["url", "b64_json"] = "url"
     user: str | None = Field(default=None, description="If given, must be the signed-in person's user id.")
     model: str | None = Field(default=None, description="Accepted and ignored: the served model is the server's.")
-    stream: bool = Field(default=False, description="Server-sent events: image_generation.completed per image.")
+    stream: bool = Field(default=False, description="Server-sent events: image_generation.partial_image per "
+                                                    "preview, then image_generation.completed per image.")
+    partial_images: int = Field(default=0, ge=0, le=3, description="With stream: previews per image while it "
+                                                                    "is generated (at most one per step before "
+                                                                    "the last).")
     style_strength: float = Field(default=1.0, ge=0.0, le=2.0, description="0 leaves the style out; 1 is its "
                                                                               "full weight.")
     style_version: int | None = Field(default=None, ge=1, description="Pin this version of the person's style.")

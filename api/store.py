@@ -30,6 +30,9 @@ CREATE TABLE IF NOT EXISTS images (
     request_id TEXT PRIMARY KEY, generation_id TEXT NOT NULL, user_id TEXT NOT NULL, idx INTEGER NOT NULL,
     result TEXT);
 CREATE INDEX IF NOT EXISTS images_by_generation ON images (generation_id, idx);
+CREATE TABLE IF NOT EXISTS previews (
+    request_id TEXT NOT NULL, idx INTEGER NOT NULL, user_id TEXT NOT NULL, image_uri TEXT NOT NULL,
+    PRIMARY KEY (request_id, idx));
 CREATE TABLE IF NOT EXISTS photos (
     user_id TEXT NOT NULL, photo_id TEXT NOT NULL, album_id TEXT, uploaded_at TEXT NOT NULL,
     PRIMARY KEY (user_id, photo_id));
@@ -41,7 +44,7 @@ CREATE TABLE IF NOT EXISTS manifests (user_id TEXT PRIMARY KEY, version INTEGER 
 CREATE TABLE IF NOT EXISTS offsets (topic TEXT NOT NULL, part INTEGER NOT NULL, next INTEGER NOT NULL,
     PRIMARY KEY (topic, part));
 """
-PERSONAL_TABLES = ("grants", "generations", "images", "photos", "switches", "styles", "manifests")
+PERSONAL_TABLES = ("grants", "generations", "images", "previews", "photos", "switches", "styles", "manifests")
 
 
 def now_iso() -> str:
@@ -158,6 +161,17 @@ class ApiStore:
     def image_owner(self, request_id: str) -> tuple[str, dict | None] | None:
         rows = self._rows("SELECT user_id, result FROM images WHERE request_id = ?", [request_id])
         return (rows[0]["user_id"], json.loads(rows[0]["result"]) if rows[0]["result"] else None) if rows else None
+
+    def previews(self, generation_id: str) -> list[tuple[str, int, str]]:
+        """(request id, preview index, image URI) of a generation's previews so far, in order."""
+        return [(r["request_id"], r["idx"], r["image_uri"]) for r in self._rows(
+            """SELECT p.request_id, p.idx, p.image_uri FROM previews p JOIN images i USING (request_id)
+               WHERE i.generation_id = ? ORDER BY i.idx, p.idx""", [generation_id])]
+
+    def wait_for_change(self, timeout_s: float) -> None:
+        """Return after the follower's next fold, or after `timeout_s`."""
+        with self.changed:
+            self.changed.wait(timeout=timeout_s)
 
     def wait_for_results(self, generation_id: str, timeout_s: float) -> dict | None:
         """The generation once every image has its result, or as it stands after `timeout_s`."""

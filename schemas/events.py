@@ -156,6 +156,9 @@ class GenerationRequested(_Event):
     allow_unpersonalized: bool = Field(
         default=False, description="If the user has no style yet, generate without one instead of failing."
     )
+    partial_images: int = Field(
+        default=0, ge=0, le=3, description="Previews published while generating (generation_progress), evenly "
+        "spaced over the steps; at most one per step before the last.")
 
     @model_validator(mode="after")
     def _one_pin(self) -> GenerationRequested:
@@ -184,6 +187,16 @@ class GenerationFailed(_Event):
     type: Literal["generation_failed"] = "generation_failed"
     request_id: Id
     reason: str
+
+
+class GenerationProgress(_Event):
+    """A preview of an image still being generated (the request asked for `partial_images`)."""
+
+    type: Literal["generation_progress"] = "generation_progress"
+    request_id: Id
+    partial_image_index: int = Field(ge=0, description="0, 1, ... in the order they were made")
+    step: int = Field(ge=1, description="denoising steps done when it was decoded")
+    image_uri: str
 
 
 class StyleFacet(BaseModel):
@@ -303,7 +316,8 @@ class ErasureReceipt(BaseModel):
 
 PhotoEvent = Annotated[PhotoUploaded | PhotoDeleted, Field(discriminator="type")]
 ConsentEvent = Annotated[StyleLearningToggled | UserForgotten, Field(discriminator="type")]
-GenerationResult = Annotated[GenerationCompleted | GenerationFailed, Field(discriminator="type")]
+# generation-results carries each request's outcome, and the previews it asked for before that.
+GenerationResult = Annotated[GenerationCompleted | GenerationFailed | GenerationProgress, Field(discriminator="type")]
 
 # One contract per topic; the JSON Schema export is generated from this table.
 TOPIC_CONTRACTS: dict[str, object] = {

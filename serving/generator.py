@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,9 +97,11 @@ class StyleGenerator:
         cond = self.condition(request, style)
         return self.generate_batch([request], [cond])[0], cond.facet
 
-    def generate_batch(self, requests: list[GenerationRequested], conds: list[Conditioning]) -> list[Image.Image]:
+    def generate_batch(self, requests: list[GenerationRequested], conds: list[Conditioning],
+                       on_preview: Callable[[int, int, int, Image.Image], None] | None = None) -> list[Image.Image]:
         """One diffusion call for requests of one `batch_key`, each sample with its own prompt, seed,
-        style embedding and style strength."""
+        style embedding and style strength. Requests that ask for `partial_images` get them through
+        `on_preview(row, index, steps done, image)` as the steps pass."""
         if len({batch_key(r) for r in requests}) != 1:
             raise ValueError("a batch takes requests of one size, step count and guidance scale")
         first, dtype = requests[0], self.pipe.unet.dtype
@@ -125,8 +128,31 @@ class StyleGenerator:
                 width=first.width, height=first.height, ip_adapter_image_embeds=[embeds],
                 cross_attention_kwargs={"ip_adapter_masks": [masks.to(self.device, dtype)]},
                 generator=[torch.Generator("cpu").manual_seed(r.seed) for r in requests], output_type="pil",
+                callback_on_step_end=self._previews(requests, on_preview) if on_preview else None,
             )
         return out.images
+
+    def _previews(self, requests: list[GenerationRequested], on_preview: Callable) -> Callable | None:
+        """A step-end callback that decodes the latents where some request wants a preview."""
+        wanted = {row: preview_steps(r.num_inference_steps, r.partial_images) for row, r in enumerate(requests)}
+        if not any(wanted.values()):
+            return None
+
+        def on_step_end(pipe, step: int, _timestep, kwargs: dict) -> dict:
+            rows = [row for row, steps in wanted.items() if step in steps]
+            if rows:
+                latents = kwargs["latents"][rows] / pipe.vae.config.scaling_factor
+                decoded = pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0]
+                for row, image in zip(rows, pipe.image_processor.postprocess(decoded, output_type="pil"), strict=True):
+                    on_preview(row, wanted[row].index(step), step + 1, image)
+            return kwargs
+        return on_step_end
+
+
+def preview_steps(steps: int, previews: int) -> list[int]:
+    """The step indices after which to decode `previews` previews, evenly spaced, never the last step
+    (that one is the image itself): 4 steps, 2 previews -> [0, 1]."""
+    return sorted({(i + 1) * steps // (previews + 1) - 1 for i in range(previews)} & set(range(steps - 1)))
 
 
 def batch_key(request: GenerationRequested) -> tuple[int, int, int, float, bool]:

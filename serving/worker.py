@@ -22,6 +22,7 @@ from stylestream.schemas.dead_letters import DeadLetter
 from stylestream.schemas.events import (
     GenerationCompleted,
     GenerationFailed,
+    GenerationProgress,
     GenerationRequested,
     InvalidEvent,
     StyleVectorUpdated,
@@ -91,6 +92,14 @@ class OutputStore:
         with self.fs.open(png, "wb") as f:
             image.save(f, "PNG")
         return self.record(request, make_result(self.fs.unstrip_protocol(png)))
+
+    def save_preview(self, request: GenerationRequested, index: int, image) -> str:
+        """A preview of an image still being generated, beside where the image will be; its URI."""
+        path = self._path(request, f"partial-{index}.png")
+        self.fs.makedirs(self._folder(request.user_id), exist_ok=True)
+        with self.fs.open(path, "wb") as f:
+            image.save(f, "PNG")
+        return self.fs.unstrip_protocol(path)
 
     def forget(self, user_id: str) -> None:
         """Delete a forgotten person's images and results (their folder, one path segment under root)."""
@@ -201,9 +210,9 @@ class Worker:
         for request in requests:
             if results[request.request_id] is None:
                 results[request.request_id] = self._plan(request, jobs)
-        # 4. One diffusion call per batch key
+        # 4. One diffusion call per batch key (previews, where asked for, published as they are made)
         for group in jobs.values():
-            for job, result in self._generate(group):
+            for job, result in self._generate(group, traces):
                 results[job.request.request_id] = result
         # 5. Publish the results and record their metrics
         out = [r for r in results.values() if r is not None]
@@ -229,11 +238,15 @@ class Worker:
     def _publish(self, results: list[Result], requested: dict[str, datetime], traces: dict[str, bytes]) -> None:
         now = datetime.now(UTC)
         for result in results:
-            trace = traces.get(result.request_id)
-            self._producer.send(GENERATION_RESULTS, key=result.user_id.encode(), value=encode_event(result),
-                                headers=[(clients.TRACE_HEADER, trace)] if trace else None)
+            self._send_result(result, traces)
             self.metrics.results.labels("completed" if result.type == "generation_completed" else "failed").inc()
             self.metrics.latency.observe((now - requested[result.request_id]).total_seconds())
+
+    def _send_result(self, event: Result | GenerationProgress, traces: dict[str, bytes]) -> None:
+        """On generation-results, keyed by user, with the request's trace id header if it had one."""
+        trace = traces.get(event.request_id)
+        self._producer.send(GENERATION_RESULTS, key=event.user_id.encode(), value=encode_event(event),
+                            headers=[(clients.TRACE_HEADER, trace)] if trace else None)
 
     def _plan(self, request: GenerationRequested, jobs: dict[tuple, list[Job]]) -> Result | None:
         """A failed result right away if the request cannot be met; else None, with it queued in `jobs`
@@ -296,18 +309,28 @@ class Worker:
             return None, None
         return None, "no style vector yet (set allow_unpersonalized to generate without)"
 
-    def _generate(self, group: list[Job]) -> list[tuple[Job, Result]]:
+    def _generate(self, group: list[Job], traces: dict[str, bytes]) -> list[tuple[Job, Result]]:
         """One diffusion call for the group; if it fails, each request alone, so one bad request
         (or one too large for memory) fails by itself while the rest complete."""
         requests = [job.request for job in group]
+
+        def preview(row: int, index: int, steps: int, image) -> None:
+            request = requests[row]
+            progress = GenerationProgress(
+                event_id=f"progress-{request.request_id}-{index}", user_id=request.user_id,
+                event_time=datetime.now(UTC), request_id=request.request_id, partial_image_index=index, step=steps,
+                image_uri=self.output.save_preview(request, index, image))
+            self._send_result(progress, traces)
+            self._producer.flush()  # now, not with the batch: a preview is worth seeing while the rest runs
+
         t0 = time.perf_counter()
         try:
-            images = self.generator.generate_batch(requests, [job.cond for job in group])
+            images = self.generator.generate_batch(requests, [job.cond for job in group], preview)
         except (ValueError, RuntimeError) as e:
             if len(group) == 1:
                 log.exception("generation failed for %s", requests[0].request_id)
                 return [(group[0], self.output.record(requests[0], _failed(requests[0], f"{type(e).__name__}: {e}")))]
-            return [pair for job in group for pair in self._generate([job])]
+            return [pair for job in group for pair in self._generate([job], traces)]
         seconds = time.perf_counter() - t0
         self.metrics.batch_size.observe(len(group))
         self.metrics.generate.observe(seconds)

@@ -72,9 +72,14 @@ def test_the_openai_client_generates_with_the_persons_style(api_system):
     assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/png"
     assert requests.get(by_url.data[0].url.replace("sig=", "sig=0"), timeout=30).status_code == 403
 
-    events = list(client.images.generate(prompt="a lighthouse", size="64x64", stream=True))
-    assert [e.type for e in events] == ["image_generation.completed"]
-    assert Image.open(io.BytesIO(base64.b64decode(events[0].b64_json))).size == (64, 64)
+    # Streamed: previews while the worker denoises (decoded from its latents), then the image.
+    events = list(client.images.generate(prompt="a lighthouse", size="64x64", stream=True, partial_images=2))
+    assert [(e.type, getattr(e, "partial_image_index", None)) for e in events] == [
+        ("image_generation.partial_image", 0), ("image_generation.partial_image", 1),
+        ("image_generation.completed", None)]
+    previews, final = [Image.open(io.BytesIO(base64.b64decode(e.b64_json))) for e in events[:2]], events[2]
+    assert all(p.size == (64, 64) for p in previews)
+    assert Image.open(io.BytesIO(base64.b64decode(final.b64_json))).tobytes() != previews[1].tobytes()
 
     with pytest.raises(openai.BadRequestError) as bad:
         client.images.generate(prompt="a lighthouse", size="4096x4096")

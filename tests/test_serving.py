@@ -12,7 +12,7 @@ from PIL import Image
 
 from stylestream.demo.synthetic import make_library, toggle_event
 from stylestream.schemas.events import GenerationRequested, parse_event
-from stylestream.serving.generator import StyleGenerator
+from stylestream.serving.generator import StyleGenerator, preview_steps
 from stylestream.serving.worker import ServeConfig, Worker
 from stylestream.streams.topics import (
     CONSENT_EVENTS,
@@ -330,3 +330,8 @@ def test_a_worker_killed_mid_stream_loses_no_request_and_makes_no_second_image(
         assert all(a.type == "generation_completed" for a in answers), answers
         assert all((a.image_uri, a.style_version) == (answers[0].image_uri, answers[0].style_version)
                    for a in answers), rid
+
+
+def test_previews_are_spread_over_the_steps_and_never_the_last():
+    assert preview_steps(4, 2) == [0, 1] and preview_steps(20, 3) == [4, 9, 14]
+    assert preview_steps(4, 0) == [] and preview_steps(1, 3) == [] and preview_steps(2, 3) == [0]
