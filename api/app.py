@@ -13,17 +13,21 @@ always the caller's own: no route takes another person's id.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
+import logging
+import posixpath
 import random
 import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated
@@ -34,6 +38,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPBearer
 from fastapi.staticfiles import StaticFiles
+from kafka import KafkaProducer
+from kafka.errors import KafkaError
 from limits import parse
 from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
@@ -74,11 +80,16 @@ from stylestream.schemas.events import (
 from stylestream.streams import clients
 from stylestream.streams.topics import CONSENT_EVENTS, GENERATION_REQUESTS, ensure_topics
 
+log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 URL_LIFETIME_S = 3600
+# The page loads only its own script and style, and images from here (or data: and blob: URLs).
+PAGE_CSP = "default-src 'self'; img-src 'self' data: blob:; object-src 'none'; frame-ancestors 'none'"
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
+               404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
                422: "invalid_request_error", 429: "rate_limit_error", 504: "timeout_error"}
+# The OpenAI client retries 5xx answers by default; a retried generation would be a second one.
+NO_RETRY = {"x-should-retry": "false"}
 ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 403, 404, 413, 429)}
 
 
@@ -101,18 +112,36 @@ def error_response(status: int, code: str, message: str, param: str | None = Non
 class Services:
     cfg: ApiConfig
     store: ApiStore
-    follower: Follower
-    producer: object
+    producer: KafkaProducer
     limiter: MovingWindowRateLimiter
     url_key: bytes
+    loop: asyncio.AbstractEventLoop
+    follower: Follower | None = None
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def sign(self, request_id: str, expires: int) -> str:
         return hmac.new(self.url_key, f"{request_id}\n{expires}".encode(), hashlib.sha256).hexdigest()
 
-    def send(self, topic: str, event, trace_id: str | None = None) -> None:
-        key, value = to_message(event)
+    def publish(self, topic: str, events: list, trace_id: str | None = None) -> None:
+        """Send and wait for the broker's acknowledgement (a blocking call: run it in a thread)."""
         headers = [(clients.TRACE_HEADER, trace_id.encode())] if trace_id else None
-        self.producer.send(topic, key=key, value=value, headers=headers)
+        for event in events:
+            key, value = to_message(event)
+            self.producer.send(topic, key=key, value=value, headers=headers)
+        self.producer.flush(timeout=30)
+
+    def notify(self) -> None:
+        """Called by the follower's thread after each fold: wakes the requests waiting on the loop."""
+        self.loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait_changed(self, timeout_s: float) -> None:
+        """Until the follower folds something new, or `timeout_s`; no thread is held meanwhile."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), max(0.0, timeout_s))
 
 
 class BodyLimit:
@@ -125,17 +154,19 @@ class BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length", b"0")
-        too_large = error_response(413, "request_too_large", f"request bodies are limited to {self.max_bytes} bytes")
-        if not declared.isdigit() or int(declared) > self.max_bytes:
-            return await too_large(scope, receive, send)
+        limit = f"request bodies are limited to {self.max_bytes} bytes"
+        if not declared.isdigit():
+            return await error_response(400, "invalid_request", "Content-Length is not a number")(scope, receive, send)
+        if int(declared) > self.max_bytes:
+            return await error_response(413, "request_too_large", limit)(scope, receive, send)
         seen = 0
 
-        async def counted():
+        async def counted():  # a body sent in chunks, without a length, is counted as it comes
             nonlocal seen
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.max_bytes:
-                raise ApiError(413, "request_too_large", f"request bodies are limited to {self.max_bytes} bytes")
+                raise StarletteHTTPException(413, limit)  # passed through by FastAPI's body parsing
             return message
         return await self.app(scope, counted, send)
 
@@ -146,11 +177,12 @@ def create_app(cfg: ApiConfig) -> FastAPI:
         ensure_topics(cfg.bootstrap_servers)
         create_once(cfg.url_key_path, secrets.token_bytes(32))
         store = ApiStore(cfg.db_path)
-        app.state.services = Services(cfg, store, Follower(cfg.bootstrap_servers, store).start(),
-                                      clients.producer(cfg.bootstrap_servers),
-                                      MovingWindowRateLimiter(MemoryStorage()), cfg.url_key_path.read_bytes())
+        services = Services(cfg, store, clients.producer(cfg.bootstrap_servers),
+                            MovingWindowRateLimiter(MemoryStorage()), cfg.url_key_path.read_bytes(),
+                            asyncio.get_running_loop())
+        services.follower = Follower(cfg.bootstrap_servers, store, on_change=services.notify).start()
+        app.state.services = services
         yield
-        services: Services = app.state.services
         services.follower.close()
         services.producer.close()
         store.close()
@@ -184,8 +216,13 @@ def _errors(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, e: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
-        return error_response(e.status_code, code, str(e.detail))
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(e.status_code, "http_error")
+        return error_response(e.status_code, code, str(e.detail), headers=e.headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_request: Request, e: Exception) -> JSONResponse:
+        log.exception("unexpected error")
+        return error_response(500, "server_error", f"unexpected error ({type(e).__name__}); it was logged")
 
 
 def services_of(request: Request) -> Services:
@@ -206,15 +243,18 @@ def caller(request: Request, _declared: Annotated[object, Depends(BEARER)] = Non
 
 
 def _limit(s: Services, p: Principal, person_rate: str, grant_rate: str, what: str, cost: int = 1) -> None:
-    checks = [(person_rate, ("person", what, p.user_id))]
+    """Count the request against the person's limit and, for a grant, the grant's: all or none, so a
+    grant at its limit does not use up its person's."""
+    buckets = [(person_rate, ("person", what, p.user_id))]
     if p.grant_id:
-        checks.append((grant_rate, ("grant", what, p.grant_id)))
-    for text, key in checks:
-        rate = parse(text)
-        if not s.limiter.hit(rate, *key, cost=cost):
-            wait = max(1, int(s.limiter.get_window_stats(rate, *key).reset_time - time.time() + 0.999))
+        buckets.append((grant_rate, ("grant", what, p.grant_id)))
+    for text, key in buckets:
+        if not s.limiter.test(parse(text), *key, cost=cost):
+            wait = max(1, int(s.limiter.get_window_stats(parse(text), *key).reset_time - time.time() + 0.999))
             raise ApiError(429, "rate_limited", f"the {key[0]}'s limit of {text} {what} is reached; retry in {wait} s",
                            headers={"Retry-After": str(wait)})
+    for text, key in buckets:
+        s.limiter.hit(parse(text), *key, cost=cost)
 
 
 Caller = Annotated[Principal, Depends(caller)]
@@ -223,11 +263,15 @@ Caller = Annotated[Principal, Depends(caller)]
 def _routes(app: FastAPI, cfg: ApiConfig) -> None:
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
-        return FileResponse(STATIC / "index.html")
+        return FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": PAGE_CSP})
 
-    @app.get("/healthz", tags=["service"])
-    def healthz() -> dict:
-        return {"status": "ok"}
+    @app.get("/healthz", tags=["service"], responses={503: {"description": "the follower is failing"}})
+    def healthz(request: Request) -> JSONResponse:
+        """ok, or 503 with the follower's last error while it cannot fold the topics (answers go stale)."""
+        follower = services_of(request).follower
+        error = follower.failing() if follower else "not started"
+        return JSONResponse({"status": "degraded" if error else "ok", "follower": error or "ok"},
+                            status_code=503 if error else 200)
 
     @app.get("/v1/config", tags=["service"])
     def config() -> dict:
@@ -237,29 +281,29 @@ def _routes(app: FastAPI, cfg: ApiConfig) -> None:
 
     # --- generation (OpenAI-compatible) ----------------------------------------------------------
     @app.post("/v1/images/generations", tags=["images"], response_model=ImagesResponse,
-              responses={**ERRORS, 422: {"model": ErrorBody}, 504: {"model": ErrorBody}})
+              responses={**ERRORS, 422: {"model": ErrorBody}, 503: {"model": ErrorBody}, 504: {"model": ErrorBody}})
     async def create_images(body: ImageGenerationRequest, request: Request, principal: Caller):
         """Generate `n` images with the caller's style; waits at most `generation_timeout_s` (then a
-        504 names the generation id, to fetch later)."""
+        504 names the generation id, to fetch later). `user` is accepted as OpenAI clients send it
+        (their own end user's id) and changes nothing: the style is always the token's person's."""
         s = services_of(request)
         principal.require(IMAGES_GENERATE)
         width, height = _size(cfg, body)
-        if body.user is not None and body.user != principal.user_id:
-            raise ApiError(403, "user_mismatch", "`user` must be the signed-in person's own user id", "user")
         _limit(s, principal, cfg.person_images_rate, cfg.grant_images_rate, "images", cost=body.n)
-        generation_id = await run_in_threadpool(_start, s, principal, body, width, height)
+        generation_id, trace_id = await run_in_threadpool(_start, s, principal, body, width, height)
+        headers = {"x-request-id": generation_id, "trace-id": trace_id}
         if body.stream:
-            return StreamingResponse(_stream(s, generation_id, body), media_type="text/event-stream")
-        g = await run_in_threadpool(s.store.wait_for_results, generation_id, cfg.generation_timeout_s)
-        out = _images_response(s, g, str(request.base_url))
-        headers = {"x-request-id": generation_id, "trace-id": out.trace_id}
-        if out.status == "pending":
+            return StreamingResponse(_stream(s, generation_id, body), media_type="text/event-stream", headers=headers)
+        g = await _wait(s, generation_id, cfg.generation_timeout_s)
+        status, failures = _status(g)
+        if status == "pending":
             raise ApiError(504, "generation_timeout", f"the images were not ready within {cfg.generation_timeout_s:g} "
                            f"s; fetch them later with GET /v1/images/generations/{generation_id}",
-                           generation_id=generation_id, headers=headers)
-        if out.status == "failed":
-            raise ApiError(422, "generation_failed", "; ".join(out.failures), generation_id=generation_id,
-                           headers=headers)
+                           generation_id=generation_id, headers=headers | NO_RETRY)
+        if status == "failed":
+            raise ApiError(422, "generation_failed", "; ".join(failures), generation_id=generation_id,
+                           headers=headers | NO_RETRY)
+        out = await run_in_threadpool(_images_response, s, g, str(request.base_url))
         return JSONResponse(out.model_dump(mode="json"), headers=headers)
 
     @app.get("/v1/images/generations/{generation_id}", tags=["images"], response_model=ImagesResponse,
@@ -289,7 +333,7 @@ def _routes(app: FastAPI, cfg: ApiConfig) -> None:
                 raise ApiError(404, "not_found", f"no image {request_id} of yours")
         if owner is None or not owner[1] or owner[1].get("type") != "generation_completed":
             raise ApiError(404, "not_found", f"no image {request_id}")
-        return Response(_read_image(owner[1]["image_uri"]), media_type="image/png",
+        return Response(_read_image(cfg, owner[1]["image_uri"]), media_type="image/png",
                         headers={"Cache-Control": "private, max-age=3600"})
 
     # --- the person's own -------------------------------------------------------------------------
@@ -344,7 +388,7 @@ def _routes(app: FastAPI, cfg: ApiConfig) -> None:
         now = datetime.now(UTC)
         event = StyleLearningToggled(event_id=f"api-{uuid.uuid4().hex}", user_id=principal.user_id, event_time=now,
                                      scope=body.scope, scope_id=body.id, enabled=body.enabled)
-        await run_in_threadpool(_send_now, services_of(request), CONSENT_EVENTS, event)
+        await run_in_threadpool(_publish_or_503, services_of(request), CONSENT_EVENTS, [event])
         return {"event_id": event.event_id, "scope": body.scope, "id": body.id, "enabled": body.enabled}
 
     @app.get("/v1/me/generations", tags=["me"], responses=ERRORS)
@@ -352,7 +396,8 @@ def _routes(app: FastAPI, cfg: ApiConfig) -> None:
         """The gallery: the person's latest generations through this API, with the style version used."""
         principal.require(IMAGES_GENERATE)
         s = services_of(request)
-        return {"generations": [_images_response(s, g, str(request.base_url)).model_dump(mode="json") | {
+        return {"generations": [_images_response(s, g | {"response_format": "url"}, str(request.base_url)
+                                                 ).model_dump(mode="json") | {
             "prompt": g["prompt"], "created_at": g["created_at"]}
             for g in s.store.generations_of(principal.user_id, max(1, min(limit, 100)))]}
 
@@ -362,12 +407,11 @@ def _routes(app: FastAPI, cfg: ApiConfig) -> None:
         principal.require(ACCOUNT)
         s = services_of(request)
         user = principal.user_id
-        style = s.store.style(user)
+        style, photos, switches = s.store.style(user), s.store.photos(user), s.store.switches(user)
         data = {"user_id": user, "exported_at": datetime.now(UTC).isoformat(),
                 "style": views.style(style) if style else None,
                 "history": views.history(cfg.layout.state, user), "manifest": s.store.manifest(user),
-                "albums": views.albums(s.store.photos(user), s.store.switches(user)),
-                "photos": views.photos(s.store.photos(user), s.store.switches(user)),
+                "albums": views.albums(photos, switches), "photos": views.photos(photos, switches),
                 "generations": [{k: v for k, v in g.items() if k != "images"} | {
                     "results": [r for _, r in g["images"]]} for g in s.store.generations_of(user, 10_000)],
                 "grants": [g.public() for g in s.store.grants_of(user)]}
@@ -380,7 +424,7 @@ def _routes(app: FastAPI, cfg: ApiConfig) -> None:
         principal.require(ACCOUNT)
         event = UserForgotten(event_id=f"forget-{uuid.uuid4().hex}", user_id=principal.user_id,
                               event_time=datetime.now(UTC))
-        await run_in_threadpool(_send_now, services_of(request), CONSENT_EVENTS, event)
+        await run_in_threadpool(_publish_or_503, services_of(request), CONSENT_EVENTS, [event])
         return {"request_id": event.event_id,
                 "receipt": f"stylestream receipt get {event.event_id} (once ingestion has erased you)"}
 
@@ -420,13 +464,18 @@ def _size(cfg: ApiConfig, body: ImageGenerationRequest) -> tuple[int, int]:
     return int(width), int(height)
 
 
-def _send_now(s: Services, topic: str, event, trace_id: str | None = None) -> None:
-    s.send(topic, event, trace_id)
-    s.producer.flush(timeout=30)
+def _publish_or_503(s: Services, topic: str, events: list, trace_id: str | None = None) -> None:
+    try:
+        s.publish(topic, events, trace_id)
+    except KafkaError as e:
+        raise ApiError(503, "broker_unavailable", f"the event could not be published ({type(e).__name__}); "
+                       "try again") from None
 
 
-def _start(s: Services, principal: Principal, body: ImageGenerationRequest, width: int, height: int) -> str:
-    """Record the generation, then publish one request per image, all under one trace id."""
+def _start(s: Services, principal: Principal, body: ImageGenerationRequest, width: int,
+           height: int) -> tuple[str, str]:
+    """Record the generation, then publish one request per image, all under one trace id; a
+    generation whose requests could not be published is recorded as failed."""
     generation_id, trace_id = f"gen-{uuid.uuid4().hex}", secrets.token_hex(16)
     seed = body.seed if body.seed is not None else random.randrange(2**31)
     try:  # the event contract has the last word on what a request may combine
@@ -440,36 +489,63 @@ def _start(s: Services, principal: Principal, body: ImageGenerationRequest, widt
         raise ApiError(400, "invalid_request", describe_validation_error(e)) from None
     s.store.add_generation(generation_id, principal.user_id, principal.grant_id, trace_id, body.prompt,
                            f"{width}x{height}", body.response_format, [r.request_id for r in requests])
-    for r in requests:
-        s.send(GENERATION_REQUESTS, r, trace_id)
-    s.producer.flush(timeout=30)
-    return generation_id
+    try:
+        _publish_or_503(s, GENERATION_REQUESTS, requests, trace_id)
+    except ApiError as e:
+        s.store.fail_generation(generation_id, e.message)
+        raise
+    return generation_id, trace_id
 
 
-def _read_image(uri: str) -> bytes:
-    with fsspec.open(uri, "rb") as f:
-        return f.read()
+async def _wait(s: Services, generation_id: str, timeout_s: float) -> dict:
+    """The generation once every image has its result, or as it stands after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        g = s.store.generation(generation_id)  # a short indexed read of the API's own database
+        if g is None:  # the person was forgotten meanwhile
+            raise ApiError(404, "not_found", f"generation {generation_id} is gone: its person was forgotten")
+        if _status(g)[0] != "pending" or time.monotonic() >= deadline:
+            return g
+        await s.wait_changed(min(1.0, deadline - time.monotonic()))
+
+
+def _status(g: dict) -> tuple[str, list[str]]:
+    """pending, failed or completed, and the reasons of the failed images."""
+    results = [r for _, r in g["images"]]
+    failures = [r["reason"] for r in results if r is not None and r["type"] == "generation_failed"]
+    return ("pending" if None in results else "failed" if failures else "completed"), failures
+
+
+def _read_image(cfg: ApiConfig, uri: str) -> bytes:
+    """An image the serving worker wrote: only under the configured images folder or URL, whatever a
+    result event names."""
+    fs, root = fsspec.core.url_to_fs(cfg.images_url)
+    other, path = fsspec.core.url_to_fs(uri)
+    inside = posixpath.normpath(path).startswith(posixpath.normpath(root).rstrip("/") + "/")
+    if type(other) is not type(fs) or not inside:
+        log.warning("refused to read an image outside %s: %s", cfg.images_url, uri)
+        raise ApiError(404, "image_gone", "the image is not in this service's image store")
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        raise ApiError(404, "image_gone", "the image is no longer stored (its person may be forgotten)") from None
 
 
 def _images_response(s: Services, g: dict, base_url: str) -> ImagesResponse:
-    data, failures, pending = [], [], False
+    """The OpenAI-shaped answer for a generation (reads the images for b64_json: run it in a thread)."""
+    data = []
     for request_id, result in g["images"]:
-        if result is None:
-            pending = True
-        elif result["type"] == "generation_failed":
-            failures.append(result["reason"])
+        if result is None or result["type"] != "generation_completed":
+            continue
+        item = ImageData(request_id=request_id, revised_prompt=g["prompt"], style_version=result.get("style_version"),
+                         style_code=result.get("style_code"), facet=result.get("facet"))
+        if g["response_format"] == "b64_json":
+            item.b64_json = base64.b64encode(_read_image(s.cfg, result["image_uri"])).decode()
         else:
-            item = ImageData(request_id=request_id, revised_prompt=g["prompt"],
-                             style_version=result.get("style_version"), style_code=result.get("style_code"),
-                             facet=result.get("facet"))
-            if g["response_format"] == "b64_json":
-                item.b64_json = base64.b64encode(_read_image(result["image_uri"])).decode()
-            else:
-                expires = int(time.time()) + URL_LIFETIME_S
-                item.url = (f"{base_url}v1/images/files/{request_id}?expires={expires}"
-                            f"&sig={s.sign(request_id, expires)}")
-            data.append(item)
-    status = "pending" if pending else "failed" if failures else "completed"
+            expires = int(time.time()) + URL_LIFETIME_S
+            item.url = f"{base_url}v1/images/files/{request_id}?expires={expires}&sig={s.sign(request_id, expires)}"
+        data.append(item)
+    status, failures = _status(g)
     created = int(datetime.fromisoformat(g["created_at"]).timestamp())
     return ImagesResponse(created=created, data=data, id=g["id"], trace_id=g["trace_id"], status=status,
                           failures=failures)
@@ -483,16 +559,18 @@ async def _stream(s: Services, generation_id: str, body: ImageGenerationRequest)
     sent: set[tuple[str, int]] = set()
     common = {"size": body.size or s.cfg.sizes[0], "quality": "auto", "background": "auto", "output_format": "png"}
     while True:
-        for request_id, index, uri in await run_in_threadpool(s.store.previews, generation_id):
+        for request_id, index, uri in s.store.previews(generation_id):
             if (request_id, index) not in sent:
                 sent.add((request_id, index))
+                png = await run_in_threadpool(_read_image, s.cfg, uri)
                 event = {"type": "image_generation.partial_image", "partial_image_index": index,
-                         "b64_json": base64.b64encode(_read_image(uri)).decode(), "created_at": int(time.time()),
+                         "b64_json": base64.b64encode(png).decode(), "created_at": int(time.time()),
                          "request_id": request_id, **common}
                 yield f"event: image_generation.partial_image\ndata: {json.dumps(event)}\n\n"
-        g = await run_in_threadpool(s.store.generation, generation_id)
-        out = _images_response(s, {**g, "response_format": "b64_json"}, "")
-        if out.status == "completed":
+        g = s.store.generation(generation_id)
+        status, failures = _status(g) if g else ("failed", ["its person was forgotten"])
+        if status == "completed":
+            out = await run_in_threadpool(_images_response, s, g | {"response_format": "b64_json"}, "")
             for item in out.data:
                 event = {"type": "image_generation.completed", "b64_json": item.b64_json, "created_at": out.created,
                          "usage": {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
@@ -501,13 +579,13 @@ async def _stream(s: Services, generation_id: str, body: ImageGenerationRequest)
                          "style_code": item.style_code, "trace_id": out.trace_id, **common}
                 yield f"event: image_generation.completed\ndata: {json.dumps(event)}\n\n"
             return
-        if out.status == "failed" or time.monotonic() > deadline:
-            timed_out = out.status == "pending"
+        if status == "failed" or time.monotonic() > deadline:
+            timed_out = status == "pending"
             error = {"status": 504 if timed_out else 422,
                      "code": "generation_timeout" if timed_out else "generation_failed",
                      "message": f"not ready within {s.cfg.generation_timeout_s:g} s" if timed_out
-                     else "; ".join(out.failures), "generation_id": generation_id}
+                     else "; ".join(failures), "generation_id": generation_id}
             yield f"event: error\ndata: {json.dumps({'type': 'error', 'error': error})}\n\n"
             return
         yield ": generating\n\n"
-        await run_in_threadpool(s.store.wait_for_change, 1.0)
+        await s.wait_changed(1.0)

@@ -24,10 +24,16 @@ class ApiConfig:
     grant_rate: str = "120/minute"
     person_images_rate: str = "30/minute"  # images, not requests: n counts
     grant_images_rate: str = "10/minute"
+    images: str | None = None  # where the serving worker writes images (serve --output); default DATA_DIR/images
 
     @property
     def layout(self) -> DataLayout:
         return DataLayout(self.data_dir)
+
+    @property
+    def images_url(self) -> str:
+        """The only place images are read from, whatever a result event names."""
+        return self.images or str(self.layout.images)
 
     @property
     def db_path(self) -> Path:

@@ -8,10 +8,12 @@ request or an erasure tombstone deletes every row of the person, grants and gene
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sqlite3
 import threading
+from collections.abc import Callable
 
 from kafka import TopicPartition
 
@@ -76,19 +78,30 @@ def _trace(m: Message) -> str | None:
 
 
 class Follower:
-    def __init__(self, bootstrap_servers: str, store: ApiStore):
-        self.store = store
+    def __init__(self, bootstrap_servers: str, store: ApiStore, on_change: Callable[[], None] = lambda: None):
+        self.store, self._on_change = store, on_change
         self._consumer = clients.consumer(bootstrap_servers, fetch_max_wait_ms=100)
-        tps = [tp for topic in FOLLOWED for tp in clients.partitions_of(self._consumer, topic)]
-        self._consumer.assign(tps)
-        done = store.offsets()
-        for tp in tps:
+        self._tps = [tp for topic in FOLLOWED for tp in clients.partitions_of(self._consumer, topic)]
+        self._consumer.assign(self._tps)
+        self._seek_to_stored()
+        self._stop = threading.Event()
+        self._error: str | None = None  # the last failure, until a fold succeeds again
+        self._thread = threading.Thread(target=self._run, name="api-follower", daemon=True)
+
+    def _seek_to_stored(self) -> None:
+        """Where the last committed fold stopped (a failed fold's messages are read again)."""
+        done = self.store.offsets()
+        for tp in self._tps:
             if (tp.topic, tp.partition) in done:
                 self._consumer.seek(tp, done[(tp.topic, tp.partition)])
             else:
                 self._consumer.seek_to_beginning(tp)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="api-follower", daemon=True)
+
+    def failing(self) -> str | None:
+        """Why the follower cannot fold the topics right now, or None while it can."""
+        if not self._thread.is_alive() and not self._stop.is_set():
+            return "stopped"
+        return self._error
 
     def start(self) -> Follower:
         self._thread.start()
@@ -96,13 +109,26 @@ class Follower:
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=10)
+        self._thread.join(timeout=60)
         self._consumer.close()
 
     def _run(self) -> None:
+        """Fold until stopped; a broker away is waited for, any other failure logged, the batch read
+        again from the stored offsets after a pause (and reported by `failing` meanwhile)."""
         while not self._stop.is_set():
-            clients.with_backoff(self.poll_once, self._stop, on_retry=lambda e, delay: log.warning(
-                "broker unavailable (%s); retrying in %.1f s", e, delay))
+            try:
+                clients.with_backoff(self.poll_once, self._stop, on_retry=self._broker_away)
+                self._error = None
+            except Exception as e:
+                log.exception("the API's follower failed; reading again from its stored offsets")
+                self._error = f"{type(e).__name__}: {e}"
+                self._stop.wait(1.0)
+                with contextlib.suppress(Exception):
+                    self._seek_to_stored()
+
+    def _broker_away(self, e: Exception, delay: float) -> None:
+        self._error = f"broker unavailable ({type(e).__name__})"
+        log.warning("broker unavailable (%s); retrying in %.1f s", e, delay)
 
     def poll_once(self) -> int:
         batches = self._consumer.poll(timeout_ms=200)
@@ -118,8 +144,7 @@ class Follower:
                 self._save_offset(db, tp, records[-1].offset + 1)
         if forgot:
             self.store.checkpoint()
-        with self.store.changed:
-            self.store.changed.notify_all()
+        self._on_change()
         return n
 
     @staticmethod

@@ -87,7 +87,6 @@ class ApiStore:
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._lock = threading.RLock()
-        self.changed = threading.Condition(self._lock)  # notified after every fold of new messages
         with self._lock:
             self._db.execute("PRAGMA journal_mode = WAL")
             # A forgotten person's deleted rows are overwritten, not left in free pages (see `forget`).
@@ -168,19 +167,14 @@ class ApiStore:
             """SELECT p.request_id, p.idx, p.image_uri FROM previews p JOIN images i USING (request_id)
                WHERE i.generation_id = ? ORDER BY i.idx, p.idx""", [generation_id])]
 
-    def wait_for_change(self, timeout_s: float) -> None:
-        """Return after the follower's next fold, or after `timeout_s`."""
-        with self.changed:
-            self.changed.wait(timeout=timeout_s)
-
-    def wait_for_results(self, generation_id: str, timeout_s: float) -> dict | None:
-        """The generation once every image has its result, or as it stands after `timeout_s`."""
-        with self.changed:
-            self.changed.wait_for(lambda: self._done(generation_id), timeout=timeout_s)
-            return self.generation(generation_id)
-
-    def _done(self, generation_id: str) -> bool:
-        return not self._rows("SELECT 1 FROM images WHERE generation_id = ? AND result IS NULL", [generation_id])
+    def fail_generation(self, generation_id: str, reason: str) -> None:
+        """Its images that have no result yet fail with `reason` (their requests were never published)."""
+        with self.transaction() as db:
+            for (request_id,) in db.execute("SELECT request_id FROM images WHERE generation_id = ? AND result IS NULL",
+                                            (generation_id,)).fetchall():
+                db.execute("UPDATE images SET result = ? WHERE request_id = ?",
+                           (json.dumps({"type": "generation_failed", "request_id": request_id, "reason": reason}),
+                            request_id))
 
     # --- the read model -------------------------------------------------------------------------
     def offsets(self) -> dict[tuple[str, int], int]:

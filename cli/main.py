@@ -308,8 +308,8 @@ def demo(data_dir: DataDir = DEFAULT_DATA_DIR, verbose: Verbose = False,
     _quiet(verbose)
     from stylestream.demo.run import run_demo
 
-    stop = _stop_on_signals("stopping the demo's services") if serve else None
-    run_demo(data_dir, console, broker_engine, stop, port)
+    run_demo(data_dir, console, broker_engine, port=port,
+             serve_until=(lambda: _stop_on_signals("stopping the demo's services")) if serve else None)
 
 
 DlqSource = StrEnum("DlqSource", {t.replace("-", "_"): t for t in DLQ_SOURCES})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -54,9 +55,10 @@ STEPS = 20
 
 
 def run_demo(data_dir: Path, console: Console, broker_engine: Engine | str = Engine.auto,
-             serve_until: threading.Event | None = None, port: int = 8000) -> dict:
+             serve_until: Callable[[], threading.Event] | None = None, port: int = 8000) -> dict:
     """The demo; with `serve_until`, its broker, ingestion, serving and the API then keep running
-    (the page's address and a sign-in token printed) until that event is set."""
+    (the page's address and a sign-in token printed) until the event it returns, asked for only
+    then (so Ctrl-C stops the demo itself as usual), is set."""
     run = DataLayout(data_dir / "runs" / datetime.now(UTC).strftime("%Y%m%dT%H%M%S"))  # each run its own
     t0 = time.perf_counter()
     say = console.print
@@ -107,7 +109,7 @@ def run_demo(data_dir: Path, console: Console, broker_engine: Engine | str = Eng
         print_table(console, personalization_table(results, used, clip))
         picture = side_by_side(results, used, run.root / "personalization.png")
         if serve_until is not None:
-            keep_serving(cfg, run, diffusion, clip, console, serve_until, port)
+            keep_serving(cfg, run, diffusion, clip, console, serve_until(), port)
     elapsed = time.perf_counter() - t0
     say(f"[bold green]done[/] in {elapsed:.0f} s. State: {cfg.db_path}  History: {cfg.history_dir}")
     say(f"personalization, side by side: {picture}", soft_wrap=True, highlight=False)

@@ -16,7 +16,7 @@ import pytest
 import requests
 from PIL import Image
 
-from stylestream.api.app import create_app
+from stylestream.api.app import ApiError, _read_image, create_app
 from stylestream.api.auth import new_grant
 from stylestream.api.config import ApiConfig
 from stylestream.api.store import ApiStore
@@ -29,8 +29,9 @@ from stylestream.streams.topics import CONSENT_EVENTS, GENERATION_RESULTS
 pytestmark = pytest.mark.slow
 
 
-def call(system, method: str, path: str, token: str | None, **kw) -> requests.Response:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
+def call(system, method: str, path: str, token: str | None, headers_extra: dict | None = None,
+         **kw) -> requests.Response:
+    headers = ({"Authorization": f"Bearer {token}"} if token else {}) | (headers_extra or {})
     return requests.request(method, f"{system.url}{path}", headers=headers, timeout=120, **kw)
 
 
@@ -97,8 +98,9 @@ def test_one_person_cannot_read_use_switch_or_generate_with_anothers_style(api_s
     request_id = made["data"][0]["request_id"]
     assert call(api_system, "GET", f"/v1/images/files/{request_id}", ben).status_code == 200
     assert_error(call(api_system, "GET", f"/v1/images/files/{request_id}", cleo), 404, "not_found")
-    assert_error(call(api_system, "POST", "/v1/images/generations", cleo,
-                      json={"prompt": "a cat", "user": "ben"}), 403, "user_mismatch")
+    # OpenAI's `user` names the calling app's own end user: it never selects whose style is used.
+    as_ben = call(api_system, "POST", "/v1/images/generations", cleo, json={"prompt": "a cat", "user": "ben"})
+    assert as_ben.status_code == 200 and as_ben.json()["data"][0]["style_code"] == cleos["style_code"]
 
     # A switch always concerns the caller: Cleo's request becomes Cleo's consent event.
     r = call(api_system, "PUT", "/v1/me/style-learning", cleo, json={"scope": "album", "id": "walks", "enabled": False})
@@ -126,8 +128,10 @@ def test_one_person_cannot_read_use_switch_or_generate_with_anothers_style(api_s
 
     # Expired: a grant whose minute runs out in a second, and a sign-in token past its expiry.
     short, token = new_grant("ben", "brief", ["style:read"], timedelta(minutes=1),
-                             now=datetime.now(UTC) - timedelta(seconds=59))
-    ApiStore(api_system.api.db_path).add_grant(short)
+                             now=datetime.now(UTC) - timedelta(seconds=50))
+    other_connection = ApiStore(api_system.api.db_path)
+    other_connection.add_grant(short)
+    other_connection.close()
     assert call(api_system, "GET", "/v1/me/style", token).status_code == 200
     time.sleep(max(0.0, (short.expires_at - datetime.now(UTC)).total_seconds()) + 0.2)
     assert_error(call(api_system, "GET", "/v1/me/style", token), 401, "token_expired")
@@ -154,6 +158,10 @@ def test_limits_answer_in_the_openai_error_shape(api_system):
     token = api_system.token("ben")
     assert_error(call(api_system, "POST", "/v1/images/generations", token,
                       json={"prompt": "x" * 70_000}), 413, "request_too_large")
+    chunked = (b'{"prompt": "' + b"x" * 8192 for _ in range(10))  # no Content-Length: counted as it comes
+    assert_error(call(api_system, "POST", "/v1/images/generations", token, data=chunked,
+                      headers_extra={"Content-Type": "application/json"}), 413, "request_too_large")
+    assert call(api_system, "GET", "/healthz", None).json() == {"status": "ok", "follower": "ok"}
     assert_error(call(api_system, "POST", "/v1/images/generations", token, json={"prompt": ""}),
                  400, "invalid_request")
     assert_error(call(api_system, "POST", "/v1/images/generations", token, json={"prompt": "a", "n": 9}),
@@ -170,13 +178,18 @@ def test_limits_answer_in_the_openai_error_shape(api_system):
 
 def test_a_generation_that_times_out_says_so_and_is_fetched_later(api_system, tmp_path):
     # A second API on the same broker that waits for nothing: the running worker still answers.
-    cfg = ApiConfig(api_system.bootstrap_servers, tmp_path, api_system.issuer.verifier(), generation_timeout_s=0)
+    cfg = ApiConfig(api_system.bootstrap_servers, tmp_path, api_system.issuer.verifier(), generation_timeout_s=0,
+                    images=str(api_system.root / "images"))
     token = api_system.token("ben")
     with ApiServer(create_app(cfg)) as impatient:
-        r = requests.post(f"{impatient.url}/v1/images/generations", json={"prompt": "a boat"},
-                          headers={"Authorization": f"Bearer {token}"}, timeout=30)
+        client = openai.OpenAI(base_url=f"{impatient.url}/v1", api_key=token)  # retries 5xx by default...
+        with pytest.raises(openai.APIStatusError) as timed_out:
+            client.images.generate(prompt="a boat", size="64x64")
+        r = timed_out.value.response
         error = assert_error(r, 504, "generation_timeout")
         assert error["type"] == "timeout_error" and error["generation_id"] in error["message"]
+        with sqlite3.connect(cfg.db_path) as db:  # ...but not this one: it would be a second generation
+            assert db.execute("SELECT count(*) FROM generations").fetchone() == (1,)
         deadline = time.monotonic() + 60
         while (later := requests.get(f"{impatient.url}/v1/images/generations/{error['generation_id']}",
                                      headers={"Authorization": f"Bearer {token}"}, timeout=30).json()
@@ -216,6 +229,19 @@ def test_forget_me_through_the_api(api_system):
     assert_error(call(api_system, "GET", "/v1/me/style", app["token"]), 401, "invalid_token")  # grants go too
     # Nothing of her is left in the API's database file or its write-ahead log, not even in free pages.
     assert list(audit_files(api_system.root / "api", [b"eve"], "API database")) == []
+
+
+def test_images_are_read_only_from_the_image_store(tmp_path):
+    cfg = ApiConfig("127.0.0.1:9", tmp_path, None)
+    (tmp_path / "images" / "ana").mkdir(parents=True)
+    (tmp_path / "images" / "ana" / "r1.png").write_bytes(b"png")
+    (tmp_path / "secret.txt").write_text("secret")
+    assert _read_image(cfg, f"file://{tmp_path}/images/ana/r1.png") == b"png"
+    for uri in (f"file://{tmp_path}/secret.txt", f"file://{tmp_path}/images/../secret.txt",
+                f"{tmp_path}/images-other/x.png", "memory://images/ana/r1.png", f"file://{tmp_path}/images/ana/gone.png"):
+        with pytest.raises(ApiError) as e:
+            _read_image(cfg, uri)
+        assert e.value.status == 404, uri
 
 
 def test_the_published_spec_matches_the_code():

@@ -23,7 +23,7 @@ def test_demo_end_to_end(tmp_path, broker_engine):
     sign-in token work, until the demo is told to stop."""
     out, stop, reports = io.StringIO(), threading.Event(), []
     demo = threading.Thread(target=lambda: reports.append(
-        run_demo(tmp_path, Console(file=out, width=200), broker_engine, serve_until=stop, port=0)))
+        run_demo(tmp_path, Console(file=out, width=200), broker_engine, serve_until=lambda: stop, port=0)))
     demo.start()
     deadline = time.monotonic() + 600
     while not (served := re.search(r"the page for ana: (http://\S+)/#token=(\S+)", out.getvalue())):

@@ -3,6 +3,19 @@
 const $ = (sel) => document.querySelector(sel);
 let token = sessionStorage.getItem("stylestream-token");
 let shownVersion = null;
+let scopes = [];
+const SVG = "http://www.w3.org/2000/svg";
+
+function svgElement(name, attributes, title) {
+  const element = document.createElementNS(SVG, name);
+  Object.entries(attributes).forEach(([k, v]) => element.setAttribute(k, String(v)));
+  if (title) {
+    const t = document.createElementNS(SVG, "title");
+    t.textContent = title;
+    element.append(t);
+  }
+  return element;
+}
 
 function say(text, isError = false) {
   $("#message").textContent = text;
@@ -75,10 +88,11 @@ async function showHistory() {
   const x = (i) => pad + (versions.length > 1 ? i * (w - 2 * pad) / (versions.length - 1) : (w - 2 * pad) / 2);
   const y = (d) => h - pad - d / most * (h - 2 * pad);
   const points = versions.map((v, i) => `${x(i)},${y(v.drift_from_first)}`).join(" ");
-  svg.innerHTML = `<text x="4" y="12" font-size="10">drift from your first style</text>` +
-    `<polyline fill="none" stroke="#3b6" stroke-width="2" points="${points}"/>` +
-    versions.map((v, i) => `<circle cx="${x(i)}" cy="${y(v.drift_from_first)}" r="3"><title>version ${v.version}` +
-      ` · ${v.updated_at.slice(0, 16)} · ${v.words}</title></circle>`).join("");
+  const label = svgElement("text", { x: 4, y: 12, "font-size": 10 });
+  label.textContent = "drift from your first style";
+  svg.replaceChildren(label, svgElement("polyline", { fill: "none", stroke: "#3b6", "stroke-width": 2, points }),
+    ...versions.map((v, i) => svgElement("circle", { cx: x(i), cy: y(v.drift_from_first), r: 3 },
+      `version ${v.version} · ${v.updated_at.slice(0, 16)} · ${v.words}`)));
   $("#history-palettes").replaceChildren(...versions.map((v) => {
     const div = document.createElement("div");
     div.append(...v.palette.map((c) => swatch(c, true)), `v${v.version}`);
@@ -96,6 +110,7 @@ async function showAlbums() {
     box.type = "checkbox";
     box.checked = a.learning;
     box.dataset.album = a.album_id ?? "";
+    box.disabled = a.album_id === null || !scopes.includes("consent:write");  // photos in no album: no album switch
     box.addEventListener("change", () => switchLearning("album", a.album_id, box.checked));
     label.append(box, ` ${a.album_id ?? "(no album)"} · ${a.photo_count} photos`);
     li.append(label);
@@ -105,7 +120,13 @@ async function showAlbums() {
 
 async function switchLearning(scope, id, enabled) {
   const before = shownVersion;
-  await api("PUT", "/v1/me/style-learning", { scope, id: scope === "user" ? null : id, enabled });
+  try {
+    await api("PUT", "/v1/me/style-learning", { scope, id: scope === "user" ? null : id, enabled });
+  } catch (e) {
+    say(`The switch was not sent: ${e.message}`, true);
+    await showAlbums();  // the boxes as they really are
+    return;
+  }
   say(`Style learning ${enabled ? "on" : "off"} for ${scope === "user" ? "all your photos" : `${scope} ${id}`}; ` +
       "your style updates once it is processed…");
   for (let i = 0; i < 120; i++) {  // a minute at most
@@ -163,13 +184,23 @@ async function signIn(newToken) {
   try {
     const me = await api("GET", "/v1/me");
     sessionStorage.setItem("stylestream-token", token);
+    scopes = me.scopes;
     $("#who").textContent = me.user_id;
     $("#sign-in").hidden = true;
     $("#signed-in").hidden = false;
     $("#sign-out").hidden = false;
     say("");
-    await showStyle();
-    await Promise.all([showHistory(), showAlbums(), showGallery(), showGrants()]);
+    // An application's token shows only what its grant allows; the person's own shows everything.
+    const can = (scope) => scopes.includes(scope);
+    for (const id of ["style", "history", "albums"]) $(`#${id}`).hidden = !can("style:read");
+    $("#generate").hidden = !can("images:generate");
+    $("#learning-all").disabled = !can("consent:write");
+    $("#grants").hidden = $("#data").hidden = !can("account");
+    if (can("style:read")) {
+      await showStyle();
+      await Promise.all([showHistory(), showAlbums()]);
+    }
+    await Promise.all([can("images:generate") ? showGallery() : null, can("account") ? showGrants() : null]);
   } catch (e) {
     sessionStorage.removeItem("stylestream-token");
     say(`Could not sign in: ${e.message}`, true);
@@ -214,6 +245,7 @@ $("#grant-form").addEventListener("submit", async (e) => {
 });
 $("#download").addEventListener("click", async () => {
   const response = await fetch("/v1/me/export", { headers: { "Authorization": `Bearer ${token}` } });
+  if (!response.ok) { say(`The download failed (${response.status}).`, true); return; }
   const blob = await response.blob();
   const link = Object.assign(document.createElement("a"), { href: URL.createObjectURL(blob), download: "my-style.json" });
   link.click();
