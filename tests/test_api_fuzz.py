@@ -1,6 +1,7 @@
 """Property-based fuzzing of the published OpenAPI spec (api/openapi.json) with schemathesis, against
-the running API: whatever it sends, no server error. The one 5xx the spec allows is the documented
-504 of a generation that is still running (fetchable later by id)."""
+the running API: whatever it sends, no server error, every error in the one shape, and every answer
+one the spec declares. The one 5xx allowed is the documented 504 of a generation that is still
+running (fetchable later by id)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
+from schemathesis.checks import content_type_conformance, response_schema_conformance, status_code_conformance
 
 from stylestream.api.openapi import SPEC_PATH
 
@@ -28,3 +30,6 @@ def test_no_request_makes_a_server_error(case, api_system):
     if response.status_code >= 400:
         error = response.json()["error"]  # every error in the one shape
         assert error["status"] == response.status_code and error["code"] and error["message"]
+    # ...and every answer is one the spec declares, in the declared shape and content type
+    case.validate_response(response, checks=[status_code_conformance, content_type_conformance,
+                                             response_schema_conformance])
