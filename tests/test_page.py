@@ -103,14 +103,18 @@ def test_an_applications_token_shows_only_what_its_grant_allows(api_system, brow
     grant = requests.post(f"{api_system.url}/v1/me/grants", json={"name": "frame", "scopes": ["style:read"]},
                           headers={"Authorization": f"Bearer {api_system.token('ben')}"}, timeout=30).json()
     page = browser.new_page(viewport=PHONE)
+    errors = []
+    page.on("pageerror", lambda e: errors.append(e))
     page.goto(f"{api_system.url}/#token={grant['token']}")  # the link signs in and leaves the address bar
     expect(page.locator("#palette .swatch")).to_have_count(3)
+    expect(page.locator("#chart circle")).to_have_count(1)  # Ben has one version
     for hidden in ("#generate", "#grants", "#data"):
         expect(page.locator(hidden)).to_be_hidden()
     expect(page.locator("#album-list input[data-album=walks]")).to_be_disabled()
     assert "token" not in page.url
     shot(page, "6-application-token")
     page.close()
+    assert errors == []
 
 
 def test_a_wrong_token_is_refused_on_the_page(api_system, browser):
