@@ -18,7 +18,7 @@ def validate(*files: Path) -> subprocess.CompletedProcess:
 def test_the_deployment_files_pass_their_schemas():
     out = validate()
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "4 files checked, 0 problems" in out.stdout
+    assert "5 files checked, 0 problems" in out.stdout
 
 
 def test_broken_files_are_caught(tmp_path):
