@@ -25,8 +25,9 @@ ISSUER_KEY_FILE = "demo-issuer.key"  # the demo's stand-in for a photo service's
 class ApiServer:
     """uvicorn serving an app in a thread, on a free port of `host` unless `port` is given."""
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
-        self._server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+        # In a thread uvicorn leaves signals alone: the caller decides when it stops (`__exit__`).
+        self._server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
                                                      timeout_graceful_shutdown=5))
         self._thread = threading.Thread(target=self._server.run, name="api", daemon=True)
 

@@ -46,12 +46,11 @@ def api(
     """Serve the HTTP API and the person's page: OpenAI-compatible POST /v1/images/generations, each
     person's style, switches, data and grants under /v1/me, the page at /, the spec at /openapi.json.
     Ingestion and serving run as their own commands (`ingest --follow`, `serve`)."""
-    import uvicorn
-
     from stylestream.api.app import create_app
     from stylestream.api.auth import TokenVerifier
     from stylestream.api.config import ApiConfig
-    from stylestream.cli.main import _quiet, _reach_broker
+    from stylestream.api.system import ApiServer
+    from stylestream.cli.main import _quiet, _reach_broker, _stop_on_signals
 
     _quiet(verbose)
     try:
@@ -60,8 +59,11 @@ def api(
         raise typer.BadParameter(f"{jwt_public_key}: {e}", param_hint="--jwt-public-key") from None
     _reach_broker(bootstrap_servers, None)
     cfg = ApiConfig(bootstrap_servers, data_dir, verifier, generation_timeout, tuple(sizes.split(",")), steps=steps)
-    console.print(f"the page: http://{host}:{port}/   the spec: http://{host}:{port}/docs", soft_wrap=True)
-    uvicorn.run(create_app(cfg), host=host, port=port, log_level="info" if verbose else "warning")
+    stop = _stop_on_signals("answering the requests in progress, then stopping")
+    with ApiServer(create_app(cfg), host, port, log_level="info" if verbose else "warning") as server:
+        console.print(f"the page: {server.url}/   the spec: {server.url}/docs", soft_wrap=True)
+        stop.wait()
+    console.print("stopped")
 
 
 def api_token(

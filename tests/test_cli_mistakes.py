@@ -146,12 +146,15 @@ def interrupt(when: float | str, *args: str, cwd: Path, sig: int = signal.SIGINT
 
 
 @pytest.mark.slow
-def test_ctrl_c_or_sigterm_at_any_moment_ends_without_a_traceback(tmp_path):
+def test_ctrl_c_or_sigterm_at_any_moment_ends_without_a_traceback(tmp_path, broker):
     """Long commands stop cleanly: a demo while it loads models and while it ingests (Ctrl-C ends it,
-    exit 130), and commands that retry an absent broker, which stop at once with exit 0: no cycle or
-    batch is running."""
+    exit 130), commands that retry an absent broker, which stop at once with exit 0 (no cycle or
+    batch is running), and the API, which answers what it has in progress and exits 0."""
     unreachable = f"127.0.0.1:{free_port()}"
     data = ["--data-dir", str(tmp_path / "data")]
+    key = tmp_path / "key.pem"
+    key.write_bytes(DemoIssuer(tmp_path / "issuer").public_key_pem())
+    api = ["api", "-b", broker.bootstrap_servers, "--jwt-public-key", str(key), "--port", "0", *data]
     retrying = "retrying in"
     cases = [
         (0.3, ["demo", *data], signal.SIGINT, 130),  # while its libraries load
@@ -161,6 +164,8 @@ def test_ctrl_c_or_sigterm_at_any_moment_ends_without_a_traceback(tmp_path):
         (retrying, ["ingest", "-b", unreachable, "--follow", *data], signal.SIGTERM, 0),
         (retrying, ["serve", "-b", unreachable, *data], signal.SIGINT, 0),
         (retrying, ["serve", "-b", unreachable, *data], signal.SIGTERM, 0),
+        ("the page:", api, signal.SIGINT, 0),
+        ("the page:", api, signal.SIGTERM, 0),
     ]
     failures, stops = [], []
     for when, args, sig, status in cases:

@@ -25,6 +25,7 @@ from helpers import produce
 from stylestream.demo.synthetic import make_library
 from stylestream.schemas.events import GenerationRequested
 from stylestream.schemas.tables import FEATURE_NAMES
+from stylestream.streams.broker_process import free_port
 from stylestream.streams.topics import GENERATION_REQUESTS, PHOTO_EVENTS
 from stylestream.transforms.images import KEPT_METADATA
 
@@ -86,6 +87,21 @@ def shortened(command: str, tmp: Path) -> str:
                 words += ["--out", str(tmp / "tiny-style")]  # never over the shipped model
             return shlex.join(words)
     return command
+
+
+# Servers the README starts on a fixed port: here on a free one (port 8000 may be taken on a test host).
+ON_A_FREE_PORT = ("stylestream demo --serve", "stylestream api ")
+
+
+def on_a_free_port(command: str) -> str:
+    if not command.startswith(ON_A_FREE_PORT):
+        return command
+    words = shlex.split(command)
+    if "--port" in words:
+        words[words.index("--port") + 1] = str(free_port())
+    else:
+        words += ["--port", str(free_port())]
+    return shlex.join(words)
 
 
 def substitute(command: str, values: dict[str, str]) -> str:
@@ -153,6 +169,11 @@ def test_every_readme_command_works_as_written(tmp_path, broker, models):
     outputs: dict[str, str] = {}
     stops: dict[str, float] = {}
     kafka = None
+    started: list[Background] = []  # every long-running command, killed at the end if a step failed
+
+    def start(command: str, log: str) -> Background:
+        started.append(Background(command, work, env, tmp_path / log))
+        return started[-1]
 
     def run(command: str) -> str:
         done = subprocess.run(["bash", "-c", command], cwd=work, env=env, capture_output=True, text=True,
@@ -170,15 +191,15 @@ def test_every_readme_command_works_as_written(tmp_path, broker, models):
                 outputs["demo"] = run("stylestream demo")
                 continue
             if readme_command == "stylestream broker":
-                kafka = Background(readme_command, work, env, tmp_path / "broker.log")
+                kafka = start(readme_command, "broker.log")
                 address = kafka.wait_for(r"listening on (\S+:\d+)").group(1)
                 values = stand_ins(tmp_path, address, broker.bootstrap_servers, models)
                 produce(broker.bootstrap_servers, PHOTO_EVENTS, [p.upload_event() for p in service])  # "yours"
                 continue
-            command = shortened(substitute(readme_command, values), tmp_path)
-            if command.startswith(("stylestream demo --serve", "stylestream api ")):
+            command = on_a_free_port(shortened(substitute(readme_command, values), tmp_path))
+            if command.startswith(ON_A_FREE_PORT):
                 # long-running: the address it prints serves the page and, with a token, the person's style
-                running = Background(command, work, env, tmp_path / f"{i}.log")
+                running = start(command, f"{i}.log")
                 url = running.wait_for(r"(http://127\.0\.0\.1:\d+)/", timeout=300).group(1)
                 if command.startswith("stylestream demo"):
                     user, token = "ana", running.wait_for(r"#token=(\S+)").group(1)
@@ -190,13 +211,13 @@ def test_every_readme_command_works_as_written(tmp_path, broker, models):
                 stops[command.split(" -")[0]] = running.interrupt()
                 outputs[readme_command] = running.output()
             elif "--follow" in command:
-                follow = Background(command, work, env, tmp_path / f"{i}.log")
+                follow = start(command, f"{i}.log")
                 produce(address, PHOTO_EVENTS, [p.upload_event() for p in service])  # the photo service
                 follow.wait_for(r"cycle \d+: 2 events, 2 photos")
                 stops["ingest --follow"] = follow.interrupt()
                 outputs[readme_command] = follow.output()
             elif command.startswith("stylestream serve"):
-                serve = Background(command, work, env, tmp_path / f"{i}.log")
+                serve = start(command, f"{i}.log")
                 serve.wait_for(r"serving with")
                 request = GenerationRequested(
                     event_id=f"readme-{i}", user_id="dan", event_time=datetime.now(UTC), request_id=f"readme-{i}",
@@ -211,8 +232,14 @@ def test_every_readme_command_works_as_written(tmp_path, broker, models):
                 if readme_command.startswith("stylestream forget"):  # the id it prints, for `receipt get`
                     values["REQUEST_ID"] = re.search(r"requested: (\S+)", outputs[readme_command]).group(1)
     finally:
-        if kafka is not None:
-            kafka.interrupt()
+        try:
+            if kafka is not None:
+                kafka.interrupt()
+        finally:
+            for left in started:  # a step that failed left its command running
+                if left.proc.poll() is None:
+                    left.proc.kill()
+                    left.proc.wait()
     print("seconds from Ctrl-C to exit:", {k: round(v, 2) for k, v in stops.items()})
 
     # What the README promises of the demo's history: real drift, in words and in a timeline, for its people
