@@ -23,6 +23,7 @@ import logging
 import posixpath
 import random
 import secrets
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -117,6 +118,7 @@ class Services:
     url_key: bytes
     loop: asyncio.AbstractEventLoop
     follower: Follower | None = None
+    limits_lock: threading.Lock = field(default_factory=threading.Lock)  # test-then-hit is one step
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def sign(self, request_id: str, expires: int) -> str:
@@ -222,7 +224,8 @@ def _errors(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def unexpected(_request: Request, e: Exception) -> JSONResponse:
         log.exception("unexpected error")
-        return error_response(500, "server_error", f"unexpected error ({type(e).__name__}); it was logged")
+        return error_response(500, "server_error", f"unexpected error ({type(e).__name__}); it was logged",
+                              headers=NO_RETRY)  # it may have happened after the requests were published
 
 
 def services_of(request: Request) -> Services:
@@ -248,13 +251,14 @@ def _limit(s: Services, p: Principal, person_rate: str, grant_rate: str, what: s
     buckets = [(person_rate, ("person", what, p.user_id))]
     if p.grant_id:
         buckets.append((grant_rate, ("grant", what, p.grant_id)))
-    for text, key in buckets:
-        if not s.limiter.test(parse(text), *key, cost=cost):
-            wait = max(1, int(s.limiter.get_window_stats(parse(text), *key).reset_time - time.time() + 0.999))
-            raise ApiError(429, "rate_limited", f"the {key[0]}'s limit of {text} {what} is reached; retry in {wait} s",
-                           headers={"Retry-After": str(wait)})
-    for text, key in buckets:
-        s.limiter.hit(parse(text), *key, cost=cost)
+    with s.limits_lock:
+        for text, key in buckets:
+            if not s.limiter.test(parse(text), *key, cost=cost):
+                wait = max(1, int(s.limiter.get_window_stats(parse(text), *key).reset_time - time.time() + 0.999))
+                raise ApiError(429, "rate_limited", f"the {key[0]}'s limit of {text} {what} is reached; retry in "
+                               f"{wait} s", headers={"Retry-After": str(wait)})
+        for text, key in buckets:
+            s.limiter.hit(parse(text), *key, cost=cost)
 
 
 Caller = Annotated[Principal, Depends(caller)]
@@ -264,6 +268,11 @@ def _routes(app: FastAPI, cfg: ApiConfig) -> None:
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
         return FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": PAGE_CSP})
+
+    @app.get("/livez", tags=["service"])
+    def livez() -> dict:
+        """The process answers (for a liveness probe: /healthz is also 503 while the broker is away)."""
+        return {"status": "ok"}
 
     @app.get("/healthz", tags=["service"], responses={503: {"description": "the follower is failing"}})
     def healthz(request: Request) -> JSONResponse:
@@ -501,7 +510,7 @@ async def _wait(s: Services, generation_id: str, timeout_s: float) -> dict:
     """The generation once every image has its result, or as it stands after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     while True:
-        g = s.store.generation(generation_id)  # a short indexed read of the API's own database
+        g = await run_in_threadpool(s.store.generation, generation_id)  # the follower may hold the lock
         if g is None:  # the person was forgotten meanwhile
             raise ApiError(404, "not_found", f"generation {generation_id} is gone: its person was forgotten")
         if _status(g)[0] != "pending" or time.monotonic() >= deadline:
@@ -517,12 +526,13 @@ def _status(g: dict) -> tuple[str, list[str]]:
 
 
 def _read_image(cfg: ApiConfig, uri: str) -> bytes:
-    """An image the serving worker wrote: only under the configured images folder or URL, whatever a
-    result event names."""
+    """An image the serving worker wrote: only from the configured image store (its protocol, under
+    its folder), whatever a result event names; nothing else is ever opened."""
     fs, root = fsspec.core.url_to_fs(cfg.images_url)
-    other, path = fsspec.core.url_to_fs(uri)
-    inside = posixpath.normpath(path).startswith(posixpath.normpath(root).rstrip("/") + "/")
-    if type(other) is not type(fs) or not inside:
+    protocol, _ = fsspec.core.split_protocol(uri)
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    path = posixpath.normpath(fs._strip_protocol(uri)) if (protocol or "file") in protocols else None
+    if path is None or not path.startswith(posixpath.normpath(root).rstrip("/") + "/"):
         log.warning("refused to read an image outside %s: %s", cfg.images_url, uri)
         raise ApiError(404, "image_gone", "the image is not in this service's image store")
     try:
@@ -558,34 +568,43 @@ async def _stream(s: Services, generation_id: str, body: ImageGenerationRequest)
     deadline = time.monotonic() + s.cfg.generation_timeout_s
     sent: set[tuple[str, int]] = set()
     common = {"size": body.size or s.cfg.sizes[0], "quality": "auto", "background": "auto", "output_format": "png"}
-    while True:
-        for request_id, index, uri in s.store.previews(generation_id):
-            if (request_id, index) not in sent:
-                sent.add((request_id, index))
-                png = await run_in_threadpool(_read_image, s.cfg, uri)
-                event = {"type": "image_generation.partial_image", "partial_image_index": index,
-                         "b64_json": base64.b64encode(png).decode(), "created_at": int(time.time()),
-                         "request_id": request_id, **common}
-                yield f"event: image_generation.partial_image\ndata: {json.dumps(event)}\n\n"
-        g = s.store.generation(generation_id)
-        status, failures = _status(g) if g else ("failed", ["its person was forgotten"])
-        if status == "completed":
-            out = await run_in_threadpool(_images_response, s, g | {"response_format": "b64_json"}, "")
-            for item in out.data:
-                event = {"type": "image_generation.completed", "b64_json": item.b64_json, "created_at": out.created,
-                         "usage": {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
-                                   "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}},
-                         "request_id": item.request_id, "style_version": item.style_version,
-                         "style_code": item.style_code, "trace_id": out.trace_id, **common}
-                yield f"event: image_generation.completed\ndata: {json.dumps(event)}\n\n"
-            return
-        if status == "failed" or time.monotonic() > deadline:
-            timed_out = status == "pending"
-            error = {"status": 504 if timed_out else 422,
-                     "code": "generation_timeout" if timed_out else "generation_failed",
-                     "message": f"not ready within {s.cfg.generation_timeout_s:g} s" if timed_out
-                     else "; ".join(failures), "generation_id": generation_id}
-            yield f"event: error\ndata: {json.dumps({'type': 'error', 'error': error})}\n\n"
-            return
-        yield ": generating\n\n"
-        await s.wait_changed(1.0)
+
+    def error_event(status: int, code: str, message: str) -> str:
+        error = {"status": status, "code": code, "message": message, "generation_id": generation_id}
+        return f"event: error\ndata: {json.dumps({'type': 'error', 'error': error})}\n\n"
+
+    try:
+        while True:
+            # The generation before its previews: a preview is folded no later than its image's result
+            # (one partition), so none is skipped on the way to `completed`.
+            g = await run_in_threadpool(s.store.generation, generation_id)
+            for request_id, index, uri in await run_in_threadpool(s.store.previews, generation_id):
+                if (request_id, index) not in sent:
+                    sent.add((request_id, index))
+                    png = await run_in_threadpool(_read_image, s.cfg, uri)
+                    event = {"type": "image_generation.partial_image", "partial_image_index": index,
+                             "b64_json": base64.b64encode(png).decode(), "created_at": int(time.time()),
+                             "request_id": request_id, **common}
+                    yield f"event: image_generation.partial_image\ndata: {json.dumps(event)}\n\n"
+            status, failures = _status(g) if g else ("failed", ["its person was forgotten"])
+            if status == "completed":
+                out = await run_in_threadpool(_images_response, s, g | {"response_format": "b64_json"}, "")
+                for item in out.data:
+                    event = {"type": "image_generation.completed", "b64_json": item.b64_json,
+                             "created_at": out.created,
+                             "usage": {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
+                                       "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}},
+                             "request_id": item.request_id, "style_version": item.style_version,
+                             "style_code": item.style_code, "trace_id": out.trace_id, **common}
+                    yield f"event: image_generation.completed\ndata: {json.dumps(event)}\n\n"
+                return
+            if status == "failed":
+                yield error_event(422, "generation_failed", "; ".join(failures))
+                return
+            if time.monotonic() > deadline:
+                yield error_event(504, "generation_timeout", f"not ready within {s.cfg.generation_timeout_s:g} s")
+                return
+            yield ": generating\n\n"
+            await s.wait_changed(1.0)
+    except ApiError as e:  # the response has begun: the error travels as an event
+        yield error_event(e.status, e.code, e.message)

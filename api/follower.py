@@ -8,7 +8,6 @@ request or an erasure tombstone deletes every row of the person, grants and gene
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import sqlite3
@@ -20,7 +19,7 @@ from kafka import TopicPartition
 from stylestream.api.store import ApiStore
 from stylestream.schemas.events import InvalidEvent, parse_event
 from stylestream.streams import clients
-from stylestream.streams.clients import TRACE_HEADER, Message
+from stylestream.streams.clients import RETRY_FIRST_S, RETRY_MAX_S, TRACE_HEADER, Message
 from stylestream.streams.topics import CONSENT_EVENTS, GENERATION_RESULTS, PHOTO_EVENTS, STYLE_MANIFESTS, STYLE_VECTORS
 
 log = logging.getLogger(__name__)
@@ -113,18 +112,22 @@ class Follower:
         self._consumer.close()
 
     def _run(self) -> None:
-        """Fold until stopped; a broker away is waited for, any other failure logged, the batch read
-        again from the stored offsets after a pause (and reported by `failing` meanwhile)."""
+        """Fold until stopped. A broker away is waited for; any other failure (the database, say) is
+        logged and reported by `failing`, and the batch read again from the stored offsets after a
+        growing pause: never folded past, never twice."""
+        delay, reseek = RETRY_FIRST_S, False
         while not self._stop.is_set():
             try:
-                clients.with_backoff(self.poll_once, self._stop, on_retry=self._broker_away)
-                self._error = None
-            except Exception as e:
-                log.exception("the API's follower failed; reading again from its stored offsets")
-                self._error = f"{type(e).__name__}: {e}"
-                self._stop.wait(1.0)
-                with contextlib.suppress(Exception):
+                if reseek:
                     self._seek_to_stored()
+                    reseek = False
+                clients.with_backoff(self.poll_once, self._stop, on_retry=self._broker_away)
+                self._error, delay = None, RETRY_FIRST_S
+            except Exception as e:
+                log.exception("the API's follower failed; reading again from its stored offsets in %.0f s", delay)
+                self._error, reseek = f"{type(e).__name__}: {e}", True
+                self._stop.wait(delay)
+                delay = min(2 * delay, RETRY_MAX_S)
 
     def _broker_away(self, e: Exception, delay: float) -> None:
         self._error = f"broker unavailable ({type(e).__name__})"
@@ -138,14 +141,26 @@ class Follower:
         with self.store.transaction() as db:
             for tp, records in sorted(batches.items(), key=lambda kv: (kv[0].topic, kv[0].partition)):
                 for r in records:
-                    forgot |= fold(db, self.store, Message(r.topic, r.partition, r.offset, r.key, r.value,
-                                                           r.timestamp, tuple(r.headers or ())))
+                    forgot |= self._fold_one(db, Message(r.topic, r.partition, r.offset, r.key, r.value,
+                                                         r.timestamp, tuple(r.headers or ())))
                     n += 1
                 self._save_offset(db, tp, records[-1].offset + 1)
         if forgot:
             self.store.checkpoint()
-        self._on_change()
+        if any(tp.topic == GENERATION_RESULTS for tp in batches):  # what requests wait for
+            self._on_change()
         return n
+
+    def _fold_one(self, db: sqlite3.Connection, m: Message) -> bool:
+        """`fold`, with a message it cannot use (say, a key that is not UTF-8) logged and skipped, so
+        one bad message never stops the rest; the database's own errors end the batch."""
+        try:
+            return fold(db, self.store, m)
+        except sqlite3.Error:
+            raise
+        except Exception:
+            log.exception("skipped a message the API cannot fold: %s[%d]@%d", m.topic, m.partition, m.offset)
+            return False
 
     @staticmethod
     def _save_offset(db: sqlite3.Connection, tp: TopicPartition, next_offset: int) -> None:

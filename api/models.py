@@ -36,7 +36,8 @@ class ImageGenerationRequest(BaseModel):
     n: int = Field(default=1, ge=1, description="Images to make (at most the server's max_images).")
     size: str | None = Field(default=None, description="WIDTHxHEIGHT, one the served model draws (see /v1/config).")
     response_format: Literal["url", "b64_json"] = "url"
-    user: str | None = Field(default=None, description="If given, must be the signed-in person's user id.")
+    user: str | None = Field(default=None, description="The calling application's own end-user id, as OpenAI "
+                                                       "clients send it; the style is always the token's person's.")
     model: str | None = Field(default=None, description="Accepted and ignored: the served model is the server's.")
     stream: bool = Field(default=False, description="Server-sent events: image_generation.partial_image per "
                                                     "preview, then image_generation.completed per image.")

@@ -41,6 +41,9 @@ def api(
         metavar="WxH,...", callback=_sizes, help="The sizes the served model draws; the first is the default.")]
     = "64x64,128x128,256x256,512x512",
     steps: Annotated[int, typer.Option(min=1, max=200, help="Diffusion steps per image.")] = 4,
+    images: Annotated[str | None, typer.Option(
+        metavar="DIR|URL", help="Where the serving workers write images (their --output; default: "
+                                "DATA_DIR/images). Images are read from there only.")] = None,
     verbose: Verbose = False,
 ) -> None:
     """Serve the HTTP API and the person's page: OpenAI-compatible POST /v1/images/generations, each
@@ -58,7 +61,8 @@ def api(
     except ValueError as e:
         raise typer.BadParameter(f"{jwt_public_key}: {e}", param_hint="--jwt-public-key") from None
     _reach_broker(bootstrap_servers, None)
-    cfg = ApiConfig(bootstrap_servers, data_dir, verifier, generation_timeout, tuple(sizes.split(",")), steps=steps)
+    cfg = ApiConfig(bootstrap_servers, data_dir, verifier, generation_timeout, tuple(sizes.split(",")), steps=steps,
+                    images=images)
     stop = _stop_on_signals("answering the requests in progress, then stopping")
     with ApiServer(create_app(cfg), host, port, log_level="info" if verbose else "warning") as server:
         console.print(f"the page: {server.url}/   the spec: {server.url}/docs", soft_wrap=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,8 @@ from stylestream.models.hyper_lora import HyperLora
 from stylestream.schemas.events import GenerationRequested, StyleFacet, StyleVectorUpdated
 from stylestream.schemas.tables import FEATURE_NAMES
 from stylestream.serving.lora import BASE, LoraSource, UserLoras
+
+log = logging.getLogger(__name__)
 
 
 def style_condition(style: StyleVectorUpdated | StyleFacet, dim: int) -> np.ndarray:
@@ -141,9 +144,15 @@ class StyleGenerator:
         def on_step_end(pipe, step: int, _timestep, kwargs: dict) -> dict:
             rows = [row for row, steps in wanted.items() if step in steps]
             if rows:
-                latents = kwargs["latents"][rows] / pipe.vae.config.scaling_factor
-                decoded = pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0]
-                for row, image in zip(rows, pipe.image_processor.postprocess(decoded, output_type="pil"), strict=True):
+                try:  # the latents so far, decoded as the final step decodes them (one row per request)
+                    latents = kwargs["latents"][rows] / pipe.vae.config.scaling_factor
+                    decoded = pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0]
+                    previews = pipe.image_processor.postprocess(decoded, output_type="pil")
+                except (RuntimeError, ValueError):  # out of memory, say: the images matter, not previews
+                    log.exception("could not decode previews at step %d; going on without", step)
+                    wanted.clear()
+                    return kwargs
+                for row, image in zip(rows, previews, strict=True):
                     on_preview(row, wanted[row].index(step), step + 1, image)
             return kwargs
         return on_step_end

@@ -48,7 +48,13 @@ class StyleTable:
         for records in self._consumer.poll(timeout_ms=timeout_ms).values():
             for r in records:
                 if r.value is None:  # a tombstone: the person (the key) asked to be forgotten
-                    self._forget(r.key.decode(), datetime.fromtimestamp(r.timestamp / 1000, UTC))
+                    try:
+                        user_id = r.key.decode()
+                    except (AttributeError, UnicodeDecodeError):  # no key, or not a user id: not ours
+                        log.warning("skipping a tombstone without a user id at %s[%d]@%d", r.topic, r.partition,
+                                    r.offset)
+                        continue
+                    self._forget(user_id, datetime.fromtimestamp(r.timestamp / 1000, UTC))
                     n += 1
                     continue
                 try:

@@ -314,14 +314,21 @@ class Worker:
         (or one too large for memory) fails by itself while the rest complete."""
         requests = [job.request for job in group]
 
+        previewing = [True]  # until a preview fails: previews are a nicety, the images are the work
+
         def preview(row: int, index: int, steps: int, image) -> None:
+            if not previewing[0]:
+                return
             request = requests[row]
-            progress = GenerationProgress(
-                event_id=f"progress-{request.request_id}-{index}", user_id=request.user_id,
-                event_time=datetime.now(UTC), request_id=request.request_id, partial_image_index=index, step=steps,
-                image_uri=self.output.save_preview(request, index, image))
-            self._send_result(progress, traces)
-            self._producer.flush()  # now, not with the batch: a preview is worth seeing while the rest runs
+            try:
+                progress = GenerationProgress(
+                    event_id=f"progress-{request.request_id}-{index}", user_id=request.user_id,
+                    event_time=datetime.now(UTC), request_id=request.request_id, partial_image_index=index,
+                    step=steps, image_uri=self.output.save_preview(request, index, image))
+                self._send_result(progress, traces)  # sent within linger_ms, not held for the batch
+            except Exception:
+                previewing[0] = False
+                log.exception("a preview failed; no more previews in this call")
 
         t0 = time.perf_counter()
         try:

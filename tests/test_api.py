@@ -24,7 +24,7 @@ from stylestream.api.system import ApiServer, DemoIssuer
 from stylestream.privacy.audit import audit_files
 from stylestream.schemas.events import parse_event
 from stylestream.streams import clients
-from stylestream.streams.topics import CONSENT_EVENTS, GENERATION_RESULTS
+from stylestream.streams.topics import CONSENT_EVENTS, GENERATION_RESULTS, STYLE_VECTORS
 
 pytestmark = pytest.mark.slow
 
@@ -81,6 +81,9 @@ def test_the_openai_client_generates_with_the_persons_style(api_system):
     previews, final = [Image.open(io.BytesIO(base64.b64decode(e.b64_json))) for e in events[:2]], events[2]
     assert all(p.size == (64, 64) for p in previews)
     assert Image.open(io.BytesIO(base64.b64decode(final.b64_json))).tobytes() != previews[1].tobytes()
+    two = [e.type for e in client.images.generate(prompt="a lighthouse", n=2, size="64x64", stream=True,
+                                                  partial_images=1)]
+    assert sorted(two) == ["image_generation.completed"] * 2 + ["image_generation.partial_image"] * 2, two
 
     with pytest.raises(openai.BadRequestError) as bad:
         client.images.generate(prompt="a lighthouse", size="4096x4096")
@@ -176,6 +179,19 @@ def test_limits_answer_in_the_openai_error_shape(api_system):
     assert error["type"] == "rate_limit_error" and "grant's limit" in error["message"]
 
 
+def test_a_message_the_api_cannot_use_is_skipped(api_system):
+    # A tombstone whose key is not UTF-8 on a topic the API folds: logged and skipped, nothing stops.
+    p = clients.producer(api_system.bootstrap_servers)
+    p.send(STYLE_VECTORS, key=b"\xff\xfe", value=None)
+    p.send(GENERATION_RESULTS, key=b"ben", value=b"not an event")
+    p.flush()
+    p.close()
+    token = api_system.token("ben")
+    made = call(api_system, "POST", "/v1/images/generations", token, json={"prompt": "a kite", "size": "64x64"})
+    assert made.status_code == 200, made.text
+    assert call(api_system, "GET", "/healthz", None).json() == {"status": "ok", "follower": "ok"}
+
+
 def test_a_generation_that_times_out_says_so_and_is_fetched_later(api_system, tmp_path):
     # A second API on the same broker that waits for nothing: the running worker still answers.
     cfg = ApiConfig(api_system.bootstrap_servers, tmp_path, api_system.issuer.verifier(), generation_timeout_s=0,
@@ -238,6 +254,7 @@ def test_images_are_read_only_from_the_image_store(tmp_path):
     (tmp_path / "secret.txt").write_text("secret")
     assert _read_image(cfg, f"file://{tmp_path}/images/ana/r1.png") == b"png"
     for uri in (f"file://{tmp_path}/secret.txt", f"file://{tmp_path}/images/../secret.txt",
+                "ftp://192.0.2.1/images/ana/r1.png", "hdfs://namenode/images/ana/r1.png",
                 f"{tmp_path}/images-other/x.png", "memory://images/ana/r1.png", f"file://{tmp_path}/images/ana/gone.png"):
         with pytest.raises(ApiError) as e:
             _read_image(cfg, uri)
