@@ -128,7 +128,7 @@ def keep_serving(cfg: IngestConfig, run: DataLayout, diffusion, clip, console: C
     from stylestream.api.system import DemoIssuer, running_services
 
     issuer = DemoIssuer(run.root / "api")
-    api = ApiConfig(cfg.bootstrap_servers, run.root, issuer.verifier())
+    api = ApiConfig(cfg.bootstrap_servers, run.root, issuer.verifier(), steps=STEPS)  # as the demo's own images
     with console.status("starting ingestion (following), serving and the API"):
         services = running_services(api, cfg, ServeConfig(cfg.bootstrap_servers, str(run.images)),
                                     StyleGenerator(diffusion, clip), port=port)
