@@ -54,12 +54,12 @@ from stylestream.api.auth import (
     CONSENT_WRITE,
     IMAGES_GENERATE,
     STYLE_READ,
-    AuthError,
     Principal,
     authenticate,
     new_grant,
 )
 from stylestream.api.config import ApiConfig
+from stylestream.api.errors import NO_RETRY, ApiError, error_response
 from stylestream.api.follower import Follower
 from stylestream.api.models import (
     ErrorBody,
@@ -86,27 +86,7 @@ STATIC = Path(__file__).parent / "static"
 URL_LIFETIME_S = 3600
 # The page loads only its own script and style, and images from here (or data: and blob: URLs).
 PAGE_CSP = "default-src 'self'; img-src 'self' data: blob:; object-src 'none'; frame-ancestors 'none'"
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
-               422: "invalid_request_error", 429: "rate_limit_error", 504: "timeout_error"}
-# The OpenAI client retries 5xx answers by default; a retried generation would be a second one.
-NO_RETRY = {"x-should-retry": "false"}
 ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 403, 404, 413, 429)}
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, param: str | None = None,
-                 generation_id: str | None = None, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.code, self.message, self.param = status, code, message, param
-        self.generation_id, self.headers = generation_id, headers
-
-
-def error_response(status: int, code: str, message: str, param: str | None = None,
-                   generation_id: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
-    detail = {"status": status, "code": code, "message": message,
-              "type": ERROR_TYPES.get(status, "server_error"), "param": param, "generation_id": generation_id}
-    return JSONResponse({"error": detail}, status_code=status, headers=headers)
 
 
 @dataclass
@@ -203,10 +183,6 @@ def _errors(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, e: ApiError) -> JSONResponse:
         return error_response(e.status, e.code, e.message, e.param, e.generation_id, e.headers)
-
-    @app.exception_handler(AuthError)
-    async def auth_error(_request: Request, e: AuthError) -> JSONResponse:
-        return error_response(e.status, e.code, e.message, headers={"WWW-Authenticate": "Bearer"})
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, e: RequestValidationError) -> JSONResponse:
@@ -447,11 +423,7 @@ def _routes(app: FastAPI, cfg: ApiConfig) -> None:
     def create_grant(body: GrantRequest, request: Request, principal: Caller) -> dict:
         """A token for another application with these scopes until it expires or is revoked; shown once."""
         principal.require(ACCOUNT)
-        try:
-            grant, token = new_grant(principal.user_id, body.name, list(body.scopes),
-                                     timedelta(seconds=body.expires_in_s))
-        except AuthError as e:
-            raise ApiError(e.status, e.code, e.message) from None
+        grant, token = new_grant(principal.user_id, body.name, list(body.scopes), timedelta(seconds=body.expires_in_s))
         services_of(request).store.add_grant(grant)
         return {**grant.public(), "token": token}
 

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from pydantic import TypeAdapter, ValidationError
 
+from stylestream.api.errors import ApiError
 from stylestream.api.store import ApiStore, Grant
 from stylestream.schemas.events import Id
 
@@ -36,10 +37,8 @@ GRANT_PREFIX = "ssg_"
 MAX_GRANT_DAYS = 365
 
 
-class AuthError(Exception):
-    def __init__(self, status: int, code: str, message: str):
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
+def _unauthorized(code: str, message: str) -> ApiError:
+    return ApiError(401, code, message, headers={"WWW-Authenticate": "Bearer"})
 
 
 @dataclass(frozen=True)
@@ -52,7 +51,7 @@ class Principal:
         if scope not in self.scopes:
             who = f"grant {self.grant_id}" if self.grant_id else "this token"
             need = "the person's own sign-in" if scope == ACCOUNT else f"scope {scope}"
-            raise AuthError(403, "insufficient_scope", f"{who} lacks {need}")
+            raise ApiError(403, "insufficient_scope", f"{who} lacks {need}")
 
 
 def _algorithms(key) -> list[str]:
@@ -90,17 +89,17 @@ class TokenVerifier:
             kid = jwt.get_unverified_header(token).get("kid")
             key = self._keys.get(kid) or (next(iter(self._keys.values())) if len(self._keys) == 1 else None)
             if key is None:
-                raise AuthError(401, "invalid_token", f"no key with kid {kid!r}")
+                raise _unauthorized("invalid_token", f"no key with kid {kid!r}")
             claims = jwt.decode(token, key, algorithms=_algorithms(key), audience=self.audience, issuer=self.issuer,
                                 options={"require": ["exp", "sub"], "verify_aud": self.audience is not None})
         except jwt.ExpiredSignatureError:
-            raise AuthError(401, "token_expired", "the sign-in token has expired") from None
+            raise _unauthorized("token_expired", "the sign-in token has expired") from None
         except jwt.PyJWTError as e:
-            raise AuthError(401, "invalid_token", f"the sign-in token is not valid: {e}") from None
+            raise _unauthorized("invalid_token", f"the sign-in token is not valid: {e}") from None
         try:  # the subject becomes the user id of events: it must be one
             return _USER_ID.validate_python(claims["sub"])
         except ValidationError:
-            raise AuthError(401, "invalid_token", "the token's sub is not a user id stylestream accepts") from None
+            raise _unauthorized("invalid_token", "the token's sub is not a user id stylestream accepts") from None
 
 
 def secret_hash(secret: str) -> str:
@@ -112,9 +111,9 @@ def new_grant(user_id: str, name: str, scopes: list[str], lifetime: timedelta,
     """A grant and its token (shown once; only its hash is kept)."""
     bad = sorted(set(scopes) - set(GRANTABLE))
     if bad or not scopes:
-        raise AuthError(400, "invalid_scope", f"scopes must be some of {', '.join(GRANTABLE)}; got {bad or 'none'}")
+        raise ApiError(400, "invalid_scope", f"scopes must be some of {', '.join(GRANTABLE)}; got {bad or 'none'}")
     if not timedelta(minutes=1) <= lifetime <= timedelta(days=MAX_GRANT_DAYS):
-        raise AuthError(400, "invalid_lifetime", f"a grant lasts from a minute to {MAX_GRANT_DAYS} days")
+        raise ApiError(400, "invalid_lifetime", f"a grant lasts from a minute to {MAX_GRANT_DAYS} days")
     now = now or datetime.now(UTC)
     grant_id, secret = secrets.token_hex(8), secrets.token_urlsafe(32)
     grant = Grant(grant_id, user_id, name, tuple(sorted(set(scopes))), secret_hash(secret), now, now + lifetime, None)
@@ -123,19 +122,19 @@ def new_grant(user_id: str, name: str, scopes: list[str], lifetime: timedelta,
 
 def authenticate(authorization: str | None, verifier: TokenVerifier, store: ApiStore,
                  now: datetime | None = None) -> Principal:
-    """The principal behind an `Authorization: Bearer ...` header, or AuthError (401)."""
+    """The principal behind an `Authorization: Bearer ...` header, or a 401 ApiError."""
     scheme, _, token = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise AuthError(401, "missing_token", "send Authorization: Bearer <token> (a sign-in JWT or a grant token)")
+        raise _unauthorized("missing_token", "send Authorization: Bearer <token> (a sign-in JWT or a grant token)")
     token = token.strip()
     if not token.startswith(GRANT_PREFIX):
         return Principal(verifier.user_id(token), frozenset((*GRANTABLE, ACCOUNT)))
     grant_id, _, secret = token.removeprefix(GRANT_PREFIX).partition("_")
     grant = store.grant(grant_id)
     if grant is None or not hmac.compare_digest(grant.secret_sha256, secret_hash(secret)):
-        raise AuthError(401, "invalid_token", "unknown grant token")
+        raise _unauthorized("invalid_token", "unknown grant token")
     if not grant.live(now or datetime.now(UTC)):
-        raise AuthError(401, "token_revoked" if grant.revoked_at else "token_expired",
+        raise _unauthorized("token_revoked" if grant.revoked_at else "token_expired",
                         f"grant {grant.id} was {'revoked' if grant.revoked_at else 'expired'}")
     return Principal(grant.user_id, frozenset(grant.scopes), grant.id)
 

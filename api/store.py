@@ -83,7 +83,6 @@ class ApiStore:
 
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._lock = threading.RLock()
@@ -171,11 +170,9 @@ class ApiStore:
     def fail_generation(self, generation_id: str, reason: str) -> None:
         """Its images that have no result yet fail with `reason` (their requests were never published)."""
         with self.transaction() as db:
-            for (request_id,) in db.execute("SELECT request_id FROM images WHERE generation_id = ? AND result IS NULL",
-                                            (generation_id,)).fetchall():
-                db.execute("UPDATE images SET result = ? WHERE request_id = ?",
-                           (json.dumps({"type": "generation_failed", "request_id": request_id, "reason": reason}),
-                            request_id))
+            db.execute("""UPDATE images SET result = json_object('type', 'generation_failed', 'request_id', request_id,
+                                                              'reason', ?)
+                          WHERE generation_id = ? AND result IS NULL""", (reason, generation_id))
 
     # --- the read model -------------------------------------------------------------------------
     def offsets(self) -> dict[tuple[str, int], int]:

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from stylestream.api.app import create_app
 from stylestream.api.auth import TokenVerifier, issue_person_token
 from stylestream.api.config import ApiConfig
-from stylestream.keyfiles import create_once, new_ed25519_pem
+from stylestream.keyfiles import create_once, new_ed25519_pem, public_key_pem
 
 ISSUER_KEY_FILE = "demo-issuer.key"  # the demo's stand-in for a photo service's token-signing key
 
@@ -59,9 +59,7 @@ class DemoIssuer:
         self._pem = self.key_path.read_bytes()
 
     def public_key_pem(self) -> bytes:
-        key = serialization.load_pem_private_key(self._pem, password=None)
-        return key.public_key().public_bytes(serialization.Encoding.PEM,
-                                             serialization.PublicFormat.SubjectPublicKeyInfo)
+        return public_key_pem(serialization.load_pem_private_key(self._pem, password=None))
 
     def verifier(self) -> TokenVerifier:
         return TokenVerifier({None: serialization.load_pem_public_key(self.public_key_pem())})

@@ -212,7 +212,8 @@ def receipt_verify(
     """Check an erasure receipt's Ed25519 signature: exit 0 if it is exactly as the service signed it."""
     from pydantic import ValidationError
 
-    from stylestream.privacy.erasure import load_public_key, load_signing_key, public_key_pem, verify_receipt
+    from stylestream.keyfiles import public_key_pem
+    from stylestream.privacy.erasure import load_public_key, load_signing_key, verify_receipt
     from stylestream.schemas.events import ErasureReceipt
 
     try:
@@ -236,7 +237,8 @@ def receipt_verify(
 @receipt_app.command("public-key")
 def receipt_public_key(data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
     """Print the public key that checks this service's receipts (PEM), to publish to people."""
-    from stylestream.privacy.erasure import load_signing_key, public_key_pem
+    from stylestream.keyfiles import public_key_pem
+    from stylestream.privacy.erasure import load_signing_key
 
     print(public_key_pem(load_signing_key(DataLayout(data_dir).state.root)).decode(), end="")
 

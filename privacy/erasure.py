@@ -61,10 +61,6 @@ def load_signing_key(state_dir: Path) -> Ed25519PrivateKey:
     return key
 
 
-def public_key_pem(key: Ed25519PrivateKey) -> bytes:
-    return key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-
-
 def load_public_key(pem: bytes) -> Ed25519PublicKey:
     key = serialization.load_pem_public_key(pem)
     if not isinstance(key, Ed25519PublicKey):

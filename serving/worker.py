@@ -314,10 +314,11 @@ class Worker:
         (or one too large for memory) fails by itself while the rest complete."""
         requests = [job.request for job in group]
 
-        previewing = [True]  # until a preview fails: previews are a nicety, the images are the work
+        previewing = True  # until a preview fails: previews are a nicety, the images are the work
 
         def preview(row: int, index: int, steps: int, image) -> None:
-            if not previewing[0]:
+            nonlocal previewing
+            if not previewing:
                 return
             request = requests[row]
             try:
@@ -327,7 +328,7 @@ class Worker:
                     step=steps, image_uri=self.output.save_preview(request, index, image))
                 self._send_result(progress, traces)  # sent within linger_ms, not held for the batch
             except Exception:
-                previewing[0] = False
+                previewing = False
                 log.exception("a preview failed; no more previews in this call")
 
         t0 = time.perf_counter()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 
 def create_once(path: Path, content: bytes) -> None:
@@ -29,3 +30,8 @@ def create_once(path: Path, content: bytes) -> None:
 def new_ed25519_pem() -> bytes:
     return Ed25519PrivateKey.generate().private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
+def public_key_pem(key: PrivateKeyTypes) -> bytes:
+    """The public half of a private key, as PEM (SubjectPublicKeyInfo)."""
+    return key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)

@@ -16,9 +16,10 @@ import pytest
 import requests
 from PIL import Image
 
-from stylestream.api.app import ApiError, _read_image, create_app
+from stylestream.api.app import _read_image, create_app
 from stylestream.api.auth import new_grant
 from stylestream.api.config import ApiConfig
+from stylestream.api.errors import ApiError
 from stylestream.api.store import ApiStore
 from stylestream.api.system import ApiServer, DemoIssuer
 from stylestream.privacy.audit import audit_files

@@ -14,7 +14,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from stylestream.api.auth import AuthError, TokenVerifier, new_grant
+from stylestream.api.auth import TokenVerifier, new_grant
+from stylestream.api.errors import ApiError
 
 
 def _b64(data: str | bytes) -> str:
@@ -40,7 +41,7 @@ def test_a_jwks_file_verifies_by_kid(tmp_path):
                   jwt.encode({**good, "iss": "someone"}, keys["new"], "ES256", headers={"kid": "new"}),
                   jwt.encode({"sub": "ben", "iss": "photos.example", "aud": "stylestream"}, keys["new"], "ES256",
                              headers={"kid": "new"})):  # no expiry
-        with pytest.raises(AuthError) as e:
+        with pytest.raises(ApiError) as e:
             verifier.user_id(token)
         assert e.value.status == 401 and e.value.code == "invalid_token"
 
@@ -52,16 +53,16 @@ def test_a_pem_key_refuses_algorithm_confusion(tmp_path):
     verifier = TokenVerifier.from_file(tmp_path / "key.pem")
     assert verifier.user_id(jwt.encode(_claims(), key, "RS256")) == "ben"
     for sub in ("", "ben smith", "a" * 201, 42):  # not a user id events can carry
-        with pytest.raises(AuthError):
+        with pytest.raises(ApiError):
             verifier.user_id(jwt.encode({**_claims(), "sub": sub}, key, "RS256"))
-    with pytest.raises(AuthError) as expired:
+    with pytest.raises(ApiError) as expired:
         verifier.user_id(jwt.encode(_claims(seconds=-5), key, "RS256"))
     assert expired.value.code == "token_expired"
     # HS256 keyed with the public key itself, the classic confusion (signed by hand: PyJWT refuses a
     # PEM as an HMAC secret): only the key type's own algorithms are accepted.
     signing = f"{_b64(json.dumps({'alg': 'HS256', 'typ': 'JWT'}))}.{_b64(json.dumps({'sub': 'ben', 'exp': 2**40}))}"
     forged = f"{signing}.{_b64(hmac.new(pem, signing.encode(), hashlib.sha256).digest())}"
-    with pytest.raises(AuthError) as e:
+    with pytest.raises(ApiError) as e:
         verifier.user_id(forged)
     assert e.value.code == "invalid_token"
 
@@ -71,6 +72,6 @@ def test_grants_take_known_scopes_and_sane_lifetimes():
     assert token.startswith(f"ssg_{grant.id}_") and grant.secret_sha256 not in token
     for scopes, lifetime in ((["admin"], timedelta(days=1)), ([], timedelta(days=1)),
                              (["style:read"], timedelta(seconds=5)), (["style:read"], timedelta(days=400))):
-        with pytest.raises(AuthError) as e:
+        with pytest.raises(ApiError) as e:
             new_grant("ben", "shop", scopes, lifetime)
         assert e.value.status == 400
