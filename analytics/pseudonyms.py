@@ -9,30 +9,25 @@ lost key cannot be joined with history written under a new one.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
-import os
 import secrets
 from pathlib import Path
 
 import pyarrow as pa
 
+from stylestream.keyfiles import create_once
 from stylestream.pipelines.layout import KEY_FILE
+
+
+def new_key() -> bytes:
+    return secrets.token_bytes(32)
 
 
 def load_or_create_key(state_dir: Path) -> bytes:
     """The deployment's key, created on first use (atomically: concurrent first users agree)."""
     path = state_dir / KEY_FILE
-    if not path.exists():
-        state_dir.mkdir(parents=True, exist_ok=True)
-        tmp = state_dir / f"{KEY_FILE}.{os.getpid()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(secrets.token_bytes(32))
-        with contextlib.suppress(FileExistsError):  # another process made it first: use theirs
-            os.link(tmp, path)
-        tmp.unlink()
+    create_once(path, new_key())
     return load_key(path)
 
 

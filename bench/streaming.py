@@ -12,8 +12,14 @@ Each runner gets a broker of its own (Apache Kafka on loopback) holding the same
                version (that message's Kafka timestamp, the same clock) p50 and p99
 The runners run one after the other (2 cores). Flink is the Flink job (pipelines/flink_job.py, PyFlink
 on a local Flink, 2-s checkpoints: its outputs are committed with each checkpoint), not Beam's
-FlinkRunner, whose job server is not served by the Maven Central these machines reach.
-Final line: JSON with those figures per runner and `identical_to_local` per runner.
+FlinkRunner, whose job server is not served by the Maven Central these machines reach; it runs at
+each --flink-parallelism (on 2 cores the gain is bounded: `events_per_s_per_core` divides by the
+cores it could use, min(parallelism, cores)). The stream holds forget requests; after each runner the
+streaming ones' history writer (`stylestream history follow`) writes the history and erasures, and:
+  identical_to_local   the latest style per user equals the local driver's (1e-6)
+  forgotten_clean      the audit finds nothing of any forgotten person in that deployment
+  history_identical    each person's latest history row equals the local driver's
+Final line: JSON with those figures per runner.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,20 +39,27 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from stylestream.demo.synthetic import make_library, messy_stream
 from stylestream.pipelines.flink_setup import ensure_flink
+from stylestream.pipelines.history_writer import HistoryWriter
+from stylestream.pipelines.layout import DataLayout
+from stylestream.pipelines.settings import IngestSettings
+from stylestream.privacy.audit import audit, needles_for
 from stylestream.schemas.events import encode_event, parse_event
 from stylestream.streams import clients
 from stylestream.streams.broker import start_local_broker
-from stylestream.streams.topics import PHOTO_EVENTS, STYLE_VECTORS, ensure_topics
+from stylestream.streams.topics import CONSENT_EVENTS, PHOTO_EVENTS, STYLE_VECTORS, ensure_topics
 
 
 def latest_styles(bootstrap: str) -> dict[str, tuple]:
     latest = {}
-    for m in clients.read_all(bootstrap, STYLE_VECTORS):
-        v = parse_event(STYLE_VECTORS, m.value)
-        if v.version > latest.get(v.user_id, (0,))[0]:
+    for m in clients.read_all(bootstrap, STYLE_VECTORS):  # a forgotten person's tombstones clear them
+        v = parse_event(STYLE_VECTORS, m.value) if m.value is not None else None
+        if v is None or v.tombstone:
+            latest.pop(m.key.decode(), None)
+        elif v.version > latest.get(v.user_id, (0,))[0]:
             latest[v.user_id] = (v.version, v.photo_count, np.array(v.embedding), m.timestamp_ms)
     return latest
 
@@ -93,6 +107,38 @@ def steady_latency(bootstrap: str, work: Path, rate: float, duration: float, tag
     return [(got[u][3] - sent[u]) / 1000 for u in sorted(got)]
 
 
+def last_history_rows(data_dir: Path) -> dict[str, tuple[int, np.ndarray]]:
+    """Each pseudonym's latest history row: (photo count, embedding)."""
+    history = DataLayout(data_dir).state.history
+    if not history.exists():
+        return {}
+    rows = pq.read_table(history, columns=["user_id", "version", "photo_count", "embedding"]).to_pylist()
+    rows.sort(key=lambda r: r["version"])  # the latest last: it wins
+    return {r["user_id"]: (r["photo_count"], np.array(r["embedding"])) for r in rows}
+
+
+def forgotten_clean(bootstrap: str, data_dir: Path, forgotten: list[str]) -> bool:
+    """The audit finds nothing of the forgotten people in the deployment (but what the broker removes itself)."""
+    state = DataLayout(data_dir).state
+    findings = audit(state, DataLayout(data_dir).images, needles_for(forgotten, [], state), bootstrap,
+                     users=forgotten)
+    return not [f for f in findings if f.violation]
+
+
+def after_run(name: str, bootstrap: str, data_dir: Path, forgotten: list[str], local_history: dict | None,
+              streaming: bool) -> dict:
+    """The history writer for a streaming runner, then the privacy and history figures."""
+    if streaming:
+        with HistoryWriter(bootstrap, IngestSettings(data_dir)) as writer:
+            writer.run(threading.Event(), follow=False)
+    history = last_history_rows(data_dir)
+    same = local_history is None or (history.keys() == local_history.keys() and all(
+        history[u][0] == local_history[u][0] and np.allclose(history[u][1], local_history[u][1], atol=1e-6)
+        for u in history))
+    return {"forgotten_clean": forgotten_clean(bootstrap, data_dir, forgotten), "history_identical": same,
+            "history": history}
+
+
 def measure(name: str, cmd_backlog: list[str] | None, cmd_follow: list[str], bootstrap: str, work: Path,
             reference: dict | None, a) -> tuple[dict, dict]:
     """Backlog then steady rate for one runner. Returns (figures, its latest styles after the backlog)."""
@@ -118,7 +164,7 @@ def measure(name: str, cmd_backlog: list[str] | None, cmd_follow: list[str], boo
         backlog_s = time.monotonic() - t0
     try:
         time.sleep(3)
-        latencies = steady_latency(bootstrap, work, a.rate, a.duration, "steady")
+        latencies = steady_latency(bootstrap, work, a.rate, a.duration, f"steady-{name}-")
     finally:
         stop(proc)
     figures = {"runner": name, "backlog_s": round(backlog_s, 1), "events_per_s": round(a.events / backlog_s, 1),
@@ -138,40 +184,64 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=2.0, help="uploads per second in the steady-rate phase")
     ap.add_argument("--duration", type=float, default=20.0, help="seconds of the steady-rate phase")
     ap.add_argument("--deadline", type=float, default=600.0, help="seconds a streaming runner gets for the backlog")
+    ap.add_argument("--flink-parallelism", type=int, nargs="+", default=[1, 2, 4], metavar="N",
+                    help="run the Flink job at each of these (topics have 4 partitions)")
+    ap.add_argument("--runners", nargs="+", default=["local", "prism", "flink"], choices=["local", "prism", "flink"])
     a = ap.parse_args()
+    cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        stream = messy_stream(work / "images", a.events, a.users, seed=3)
-        runs = []
-        with start_local_broker("kafka", work / "kafka-local") as broker:
-            ensure_topics(broker.bootstrap_servers)
-            clients.send_all(broker.bootstrap_servers, stream)
-            ingest = [sys.executable, "-m", "stylestream.cli.main", "ingest", "-b", broker.bootstrap_servers,
-                      "--data-dir", str(work / "local")]
-            local, reference = measure("local", [*ingest, "--until-caught-up"], [*ingest, "--follow"],
-                                       broker.bootstrap_servers, work, None, a)
-            runs.append(local)
-        with start_local_broker("kafka", work / "kafka-prism") as broker:
-            ensure_topics(broker.bootstrap_servers)
-            clients.send_all(broker.bootstrap_servers, stream)
-            job = [sys.executable, "-m", "stylestream.pipelines.streaming", "--bootstrap-servers",
-                   broker.bootstrap_servers, "--data-dir", str(work / "prism")]
-            prism, _ = measure("prism", None, job, broker.bootstrap_servers, work, reference, a)
-            runs.append(prism)
-        with start_local_broker("kafka", work / "kafka-flink") as broker:
-            ensure_topics(broker.bootstrap_servers)
-            clients.send_all(broker.bootstrap_servers, stream)
-            job = [str(ensure_flink()), "-m", "stylestream.pipelines.flink_job", "--bootstrap-servers",
-                   broker.bootstrap_servers, "--data-dir", str(work / "flink"), "--parallelism", "2"]
-            flink, _ = measure("flink", None, job, broker.bootstrap_servers, work, reference, a)
-            runs.append(flink)
-        print(f"{'runner':<8}{'backlog s':>10}{'events/s':>10}{'first out s':>12}{'p50 s':>8}{'p99 s':>8}"
-              f"{'identical':>11}")
+        stream = messy_stream(work / "images", a.events, a.users, seed=3, forget_share=0.01)
+        forgotten = sorted({k.decode() for t, k, v in stream if t == CONSENT_EVENTS and b"user_forgotten" in v})
+        runs, reference, local_history = [], None, None
+
+        def run(name: str, command, parallelism: int, streaming: bool) -> dict:
+            nonlocal reference, local_history
+            data = work / name
+            with start_local_broker("kafka", work / f"kafka-{name}") as broker:
+                bs = broker.bootstrap_servers
+                ensure_topics(bs)
+                clients.send_all(bs, stream)
+                figures, styles = measure(name.split("-")[0], *command(bs, data), bs, work, reference, a)
+                figures |= {"parallelism": parallelism, "events_per_s_per_core":
+                            round(figures["events_per_s"] / min(parallelism, cores), 1)}
+                checks = after_run(name, bs, data, forgotten, local_history, streaming)
+            if reference is None:
+                reference, local_history = styles, checks["history"]
+            figures |= {k: v for k, v in checks.items() if k != "history"}
+            print(json.dumps(figures), file=sys.stderr, flush=True)
+            runs.append(figures)
+            return figures
+
+        def local_cmd(bs: str, data: Path):
+            ingest = [sys.executable, "-m", "stylestream.cli.main", "ingest", "-b", bs, "--data-dir", str(data)]
+            return [*ingest, "--until-caught-up"], [*ingest, "--follow"]
+
+        def prism_cmd(bs: str, data: Path):
+            return None, [sys.executable, "-m", "stylestream.pipelines.streaming", "--bootstrap-servers", bs,
+                          "--data-dir", str(data)]
+
+        def flink_cmd(parallelism: int):
+            return lambda bs, data: (None, [str(ensure_flink()), "-m", "stylestream.pipelines.flink_job",
+                                            "--bootstrap-servers", bs, "--data-dir", str(data),
+                                            "--parallelism", str(parallelism)])
+
+        local = run("local", local_cmd, 1, streaming=False)  # always: the reference
+        if "prism" in a.runners:
+            run("prism", prism_cmd, 1, streaming=True)
+        if "flink" in a.runners:
+            for parallelism in a.flink_parallelism:
+                run(f"flink-p{parallelism}", flink_cmd(parallelism), parallelism, streaming=True)
+        print(f"{'runner':<8}{'par.':>5}{'backlog s':>10}{'events/s':>10}{'per core':>9}{'first out s':>12}"
+              f"{'p50 s':>8}{'p99 s':>8}{'identical':>10}{'forgotten clean':>16}{'history same':>13}")
         for r in runs:
-            print(f"{r['runner']:<8}{r['backlog_s']:>10}{r['events_per_s']:>10}{r['first_output_s']!s:>12}"
-                  f"{r['latency_p50_s']!s:>8}{r['latency_p99_s']!s:>8}{r['identical_to_local']!s:>11}")
-        print(json.dumps({"bench": "streaming", "events": a.events, "runners": runs,
-                          "events_per_s_over_local": {r["runner"]: round(r["events_per_s"] / local["events_per_s"], 2)
+            print(f"{r['runner']:<8}{r['parallelism']:>5}{r['backlog_s']:>10}{r['events_per_s']:>10}"
+                  f"{r['events_per_s_per_core']:>9}{r['first_output_s']!s:>12}{r['latency_p50_s']!s:>8}"
+                  f"{r['latency_p99_s']!s:>8}{r['identical_to_local']!s:>10}{r['forgotten_clean']!s:>16}"
+                  f"{r['history_identical']!s:>13}")
+        print(json.dumps({"bench": "streaming", "events": a.events, "cores": cores, "runners": runs,
+                          "events_per_s_over_local": {f"{r['runner']}-p{r['parallelism']}":
+                                                      round(r["events_per_s"] / local["events_per_s"], 2)
                                                       for r in runs}}))
 
 

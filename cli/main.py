@@ -12,6 +12,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 
 from stylestream.cli.api import api, api_spec, api_token
@@ -155,6 +156,7 @@ def ingest(
         "--mask-faces/--keep-faces",
         help="Fill faces before the features and the embedding see a photo (OpenCV's bundled face cascade), "
              "so people's faces do not shape styles. Use one setting for the life of a state.")] = False,
+    config: SettingsFile = None,
     verbose: Verbose = False,
 ) -> None:
     """Process new photo and consent events in cycles; each cycle commits exactly once.
@@ -165,16 +167,15 @@ def ingest(
     """
     _quiet(verbose)
 
-    from stylestream.models.clip import clip_spec
     from stylestream.pipelines.ingest import IngestConfig, connect
-    from stylestream.transforms.images import DecodeLimits
 
+    settings = _settings(config, data_dir=data_dir, clip_model=clip_model, clip_pretrained=clip_pretrained,
+                         half_life_days=half_life_days, mask_faces=mask_faces)
     stop = _stop_on_signals("finishing the cycle in progress, then stopping")
     if not _reach_broker(bootstrap_servers, stop, _say_retry if follow else None):
         return
-    layout = DataLayout(data_dir)
-    cfg = IngestConfig(bootstrap_servers, layout.state.root, clip_spec(layout.models, clip_model, clip_pretrained),
-                       half_life_days, max_events_per_partition, limits=DecodeLimits(mask_faces=mask_faces))
+    cfg = IngestConfig(bootstrap_servers, settings.state.root, settings.clip, settings.half_life_days,
+                       max_events_per_partition, limits=settings.limits)
     with console.status(f"loading {cfg.clip.describe()}, reading the committed offsets"):
         ingestor = connect(cfg, stop, _say_retry)
     if ingestor is None:
@@ -184,6 +185,57 @@ def ingest(
         cycles = ingestor.run(stop, follow, on_cycle=lambda r: console.print(cycle_line(r)), on_retry=_say_retry)
     console.print(f"{'stopped' if stop.is_set() else 'caught up'} after {counted(cycles, 'cycle')}; "
                   f"state in {cfg.db_path}, history in {cfg.history_dir}")
+
+
+SettingsFile = Annotated[Path | None, typer.Option(
+    "--config", exists=True, dir_okay=False, metavar="FILE",
+    help="Ingestion settings as JSON (pipelines/settings.py), as the streaming runners read them; options "
+         "given on the command line win.")]
+
+
+def _settings(config: Path | None, **given):
+    """The settings every runner reads (pipelines/settings.py): the file's, under the options given."""
+    from stylestream.pipelines.settings import IngestSettings, SettingsError
+
+    ctx = click.get_current_context(silent=True)  # none when another command calls this one's function
+    if config is not None and ctx is not None:
+        given = {k: v for k, v in given.items() if ctx.get_parameter_source(k) != click.core.ParameterSource.DEFAULT}
+    try:
+        return IngestSettings.from_file(config, **given) if config else IngestSettings.of(**given)
+    except (SettingsError, TypeError) as e:
+        console.print(f"[red]{e}[/]", soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+@history_app.command("follow")
+def history_follow(
+    bootstrap_servers: BootstrapServers,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    follow: Annotated[bool, typer.Option(
+        "--follow/--until-caught-up", help="Keep writing until Ctrl-C or SIGTERM, or write what is there and exit.")
+    ] = True,
+    config: SettingsFile = None,
+    verbose: Verbose = False,
+) -> None:
+    """Write the Parquet history of a streaming runner (Prism, the Flink job) from the style vectors it
+    publishes, and carry out its erasures beside the state (history, release ledger, backfill), then
+    sign and publish their receipts. Run one beside the runner, on the machine that keeps the state."""
+    _quiet(verbose)
+    from stylestream.pipelines.history_writer import HistoryWriter
+    from stylestream.pipelines.settings import SettingsError
+
+    settings = _settings(config, data_dir=data_dir)
+    stop = _stop_on_signals("finishing the step in progress, then stopping")
+    if not _reach_broker(bootstrap_servers, stop, _say_retry if follow else None):
+        return
+    try:
+        with HistoryWriter(bootstrap_servers, settings) as writer:
+            writer.run(stop, follow, on_step=lambda n: console.print(f"{counted(n, 'style-vector message')} "
+                                                                    "written to the history"))
+    except SettingsError as e:
+        console.print(f"[red]{e}[/]", soft_wrap=True)
+        raise typer.Exit(1) from None
+    console.print(f"{'stopped' if stop.is_set() else 'caught up'}; history in {settings.state.history}")
 
 
 @app.command()

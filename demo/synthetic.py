@@ -168,6 +168,7 @@ def messy_stream(root: Path, n_events: int, users: int, seed: int,
         images.append(path)
     t0 = datetime(2025, 1, 1, tzinfo=UTC)
     stream, uploaded = [], []
+    latest: dict[str, datetime] = {}  # each user's latest event time so far
     n = 0
     while len(stream) < n_events:
         n += 1
@@ -195,9 +196,12 @@ def messy_stream(root: Path, n_events: int, users: int, seed: int,
         elif r < 0.97:  # the whole user off or on
             stream.append((topics.CONSENT_EVENTS, user, events.encode_event(
                 toggle_event(user, "user", None, rng.random() < 0.6, when, event_id=f"t{n}"))))
-        elif r < 0.97 + forget_share:
+        elif r < 0.97 + forget_share:  # made after everything the person sent so far, as people ask
+            when = latest.get(user, when) + timedelta(minutes=1)
             stream.append((topics.CONSENT_EVENTS, user, events.encode_event(
                 events.UserForgotten(event_id=f"forget-{n}", user_id=user, event_time=when))))
         else:
             stream.append((topics.PHOTO_EVENTS, user, b'{"type": "photo_uploaded", "broken": ' + str(n).encode()))
+        sender = stream[-1][1]
+        latest[sender] = max(when, latest.get(sender, when))
     return [(t, k.encode() if isinstance(k, str) else k, v) for t, k, v in stream]

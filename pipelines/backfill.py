@@ -24,6 +24,7 @@ from pathlib import Path
 from PIL import Image
 
 from stylestream.analytics import pseudonyms
+from stylestream.pipelines.forgetting import LIBRARIES_FILE, backfill_folder, backfilled_libraries
 from stylestream.pipelines.layout import StateLayout
 from stylestream.pipelines.library import library_uri, manifest_rows, photo_files, register_library
 from stylestream.privacy import erasure
@@ -103,22 +104,28 @@ def upload_event(item: LibraryItem, user_id: str, library_id: str) -> PhotoUploa
                        sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data)))
 
 
-def progress_files(state: StateLayout, subject: str) -> Path:
-    """The folder of one user's backfill progress files."""
-    return state.backfill / subject
-
-
 class Progress:
     """How many items of one (user, source) backfill are published, kept in a small JSON file named by
     the user's erasure subject (so forgetting them deletes it: a later backfill starts over)."""
 
     def __init__(self, state_dir: Path, user_id: str, source: Path):
-        subject = erasure.subject(user_id, pseudonyms.load_or_create_key(state_dir))
+        self._state = StateLayout(state_dir)
+        self._subject = erasure.subject(user_id, pseudonyms.load_or_create_key(state_dir))
         digest = hashlib.sha256(str(source.resolve()).encode()).hexdigest()[:16]
-        self.path = progress_files(StateLayout(state_dir), subject) / f"{digest}.json"
+        self.path = backfill_folder(self._state, self._subject) / f"{digest}.json"
 
     def published(self) -> int:
         return json.loads(self.path.read_text())["published"] if self.path.exists() else 0
+
+    def record_libraries(self, library_ids: set[str]) -> None:
+        """The libraries this person's backfills registered (forgetting them removes the registrations)."""
+        known = backfilled_libraries(self._state, self._subject)
+        if not library_ids <= known:
+            path = self.path.with_name(LIBRARIES_FILE)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(sorted(known | library_ids)))
+            tmp.replace(path)
 
     def save(self, published: int, total: int) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -132,6 +139,7 @@ def publish(bootstrap_servers: str, items: list[LibraryItem], user_id: str, prog
     """Publish the items not published yet, their libraries registered in `registry`; returns how
     many this call published."""
     library_ids = {root: register_library(registry, root) for root in sorted({i.root for i in items})}
+    progress.record_libraries(set(library_ids.values()))
     start = progress.published()
     producer = clients.producer(bootstrap_servers)
     try:

@@ -1,6 +1,6 @@
 """The Flink job's environment: PyFlink and the project in a virtual environment of their own (PyFlink
-pins apache-beam<=2.61 and pyarrow<21), and Flink's Kafka connector jar from Maven Central, both cached
-outside the project under ~/.cache/stylestream/flink/.
+pins apache-beam<=2.61 and pyarrow<21), and Flink's Kafka connector and Prometheus metric reporter jars
+from Maven Central, all cached outside the project under ~/.cache/stylestream/flink/.
 
     python -m stylestream.pipelines.flink_setup     # build it if missing, print its Python (`make flink`)
 """
@@ -30,8 +30,21 @@ def flink_python() -> Path:
     return flink_home() / "venv" / "bin" / "python"
 
 
+REPORTER_JAR = "flink-metrics-prometheus-*.jar"  # loaded at cluster start: installed into PyFlink's lib/
+
+
 def connector_jars() -> list[Path]:
-    return sorted((flink_home() / "jars").glob("*.jar"))
+    """The jars the job hands to Flink (the reporter is not one: it sits in PyFlink's lib/)."""
+    jars = flink_home() / "jars"
+    return sorted(set(jars.glob("*.jar")) - set(jars.glob(REPORTER_JAR)))
+
+
+def install_reporter(home: Path) -> None:
+    """Flink's Prometheus reporter into the environment's PyFlink lib/ (its local cluster's classpath)."""
+    lib = subprocess.run([str(flink_python()), "-c", "import os, pyflink; print(os.path.dirname(pyflink.__file__))"],
+                         check=True, capture_output=True, text=True).stdout.strip()
+    for jar in (home / "jars").glob(REPORTER_JAR):
+        shutil.copy2(jar, Path(lib) / "lib" / jar.name)
 
 
 def project_root() -> Path:
@@ -64,6 +77,7 @@ def ensure_flink() -> Path:
                     f"-DoutputDirectory={home / 'jars'}"], check=True)
     subprocess.run([getattr(sys, "_base_executable", sys.executable), "-m", "venv", str(home / "venv")], check=True)
     subprocess.run([*pip, "-r", str(REQUIREMENTS)], check=True)
+    install_reporter(home)
     subprocess.run([*pip, "--no-deps", "-e", str(root)], check=True)
     serves.write_text(str(root))
     (home / ".complete").touch()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import shutil
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -25,16 +24,15 @@ from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from stylestream.analytics import history, pseudonyms
 from stylestream.defaults import HALF_LIFE_DAYS, MAX_EVENTS_PER_PARTITION, MIN_HALF_LIFE_DAYS
 from stylestream.models.clip import ClipSpec, embedding_dim
-from stylestream.pipelines.backfill import progress_files
+from stylestream.pipelines import forgetting
 from stylestream.pipelines.layout import StateLayout
 from stylestream.pipelines.plan import CycleWrites, plan_cycle
 from stylestream.pipelines.store import CycleResult, Store
 from stylestream.privacy import erasure
-from stylestream.privacy.release import Ledger
 from stylestream.schemas.dead_letters import DeadLetter
-from stylestream.schemas.events import StyleBasis, encode_event
+from stylestream.schemas.events import StyleBasis
 from stylestream.streams import clients
-from stylestream.streams.topics import ERASURE_RECEIPTS, INGEST_TOPICS, ensure_topics
+from stylestream.streams.topics import INGEST_TOPICS, ensure_topics
 from stylestream.transforms.grouping import GroupByUser
 from stylestream.transforms.images import DecodeLimits
 from stylestream.transforms.inputs import StyleInputs
@@ -285,25 +283,13 @@ class Ingestor:
             history.redact(self.cfg.history_dir, [(pseudonyms.pseudonym(u, self._key), a, b)
                                                   for _, u, a, b in redactions])
             store.mark_redacted(sorted({c for c, _, _, _ in redactions}))
-        for user_id, requests in store.pending_erasures():  # every version of theirs, under their pseudonym
-            rows = history.redact(self.cfg.history_dir, [(pseudonyms.pseudonym(user_id, self._key), 0, 2**62)])
-            releases = Ledger(self.cfg.state_dir).forget([user_id])
-            shutil.rmtree(progress_files(StateLayout(self.cfg.state_dir), erasure.subject(user_id, self._key)),
-                          ignore_errors=True)  # a later backfill of theirs starts over
-            store.finish_erasure(user_id, requests, {"history": {"style versions": rows},
-                                                     "release ledger": {"releases": releases}})
+        # What of a forgotten person lies beside the state, then the state file rewritten, then the
+        # receipts: signed once everything they count is done.
+        forgetting.erase_pending(store.receipts, StateLayout(self.cfg.state_dir), self._key)
         if store.compaction_due():
             self._store = store = store.rewrite()
-        if unsigned := store.unsigned_receipts():  # signed once everything they count is done
-            key = erasure.load_or_create_signing_key(self.cfg.state_dir)
-            for request_id, requested_at, deleted in unsigned:
-                receipt = erasure.signed_receipt(request_id, requested_at, deleted, datetime.now(UTC), key)
-                store.save_receipt(request_id, encode_event(receipt).decode())
-        if receipts := store.unpublished_receipts():
-            for request_id, receipt in receipts:
-                self._producer.send(ERASURE_RECEIPTS, key=request_id.encode(), value=receipt)
-            self._producer.flush()
-            store.mark_receipts_published([r for r, _ in receipts])
+        forgetting.sign_and_publish(store.receipts, lambda: erasure.load_or_create_signing_key(self.cfg.state_dir),
+                                    self._producer)
         self._unfinished = False
 
 

@@ -6,6 +6,9 @@ the demo and ingestion use (imported by the command line at start-up: no heavy i
             state.duckdb       per-user state, offsets, outbox
             history/           the Parquet style history, date=YYYY-MM-DD/cycle-NNNNNNNN.parquet
             analytics.key      the key of the history's pseudonyms (analytics/pseudonyms.py)
+            erasure-signing.key  the erasure receipts' signing key
+            basis.json         the streaming runners' basis (model, weights, half-life, preprocessing)
+            history-writer.duckdb  the history writer's offsets and erasures (streaming runners)
             cycle-plan.json    the cycle in progress
             backfill/          where each backfill stopped
             libraries.json     the folders backfilled photos are read from, by library id
@@ -13,6 +16,7 @@ the demo and ingestion use (imported by the command line at start-up: no heavy i
         images/                generated images (serve --output overrides)
         kafka/                 the local broker's log (stylestream broker)
         api/                   stylestream api's own database and keys
+        checkpoints/           the Flink job's checkpoints
 """
 
 from __future__ import annotations
@@ -38,6 +42,22 @@ class StateLayout:
     @property
     def analytics_key(self) -> Path:
         return self.root / KEY_FILE
+
+    @property
+    def signing_key(self) -> Path:
+        """The erasure receipts' Ed25519 signing key (privacy/erasure.py)."""
+        return self.root / "erasure-signing.key"
+
+    @property
+    def basis(self) -> Path:
+        """What the streaming runners' styles are computed from (pipelines/settings.py); the local
+        driver keeps its own in the database."""
+        return self.root / "basis.json"
+
+    @property
+    def history_writer(self) -> Path:
+        """The history writer's offsets and erasures (pipelines/history_writer.py)."""
+        return self.root / "history-writer.duckdb"
 
     @property
     def cycle_plan(self) -> Path:
@@ -81,3 +101,7 @@ class DataLayout:
     @property
     def api(self) -> Path:
         return self.root / "api"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"

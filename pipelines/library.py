@@ -9,6 +9,7 @@ import fcntl
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
@@ -22,17 +23,34 @@ def register_library(registry: Path, root: Path) -> str:
     Events reference photos as library://<id>/<relative path>, so no local path travels in them."""
     root = root.resolve()
     library_id = hashlib.sha256(str(root).encode()).hexdigest()[:16]
+    with _changing(registry) as roots:
+        roots[library_id] = str(root)
+    return library_id
+
+
+def forget_libraries(registry: Path, library_ids: set[str]) -> None:
+    """These libraries leave the registry (their folder paths often name a person)."""
+    if library_ids and registry.exists():
+        with _changing(registry) as roots:
+            for library_id in library_ids:
+                roots.pop(library_id, None)
+
+
+@contextlib.contextmanager
+def _changing(registry: Path) -> Iterator[dict[str, str]]:
+    """The registry's roots to change in place, written back whole (atomically) if they changed."""
     registry.parent.mkdir(parents=True, exist_ok=True)
     with (registry.with_name(registry.name + ".lock")).open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two backfills registering at once must not lose one
         roots = {}
         with contextlib.suppress(FileNotFoundError):
             roots = json.loads(registry.read_text())
-        if roots.get(library_id) != str(root):
+        before = dict(roots)
+        yield roots
+        if roots != before:
             tmp = registry.with_name(f"{registry.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(roots | {library_id: str(root)}, indent=2, sort_keys=True))
+            tmp.write_text(json.dumps(roots, indent=2, sort_keys=True))
             tmp.replace(registry)
-    return library_id
 
 
 def library_uri(library_id: str, relative: str) -> str:

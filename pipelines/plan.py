@@ -12,7 +12,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from stylestream.schemas.events import StyleBasis, StyleManifest, StyleVectorUpdated, UserForgotten, to_message
+from stylestream.privacy.erasure import erasure_messages
+from stylestream.schemas.events import (
+    ErasedRequest,
+    ErasureNotice,
+    StyleBasis,
+    StyleManifest,
+    StyleVectorUpdated,
+    UserForgotten,
+    to_message,
+)
 from stylestream.streams.topics import STYLE_MANIFESTS, STYLE_VECTORS
 from stylestream.transforms.facets import Facet, facets_of
 from stylestream.transforms.manifest import manifest_photos, style_code, style_manifest
@@ -109,6 +118,29 @@ class Erasure:
     last_version: int  # their latest style version, all of which are withdrawn
     forgotten_at: datetime  # the latest request's event time
 
+    def notice(self, deleted: dict[str, int]) -> ErasureNotice:
+        """What the tombstone says of it: the requests, and what the state deleted (`deleted`)."""
+        return ErasureNotice(requests=[ErasedRequest(event_id=r.event_id, requested_at=r.event_time)
+                                       for r in self.requests], deleted=deleted)
+
+    def messages(self, deleted: dict[str, int], now: datetime) -> list[tuple[str, bytes, bytes | None]]:
+        """The tombstones it publishes (privacy/erasure.py)."""
+        return erasure_messages(self.user_id, self.last_version, now, self.notice(deleted))
+
+
+def after_forgets(batch: UserBatch, forgotten_at: datetime | None, last_version: int,
+                  ) -> tuple[UserBatch, Erasure | None]:
+    """The forget rule, for every runner: (what of the batch still counts, the erasure it asks for).
+    The user's events up to an earlier erasure (`forgotten_at`) are void, whenever they arrive (late
+    uploads, re-published ones, a repeated request); a forget request erases the user's state
+    (`last_version`: their latest version, all withdrawn), and what they sent after it starts from nothing."""
+    if forgotten_at is not None:
+        batch = batch.after(forgotten_at)
+    if not batch.forgets:
+        return batch, None
+    erasure = Erasure(batch.user_id, batch.forgets, last_version, max(f.event_time for f in batch.forgets))
+    return batch.after(erasure.forgotten_at), erasure
+
 
 @dataclass(frozen=True)
 class CycleWrites:
@@ -132,17 +164,12 @@ def plan_cycle(views: dict[str, UserView], batches: list[UserBatch], basis: Styl
     plans, erasures, photos = {}, [], 0
     for b in sorted(batches, key=lambda b: b.user_id):
         view = views[b.user_id]
-        # 1. Events from before an earlier erasure of the user are void: late uploads, re-published
-        #    ones, a repeated request
-        if view.forgotten_at is not None:
-            b = b.after(view.forgotten_at)
-        # 2. A forget request: the user's state goes; what they sent after it starts from nothing
-        if b.forgets:
-            erasure = Erasure(b.user_id, b.forgets, view.version, max(f.event_time for f in b.forgets))
+        # 1. Forget requests, and what an earlier erasure voids
+        b, erasure = after_forgets(b, view.forgotten_at, view.version)
+        if erasure:
             erasures.append(erasure)
-            b = b.after(erasure.forgotten_at)
             view = UserView.empty(len(view.stats.sum_embedding), len(view.stats.sum_features))
-        # 3. The rest, by the per-user rule
+        # 2. The rest, by the per-user rule
         if not b.empty:
             plans[b.user_id] = plan_user(view, b, basis, now)
             photos += len(b.contributions)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -25,8 +24,9 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
+from stylestream.pipelines.forgetting import ReceiptBook, rewrite_database
 from stylestream.pipelines.plan import CycleWrites, Erasure, NewVersion, Redaction
-from stylestream.privacy.erasure import erasure_messages
+from stylestream.privacy.erasure import STATE_KINDS
 from stylestream.schemas.dead_letters import DeadLetter
 from stylestream.schemas.events import StyleBasis
 from stylestream.schemas.tables import FEATURE_NAMES, STYLE_HISTORY
@@ -71,22 +71,9 @@ CREATE TABLE IF NOT EXISTS outbox (
     cycle BIGINT NOT NULL, seq BIGINT NOT NULL, topic VARCHAR NOT NULL, key BLOB, value BLOB,
     PRIMARY KEY (cycle, seq));
 ALTER TABLE outbox ALTER COLUMN value DROP NOT NULL;  -- null: a tombstone (state written before erasures)
-CREATE TABLE IF NOT EXISTS pending_erasures (cycle BIGINT NOT NULL, user_id VARCHAR NOT NULL, requests VARCHAR[]);
 CREATE TABLE IF NOT EXISTS forgotten (subject VARCHAR PRIMARY KEY, forgotten_at TIMESTAMPTZ NOT NULL);
-CREATE TABLE IF NOT EXISTS erasure_receipts (
-    request_event_id VARCHAR PRIMARY KEY, cycle BIGINT NOT NULL, requested_at TIMESTAMPTZ NOT NULL,
-    deleted JSON NOT NULL, receipt JSON, published BOOLEAN NOT NULL DEFAULT false);
-"""
-# Every table holding a person's rows, and what the erasure receipt calls them.
-PERSONAL_TABLES = {
-    "photos": "catalogued photo references",
-    "contributions": "photo contributions (embeddings, features, coarse metadata)",
-    "style_versions": "style versions",
-    "user_stats": "style sums",
-    "consent": "consent records",
-    "tombstones": "deleted-photo records",
-    "redactions": "withdrawal records",
-}
+"""  # and the erasures in progress with their receipts (pipelines/forgetting.ReceiptBook)
+PERSONAL_TABLES = STATE_KINDS  # every table holding a person's rows, and what the receipt calls them
 COMPACTION_DUE = "compaction_due"  # meta key: erased rows may still sit in the file's free blocks
 
 
@@ -118,6 +105,7 @@ class Store:
         try:
             self.db = duckdb.connect(str(self.path))
             self.db.execute(SCHEMA)
+            self.receipts = ReceiptBook(self.db)
         except duckdb.Error as e:
             raise StoreError(f"cannot open the state database {self.path}: {e}. If another ingestion holds it, "
                              "stop that one; if the file is damaged, restore it from a backup (the Parquet "
@@ -369,14 +357,12 @@ class Store:
             self.db.execute(f"DELETE FROM {table} WHERE list_contains($u, user_id)", {"u": users})
         self._insert("forgotten", {"subject": [subjects[u] for u in users],
                                    "forgotten_at": [e.forgotten_at for e in erasures]}, "OR REPLACE")
-        self._insert("pending_erasures", {"cycle": [cycle] * len(users), "user_id": users,
-                                          "requests": [[r.event_id for r in e.requests] for e in erasures]})
-        requests = [(e, r) for e in erasures for r in e.requests]
-        self._insert("erasure_receipts", {
-            "request_event_id": [r.event_id for _, r in requests], "cycle": [cycle] * len(requests),
-            "requested_at": [r.event_time for _, r in requests],
-            "deleted": [json.dumps({"state": counts[e.user_id]}) for e, _ in requests]}, "OR IGNORE")
-        return [m for e in erasures for m in erasure_messages(e.user_id, e.last_version, now)]
+        for e in erasures:
+            self.receipts.open(cycle, e.notice(counts[e.user_id]), e.user_id)
+        # The deleted rows stay in the file's free blocks until it is rewritten, after the erasure's
+        # outside-state steps have deleted the last rows naming them (pending_erasures).
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, 'true')", [COMPACTION_DUE])
+        return [m for e in erasures for m in e.messages(counts[e.user_id], now)]
 
     def _write_outbox(self, cycle: int, messages: list[tuple[str, bytes | None, bytes | None]]) -> None:
         self._insert("outbox", {"cycle": [cycle] * len(messages), "seq": list(range(len(messages))),
@@ -401,23 +387,9 @@ class Store:
 
     # --------------------------------------------------------------------------------- after the commit
     def rewrite(self) -> Store:
-        """A copy of the database in a fresh file in place of this one (closed), so that no erased
-        row survives in the file's free blocks: DuckDB reuses freed blocks but does not clear them.
-        Crash-safe: the copy replaces the file by an atomic rename, and until then the flag stays set."""
-        fresh = self.path.with_name(self.path.name + ".rewrite")
-        for leftover in (fresh, fresh.with_name(fresh.name + ".wal")):  # of an attempt that crashed
-            leftover.unlink(missing_ok=True)
-        [(name,)] = self.db.execute("SELECT current_database()").fetchall()
-        self.db.execute("ATTACH ? AS fresh", [str(fresh)])
-        try:
-            self.db.execute(f'COPY FROM DATABASE "{name}" TO fresh')
-            self.db.execute("DELETE FROM fresh.meta WHERE key = ?", [COMPACTION_DUE])
-        finally:
-            self.db.execute("DETACH fresh")
-        self.close()
-        with fresh.open("rb+") as f:  # on disk before it takes the old file's place
-            os.fsync(f.fileno())
-        os.replace(fresh, self.path)
+        """This database copied to a fresh file in its place (this one closed): no erased row survives
+        in the file's free blocks. Until the copy is in place the flag stays set."""
+        rewrite_database(self.db, self.path, "DELETE FROM fresh.meta WHERE key = ?", [COMPACTION_DUE])
         return Store(self.path)
 
     def unpublished_cycles(self) -> list[int]:
@@ -444,42 +416,6 @@ class Store:
                    tombstone
             FROM style_versions WHERE cycle = ?""", params=[cycle]).to_arrow_table()
         return table.cast(STYLE_HISTORY)
-
-    def pending_erasures(self) -> list[tuple[str, list[str]]]:
-        """(user, their forget requests) erased whose history and ledger rows may still exist."""
-        return self.db.execute("SELECT user_id, requests FROM pending_erasures ORDER BY cycle, user_id").fetchall()
-
-    def finish_erasure(self, user_id: str, requests: list[str], deleted: dict[str, dict[str, int]]) -> None:
-        """Their history and ledger rows are gone (`deleted` counts them): the last rows naming them go,
-        their receipts take the counts, and the file is due a rewrite."""
-        self.db.execute("BEGIN TRANSACTION")
-        for request in requests:
-            [(before,)] = self.db.execute("SELECT deleted FROM erasure_receipts WHERE request_event_id = ?",
-                                          [request]).fetchall()
-            self.db.execute("UPDATE erasure_receipts SET deleted = ? WHERE request_event_id = ?",
-                            [json.dumps(json.loads(before) | deleted), request])
-        self.db.execute("DELETE FROM pending_erasures WHERE user_id = ?", [user_id])
-        self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, 'true')", [COMPACTION_DUE])
-        self.db.execute("COMMIT")
-
-    def unsigned_receipts(self) -> list[tuple[str, datetime, dict[str, dict[str, int]]]]:
-        """(request id, requested at, what was deleted) of erasures done but not signed yet."""
-        done = "NOT EXISTS (SELECT 1 FROM pending_erasures p WHERE list_contains(p.requests, request_event_id))"
-        return [(r, t, json.loads(d)) for r, t, d in self.db.execute(
-            f"SELECT request_event_id, requested_at, deleted FROM erasure_receipts WHERE receipt IS NULL AND {done} "
-            "ORDER BY request_event_id").fetchall()]
-
-    def save_receipt(self, request_id: str, receipt: str) -> None:
-        self.db.execute("UPDATE erasure_receipts SET receipt = ? WHERE request_event_id = ?", [receipt, request_id])
-
-    def unpublished_receipts(self) -> list[tuple[str, bytes]]:
-        return [(r, v.encode()) for r, v in self.db.execute(
-            "SELECT request_event_id, receipt FROM erasure_receipts WHERE receipt IS NOT NULL AND NOT published "
-            "ORDER BY request_event_id").fetchall()]
-
-    def mark_receipts_published(self, request_ids: list[str]) -> None:
-        self.db.execute("UPDATE erasure_receipts SET published = true WHERE list_contains(?, request_event_id)",
-                        [request_ids])
 
     def compaction_due(self) -> bool:
         return bool(self.db.execute("SELECT 1 FROM meta WHERE key = ?", [COMPACTION_DUE]).fetchone())

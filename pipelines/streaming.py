@@ -9,11 +9,16 @@ Differences from the local micro-batch driver (pipelines/ingest.py):
   planned offset ranges. Beam's cross-language ReadFromKafka would need Beam's Java expansion service.
 - State: each user's style state lives in the runner as keyed state (`pipelines/streaming_state`:
   a small summary cell and one entry per photo, so an event touches what it changes), instead of
-  DuckDB; a user's new version is published shortly after a change (a processing-time timer).
-- Sinks: new style versions, re-ingested uploads and dead letters go to Kafka, at least once (a
-  bundle the runner retries may publish again; readers keep the latest version per user); every
-  published version is a row of Parquet history (pseudonymous, like the local driver's), and the
-  rows of versions a withdrawal names are deleted from it.
+  DuckDB; a user's new version is published shortly after a change (a processing-time timer). A
+  forget request clears the person's state there and publishes their tombstones.
+- Sinks: new style versions, manifests, tombstones, re-ingested uploads and dead letters go to
+  Kafka, at least once (a bundle the runner retries may publish again; readers keep the latest
+  version per user). The Parquet history, and what of a forgotten person lies beside the state, are
+  the history writer's (pipelines/history_writer.py), which reads the published style vectors.
+
+Prism, the development runner, keeps its state in memory: a restart would rebuild styles from what
+the topics still hold and number versions from 1 again, so it refuses to start against a
+style-vectors topic that already holds versions (the Flink job restores from its checkpoints).
 
 Each user's update is decided by the same pure functions in both modes (transforms/style.py), which
 are order-free, so one event at a time in any order gives the same style as micro-batches.
@@ -23,62 +28,35 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import uuid
-from datetime import UTC, datetime
-from pathlib import Path
+import sys
 
 import apache_beam as beam
-import pyarrow as pa
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from stylestream.analytics.history import redact, write_atomically
-from stylestream.analytics.pseudonyms import load_or_create_key, pseudonym
-from stylestream.defaults import HALF_LIFE_DAYS, TINY_CLIP
-from stylestream.models.clip import ClipSpec
+from stylestream.models.clip import ClipSpec, embedding_dim
 from stylestream.pipelines.plan import NewVersion
 from stylestream.pipelines.prism import ensure_prism
-from stylestream.pipelines.streaming_state import PUBLISH_DELAY_S, REINGEST, UpdateUserStyle
-from stylestream.pipelines.user_state import unerased
+from stylestream.pipelines.settings import IngestSettings, SettingsError, add_arguments, from_arguments
+from stylestream.pipelines.streaming_state import ERASED, PUBLISH_DELAY_S, REINGEST, UpdateUserStyle
 from stylestream.schemas.dead_letters import DeadLetter
-from stylestream.schemas.events import UserForgotten, to_message
-from stylestream.schemas.tables import STYLE_HISTORY
+from stylestream.schemas.events import StyleBasis, to_message
+from stylestream.schemas.tables import FEATURE_NAMES
 from stylestream.streams import clients
-from stylestream.streams.topics import INGEST_TOPICS, PHOTO_EVENTS, ensure_topics
+from stylestream.streams.topics import INGEST_TOPICS, PHOTO_EVENTS, STYLE_VECTORS, ensure_topics
 from stylestream.transforms.images import DecodeLimits
 from stylestream.transforms.inputs import StyleInputs
 from stylestream.transforms.kafka_read import ReadPartitions
-from stylestream.transforms.manifest import style_basis
-from stylestream.transforms.records import Sourced
 
 
-def build_streaming(messages: beam.PCollection, clip: ClipSpec, dim: int, n_features: int,
-                    half_life_days: float, limits: DecodeLimits | None = None,
-                    publish_delay_s: float = PUBLISH_DELAY_S):
-    """messages -> (new style versions (pipelines/plan.NewVersion), uploads to re-ingest, dead letters)."""
-    limits = limits or DecodeLimits()
+def build_streaming(messages: beam.PCollection, clip: ClipSpec, limits: DecodeLimits, basis: StyleBasis,
+                    key: bytes, publish_delay_s: float = PUBLISH_DELAY_S):
+    """messages -> (new style versions (pipelines/plan.NewVersion), uploads to re-ingest, the
+    tombstones of people forgotten as (topic, key, value), dead letters). `key`: the state's
+    analytics key (erasure subjects key the state)."""
     inputs = messages | "StyleInputs" >> StyleInputs(clip, limits)
-    consent = inputs["toggles"] | "ForgetsApart" >> beam.Partition(lambda s, _: is_forget(s), 2)
-    updates = (inputs["contributions"], inputs["deletes"], consent[0]) | "UpdateUserStyle" >> UpdateUserStyle(
-        dim, n_features, style_basis(clip, half_life_days, limits), publish_delay_s)
-    unerased_forgets = consent[1] | "Unerased" >> beam.Map(unerased)
-    dead = (inputs["dead"], unerased_forgets) | "DeadLetters" >> beam.Flatten()
-    return updates.versions, updates[REINGEST], dead
-
-
-def is_forget(sourced: Sourced) -> int:
-    return int(isinstance(sourced.event, UserForgotten))
-
-
-STREAM_CYCLE = 0  # the history's `cycle` of versions the streaming pipeline published (it has no cycles)
-
-
-def history_entry(version: NewVersion, key: bytes) -> tuple[dict, tuple[str, int, int] | None]:
-    """A version for the analytics history, under the user's keyed hash, and the range of the user's
-    versions it withdraws (their rows must go)."""
-    user = pseudonym(version.user_id, key)
-    withdrawn = version.event.withdrawn_versions
-    return (version.row(STREAM_CYCLE, version.event.event_time) | {"user_id": user},
-            (user, min(withdrawn), max(withdrawn)) if withdrawn else None)
+    updates = (inputs["contributions"], inputs["deletes"], inputs["toggles"]) | "UpdateUserStyle" >> UpdateUserStyle(
+        embedding_dim(clip), len(FEATURE_NAMES), basis, key, publish_delay_s)
+    return updates.versions, updates[REINGEST], updates[ERASED], inputs["dead"]
 
 
 class _Publish(beam.DoFn):
@@ -121,62 +99,39 @@ class PublishToKafka(beam.PTransform):
         return messages | "Send" >> beam.ParDo(_Publish(self._bootstrap))
 
 
-class _WriteHistoryFiles(beam.DoFn):
-    def __init__(self, history_dir: str):
-        self._dir = Path(history_dir)
-        self._rows: list[dict] = []
-        self._withdrawn: list[tuple[str, int, int]] = []
-
-    def start_bundle(self):
-        self._rows, self._withdrawn = [], []
-
-    def process(self, entry: tuple[dict, tuple[str, int, int] | None]):
-        row, withdrawn = entry
-        self._rows.append(row)
-        if withdrawn:
-            self._withdrawn.append(withdrawn)
-
-    def finish_bundle(self):
-        if self._rows:
-            now = datetime.now(UTC)
-            rows = sorted(self._rows, key=lambda r: (r["user_id"], r["version"]))
-            path = self._dir / f"date={now.date().isoformat()}" / f"stream-{uuid.uuid4().hex}.parquet"
-            write_atomically(pa.Table.from_pylist(rows, STYLE_HISTORY), path)
-        redact(self._dir, self._withdrawn)
-        self._rows, self._withdrawn = [], []
-
-
-class WriteHistory(beam.PTransform):
-    """(history row, withdrawn (user, first, last) or None) -> one Parquet file per bundle under
-    `history_dir/date=<day>/`; then the rows of the versions withdrawn are deleted from every file."""
-
-    def __init__(self, history_dir: str):
-        super().__init__()
-        self._dir = history_dir
-
-    def expand(self, rows):
-        return rows | "Write" >> beam.ParDo(_WriteHistoryFiles(self._dir))
-
-
-def streaming_pipeline(p: beam.Pipeline, bootstrap_servers: str, clip: ClipSpec, history_dir: str,
-                       pseudonym_key: bytes, half_life_days: float = HALF_LIFE_DAYS,
+def streaming_pipeline(p: beam.Pipeline, bootstrap_servers: str, settings: IngestSettings,
                        publish_delay_s: float = PUBLISH_DELAY_S) -> None:
-    """The whole unbounded job: Kafka in, style versions, re-ingestion and dead letters to Kafka,
-    history to Parquet."""
-    from stylestream.models.clip import embedding_dim
-    from stylestream.schemas.tables import FEATURE_NAMES
-
+    """The whole unbounded job: Kafka in; style versions and manifests, tombstones, re-ingestion and
+    dead letters to Kafka."""
     messages = p | "ReadKafka" >> ReadPartitions(bootstrap_servers, list(INGEST_TOPICS))
-    versions, reingest, dead = build_streaming(messages, clip, embedding_dim(clip), len(FEATURE_NAMES),
-                                               half_life_days, publish_delay_s=publish_delay_s)
+    versions, reingest, erased, dead = build_streaming(messages, settings.clip, settings.limits, settings.basis,
+                                                       settings.analytics_key(), publish_delay_s)
     outgoing = (
         versions | "VersionMessages" >> beam.FlatMap(NewVersion.messages),
+        erased,
         reingest | "ReingestMessages" >> beam.Map(lambda u: (PHOTO_EVENTS, *to_message(u))),
         dead | "DeadLetterMessages" >> beam.Map(DeadLetter.message),
     )
     outgoing | "Outgoing" >> beam.Flatten() | "Publish" >> PublishToKafka(bootstrap_servers)
-    (versions | "HistoryRows" >> beam.Map(history_entry, pseudonym_key)
-     | "WriteHistory" >> WriteHistory(history_dir))
+
+
+class OutputsNotEmpty(RuntimeError):
+    """Prism would number versions from 1 again over versions an earlier run published."""
+
+
+def check_outputs_empty(bootstrap_servers: str) -> None:
+    """Prism starts from empty state: refuse a style-vectors topic that already holds versions."""
+    c = clients.consumer(bootstrap_servers)
+    try:
+        held = sum(clients.true_end_offsets(c, clients.partitions_of(c, STYLE_VECTORS)).values())
+    finally:
+        c.close()
+    if held:
+        raise OutputsNotEmpty(
+            f"{STYLE_VECTORS} already holds {held} messages from an earlier run. Prism keeps its state in memory: "
+            "restarted, it would rebuild styles from what the topics still hold and number versions from 1 "
+            "again, under the ones serving keeps. Run it against empty topics (a new broker), or run the Flink "
+            "job, which restores its state from checkpoints (infra/README.md)")
 
 
 def runner_args(beam_args: list[str]) -> list[str]:
@@ -198,30 +153,28 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m stylestream.pipelines.streaming",
         description="Unbounded ingestion on a Beam portable runner (Prism by default): reads photo-events and "
                     "consent-events from Kafka until stopped (Ctrl-C or SIGTERM cancels the job), keeps each "
-                    "user's style state in the runner, publishes style versions to Kafka and writes their "
-                    "history to Parquet. Other arguments are Beam pipeline options.",
+                    "user's style state in the runner and publishes style versions, manifests and tombstones "
+                    "to Kafka; run `stylestream history follow` beside it for the Parquet history and "
+                    "erasures. Other arguments are Beam pipeline options.",
         epilog="example: python -m stylestream.pipelines.streaming --bootstrap-servers 127.0.0.1:9092 "
                "--data-dir /srv/stylestream-stream --runner PrismRunner")
     ap.add_argument("--bootstrap-servers", required=True, metavar="HOST:PORT")
-    ap.add_argument("--data-dir", required=True, type=Path, metavar="DIR",
-                    help="history/ (Parquet) and the analytics key file go here")
-    ap.add_argument("--clip-model", default=TINY_CLIP, metavar="NAME")
-    ap.add_argument("--clip-pretrained", default=None, metavar="TAG|FILE",
-                    help="checkpoint path or tag, readable by the workers (default: random weights for the tiny model)")
-    ap.add_argument("--half-life-days", type=float, default=HALF_LIFE_DAYS, metavar="DAYS")
+    add_arguments(ap)
     ap.add_argument("--publish-delay-s", type=float, default=PUBLISH_DELAY_S, metavar="S",
                     help="a user's new style version is published at most this long after their first change")
     args, beam_args = ap.parse_known_args(argv)
+    settings = from_arguments(args)
     try:
         options = PipelineOptions(runner_args(beam_args), streaming=True)
-    except (RuntimeError, subprocess.CalledProcessError) as e:
+        ensure_topics(args.bootstrap_servers, settings.partitions)
+        if options.view_as(StandardOptions).runner == "PrismRunner":
+            check_outputs_empty(args.bootstrap_servers)
+        settings.ensure_keys(say=lambda line: print(line, file=sys.stderr))
+        settings.check_basis()
+    except (RuntimeError, subprocess.CalledProcessError, SettingsError) as e:
         ap.exit(1, f"error: {e}\n")
-    args.data_dir.mkdir(parents=True, exist_ok=True)
-    ensure_topics(args.bootstrap_servers)
-    key = load_or_create_key(args.data_dir)
     p = beam.Pipeline(options=options)
-    streaming_pipeline(p, args.bootstrap_servers, ClipSpec(args.clip_model, args.clip_pretrained),
-                       str(args.data_dir / "history"), key, args.half_life_days, args.publish_delay_s)
+    streaming_pipeline(p, args.bootstrap_servers, settings, args.publish_delay_s)
     result = p.run()
     # SIGTERM (a service manager, a test) stops the job like Ctrl-C does.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))

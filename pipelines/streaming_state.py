@@ -29,10 +29,12 @@ from stylestream.pipelines.user_state import (
     event_kind,
     publish_latest,
 )
+from stylestream.privacy.erasure import subject
 from stylestream.schemas.events import StyleBasis
 from stylestream.transforms.records import Contribution, Sourced, UserBatch
 
 REINGEST = "reingest"
+ERASED = "erased"
 
 
 def _hash(text: str, bits: int) -> int:
@@ -64,6 +66,7 @@ class OrderedListCells:
         self._written = written
         self._under: dict[int, dict[str, tuple[int, PhotoEntry]]] = {}  # per read key: photo -> (number, entry)
         self.read = self.written = 0
+        self.leftovers = False  # an erasure left values this bundle appended (`clear`)
 
     def summary(self, empty: UserSummary) -> UserSummary:
         raw = self._summary.read()
@@ -76,11 +79,21 @@ class OrderedListCells:
         self._summary.write(raw)
 
     def _entries(self, items: Iterable) -> dict[str, PhotoEntry]:
-        out = {}
+        rows = []
         for key, raw in items:
             self.read += len(raw)
-            number, entry = int.from_bytes(raw[:4], "big"), pickle.loads(raw[4:])
-            under = self._under.setdefault(key.micros, {})
+            rows.append((key.micros, int.from_bytes(raw[:4], "big"), raw[4:]))
+        hidden: dict[int, int] = {}  # key -> the number of an erasure's empty value: what is before it is gone
+        for key, number, payload in rows:
+            self._under.setdefault(key, {})
+            if not payload:
+                hidden[key] = max(hidden.get(key, -1), number)
+        out = {}
+        for key, number, payload in rows:
+            if not payload or number <= hidden.get(key, -1):
+                continue
+            entry = pickle.loads(payload)
+            under = self._under[key]
             if entry.photo_id not in under or number >= under[entry.photo_id][0]:
                 under[entry.photo_id] = (number, entry)
                 out[entry.photo_id] = entry
@@ -107,6 +120,41 @@ class OrderedListCells:
     def every_entry(self) -> dict[str, PhotoEntry]:
         return self._entries(self._photos.read())
 
+    def clear(self) -> None:
+        """Every cell of the user (after `every_entry`, which finds every photo key). Values this bundle
+        appended cannot be cleared yet: an empty value numbered after them hides them, and `leftovers`
+        asks for a `sweep` in a later bundle."""
+        self._summary.clear()
+        for key in list(self._under):
+            self._drop("photos", self._photos, key)
+        for key in {ts.micros for ts, _ in self._albums.read()}:
+            self._drop("albums", self._albums, key)
+
+    def _drop(self, name: str, cell, key: int) -> None:
+        written = (name, self._user, key)
+        if written in self._written:
+            self.leftovers = True
+            number = self._written[written]
+            self._written[written] = number + 1
+            cell.add((Timestamp(micros=key), number.to_bytes(4, "big") if name == "photos" else b""))
+        else:
+            cell.clear_range(Timestamp(micros=key), Timestamp(micros=key + 1))
+        if name == "photos":
+            self._under.pop(key, None)
+
+    def sweep(self) -> None:
+        """Clears the keys whose values an erasure hid in an earlier bundle (see `clear`)."""
+        live = self.every_entry()
+        for key, under in list(self._under.items()):
+            if not under:
+                self._drop("photos", self._photos, key)
+        stale = {}
+        for ts, raw in self._albums.read():
+            stale.setdefault(ts.micros, []).append(raw.decode())
+        for key, ids in stale.items():
+            if not any(p in live for p in ids):
+                self._drop("albums", self._albums, key)
+
     def _replace(self, cell, name: str, key: int, values: list[bytes], existing: bool) -> int:
         """`values` become everything under `key` (or its latest values, until a later bundle);
         `existing`: whether the key holds values already. Returns the number the values get."""
@@ -127,7 +175,7 @@ class OrderedListCells:
             k = photo_key(p)
             # Entries of other photos under the same key (a hash collision) stay.
             kept = [pickle.dumps(e) for q, (_, e) in self._under.get(k, {}).items() if q != p]
-            self._replace(self._photos, "photos", k, [*kept, raw], existing=bool(self._under.get(k)))
+            self._replace(self._photos, "photos", k, [*kept, raw], existing=k in self._under)
         gained, lost = album_index_changes(before, after)
         for album_id, p in gained:
             self._replace(self._albums, "albums", album_key(album_id, p), [p.encode()], existing=False)
@@ -162,46 +210,55 @@ class _UpdateUserStyle(beam.DoFn):
                 photos_cell=beam.DoFn.StateParam(PHOTOS),  # noqa: B008
                 albums_cell=beam.DoFn.StateParam(ALBUMS),  # noqa: B008
                 publish=beam.DoFn.TimerParam(PUBLISH)):  # noqa: B008
-        user_id, batch = keyed
-        cells = OrderedListCells(user_id, summary_cell, photos_cell, albums_cell, self._written)
-        applied = apply_batch(cells, batch, self._empty(), self._basis)
-        if applied.set_timer:
+        subject, batch = keyed
+        cells = OrderedListCells(subject, summary_cell, photos_cell, albums_cell, self._written)
+        applied = apply_batch(cells, batch, self._empty(), self._basis, datetime.now(UTC))
+        if applied.set_timer or cells.leftovers:  # the timer also sweeps what an erasure left
             publish.set(Timestamp.now() + Duration(seconds=self._delay))
         self._count(event_kind(batch), cells)
         for upload in applied.reingest:
             yield beam.pvalue.TaggedOutput(REINGEST, upload)
+        for message in applied.erased:
+            yield beam.pvalue.TaggedOutput(ERASED, message)
 
     @on_timer(PUBLISH)
-    def publish(self, user_id=beam.DoFn.KeyParam,
+    def publish(self, subject=beam.DoFn.KeyParam,
                 summary_cell=beam.DoFn.StateParam(SUMMARY),  # noqa: B008
                 photos_cell=beam.DoFn.StateParam(PHOTOS),  # noqa: B008
                 albums_cell=beam.DoFn.StateParam(ALBUMS)):  # noqa: B008
-        cells = OrderedListCells(user_id, summary_cell, photos_cell, albums_cell, self._written)
-        version = publish_latest(cells, user_id, self._empty(), self._basis, datetime.now(UTC))
+        cells = OrderedListCells(subject, summary_cell, photos_cell, albums_cell, self._written)
+        summary = cells.summary(self._empty())
+        if summary.forgotten_at is not None and summary.version == 0:
+            cells.sweep()
+        version = publish_latest(cells, self._empty(), self._basis, datetime.now(UTC))
         self._count("publish", cells)
         if version is not None:
             yield version
 
 
-def keyed_batch(item: Contribution | Sourced) -> tuple[str, UserBatch]:
+def keyed_batch(item: Contribution | Sourced, key: bytes) -> tuple[str, UserBatch]:
+    """The item as its user's batch, keyed by the user's erasure subject (see pipelines/user_state.py)."""
     batch = UserBatch.of(item)
-    return batch.user_id, batch
+    return subject(batch.user_id, key), batch
 
 
 class UpdateUserStyle(beam.PTransform):
-    """Per-user style state in the runner: (contributions, deletes, toggles) -> the users' new style
-    versions (`pipelines/plan.NewVersion`, main output `versions`) and, tagged `reingest`, uploads to
-    publish again after an opt-in."""
+    """Per-user style state in the runner: (contributions, deletes, consent events) -> the users' new
+    style versions (`pipelines/plan.NewVersion`, main output `versions`), tagged `reingest` the uploads
+    to publish again after an opt-in, and tagged `erased` the tombstones of people forgotten.
+    `key`: the state's key (analytics/pseudonyms.py), for the erasure subjects the state is keyed by."""
 
-    def __init__(self, dim: int, n_features: int, basis: StyleBasis, publish_delay_s: float = PUBLISH_DELAY_S):
+    def __init__(self, dim: int, n_features: int, basis: StyleBasis, key: bytes,
+                 publish_delay_s: float = PUBLISH_DELAY_S):
         super().__init__()
         self._fn = _UpdateUserStyle(dim, n_features, basis, publish_delay_s)
+        self._key = key
 
     def expand(self, pcolls):
         return (
             pcolls
             | "OneStream" >> beam.Flatten()
-            | "ByUser" >> beam.Map(keyed_batch).with_output_types(tuple[str, UserBatch])  # str: a deterministic key
-            | "PerUser" >> beam.ParDo(self._fn).with_outputs(REINGEST, main="versions")
+            | "BySubject" >> beam.Map(keyed_batch, self._key).with_output_types(tuple[str, UserBatch])
+            | "PerUser" >> beam.ParDo(self._fn).with_outputs(REINGEST, ERASED, main="versions")
         )
 

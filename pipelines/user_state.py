@@ -15,6 +15,11 @@ from a processing-time timer that `apply_batch` asks for at the user's first unp
 a burst of events costs one read of the library, as one cycle of the local driver does.
 Intermediate versions are counted but not published (serving only ever wants the latest).
 
+A forget request clears every cell of the user by the local driver's rule (`after_forgets`) and hands
+the runner the tombstones to publish; the state is keyed by the user's erasure subject (a keyed hash,
+privacy/erasure.subject), so all that stays of a forgotten person is that key and when they were
+forgotten, which voids their earlier events arriving late.
+
 The decisions are the local driver's (`plan_user_update`, `apply_update`, `withdrawn_versions`,
 `new_version`); `apply_batch` and `publish_latest` are the two steps every runner calls, over cells
 that map them onto its own state (Beam: `pipelines/streaming_state.py`; Flink:
@@ -26,14 +31,14 @@ from __future__ import annotations
 
 import pickle
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Protocol
 
-from stylestream.pipelines.plan import NewVersion, new_version
-from stylestream.schemas.dead_letters import DeadLetter
+from stylestream.pipelines.plan import Erasure, NewVersion, after_forgets, new_version
+from stylestream.privacy.erasure import STATE_KINDS
 from stylestream.schemas.events import PhotoUploaded, StyleBasis
-from stylestream.transforms.records import Sourced, UserBatch
+from stylestream.transforms.records import UserBatch
 from stylestream.transforms.style import (
     ConsentRecord,
     StoredContribution,
@@ -48,12 +53,6 @@ from stylestream.transforms.style import (
 PUBLISH_DELAY_S = 0.5  # a user's new version waits at most this long, so a burst publishes once
 
 
-def unerased(forget: Sourced) -> DeadLetter:
-    """A forget request a streaming runner cannot carry out yet: a dead letter saying so, never ignored."""
-    return forget.dead("forget", "forgetting a person is carried out by the local driver (stylestream ingest) "
-                                 "only; this streaming runner keeps the person's state (infra/README.md)")
-
-
 @dataclass
 class UserSummary:
     """The small cell: what every event of the user reads."""
@@ -64,6 +63,10 @@ class UserSummary:
     published: int = 0  # the latest version published
     withdrawn: tuple[int, int] | None = None  # (first, last) version withdrawn since then
     timer_set: bool = False
+    # The state is keyed by the user's erasure subject (a keyed hash), so the id lives here; after
+    # an erasure the summary keeps only when it was, and their earlier events count for nothing.
+    user_id: str | None = None
+    forgotten_at: datetime | None = None
 
     @classmethod
     def empty(cls, embedding_dim: int, n_features: int) -> UserSummary:
@@ -142,6 +145,7 @@ class UserCells(Protocol):
     def album_photos(self, album_id: str) -> set[str]: ...
     def every_entry(self) -> dict[str, PhotoEntry]: ...
     def write_entries(self, before: dict[str, PhotoEntry], after: dict[str, PhotoEntry]) -> None: ...
+    def clear(self) -> None: ...  # every cell of the user: the summary, the photos, the album index
 
 
 @dataclass(frozen=True)
@@ -151,22 +155,53 @@ class Applied:
     reingest: list[PhotoUploaded]  # uploads to publish again: their photos count again after an opt-in
     changed: bool  # the user's style changed: a publish must follow
     set_timer: bool  # ...and none is pending yet (for runners whose timers replace each other)
+    erased: list[tuple[str, bytes, bytes | None]] = field(default_factory=list)  # the tombstones to publish
 
 
-def apply_batch(cells: UserCells, batch: UserBatch, empty: UserSummary, basis: StyleBasis) -> Applied:
+def state_counts(summary: UserSummary, entries: dict[str, PhotoEntry]) -> dict[str, int]:
+    """What the user's cells hold, as an erasure receipt counts it (privacy/erasure.STATE_KINDS)."""
+    counts = {STATE_KINDS["photos"]: sum(e.upload is not None for e in entries.values()),
+              STATE_KINDS["contributions"]: sum(e.stored is not None for e in entries.values()),
+              STATE_KINDS["tombstones"]: sum(e.deleted for e in entries.values()),
+              STATE_KINDS["consent"]: len(summary.consent),
+              STATE_KINDS["user_stats"]: int(summary.version > 0)}
+    return {kind: n for kind, n in counts.items() if n}
+
+
+def forget(cells: UserCells, summary: UserSummary, erasure: Erasure, empty: UserSummary,
+           now: datetime) -> tuple[UserSummary, list[tuple[str, bytes, bytes | None]]]:
+    """Every cell of the user goes; the summary left remembers only when (its key is a keyed hash).
+    Returns it, and the tombstones to publish (with what was deleted)."""
+    deleted = state_counts(summary, cells.every_entry())
+    cells.clear()
+    return replace(empty, forgotten_at=erasure.forgotten_at), erasure.messages(deleted, now)
+
+
+def apply_batch(cells: UserCells, batch: UserBatch, empty: UserSummary, basis: StyleBasis,
+                now: datetime) -> Applied:
     """One batch (one event, in a streaming runner) applied to one user's cells."""
-    # 1. Read the summary and only the entries the batch can touch.
+    # 1. Read the summary; forget requests erase the cells, and an earlier erasure voids what it covers.
     summary = cells.summary(empty)
+    batch, erasure = after_forgets(batch, summary.forgotten_at, summary.version)
+    erased = []
+    if erasure:
+        summary, erased = forget(cells, summary, erasure, empty, now)
+    if batch.empty:
+        if erasure:
+            cells.write_summary(summary)
+        return Applied([], False, False, erased)
+    summary.user_id = batch.user_id
+    # 2. Read only the entries the batch can touch.
     photo_ids, album_ids, whole_user = batch.scopes()
     if whole_user:
         entries = cells.every_entry()
     else:
         entries = cells.entries(photo_ids.union(*(cells.album_photos(a) for a in album_ids)))
-    # 2. Decide, by the local driver's rule.
+    # 3. Decide, by the local driver's rule.
     view = view_of(summary, entries)
     update = plan_user_update(view, batch, basis.half_life_days)
     after = apply_update(view, update)
-    # 3. Write what changed; a style change waits for the publish timer.
+    # 4. Write what changed; a style change waits for the publish timer.
     new_entries = entries_after(entries, update, after)
     cells.write_entries(entries, new_entries)
     summary.stats, summary.version, summary.consent = after.stats, after.version, after.consent
@@ -177,12 +212,11 @@ def apply_batch(cells: UserCells, batch: UserBatch, empty: UserSummary, basis: S
     set_timer = update.changes_style and not summary.timer_set
     summary.timer_set = summary.timer_set or set_timer
     cells.write_summary(summary)
-    # 4. Photos that count again after an opt-in are published anew, to be embedded again.
-    return Applied([new_entries[p].upload for p in update.reingest], update.changes_style, set_timer)
+    # 5. Photos that count again after an opt-in are published anew, to be embedded again.
+    return Applied([new_entries[p].upload for p in update.reingest], update.changes_style, set_timer, erased)
 
 
-def publish_latest(cells: UserCells, user_id: str, empty: UserSummary, basis: StyleBasis,
-                   now: datetime) -> NewVersion | None:
+def publish_latest(cells: UserCells, empty: UserSummary, basis: StyleBasis, now: datetime) -> NewVersion | None:
     """The user's latest version, with its facets, if it is not published yet (the timer's work)."""
     summary = cells.summary(empty)
     summary.timer_set = False
@@ -190,7 +224,7 @@ def publish_latest(cells: UserCells, user_id: str, empty: UserSummary, basis: St
     if summary.version > summary.published:
         stored = {p: e.stored for p, e in cells.every_entry().items() if e.stored is not None}
         withdrawn = list(range(summary.withdrawn[0], summary.withdrawn[1] + 1)) if summary.withdrawn else []
-        version = new_version(user_id, summary.version, summary.stats, stored, withdrawn, basis, now)
+        version = new_version(summary.user_id, summary.version, summary.stats, stored, withdrawn, basis, now)
         summary.published, summary.withdrawn = summary.version, None
     cells.write_summary(summary)
     return version

@@ -1,12 +1,14 @@
 """Forgetting a person: the messages that erase them from the topics, and the signed erasure receipt.
 
-Ingestion deletes the person's rows in the cycle that reads their `user_forgotten` request
-(pipelines/store.py), then rewrites the history files without their pseudonym, deletes their release
-ledger rows and rewrites the state file, so no deleted bytes stay in it (pipelines/ingest.py). Only
-then is what it deleted counted in a receipt, signed with the service's Ed25519 key
-(`state/erasure-signing.key`, created on first use) and published on erasure-receipts under the
-request's event id. Anyone with the public key
-(`stylestream receipt public-key`) can check a receipt (`stylestream receipt verify`).
+Ingestion deletes the person's state in the commit that reads their `user_forgotten` request (the
+local driver's DuckDB, pipelines/store.py; a streaming runner's keyed state, pipelines/user_state.py)
+and publishes their tombstones, the first naming the requests and what the state deleted. Then what
+lies beside the state goes (pipelines/forgetting.py: history rows, release ledger, backfill progress
+and library registrations), by the local driver after its cycle or by the history writer on reading
+the tombstone. Only then is what was deleted counted in a receipt, signed with the service's Ed25519
+key (`state/erasure-signing.key`) and published on erasure-receipts under the request's event id.
+Anyone with the public key (`stylestream receipt public-key`) can check a receipt (`stylestream
+receipt verify`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from stylestream.keyfiles import create_once, new_ed25519_pem
-from stylestream.schemas.events import ErasureReceipt, StyleVectorUpdated, encode_event
+from stylestream.pipelines.layout import StateLayout
+from stylestream.schemas.events import ErasureNotice, ErasureReceipt, StyleVectorUpdated, encode_event
 from stylestream.streams.topics import (
     DLQ_SOURCES,
     ERASABLE_TOPICS,
@@ -33,7 +36,17 @@ from stylestream.streams.topics import (
 )
 from stylestream.transforms.manifest import canonical_json
 
-SIGNING_KEY_FILE = "erasure-signing.key"
+# What a receipt calls each kind of record ingestion's state holds of a person (by the local driver's
+# table; a streaming runner's keyed state counts the same kinds, and keeps no versions).
+STATE_KINDS = {
+    "photos": "catalogued photo references",
+    "contributions": "photo contributions (embeddings, features, coarse metadata)",
+    "style_versions": "style versions",
+    "user_stats": "style sums",
+    "consent": "consent records",
+    "tombstones": "deleted-photo records",
+    "redactions": "withdrawal records",
+}
 # Compaction removes a person's earlier values on the erasable topics within max.compaction.lag.ms of
 # the tombstone, and the tombstones themselves delete.retention.ms later (streams/topics.py).
 COMPACTED_WITHIN = timedelta(milliseconds=int(TOPIC_CONFIGS[STYLE_VECTORS]["max.compaction.lag.ms"]))
@@ -44,13 +57,17 @@ DEAD_LETTERS_KEPT_MS = max(int(TOPIC_CONFIGS[dlq(t)]["retention.ms"]) for t in D
 
 def load_or_create_signing_key(state_dir: Path) -> Ed25519PrivateKey:
     """The service's receipt-signing key, created on first use (readable by its owner only)."""
-    create_once(state_dir / SIGNING_KEY_FILE, new_ed25519_pem())
+    create_once(StateLayout(state_dir).signing_key, new_ed25519_pem())
     return load_signing_key(state_dir)
 
 
 def load_signing_key(state_dir: Path) -> Ed25519PrivateKey:
     """The existing receipt-signing key of a state (an error if there is none: never a new one)."""
-    path = state_dir / SIGNING_KEY_FILE
+    return load_signing_key_file(StateLayout(state_dir).signing_key)
+
+
+def load_signing_key_file(path: Path) -> Ed25519PrivateKey:
+    """The receipt-signing key in this file (an error if there is none: never a new one)."""
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except FileNotFoundError:
@@ -108,18 +125,20 @@ def verify_receipt(receipt: ErasureReceipt, public: Ed25519PublicKey) -> bool:
     return True
 
 
-def tombstone_event(user_id: str, last_version: int, now: datetime) -> StyleVectorUpdated:
-    """The last style-vectors event of a forgotten person: every version withdrawn, drop them."""
-    return StyleVectorUpdated(event_id=f"{user_id}:forgotten", user_id=user_id, event_time=now,
-                              version=last_version + 1, photo_count=0, embedding=[], features={},
-                              tombstone=True, withdrawn_versions=list(range(1, last_version + 1)))
+def tombstone_event(user_id: str, last_version: int, now: datetime, notice: ErasureNotice) -> StyleVectorUpdated:
+    """The last style-vectors event of a forgotten person: every version withdrawn, drop them; with
+    the requests it answers and what ingestion's state deleted, for whoever erases the rest."""
+    return StyleVectorUpdated(event_id=f"{user_id}:forgotten:{notice.requests[0].event_id}", user_id=user_id,
+                              event_time=now, version=last_version + 1, photo_count=0, embedding=[], features={},
+                              tombstone=True, withdrawn_versions=list(range(1, last_version + 1)), erasure=notice)
 
 
-def erasure_messages(user_id: str, last_version: int, now: datetime) -> list[tuple[str, bytes, bytes | None]]:
+def erasure_messages(user_id: str, last_version: int, now: datetime,
+                     notice: ErasureNotice) -> list[tuple[str, bytes, bytes | None]]:
     """What an erasure publishes at once: the tombstone event, then a null-value tombstone for the
     person's key on every compacted topic the project writes under it."""
     key = user_id.encode()
-    return [(STYLE_VECTORS, key, encode_event(tombstone_event(user_id, last_version, now))),
+    return [(STYLE_VECTORS, key, encode_event(tombstone_event(user_id, last_version, now, notice))),
             *((topic, key, None) for topic in ERASABLE_TOPICS)]
 
 

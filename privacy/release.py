@@ -110,6 +110,11 @@ class Ledger:
                        [user_id, datetime.now(UTC).isoformat(), multiplier, epsilon])
         return len(before) + 1, total
 
+    def count(self, user_id: str) -> int:
+        """How many releases of the person the ledger holds."""
+        with self._db() as db:
+            return db.execute("SELECT count(*) FROM releases WHERE user_id = ?", [user_id]).fetchone()[0]
+
     def forget(self, user_ids: list[str]) -> int:
         """Delete these people's releases, then rewrite the file so no deleted bytes remain."""
         with self._db() as db:

@@ -128,6 +128,11 @@ class UserForgotten(_Event):
     type: Literal["user_forgotten"] = "user_forgotten"
 
 
+def is_forget_request(event: object) -> bool:
+    """The one test of "forget this person", for every runner, the grouping of a cycle and the API."""
+    return isinstance(event, UserForgotten)
+
+
 StyleCode = Annotated[str, Field(pattern=r"^sc1-[0-9a-f]{40}$", description="A style version's code: the hash "
                                  "of its manifest's basis and photos (schemas/manifests.py)")]
 
@@ -210,12 +215,34 @@ class StyleFacet(BaseModel):
     features: dict[str, float]
 
 
+class ErasedRequest(BaseModel):
+    """A forget request an erasure answers: its id (random, names no one) and when it was made."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    event_id: Id
+    requested_at: AwareDatetime
+
+
+class ErasureNotice(BaseModel):
+    """On a forgotten person's tombstone event: the requests it answers and what ingestion's state
+    deleted. Whoever keeps the rest of the person's data (the history writer for the streaming
+    runners) erases it on reading this, then signs the receipts."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    requests: list[ErasedRequest] = Field(min_length=1)
+    deleted: dict[str, int] = Field(description="kind of data in ingestion's state -> records deleted")
+
+
 class StyleVectorUpdated(_Event):
     """A new immutable version of a user's style: keyed by user on the style-vectors topic."""
 
     type: Literal["style_vector_updated"] = "style_vector_updated"
     version: int = Field(ge=1)
     photo_count: int = Field(ge=0)
+    total_weight: float | None = Field(default=None, ge=0.0, description="the sum of the photos' time weights "
+                                       "(the history's total_weight)")
     embedding: list[float] = Field(description="L2-normalized, time-weighted mean image embedding")
     features: dict[str, float] = Field(description="time-weighted mean of the named aesthetic features")
     facets: list[StyleFacet] = Field(default_factory=list, description="distinct tastes, largest first")
@@ -226,6 +253,8 @@ class StyleVectorUpdated(_Event):
                             "forgotten (a null-value tombstone for their key follows): drop them")
     withdrawn_versions: list[int] = Field(
         default_factory=list, description="earlier versions that counted photos since withdrawn: no longer to be used")
+    erasure: ErasureNotice | None = Field(default=None, description="on a tombstone: the forget requests it "
+                                          "answers and what ingestion's state deleted")
 
 
 class StyleBasis(BaseModel):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from kafka import KafkaAdminClient
-from kafka.admin import NewTopic
+from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
 PHOTO_EVENTS = "photo-events"
@@ -77,3 +77,17 @@ def ensure_topics(bootstrap_servers: str, partitions: int = DEFAULT_PARTITIONS,
         return missing
     finally:
         admin.close()
+
+
+def broker_config(bootstrap_servers: str) -> dict[str, str]:
+    """One broker's settings as it reports them (its own and Kafka's defaults); empty where a broker
+    does not describe them (Tansu)."""
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    try:
+        broker = str(admin.describe_cluster()["brokers"][0]["node_id"])
+        found = admin.describe_configs([ConfigResource(ConfigResourceType.BROKER, broker)])
+    except Exception:  # an old or partial broker (Tansu): callers fall back to Kafka's defaults
+        return {}
+    finally:
+        admin.close()
+    return {k: v["value"] for k, v in found.get("broker", {}).get(broker, {}).items() if v.get("value") is not None}

@@ -175,8 +175,12 @@ def test_mixed_user_batch_gives_each_user_their_own_image(broker, make_ingestor,
         alone, _ = generator.generate(r, styles[r.user_id])
         batched = np.asarray(Image.open(out / r.user_id / f"{r.request_id}.png"), int)
         assert np.abs(batched - np.asarray(alone)).max() <= 2, r.request_id
-    plain, _ = generator.generate(reqs[2], None)  # strength 0: exactly the unpersonalized image
-    np.testing.assert_array_equal(np.asarray(Image.open(out / "cleo" / "m3.png")), np.asarray(plain))
+    # Strength 0: exactly the unpersonalized image, run for run (alone, with and without her style); in
+    # a batch, within a level of it (a batch's float sums may round one pixel the other way: seen on
+    # these CPUs with or without styles in the batch).
+    plain, _ = generator.generate(reqs[2], None)
+    np.testing.assert_array_equal(np.asarray(generator.generate(reqs[2], styles["cleo"])[0]), np.asarray(plain))
+    assert np.abs(np.asarray(Image.open(out / "cleo" / "m3.png"), int) - np.asarray(plain, int)).max() <= 1
 
 
 def test_read_your_writes_waits_for_the_version_the_app_knows_of(broker, make_ingestor, generator, tmp_path):

@@ -12,13 +12,13 @@ from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline  
 from apache_beam.testing.util import assert_that, equal_to
 
 from stylestream.demo.synthetic import make_library, toggle_event
-from stylestream.models.clip import ClipSpec, embedding_dim
+from stylestream.models.clip import ClipSpec
 from stylestream.pipelines.streaming import build_streaming, runner_args
 from stylestream.pipelines.streaming_state import UpdateUserStyle
-from stylestream.schemas.events import UserForgotten, encode_event
+from stylestream.schemas.events import UserForgotten, encode_event, parse_event
 from stylestream.schemas.tables import FEATURE_NAMES
 from stylestream.streams.clients import Message
-from stylestream.streams.topics import CONSENT_EVENTS, PHOTO_EVENTS
+from stylestream.streams.topics import CONSENT_EVENTS, PHOTO_EVENTS, STYLE_MANIFESTS, STYLE_VECTORS
 from stylestream.transforms.grouping import GroupByUser
 from stylestream.transforms.images import DecodeLimits, PreparePhotos
 from stylestream.transforms.manifest import style_basis
@@ -26,6 +26,7 @@ from stylestream.transforms.parse import ParseEvents
 from stylestream.transforms.records import Contribution, Sourced
 
 WHEN = datetime(2026, 3, 1, tzinfo=UTC)
+KEY = b"k" * 32  # the state's analytics key: erasure subjects key the runner's state
 # Each step runs on Prism, the portable runner the streaming pipeline runs on (`make prism` builds it;
 # keyed ordered-list state and processing-time timers need it: FnApiRunner has neither).
 def prism() -> PipelineOptions:
@@ -107,7 +108,7 @@ def test_the_per_user_update_step_keeps_state_and_withdraws_what_an_opt_out_cove
         no_deletes = p | "D" >> beam.Create([])
         off = p | "T" >> beam.Create([sourced(toggle_event("ana", "album", "office", False, WHEN))])
         basis = style_basis(ClipSpec(), 365.0, DecodeLimits())
-        updates = (contributions, no_deletes, off) | UpdateUserStyle(8, len(FEATURE_NAMES), basis)
+        updates = (contributions, no_deletes, off) | UpdateUserStyle(8, len(FEATURE_NAMES), basis, KEY)
         # Whatever order the runner delivers them in, the last version counts the beach photos only,
         # and its facets too: exactly as the rule says (transforms/style.py).
         latest = (updates.versions | beam.Map(lambda v: (v.user_id, v))
@@ -116,14 +117,20 @@ def test_the_per_user_update_step_keeps_state_and_withdraws_what_an_opt_out_cove
         assert_that(latest, equal_to([("ana", 3, 3)]))
 
 
-def test_the_streaming_pipeline_dead_letters_a_forget_request_it_cannot_carry_out(tmp_path, clip):
+def test_the_streaming_pipeline_forgets_a_person_and_publishes_their_tombstones(tmp_path, clip):
     [photo] = make_library(tmp_path, {"ana": [("a", "warm", 1)]})
     forget = UserForgotten(event_id="forget-1", user_id="ana", event_time=WHEN)
+    late = photo.upload_event(WHEN.replace(year=2025))  # from before the request, arriving after it
+    limits = DecodeLimits()
     with BeamTestPipeline(options=prism()) as p:
-        messages = p | beam.Create([message(PHOTO_EVENTS, 0, photo.upload_event()),
-                                    message(CONSENT_EVENTS, 0, forget)])
-        versions, _, dead = build_streaming(messages, clip, embedding_dim(clip), len(FEATURE_NAMES), 365.0,
-                                            publish_delay_s=0.1)
-        assert_that(dead | beam.Map(lambda d: (d.topic, d.offset, d.stage)), equal_to([(CONSENT_EVENTS, 0, "forget")]),
-                    label="the forget request, with its reason")
-        assert_that(versions | beam.Map(lambda v: v.event.photo_count), equal_to([1]), label="the upload counts")
+        messages = p | beam.Create([message(CONSENT_EVENTS, 0, forget), message(PHOTO_EVENTS, 0, late)])
+        versions, _, erased, dead = build_streaming(messages, clip, limits, style_basis(clip, 365.0, limits),
+                                                    KEY, publish_delay_s=0.1)
+        tombstones = (erased | beam.Filter(lambda m: m[2] is not None)
+                      | beam.Map(lambda m: (m[0], parse_event(m[0], m[2])))
+                      | beam.MapTuple(lambda topic, v: (topic, v.tombstone, [r.event_id for r in v.erasure.requests])))
+        assert_that(tombstones, equal_to([(STYLE_VECTORS, True, ["forget-1"])]), label="the tombstone names it")
+        assert_that(erased | beam.Filter(lambda m: m[2] is None) | beam.Map(lambda m: m[0]),
+                    equal_to([STYLE_VECTORS, STYLE_MANIFESTS]), label="then null tombstones")
+        assert_that(versions, equal_to([]), label="the late upload counts nothing")
+        assert_that(dead, equal_to([]), label="no dead letter")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import apache_beam as beam
 
-from stylestream.schemas.events import UserForgotten
+from stylestream.schemas.events import is_forget_request
 from stylestream.transforms.records import UserBatch
 
 
@@ -14,8 +14,8 @@ def to_user_batch(user_id: str, grouped: dict[str, list]) -> UserBatch:
         user_id,
         contributions=list(grouped["contributions"]),
         deletes=[s.event for s in grouped["deletes"]],
-        toggles=[e for e in consent if not isinstance(e, UserForgotten)],
-        forgets=sorted((e for e in consent if isinstance(e, UserForgotten)), key=lambda e: e.event_id),
+        toggles=[e for e in consent if not is_forget_request(e)],
+        forgets=sorted((e for e in consent if is_forget_request(e)), key=lambda e: e.event_id),
     )
 
 class GroupByUser(beam.PTransform):

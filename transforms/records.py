@@ -9,7 +9,13 @@ from datetime import UTC, datetime
 import numpy as np
 
 from stylestream.schemas.dead_letters import DeadLetter
-from stylestream.schemas.events import PhotoDeleted, PhotoUploaded, StyleLearningToggled, UserForgotten
+from stylestream.schemas.events import (
+    PhotoDeleted,
+    PhotoUploaded,
+    StyleLearningToggled,
+    UserForgotten,
+    is_forget_request,
+)
 
 
 def capture_day(when: datetime) -> datetime:
@@ -103,7 +109,7 @@ class UserBatch:
             return cls(item.user_id, contributions=[item])
         if isinstance(item.event, PhotoDeleted):
             return cls(item.event.user_id, deletes=[item.event])
-        if isinstance(item.event, UserForgotten):
+        if is_forget_request(item.event):
             return cls(item.event.user_id, forgets=[item.event])
         return cls(item.event.user_id, toggles=[item.event])
 

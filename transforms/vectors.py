@@ -24,7 +24,8 @@ def style_vector_event(user_id: str, version: int, stats: StyleStats, facets: li
     embedding, features = stats.vector()
     return StyleVectorUpdated(
         event_id=f"{user_id}:v{version}", user_id=user_id, event_time=event_time, version=version,
-        photo_count=stats.count, embedding=embedding.tolist(), features=named_features(features),
+        photo_count=stats.count, total_weight=stats.total_weight, embedding=embedding.tolist(),
+        features=named_features(features),
         facets=[StyleFacet(photo_count=f.stats.count,
                            weight_share=min(1.0, f.stats.total_weight / stats.total_weight),
                            embedding=f.stats.vector()[0].tolist(), features=named_features(f.stats.vector()[1]))
