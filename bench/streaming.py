@@ -41,7 +41,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import pyarrow.parquet as pq
 
-from stylestream.demo.synthetic import make_library, messy_stream
+from stylestream.analytics.pseudonyms import load_key, pseudonym
+from stylestream.demo.synthetic import forgotten_for_good, make_library, messy_stream
 from stylestream.pipelines.flink_setup import ensure_flink
 from stylestream.pipelines.history_writer import HistoryWriter
 from stylestream.pipelines.layout import DataLayout
@@ -50,7 +51,7 @@ from stylestream.privacy.audit import audit, needles_for
 from stylestream.schemas.events import encode_event, parse_event
 from stylestream.streams import clients
 from stylestream.streams.broker import start_local_broker
-from stylestream.streams.topics import CONSENT_EVENTS, PHOTO_EVENTS, STYLE_VECTORS, ensure_topics
+from stylestream.streams.topics import PHOTO_EVENTS, STYLE_VECTORS, ensure_topics
 
 
 def latest_styles(bootstrap: str) -> dict[str, tuple]:
@@ -107,14 +108,17 @@ def steady_latency(bootstrap: str, work: Path, rate: float, duration: float, tag
     return [(got[u][3] - sent[u]) / 1000 for u in sorted(got)]
 
 
-def last_history_rows(data_dir: Path) -> dict[str, tuple[int, np.ndarray]]:
-    """Each pseudonym's latest history row: (photo count, embedding)."""
-    history = DataLayout(data_dir).state.history
-    if not history.exists():
+def last_history_rows(data_dir: Path, users: set[str]) -> dict[str, tuple[int, np.ndarray]]:
+    """Each person's latest history row: (photo count, embedding), by user id (from the deployment's
+    own pseudonyms)."""
+    state = DataLayout(data_dir).state
+    if not state.history.exists():
         return {}
-    rows = pq.read_table(history, columns=["user_id", "version", "photo_count", "embedding"]).to_pylist()
+    key = load_key(state.analytics_key)
+    named = {pseudonym(u, key): u for u in users}
+    rows = pq.read_table(state.history, columns=["user_id", "version", "photo_count", "embedding"]).to_pylist()
     rows.sort(key=lambda r: r["version"])  # the latest last: it wins
-    return {r["user_id"]: (r["photo_count"], np.array(r["embedding"])) for r in rows}
+    return {named[r["user_id"]]: (r["photo_count"], np.array(r["embedding"])) for r in rows}
 
 
 def forgotten_clean(bootstrap: str, data_dir: Path, forgotten: list[str]) -> bool:
@@ -125,13 +129,13 @@ def forgotten_clean(bootstrap: str, data_dir: Path, forgotten: list[str]) -> boo
     return not [f for f in findings if f.violation]
 
 
-def after_run(name: str, bootstrap: str, data_dir: Path, forgotten: list[str], local_history: dict | None,
+def after_run(bootstrap: str, data_dir: Path, users: set[str], forgotten: list[str], local_history: dict | None,
               streaming: bool) -> dict:
     """The history writer for a streaming runner, then the privacy and history figures."""
     if streaming:
         with HistoryWriter(bootstrap, IngestSettings(data_dir)) as writer:
             writer.run(threading.Event(), follow=False)
-    history = last_history_rows(data_dir)
+    history = last_history_rows(data_dir, users)
     same = local_history is None or (history.keys() == local_history.keys() and all(
         history[u][0] == local_history[u][0] and np.allclose(history[u][1], local_history[u][1], atol=1e-6)
         for u in history))
@@ -192,7 +196,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         stream = messy_stream(work / "images", a.events, a.users, seed=3, forget_share=0.01)
-        forgotten = sorted({k.decode() for t, k, v in stream if t == CONSENT_EVENTS and b"user_forgotten" in v})
+        users = {k.decode() for _, k, _ in stream}
+        forgotten = sorted(forgotten_for_good(stream))
         runs, reference, local_history = [], None, None
 
         def run(name: str, command, parallelism: int, streaming: bool) -> dict:
@@ -205,7 +210,7 @@ def main() -> None:
                 figures, styles = measure(name.split("-")[0], *command(bs, data), bs, work, reference, a)
                 figures |= {"parallelism": parallelism, "events_per_s_per_core":
                             round(figures["events_per_s"] / min(parallelism, cores), 1)}
-                checks = after_run(name, bs, data, forgotten, local_history, streaming)
+                checks = after_run(bs, data, users, forgotten, local_history, streaming)
             if reference is None:
                 reference, local_history = styles, checks["history"]
             figures |= {k: v for k, v in checks.items() if k != "history"}

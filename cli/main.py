@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -207,6 +208,21 @@ def _settings(config: Path | None, **given):
         raise typer.Exit(2) from None
 
 
+@app.command("flink-job", context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                                            "help_option_names": []}, add_help_option=False)
+def flink_job(ctx: typer.Context) -> None:
+    """Run the Flink job (pipelines/flink_job.py) in the Flink environment, which `make flink` builds
+    once (and this builds if missing); every argument goes to it: `stylestream flink-job --help`."""
+    from stylestream.pipelines.flink_setup import ensure_flink
+
+    try:
+        python = str(ensure_flink())
+    except (RuntimeError, subprocess.CalledProcessError) as e:
+        console.print(f"[red]cannot build the Flink job's environment: {e}[/]")
+        raise typer.Exit(1) from None
+    os.execv(python, [python, "-m", "stylestream.pipelines.flink_job", *ctx.args])
+
+
 @history_app.command("follow")
 def history_follow(
     bootstrap_servers: BootstrapServers,
@@ -230,6 +246,8 @@ def history_follow(
         return
     try:
         with HistoryWriter(bootstrap_servers, settings) as writer:
+            console.print(f"writing the history of {settings.state.root} from {bootstrap_servers}"
+                          f"{' until Ctrl-C' if follow else ''}")
             writer.run(stop, follow, on_step=lambda n: console.print(f"{counted(n, 'style-vector message')} "
                                                                     "written to the history"))
     except SettingsError as e:

@@ -205,3 +205,14 @@ def messy_stream(root: Path, n_events: int, users: int, seed: int,
         sender = stream[-1][1]
         latest[sender] = max(when, latest.get(sender, when))
     return [(t, k.encode() if isinstance(k, str) else k, v) for t, k, v in stream]
+
+
+def forgotten_for_good(stream: list[tuple[str, bytes, bytes]]) -> set[str]:
+    """People whose last message in `stream` (a repeated delivery aside) asks to forget them: nothing of
+    them may be left anywhere once it is ingested."""
+    last, seen = {}, set()
+    for m in stream:
+        if m not in seen:
+            seen.add(m)
+            last[m[1].decode()] = m[0] == topics.CONSENT_EVENTS and b"user_forgotten" in m[2]
+    return {u for u, forgot in last.items() if forgot}

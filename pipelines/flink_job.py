@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
+import signal
 import sys
 import time
 from collections.abc import Iterable
@@ -396,10 +397,15 @@ def main(argv: list[str] | None = None) -> None:
     if not jars:
         print("Flink's Kafka connector is not in the cache (`make flink` fetches it): using Flink's lib/",
               file=sys.stderr)
-    print(f"transaction timeout {args.transaction_timeout_ms / 1000:g} s, parallelism {settings.parallelism}, "
+    # Ctrl-C or SIGTERM stops the job (its Flink, a child process, ends with this one); the state to
+    # resume from is in the checkpoints.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    print(f"transaction timeout {args.transaction_timeout_ms // 1000} s, parallelism {settings.parallelism}, "
           f"started {time.strftime('%H:%M:%S')}", file=sys.stderr, flush=True)
-    env = build_job(args, settings, jars)
-    env.execute("stylestream")
+    try:
+        build_job(args, settings, jars).execute("stylestream")
+    except KeyboardInterrupt:
+        print("stopped; start again with --restore latest", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -94,16 +94,21 @@ class IngestSettings:
                                 "the command that creates it, or mount it there") from None
 
     def ensure_keys(self, say=print) -> None:
-        """Creates the analytics and receipt-signing keys where they do not exist yet, saying so: for the
-        command that starts a deployment, on the machine that keeps the state."""
+        """For the command that starts a deployment: the keys under the state folder are created where
+        they do not exist yet, saying so; key files named in the settings (Secrets) must exist."""
         from stylestream.analytics.pseudonyms import new_key
         from stylestream.keyfiles import create_once, new_ed25519_pem
 
-        for path, make, what in ((self.analytics_key_path, new_key, "analytics key"),
-                                 (self.signing_key_path, new_ed25519_pem, "receipt-signing key")):
-            if not path.exists():
-                create_once(path, make())
-                say(f"created the {what} at {path}: keep it with the state's backups")
+        for named, path, make, what in (
+                (self.analytics_key_file, self.analytics_key_path, new_key, "analytics key"),
+                (self.signing_key_file, self.signing_key_path, new_ed25519_pem, "receipt-signing key")):
+            if path.exists():
+                continue
+            if named is not None:
+                raise SettingsError(f"no {what} at {path} (named in the settings): mount it there; keys are "
+                                    "never made on a machine that only reads them")
+            create_once(path, make())
+            say(f"created the {what} at {path}: keep it with the state's backups")
 
     def check_basis(self) -> None:
         """Remembers the basis beside the state on first use; refuses another one later (a state or

@@ -15,7 +15,7 @@ from stylestream.pipelines.backfill import Progress, publish, scan
 from stylestream.pipelines.layout import StateLayout
 from stylestream.pipelines.store import Store
 from stylestream.schemas.events import parse_event
-from stylestream.streams.topics import PHOTO_EVENTS
+from stylestream.streams.topics import ERASURE_RECEIPTS, PHOTO_EVENTS
 
 
 def test_backfill_counts_each_photo_once_and_resumes(broker, clip, tmp_path):
@@ -80,6 +80,34 @@ def test_backfilled_events_keep_the_day_and_no_local_path(broker, make_ingestor,
         assert (taken.hour, taken.minute, taken.second) == (0, 0, 0)
         assert json.loads(upload)["taken_at"] in ("2025-06-01T00:00:00Z", "2025-06-01T00:00:00+00:00")
         assert json.loads(metadata)["hour_of_day"] == 14  # the README's promise: the hour, no more
+
+
+def test_forgetting_a_person_removes_their_library_registration_and_backfill_progress(broker, make_ingestor,
+                                                                                       tmp_path):
+    """The registry holds the folder's path, which often names the person: it goes with them (counted in
+    the receipt), while the library another person backfilled stays."""
+    bs = broker.bootstrap_servers
+    ing = make_ingestor()
+    state = StateLayout(ing.cfg.state_dir)
+    libraries = {}
+    for user, look in (("ana", "warm"), ("ben", "cool")):
+        library = tmp_path / "home" / f"{user}-private" / "Pictures"
+        for p in make_library(tmp_path / "made" / user, {user: [("a", look, 2)]}):
+            (library / "a").mkdir(parents=True, exist_ok=True)
+            shutil.copy(p.path, library / "a" / p.path.name)
+        publish(bs, scan(library), user, Progress(state.root, user, library), state.libraries)
+        libraries[user] = library
+    ing.run_until_caught_up()
+    assert len(json.loads(state.libraries.read_text())) == 2
+    result = CliRunner().invoke(app, ["forget", "ana", "-b", bs])
+    assert result.exit_code == 0, result.output
+    ing.run_until_caught_up()
+
+    registered = json.loads(state.libraries.read_text())
+    assert list(registered.values()) == [str(libraries["ben"].resolve())]  # ana's folder is gone, ben's stays
+    assert "ana-private" not in "".join(p.read_text() for p in state.backfill.rglob("*.json"))
+    [receipt] = [parse_event(ERASURE_RECEIPTS, m.value) for m in read_topic(bs, ERASURE_RECEIPTS)]
+    assert receipt.deleted["backfill"] == {"progress files": 1, "library registrations": 1}
 
 
 def test_live_uploads_are_stored_at_day_precision(broker, make_ingestor, tmp_path):

@@ -51,6 +51,7 @@ def stand_ins(tmp: Path, kafka: str, cluster: str, models: dict[str, Path]) -> d
         "KAFKA": kafka,  # the address `stylestream broker` printed, as the README says
         "kafka1:9092": cluster,  # "your cluster": a second local broker
         "/srv/stylestream-vit-b32": str(tmp / "srv" / "stylestream-vit-b32"),  # /srv needs root
+        "/srv/stylestream-flink": str(tmp / "srv" / "stylestream-flink"),
         "/srv/stylestream": str(tmp / "srv" / "stylestream"),
         "~/Pictures": str(tmp / "Pictures"),  # a synthetic library: albums as first-level folders
         "IMAGES": str(tmp / "groups"),  # a synthetic training set: groups as first-level folders
@@ -70,6 +71,7 @@ SHORTENED = {
 # Commands not run here, and why.
 NOT_RUN = {
     "make test": "the command that runs this test (CI runs it)",
+    "make flink": "`make test` builds the Flink job's environment before the tests",
     ". .venv/bin/activate": "the test runs with the virtual environment's bin folder first on PATH",
 }
 
@@ -208,6 +210,12 @@ def test_every_readme_command_works_as_written(tmp_path, broker, models):
                 assert "<title>Your style" in requests.get(url, timeout=30).text
                 me = requests.get(f"{url}/v1/me", headers={"Authorization": f"Bearer {token}"}, timeout=30)
                 assert me.status_code == 200 and me.json()["user_id"] == user, me.text
+                stops[command.split(" -")[0]] = running.interrupt()
+                outputs[readme_command] = running.output()
+            elif command.startswith(("stylestream flink-job", "stylestream history follow")):
+                # long-running beside a streaming runner: it starts against the broker, then Ctrl-C
+                running = start(command, f"{i}.log")
+                running.wait_for(r"transaction timeout \d+ s|writing the history of", timeout=300)
                 stops[command.split(" -")[0]] = running.interrupt()
                 outputs[readme_command] = running.output()
             elif "--follow" in command:
