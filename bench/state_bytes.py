@@ -127,7 +127,7 @@ def main() -> None:
 
     def publish() -> None:
         fn.start_bundle()
-        list(fn.publish(user_id=USER, **cells))
+        list(fn.publish(subject=USER, **cells))
 
     # 1. The library, a version published, then one event of each kind, each after the last.
     for c in tqdm(library, desc="library", unit="photo"):

@@ -153,6 +153,9 @@ def make_library(root: Path, users: dict[str, list[tuple[str, str, int]]], seed:
     return photos
 
 
+FORGET_AFTER_MIN = 500_000  # the messy stream's events are dated within this many minutes of its start
+
+
 def messy_stream(root: Path, n_events: int, users: int, seed: int,
                  forget_share: float = 0.0) -> list[tuple[str, bytes, bytes]]:
     """A stream a photo service might send: uploads, duplicate deliveries, deletions, album, photo and
@@ -168,13 +171,12 @@ def messy_stream(root: Path, n_events: int, users: int, seed: int,
         images.append(path)
     t0 = datetime(2025, 1, 1, tzinfo=UTC)
     stream, uploaded = [], []
-    latest: dict[str, datetime] = {}  # each user's latest event time so far
     n = 0
     while len(stream) < n_events:
         n += 1
         user = f"u{rng.randrange(users):04d}"
         album = f"{user}-a{rng.randrange(3)}"
-        when = t0 + timedelta(minutes=rng.randrange(500_000))  # event times in no particular order
+        when = t0 + timedelta(minutes=rng.randrange(FORGET_AFTER_MIN))  # event times in no particular order
         r = rng.random()
         if r < 0.62 or not uploaded:
             p = SyntheticPhoto(user, f"{user}-p{n}", album, "", images[rng.randrange(len(images))], when)
@@ -196,14 +198,13 @@ def messy_stream(root: Path, n_events: int, users: int, seed: int,
         elif r < 0.97:  # the whole user off or on
             stream.append((topics.CONSENT_EVENTS, user, events.encode_event(
                 toggle_event(user, "user", None, rng.random() < 0.6, when, event_id=f"t{n}"))))
-        elif r < 0.97 + forget_share:  # made after everything the person sent so far, as people ask
-            when = latest.get(user, when) + timedelta(minutes=1)
-            stream.append((topics.CONSENT_EVENTS, user, events.encode_event(
-                events.UserForgotten(event_id=f"forget-{n}", user_id=user, event_time=when))))
+        elif r < 0.97 + forget_share:
+            # Asked after every photo the stream dates: what the person sends later, in any order, is
+            # void, whichever topic a runner reads first.
+            stream.append((topics.CONSENT_EVENTS, user, events.encode_event(events.UserForgotten(
+                event_id=f"forget-{n}", user_id=user, event_time=t0 + timedelta(minutes=FORGET_AFTER_MIN + n)))))
         else:
             stream.append((topics.PHOTO_EVENTS, user, b'{"type": "photo_uploaded", "broken": ' + str(n).encode()))
-        sender = stream[-1][1]
-        latest[sender] = max(when, latest.get(sender, when))
     return [(t, k.encode() if isinstance(k, str) else k, v) for t, k, v in stream]
 
 

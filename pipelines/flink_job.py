@@ -16,11 +16,14 @@ the same steps written against Flink's API instead:
     -> Kafka (style-vectors, style-manifests, photo-events for re-ingestion, dead-letter topics), in
        Kafka transactions committed with each checkpoint: exactly once across a crash and a restore.
 
-No silent loss across downtime: a transaction open when the job stopped is aborted by the broker
-after the transaction timeout, which is set to the broker's maximum (`transaction.max.timeout.ms`,
-15 min by default). The state remembers what it published until the job reads it back, committed,
-from style-vectors; whatever is not read back within --confirm-after-s (a restored job whose last
-checkpoint's transaction was aborted) is published again, byte for byte.
+Downtime: a transaction not yet committed when the job stopped is aborted by the broker after the
+transaction timeout, which is set to the broker's maximum (`transaction.max.timeout.ms`, 15 min by
+default); restored within it, the job commits it. Beyond it, the state remembers what it published
+until the job reads it back, committed: whatever is not read back within --confirm-after-s is
+published again, byte for byte: versions and tombstones (read back from style-vectors) and
+re-published uploads (read back from photo-events). Dead letters of that last interval are not kept
+(their originals stay on the input topics). Runs with a shortened timeout still lost some outputs of
+the last interval, so the timeout is the bound on downtime to rely on.
 
 Checkpoints go to DIR/checkpoints (or --checkpoint-dir) and are kept when the job stops (the newest
 --retained-checkpoints); `--restore latest` starts from the newest complete one (sources' offsets,
@@ -33,6 +36,8 @@ source's lag) go to Flink's metric system and, with --metrics-port, to a Prometh
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import pickle
 import signal
@@ -173,6 +178,10 @@ class StyleInputs(FlatMapFunction):
         if isinstance(out, DeadLetter):
             self._dead.inc()
             yield "dead", "", pickle.dumps(out)
+            if msg.topic == PHOTO_EVENTS and msg.key:  # a re-published upload read back, though unusable
+                with contextlib.suppress(ValueError, AttributeError):
+                    event_id = json.loads(msg.value)["event_id"]
+                    yield "confirm", subject(msg.key.decode(), self._key), pickle.dumps(event_id)
         else:
             user_id = out.user_id if isinstance(out, Contribution) else out.event.user_id
             yield "update", subject(user_id, self._key), pickle.dumps(UserBatch.of(out))
@@ -241,29 +250,38 @@ class UpdateUserStyle(KeyedProcessFunction):
         for message in messages:
             yield Row(*message)
 
+    def _confirm(self, event_id: str) -> None:
+        """Read back committed: it is out, and so is what was published before it to the same topic (a
+        user's messages keep their order on their partition)."""
+        pending = pickle.loads(self._unconfirmed.value() or pickle.dumps([]))
+        match = next((i for i, (e, _, _) in enumerate(pending) if e == event_id), None)
+        if match is None:
+            return
+        topic = pending[match][2][0][0]
+        rest = [p for i, p in enumerate(pending) if i > match or p[2][0][0] != topic]
+        if rest:
+            self._unconfirmed.update(pickle.dumps(rest))
+        else:
+            self._unconfirmed.clear()
+
     def process_element(self, keyed, ctx: KeyedProcessFunction.Context):
         kind, _, value = keyed
-        if kind == "confirm":  # read back committed: it, and what was published before it, is out
-            pending = pickle.loads(self._unconfirmed.value() or pickle.dumps([]))
-            ids = [e for e, _, _ in pending]
-            event_id = pickle.loads(value)
-            if event_id in ids:
-                rest = pending[ids.index(event_id) + 1:]
-                if rest:
-                    self._unconfirmed.update(pickle.dumps(rest))
-                else:
-                    self._unconfirmed.clear()
+        if kind == "confirm":
+            self._confirm(pickle.loads(value))
             return
+        batch = pickle.loads(value)
+        for c in batch.contributions:  # an upload read back: a re-published one is out
+            self._confirm(c.upload.event_id)
         cells = self._cells()
-        applied = apply_batch(cells, pickle.loads(value), self._empty(), self._basis, datetime.now(UTC))
+        applied = apply_batch(cells, batch, self._empty(), self._basis, datetime.now(UTC))
         self._count(cells)
         if applied.erased:
             self._erasures.inc()
             yield from self._publish(ctx, parse_event(STYLE_VECTORS, applied.erased[0][2]).event_id, applied.erased)
         if applied.changed:
             self._timer_after(ctx, self._delay_ms)
-        for upload in applied.reingest:
-            yield Row(PHOTO_EVENTS, *to_message(upload))
+        for upload in applied.reingest:  # kept until read back, like versions
+            yield from self._publish(ctx, upload.event_id, [(PHOTO_EVENTS, *to_message(upload))])
 
     def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext):
         # 1. The latest version, if a change waits.

@@ -35,7 +35,7 @@ from stylestream.privacy.release import Ledger
 from stylestream.schemas.events import ErasureNotice, encode_event
 from stylestream.streams.topics import ERASURE_RECEIPTS
 
-ALL_VERSIONS = (0, 2**62)
+ALL_VERSIONS = 2**62  # the erasure's versions where an erasure recorded before tombstones were numbered
 LIBRARIES_FILE = "libraries.json"  # in a person's backfill folder: the library ids backfilled for them
 
 
@@ -50,22 +50,25 @@ def backfilled_libraries(state: StateLayout, subject: str) -> set[str]:
     return set()
 
 
-def outside_state_counts(state: StateLayout, user_id: str, key: bytes) -> dict[str, dict[str, int]]:
-    """What of the person is kept outside ingestion's state, by store and kind (the receipt's words)."""
+def outside_state_counts(state: StateLayout, user_id: str, key: bytes,
+                         up_to_version: int) -> dict[str, dict[str, int]]:
+    """What of the person is kept outside ingestion's state, by store and kind (the receipt's words);
+    `up_to_version`: the erasure's tombstone (later versions are of what they sent after it)."""
     subject = erasure.subject(user_id, key)
     folder = backfill_folder(state, subject)
     progress = [p for p in folder.glob("*.json") if p.name != LIBRARIES_FILE] if folder.exists() else []
-    return {"history": {"style versions": history_rows_of(state.history, pseudonyms.pseudonym(user_id, key))},
+    rows = history_rows_of(state.history, pseudonyms.pseudonym(user_id, key), up_to_version)
+    return {"history": {"style versions": rows},
             "release ledger": {"releases": Ledger(state.root).count(user_id)},
             "backfill": {"progress files": len(progress),
                          "library registrations": len(backfilled_libraries(state, subject))}}
 
 
-def erase_outside_state(state: StateLayout, user_id: str, key: bytes) -> None:
+def erase_outside_state(state: StateLayout, user_id: str, key: bytes, up_to_version: int) -> None:
     """Deletes what `outside_state_counts` counts (each step repeatable)."""
     subject = erasure.subject(user_id, key)
-    # 1. Every history row under their pseudonym (files rewritten whole).
-    history.redact(state.history, [(pseudonyms.pseudonym(user_id, key), *ALL_VERSIONS)])
+    # 1. Their history rows up to the tombstone, under their pseudonym (files rewritten whole).
+    history.redact(state.history, [(pseudonyms.pseudonym(user_id, key), 0, up_to_version)])
     # 2. Their release-ledger rows (the ledger file rewritten).
     Ledger(state.root).forget([user_id])
     # 3. The libraries backfilled for them leave the registry (unless someone else's backfill uses one)...
@@ -76,14 +79,15 @@ def erase_outside_state(state: StateLayout, user_id: str, key: bytes) -> None:
     shutil.rmtree(backfill_folder(state, subject), ignore_errors=True)
 
 
-def history_rows_of(history_dir: Path, user: str) -> int:
-    """How many history rows are under this (pseudonymous) user id."""
+def history_rows_of(history_dir: Path, user: str, up_to_version: int) -> int:
+    """How many history rows are under this (pseudonymous) user id, up to this version."""
     files = sorted(str(f) for f in history_dir.glob("date=*/*.parquet"))
     if not files:
         return 0
     with duckdb.connect() as db:
-        return db.execute("SELECT count(*) FROM read_parquet($files, hive_partitioning = false) WHERE user_id = $u",
-                          {"files": files, "u": user}).fetchone()[0]
+        return db.execute("SELECT count(*) FROM read_parquet($files, hive_partitioning = false) "
+                          "WHERE user_id = $u AND version <= $v", {"files": files, "u": user, "v": up_to_version}
+                          ).fetchone()[0]
 
 
 def rewrite_database(db: duckdb.DuckDBPyConnection, path: Path, on_copy: str | None = None,
@@ -122,6 +126,7 @@ def merge_counts(before: dict[str, dict[str, int]], now: dict[str, dict[str, int
 
 RECEIPT_TABLES = """
 CREATE TABLE IF NOT EXISTS pending_erasures (cycle BIGINT NOT NULL, user_id VARCHAR NOT NULL, requests VARCHAR[]);
+ALTER TABLE pending_erasures ADD COLUMN IF NOT EXISTS up_to_version BIGINT;  -- the tombstone's version
 CREATE TABLE IF NOT EXISTS erasure_receipts (
     request_event_id VARCHAR PRIMARY KEY, cycle BIGINT NOT NULL, requested_at TIMESTAMPTZ NOT NULL,
     deleted JSON NOT NULL, receipt JSON, published BOOLEAN NOT NULL DEFAULT false);
@@ -137,19 +142,21 @@ class ReceiptBook:
         self.db = db
         db.execute(RECEIPT_TABLES)
 
-    def open(self, cycle: int, erasure: ErasureNotice, user_id: str) -> None:
-        """An erasure committed: its state counts go into its requests' receipts (a request seen before
-        keeps its receipt), and its outside-state steps wait."""
-        self.db.execute("INSERT INTO pending_erasures VALUES (?, ?, ?)",
-                        [cycle, user_id, [r.event_id for r in erasure.requests]])
+    def open(self, cycle: int, erasure: ErasureNotice, user_id: str, up_to_version: int) -> None:
+        """An erasure committed (its tombstone numbered `up_to_version`): its state counts go into its
+        requests' receipts (a request seen before keeps its receipt), and its outside-state steps wait."""
+        self.db.execute("INSERT INTO pending_erasures BY NAME SELECT ? AS cycle, ? AS user_id, ? AS requests, "
+                        "? AS up_to_version", [cycle, user_id, [r.event_id for r in erasure.requests], up_to_version])
         for r in erasure.requests:
             self.db.execute("INSERT OR IGNORE INTO erasure_receipts (request_event_id, cycle, requested_at, deleted) "
                             "VALUES (?, ?, ?, ?)", [r.event_id, cycle, r.requested_at,
                                                     json.dumps({"state": erasure.deleted})])
 
-    def pending(self) -> list[tuple[str, list[str]]]:
-        """(user, their forget requests) erased whose outside-state records may still exist."""
-        return self.db.execute("SELECT user_id, requests FROM pending_erasures ORDER BY cycle, user_id").fetchall()
+    def pending(self) -> list[tuple[str, list[str], int]]:
+        """(user, their forget requests, the tombstone's version) erased whose outside-state records may
+        still exist."""
+        return self.db.execute(f"SELECT user_id, requests, coalesce(up_to_version, {ALL_VERSIONS}) "
+                               "FROM pending_erasures ORDER BY cycle, user_id").fetchall()
 
     def record_counts(self, requests: list[str], deleted: dict[str, dict[str, int]]) -> None:
         """What is about to be deleted, counted into the requests' receipts before it is."""
@@ -186,9 +193,9 @@ class ReceiptBook:
 
 def erase_pending(book: ReceiptBook, state: StateLayout, key: bytes) -> None:
     """Every committed erasure's outside-state steps: counted into its receipts, then done."""
-    for user_id, requests in book.pending():
-        book.record_counts(requests, outside_state_counts(state, user_id, key))
-        erase_outside_state(state, user_id, key)
+    for user_id, requests, up_to_version in book.pending():
+        book.record_counts(requests, outside_state_counts(state, user_id, key, up_to_version))
+        erase_outside_state(state, user_id, key, up_to_version)
         book.finish(user_id)
 
 

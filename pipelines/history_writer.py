@@ -10,7 +10,7 @@ repeated after a crash reads the same messages and rewrites the same file
 done. So the history shows every committed version exactly once. In a step:
   1. each version becomes a history row under the person's pseudonym; a version that withdraws earlier
      ones removes their rows, from the step's rows and from the files already written;
-  2. a tombstone (a forgotten person) drops the step's rows of theirs before it, and opens their
+  2. a tombstone (a forgotten person) drops the step's rows of theirs up to it, and opens their
      erasure with the notice it carries (pipelines/forgetting.py), committed with the step;
   3. after the commit, each open erasure's steps beside the state (history rows, release ledger,
      backfill progress, library registrations), counted into its receipts, then the receipts are
@@ -84,8 +84,8 @@ def fold_step(messages: list[clients.Message], key: bytes) -> StepOutcome:
         except InvalidEvent:
             continue  # not ingestion's: a broken producer; nothing of it belongs in the history
         user = pseudonym(v.user_id, key)
-        if v.tombstone:
-            out.rows = {k: r for k, r in out.rows.items() if k[0] != user}
+        if v.tombstone:  # what they send later is numbered after it
+            out.rows = {k: r for k, r in out.rows.items() if not (k[0] == user and k[1] <= v.version)}
             if v.erasure is not None:
                 out.erasures.append(v)
             continue
@@ -143,7 +143,7 @@ class HistoryWriter:
         # 2. The erasures open, the offsets move and the step is done, in one transaction.
         self.db.execute("BEGIN TRANSACTION")
         for v in outcome.erasures:
-            self.receipts.open(step, v.erasure, v.user_id)
+            self.receipts.open(step, v.erasure, v.user_id, v.version)
         self.db.executemany("INSERT OR REPLACE INTO offsets VALUES (?, ?)", [[r.partition, r.stop] for r in ranges])
         self.db.execute("UPDATE steps SET done = true WHERE step = ?", [step])
         self.db.execute("COMMIT")

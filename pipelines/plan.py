@@ -118,6 +118,12 @@ class Erasure:
     last_version: int  # their latest style version, all of which are withdrawn
     forgotten_at: datetime  # the latest request's event time
 
+    @property
+    def tombstone_version(self) -> int:
+        """The tombstone's version; what they send later is numbered after it, so no version number of
+        theirs ever names two styles (nor two history rows)."""
+        return self.last_version + 1
+
     def notice(self, deleted: dict[str, int]) -> ErasureNotice:
         """What the tombstone says of it: the requests, and what the state deleted (`deleted`)."""
         return ErasureNotice(requests=[ErasedRequest(event_id=r.event_id, requested_at=r.event_time)
@@ -133,7 +139,8 @@ def after_forgets(batch: UserBatch, forgotten_at: datetime | None, last_version:
     """The forget rule, for every runner: (what of the batch still counts, the erasure it asks for).
     The user's events up to an earlier erasure (`forgotten_at`) are void, whenever they arrive (late
     uploads, re-published ones, a repeated request); a forget request erases the user's state
-    (`last_version`: their latest version, all withdrawn), and what they sent after it starts from nothing."""
+    (`last_version`: their latest version, all withdrawn), and what they sent after it starts from nothing
+    (numbered after the tombstone)."""
     if forgotten_at is not None:
         batch = batch.after(forgotten_at)
     if not batch.forgets:
@@ -169,6 +176,7 @@ def plan_cycle(views: dict[str, UserView], batches: list[UserBatch], basis: Styl
         if erasure:
             erasures.append(erasure)
             view = UserView.empty(len(view.stats.sum_embedding), len(view.stats.sum_features))
+            view.version = erasure.tombstone_version
         # 2. The rest, by the per-user rule
         if not b.empty:
             plans[b.user_id] = plan_user(view, b, basis, now)

@@ -72,6 +72,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     PRIMARY KEY (cycle, seq));
 ALTER TABLE outbox ALTER COLUMN value DROP NOT NULL;  -- null: a tombstone (state written before erasures)
 CREATE TABLE IF NOT EXISTS forgotten (subject VARCHAR PRIMARY KEY, forgotten_at TIMESTAMPTZ NOT NULL);
+ALTER TABLE forgotten ADD COLUMN IF NOT EXISTS version BIGINT;  -- the tombstone's: later versions follow it
 """  # and the erasures in progress with their receipts (pipelines/forgetting.ReceiptBook)
 PERSONAL_TABLES = STATE_KINDS  # every table holding a person's rows, and what the receipt calls them
 COMPACTION_DUE = "compaction_due"  # meta key: erased rows may still sit in the file's free blocks
@@ -206,11 +207,12 @@ class Store:
                     "SELECT user_id, scope_key, enabled, event_time, event_id FROM consent "
                     "WHERE list_contains($users, user_id)", {"users": users}).fetchall():
                 views[u].consent[key] = ConsentRecord(enabled, t, event_id)
-            forgotten = dict(self.db.execute(
-                "SELECT subject, forgotten_at FROM forgotten WHERE list_contains(?, subject)",
-                [[subjects[u] for u in users]]).fetchall())
+            forgotten = {s: (t, v) for s, t, v in self.db.execute(
+                "SELECT subject, forgotten_at, version FROM forgotten WHERE list_contains(?, subject)",
+                [[subjects[u] for u in users]]).fetchall()}
             for u in users:
-                views[u].forgotten_at = forgotten.get(subjects[u])
+                views[u].forgotten_at, after = forgotten.get(subjects[u], (None, None))
+                views[u].version = max(views[u].version, after or 0)
             for u, p in self.db.execute("SELECT t.user_id, t.photo_id FROM tombstones t SEMI JOIN photo_keys k "
                                         "ON k.user_id = t.user_id AND k.photo_id = t.photo_id").fetchall():
                 views[u].deleted.add(p)
@@ -356,9 +358,10 @@ class Store:
                 counts[u][kind] = n
             self.db.execute(f"DELETE FROM {table} WHERE list_contains($u, user_id)", {"u": users})
         self._insert("forgotten", {"subject": [subjects[u] for u in users],
-                                   "forgotten_at": [e.forgotten_at for e in erasures]}, "OR REPLACE")
+                                   "forgotten_at": [e.forgotten_at for e in erasures],
+                                   "version": [e.tombstone_version for e in erasures]}, "OR REPLACE")
         for e in erasures:
-            self.receipts.open(cycle, e.notice(counts[e.user_id]), e.user_id)
+            self.receipts.open(cycle, e.notice(counts[e.user_id]), e.user_id, e.tombstone_version)
         # The deleted rows stay in the file's free blocks until it is rewritten, after the erasure's
         # outside-state steps have deleted the last rows naming them (pending_erasures).
         self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, 'true')", [COMPACTION_DUE])

@@ -228,7 +228,7 @@ class _UpdateUserStyle(beam.DoFn):
                 albums_cell=beam.DoFn.StateParam(ALBUMS)):  # noqa: B008
         cells = OrderedListCells(subject, summary_cell, photos_cell, albums_cell, self._written)
         summary = cells.summary(self._empty())
-        if summary.forgotten_at is not None and summary.version == 0:
+        if summary.forgotten_at is not None and summary.user_id is None:  # nothing of theirs since
             cells.sweep()
         version = publish_latest(cells, self._empty(), self._basis, datetime.now(UTC))
         self._count("publish", cells)

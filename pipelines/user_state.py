@@ -174,7 +174,9 @@ def forget(cells: UserCells, summary: UserSummary, erasure: Erasure, empty: User
     Returns it, and the tombstones to publish (with what was deleted)."""
     deleted = state_counts(summary, cells.every_entry())
     cells.clear()
-    return replace(empty, forgotten_at=erasure.forgotten_at), erasure.messages(deleted, now)
+    version = erasure.tombstone_version  # what they send later is numbered after it
+    return (replace(empty, version=version, published=version, forgotten_at=erasure.forgotten_at),
+            erasure.messages(deleted, now))
 
 
 def apply_batch(cells: UserCells, batch: UserBatch, empty: UserSummary, basis: StyleBasis,

@@ -87,10 +87,14 @@ def test_state_bytes_bench_runs():
 
 @pytest.mark.slow
 def test_streaming_bench_runs():
-    r = final_json("streaming.py", "--events", "300", "--users", "8", "--rate", "2", "--duration", "3")
+    r = final_json("streaming.py", "--events", "300", "--users", "8", "--rate", "2", "--duration", "3",
+                   "--flink-parallelism", "2")
     local, prism, flink = r["runners"]
     assert (local["runner"], prism["runner"], flink["runner"]) == ("local", "prism", "flink")
-    assert prism["identical_to_local"] is True and flink["identical_to_local"] is True, r
+    assert [run["parallelism"] for run in r["runners"]] == [1, 1, 2]
+    for run in (prism, flink):
+        assert run["identical_to_local"] and run["forgotten_clean"] and run["history_identical"], r
+    assert local["forgotten_clean"] and local["history_identical"]
     assert prism["latency_samples"] == local["latency_samples"] == flink["latency_samples"] == 6
 
 

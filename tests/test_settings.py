@@ -1,0 +1,50 @@
+"""One configuration for every runner (pipelines/settings.py): the same basis from the same settings,
+another basis refused, keys named in the settings never made."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from stylestream.models.clip import weights_id
+from stylestream.pipelines.settings import IngestSettings, SettingsError
+
+
+def test_the_default_model_is_the_tiny_checkpoint_so_every_runner_names_the_same_weights(tmp_path, clip):
+    settings = IngestSettings(tmp_path)
+    assert settings.basis.weights == weights_id(clip) and settings.basis.weights.startswith("sha256:")
+    assert settings.limits.libraries == str(settings.state.libraries)
+
+
+def test_a_settings_file_is_read_and_options_win_over_it(tmp_path):
+    path = tmp_path / "settings.json"
+    path.write_text(json.dumps({"data_dir": str(tmp_path / "d"), "half_life_days": 90, "mask_faces": True}))
+    settings = IngestSettings.from_file(path, half_life_days=120.0, mask_faces=None)
+    assert (settings.half_life_days, settings.mask_faces, settings.data_dir) == (120.0, True, tmp_path / "d")
+    assert settings.basis.preprocessing.endswith("+mask-faces")
+    path.write_text(json.dumps({"data_dir": "d", "half_lives": 3}))
+    with pytest.raises(SettingsError, match="unknown settings"):
+        IngestSettings.from_file(path)
+
+
+def test_a_state_made_with_another_basis_is_refused(tmp_path):
+    IngestSettings(tmp_path, half_life_days=365).check_basis()
+    IngestSettings(tmp_path, half_life_days=365).check_basis()  # the same: fine
+    with pytest.raises(SettingsError, match="half_life_days"):
+        IngestSettings(tmp_path, half_life_days=90).check_basis()
+    with pytest.raises(SettingsError, match="preprocessing"):
+        IngestSettings(tmp_path, mask_faces=True).check_basis()
+
+
+def test_keys_under_the_state_are_made_once_and_named_keys_never(tmp_path):
+    said = []
+    IngestSettings(tmp_path).ensure_keys(say=said.append)
+    IngestSettings(tmp_path).ensure_keys(say=said.append)
+    assert len(said) == 2 and all("created" in line for line in said)  # two keys, made once
+    named = IngestSettings(tmp_path / "other", analytics_key_file=tmp_path / "secrets" / "analytics.key")
+    with pytest.raises(SettingsError, match="never made"):
+        named.ensure_keys(say=said.append)
+    assert not (tmp_path / "secrets").exists()
+    with pytest.raises(SettingsError, match="no analytics key"):
+        named.analytics_key()
