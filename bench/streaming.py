@@ -109,7 +109,7 @@ def steady_latency(bootstrap: str, work: Path, rate: float, duration: float, tag
 
 
 def last_history_rows(data_dir: Path, users: set[str]) -> dict[str, tuple[int, np.ndarray]]:
-    """Each person's latest history row: (photo count, embedding), by user id (from the deployment's
+    """Each of `users`' latest history row: (photo count, embedding), by user id (from the deployment's
     own pseudonyms)."""
     state = DataLayout(data_dir).state
     if not state.history.exists():
@@ -118,7 +118,8 @@ def last_history_rows(data_dir: Path, users: set[str]) -> dict[str, tuple[int, n
     named = {pseudonym(u, key): u for u in users}
     rows = pq.read_table(state.history, columns=["user_id", "version", "photo_count", "embedding"]).to_pylist()
     rows.sort(key=lambda r: r["version"])  # the latest last: it wins
-    return {named[r["user_id"]]: (r["photo_count"], np.array(r["embedding"])) for r in rows}
+    # (the steady-rate phase's people are each runner's own: not compared)
+    return {named[r["user_id"]]: (r["photo_count"], np.array(r["embedding"])) for r in rows if r["user_id"] in named}
 
 
 def forgotten_clean(bootstrap: str, data_dir: Path, forgotten: list[str]) -> bool:

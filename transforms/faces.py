@@ -13,12 +13,14 @@ from PIL import Image, ImageDraw
 CASCADE = "haarcascade_frontalface_default.xml"
 MARGIN = 0.25  # of the face box's side, on every side: hair, ears and chin go too
 FILL = (128, 128, 128)
-_DETECTING = threading.Lock()  # one cascade per process; detectMultiScale is not documented thread-safe
+# One cascade per process; detectMultiScale is not documented thread-safe, and OpenCV imported by two
+# threads at once leaves one with a half-made module (seen in the Flink job's workers).
+_DETECTING = threading.Lock()
 
 
 @cache
 def _cascade():
-    import cv2  # here: only ingestion with --mask-faces needs OpenCV (the Flink job's environment lacks it)
+    import cv2  # here: only ingestion with --mask-faces needs OpenCV
 
     cascade = cv2.CascadeClassifier(cv2.data.haarcascades + CASCADE)
     if cascade.empty():
@@ -28,11 +30,11 @@ def _cascade():
 
 def find_faces(image: Image.Image) -> list[tuple[int, int, int, int]]:
     """(x, y, width, height) of each frontal face, in pixels of `image` (RGB)."""
-    import cv2
-
-    gray = cv2.cvtColor(np.asarray(image.convert("RGB")), cv2.COLOR_RGB2GRAY)
-    smallest = max(20, min(gray.shape) // 16)
     with _DETECTING:
+        import cv2
+
+        gray = cv2.cvtColor(np.asarray(image.convert("RGB")), cv2.COLOR_RGB2GRAY)
+        smallest = max(20, min(gray.shape) // 16)
         boxes = _cascade().detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5, minSize=(smallest, smallest))
     return sorted(tuple(int(v) for v in box) for box in boxes)
 
