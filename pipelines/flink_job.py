@@ -16,14 +16,13 @@ the same steps written against Flink's API instead:
     -> Kafka (style-vectors, style-manifests, photo-events for re-ingestion, dead-letter topics), in
        Kafka transactions committed with each checkpoint: exactly once across a crash and a restore.
 
-Downtime: a transaction not yet committed when the job stopped is aborted by the broker after the
-transaction timeout, which is set to the broker's maximum (`transaction.max.timeout.ms`, 15 min by
-default); restored within it, the job commits it. Beyond it, the state remembers what it published
-until the job reads it back, committed: whatever is not read back within --confirm-after-s is
-published again, byte for byte: versions and tombstones (read back from style-vectors) and
-re-published uploads (read back from photo-events). Dead letters of that last interval are not kept
-(their originals stay on the input topics). Runs with a shortened timeout still lost some outputs of
-the last interval, so the timeout is the bound on downtime to rely on.
+Downtime: the Kafka transaction timeout is the broker's maximum (`transaction.max.timeout.ms`, 15 min
+by default). The state remembers what the job published until it reads it back, committed: whatever
+is not read back within --confirm-after-s is published again, byte for byte: versions and tombstones
+(read back from style-vectors) and re-published uploads (read back from photo-events); dead letters
+are not kept (their originals stay on the input topics). Known gap: a job killed between a
+checkpoint's completion and its transaction's commit lost outputs of that interval on restore in our
+runs (the committer found the transaction fenced); republishing recovered part of them.
 
 Checkpoints go to DIR/checkpoints (or --checkpoint-dir) and are kept when the job stops (the newest
 --retained-checkpoints); `--restore latest` starts from the newest complete one (sources' offsets,
