@@ -56,7 +56,7 @@ from pyflink.datastream import (
 from pyflink.datastream.state import MapStateDescriptor, ValueStateDescriptor
 from pyflink.table import StreamTableEnvironment
 
-from stylestream.models.clip import ClipSpec, embedding_dim
+from stylestream.models.clip import embedding_dim
 from stylestream.pipelines.flink_setup import connector_jars
 from stylestream.pipelines.settings import IngestSettings, SettingsError, add_arguments, from_arguments
 from stylestream.pipelines.user_state import (
@@ -84,7 +84,6 @@ from stylestream.streams.topics import (
     ensure_topics,
 )
 from stylestream.transforms.embed import OpenClipImageHandler, photo_image
-from stylestream.transforms.images import DecodeLimits
 from stylestream.transforms.inputs import style_input
 from stylestream.transforms.records import Contribution, UserBatch
 
@@ -154,11 +153,12 @@ class MapStateCells:
 class StyleInputs(FlatMapFunction):
     """Kafka rows -> (subject, UserBatch) to update, (subject, event id) read back, or dead letters."""
 
-    def __init__(self, settings: IngestSettings, clip: ClipSpec, limits: DecodeLimits):
-        self._settings, self._clip, self._limits = settings, clip, limits
+    def __init__(self, settings: IngestSettings):
+        self._settings = settings  # its model resolved on the submitting machine (`clip` is cached)
 
     def open(self, runtime_context: RuntimeContext):
-        handler = OpenClipImageHandler(self._clip, image_of=photo_image)
+        self._limits = self._settings.limits
+        handler = OpenClipImageHandler(self._settings.clip, image_of=photo_image)
         model = handler.load_model()
         self._embed = lambda photo: handler.run_inference([photo], model)[0].inference
         self._key = self._settings.analytics_key()  # a file on every worker (a Secret), never made here
@@ -362,10 +362,10 @@ def build_job(args, settings: IngestSettings, jars: list[Path]) -> StreamExecuti
               'properties.max.request.size' = '{MAX_MESSAGE_BYTES}',
               'properties.transaction.timeout.ms' = '{args.transaction_timeout_ms}')""")
 
-    clip, limits = settings.clip, settings.limits
+    clip = settings.clip  # resolved here, before the settings travel to the workers
     confirm_after_s = args.confirm_after_s or max(10.0, 5 * args.checkpointing_interval_ms / 1000)
     inputs = (t_env.to_data_stream(t_env.from_path("incoming"))
-              .flat_map(StyleInputs(settings, clip, limits), output_type=KEYED).name("StyleInputs"))
+              .flat_map(StyleInputs(settings), output_type=KEYED).name("StyleInputs"))
     versions = (inputs.filter(lambda k: k[0] != "dead")
                 .key_by(lambda k: k[1], key_type=Types.STRING())
                 .process(UpdateUserStyle(embedding_dim(clip), len(FEATURE_NAMES), settings.basis,

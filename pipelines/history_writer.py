@@ -41,7 +41,7 @@ from stylestream.schemas.events import InvalidEvent, StyleVectorUpdated, parse_e
 from stylestream.schemas.tables import FEATURE_NAMES, STYLE_HISTORY
 from stylestream.streams import clients
 from stylestream.streams.topics import STYLE_VECTORS, ensure_topics
-from stylestream.transforms.kafka_read import OffsetRange
+from stylestream.transforms.kafka_read import OffsetRange, plan_ranges
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS offsets (partition INTEGER PRIMARY KEY, next_offset BIGINT NOT NULL);
@@ -168,12 +168,10 @@ class HistoryWriter:
         return (row[0], row[1], [OffsetRange(**r) for r in json.loads(row[2])]) if row else None
 
     def _plan(self) -> tuple[int, datetime, list[OffsetRange]]:
-        done = dict(self.db.execute("SELECT partition, next_offset FROM offsets").fetchall())
-        tps = clients.partitions_of(self._consumer, STYLE_VECTORS)
-        ends = clients.true_end_offsets(self._consumer, tps)
-        ranges = [OffsetRange(STYLE_VECTORS, tp.partition, done.get(tp.partition, 0),
-                              min(end, done.get(tp.partition, 0) + MAX_PER_PARTITION))
-                  for tp, end in sorted(ends.items()) if end > done.get(tp.partition, 0)]
+        done = {(STYLE_VECTORS, p): o for p, o in self.db.execute("SELECT partition, next_offset FROM offsets")
+                .fetchall()}
+        ends = clients.true_end_offsets(self._consumer, clients.partitions_of(self._consumer, STYLE_VECTORS))
+        ranges = plan_ranges(done, {(tp.topic, tp.partition): end for tp, end in ends.items()}, MAX_PER_PARTITION)
         [(step,)] = self.db.execute("SELECT coalesce(max(step), 0) + 1 FROM steps").fetchall()
         planned_at = datetime.now(UTC)
         if ranges:

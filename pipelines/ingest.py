@@ -36,7 +36,7 @@ from stylestream.streams.topics import INGEST_TOPICS, ensure_topics
 from stylestream.transforms.grouping import GroupByUser
 from stylestream.transforms.images import DecodeLimits
 from stylestream.transforms.inputs import StyleInputs
-from stylestream.transforms.kafka_read import OffsetRange, ReadOffsetRanges
+from stylestream.transforms.kafka_read import OffsetRange, ReadOffsetRanges, plan_ranges
 from stylestream.transforms.manifest import style_basis
 from stylestream.transforms.records import UserBatch
 
@@ -88,17 +88,6 @@ def check_not_reset(committed: dict[tuple[str, int], int], ends: dict[tuple[str,
         where = ", ".join(f"{t}[{p}] state at {o}, broker ends at {e}" for (t, p), (o, e) in sorted(behind.items()))
         raise TopicReset(f"the broker has lost messages this state already processed ({where}); a memory-only "
                          "broker restarted? Use a new --data-dir for a new broker, or point at the original one")
-
-
-def plan_ranges(committed: dict[tuple[str, int], int], ends: dict[tuple[str, int], int],
-                max_per_partition: int) -> list[OffsetRange]:
-    """The next offset range of every partition that has unread messages."""
-    ranges = []
-    for (topic, partition), end in sorted(ends.items()):
-        start = committed.get((topic, partition), 0)
-        if end > start:
-            ranges.append(OffsetRange(topic, partition, start, min(end, start + max_per_partition)))
-    return ranges
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,8 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 
 from stylestream.demo.synthetic import toggle_event
-from stylestream.pipelines.ingest import plan_ranges
 from stylestream.schemas.events import PhotoDeleted, PhotoUploaded
-from stylestream.transforms.kafka_read import OffsetRange
+from stylestream.transforms.kafka_read import OffsetRange, plan_ranges
 from stylestream.transforms.records import Contribution, UserBatch
 from stylestream.transforms.style import (
     StyleStats,

@@ -35,6 +35,18 @@ class OffsetRange:
         return max(0, self.stop - self.start)
 
 
+def plan_ranges(committed: dict[tuple[str, int], int], ends: dict[tuple[str, int], int],
+                max_per_partition: int) -> list[OffsetRange]:
+    """The next offset range of every partition that has unread messages (the local driver's cycles,
+    the history writer's steps)."""
+    ranges = []
+    for (topic, partition), end in sorted(ends.items()):
+        start = committed.get((topic, partition), 0)
+        if end > start:
+            ranges.append(OffsetRange(topic, partition, start, min(end, start + max_per_partition)))
+    return ranges
+
+
 class _ReadRange(beam.DoFn):
     def __init__(self, bootstrap_servers: str):
         self._bootstrap = bootstrap_servers
