@@ -385,7 +385,9 @@ def test_flink_killed_mid_stream_resumes_from_its_last_checkpoint(stream, local,
     data = deployment(tmp_path / "data", stream)
     log = tmp_path / "job.log"
     port = free_port()
-    cmd = flink_job(clip, "--metrics-port", str(port))
+    timeout_s = 10  # the job stays down longer than this: the broker aborts its open transactions
+    cmd = flink_job(clip, "--metrics-port", str(port), "--transaction-timeout-s", str(timeout_s),
+                    "--confirm-after-s", "8")
     with start_local_broker(TEST_BROKER, tmp_path / "kafka") as b:
         bs = b.bootstrap_servers
         ensure_topics(bs)
@@ -403,7 +405,9 @@ def test_flink_killed_mid_stream_resumes_from_its_last_checkpoint(stream, local,
         stop(job, signal.SIGKILL)
         before_kill = latest_styles(bs)
         assert before_kill and style_differences(local.styles_first, before_kill), "killed too late"
-        # 2. Restored from its newest checkpoint, it finishes the stream.
+        time.sleep(2 * timeout_s)
+        # 2. Restored from its newest checkpoint after its transactions were aborted, it finishes the
+        #    stream: every person's latest version is on the topic.
         job = start([*cmd, "--bootstrap-servers", bs, "--data-dir", str(data), "--restore", "latest"], log)
         try:
             got = wait_for(bs, local.styles_first, job, 480)
