@@ -11,7 +11,9 @@ brokers, then:
               directory (Tansu would come back empty, so it is never killed)
 and compares the DuckDB state (every table, timestamps aside), the Parquet history (every committed
 version exactly once, nothing uncommitted) and the last vector per user on each broker's
-style-vectors topic. Final line: JSON with kills, events, identical, mismatches.
+style-vectors topic, and counts the outputs the tortured run published more often than the reference
+run did (read committed). Final line: JSON with a `seeds` map (per seed: kills, broker_kills,
+identical, mismatches, duplicate_outputs), `all_identical` and the totals.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,9 +42,19 @@ from stylestream.demo.synthetic import messy_stream
 from stylestream.schemas.events import parse_event
 from stylestream.streams import clients
 from stylestream.streams.broker import Engine, add_broker_option, kill_and_restart, start_local_broker
-from stylestream.streams.topics import STYLE_VECTORS, ensure_topics
+from stylestream.streams.topics import (
+    DLQ_SOURCES,
+    ERASURE_RECEIPTS,
+    PHOTO_EVENTS,
+    STYLE_MANIFESTS,
+    STYLE_VECTORS,
+    dlq,
+    ensure_topics,
+)
 
 # Timestamps differ between any two runs; everything else must match.
+# What ingestion writes: its outputs, and photo-events, where it re-publishes re-enabled uploads.
+OUTPUT_TOPICS = (STYLE_VECTORS, STYLE_MANIFESTS, ERASURE_RECEIPTS, PHOTO_EVENTS, *(dlq(t) for t in DLQ_SOURCES))
 TABLES = {
     "offsets": "topic, partition, next_offset",
     "cycles": "cycle, events, photos, dead_letters, users_updated, published, history_written",
@@ -130,25 +143,28 @@ def differences(a, b, path="") -> list[str]:
     return [] if a == b else [f"{path}: {a!r} vs {b!r}"]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--events", type=int, default=20_000)
-    ap.add_argument("--users", type=int, default=300)
-    ap.add_argument("--kills", type=int, default=20, help="ingestion SIGKILLs")
-    add_broker_option(ap)
-    ap.add_argument("--broker-kills", type=int, default=3,
-                    help="SIGKILLs and restarts of the tortured run's broker (Kafka only)")
-    ap.add_argument("--max-events-per-partition", type=int, default=400)
-    ap.add_argument("--kill-window", type=float, nargs=2, default=None,
-                    help="seconds after a start at which the kill lands (start-up takes a few); default: "
-                         "from 3 s to 3 s + 1.5 x the reference run's time / kills, so every kill finds work")
-    ap.add_argument("--forget-share", type=float, default=0.005, metavar="SHARE",
-                    help="share of the events that are forget requests")
-    ap.add_argument("--seed", type=int, default=0)
-    a = ap.parse_args()
+def output_counts(bootstrap: str) -> Counter:
+    """How often each output was published, read committed: style vectors and manifests by (key,
+    version), everything else the run writes by its bytes."""
+    counts: Counter = Counter()
+    for topic in OUTPUT_TOPICS:
+        for m in clients.read_all(bootstrap, topic):
+            versioned = topic in (STYLE_VECTORS, STYLE_MANIFESTS) and m.value is not None
+            counts[(topic, m.key, parse_event(topic, m.value).version if versioned else m.value)] += 1
+    return counts
+
+
+def duplicate_outputs(reference: Counter, tortured: Counter) -> int:
+    """Messages the tortured run published more often than the uninterrupted one (which repeats only
+    what its input repeats)."""
+    return sum(max(0, n - max(1, reference.get(k, 1))) for k, n in tortured.items())
+
+
+def run_seed(a: argparse.Namespace, seed: int) -> dict:
+    """One reference run and one tortured run over the messy stream of `seed`; what they ended with."""
     t0 = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="crash-torture-"))
-    stream = messy_stream(work, a.events, a.users, a.seed, forget_share=a.forget_share)
+    stream = messy_stream(work, a.events, a.users, seed, forget_share=a.forget_share)
     brokers = [start_local_broker(a.broker, work / f"broker-{n}") for n in ("reference", "tortured")]
     broker_kills = a.broker_kills if brokers[1].engine == Engine.kafka else 0
     try:
@@ -167,9 +183,9 @@ def main() -> None:
         t_ref = time.perf_counter()
         run_to_end(ref)
         ref_s = time.perf_counter() - t_ref
-        print(json.dumps({"bench": "reference", "seconds": round(ref_s, 1)}), flush=True)
+        print(json.dumps({"bench": "reference", "seed": seed, "seconds": round(ref_s, 1)}), flush=True)
         window = tuple(a.kill_window or (3.0, 3.0 + 1.5 * ref_s / a.kills))
-        rng = random.Random(a.seed)
+        rng = random.Random(seed)
 
         def kill_broker() -> None:
             brokers[1] = kill_and_restart(brokers[1], rng.uniform(0.5, 3.0))
@@ -177,16 +193,40 @@ def main() -> None:
         kills, broker_killed = torture(tor, a.kills, rng, window, at, kill_broker)
         mismatches = differences(snapshot(work / "reference", brokers[0].bootstrap_servers),
                                  snapshot(work / "tortured", brokers[1].bootstrap_servers))
+        duplicates = duplicate_outputs(output_counts(brokers[0].bootstrap_servers),
+                                       output_counts(brokers[1].bootstrap_servers))
     finally:
         for b in brokers:
             b.stop()
     for m in mismatches[:20]:
-        print(json.dumps({"bench": "mismatch", "where": m}), flush=True)
-    print(json.dumps({"bench": "crash_torture", "broker": brokers[1].engine, "kills": kills,
-                      "broker_kills": broker_killed, "events": len(stream),
-                      "forget_requests": sum(b'"user_forgotten"' in v for _, _, v in stream),
-                      "identical": not mismatches, "mismatches": len(mismatches),
-                      "reference_s": round(ref_s, 1), "total_s": round(time.perf_counter() - t0, 1)}))
+        print(json.dumps({"bench": "mismatch", "seed": seed, "where": m}), flush=True)
+    return {"broker": brokers[1].engine, "kills": kills, "broker_kills": broker_killed, "events": len(stream),
+            "forget_requests": sum(b'"user_forgotten"' in v for _, _, v in stream),
+            "identical": not mismatches, "mismatches": len(mismatches), "duplicate_outputs": duplicates,
+            "reference_s": round(ref_s, 1), "total_s": round(time.perf_counter() - t0, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--events", type=int, default=20_000)
+    ap.add_argument("--users", type=int, default=300)
+    ap.add_argument("--kills", type=int, default=20, help="ingestion SIGKILLs")
+    add_broker_option(ap)
+    ap.add_argument("--broker-kills", type=int, default=3,
+                    help="SIGKILLs and restarts of the tortured run's broker (Kafka only)")
+    ap.add_argument("--max-events-per-partition", type=int, default=400)
+    ap.add_argument("--kill-window", type=float, nargs=2, default=None,
+                    help="seconds after a start at which the kill lands (start-up takes a few); default: "
+                         "from 3 s to 3 s + 1.5 x the reference run's time / kills, so every kill finds work")
+    ap.add_argument("--forget-share", type=float, default=0.005, metavar="SHARE",
+                    help="share of the events that are forget requests")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="SEED",
+                    help="one messy stream, reference run and tortured run per seed")
+    a = ap.parse_args()
+    seeds = {str(seed): run_seed(a, seed) for seed in a.seeds}
+    totals = {k: sum(r[k] for r in seeds.values()) for k in ("kills", "broker_kills", "duplicate_outputs")}
+    print(json.dumps({"bench": "crash_torture", "broker": next(iter(seeds.values()))["broker"], "seeds": seeds,
+                      "all_identical": all(r["identical"] for r in seeds.values()), **totals}))
 
 
 if __name__ == "__main__":

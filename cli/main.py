@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import signal
@@ -60,9 +61,11 @@ def _headline(e: Exception) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
+_RETRIES = itertools.count(1)  # what a long-running command meets is never retried silently
+
+
 def _say_retry(e: Exception, delay: float) -> None:
-    why = str(e) if isinstance(e, clients.BrokerUnreachable) else f"broker unavailable ({type(e).__name__}: {e})"
-    console.print(f"[yellow]{why}; retrying in {delay:.1f} s", soft_wrap=True)
+    console.print(f"[yellow]{clients.describe(e)}; retrying in {delay:.1f} s (retry {next(_RETRIES)})", soft_wrap=True)
 
 
 def _stop_on_signals(what: str) -> threading.Event:
@@ -163,8 +166,9 @@ def ingest(
     """Process new photo and consent events in cycles; each cycle commits exactly once.
 
     Stopping (Ctrl-C, SIGTERM) waits for the cycle in progress, which either commits or leaves no
-    trace. With --follow a broker that cannot be reached is retried with backoff; without, an
-    unreachable broker ends the command within seconds.
+    trace. With --follow a broker that cannot be reached is retried with backoff, and so is (with a
+    count) an error that waiting may not fix; without, either ends the command with exit 1 within
+    seconds, and so does a stop before it caught up.
     """
     _quiet(verbose)
 
@@ -177,15 +181,21 @@ def ingest(
         return
     cfg = IngestConfig(bootstrap_servers, settings.state.root, settings.clip, settings.half_life_days,
                        max_events_per_partition, limits=settings.limits)
-    with console.status(f"loading {cfg.clip.describe()}, reading the committed offsets"):
-        ingestor = connect(cfg, stop, _say_retry)
-    if ingestor is None:
-        console.print("stopped before the broker answered")
-        return
-    with ingestor:
-        cycles = ingestor.run(stop, follow, on_cycle=lambda r: console.print(cycle_line(r)), on_retry=_say_retry)
+    try:
+        with console.status(f"loading {cfg.clip.describe()}, reading the committed offsets"):
+            ingestor = connect(cfg, stop, _say_retry)
+        if ingestor is None:
+            console.print("stopped before the broker answered")
+            raise typer.Exit(0 if follow else 1)
+        with ingestor:
+            cycles = ingestor.run(stop, follow, on_cycle=lambda r: console.print(cycle_line(r)), on_retry=_say_retry)
+    except clients.BROKER_ERRORS as e:  # one that waiting cannot fix (`clients.retriable`)
+        console.print(f"[red]error:[/] {clients.describe(e)}", soft_wrap=True)
+        raise typer.Exit(1) from None
     console.print(f"{'stopped' if stop.is_set() else 'caught up'} after {counted(cycles, 'cycle')}; "
                   f"state in {cfg.db_path}, history in {cfg.history_dir}")
+    if stop.is_set() and not follow:  # asked to catch up, and did not
+        raise typer.Exit(1)
 
 
 SettingsFile = Annotated[Path | None, typer.Option(

@@ -73,7 +73,7 @@ from stylestream.privacy.erasure import subject
 from stylestream.schemas.dead_letters import DeadLetter
 from stylestream.schemas.events import InvalidEvent, StyleBasis, parse_event, to_message
 from stylestream.schemas.tables import FEATURE_NAMES
-from stylestream.streams.clients import Message
+from stylestream.streams.clients import Message, compression
 from stylestream.streams.topics import (
     INGEST_TOPICS,
     MAX_MESSAGE_BYTES,
@@ -361,6 +361,7 @@ def build_job(args, settings: IngestSettings, jars: list[Path]) -> StreamExecuti
         WITH ({kafka}, 'topic' = '{";".join(OUTGOING_TOPICS)}', 'sink.delivery-guarantee' = 'exactly-once',
               'sink.transactional-id-prefix' = 'stylestream-flink',
               'properties.max.request.size' = '{MAX_MESSAGE_BYTES}',
+              'properties.compression.type' = '{compression() or "none"}',
               'properties.transaction.timeout.ms' = '{args.transaction_timeout_ms}')""")
 
     clip = settings.clip  # resolved here, before the settings travel to the workers

@@ -33,6 +33,7 @@ from stylestream.pipelines.library import forget_libraries
 from stylestream.privacy import erasure
 from stylestream.privacy.release import Ledger
 from stylestream.schemas.events import ErasureNotice, encode_event
+from stylestream.streams import clients
 from stylestream.streams.topics import ERASURE_RECEIPTS
 
 ALL_VERSIONS = 2**62  # the erasure's versions where an erasure recorded before tombstones were numbered
@@ -199,18 +200,18 @@ def erase_pending(book: ReceiptBook, state: StateLayout, key: bytes) -> None:
         book.finish(user_id)
 
 
-def sign_and_publish(book: ReceiptBook, signing_key: Callable[[], Ed25519PrivateKey], producer) -> None:
+def sign_and_publish(book: ReceiptBook, signing_key: Callable[[], Ed25519PrivateKey], producer,
+                     transactional: bool = False) -> None:
     """Receipts of erasures done are signed once (kept, so a retry publishes the same bytes), then
-    published on erasure-receipts under their request's id; a failed send fails the call."""
+    published on erasure-receipts under their request's id, all or none (`clients.sending`); a failed
+    send fails the call."""
     if unsigned := book.unsigned():
         key = signing_key()
         for request_id, requested_at, deleted in unsigned:
             receipt = erasure.signed_receipt(request_id, requested_at, deleted, datetime.now(UTC), key)
             book.save(request_id, encode_event(receipt).decode())
     if receipts := book.unpublished():
-        sent = [producer.send(ERASURE_RECEIPTS, key=request_id.encode(), value=receipt)
-                for request_id, receipt in receipts]
-        producer.flush()
-        for s in sent:
-            s.get()
+        with clients.sending(producer, transactional) as send:
+            for request_id, receipt in receipts:
+                send(ERASURE_RECEIPTS, request_id.encode(), receipt)
         book.mark_published([r for r, _ in receipts])

@@ -9,17 +9,19 @@ at most the uncommitted cycle, so the final state equals that of an uninterrupte
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 import apache_beam as beam
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+from kafka import KafkaProducer
 
 from stylestream.analytics import history, pseudonyms
 from stylestream.defaults import HALF_LIFE_DAYS, MAX_EVENTS_PER_PARTITION, MIN_HALF_LIFE_DAYS
@@ -32,7 +34,7 @@ from stylestream.privacy import erasure
 from stylestream.schemas.dead_letters import DeadLetter
 from stylestream.schemas.events import StyleBasis
 from stylestream.streams import clients
-from stylestream.streams.topics import INGEST_TOPICS, ensure_topics
+from stylestream.streams.topics import INGEST_COMMITS, INGEST_TOPICS, ensure_topics
 from stylestream.transforms.grouping import GroupByUser
 from stylestream.transforms.images import DecodeLimits
 from stylestream.transforms.inputs import StyleInputs
@@ -173,23 +175,46 @@ class Ingestor:
         self.cfg = cfg
         self.embedding_dim = embedding_dim(cfg.clip)
         ensure_topics(cfg.bootstrap_servers)
-        self._lister = clients.consumer(cfg.bootstrap_servers, request_timeout_ms=cfg.kafka_timeout_ms)
-        self._consumer = clients.consumer(cfg.bootstrap_servers, request_timeout_ms=cfg.kafka_timeout_ms,
-                                          fetch_max_wait_ms=clients.READ_FETCH_WAIT_MS)
-        self._producer = clients.producer(cfg.bootstrap_servers, request_timeout_ms=cfg.kafka_timeout_ms)
-        self._known_ends: dict = {}  # spares re-reading partitions whose end did not move
-        self._unfinished = True  # committed cycles may await publishing or their history file
-        self._key = pseudonyms.load_or_create_key(cfg.state_dir)  # the history holds pseudonyms only
         # Held for the Ingestor's life: it keeps other writers out, and opening and closing the file
         # three times a cycle cost ~0.1 s.
         self._store = Store(cfg.db_path)
-        self._store.check_basis(cfg.basis, self.embedding_dim)
+        try:
+            self._connect()
+        except BaseException:
+            self._store.close()
+            raise
+        self._known_ends: dict = {}  # spares re-reading partitions whose end did not move
+        self._unfinished = True  # committed cycles may await publishing or their history file
         self._pipeline: beam.Pipeline | None = None  # built on the first cycle, run once per cycle
+
+    def _connect(self) -> None:
+        cfg = self.cfg
+        self._store.check_basis(cfg.basis, self.embedding_dim)
+        self._key = pseudonyms.load_or_create_key(cfg.state_dir)  # the history holds pseudonyms only
+        # Each cycle's outputs in one Kafka transaction with a "published" marker, under the state's own
+        # transactional.id: init_transactions fences an ingestor that ran on a copy of this state.
+        # Tansu has no transactions: there the sends are checked, but a crash between sending a
+        # cycle and marking it published sends it again.
+        self._transactional = not clients.is_tansu(cfg.bootstrap_servers)
+        self._transactional_id = self._store.transactional_id()
+        self._marked_through: int | None = None  # the newest cycle the markers say is out (read once)
+        self._lister = clients.consumer(cfg.bootstrap_servers, request_timeout_ms=cfg.kafka_timeout_ms)
+        self._consumer = clients.consumer(cfg.bootstrap_servers, request_timeout_ms=cfg.kafka_timeout_ms,
+                                          fetch_max_wait_ms=clients.READ_FETCH_WAIT_MS)
+        self._producer = self._new_producer()
+
+    def _new_producer(self) -> KafkaProducer:
+        producer = clients.producer(self.cfg.bootstrap_servers, request_timeout_ms=self.cfg.kafka_timeout_ms,
+                                    transactional_id=self._transactional_id if self._transactional else None)
+        if self._transactional:
+            producer.init_transactions()
+        return producer
 
     def close(self) -> None:
         self._lister.close()
         self._consumer.close()
-        self._producer.close()
+        if self._producer is not None:
+            self._producer.close()
         self._store.close()
 
     def __enter__(self) -> Ingestor:
@@ -223,12 +248,15 @@ class Ingestor:
             on_cycle: Callable[[CycleResult], None] | None = None,
             on_retry: Callable[[Exception, float], None] | None = None) -> int:
         """Cycles until caught up (or, with `follow`, until `stop` is set); returns how many ran. A
-        broker that cannot be reached is retried with exponential backoff instead of failing; a set
+        broker that cannot be reached is retried with exponential backoff instead of failing (any
+        broker error, with `follow`; others are raised); a set
         `stop` is honoured between cycles, so the cycle in progress either commits or leaves no trace."""
         stop = stop or threading.Event()
         cycles = 0
         while not stop.is_set():
-            result = clients.with_backoff(self.run_cycle, stop, on_retry)  # None: caught up, or stopped
+            # None: caught up, or stopped. Following, even errors that waiting may not fix are retried
+            # (and reported); catching up, they end the run.
+            result = clients.with_backoff(self.run_cycle, stop, on_retry, retry_all=follow)
             if result is not None:
                 cycles += 1
                 if follow and cycles == 1:
@@ -261,10 +289,7 @@ class Ingestor:
     def _finish_committed(self) -> None:
         store = self._store
         for cycle in store.unpublished_cycles():
-            for topic, key, value in store.outbox(cycle):
-                self._producer.send(topic, key=key, value=value)
-            self._producer.flush()
-            store.mark_published(cycle)
+            self._publish(cycle)
         for cycle in store.unwritten_history():
             write_history_file(self.cfg.history_dir, cycle, store, self._key)
             store.mark_history_written(cycle)
@@ -277,9 +302,48 @@ class Ingestor:
         forgetting.erase_pending(store.receipts, StateLayout(self.cfg.state_dir), self._key)
         if store.compaction_due():
             self._store = store = store.rewrite()
-        forgetting.sign_and_publish(store.receipts, lambda: erasure.load_or_create_signing_key(self.cfg.state_dir),
-                                    self._producer)
+        with self._sending() as producer:
+            forgetting.sign_and_publish(store.receipts, lambda: erasure.load_or_create_signing_key(self.cfg.state_dir),
+                                        producer, self._transactional)
         self._unfinished = False
+
+    @contextlib.contextmanager
+    def _sending(self) -> Iterator[KafkaProducer]:
+        """The producer; after a failed send or transaction, a new one for the next try (kafka-python's
+        producer keeps a failed transaction's sequence numbers and cannot send again)."""
+        if self._producer is None:
+            self._producer = self._new_producer()
+        try:
+            yield self._producer
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self._producer.close(timeout=1)
+            self._producer = None
+            raise
+
+    def _publish(self, cycle: int) -> None:
+        """The cycle's outbox out, all or none, then marked published here. In a Kafka transaction the
+        marker goes with it: a restart after the commit and before the mark finds the marker and never
+        sends the cycle a second time."""
+        if self._transactional and cycle <= self._published_through():
+            self._store.mark_published(cycle)
+            return
+        with self._sending() as producer, clients.sending(producer, self._transactional) as send:
+            for topic, key, value in self._store.outbox(cycle):
+                send(topic, key, value)
+            if self._transactional:
+                send(INGEST_COMMITS, self._transactional_id.encode(), json.dumps({"cycle": cycle}).encode())
+        self._marked_through = cycle
+        self._store.mark_published(cycle)
+
+    def _published_through(self) -> int:
+        """The newest cycle this state's markers say is out (committed), read once per Ingestor: after
+        that, this one is the only writer (another would have fenced it)."""
+        if self._marked_through is None:
+            mine = self._transactional_id.encode()
+            self._marked_through = max((json.loads(m.value)["cycle"] for m in clients.read_all(
+                self.cfg.bootstrap_servers, INGEST_COMMITS) if m.key == mine and m.value), default=0)
+        return self._marked_through
 
 
 def connect(cfg: IngestConfig, stop: threading.Event,

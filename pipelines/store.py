@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -76,6 +77,7 @@ ALTER TABLE forgotten ADD COLUMN IF NOT EXISTS version BIGINT;  -- the tombstone
 """  # and the erasures in progress with their receipts (pipelines/forgetting.ReceiptBook)
 PERSONAL_TABLES = STATE_KINDS  # every table holding a person's rows, and what the receipt calls them
 COMPACTION_DUE = "compaction_due"  # meta key: erased rows may still sit in the file's free blocks
+TRANSACTIONAL_ID = "transactional_id"  # meta key: the Kafka transactional.id of the state's outputs
 
 
 class StoreError(RuntimeError):
@@ -156,6 +158,13 @@ class Store:
             raise StoreError(f"{self.path} holds style state computed otherwise {clash} (stored, configured): "
                              "use the stored settings, or a new state directory")
         self._insert("meta", {"key": list(want), "value": list(want.values())}, "OR IGNORE")
+
+    def transactional_id(self) -> str:
+        """The Kafka transactional.id of this state's outputs, made once: an ingestor on a copy of the
+        state fences the one before it."""
+        self.db.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)",
+                        [TRANSACTIONAL_ID, f"stylestream-ingest-{uuid.uuid4()}"])
+        return self.db.execute("SELECT value FROM meta WHERE key = ?", [TRANSACTIONAL_ID]).fetchone()[0]
 
     def latest_vectors(self) -> dict[str, LatestVersion]:
         """user_id -> each user's latest style version."""

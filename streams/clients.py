@@ -1,5 +1,9 @@
 """Kafka clients configured for Apache Kafka, with Tansu's quirks handled where Tansu answers.
 
+Records compressed with gzip, snappy, lz4 or zstd are read (python-snappy, lz4 and zstandard are
+dependencies); the project's producers compress with STYLESTREAM_KAFKA_COMPRESSION (default zstd;
+gzip, snappy, lz4 or none).
+
 Each workaround sits behind `is_tansu` (see PLATFORM-NOTES): Tansu's idempotent producer breaks for
 good after a broker restart, so it stays off there (on everywhere else); and Tansu reports the base
 offset of the last batch + 1 as a partition's end, so `true_end_offsets` reads the last batch there.
@@ -7,7 +11,9 @@ offset of the last batch + 1 as a partition's end, so `true_end_offsets` reads t
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import socket
 import threading
 import time
@@ -16,7 +22,12 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.errors import KafkaError
+from kafka.errors import (
+    KafkaError,
+    ProducerFencedError,
+    UnknownTopicOrPartitionError,
+    UnsupportedCodecError,
+)
 
 from stylestream.streams.topics import MAX_MESSAGE_BYTES
 
@@ -29,6 +40,7 @@ READ_FETCH_WAIT_MS = 10
 # The Kafka header that carries a request's trace id from the API through serving to its result.
 TRACE_HEADER = "trace-id"
 BROKER_ERRORS = (KafkaError, TimeoutError, ConnectionError)
+COMPRESSION_CODECS = ("zstd", "gzip", "snappy", "lz4", "none")
 RETRY_FIRST_S, RETRY_MAX_S = 0.5, 30.0
 REACH_TIMEOUT_S = 3.0
 T = TypeVar("T")
@@ -65,14 +77,52 @@ def require_broker(bootstrap_servers: str, timeout_s: float = REACH_TIMEOUT_S) -
                                 "one with `stylestream broker` or check --bootstrap-servers") from None
 
 
+def cause(e: BaseException) -> BaseException:
+    """The error behind kafka-python's "a previous request has failed" (it carries the original)."""
+    inner = [a for a in getattr(e, "args", ()) if isinstance(a, KafkaError)]
+    return cause(inner[0]) if type(e) is KafkaError and inner else e
+
+
+def retriable(e: BaseException) -> bool:
+    """Whether waiting can fix it: a broker that cannot be reached or cannot answer yet. A codec this
+    installation cannot read, a missing authorization, a record too large or a topic that does not
+    exist cannot be waited out."""
+    e = cause(e)
+    if isinstance(e, UnknownTopicOrPartitionError):
+        return False
+    if isinstance(e, KafkaError):
+        return bool(e.retriable)
+    return isinstance(e, TimeoutError | ConnectionError)
+
+
+def describe(e: BaseException) -> str:
+    """One line for people: what went wrong with the broker, and whether waiting helps."""
+    e = cause(e)
+    if isinstance(e, BrokerUnreachable):
+        return str(e)
+    if isinstance(e, UnsupportedCodecError):
+        return (f"records are compressed with a codec this installation cannot read ({e}); install "
+                "stylestream's dependencies (python-snappy, lz4, zstandard)")
+    if isinstance(e, ProducerFencedError):
+        return ("another ingestor took over this state's Kafka transactions (it runs on a copy of the same "
+                "state): stop one of them")
+    if retriable(e):
+        return f"broker unavailable ({type(e).__name__}: {e})"
+    return f"the broker refused or could not be read ({type(e).__name__}: {e}); waiting will not fix it"
+
+
 def with_backoff(fn: Callable[[], T], stop: threading.Event,
-                 on_retry: Callable[[Exception, float], None] | None = None) -> T | None:
-    """fn(), with broker errors retried after exponentially growing waits; None if `stop` is set first."""
+                 on_retry: Callable[[Exception, float], None] | None = None, retry_all: bool = False) -> T | None:
+    """fn(), with broker errors retried after exponentially growing waits; None if `stop` is set first.
+    Errors that waiting cannot fix (`retriable`) are raised, unless `retry_all` (a long-running
+    service, which reports each through `on_retry` and tries again)."""
     delay = RETRY_FIRST_S
     while not stop.is_set():
         try:
             return fn()
         except BROKER_ERRORS as e:
+            if not (retry_all or retriable(e)):
+                raise
             if on_retry:
                 on_retry(e, delay)
             stop.wait(delay)
@@ -95,14 +145,50 @@ def is_tansu(bootstrap_servers: str) -> bool:
 RECONNECT_BACKOFF_MAX_MS = 1000
 
 
+def compression() -> str | None:
+    """The codec the project's producers use: STYLESTREAM_KAFKA_COMPRESSION, zstd by default."""
+    codec = os.environ.get("STYLESTREAM_KAFKA_COMPRESSION", "zstd").strip().lower()
+    if codec not in COMPRESSION_CODECS:
+        raise ValueError(f"STYLESTREAM_KAFKA_COMPRESSION={codec!r}: choose one of {', '.join(COMPRESSION_CODECS)}")
+    return None if codec == "none" else codec
+
+
 def producer(bootstrap_servers: str, **overrides) -> KafkaProducer:
     """A producer for the project's topics: every acknowledgement, idempotent where the broker allows,
-    and requests as large as the largest message a topic takes (a style manifest)."""
+    compressed (`compression`), and requests as large as the largest message a topic takes (a style
+    manifest)."""
     config = dict(bootstrap_servers=bootstrap_servers, acks="all", linger_ms=5, retries=5,
+                  compression_type=compression(),
                   enable_idempotence=not is_tansu(bootstrap_servers),
                   reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS, max_request_size=MAX_MESSAGE_BYTES)
     config.update(overrides)
     return KafkaProducer(**config)
+
+
+Send = Callable[[str, bytes | None, bytes | None], None]
+
+
+@contextlib.contextmanager
+def sending(producer: KafkaProducer, transactional: bool) -> Iterator[Send]:
+    """A `send(topic, key, value)` whose messages all go out or none do: in one Kafka transaction where
+    `transactional` (the producer has a transactional.id and ran init_transactions), and every send
+    checked either way. An error (a record the broker refused, a fenced producer) aborts the
+    transaction and is raised."""
+    sent = []
+    if transactional:
+        producer.begin_transaction()
+    try:
+        yield lambda topic, key, value: sent.append(producer.send(topic, key=key, value=value))
+        producer.flush()
+        for future in sent:
+            future.get()  # kafka-python's flush() returns even when a record failed
+        if transactional:
+            producer.commit_transaction()
+    except BaseException:
+        if transactional:
+            with contextlib.suppress(KafkaError):  # a fenced producer cannot abort; the broker will
+                producer.abort_transaction()
+        raise
 
 
 def send_all(bootstrap_servers: str, messages: Iterable[tuple[str, bytes, bytes]]) -> None:

@@ -13,6 +13,9 @@ GENERATION_RESULTS = "generation-results"
 STYLE_VECTORS = "style-vectors"
 STYLE_MANIFESTS = "style-manifests"
 ERASURE_RECEIPTS = "erasure-receipts"
+# The local driver's "cycle N is out" markers, keyed by its state's transactional id and written in the
+# same Kafka transaction as the cycle's outputs: a restart reads them so as never to publish a cycle twice.
+INGEST_COMMITS = "ingest-commits"
 
 INGEST_TOPICS = (PHOTO_EVENTS, CONSENT_EVENTS)
 DEFAULT_PARTITIONS = 4  # every topic is keyed by user_id, so a user's events stay in order on one partition
@@ -26,7 +29,7 @@ def dlq(topic: str) -> str:
 DLQ_SOURCES = (PHOTO_EVENTS, CONSENT_EVENTS, GENERATION_REQUESTS)  # the topics whose bad input is kept
 ALL_TOPICS = (
     PHOTO_EVENTS, CONSENT_EVENTS, GENERATION_REQUESTS, GENERATION_RESULTS, STYLE_VECTORS, STYLE_MANIFESTS,
-    ERASURE_RECEIPTS, *(dlq(t) for t in DLQ_SOURCES),
+    ERASURE_RECEIPTS, INGEST_COMMITS, *(dlq(t) for t in DLQ_SOURCES),
 )
 # The compacted topics the project writes, keyed by user: forgetting a person writes a null-value
 # tombstone for their key on each, and compaction then removes every earlier value of theirs (within
@@ -57,6 +60,8 @@ TOPIC_CONFIGS: dict[str, dict[str, str]] = {
                       "max.message.bytes": str(MAX_MESSAGE_BYTES)},
     # Receipts hold no personal data and are the service's proof of erasure: kept.
     ERASURE_RECEIPTS: {"retention.ms": FOREVER},
+    # One marker per state (the key) is all a restart needs: the latest.
+    INGEST_COMMITS: {"cleanup.policy": "compact"},
     **{dlq(t): {"retention.ms": str(14 * DAY_MS)} for t in DLQ_SOURCES},
 }
 
