@@ -355,14 +355,14 @@ def _routes(app: FastAPI, cfg: ApiConfig) -> None:
         """Albums as catalogued (ids and counts only), each with its style-learning switch."""
         principal.require(STYLE_READ)
         store = services_of(request).store
-        return views.albums(store.photos(principal.user_id), store.switches(principal.user_id))
+        return views.albums(store.photos(principal.user_id), store.consent(principal.user_id))
 
     @app.get("/v1/me/photos", tags=["me"], responses=ERRORS)
     def my_photos(request: Request, principal: Caller) -> dict:
         """Photos as catalogued: references only (id, album, upload day), each with whether it counts."""
         principal.require(STYLE_READ)
         store = services_of(request).store
-        return {"photos": views.photos(store.photos(principal.user_id), store.switches(principal.user_id))}
+        return {"photos": views.photos(store.photos(principal.user_id), store.consent(principal.user_id))}
 
     @app.put("/v1/me/style-learning", tags=["me"], status_code=202, responses=ERRORS)
     async def switch_learning(body: StyleLearningSwitch, request: Request, principal: Caller) -> dict:
@@ -392,11 +392,11 @@ def _routes(app: FastAPI, cfg: ApiConfig) -> None:
         principal.require(ACCOUNT)
         s = services_of(request)
         user = principal.user_id
-        style, photos, switches = s.store.style(user), s.store.photos(user), s.store.switches(user)
+        style, photos, consent = s.store.style(user), s.store.photos(user), s.store.consent(user)
         data = {"user_id": user, "exported_at": datetime.now(UTC).isoformat(),
                 "style": views.style(style) if style else None,
                 "history": views.history(cfg.layout.state, user), "manifest": s.store.manifest(user),
-                "albums": views.albums(photos, switches), "photos": views.photos(photos, switches),
+                "albums": views.albums(photos, consent), "photos": views.photos(photos, consent),
                 "generations": [{k: v for k, v in g.items() if k != "images"} | {
                     "results": [r for _, r in g["images"]]} for g in s.store.generations_of(user, 10_000)],
                 "grants": [g.public() for g in s.store.grants_of(user)]}

@@ -21,6 +21,7 @@ from stylestream.schemas.events import InvalidEvent, parse_event
 from stylestream.streams import clients
 from stylestream.streams.clients import RETRY_FIRST_S, RETRY_MAX_S, TRACE_HEADER, Message
 from stylestream.streams.topics import CONSENT_EVENTS, GENERATION_RESULTS, PHOTO_EVENTS, STYLE_MANIFESTS, STYLE_VECTORS
+from stylestream.transforms.style import ConsentRecord, scope_key
 
 log = logging.getLogger(__name__)
 FOLLOWED = (PHOTO_EVENTS, CONSENT_EVENTS, STYLE_VECTORS, STYLE_MANIFESTS, GENERATION_RESULTS)
@@ -38,6 +39,10 @@ def fold(db: sqlite3.Connection, store: ApiStore, m: Message) -> bool:
         e = parse_event(m.topic, m.value)
     except InvalidEvent:
         return False
+    if m.topic in (PHOTO_EVENTS, CONSENT_EVENTS) and e.type != "user_forgotten":
+        gone = store.forgotten_at(db, e.user_id)
+        if gone is not None and e.event_time <= gone:  # void, as ingestion voids it (`plan.after_forgets`)
+            return False
     match e.type:
         case "photo_uploaded":  # the day only: the page needs no more, and keeps no more
             db.execute("INSERT OR REPLACE INTO photos VALUES (?, ?, ?, ?)",
@@ -45,22 +50,18 @@ def fold(db: sqlite3.Connection, store: ApiStore, m: Message) -> bool:
         case "photo_deleted":
             db.execute("DELETE FROM photos WHERE user_id = ? AND photo_id = ?", (e.user_id, e.photo_id))
         case "style_learning_toggled":
-            db.execute("""INSERT INTO switches VALUES (?, ?, ?, ?, ?)
-                          ON CONFLICT DO UPDATE SET enabled = excluded.enabled, changed_at = excluded.changed_at
-                          WHERE excluded.changed_at >= switches.changed_at""",
-                       (e.user_id, e.scope, e.scope_id or "", int(e.enabled), e.event_time.isoformat()))
+            store.fold_consent(db, e.user_id, scope_key(e.scope, e.scope_id),
+                               ConsentRecord(e.enabled, e.event_time, e.event_id))
         case "user_forgotten":
-            store.forget(db, e.user_id)
+            store.forget(db, e.user_id, e.event_time)
             return True
         case "style_vector_updated" if e.tombstone:
-            store.forget(db, e.user_id)
+            requests = e.erasure.requests if e.erasure else ()
+            store.forget(db, e.user_id, max((r.requested_at for r in requests), default=None))
             return True
         case "style_vector_updated" | "style_manifest":
-            table = "styles" if e.type == "style_vector_updated" else "manifests"
-            db.execute(f"""INSERT INTO {table} VALUES (?, ?, ?)
-                           ON CONFLICT DO UPDATE SET version = excluded.version, event = excluded.event
-                           WHERE excluded.version >= {table}.version""",
-                       (e.user_id, e.version, m.value.decode()))
+            table = "style_versions" if e.type == "style_vector_updated" else "manifest_versions"
+            store.fold_version(db, table, e.user_id, e.version, m.value.decode())
         case "generation_progress":  # only for requests this API made (their images rows)
             db.execute("""INSERT OR IGNORE INTO previews SELECT ?, ?, user_id, ? FROM images
                           WHERE request_id = ? AND user_id = ?""",

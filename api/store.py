@@ -17,6 +17,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from stylestream.analytics.pseudonyms import load_key, new_key
+from stylestream.keyfiles import create_once
+from stylestream.privacy.erasure import subject
+from stylestream.streams.topics import CONSENT_EVENTS, STYLE_MANIFESTS, STYLE_VECTORS
+from stylestream.transforms.style import ConsentRecord
+
+FORGOTTEN_KEY_FILE = "forgotten.key"
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS grants (
     id TEXT PRIMARY KEY, user_id TEXT NOT NULL, name TEXT NOT NULL, scopes TEXT NOT NULL,
@@ -36,15 +43,21 @@ CREATE TABLE IF NOT EXISTS previews (
 CREATE TABLE IF NOT EXISTS photos (
     user_id TEXT NOT NULL, photo_id TEXT NOT NULL, album_id TEXT, uploaded_at TEXT NOT NULL,
     PRIMARY KEY (user_id, photo_id));
-CREATE TABLE IF NOT EXISTS switches (
-    user_id TEXT NOT NULL, scope TEXT NOT NULL, scope_id TEXT NOT NULL, enabled INTEGER NOT NULL,
-    changed_at TEXT NOT NULL, PRIMARY KEY (user_id, scope, scope_id));
-CREATE TABLE IF NOT EXISTS styles (user_id TEXT PRIMARY KEY, version INTEGER NOT NULL, event TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS manifests (user_id TEXT PRIMARY KEY, version INTEGER NOT NULL, event TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS consent (
+    user_id TEXT NOT NULL, scope_key TEXT NOT NULL, enabled INTEGER NOT NULL, event_time TEXT NOT NULL,
+    event_id TEXT NOT NULL, PRIMARY KEY (user_id, scope_key));
+CREATE TABLE IF NOT EXISTS style_versions (
+    user_id TEXT NOT NULL, version INTEGER NOT NULL, event TEXT NOT NULL, PRIMARY KEY (user_id, version));
+CREATE TABLE IF NOT EXISTS manifest_versions (
+    user_id TEXT NOT NULL, version INTEGER NOT NULL, event TEXT NOT NULL, PRIMARY KEY (user_id, version));
+CREATE TABLE IF NOT EXISTS forgotten (subject TEXT PRIMARY KEY, forgotten_at TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS offsets (topic TEXT NOT NULL, part INTEGER NOT NULL, next INTEGER NOT NULL,
     PRIMARY KEY (topic, part));
 """
-PERSONAL_TABLES = ("grants", "generations", "images", "previews", "photos", "switches", "styles", "manifests")
+PERSONAL_TABLES = ("grants", "generations", "images", "previews", "photos", "consent", "style_versions",
+                   "manifest_versions")
+# Tables of an older read model, and the topic each was folded from: dropped, and folded again.
+REPLACED_TABLES = {"switches": CONSENT_EVENTS, "styles": STYLE_VECTORS, "manifests": STYLE_MANIFESTS}
 
 
 def now_iso() -> str:
@@ -83,6 +96,9 @@ class ApiStore:
 
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
+        # The key of the hash a forgotten person is kept under, beside the database.
+        create_once(path.with_name(FORGOTTEN_KEY_FILE), new_key())
+        self._key = load_key(path.with_name(FORGOTTEN_KEY_FILE))
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._lock = threading.RLock()
@@ -91,6 +107,10 @@ class ApiStore:
             # A forgotten person's deleted rows are overwritten, not left in free pages (see `forget`).
             self._db.execute("PRAGMA secure_delete = ON")
             self._db.executescript(SCHEMA)
+            for table, topic in REPLACED_TABLES.items():
+                if self._db.execute("SELECT 1 FROM sqlite_master WHERE name = ?", [table]).fetchone():
+                    self._db.execute(f"DROP TABLE {table}")
+                    self._db.execute("DELETE FROM offsets WHERE topic = ?", [topic])
 
     def close(self) -> None:
         with self._lock:
@@ -179,28 +199,66 @@ class ApiStore:
         return {(r["topic"], r["part"]): r["next"] for r in self._rows("SELECT * FROM offsets")}
 
     def style(self, user_id: str) -> dict | None:
-        rows = self._rows("SELECT event FROM styles WHERE user_id = ?", [user_id])
-        return json.loads(rows[0]["event"]) if rows else None
+        """The newest style whose manifest is folded too (the two topics are read apart)."""
+        return self._of_shown_version("style_versions", user_id)
 
     def manifest(self, user_id: str) -> dict | None:
-        rows = self._rows("SELECT event FROM manifests WHERE user_id = ?", [user_id])
+        """The manifest of `style`'s version: what the page shows together is of one version."""
+        return self._of_shown_version("manifest_versions", user_id)
+
+    def _of_shown_version(self, table: str, user_id: str) -> dict | None:
+        rows = self._rows(f"""SELECT t.event FROM {table} t WHERE t.user_id = ? AND t.version = (
+            SELECT MAX(s.version) FROM style_versions s JOIN manifest_versions m USING (user_id, version)
+            WHERE s.user_id = ?)""", [user_id, user_id])
         return json.loads(rows[0]["event"]) if rows else None
+
+    def fold_version(self, db: sqlite3.Connection, table: str, user_id: str, version: int, event: str) -> None:
+        """One style or manifest version, in the caller's transaction; versions older than the newest
+        one both tables hold are no longer shown, and go."""
+        db.execute(f"INSERT OR IGNORE INTO {table} VALUES (?, ?, ?)", (user_id, version, event))
+        shown = db.execute("""SELECT MAX(s.version) FROM style_versions s JOIN manifest_versions m
+                              USING (user_id, version) WHERE s.user_id = ?""", (user_id,)).fetchone()[0]
+        if shown is not None:
+            for t in ("style_versions", "manifest_versions"):
+                db.execute(f"DELETE FROM {t} WHERE user_id = ? AND version < ?", (user_id, shown))
+
+    def fold_consent(self, db: sqlite3.Connection, user_id: str, key: str, record: ConsentRecord) -> None:
+        """A style-learning switch, by ingestion's rule (`ConsentRecord.supersedes`: the later event
+        time wins, in UTC whatever the offsets; the event id breaks a tie)."""
+        row = db.execute("SELECT enabled, event_time, event_id FROM consent WHERE user_id = ? AND scope_key = ?",
+                         (user_id, key)).fetchone()
+        held = ConsentRecord(bool(row[0]), datetime.fromisoformat(row[1]), row[2]) if row else None
+        if record.supersedes(held):
+            db.execute("INSERT OR REPLACE INTO consent VALUES (?, ?, ?, ?, ?)", (
+                user_id, key, int(record.enabled), record.event_time.astimezone(UTC).isoformat(), record.event_id))
 
     def photos(self, user_id: str) -> list[dict]:
         return [dict(r) for r in self._rows(
             "SELECT photo_id, album_id, uploaded_at FROM photos WHERE user_id = ? ORDER BY album_id, photo_id",
             [user_id])]
 
-    def switches(self, user_id: str) -> dict[tuple[str, str], bool]:
-        """(scope, scope id) -> style learning on or off, as last switched ('user', '') for the person."""
-        return {(r["scope"], r["scope_id"]): bool(r["enabled"]) for r in self._rows(
-            "SELECT scope, scope_id, enabled FROM switches WHERE user_id = ?", [user_id])}
+    def consent(self, user_id: str) -> dict[str, ConsentRecord]:
+        """The person's switches by scope key (`transforms.style.scope_key`), as ingestion holds them."""
+        return {r["scope_key"]: ConsentRecord(bool(r["enabled"]), datetime.fromisoformat(r["event_time"]),
+                                              r["event_id"])
+                for r in self._rows("SELECT * FROM consent WHERE user_id = ?", [user_id])}
 
-    def forget(self, db: sqlite3.Connection, user_id: str) -> None:
+    def forgotten_at(self, db: sqlite3.Connection, user_id: str) -> datetime | None:
+        """When the person asked to be forgotten: what they sent before counts for nothing."""
+        row = db.execute("SELECT forgotten_at FROM forgotten WHERE subject = ?",
+                         (subject(user_id, self._key),)).fetchone()
+        return datetime.fromisoformat(row[0]) if row else None
+
+    def forget(self, db: sqlite3.Connection, user_id: str, at: datetime | None = None) -> None:
         """Every row of the person, in the caller's transaction (a forget request or an erasure
-        tombstone); `checkpoint` after the commit leaves no copy of them in the write-ahead log."""
+        tombstone); `checkpoint` after the commit leaves no copy of them in the write-ahead log. With
+        the request's time, that time is kept under a keyed hash of the person (as ingestion keeps it),
+        so that their earlier events arriving late are voided."""
         for table in PERSONAL_TABLES:
             db.execute(f"DELETE FROM {table} WHERE user_id = ?", (user_id,))
+        if at is not None:
+            at = max(at.astimezone(UTC), self.forgotten_at(db, user_id) or at.astimezone(UTC))
+            db.execute("INSERT OR REPLACE INTO forgotten VALUES (?, ?)", (subject(user_id, self._key), at.isoformat()))
 
     def checkpoint(self) -> None:
         """Fold the write-ahead log into the file and empty it: with secure_delete, nothing deleted

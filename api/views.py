@@ -13,6 +13,7 @@ from stylestream.analytics.pseudonyms import load_key, pseudonym
 from stylestream.pipelines.layout import StateLayout
 from stylestream.schemas.tables import FEATURE_NAMES
 from stylestream.transforms.features import describe
+from stylestream.transforms.style import ConsentRecord, is_excluded, scope_key
 
 
 def _hex(rgb: np.ndarray) -> str:
@@ -57,17 +58,21 @@ def history(state: StateLayout, user_id: str) -> list[dict]:
              **look(dict(zip(FEATURE_NAMES, r["features"], strict=True)))} for r in rows]
 
 
-def albums(photos: list[dict], switches: dict[tuple[str, str], bool]) -> dict:
+def albums(photos: list[dict], consent: dict[str, ConsentRecord]) -> dict:
     """The person's albums with their photo counts and switches (on unless switched off)."""
-    counts: dict[str, int] = {}
+    counts: dict[str | None, int] = {}
     for p in photos:
-        counts[p["album_id"] or ""] = counts.get(p["album_id"] or "", 0) + 1
-    return {"learning": switches.get(("user", ""), True),
-            "albums": [{"album_id": a or None, "photo_count": n, "learning": switches.get(("album", a), True)}
-                       for a, n in sorted(counts.items())]}
+        counts[p["album_id"]] = counts.get(p["album_id"], 0) + 1
+    return {"learning": _on(consent, scope_key("user")),
+            "albums": [{"album_id": a, "photo_count": n,
+                        "learning": a is None or _on(consent, scope_key("album", a))}
+                       for a, n in sorted(counts.items(), key=lambda kv: kv[0] or "")]}
 
 
-def photos(rows: list[dict], switches: dict[tuple[str, str], bool]) -> list[dict]:
-    user_on = switches.get(("user", ""), True)
-    return [{**p, "learning": user_on and switches.get(("album", p["album_id"] or ""), True)
-             and switches.get(("photo", p["photo_id"]), True)} for p in rows]
+def photos(rows: list[dict], consent: dict[str, ConsentRecord]) -> list[dict]:
+    """Each photo with whether it counts: ingestion's own rule (`transforms.style.is_excluded`)."""
+    return [{**p, "learning": not is_excluded(consent, p["photo_id"], p["album_id"])} for p in rows]
+
+
+def _on(consent: dict[str, ConsentRecord], key: str) -> bool:
+    return key not in consent or consent[key].enabled
