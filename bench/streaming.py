@@ -78,11 +78,13 @@ def start(cmd: list[str], log: Path) -> subprocess.Popen:
 
 
 def stop(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
     try:
+        os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(60)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:  # it had ended, its session with it
         proc.wait()
 
 
@@ -157,29 +159,31 @@ def measure(name: str, cmd_backlog: list[str] | None, cmd_follow: list[str], boo
     """Backlog then steady rate for one runner. Returns (figures, its latest styles after the backlog)."""
     t0, t0_wall = time.monotonic(), time.time()
     first_output = None
-    if cmd_backlog:  # the local driver: one run to the end of the backlog, then --follow for the steady rate
-        subprocess.run(cmd_backlog, check=True, capture_output=True, timeout=3600)
-        backlog_s = time.monotonic() - t0
-        styles = latest_styles(bootstrap)
-        first_output = min(v[3] for v in styles.values()) / 1000 - t0_wall
-        proc = start(cmd_follow, work / f"{name}.log")
-    else:  # a streaming job: runs from the start and is polled until it has caught up
-        proc = start(cmd_follow, work / f"{name}.log")
-        deadline = t0 + a.deadline
-        styles = {}
-        while time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(1)
+    proc = None
+    try:  # whatever happens, the runner started here is stopped here
+        if cmd_backlog:  # the local driver: one run to the end of the backlog, then --follow for the steady rate
+            subprocess.run(cmd_backlog, check=True, capture_output=True, timeout=3600)
+            backlog_s = time.monotonic() - t0
             styles = latest_styles(bootstrap)
-            if styles and first_output is None:
-                first_output = time.monotonic() - t0
-            if same_styles(styles, reference):
-                break
-        backlog_s = time.monotonic() - t0
-    try:
+            first_output = min(v[3] for v in styles.values()) / 1000 - t0_wall
+            proc = start(cmd_follow, work / f"{name}.log")
+        else:  # a streaming job: runs from the start and is polled until it has caught up
+            proc = start(cmd_follow, work / f"{name}.log")
+            deadline = t0 + a.deadline
+            styles = {}
+            while time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(1)
+                styles = latest_styles(bootstrap)
+                if styles and first_output is None:
+                    first_output = time.monotonic() - t0
+                if same_styles(styles, reference):
+                    break
+            backlog_s = time.monotonic() - t0
         time.sleep(3)
         latencies = steady_latency(bootstrap, work, a.rate, a.duration, f"steady-{name}-")
     finally:
-        stop(proc)
+        if proc is not None:
+            stop(proc)
     figures = {"runner": name, "backlog_s": round(backlog_s, 1), "events_per_s": round(a.events / backlog_s, 1),
                "first_output_s": round(first_output, 1) if first_output is not None else None,
                "latency_p50_s": round(float(np.percentile(latencies, 50)), 3) if latencies else None,
