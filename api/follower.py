@@ -39,9 +39,11 @@ def fold(db: sqlite3.Connection, store: ApiStore, m: Message) -> bool:
         e = parse_event(m.topic, m.value)
     except InvalidEvent:
         return False
-    if m.topic in (PHOTO_EVENTS, CONSENT_EVENTS) and e.type != "user_forgotten":
+    if m.topic in (PHOTO_EVENTS, CONSENT_EVENTS):
         gone = store.forgotten_at(db, e.user_id)
-        if gone is not None and e.event_time <= gone:  # void, as ingestion voids it (`plan.after_forgets`)
+        # Void, as ingestion voids it (`plan.after_forgets`): what came before an erasure, a repeated
+        # or late forget request included.
+        if gone is not None and e.event_time <= gone:
             return False
     match e.type:
         case "photo_uploaded":  # the day only: the page needs no more, and keeps no more
@@ -56,8 +58,11 @@ def fold(db: sqlite3.Connection, store: ApiStore, m: Message) -> bool:
             store.forget(db, e.user_id, e.event_time)
             return True
         case "style_vector_updated" if e.tombstone:
-            requests = e.erasure.requests if e.erasure else ()
-            store.forget(db, e.user_id, max((r.requested_at for r in requests), default=None))
+            requested = max((r.requested_at for r in e.erasure.requests), default=None) if e.erasure else None
+            gone = store.forgotten_at(db, e.user_id)
+            if requested is not None and gone is not None and requested <= gone:
+                return False  # an erasure the read model has already done (a replay)
+            store.forget(db, e.user_id, requested)
             return True
         case "style_vector_updated" | "style_manifest":
             table = "style_versions" if e.type == "style_vector_updated" else "manifest_versions"

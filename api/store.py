@@ -20,7 +20,6 @@ from pathlib import Path
 from stylestream.analytics.pseudonyms import load_key, new_key
 from stylestream.keyfiles import create_once
 from stylestream.privacy.erasure import subject
-from stylestream.streams.topics import CONSENT_EVENTS, STYLE_MANIFESTS, STYLE_VECTORS
 from stylestream.transforms.style import ConsentRecord
 
 FORGOTTEN_KEY_FILE = "forgotten.key"
@@ -56,8 +55,13 @@ CREATE TABLE IF NOT EXISTS offsets (topic TEXT NOT NULL, part INTEGER NOT NULL, 
 """
 PERSONAL_TABLES = ("grants", "generations", "images", "previews", "photos", "consent", "style_versions",
                    "manifest_versions")
-# Tables of an older read model, and the topic each was folded from: dropped, and folded again.
-REPLACED_TABLES = {"switches": CONSENT_EVENTS, "styles": STYLE_VECTORS, "manifests": STYLE_MANIFESTS}
+# An older read model's tables, copied into their successors (in one transaction) and dropped.
+MIGRATIONS = {
+    "switches": """INSERT OR REPLACE INTO consent SELECT user_id, CASE scope WHEN 'user' THEN 'user:'
+                   ELSE scope || ':' || scope_id END, enabled, changed_at, '' FROM switches""",
+    "styles": "INSERT OR IGNORE INTO style_versions SELECT user_id, version, event FROM styles",
+    "manifests": "INSERT OR IGNORE INTO manifest_versions SELECT user_id, version, event FROM manifests",
+}
 
 
 def now_iso() -> str:
@@ -107,10 +111,15 @@ class ApiStore:
             # A forgotten person's deleted rows are overwritten, not left in free pages (see `forget`).
             self._db.execute("PRAGMA secure_delete = ON")
             self._db.executescript(SCHEMA)
-            for table, topic in REPLACED_TABLES.items():
-                if self._db.execute("SELECT 1 FROM sqlite_master WHERE name = ?", [table]).fetchone():
-                    self._db.execute(f"DROP TABLE {table}")
-                    self._db.execute("DELETE FROM offsets WHERE topic = ?", [topic])
+            self._migrate()
+
+    def _migrate(self) -> None:
+        old = [t for t in MIGRATIONS if self._db.execute("SELECT 1 FROM sqlite_master WHERE name = ?", [t]).fetchone()]
+        if old:
+            with self.transaction() as db:
+                for table in old:
+                    db.execute(MIGRATIONS[table])
+                    db.execute(f"DROP TABLE {table}")
 
     def close(self) -> None:
         with self._lock:

@@ -183,7 +183,7 @@ def ingest(
                        max_events_per_partition, limits=settings.limits)
     try:
         with console.status(f"loading {cfg.clip.describe()}, reading the committed offsets"):
-            ingestor = connect(cfg, stop, _say_retry)
+            ingestor = connect(cfg, stop, _say_retry, retry_all=follow)
         if ingestor is None:
             console.print("stopped before the broker answered")
             raise typer.Exit(0 if follow else 1)

@@ -33,7 +33,6 @@ from stylestream.pipelines.library import forget_libraries
 from stylestream.privacy import erasure
 from stylestream.privacy.release import Ledger
 from stylestream.schemas.events import ErasureNotice, encode_event
-from stylestream.streams import clients
 from stylestream.streams.topics import ERASURE_RECEIPTS
 
 ALL_VERSIONS = 2**62  # the erasure's versions where an erasure recorded before tombstones were numbered
@@ -200,18 +199,16 @@ def erase_pending(book: ReceiptBook, state: StateLayout, key: bytes) -> None:
         book.finish(user_id)
 
 
-def sign_and_publish(book: ReceiptBook, signing_key: Callable[[], Ed25519PrivateKey], producer,
-                     transactional: bool = False) -> None:
+def sign_and_publish(book: ReceiptBook, signing_key: Callable[[], Ed25519PrivateKey],
+                     publish: Callable[[list[tuple[str, bytes, bytes]]], None]) -> None:
     """Receipts of erasures done are signed once (kept, so a retry publishes the same bytes), then
-    published on erasure-receipts under their request's id, all or none (`clients.sending`); a failed
-    send fails the call."""
+    published on erasure-receipts under their request's id, all at once through `publish` (which
+    raises if any send failed)."""
     if unsigned := book.unsigned():
         key = signing_key()
         for request_id, requested_at, deleted in unsigned:
             receipt = erasure.signed_receipt(request_id, requested_at, deleted, datetime.now(UTC), key)
             book.save(request_id, encode_event(receipt).decode())
     if receipts := book.unpublished():
-        with clients.sending(producer, transactional) as send:
-            for request_id, receipt in receipts:
-                send(ERASURE_RECEIPTS, request_id.encode(), receipt)
+        publish([(ERASURE_RECEIPTS, request_id.encode(), receipt) for request_id, receipt in receipts])
         book.mark_published([r for r, _ in receipts])

@@ -186,7 +186,12 @@ class HistoryWriter:
             forgetting.rewrite_database(self.db, self._state.history_writer)
             self._open()
         forgetting.sign_and_publish(self.receipts, lambda: load_signing_key_file(self._settings.signing_key_path),
-                                    self._producer)
+                                    self._publish)
+
+    def _publish(self, messages: list[tuple[str, bytes, bytes]]) -> None:
+        with clients.sending(self._producer, transactional=False) as send:
+            for message in messages:
+                send(*message)
 
     def _open(self) -> None:
         self.db = duckdb.connect(str(self._state.history_writer))

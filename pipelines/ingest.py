@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
 import json
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -181,7 +182,7 @@ class Ingestor:
         try:
             self._connect()
         except BaseException:
-            self._store.close()
+            self.close()  # what was opened before the failure
             raise
         self._known_ends: dict = {}  # spares re-reading partitions whose end did not move
         self._unfinished = True  # committed cycles may await publishing or their history file
@@ -197,7 +198,7 @@ class Ingestor:
         # cycle and marking it published sends it again.
         self._transactional = not clients.is_tansu(cfg.bootstrap_servers)
         self._transactional_id = self._store.transactional_id()
-        self._marked_through: int | None = None  # the newest cycle the markers say is out (read once)
+        self._markers: dict[bytes, bytes] | None = None  # the latest marker per key (read when needed)
         self._lister = clients.consumer(cfg.bootstrap_servers, request_timeout_ms=cfg.kafka_timeout_ms)
         self._consumer = clients.consumer(cfg.bootstrap_servers, request_timeout_ms=cfg.kafka_timeout_ms,
                                           fetch_max_wait_ms=clients.READ_FETCH_WAIT_MS)
@@ -207,14 +208,17 @@ class Ingestor:
         producer = clients.producer(self.cfg.bootstrap_servers, request_timeout_ms=self.cfg.kafka_timeout_ms,
                                     transactional_id=self._transactional_id if self._transactional else None)
         if self._transactional:
-            producer.init_transactions()
+            try:
+                producer.init_transactions()
+            except BaseException:
+                producer.close(timeout=1)
+                raise
         return producer
 
     def close(self) -> None:
-        self._lister.close()
-        self._consumer.close()
-        if self._producer is not None:
-            self._producer.close()
+        for client in (getattr(self, name, None) for name in ("_lister", "_consumer", "_producer")):
+            if client is not None:
+                client.close()
         self._store.close()
 
     def __enter__(self) -> Ingestor:
@@ -302,54 +306,59 @@ class Ingestor:
         forgetting.erase_pending(store.receipts, StateLayout(self.cfg.state_dir), self._key)
         if store.compaction_due():
             self._store = store = store.rewrite()
-        with self._sending() as producer:
-            forgetting.sign_and_publish(store.receipts, lambda: erasure.load_or_create_signing_key(self.cfg.state_dir),
-                                        producer, self._transactional)
+        forgetting.sign_and_publish(store.receipts, lambda: erasure.load_or_create_signing_key(self.cfg.state_dir),
+                                    lambda receipts: self._send_once("receipts", receipts))
         self._unfinished = False
 
-    @contextlib.contextmanager
-    def _sending(self) -> Iterator[KafkaProducer]:
-        """The producer; after a failed send or transaction, a new one for the next try (kafka-python's
-        producer keeps a failed transaction's sequence numbers and cannot send again)."""
+    def _publish(self, cycle: int) -> None:
+        """The cycle's outbox out, all or none, then marked published here."""
+        self._send_once("cycle", self._store.outbox(cycle))
+        self._store.mark_published(cycle)
+
+    def _send_once(self, kind: str, messages: list[tuple[str, bytes | None, bytes | None]]) -> None:
+        """`messages` out, all or none. On Kafka they go in one transaction with a marker (this state's
+        transactional id and `kind`, their digest) on ingest-commits: when a crash came after the
+        commit and before the state recorded it, the marker is found and nothing is sent twice. The
+        digest, not a cycle number, says "these very messages": a restored or copied state that
+        numbers its cycles anew never skips one."""
+        digest = hashlib.sha256(b"".join(
+            len(p).to_bytes(8, "big") + p for m in messages for p in (x or b"" for x in m[1:]))).hexdigest().encode()
+        marker = f"{self._transactional_id}/{kind}".encode()
+        if self._transactional and self._latest_markers().get(marker) == digest:
+            return
         if self._producer is None:
             self._producer = self._new_producer()
         try:
-            yield self._producer
+            with clients.sending(self._producer, self._transactional) as send:
+                for topic, key, value in messages:
+                    send(topic, key, value)
+                if self._transactional:
+                    send(INGEST_COMMITS, marker, digest)
         except BaseException:
+            # A failed send or transaction: a new producer for the next try (kafka-python's keeps the
+            # failed transaction's sequence numbers; the new one's init_transactions aborts what is
+            # open), and the markers read again (a commit whose answer was lost may have landed).
             with contextlib.suppress(Exception):
                 self._producer.close(timeout=1)
-            self._producer = None
+            self._producer, self._markers = None, None
             raise
+        if self._transactional:
+            self._latest_markers()[marker] = digest
 
-    def _publish(self, cycle: int) -> None:
-        """The cycle's outbox out, all or none, then marked published here. In a Kafka transaction the
-        marker goes with it: a restart after the commit and before the mark finds the marker and never
-        sends the cycle a second time."""
-        if self._transactional and cycle <= self._published_through():
-            self._store.mark_published(cycle)
-            return
-        with self._sending() as producer, clients.sending(producer, self._transactional) as send:
-            for topic, key, value in self._store.outbox(cycle):
-                send(topic, key, value)
-            if self._transactional:
-                send(INGEST_COMMITS, self._transactional_id.encode(), json.dumps({"cycle": cycle}).encode())
-        self._marked_through = cycle
-        self._store.mark_published(cycle)
-
-    def _published_through(self) -> int:
-        """The newest cycle this state's markers say is out (committed), read once per Ingestor: after
-        that, this one is the only writer (another would have fenced it)."""
-        if self._marked_through is None:
-            mine = self._transactional_id.encode()
-            self._marked_through = max((json.loads(m.value)["cycle"] for m in clients.read_all(
-                self.cfg.bootstrap_servers, INGEST_COMMITS) if m.key == mine and m.value), default=0)
-        return self._marked_through
+    def _latest_markers(self) -> dict[bytes, bytes]:
+        """This state's latest marker per key, read committed, once until a send fails: in between this
+        ingestor is the only writer of its markers (another would have fenced it)."""
+        if self._markers is None:
+            mine = f"{self._transactional_id}/".encode()
+            self._markers = {m.key: m.value for m in clients.read_all(self.cfg.bootstrap_servers, INGEST_COMMITS)
+                             if m.key and m.key.startswith(mine) and m.value}
+        return self._markers
 
 
-def connect(cfg: IngestConfig, stop: threading.Event,
-            on_retry: Callable[[Exception, float], None] | None = None) -> Ingestor | None:
-    """An Ingestor once the broker answers; None if `stop` was set first."""
-    return clients.with_backoff(lambda: Ingestor(cfg), stop, on_retry)
+def connect(cfg: IngestConfig, stop: threading.Event, on_retry: Callable[[Exception, float], None] | None = None,
+            retry_all: bool = False) -> Ingestor | None:
+    """An Ingestor once the broker answers (`clients.with_backoff`); None if `stop` was set first."""
+    return clients.with_backoff(lambda: Ingestor(cfg), stop, on_retry, retry_all)
 
 
 def write_history_file(history_dir: Path, cycle: int, store: Store, key: bytes) -> Path | None:

@@ -150,8 +150,9 @@ class Worker:
             # A broker that goes away is waited for; what was handled but not committed comes again
             # and is answered from its stored result.
             limit = max_requests - handled if max_requests else self.cfg.max_batch
-            n = clients.with_backoff(partial(self._serve_batch, limit, on_result), stop, on_retry=lambda e, delay:
-                                     log.warning("broker unavailable (%s); retrying in %.1f s", e, delay))
+            n = clients.with_backoff(partial(self._serve_batch, limit, on_result), stop, retry_all=True,
+                                     on_retry=lambda e, delay: log.warning("%s; retrying in %.1f s",
+                                                                           clients.describe(e), delay))
             if n:
                 handled += n
                 idle_since = time.monotonic()

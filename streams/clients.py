@@ -115,14 +115,14 @@ def with_backoff(fn: Callable[[], T], stop: threading.Event,
                  on_retry: Callable[[Exception, float], None] | None = None, retry_all: bool = False) -> T | None:
     """fn(), with broker errors retried after exponentially growing waits; None if `stop` is set first.
     Errors that waiting cannot fix (`retriable`) are raised, unless `retry_all` (a long-running
-    service, which reports each through `on_retry` and tries again)."""
+    service, which reports each through `on_retry` and tries again); a fenced producer always is."""
     delay = RETRY_FIRST_S
     while not stop.is_set():
         try:
             return fn()
         except BROKER_ERRORS as e:
-            if not (retry_all or retriable(e)):
-                raise
+            if not (retriable(e) or (retry_all and not isinstance(cause(e), ProducerFencedError))):
+                raise  # a fenced producer stops even a long-running service: another one took over
             if on_retry:
                 on_retry(e, delay)
             stop.wait(delay)
@@ -172,23 +172,18 @@ Send = Callable[[str, bytes | None, bytes | None], None]
 def sending(producer: KafkaProducer, transactional: bool) -> Iterator[Send]:
     """A `send(topic, key, value)` whose messages all go out or none do: in one Kafka transaction where
     `transactional` (the producer has a transactional.id and ran init_transactions), and every send
-    checked either way. An error (a record the broker refused, a fenced producer) aborts the
-    transaction and is raised."""
+    checked either way. An error (a record the broker refused, a fenced producer) is raised; the
+    caller then closes the producer, and the next one's init_transactions aborts what was left open
+    (kafka-python's abort_transaction would wait for a broker that may be gone)."""
     sent = []
     if transactional:
         producer.begin_transaction()
-    try:
-        yield lambda topic, key, value: sent.append(producer.send(topic, key=key, value=value))
-        producer.flush()
-        for future in sent:
-            future.get()  # kafka-python's flush() returns even when a record failed
-        if transactional:
-            producer.commit_transaction()
-    except BaseException:
-        if transactional:
-            with contextlib.suppress(KafkaError):  # a fenced producer cannot abort; the broker will
-                producer.abort_transaction()
-        raise
+    yield lambda topic, key, value: sent.append(producer.send(topic, key=key, value=value))
+    producer.flush()
+    for future in sent:
+        future.get()  # kafka-python's flush() returns even when a record failed
+    if transactional:
+        producer.commit_transaction()
 
 
 def send_all(bootstrap_servers: str, messages: Iterable[tuple[str, bytes, bytes]]) -> None:

@@ -60,11 +60,12 @@ def test_the_page_shows_the_photos_ingestion_counted(broker, make_ingestor, libr
     [manifest] = [parse_event(STYLE_MANIFESTS, m.value) for m in read_topic(bs, STYLE_MANIFESTS)
                   if m.key == b"ana" and m.value]
 
-    # 2. The API's read model, folded from the same topics in their order.
+    # 2. The API's read model, folded from the same topics (consent first: Ben's upload comes after
+    #    his forget request, as his late one did, and must not show).
     store = ApiStore(tmp_path / "api" / "api.sqlite3")
     try:
         with store.transaction() as db:
-            for topic in (PHOTO_EVENTS, CONSENT_EVENTS, STYLE_VECTORS, STYLE_MANIFESTS):
+            for topic in (CONSENT_EVENTS, PHOTO_EVENTS, STYLE_VECTORS, STYLE_MANIFESTS):
                 for m in read_topic(bs, topic):
                     fold(db, store, m)
         photos = views.photos(store.photos("ana"), store.consent("ana"))
@@ -73,5 +74,43 @@ def test_the_page_shows_the_photos_ingestion_counted(broker, make_ingestor, libr
         assert albums["learning"] and all(a["learning"] for a in albums["albums"])
         assert store.photos("ben") == []  # void, as ingestion voided it
         assert store.manifest("ana")["version"] == manifest.version
+    finally:
+        store.close()
+
+
+def test_an_older_read_model_is_carried_over_and_a_repeated_forget_deletes_nothing_new(tmp_path):
+    import sqlite3
+
+    from stylestream.schemas.events import encode_event
+    from stylestream.streams.clients import Message
+
+    path = tmp_path / "api" / "api.sqlite3"
+    path.parent.mkdir()
+    old = sqlite3.connect(path)
+    old.executescript("""
+        CREATE TABLE switches (user_id TEXT, scope TEXT, scope_id TEXT, enabled INTEGER, changed_at TEXT);
+        CREATE TABLE styles (user_id TEXT PRIMARY KEY, version INTEGER, event TEXT);
+        CREATE TABLE manifests (user_id TEXT PRIMARY KEY, version INTEGER, event TEXT);
+        INSERT INTO switches VALUES ('ana', 'album', 'a', 0, '2026-03-01T08:00:00+00:00');
+        INSERT INTO switches VALUES ('ana', 'user', '', 1, '2026-03-01T06:00:00+00:00');
+        INSERT INTO styles VALUES ('ana', 3, '{"version": 3}');
+        INSERT INTO manifests VALUES ('ana', 3, '{"version": 3}');""")
+    old.commit()
+    old.close()
+    store = ApiStore(path)
+    try:
+        consent = store.consent("ana")
+        assert {k: r.enabled for k, r in consent.items()} == {"album:a": False, "user:": True}
+        assert store.style("ana") == {"version": 3} and store.manifest("ana") == {"version": 3}
+
+        # Ben is forgotten, comes back, and the same request is read again: what he has now stays.
+        forget = UserForgotten(event_id="forget-ben", user_id="ben", event_time=at(13, 0))
+        message = Message(CONSENT_EVENTS, 0, 0, b"ben", encode_event(forget), 0)
+        comeback = toggle_event("ben", "album", "c", False, at(14, 0))
+        with store.transaction() as db:
+            assert fold(db, store, message)
+            fold(db, store, Message(CONSENT_EVENTS, 0, 1, b"ben", encode_event(comeback), 0))
+            assert not fold(db, store, message)  # a replay: void
+        assert set(store.consent("ben")) == {"album:c"}
     finally:
         store.close()
