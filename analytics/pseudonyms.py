@@ -50,3 +50,9 @@ def pseudonymize(table: pa.Table, key: bytes) -> pa.Table:
     """The table with its user_id column replaced by pseudonyms."""
     ids = [pseudonym(u, key) for u in table.column("user_id").to_pylist()]
     return table.set_column(table.schema.get_field_index("user_id"), "user_id", pa.array(ids, pa.string()))
+
+
+def subject(user_id: str, key: bytes) -> str:
+    """Who was forgotten, as the state remembers it: a keyed hash of the user id (not the history's
+    pseudonym), so that their earlier events arriving late are recognised and dropped."""
+    return "f" + hmac.new(key, b"forgotten\0" + user_id.encode(), hashlib.sha256).hexdigest()[:32]

@@ -17,9 +17,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from stylestream.analytics.pseudonyms import load_key, new_key
+from stylestream.analytics.pseudonyms import load_key, new_key, subject
 from stylestream.keyfiles import create_once
-from stylestream.privacy.erasure import subject
 from stylestream.transforms.style import ConsentRecord
 
 FORGOTTEN_KEY_FILE = "forgotten.key"

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import hmac
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from stylestream.analytics.pseudonyms import subject  # noqa: F401  (erasure.subject: who was forgotten)
 from stylestream.keyfiles import create_once, new_ed25519_pem
 from stylestream.pipelines.layout import StateLayout
 from stylestream.schemas.events import ErasureNotice, ErasureReceipt, StyleVectorUpdated, encode_event
@@ -140,9 +140,3 @@ def erasure_messages(user_id: str, last_version: int, now: datetime,
     key = user_id.encode()
     return [(STYLE_VECTORS, key, encode_event(tombstone_event(user_id, last_version, now, notice))),
             *((topic, key, None) for topic in ERASABLE_TOPICS)]
-
-
-def subject(user_id: str, key: bytes) -> str:
-    """Who was forgotten, as the state remembers it: a keyed hash of the user id (not the history's
-    pseudonym), so that their earlier events arriving late are recognised and dropped."""
-    return "f" + hmac.new(key, b"forgotten\0" + user_id.encode(), hashlib.sha256).hexdigest()[:32]
