@@ -321,8 +321,8 @@ class Ingestor:
         commit and before the state recorded it, the marker is found and nothing is sent twice. The
         digest, not a cycle number, says "these very messages": a restored or copied state that
         numbers its cycles anew never skips one."""
-        digest = hashlib.sha256(b"".join(
-            len(p).to_bytes(8, "big") + p for m in messages for p in (x or b"" for x in m[1:]))).hexdigest().encode()
+        parts = (p for topic, key, value in messages for p in (topic.encode(), key or b"", value or b""))
+        digest = hashlib.sha256(b"".join(len(p).to_bytes(8, "big") + p for p in parts)).hexdigest().encode()
         marker = f"{self._transactional_id}/{kind}".encode()
         if self._transactional and self._latest_markers().get(marker) == digest:
             return
