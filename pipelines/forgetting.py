@@ -138,9 +138,10 @@ class ReceiptBook:
     connection (the local driver's state database, or the history writer's). Writes happen in the
     caller's transaction where it holds one (`open`), else each in its own."""
 
-    def __init__(self, db: duckdb.DuckDBPyConnection):
+    def __init__(self, db: duckdb.DuckDBPyConnection, create: bool = True):
         self.db = db
-        db.execute(RECEIPT_TABLES)
+        if create:
+            db.execute(RECEIPT_TABLES)
 
     def open(self, cycle: int, erasure: ErasureNotice, user_id: str, up_to_version: int) -> None:
         """An erasure committed (its tombstone numbered `up_to_version`): its state counts go into its

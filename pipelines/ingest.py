@@ -19,9 +19,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+from apache_beam.transforms import environments
 from kafka import KafkaProducer
 
 from stylestream.analytics import history, pseudonyms
@@ -39,7 +42,7 @@ from stylestream.streams.topics import INGEST_COMMITS, INGEST_TOPICS, ensure_top
 from stylestream.transforms.grouping import GroupByUser
 from stylestream.transforms.images import DecodeLimits
 from stylestream.transforms.inputs import StyleInputs
-from stylestream.transforms.kafka_read import OffsetRange, ReadOffsetRanges, plan_ranges
+from stylestream.transforms.kafka_read import OffsetRange, ReadOffsetRanges, lend_consumer, plan_ranges
 from stylestream.transforms.manifest import style_basis
 from stylestream.transforms.records import UserBatch
 
@@ -121,11 +124,12 @@ class _PlanUserUpdates(beam.DoFn):
     def setup(self):
         self._key = pseudonyms.load_or_create_key(self._cfg.state_dir)  # for the erasure subjects
 
-    def process(self, plan: CyclePlan, batches: list[UserBatch]):
+    def process(self, gathered: tuple[CyclePlan, list[UserBatch], list[DeadLetter]]):
+        plan, batches, dead = gathered
         subjects = {b.user_id: erasure.subject(b.user_id, self._key) for b in batches}
-        with Store(self._cfg.db_path) as store:
+        with Store(self._cfg.db_path, create=False) as store:
             views = store.user_views(batches, self._dim, subjects)
-        yield plan_cycle(views, batches, self._cfg.basis, datetime.now(UTC))
+        yield plan, plan_cycle(views, batches, self._cfg.basis, datetime.now(UTC)), dead
 
 
 class _Commit(beam.DoFn):
@@ -135,18 +139,26 @@ class _Commit(beam.DoFn):
     def setup(self):
         self._key = pseudonyms.load_or_create_key(self._cfg.state_dir)
 
-    def process(self, plan: CyclePlan, writes: CycleWrites, dead: list[DeadLetter]):
+    def process(self, planned: tuple[CyclePlan, CycleWrites, list[DeadLetter]]):
+        plan, writes, dead = planned
         subjects = {e.user_id: erasure.subject(e.user_id, self._key) for e in writes.erasures}
-        with Store(self._cfg.db_path) as store:
+        with Store(self._cfg.db_path, create=False) as store:
             yield store.commit_cycle(plan.cycle, plan.ranges, writes, dead, subjects)
+
+
+def _gathered(_: str, grouped: dict[str, list]) -> tuple[CyclePlan, list[UserBatch], list[DeadLetter]]:
+    (plan,) = grouped["plan"]
+    return plan, list(grouped["batches"]), list(grouped["dead"])
 
 
 class CommitCycle(beam.PTransform):
     """(plan, user batches, dead letters) -> the per-user updates, planned from what the store holds
     (pipelines/plan.py) -> one DuckDB transaction with the plan's offsets -> CycleResult.
 
-    The cycle's plan is the main input, so the commit runs (and records the offsets) even for a cycle
-    whose messages produced nothing; what the cycle produced arrives beside it as side inputs."""
+    The three meet under one key, with the plan always there, so the commit runs (and records the
+    offsets) even for a cycle whose messages produced nothing. Not as side inputs: Beam's worker
+    measures the deep size of every side input it caches, which cost more than planning the cycle
+    (profiled with bench/ingest.py)."""
 
     def __init__(self, cfg: IngestConfig, embedding_dim: int):
         super().__init__()
@@ -154,16 +166,26 @@ class CommitCycle(beam.PTransform):
 
     def expand(self, pcolls):
         plan, batches, dead = pcolls
-        writes = plan | "PlanUserUpdates" >> beam.ParDo(self._plan, beam.pvalue.AsList(batches))
-        return plan | "Commit" >> beam.ParDo(self._commit, beam.pvalue.AsSingleton(writes),
-                                             beam.pvalue.AsList(dead))
+        return (
+            {
+                "plan": plan | "KeyPlan" >> beam.Map(lambda p: ("cycle", p)),
+                "batches": batches | "KeyBatches" >> beam.Map(lambda b: ("cycle", b)),
+                "dead": dead | "KeyDead" >> beam.Map(lambda d: ("cycle", d)),
+            }
+            | "Gather" >> beam.CoGroupByKey()
+            | "Unpack" >> beam.MapTuple(_gathered)
+            | "PlanUserUpdates" >> beam.ParDo(self._plan)
+            | "Commit" >> beam.ParDo(self._commit)
+        )
 
 
-def build_cycle(p: beam.Pipeline, cfg: IngestConfig, embedding_dim: int) -> beam.PCollection:
-    """The data flow of one micro-batch (docs/architecture.md); each run reads `cfg.plan_path`."""
+def build_cycle(p: beam.Pipeline, cfg: IngestConfig, embedding_dim: int, reader: str | None = None,
+                ) -> beam.PCollection:
+    """The data flow of one micro-batch (docs/architecture.md); each run reads `cfg.plan_path`, and the
+    Kafka read uses the consumer lent as `reader` (`kafka_read.lend_consumer`), if any."""
     plan = p | "Plan" >> beam.Create([str(cfg.plan_path)]) | "ReadPlan" >> beam.Map(CyclePlan.read)
     ranges = plan | "Ranges" >> beam.FlatMap(lambda pl: pl.ranges)
-    messages = ranges | "ReadKafka" >> ReadOffsetRanges(cfg.bootstrap_servers)
+    messages = ranges | "ReadKafka" >> ReadOffsetRanges(cfg.bootstrap_servers, reader)
     inputs = messages | "StyleInputs" >> StyleInputs(cfg.clip, cfg.limits)
     batches = (inputs["contributions"], inputs["deletes"], inputs["toggles"]) | "GroupByUser" >> GroupByUser()
     return (plan, batches, inputs["dead"]) | "CommitCycle" >> CommitCycle(cfg, embedding_dim)
@@ -186,7 +208,7 @@ class Ingestor:
             raise
         self._known_ends: dict = {}  # spares re-reading partitions whose end did not move
         self._unfinished = True  # committed cycles may await publishing or their history file
-        self._pipeline: beam.Pipeline | None = None  # built on the first cycle, run once per cycle
+        self._compiled: tuple[FnApiRunner, Any, PipelineOptions] | None = None  # see _run_pipeline
 
     def _connect(self) -> None:
         cfg = self.cfg
@@ -239,14 +261,25 @@ class Ingestor:
             return None
         self._unfinished = True
         CyclePlan(cycle, tuple(ranges)).write(self.cfg.plan_path)
-        if self._pipeline is None:
-            self._pipeline = beam.Pipeline(runner=FnApiRunner())
-            build_cycle(self._pipeline, self.cfg, self.embedding_dim)
-        self._pipeline.run().wait_until_finish()
+        self._run_pipeline()
         self._finish_committed()
         result = self._store.cycle_result(cycle)
         unread = sum(end - committed.get(k, 0) for k, end in ends.items())
         return replace(result, lag=unread - sum(len(r) for r in ranges))
+
+    def _run_pipeline(self) -> None:
+        """One run of the cycle's pipeline (it reads the plan file). The graph is built and translated
+        on the first run only: building it costs more than a small cycle's work, translating it ~70 ms."""
+        if self._compiled is None:
+            env = environments.EmbeddedPythonEnvironment.default()
+            pipeline = beam.Pipeline(runner=FnApiRunner(default_environment=env))
+            # The run reads with this Ingestor's consumer: it is in this process, and idle meanwhile.
+            build_cycle(pipeline, self.cfg, self.embedding_dim, lend_consumer(self._consumer))
+            pipeline.run().wait_until_finish()  # also readies the runner and the options for the next runs
+            self._compiled = (pipeline.runner, pipeline.to_runner_api(default_environment=env), pipeline.options)
+            return
+        runner, proto, options = self._compiled
+        runner.run_via_runner_api(proto, options).wait_until_finish()
 
     def run(self, stop: threading.Event | None = None, follow: bool = False,
             on_cycle: Callable[[CycleResult], None] | None = None,

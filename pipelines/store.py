@@ -102,13 +102,16 @@ class LatestVersion(NamedTuple):
 
 
 class Store:
-    def __init__(self, path: Path | str):
+    def __init__(self, path: Path | str, create: bool = True):
+        """`create=False`: the file and its tables exist already (the ingestion steps, which run while
+        the Ingestor holds the state open), and running the schema's statements again is skipped."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self.db = duckdb.connect(str(self.path))
-            self.db.execute(SCHEMA)
-            self.receipts = ReceiptBook(self.db)
+            if create:
+                self.db.execute(SCHEMA)
+            self.receipts = ReceiptBook(self.db, create)
         except duckdb.Error as e:
             raise StoreError(f"cannot open the state database {self.path}: {e}. If another ingestion holds it, "
                              "stop that one; if the file is damaged, restore it from a backup (the Parquet "

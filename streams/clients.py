@@ -268,6 +268,9 @@ def read_range(c: KafkaConsumer, tp: TopicPartition, start: int, stop: int) -> I
     """Every message of one partition with start <= offset < stop (assigns `c` to that partition)."""
     if start >= stop:
         return
+    # A consumer without the topic's metadata sleeps its retry backoff (100 ms) on the first poll;
+    # asking for the partitions fetches it now (later calls answer from its cache).
+    c.partitions_for_topic(tp.topic)
     c.assign([tp])
     c.seek(tp, start)
     empty_polls = 0

@@ -10,6 +10,8 @@ streaming pipeline's source on runners where the expansion service cannot be had
 from __future__ import annotations
 
 import sys
+import uuid
+import weakref
 from dataclasses import dataclass
 
 import apache_beam as beam
@@ -19,7 +21,7 @@ from apache_beam.io.watermark_estimators import WalltimeWatermarkEstimator
 from apache_beam.transforms.core import RestrictionProvider
 from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Duration
-from kafka import TopicPartition
+from kafka import KafkaConsumer, TopicPartition
 
 from stylestream.streams import clients
 
@@ -47,32 +49,50 @@ def plan_ranges(committed: dict[tuple[str, int], int], ends: dict[tuple[str, int
     return ranges
 
 
+# Consumers lent to the read step, by token, by a process that runs its pipelines in-process (the
+# local driver, a pipeline run per cycle): a new consumer spends ~0.1 s on its first metadata request.
+# Weak references: the lender keeps and closes its consumer.
+_LENT: weakref.WeakValueDictionary[str, KafkaConsumer] = weakref.WeakValueDictionary()
+
+
+def lend_consumer(consumer: KafkaConsumer) -> str:
+    """A token under which ReadOffsetRanges, run in this process, reads with `consumer`."""
+    token = uuid.uuid4().hex
+    _LENT[token] = consumer
+    return token
+
+
 class _ReadRange(beam.DoFn):
-    def __init__(self, bootstrap_servers: str):
-        self._bootstrap = bootstrap_servers
-        self._consumer = None
+    def __init__(self, bootstrap_servers: str, lent: str | None):
+        self._bootstrap, self._lent = bootstrap_servers, lent
+        self._consumer, self._owned = None, False
 
     def setup(self):
-        self._consumer = clients.consumer(self._bootstrap, fetch_max_wait_ms=clients.READ_FETCH_WAIT_MS)
+        self._consumer = _LENT.get(self._lent) if self._lent else None
+        if self._consumer is None:
+            self._consumer = clients.consumer(self._bootstrap, fetch_max_wait_ms=clients.READ_FETCH_WAIT_MS)
+            self._owned = True
 
     def process(self, r: OffsetRange):
         tp = TopicPartition(r.topic, r.partition)
         yield from clients.read_range(self._consumer, tp, r.start, r.stop)
 
     def teardown(self):
-        if self._consumer is not None:
+        if self._owned:
             self._consumer.close()
 
 
 class ReadOffsetRanges(beam.PTransform):
-    """OffsetRanges -> every message in them, once each (`streams.clients.Message`)."""
+    """OffsetRanges -> every message in them, once each (`streams.clients.Message`). With `lent` (a
+    `lend_consumer` token) it reads with that consumer where it runs in the lender's process, else with
+    its own."""
 
-    def __init__(self, bootstrap_servers: str):
+    def __init__(self, bootstrap_servers: str, lent: str | None = None):
         super().__init__()
-        self._bootstrap = bootstrap_servers
+        self._bootstrap, self._lent = bootstrap_servers, lent
 
     def expand(self, ranges):
-        return ranges | "Read" >> beam.ParDo(_ReadRange(self._bootstrap))
+        return ranges | "Read" >> beam.ParDo(_ReadRange(self._bootstrap, self._lent))
 
 
 # --- unbounded: every partition from its start, for a streaming runner ---------------------------------
