@@ -36,7 +36,7 @@ from typing import Annotated
 import fsspec
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.security import HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from kafka import KafkaProducer
@@ -44,6 +44,7 @@ from kafka.errors import KafkaError
 from limits import parse
 from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -61,6 +62,7 @@ from stylestream.api.auth import (
 from stylestream.api.config import ApiConfig
 from stylestream.api.errors import NO_RETRY, ApiError, error_response
 from stylestream.api.follower import Follower
+from stylestream.api.metrics import ApiMetrics
 from stylestream.api.models import (
     ErrorBody,
     GrantRequest,
@@ -98,6 +100,7 @@ class Services:
     url_key: bytes
     loop: asyncio.AbstractEventLoop
     follower: Follower | None = None
+    metrics: ApiMetrics = field(default_factory=ApiMetrics)
     limits_lock: threading.Lock = field(default_factory=threading.Lock)  # test-then-hit is one step
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -162,7 +165,8 @@ def create_app(cfg: ApiConfig) -> FastAPI:
         services = Services(cfg, store, clients.producer(cfg.bootstrap_servers),
                             MovingWindowRateLimiter(MemoryStorage()), cfg.url_key_path.read_bytes(),
                             asyncio.get_running_loop())
-        services.follower = Follower(cfg.bootstrap_servers, store, on_change=services.notify).start()
+        services.follower = Follower(cfg.bootstrap_servers, store, on_change=services.notify,
+                                     metrics=services.metrics).start()
         app.state.services = services
         yield
         services.follower.close()
@@ -255,8 +259,14 @@ def _routes(app: FastAPI, cfg: ApiConfig) -> None:
         """ok, or 503 with the follower's last error while it cannot fold the topics (answers go stale)."""
         follower = services_of(request).follower
         error = follower.failing() if follower else "not started"
-        return JSONResponse({"status": "degraded" if error else "ok", "follower": error or "ok"},
+        return JSONResponse({"status": "degraded" if error else "ok", "follower": error or "ok",
+                             "follower_retries": follower.retries if follower else 0},
                             status_code=503 if error else 200)
+
+    @app.get("/metrics", tags=["service"], response_class=PlainTextResponse)
+    def metrics(request: Request) -> Response:
+        """Prometheus metrics: the follower's retries by error, and whether it is failing now."""
+        return Response(generate_latest(services_of(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/config", tags=["service"])
     def config() -> dict:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from kafka import TopicPartition
 
+from stylestream.api.metrics import ApiMetrics
 from stylestream.api.store import ApiStore
 from stylestream.schemas.events import InvalidEvent, parse_event
 from stylestream.streams import clients
@@ -83,8 +84,11 @@ def _trace(m: Message) -> str | None:
 
 
 class Follower:
-    def __init__(self, bootstrap_servers: str, store: ApiStore, on_change: Callable[[], None] = lambda: None):
+    def __init__(self, bootstrap_servers: str, store: ApiStore, on_change: Callable[[], None] = lambda: None,
+                 metrics: ApiMetrics | None = None):
         self.store, self._on_change = store, on_change
+        self.metrics = metrics or ApiMetrics()
+        self.retries = 0  # failures met and retried (also on /metrics, by error)
         self._consumer = clients.consumer(bootstrap_servers, fetch_max_wait_ms=100)
         self._tps = [tp for topic in FOLLOWED for tp in clients.partitions_of(self._consumer, topic)]
         self._consumer.assign(self._tps)
@@ -129,15 +133,24 @@ class Follower:
                     reseek = False
                 clients.with_backoff(self.poll_once, self._stop, on_retry=self._broker_away)
                 self._error, delay = None, RETRY_FIRST_S
+                self.metrics.follower_failing.set(0)
             except Exception as e:
                 log.exception("the API's follower failed; reading again from its stored offsets in %.0f s", delay)
-                self._error, reseek = f"{type(e).__name__}: {e}", True
+                self._failed(e, f"{type(e).__name__}: {e}")
+                reseek = True
                 self._stop.wait(delay)
                 delay = min(2 * delay, RETRY_MAX_S)
 
     def _broker_away(self, e: Exception, delay: float) -> None:
-        self._error = f"broker unavailable ({type(e).__name__})"
-        log.warning("broker unavailable (%s); retrying in %.1f s", e, delay)
+        log.warning("%s; retrying in %.1f s", clients.describe(e), delay)
+        self._failed(e, f"broker unavailable ({type(e).__name__})")
+
+    def _failed(self, e: Exception, error: str) -> None:
+        """A failure to be retried: reported by `failing` and counted, never silent."""
+        self._error = error
+        self.retries += 1
+        self.metrics.follower_retries.labels(type(clients.cause(e)).__name__).inc()
+        self.metrics.follower_failing.set(1)
 
     def poll_once(self) -> int:
         batches = self._consumer.poll(timeout_ms=200)

@@ -23,5 +23,11 @@ class ServeMetrics:
                                  "Requests on the assigned partitions not yet handled (from the broker's "
                                  "high-water marks)", registry=self.registry)
 
+        self.broker_retries = Counter("stylestream_serve_broker_retries",
+                                      "Broker errors met and retried, by error (each is also logged)", ["error"],
+                                      registry=self.registry)
+        self.broker_failing = Gauge("stylestream_serve_broker_failing",
+                                    "1 from a broker error until a batch gets through again", registry=self.registry)
+
     def serve_http(self, port: int) -> None:
         start_http_server(port, addr="127.0.0.1", registry=self.registry)

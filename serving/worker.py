@@ -151,14 +151,20 @@ class Worker:
             # and is answered from its stored result.
             limit = max_requests - handled if max_requests else self.cfg.max_batch
             n = clients.with_backoff(partial(self._serve_batch, limit, on_result), stop, retry_all=True,
-                                     on_retry=lambda e, delay: log.warning("%s; retrying in %.1f s",
-                                                                           clients.describe(e), delay))
+                                     on_retry=self._retrying)
+            self.metrics.broker_failing.set(0)
             if n:
                 handled += n
                 idle_since = time.monotonic()
             elif idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s:
                 break
         return handled
+
+    def _retrying(self, e: Exception, delay: float) -> None:
+        """A broker error, to be retried: logged with its reason and counted on /metrics, never silent."""
+        log.warning("%s; retrying in %.1f s", clients.describe(e), delay)
+        self.metrics.broker_retries.labels(type(clients.cause(e)).__name__).inc()
+        self.metrics.broker_failing.set(1)
 
     def _serve_batch(self, limit: int, on_result: Callable[[Result], None] | None) -> int:
         """Collect, answer and commit one batch of requests; how many there were."""

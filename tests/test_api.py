@@ -165,7 +165,7 @@ def test_limits_answer_in_the_openai_error_shape(api_system):
     chunked = (b'{"prompt": "' + b"x" * 8192 for _ in range(10))  # no Content-Length: counted as it comes
     assert_error(call(api_system, "POST", "/v1/images/generations", token, data=chunked,
                       headers_extra={"Content-Type": "application/json"}), 413, "request_too_large")
-    assert call(api_system, "GET", "/healthz", None).json() == {"status": "ok", "follower": "ok"}
+    assert call(api_system, "GET", "/healthz", None).json()["status"] == "ok"
     assert_error(call(api_system, "POST", "/v1/images/generations", token, json={"prompt": ""}),
                  400, "invalid_request")
     assert_error(call(api_system, "POST", "/v1/images/generations", token, json={"prompt": "a", "n": 9}),
@@ -190,7 +190,10 @@ def test_a_message_the_api_cannot_use_is_skipped(api_system):
     token = api_system.token("ben")
     made = call(api_system, "POST", "/v1/images/generations", token, json={"prompt": "a kite", "size": "64x64"})
     assert made.status_code == 200, made.text
-    assert call(api_system, "GET", "/healthz", None).json() == {"status": "ok", "follower": "ok"}
+    assert call(api_system, "GET", "/healthz", None).json() == {"status": "ok", "follower": "ok",
+                                                                 "follower_retries": 0}
+    metrics = call(api_system, "GET", "/metrics", None)  # Prometheus' text format, no token needed
+    assert metrics.status_code == 200 and "stylestream_api_follower_failing 0.0" in metrics.text, metrics.text
 
 
 def test_a_generation_that_times_out_says_so_and_is_fetched_later(api_system, tmp_path):

@@ -12,7 +12,10 @@ import pytest
 from helpers import produce, read_topic
 from kafka import KafkaAdminClient
 from kafka.admin import ConfigResource, ConfigResourceType
+from prometheus_client import generate_latest
 
+from stylestream.api.follower import Follower
+from stylestream.api.store import ApiStore
 from stylestream.demo.synthetic import make_library
 from stylestream.pipelines.ingest import IngestConfig, Ingestor
 from stylestream.pipelines.store import Store
@@ -96,6 +99,7 @@ def test_broker_down_30_s_ingestion_and_serving_retry_and_recover(kafka, clip, d
     brokers = [kafka]
     ingesting.start()
     worker = serving = None
+    follower = Follower(bs, ApiStore(tmp_path / "api" / "api.db")).start()  # the API's
     try:
         wait_until(lambda: len(read_topic(bs, STYLE_VECTORS)) == 1, 120, "the first style version")
         worker = Worker(ServeConfig(bs, str(tmp_path / "images")), StyleGenerator(diffusion, clip, device="cpu"))
@@ -105,15 +109,33 @@ def test_broker_down_30_s_ingestion_and_serving_retry_and_recover(kafka, clip, d
         produce(bs, GENERATION_REQUESTS, [request("before")])
         wait_until(lambda: len(results) == 1, 120, "the first result")
 
+        away: list[str | None] = []  # what the API's health endpoint says each second of the outage
+
+        def watch() -> None:
+            for _ in range(30):
+                away.append(follower.failing())
+                time.sleep(1)
+        watching = threading.Thread(target=watch)
+        watching.start()
         brokers.append(kill_and_restart(kafka, down_s=30.0))
+        watching.join()
         produce(bs, PHOTO_EVENTS, [p.upload_event() for p in photos[2:]])
         wait_until(lambda: len(read_topic(bs, STYLE_VECTORS)) == 2, 120, "ingestion to publish again")
         produce(bs, GENERATION_REQUESTS, [request("after", min_style_version=2)])
         wait_until(lambda: any(r.request_id == "after" for r in results), 180, "serving to recover and answer")
+        # Every retry was reported: the health endpoint's reason while away, counts on /metrics.
+        assert any(a and "broker unavailable" in a for a in away), away
+        wait_until(lambda: follower.failing() is None, 60, "the API's follower to recover")
+        for text, prefix in ((generate_latest(worker.metrics.registry).decode(), "stylestream_serve_broker"),
+                             (generate_latest(follower.metrics.registry).decode(), "stylestream_api_follower")):
+            retried = [line for line in text.splitlines() if line.startswith(f"{prefix}_retries_total{{")]
+            assert retried and sum(float(line.split()[-1]) for line in retried) > 0, text
+            assert f"{prefix}_failing 0.0" in text, text
         stop_serving.set()
         serving.join(timeout=60)
         assert not serving.is_alive(), "serving did not stop"
     finally:
+        follower.close()
         stop_serving.set()
         if serving is not None:
             serving.join(timeout=60)
