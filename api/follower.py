@@ -90,6 +90,7 @@ class Follower:
         self.metrics = metrics or ApiMetrics()
         self.retries = 0  # failures met and retried (also on /metrics, by error)
         self._consumer = clients.consumer(bootstrap_servers, fetch_max_wait_ms=100)
+        self._probe = clients.QuietProbe(bootstrap_servers)  # a broker gone is reported, not waited out silently
         self._tps = [tp for topic in FOLLOWED for tp in clients.partitions_of(self._consumer, topic)]
         self._consumer.assign(self._tps)
         self._seek_to_stored()
@@ -155,7 +156,9 @@ class Follower:
     def poll_once(self) -> int:
         batches = self._consumer.poll(timeout_ms=200)
         if not batches:
+            self._probe.check()
             return 0
+        self._probe.heard()
         n, forgot = 0, False
         with self.store.transaction() as db:
             for tp, records in sorted(batches.items(), key=lambda kv: (kv[0].topic, kv[0].partition)):

@@ -125,6 +125,7 @@ class Worker:
         self._producer = clients.producer(cfg.bootstrap_servers)
         self._requests = clients.consumer(cfg.bootstrap_servers, group_id=cfg.group_id)
         self._requests.subscribe([GENERATION_REQUESTS])
+        self._probe = clients.QuietProbe(cfg.bootstrap_servers)  # a broker gone is reported, not waited out silently
 
     def close(self) -> None:
         for c in (self._requests, self.styles, self._producer):
@@ -176,7 +177,9 @@ class Worker:
         self._forget_erased()
         self.generator.loras.drop_versions(self.styles.withdrawn)
         if not records:
+            self._probe.check()
             return 0
+        self._probe.heard()
         for result in self.handle_batch(records):
             if on_result:
                 on_result(result)

@@ -77,6 +77,24 @@ def require_broker(bootstrap_servers: str, timeout_s: float = REACH_TIMEOUT_S) -
                                 "one with `stylestream broker` or check --bootstrap-servers") from None
 
 
+class QuietProbe:
+    """Asks whether a broker still answers once a consumer has heard nothing for `quiet_s`: kafka-python's
+    poll returns nothing alike whether the topics are quiet or the broker is gone, and a service should
+    report the second (`check` raises BrokerUnreachable, for `with_backoff` to report and retry)."""
+
+    def __init__(self, bootstrap_servers: str, quiet_s: float = 5.0):
+        self._bootstrap, self._quiet_s = bootstrap_servers, quiet_s
+        self._heard = time.monotonic()
+
+    def heard(self) -> None:
+        self._heard = time.monotonic()
+
+    def check(self) -> None:
+        if time.monotonic() - self._heard >= self._quiet_s:
+            require_broker(self._bootstrap)
+            self.heard()
+
+
 def cause(e: BaseException) -> BaseException:
     """The error behind kafka-python's "a previous request has failed" (it carries the original)."""
     inner = [a for a in getattr(e, "args", ()) if isinstance(a, KafkaError)]
