@@ -64,10 +64,9 @@ def manifest_photos(stored: dict[str, StoredContribution]) -> list[ManifestPhoto
 
 def _top(ids: list[str], albums: list[str | None], pull: np.ndarray, sign: float) -> list[Pull]:
     """The (at most TOP_PHOTOS) photos with the largest pull in direction `sign`, ties by photo id
-    (`ids` are sorted, and the sort is stable). Built unvalidated: the ids are the store's own, and a
-    manifest names up to a hundred pulls, which validating cost more than computing them."""
+    (`ids` are sorted, and the sort is stable)."""
     order = np.argsort(-sign * pull, kind="stable")[:TOP_PHOTOS]
-    return [Pull.model_construct(photo_id=ids[i], album_id=albums[i], pull=round(float(pull[i]), 6))
+    return [Pull(photo_id=ids[i], album_id=albums[i], pull=round(float(pull[i]), 6))
             for i in order if sign * pull[i] > 0]
 
 
