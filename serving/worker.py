@@ -152,8 +152,10 @@ class Worker:
             # and is answered from its stored result.
             limit = max_requests - handled if max_requests else self.cfg.max_batch
             n = clients.with_backoff(partial(self._serve_batch, limit, on_result), stop, retry_all=True,
-                                     on_retry=self._retrying)
-            self.metrics.broker_failing.set(0)
+                                     on_retry=self._retrying,
+                                     until=idle_since + idle_exit_s if idle_exit_s is not None else None)
+            if n is not None:  # got through (None: stopped, or idle past --idle-exit while failing)
+                self.metrics.broker_failing.set(0)
             if n:
                 handled += n
                 idle_since = time.monotonic()

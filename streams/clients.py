@@ -78,21 +78,32 @@ def require_broker(bootstrap_servers: str, timeout_s: float = REACH_TIMEOUT_S) -
 
 
 class QuietProbe:
-    """Asks whether a broker still answers once a consumer has heard nothing for `quiet_s`: kafka-python's
-    poll returns nothing alike whether the topics are quiet or the broker is gone, and a service should
-    report the second (`check` raises BrokerUnreachable, for `with_backoff` to report and retry)."""
+    """Whether a broker still accepts connections, asked once a consumer has heard nothing for `quiet_s`:
+    kafka-python's poll returns nothing alike whether the topics are quiet or the broker is gone, and a
+    service should report the second (`check` raises BrokerUnreachable, for `with_backoff` to report
+    and retry). A plain TCP connection: a Kafka client would start an IO thread per try, which
+    kafka-python leaves running when the broker is down."""
 
     def __init__(self, bootstrap_servers: str, quiet_s: float = 5.0):
-        self._bootstrap, self._quiet_s = bootstrap_servers, quiet_s
+        self._addresses, self._quiet_s = split_bootstrap(bootstrap_servers), quiet_s
         self._heard = time.monotonic()
 
     def heard(self) -> None:
         self._heard = time.monotonic()
 
     def check(self) -> None:
-        if time.monotonic() - self._heard >= self._quiet_s:
-            require_broker(self._bootstrap)
+        if time.monotonic() - self._heard < self._quiet_s:
+            return
+        errors = []
+        for address in self._addresses:
+            try:
+                socket.create_connection(address, timeout=REACH_TIMEOUT_S).close()
+            except OSError as e:
+                errors.append(f"{address[0]}:{address[1]}: {e.strerror or type(e).__name__}")
+                continue
             self.heard()
+            return
+        raise BrokerUnreachable(f"no Kafka broker accepts connections ({'; '.join(errors)})")
 
 
 def cause(e: BaseException) -> BaseException:
@@ -130,8 +141,10 @@ def describe(e: BaseException) -> str:
 
 
 def with_backoff(fn: Callable[[], T], stop: threading.Event,
-                 on_retry: Callable[[Exception, float], None] | None = None, retry_all: bool = False) -> T | None:
-    """fn(), with broker errors retried after exponentially growing waits; None if `stop` is set first.
+                 on_retry: Callable[[Exception, float], None] | None = None, retry_all: bool = False,
+                 until: float | None = None) -> T | None:
+    """fn(), with broker errors retried after exponentially growing waits; None if `stop` is set first,
+    or once the `until` deadline (time.monotonic()) has passed with fn still failing.
     Errors that waiting cannot fix (`retriable`) are raised, unless `retry_all` (a long-running
     service, which reports each through `on_retry` and tries again); a fenced producer always is."""
     delay = RETRY_FIRST_S
@@ -143,7 +156,9 @@ def with_backoff(fn: Callable[[], T], stop: threading.Event,
                 raise  # a fenced producer stops even a long-running service: another one took over
             if on_retry:
                 on_retry(e, delay)
-            stop.wait(delay)
+            if until is not None and time.monotonic() >= until:
+                return None
+            stop.wait(delay if until is None else min(delay, until - time.monotonic()))
             delay = min(2 * delay, RETRY_MAX_S)
     return None
 
@@ -286,8 +301,8 @@ def read_range(c: KafkaConsumer, tp: TopicPartition, start: int, stop: int) -> I
     """Every message of one partition with start <= offset < stop (assigns `c` to that partition)."""
     if start >= stop:
         return
-    # A consumer without the topic's metadata sleeps its retry backoff (100 ms) on the first poll;
-    # asking for the partitions fetches it now (later calls answer from its cache).
+    # A consumer without the topic's metadata would sleep its retry backoff (100 ms) on the first poll
+    # after assign(); asking for the partitions waits for the metadata instead.
     c.partitions_for_topic(tp.topic)
     c.assign([tp])
     c.seek(tp, start)

@@ -192,7 +192,8 @@ def test_a_message_the_api_cannot_use_is_skipped(api_system):
     assert made.status_code == 200, made.text
     assert call(api_system, "GET", "/healthz", None).json() == {"status": "ok", "follower": "ok",
                                                                  "follower_retries": 0}
-    metrics = call(api_system, "GET", "/metrics", None)  # Prometheus' text format, no token needed
+    # Served in Prometheus' text format without a token (tests/test_broker_faults.py sees it count).
+    metrics = call(api_system, "GET", "/metrics", None)
     assert metrics.status_code == 200 and "stylestream_api_follower_failing 0.0" in metrics.text, metrics.text
 
 

@@ -98,9 +98,10 @@ def test_broker_down_30_s_ingestion_and_serving_retry_and_recover(kafka, clip, d
     results = []
     brokers = [kafka]
     ingesting.start()
-    worker = serving = None
-    follower = Follower(bs, ApiStore(tmp_path / "api" / "api.db")).start()  # the API's
+    worker = serving = follower = None
+    api_store = ApiStore(tmp_path / "api" / "api.db")
     try:
+        follower = Follower(bs, api_store).start()  # the API's
         wait_until(lambda: len(read_topic(bs, STYLE_VECTORS)) == 1, 120, "the first style version")
         worker = Worker(ServeConfig(bs, str(tmp_path / "images")), StyleGenerator(diffusion, clip, device="cpu"))
         serving = threading.Thread(target=worker.run, kwargs=dict(stop=stop_serving, on_result=results.append),
@@ -135,7 +136,9 @@ def test_broker_down_30_s_ingestion_and_serving_retry_and_recover(kafka, clip, d
         serving.join(timeout=60)
         assert not serving.is_alive(), "serving did not stop"
     finally:
-        follower.close()
+        if follower is not None:
+            follower.close()
+        api_store.close()
         stop_serving.set()
         if serving is not None:
             serving.join(timeout=60)
