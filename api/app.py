@@ -110,10 +110,11 @@ class Services:
     def publish(self, topic: str, events: list, trace_id: str | None = None) -> None:
         """Send and wait for the broker's acknowledgement (a blocking call: run it in a thread)."""
         headers = [(clients.TRACE_HEADER, trace_id.encode())] if trace_id else None
+        sent = []
         for event in events:
             key, value = to_message(event)
-            self.producer.send(topic, key=key, value=value, headers=headers)
-        self.producer.flush(timeout=30)
+            sent.append(self.producer.send(topic, key=key, value=value, headers=headers))
+        clients.acknowledged(self.producer, sent, timeout_s=30)
 
     def notify(self) -> None:
         """Called by the follower's thread after each fold: wakes the requests waiting on the loop."""

@@ -143,16 +143,17 @@ def publish(bootstrap_servers: str, items: list[LibraryItem], user_id: str, prog
     start = progress.published()
     producer = clients.producer(bootstrap_servers)
     try:
-        done = start
+        done, sent = start, []
         for done, item in enumerate(items[start:], start=start + 1):
             event = upload_event(item, user_id, library_ids[item.root])
-            producer.send(PHOTO_EVENTS, key=user_id.encode(), value=encode_event(event))
+            sent.append(producer.send(PHOTO_EVENTS, key=user_id.encode(), value=encode_event(event)))
             if done % checkpoint_every == 0:
-                producer.flush()  # only what the broker has is marked published
+                clients.acknowledged(producer, sent)  # only what the broker has is marked published
+                sent = []
                 progress.save(done, len(items))
             if on_item:
                 on_item(done)
-        producer.flush()
+        clients.acknowledged(producer, sent)
         progress.save(done, len(items))
     finally:
         producer.close()

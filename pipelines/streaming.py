@@ -78,9 +78,7 @@ class _Publish(beam.DoFn):
     def finish_bundle(self):
         # A bundle is done only once the broker acknowledged each message; a failed send fails the
         # bundle, which the runner retries (at least once: a retry may publish a message again).
-        self._producer.flush()
-        for sent in self._sent:
-            sent.get()
+        clients.acknowledged(self._producer, self._sent)
         self._sent = []
 
     def teardown(self):

@@ -123,6 +123,7 @@ class Worker:
         self.styles.catch_up()
         self._forget_erased()
         self._producer = clients.producer(cfg.bootstrap_servers)
+        self._sent: list = []  # this batch's sends, each checked before the batch is committed
         self._requests = clients.consumer(cfg.bootstrap_servers, group_id=cfg.group_id)
         self._requests.subscribe([GENERATION_REQUESTS])
         self._probe = clients.QuietProbe(cfg.bootstrap_servers)  # a broker gone is reported, not waited out silently
@@ -186,8 +187,9 @@ class Worker:
             if on_result:
                 on_result(result)
         self._update_queue_depth()
-        self._producer.flush()
-        self._requests.commit()  # after the results are out: a crash redelivers, never loses
+        sent, self._sent = self._sent, []
+        clients.acknowledged(self._producer, sent)
+        self._requests.commit()  # after the results are out: a crash or a failed send redelivers, never loses
         return len(records)
 
     def _forget_erased(self) -> None:
@@ -240,7 +242,7 @@ class Worker:
             except InvalidEvent as e:
                 dead = DeadLetter.of(record, "validate", str(e))
                 topic, key, value = dead.message()
-                self._producer.send(topic, key=key, value=value)
+                self._sent.append(self._producer.send(topic, key=key, value=value))
                 continue
             requests.setdefault(request.request_id, request)
             if trace := dict(record.headers or ()).get(clients.TRACE_HEADER):
@@ -257,8 +259,9 @@ class Worker:
     def _send_result(self, event: Result | GenerationProgress, traces: dict[str, bytes]) -> None:
         """On generation-results, keyed by user, with the request's trace id header if it had one."""
         trace = traces.get(event.request_id)
-        self._producer.send(GENERATION_RESULTS, key=event.user_id.encode(), value=encode_event(event),
-                            headers=[(clients.TRACE_HEADER, trace)] if trace else None)
+        self._sent.append(self._producer.send(GENERATION_RESULTS, key=event.user_id.encode(),
+                                              value=encode_event(event),
+                                              headers=[(clients.TRACE_HEADER, trace)] if trace else None))
 
     def _plan(self, request: GenerationRequested, jobs: dict[tuple, list[Job]]) -> Result | None:
         """A failed result right away if the request cannot be met; else None, with it queued in `jobs`

@@ -28,6 +28,7 @@ from kafka.errors import (
     UnknownTopicOrPartitionError,
     UnsupportedCodecError,
 )
+from kafka.producer.future import FutureRecordMetadata
 
 from stylestream.streams.topics import MAX_MESSAGE_BYTES
 
@@ -201,6 +202,16 @@ def producer(bootstrap_servers: str, **overrides) -> KafkaProducer:
 Send = Callable[[str, bytes | None, bytes | None], None]
 
 
+def acknowledged(producer: KafkaProducer, sent: Iterable[FutureRecordMetadata], timeout_s: float | None = None,
+                 ) -> None:
+    """Flush (waiting at most `timeout_s`), then raise the error of the first send that failed:
+    kafka-python's flush() returns even when a record failed (a just-created topic without a leader
+    yet, a record too large), which would lose it without a word."""
+    producer.flush(timeout=timeout_s)
+    for future in sent:
+        future.get(timeout=timeout_s)
+
+
 @contextlib.contextmanager
 def sending(producer: KafkaProducer, transactional: bool) -> Iterator[Send]:
     """A `send(topic, key, value)` whose messages all go out or none do: in one Kafka transaction where
@@ -212,9 +223,7 @@ def sending(producer: KafkaProducer, transactional: bool) -> Iterator[Send]:
     if transactional:
         producer.begin_transaction()
     yield lambda topic, key, value: sent.append(producer.send(topic, key=key, value=value))
-    producer.flush()
-    for future in sent:
-        future.get()  # kafka-python's flush() returns even when a record failed
+    acknowledged(producer, sent)
     if transactional:
         producer.commit_transaction()
 
@@ -223,9 +232,7 @@ def send_all(bootstrap_servers: str, messages: Iterable[tuple[str, bytes, bytes]
     """(topic, key, value) messages, in order, acknowledged before it returns."""
     p = producer(bootstrap_servers, linger_ms=20, batch_size=256 * 1024)
     try:
-        for topic, key, value in messages:
-            p.send(topic, key=key, value=value)
-        p.flush()
+        acknowledged(p, [p.send(topic, key=key, value=value) for topic, key, value in messages])
     finally:
         p.close()
 

@@ -12,12 +12,13 @@ from stylestream.streams.topics import INGEST_TOPICS, STYLE_VECTORS, dlq
 
 def produce(bootstrap_servers: str, topic: str, events) -> None:
     p = clients.producer(bootstrap_servers)
+    sent = []
     for e in events:
         if isinstance(e, tuple):  # (key, raw bytes): for malformed input
-            p.send(topic, key=e[0], value=e[1])
+            sent.append(p.send(topic, key=e[0], value=e[1]))
         else:
-            p.send(topic, key=e.user_id.encode(), value=encode_event(e))
-    p.flush()
+            sent.append(p.send(topic, key=e.user_id.encode(), value=encode_event(e)))
+    clients.acknowledged(p, sent)
     p.close()
 
 
