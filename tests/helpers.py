@@ -11,15 +11,9 @@ from stylestream.streams.topics import INGEST_TOPICS, STYLE_VECTORS, dlq
 
 
 def produce(bootstrap_servers: str, topic: str, events) -> None:
-    p = clients.producer(bootstrap_servers)
-    sent = []
-    for e in events:
-        if isinstance(e, tuple):  # (key, raw bytes): for malformed input
-            sent.append(p.send(topic, key=e[0], value=e[1]))
-        else:
-            sent.append(p.send(topic, key=e.user_id.encode(), value=encode_event(e)))
-    clients.acknowledged(p, sent)
-    p.close()
+    # (key, raw bytes) tuples: for malformed input
+    clients.send_all(bootstrap_servers, [(topic, *e) if isinstance(e, tuple) else
+                                         (topic, e.user_id.encode(), encode_event(e)) for e in events])
 
 
 def read_topic(bootstrap_servers: str, topic: str) -> list:
