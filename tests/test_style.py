@@ -186,3 +186,27 @@ def test_a_broker_that_lost_processed_messages_is_refused():
     check_not_reset({("photo-events", 0): 5}, {("photo-events", 0): 5})
     with pytest.raises(TopicReset, match=r"photo-events\[0\] state at 5, broker ends at 0"):
         check_not_reset({("photo-events", 0): 5}, {("photo-events", 0): 0})
+
+
+def test_an_explanation_names_the_photos_that_pull_each_feature_most_ties_by_photo_id():
+    from stylestream.schemas.tables import FEATURE_NAMES
+    from stylestream.transforms.manifest import TOP_PHOTOS, explain
+    from stylestream.transforms.style import StoredContribution
+
+    # Five photos of weight 1 whose brightness is 0, 0, 1, 1, 0.5 (mean 0.5): p2 and p3 raise it
+    # equally (ties by photo id), p0 and p1 lower it, p4 sits on the mean and pulls nowhere.
+    j = FEATURE_NAMES.index("brightness")
+    stored = {}
+    for i, value in enumerate([0.0, 0.0, 1.0, 1.0, 0.5]):
+        features = np.zeros(len(FEATURE_NAMES), np.float32)
+        features[j] = value
+        stored[f"p{i}"] = StoredContribution(f"a{i % 2}", 1.0, np.eye(8, dtype=np.float32)[i], features, 1, None)
+    stats = sum((StyleStats.of(c.embedding, c.features, c.weight) for c in stored.values()),
+                StyleStats.zero(8, len(FEATURE_NAMES)))
+    got = explain(stored, stats, facets=[])
+    brightness = got.features["brightness"]
+    assert [(p.photo_id, p.album_id, p.pull) for p in brightness.raises] == [("p2", "a0", 0.1), ("p3", "a1", 0.1)]
+    assert [(p.photo_id, p.pull) for p in brightness.lowers] == [("p0", -0.1), ("p1", -0.1)]
+    # Every photo pulls the overall embedding toward itself equally: the first TOP_PHOTOS by id.
+    assert [p.photo_id for p in got.overall] == [f"p{i}" for i in range(TOP_PHOTOS)]
+    assert explain({}, StyleStats.zero(8, len(FEATURE_NAMES)), []).overall == []

@@ -62,12 +62,14 @@ def manifest_photos(stored: dict[str, StoredContribution]) -> list[ManifestPhoto
             for p, c in sorted(stored.items())]
 
 
-def _top(ids: list[str], albums: list[str | None], pull: np.ndarray, sign: float) -> list[Pull]:
-    """The (at most TOP_PHOTOS) photos with the largest pull in direction `sign`, ties by photo id
-    (`ids` are sorted, and the sort is stable)."""
-    order = np.argsort(-sign * pull, kind="stable")[:TOP_PHOTOS]
-    return [Pull(photo_id=ids[i], album_id=albums[i], pull=round(float(pull[i]), 6))
-            for i in order if sign * pull[i] > 0]
+def _top(ids: list[str], albums: list[str | None], pulls: np.ndarray, sign: float) -> list[list[Pull]]:
+    """Per column of `pulls` (photos x parts), the (at most TOP_PHOTOS) photos with the largest pull in
+    direction `sign`, ties by photo id (`ids` are sorted, and the sort is stable). One sort and one
+    conversion to Python floats for all columns: a version's explanation is on ingestion's hot path."""
+    signed = sign * pulls
+    order = np.argsort(-signed, axis=0, kind="stable")[:TOP_PHOTOS].T.tolist()
+    return [[Pull(photo_id=ids[i], album_id=albums[i], pull=round(values[i], 6)) for i in rows if ahead[i]]
+            for rows, values, ahead in zip(order, pulls.T.tolist(), (signed > 0).T.tolist(), strict=True)]
 
 
 def explain(stored: dict[str, StoredContribution], stats: StyleStats, facets: list[Facet]) -> Explanation:
@@ -83,20 +85,19 @@ def explain(stored: dict[str, StoredContribution], stats: StyleStats, facets: li
     feat = np.array([stored[p].features for p in ids], np.float64)
     style_emb, style_feat = stats.vector()
     total = w.sum()
-    features = {}
-    for name in EXPLAINED_FEATURES:
-        j = FEATURE_NAMES.index(name)
-        pull = w * (feat[:, j] - style_feat[j]) / total
-        features[name] = FeaturePulls(raises=_top(ids, albums, pull, 1.0), lowers=_top(ids, albums, pull, -1.0))
+    columns = [FEATURE_NAMES.index(name) for name in EXPLAINED_FEATURES]
+    pulls = w[:, None] * (feat[:, columns] - style_feat[columns]) / total
+    features = {name: FeaturePulls(raises=raises, lowers=lowers) for name, raises, lowers in zip(
+        EXPLAINED_FEATURES, _top(ids, albums, pulls, 1.0), _top(ids, albums, pulls, -1.0), strict=True)}
     facet_pulls = []
     index = {p: i for i, p in enumerate(ids)}
     for f in facets:
         rows = sorted(index[p] for p in f.photo_ids)
         pull = w[rows] * (emb[rows] @ f.stats.vector()[0]) / w[rows].sum()
         facet_pulls.append(FacetPulls(photo_count=len(rows), typical=_top(
-            [ids[i] for i in rows], [albums[i] for i in rows], pull, 1.0)))
-    return Explanation(overall=_top(ids, albums, w * (emb @ style_emb) / total, 1.0), features=features,
-                       facets=facet_pulls)
+            [ids[i] for i in rows], [albums[i] for i in rows], pull[:, None], 1.0)[0]))
+    overall = _top(ids, albums, (w * (emb @ style_emb) / total)[:, None], 1.0)[0]
+    return Explanation(overall=overall, features=features, facets=facet_pulls)
 
 
 def style_manifest(basis: StyleBasis, photos: list[ManifestPhoto], stored: dict[str, StoredContribution],
