@@ -20,10 +20,9 @@ Downtime: the Kafka transaction timeout is the broker's maximum (`transaction.ma
 by default). The state remembers what the job published until it reads it back, committed: whatever
 is not read back within --confirm-after-s is published again, byte for byte: versions and tombstones
 (read back from style-vectors) and re-published uploads (read back from photo-events); dead letters
-are not kept (their originals stay on the input topics). Known gap: a job killed in the instant
-between a checkpoint's completion and its transaction's commit lost, in our runs, the updates of
-records processed just before that checkpoint (restored offsets after them, restored state and timers
-without them); see README.md, "Running the Flink job".
+are not kept (their originals stay on the input topics). A change waiting for its publish timer when
+a checkpoint is taken is in that checkpoint with its timer: a job killed the instant after restores
+from it and publishes the change.
 
 Checkpoints go to DIR/checkpoints (or --checkpoint-dir) and are kept when the job stops (the newest
 --retained-checkpoints); `--restore latest` starts from the newest complete one (sources' offsets,

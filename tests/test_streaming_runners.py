@@ -5,7 +5,8 @@ request), `library://` photos and photos with faces under masking. Each ends wit
 facets, manifests and style codes as the local driver; every forgotten person is absent from every
 store (the audit finds nothing), each receipt verifies and counts what the local driver's counts; the
 history writer's Parquet history answers the drift commands as the local driver's does. The Flink job
-also survives a SIGKILL and a restore after its Kafka transactions timed out.
+also survives a SIGKILL and a restore after its Kafka transactions timed out, and a SIGKILL the
+instant a checkpoint covering its input completes, with versions still to publish.
 
 Version numbers are not compared: the local driver counts a version per cycle, the streaming runners
 per publish, so they number (and withdraw) different versions of the same styles. A person ("kept")
@@ -14,6 +15,7 @@ whose style changes once, in two separate steps on every runner, has the same ve
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -31,6 +33,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import TEST_BROKER
 from helpers import dead_letters, latest_styles, style_differences
+from kafka import KafkaAdminClient, TopicPartition
+from kafka.errors import KafkaError
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -66,6 +70,7 @@ T = datetime(2026, 1, 10, tzinfo=UTC)  # when the in-flight person asks to be fo
 IN_FLIGHT = "fay"  # forgotten while her uploads are in flight
 KEPT = "kept"  # one upload, then (in a second step) another: versions 1 and 2 on every runner
 GONE, GONE_REQUEST = "gus", "forget-7a1f"  # forgotten once every runner holds his photos; nothing after
+FLINK_GROUP = "stylestream-flink"  # the Flink job's Kafka source commits its checkpoints' offsets here
 COMPARED_KINDS = ("catalogued photo references", "photo contributions (embeddings, features, coarse metadata)",
                   "deleted-photo records", "consent records", "style sums")  # what every runner's state holds
 runner = CliRunner(env={"COLUMNS": "300"})
@@ -379,6 +384,28 @@ def metric(port: int, name: str) -> float:
                if line.startswith(name) and not line.startswith("#"))
 
 
+def wait_until_checkpointed(bs: str, job: subprocess.Popen, deadline_s: float) -> None:
+    """Returns the instant the Flink job's newest complete checkpoint covers every message now on its
+    input topics (its Kafka source commits a checkpoint's offsets when the checkpoint completes)."""
+    want: dict[TopicPartition, int] = {}
+    for topic in (PHOTO_EVENTS, CONSENT_EVENTS):
+        for m in clients.read_all(bs, topic):
+            tp = TopicPartition(topic, m.partition)
+            want[tp] = max(want.get(tp, 0), m.offset + 1)
+    admin = KafkaAdminClient(bootstrap_servers=bs)
+    try:
+        deadline = time.monotonic() + deadline_s
+        while time.monotonic() < deadline and job.poll() is None:
+            with contextlib.suppress(KafkaError):  # the group's coordinator may still be loading
+                committed = admin.list_group_offsets(FLINK_GROUP).get(FLINK_GROUP, {})
+                if all(tp in committed and committed[tp].offset >= end for tp, end in want.items()):
+                    return
+            time.sleep(0.02)
+    finally:
+        admin.close()
+    raise AssertionError(f"no checkpoint of the job covered its input within {deadline_s} s")
+
+
 @pytest.mark.slow
 def test_flink_killed_mid_stream_resumes_from_its_last_checkpoint(stream, local, clip, tmp_path):
     needs_kafka()
@@ -386,8 +413,9 @@ def test_flink_killed_mid_stream_resumes_from_its_last_checkpoint(stream, local,
     log = tmp_path / "job.log"
     port = free_port()
     timeout_s = 10  # the job stays down longer than this: the broker aborts its open transactions
+    # A publish delay long enough that step 3's kill comes before its versions are published.
     cmd = flink_job(clip, "--metrics-port", str(port), "--transaction-timeout-s", str(timeout_s),
-                    "--confirm-after-s", "8")
+                    "--confirm-after-s", "8", "--publish-delay-s", "15")
     with start_local_broker(TEST_BROKER, tmp_path / "kafka") as b:
         bs = b.bootstrap_servers
         ensure_topics(bs)
@@ -405,21 +433,33 @@ def test_flink_killed_mid_stream_resumes_from_its_last_checkpoint(stream, local,
         stop(job, signal.SIGKILL)
         before_kill = latest_styles(bs)
         assert before_kill and style_differences(local.styles_first, before_kill), "killed too late"
-        time.sleep(2 * timeout_s)
+        time.sleep(timeout_s + 5)
         # 2. Restored from its newest checkpoint after its transactions were aborted, it finishes the
         #    stream: every person's latest version is on the topic.
         job = start([*cmd, "--bootstrap-servers", bs, "--data-dir", str(data), "--restore", "latest"], log)
         try:
             got = wait_for(bs, local.styles_first, job, 480)
+            assert style_differences(local.styles_first, got) == [], log.read_text()[-3000:]
+            # 3. The second step's three events, and SIGKILL the job the instant the checkpoint that
+            #    covers them completes, their versions still to publish. Restored from that checkpoint
+            #    (its sources past them), it publishes them.
+            clients.send_all(bs, stream.second)
+            wait_until_checkpointed(bs, job, 120)
+        finally:
+            stop(job, signal.SIGKILL)
+        assert style_differences(local.styles, latest_styles(bs)), "killed too late"
+        job = start([*cmd, "--bootstrap-servers", bs, "--data-dir", str(data), "--restore", "latest"], log)
+        try:
+            got = wait_for(bs, local.styles, job, 240)
             versions = published_versions(bs)
             dead = dead_letters(bs)
         finally:
             stop(job, signal.SIGKILL)
-    assert "restoring from" in log.read_text()
-    assert style_differences(local.styles_first, got) == [], log.read_text()[-3000:]
+    assert log.read_text().count("restoring from") == 2
+    assert style_differences(local.styles, got) == [], log.read_text()[-3000:]
     # Every dead letter once, with its reason (the second half's offsets differ from the local broker's:
     # the job's re-published uploads went in between), and no version published twice with different
-    # content (what was published again after the restore is the same bytes).
+    # content (what was published again after a restore is the same bytes).
     assert Counter((t, p, why) for (t, p, _), why in dead.items()) == Counter(
         (t, p, why) for (t, p, _), why in local.dead.items())
     assert all(len(contents) == 1 for contents in versions.values()), [k for k, c in versions.items() if len(c) > 1]
