@@ -37,6 +37,7 @@ CODE_PREFIX = "sc1-"
 TOP_PHOTOS = 3  # photos named per direction in an explanation
 # The features a person can read in words (the palette entries are shown as swatches, not explained).
 EXPLAINED_FEATURES = tuple(n for n in FEATURE_NAMES if not n.startswith("palette"))
+EXPLAINED_COLUMNS = [FEATURE_NAMES.index(n) for n in EXPLAINED_FEATURES]  # their places in a feature vector
 
 
 def style_basis(clip: ClipSpec, half_life_days: float, limits: DecodeLimits) -> StyleBasis:
@@ -85,8 +86,7 @@ def explain(stored: dict[str, StoredContribution], stats: StyleStats, facets: li
     feat = np.array([stored[p].features for p in ids], np.float64)
     style_emb, style_feat = stats.vector()
     total = w.sum()
-    columns = [FEATURE_NAMES.index(name) for name in EXPLAINED_FEATURES]
-    pulls = w[:, None] * (feat[:, columns] - style_feat[columns]) / total
+    pulls = w[:, None] * (feat[:, EXPLAINED_COLUMNS] - style_feat[EXPLAINED_COLUMNS]) / total
     features = {name: FeaturePulls(raises=raises, lowers=lowers) for name, raises, lowers in zip(
         EXPLAINED_FEATURES, _top(ids, albums, pulls, 1.0), _top(ids, albums, pulls, -1.0), strict=True)}
     facet_pulls = []
