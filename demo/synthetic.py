@@ -1,7 +1,10 @@
 """A synthetic photo library: users whose photos share a recognisable look, as real JPEG files.
 
-Each look is a family of colour, contrast and texture choices; the content (shapes, layout) varies
-from photo to photo, so a style model has to pick up the look, not the picture. The files carry
+Each look is a family of colour, contrast and texture choices. What a photo shows is a `Scene`
+drawn independently of the look: one to three of eight subjects (circle, square, triangle, star,
+cross, ring, house, tree) in the left, centre or right third, with a caption that says so ("two
+stars on the left"). A person's photos may show any subject or mostly one, so a style model can
+learn the look, the subject matter, or both, and a text model the words for them. The files carry
 camera-like EXIF, including private fields (GPS, serial number, owner, artist) that the pipeline
 must never let through.
 """
@@ -58,28 +61,104 @@ def _hsv_to_rgb(h: float, s: float, v: float) -> tuple[int, int, int]:
     return int(r * 255), int(g * 255), int(b * 255)
 
 
-def render(look: Look, seed: int, size: tuple[int, int] = (320, 240)) -> Image.Image:
-    """One photo in `look`: a gradient sky and random shapes whose colours the look decides."""
-    rng = np.random.default_rng(seed)
+SUBJECTS = ("circle", "square", "triangle", "star", "cross", "ring", "house", "tree")
+POSITIONS = ("left", "centre", "right")  # thirds of the square a centre crop keeps
+_COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
+_WHERE = {"left": "on the left", "centre": "in the centre", "right": "on the right"}
 
-    def colour() -> tuple[int, int, int]:
-        v = rng.uniform(*look.value)
+
+@dataclass(frozen=True)
+class Scene:
+    """What a photo shows, independent of its look: `count` of one subject, stacked in one third."""
+
+    subject: str
+    count: int
+    position: str
+
+    @property
+    def caption(self) -> str:
+        noun = self.subject if self.count == 1 else f"{self.subject}s"
+        return f"{_COUNT_WORDS[self.count]} {noun} {_WHERE[self.position]}"
+
+    @property
+    def labels(self) -> dict[str, str | int]:
+        return {"subject": self.subject, "count": self.count, "position": self.position}
+
+
+def random_scene(seed: int, subjects: tuple[str, ...] = SUBJECTS) -> Scene:
+    """The scene `render(look, seed)` draws unless given one."""
+    rng = np.random.default_rng([seed, 1])  # apart from the look's colours, which use `seed` alone
+    return Scene(str(rng.choice(subjects)), int(rng.integers(1, 4)), str(rng.choice(POSITIONS)))
+
+
+def _draw_subject(draw: ImageDraw.ImageDraw, subject: str, cx: float, cy: float, r: float,
+                  fill: tuple[int, int, int]) -> None:
+    """One subject centred on (cx, cy), about 2r across."""
+    if subject == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif subject == "square":
+        draw.rectangle((cx - 0.85 * r, cy - 0.85 * r, cx + 0.85 * r, cy + 0.85 * r), fill=fill)
+    elif subject == "triangle":
+        draw.polygon([(cx, cy - r), (cx + r, cy + 0.8 * r), (cx - r, cy + 0.8 * r)], fill=fill)
+    elif subject == "star":
+        angles = np.pi / 2 + np.arange(10) * np.pi / 5
+        radii = np.where(np.arange(10) % 2 == 0, r, 0.42 * r)
+        draw.polygon([(cx + q * np.cos(a), cy - q * np.sin(a)) for q, a in zip(radii, angles, strict=True)], fill=fill)
+    elif subject == "cross":
+        t = 0.3 * r
+        draw.rectangle((cx - t, cy - r, cx + t, cy + r), fill=fill)
+        draw.rectangle((cx - r, cy - t, cx + r, cy + t), fill=fill)
+    elif subject == "ring":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), outline=fill, width=max(1, round(0.3 * r)))
+    elif subject == "house":
+        draw.rectangle((cx - 0.7 * r, cy - 0.1 * r, cx + 0.7 * r, cy + r), fill=fill)
+        draw.polygon([(cx, cy - r), (cx + 0.95 * r, cy - 0.1 * r), (cx - 0.95 * r, cy - 0.1 * r)], fill=fill)
+    elif subject == "tree":
+        draw.rectangle((cx - 0.15 * r, cy + 0.2 * r, cx + 0.15 * r, cy + r), fill=fill)
+        draw.ellipse((cx - 0.65 * r, cy - r, cx + 0.65 * r, cy + 0.35 * r), fill=fill)
+    else:
+        raise ValueError(f"unknown subject {subject!r}; one of {', '.join(SUBJECTS)}")
+
+
+def render(look: Look, seed: int, size: tuple[int, int] = (320, 240), scene: Scene | None = None) -> Image.Image:
+    """One photo in `look` showing `scene` (by default `random_scene(seed)`): a gradient sky, a few
+    faint blobs, and the subject, all in colours the look decides. The sky takes the bright end of the
+    look's range and the subject the dark end, so the subject shows in every look."""
+    scene = scene or random_scene(seed)
+    rng = np.random.default_rng(seed)
+    lo, hi = look.value
+
+    def colour(value: tuple[float, float]) -> tuple[int, int, int]:
+        v = rng.uniform(*value)
         if look.monochrome:
-            v = float(rng.choice([rng.uniform(0.0, 0.15), rng.uniform(0.85, 1.0)]))  # crush to black/white
-            return _hsv_to_rgb(0, 0, v)
+            return _hsv_to_rgb(0, 0, 0.15 * v if v < 0.5 else 0.85 + 0.15 * v)  # crushed to black or white
         return _hsv_to_rgb(rng.uniform(*look.hues), rng.uniform(*look.saturation), v)
 
+    # Always the same way round: a look whose photos were now light, now dark would be two looks.
+    sky, thing = (hi - 0.4 * (hi - lo), hi), (lo, lo + 0.3 * (hi - lo))
     w, h = size
-    top, bottom = np.array(colour(), float), np.array(colour(), float)
+    top, bottom = np.array(colour(sky), float), np.array(colour(sky), float)
     t = np.linspace(0, 1, h)[:, None, None]
     img = Image.fromarray(np.broadcast_to(top * (1 - t) + bottom * t, (h, w, 3)).astype(np.uint8))
     draw = ImageDraw.Draw(img)
-    for _ in range(int(rng.integers(4, 10))):
-        x0, y0 = int(rng.integers(0, w - 20)), int(rng.integers(0, h - 20))
-        x1, y1 = x0 + int(rng.integers(15, w // 2)), y0 + int(rng.integers(15, h // 2))
-        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x0, y0, x1, y1), fill=colour())
+    for _ in range(int(rng.integers(2, 5))):  # faint texture in the sky's own colours: not a subject
+        x0, y0 = rng.uniform(0, w), rng.uniform(0, h)
+        rx, ry = rng.uniform(0.05, 0.2) * w, rng.uniform(0.05, 0.2) * h
+        faint = 0.35 * np.array(colour(sky)) + 0.65 * (top + bottom) / 2
+        draw.ellipse((x0 - rx, y0 - ry, x0 + rx, y0 + ry), fill=tuple(int(c) for c in faint))
+    # The subject: `count` of them stacked in a third of the centred square (what a centre crop keeps).
+    side = min(w, h)
+    left = (w - side) / 2
+    column = left + side * (POSITIONS.index(scene.position) + 0.5) / 3
+    r = side / (2 * scene.count + 2.5) * rng.uniform(0.85, 1.0)
+    r = min(r, side / 6.5)
+    fill = colour(thing)
+    for i in range(scene.count):
+        cy = (h - side) / 2 + side * (i + 0.5) / scene.count + rng.uniform(-0.05, 0.05) * side / scene.count
+        cx = column + rng.uniform(-0.03, 0.03) * side
+        _draw_subject(draw, scene.subject, cx, cy, r, fill)
     if look.blur:
-        img = img.filter(ImageFilter.GaussianBlur(look.blur))
+        img = img.filter(ImageFilter.GaussianBlur(look.blur * min(1.0, side / 240)))
     noise = rng.normal(0, 4, (h, w, 3))
     return Image.fromarray(np.clip(np.asarray(img, float) + noise, 0, 255).astype(np.uint8))
 
@@ -113,6 +192,7 @@ class SyntheticPhoto:
     look: str
     path: Path
     taken_at: datetime
+    scene: Scene | None = None  # what it shows (None: not a rendered scene)
 
     def upload_event(self, event_time: datetime | None = None) -> PhotoUploaded:
         data = self.path.read_bytes()
@@ -134,21 +214,28 @@ def toggle_event(user_id: str, scope: str, scope_id: str | None, enabled: bool, 
         user_id=user_id, event_time=event_time, scope=scope, scope_id=scope_id, enabled=enabled)
 
 
-def make_library(root: Path, users: dict[str, list[tuple[str, str, int]]], seed: int = 0,
+Album = tuple[str, str, int] | tuple[str, str, int, tuple[str, ...]]
+
+
+def make_library(root: Path, users: dict[str, list[Album]], seed: int = 0,
                  start: datetime = datetime(2025, 6, 1, 9, tzinfo=UTC)) -> list[SyntheticPhoto]:
-    """Write JPEGs for `users`: user_id -> [(album_id, look name, photo count), ...]."""
+    """Write JPEGs for `users`: user_id -> [(album_id, look name, photo count[, subjects]), ...]; an
+    album's photos show any of SUBJECTS, or only the subjects it names (a person who photographs
+    mostly one kind of thing)."""
     photos = []
     for ui, (user_id, albums) in enumerate(sorted(users.items())):
         n = 0
-        for album_id, look_name, count in albums:
+        for album_id, look_name, count, *subjects in albums:
             for _ in range(count):
                 photo_id = f"{user_id}-p{n:04d}"
                 taken = start + timedelta(days=n * 3, hours=(n * 7) % 12)
                 path = root / user_id / f"{photo_id}.jpg"
                 path.parent.mkdir(parents=True, exist_ok=True)
-                img = render(LOOKS[look_name], seed * 1_000_003 + ui * 10_007 + n)
+                photo_seed = seed * 1_000_003 + ui * 10_007 + n
+                scene = random_scene(photo_seed, *subjects)
+                img = render(LOOKS[look_name], photo_seed, scene=scene)
                 img.save(path, "JPEG", quality=90, exif=exif_with_private_fields(taken))
-                photos.append(SyntheticPhoto(user_id, photo_id, album_id, look_name, path, taken))
+                photos.append(SyntheticPhoto(user_id, photo_id, album_id, look_name, path, taken, scene))
                 n += 1
     return photos
 
