@@ -76,7 +76,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = DataLayout(Path(tmp))
         clip = clip_spec(root.models)
-        diffusion = diffusion_spec(root.models, clip.pretrained)
+        diffusion = diffusion_spec(clip.pretrained)
         engine, _ = choose_engine(a.broker)
         with start_local_broker(engine, root.kafka) as broker:
             bs = broker.bootstrap_servers

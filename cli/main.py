@@ -347,7 +347,7 @@ def serve(
 
     try:  # model paths checked before the broker is waited for
         clip = clip_spec(DataLayout(data_dir).models, clip_model, clip_pretrained)
-        spec = diffusion_spec(DataLayout(data_dir).models, clip.pretrained, diffusion_model, ip_adapter, hyper_lora)
+        spec = diffusion_spec(clip.pretrained, diffusion_model, ip_adapter, hyper_lora)
     except ValueError as e:
         console.print(f"[red]cannot serve:[/] {e}", soft_wrap=True)
         raise typer.Exit(2) from None

@@ -49,6 +49,14 @@ def train_adapter(
         exists=True, dir_okay=False, metavar="FILE",
         help="Captions, one per line, drawn for images the manifest gives none "
              "(default: the empty prompt).")] = None,
+    caption_dropout: Annotated[float, typer.Option(
+        min=0.0, max=1.0, metavar="SHARE",
+        help="Share of samples trained with the empty prompt instead of their caption, independently of the "
+             "style, so the prompt gets a guidance scale of its own.")] = 0.0,
+    own_style: Annotated[bool, typer.Option(
+        "--own-style/--others-style",
+        help="Condition each image on its own style as well as its group's; --others-style: only on other "
+             "images of its group, so what an image shows cannot leak through the style.")] = True,
     seed: Annotated[int, typer.Option(metavar="N", help="Same seed, same data, same result.")] = 0,
     device: Annotated[str | None, typer.Option(
         metavar="DEVICE", help="cpu or cuda (default: cuda when present).")] = None,
@@ -75,7 +83,8 @@ def train_adapter(
         cfg = TrainConfig(
             images=images, diffusion_model=base, clip=clip, output=output, steps=steps, batch_size=batch_size,
             learning_rate=learning_rate, resolution=resolution, seed=seed, train_base=train_base,
-            hyper_rank=hyper_rank, prompts=captions, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            hyper_rank=hyper_rank, prompts=captions, caption_dropout=caption_dropout, own_style=own_style,
+            device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
         console.print(f"training on {images} with {base} and {clip.describe()} ({cfg.device})")
         with stage_bars(console) as stage:
             bars = {}

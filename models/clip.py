@@ -2,9 +2,10 @@
 
 A `ClipSpec` names an open_clip architecture and where its weights come from: an open_clip
 pretrained tag (e.g. ViT-B-32 + "laion2b_s34b_b79k", needs the weights cached locally), a local
-checkpoint file, or nothing (random weights, for tests only). The tiny default architecture ships in
-configs/clip/ and its checkpoint is written once by `ensure_tiny_clip`, so the demo and tests load
-it exactly as production loads real weights.
+checkpoint file, or nothing (random weights, for tests only). The tiny default architecture is in
+configs/clip/ and its weights, trained here on captioned synthetic photos (models/tiny_style.py),
+ship in trained/tiny-clip/: the demo and tests load that checkpoint exactly as production loads
+real weights.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from stylestream.defaults import TINY_CLIP
 
 CONFIG_DIR = Path(__file__).parent / "configs" / "clip"
+TRAINED_TINY_CLIP = Path(__file__).parent / "trained" / "tiny-clip" / f"{TINY_CLIP}.safetensors"
 
 
 @cache
@@ -58,17 +60,25 @@ def load_clip(spec: ClipSpec, device: str = "cpu"):
     return model, preprocess, open_clip.get_tokenizer(spec.model)
 
 
+def save_clip(model, path: Path) -> None:
+    """A checkpoint `load_clip` reads (ClipSpec(model name, str(path))), written atomically."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    tmp.chmod(0o644)  # safetensors writes it private; a shipped model is read by every user
+    tmp.rename(path)
+
+
 def ensure_tiny_clip(models_dir: Path) -> ClipSpec:
-    """The tiny random-weight CLIP as a checkpoint file under models_dir, written on first use."""
+    """The tiny CLIP: the trained checkpoint the package ships, or where it lacks one (while
+    models/tiny_style.py rebuilds it), the seeded random weights as a file under models_dir."""
+    if TRAINED_TINY_CLIP.exists():
+        return ClipSpec(TINY_CLIP, str(TRAINED_TINY_CLIP))
     path = models_dir / "clip" / f"{TINY_CLIP}.safetensors"
     if not path.exists():
-        from safetensors.torch import save_file
-
-        model, _, _ = load_clip(ClipSpec(TINY_CLIP, None))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-        tmp.rename(path)
+        save_clip(load_clip(ClipSpec(TINY_CLIP, None))[0], path)
     return ClipSpec(TINY_CLIP, str(path))
 
 
@@ -95,6 +105,37 @@ def weights_id(spec: ClipSpec) -> str:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return f"sha256:{digest.hexdigest()}"
+
+
+def text_encoder_from_clip(model):
+    """open_clip's text tower as a transformers CLIPTextModel, the form diffusers' pipelines take (as
+    Stable Diffusion's text encoder is CLIP's): the same weights, the same token states (the final
+    layer norm's output for every position)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    blocks = model.transformer.resblocks
+    first = blocks[0]
+    config = CLIPTextConfig(
+        vocab_size=model.vocab_size, hidden_size=model.transformer.width, num_hidden_layers=len(blocks),
+        intermediate_size=first.mlp.c_fc.out_features, num_attention_heads=first.attn.num_heads,
+        max_position_embeddings=model.context_length, projection_dim=model.text_projection.shape[1],
+        hidden_act="quick_gelu" if type(first.mlp.gelu).__name__ == "QuickGELU" else "gelu",
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+    state = {"embeddings.token_embedding.weight": model.token_embedding.weight,
+             "embeddings.position_embedding.weight": model.positional_embedding,
+             "final_layer_norm.weight": model.ln_final.weight, "final_layer_norm.bias": model.ln_final.bias}
+    for i, block in enumerate(blocks):
+        at = f"encoder.layers.{i}."
+        for name, w, b in zip(("q_proj", "k_proj", "v_proj"), block.attn.in_proj_weight.chunk(3),
+                              block.attn.in_proj_bias.chunk(3), strict=True):
+            state |= {f"{at}self_attn.{name}.weight": w, f"{at}self_attn.{name}.bias": b}
+        for theirs, ours in (("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"),
+                             ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")):
+            layer = block.get_submodule(theirs)
+            state |= {f"{at}{ours}.weight": layer.weight, f"{at}{ours}.bias": layer.bias}
+    encoder = CLIPTextModel(config)
+    encoder.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True)
+    return encoder.eval()
 
 
 def embedding_dim(spec: ClipSpec) -> int:

@@ -123,7 +123,7 @@ def ip_adapter_state_dict(unet) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().cpu().contiguous() for k, v in sd.items()}
 
 
-def diffusion_spec(models_dir: Path, clip_weights: str | None, model_dir: str | None = None,
+def diffusion_spec(clip_weights: str | None, model_dir: str | None = None,
                    ip_adapter: str | None = None, hyper_lora: str | None = None) -> DiffusionSpec:
     """What the command line asks for; by default the tiny trained style model (models/tiny_style.py),
     which needs the tiny CLIP weights it was trained with (`clip_weights`, a checkpoint path)."""
@@ -132,7 +132,7 @@ def diffusion_spec(models_dir: Path, clip_weights: str | None, model_dir: str | 
             raise ValueError("--hyper-lora needs the --diffusion-model and --ip-adapter it was trained with")
         from stylestream.models.tiny_style import ensure_tiny_style
 
-        return ensure_tiny_style(models_dir, clip_weights)
+        return ensure_tiny_style(clip_weights)
     if model_dir is None or ip_adapter is None:
         raise ValueError("a diffusion model folder needs its style adapter file too (and the other way round)")
     return DiffusionSpec(model_dir, ip_adapter, hyper_lora)

@@ -75,8 +75,10 @@ def ensure_tiny_diffusion(models_dir: Path, style_dim: int, config: str = "tiny"
     return spec
 
 
-def random_pipeline(config: str, tokenizer_dir: Path) -> StableDiffusionPipeline:
-    """A StableDiffusionPipeline with random weights (seed 0) from configs/diffusion/<config>.json."""
+def random_pipeline(config: str, tokenizer_dir: Path, text_encoder=None) -> StableDiffusionPipeline:
+    """A StableDiffusionPipeline with random weights (seed 0) from configs/diffusion/<config>.json,
+    around `text_encoder` if given (a CLIP's text tower, `clip.text_encoder_from_clip`), else a random
+    one from the config."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -86,7 +88,7 @@ def random_pipeline(config: str, tokenizer_dir: Path) -> StableDiffusionPipeline
     clip_tokenizer_files(tokenizer_dir)
     return StableDiffusionPipeline(
         vae=AutoencoderKL(**cfg["vae"]),
-        text_encoder=CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"])),
+        text_encoder=text_encoder or CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"])),
         tokenizer=CLIPTokenizer(str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt"),
                                 model_max_length=77),
         unet=unet,

@@ -71,6 +71,12 @@ class TrainConfig:
     hyper_hidden: int = 128
     hyper_targets: tuple[str, ...] = DEFAULT_TARGETS
     prompts: list[str] = field(default_factory=lambda: [""])  # captions drawn for images without one
+    # Share of samples whose caption is replaced by the empty prompt, independently of the style
+    # path drawn: the text then has its own guidance scale at generation.
+    caption_dropout: float = 0.0
+    # Condition on each image's own style as well as on its group's. False: only on styles of *other*
+    # images of its group, so what an image shows cannot reach the model through the style path.
+    own_style: bool = True
     checkpoint_every: int = 250
     device: str = "cpu"
 
@@ -112,9 +118,10 @@ def to_pixels(image: Image.Image, size: int) -> torch.Tensor:
 
 
 def group_conditions(embeddings: np.ndarray, features: np.ndarray, groups: list[str], dim: int,
-                     seed: int) -> np.ndarray:
-    """(n, CONDITIONS_PER_IMAGE, dim): per image, its own style, then the styles of random subsets of
-    its group (computed by the same rule as a person's style, with equal weights)."""
+                     seed: int, own_style: bool = True) -> np.ndarray:
+    """(n, CONDITIONS_PER_IMAGE, dim): per image, its own style (with `own_style`), then the styles of
+    random subsets of its group (computed by the same rule as a person's style, with equal weights);
+    without `own_style`, every condition is a subset of the *other* images of its group."""
     from stylestream.transforms.style import style_of
 
     rng = np.random.default_rng(seed)
@@ -123,10 +130,13 @@ def group_conditions(embeddings: np.ndarray, features: np.ndarray, groups: list[
         members.setdefault(g, []).append(i)
     out = np.zeros((len(groups), CONDITIONS_PER_IMAGE, dim), np.float32)
     for i, g in enumerate(groups):
-        out[i, 0] = adapter_input(embeddings[i], features[i], dim)
-        for k in range(1, CONDITIONS_PER_IMAGE):
-            pick = rng.choice(members[g], size=min(len(members[g]), int(rng.integers(2, MAX_SUBSET + 1))),
-                              replace=False)
+        if own_style:
+            out[i, 0] = adapter_input(embeddings[i], features[i], dim)
+        others = members[g] if own_style else [j for j in members[g] if j != i]
+        if not others:
+            raise ValueError(f"group {g!r} has one image: training on other images' styles needs two or more")
+        for k in range(1 if own_style else 0, CONDITIONS_PER_IMAGE):
+            pick = rng.choice(others, size=min(len(others), int(rng.integers(2, MAX_SUBSET + 1))), replace=False)
             out[i, k] = adapter_input(*style_of(embeddings[pick], features[pick], np.ones(len(pick))), dim)
     return out
 
@@ -166,7 +176,8 @@ def prepare_training_set(cfg: TrainConfig, pipe, dim: int,
         raise ValueError(f"none of the {len(listed)} images in {cfg.images} could be read: {skipped[0]}")
     listed = kept
     groups = [g for _, g, _ in listed]
-    conds = group_conditions(np.concatenate(embeddings), np.concatenate(features), groups, dim, cfg.seed)
+    conds = group_conditions(np.concatenate(embeddings), np.concatenate(features), groups, dim, cfg.seed,
+                             cfg.own_style)
     return TrainingSet(torch.cat(latents), torch.from_numpy(conds), [c for _, _, c in listed], groups, skipped)
 
 
@@ -238,13 +249,14 @@ def training_step(trainee: Trainee, data: TrainingSet, prompt_embeds: dict[str, 
     which = torch.randint(0, CONDITIONS_PER_IMAGE, (cfg.batch_size,), generator=g)
     path = torch.multinomial(torch.tensor(PATH_SHARES), cfg.batch_size, replacement=True, generator=g)
     drawn = torch.randint(0, len(prompts), (cfg.batch_size,), generator=g)
+    no_text = torch.rand(cfg.batch_size, generator=g) < cfg.caption_dropout
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=g)
     latents = data.latents[idx]
     noise = torch.randn(latents.shape, generator=g)
     # 2. Noisy latents, text and style conditioning
     noisy = noise_scheduler.add_noise(latents, noise, t).to(device)
-    captions = [data.captions[i] if data.captions[i] is not None else prompts[d]
-                for i, d in zip(idx, drawn, strict=True)]
+    captions = ["" if off else data.captions[i] if data.captions[i] is not None else prompts[d]
+                for i, d, off in zip(idx, drawn, no_text, strict=True)]
     text = torch.stack([prompt_embeds[c] for c in captions]).to(device)
     cond = data.conditions[idx, which].to(device)
     ip_on = ((path == 1) | (path == 3)).float().to(device)
@@ -291,7 +303,7 @@ def train_style(cfg: TrainConfig, on_progress: Callable[[str, int, int], None] |
     trainee.fit_input(data.conditions.reshape(-1, dim))
     pipe = trainee.pipe
     prompts = list(dict.fromkeys(cfg.prompts))
-    wanted = sorted({*prompts, *(c for c in data.captions if c is not None)})
+    wanted = sorted({*prompts, *(c for c in data.captions if c is not None), *([""] if cfg.caption_dropout else [])})
     with torch.no_grad():
         embeds = pipe.encode_prompt(wanted, cfg.device, 1, False)[0].float().cpu()
     prompt_embeds = dict(zip(wanted, embeds, strict=True))

@@ -1,20 +1,27 @@
-"""The tiny style model: a small diffusion model, style adapter and hyper-LoRA that really learned,
-trained on a 2-core machine in minutes, so the demo and the benchmark can show personalization.
+"""The tiny models that really learned: a CLIP that knows the words for what the synthetic photos
+show and how they look, and a small diffusion model, style adapter and hyper-LoRA where the prompt
+says what and the person's style says how; trained on a 2-core machine in well under an hour, so
+the demo and the benchmarks can show personalization.
 
-    python -m stylestream.models.tiny_style            # writes models/trained/tiny-style/
+    python -m stylestream.models.tiny_style   # writes models/trained/tiny-clip/ and tiny-style/
 
 Steps (each printed with a progress bar):
-1. Render the synthetic looks (demo/synthetic.py: warm, cool, mono, pastel, moody, green) as 64-px
-   PNGs, one folder per look.
-2. Train a small VAE on them (64 px -> 16x16x4 latents) and build the base pipeline around it
-   (random text encoder, UNet from configs/diffusion/tiny-style.json, seed 0).
-3. Train the UNet from scratch together with the style adapter and the hyper-LoRA
-   (models/style_training.py, the same code `stylestream train-adapter` runs at any size).
-4. Copy what serving loads into the output folder, with the loss curve and a summary.
+1. Render captioned synthetic photos (demo/synthetic.py): the six looks, each showing random scenes
+   (one to three of eight subjects, left, centre or right), with captions that say both.
+2. Train the tiny CLIP (configs/clip/, open_clip's model, tokenizer and contrastive loss) on them.
+3. Train a small VAE on the looks' photos (64 px -> 16x16x4 latents) and build the base pipeline
+   around it: the text encoder is the trained CLIP's text tower, frozen (as Stable Diffusion's is
+   CLIP's); the UNet comes from configs/diffusion/tiny-style.json, seed 0.
+4. Train the UNet from scratch together with the style adapter and the hyper-LoRA
+   (models/style_training.py, the same code `stylestream train-adapter` runs at any size), on the
+   photos' captions, with each photo's style drawn from *other* photos of its look (what a photo
+   shows never reaches the model through the style path), and the caption and the style dropped
+   independently, so each has its own guidance.
+5. Copy what serving loads into the output folders, with the loss curves and a summary.
 
-The result is shipped in the package (a few MB) with this script, so nothing trains at run time.
-It depends on the exact weights of the tiny CLIP (random weights from a fixed seed): the summary
-records their sha256 and loading refuses a mismatch, pointing back here.
+The result is shipped in the package with this script, so nothing trains at run time. The style
+model depends on the exact weights of the tiny CLIP: the summary records their sha256 and loading
+refuses a mismatch, pointing back here.
 """
 
 from __future__ import annotations
@@ -32,7 +39,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from stylestream.models.clip import ensure_tiny_clip
+from stylestream.defaults import TINY_CLIP
+from stylestream.demo.synthetic import Scene
+from stylestream.models import clip_training
+from stylestream.models.clip import TRAINED_TINY_CLIP, ClipSpec, load_clip, save_clip, text_encoder_from_clip
+from stylestream.models.clip_training import Captions
 from stylestream.models.diffusion import IP_ADAPTER_FILE, DiffusionSpec
 from stylestream.models.hyper_lora import HYPER_LORA_FILE
 from stylestream.models.random_models import random_pipeline
@@ -49,37 +60,110 @@ from stylestream.schemas.tables import FEATURE_NAMES
 SHIPPED = Path(__file__).parent / "trained" / "tiny-style"
 CONFIG = "tiny-style"
 RESOLUTION = 64
-STEPS, VAE_STEPS, PER_LOOK, BATCH_SIZE = 4000, 600, 160, 32
-# Captions drawn at random for every training image: the tiny text encoder is random and knows no
-# words, so these only teach the UNet to keep the style whatever the prompt (the demo's and the
-# benchmark's prompts are among them).
-PROMPTS = [
-    "a birthday card with a cake", "a photo of a street", "a bowl of fruit", "a mountain lake at dawn",
-    "a portrait of a cat", "flowers on a table", "a city at night", "a beach with umbrellas",
-    "a cup of coffee", "a forest path", "an old car", "a poster for a concert", "", "a photo",
-    "a drawing of a house", "a plate of pasta",
-]
+STEPS, VAE_STEPS, PER_LOOK, BATCH_SIZE = 4000, 600, 400, 32
+CLIP_IMAGES, CLIP_STEPS, CLIP_BATCH_SIZE, CLIP_HELD_APART = 12000, 4000, 128, 600
+CAPTION_DROPOUT = 0.1
+MANIFEST = "images.jsonl"
 
 
 # -- 1. Data ---------------------------------------------------------------------------------------
 
-def render_looks(root: Path, per_look: int, seed: int = 0) -> int:
-    """`per_look` photos of every synthetic look under root/<look>/, as the demo's library has them
-    (320x240 JPEGs), so their style vectors are those of real uploads; training crops and reduces
-    them to 64 px for the diffusion model."""
-    from stylestream.demo.synthetic import LOOKS, render
+def every_scene() -> list[Scene]:
+    from stylestream.demo.synthetic import POSITIONS, SUBJECTS
 
-    n = 0
+    return [Scene(s, c, p) for s in SUBJECTS for c in (1, 2, 3) for p in POSITIONS]
+
+
+def clip_views(photos: list[tuple[str, Scene]], every: bool = False) -> list[Captions]:
+    """What the tiny CLIP learns to match with (look, scene) photos, at two levels of detail: "a warm
+    photo of two stars on the left" and "two stars on the left" (how a prompt names it). Each view's
+    texts are those of `photos`, or with `every` all that a synthetic photo can have."""
+    from stylestream.demo.synthetic import LOOKS
+
+    levels = [
+        (lambda look, scene: f"a {look} photo of {scene.caption}",
+         [(look, scene) for look in sorted(LOOKS) for scene in every_scene()]),
+        (lambda _, scene: scene.caption, [("", scene) for scene in every_scene()]),
+    ]
+    views = []
+    for text, possible in levels:
+        texts = sorted({text(*p) for p in (possible if every else photos)})
+        index = {t: i for i, t in enumerate(texts)}
+        views.append(Captions(texts, torch.tensor([index[text(*p)] for p in photos])))
+    return views
+
+
+def clip_photos(n: int, seed: int, preprocess) -> tuple[torch.Tensor, list[tuple[str, Scene]]]:
+    """`n` photos of random looks and scenes, as the CLIP's preprocess sees them, with their (look, scene)."""
+    from stylestream.demo.synthetic import LOOKS, random_scene, render
+
+    looks = sorted(LOOKS)
+    rng = np.random.default_rng(seed)
+    pixels, photos = [], []
+    for i in range(n):
+        look, photo_seed = looks[int(rng.integers(len(looks)))], seed * 1_000_003 + i
+        scene = random_scene(photo_seed)
+        pixels.append(preprocess(render(LOOKS[look], photo_seed, scene=scene)))
+        photos.append((look, scene))
+    return torch.stack(pixels), photos
+
+
+def render_looks(root: Path, per_look: int, seed: int = 0) -> Path:
+    """`per_look` photos of every synthetic look under root/<look>/, as the demo's library has them
+    (320x240 JPEGs), so their style vectors are those of real uploads (training crops and reduces them
+    to 64 px); returns the manifest that names each one's look (its group) and caption."""
+    from stylestream.demo.synthetic import LOOKS, random_scene, render
+
+    rows = []
     for li, name in enumerate(sorted(LOOKS)):
         (root / name).mkdir(parents=True, exist_ok=True)
         for i in range(per_look):
-            render(LOOKS[name], seed * 1_000_003 + 50_000 + li * 10_007 + i).save(root / name / f"{i:04d}.jpg",
-                                                                                   quality=90)
-            n += 1
-    return n
+            photo_seed = seed * 1_000_003 + 50_000 + li * 10_007 + i
+            scene = random_scene(photo_seed)
+            render(LOOKS[name], photo_seed, scene=scene).save(root / name / f"{i:04d}.jpg", quality=90)
+            rows.append({"path": f"{name}/{i:04d}.jpg", "group": name, "caption": scene.caption} | scene.labels)
+    manifest = root / MANIFEST
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return manifest
 
 
-# -- 2. The VAE ------------------------------------------------------------------------------------
+# -- 2. The CLIP -----------------------------------------------------------------------------------
+
+def train_tiny_clip(out: Path, images: int, steps: int, batch_size: int, progress) -> dict:
+    """The tiny CLIP trained from its seeded random weights, written to `out`; returns its figures on
+    photos it never saw: the share whose own text ranks first among every possible one, per view."""
+    model, preprocess, tokenizer = load_clip(ClipSpec(TINY_CLIP, None))
+    update = progress("rendering the CLIP's captioned photos", 2)
+    pixels, photos = clip_photos(images, 1, preprocess)
+    update(1, None)
+    held_pixels, held_photos = clip_photos(CLIP_HELD_APART, 2, preprocess)
+    update(2, None)
+    update = progress("training the tiny CLIP", steps)
+    t0 = time.perf_counter()
+    losses = clip_training.train_clip(model, pixels, clip_views(photos), tokenizer, steps, batch_size,
+                                      on_step=update)
+    seconds = time.perf_counter() - t0
+    save_clip(model, out)
+    return {"images": images, "steps": steps, "batch_size": batch_size, "seconds": round(seconds, 1),
+            "final_loss_mean_last_100": round(float(np.mean(losses[-100:])), 4),
+            "held_apart_images": CLIP_HELD_APART} | clip_figures(model, tokenizer, held_pixels, held_photos)
+
+
+def clip_figures(model, tokenizer, pixels: torch.Tensor, photos: list[tuple[str, Scene]]) -> dict[str, float]:
+    """Shares of `photos` whose own text ranks first among all a synthetic photo can have: the whole
+    caption (chance 1/432), the scene (1/72); and whose best scene names their subject (1/8)."""
+    seen = clip_training.encode_images(model, pixels)
+    whole, scene = clip_views(photos, every=True)
+    best_scene = (seen @ clip_training.encode_texts(model, tokenizer, scene.texts).T).argmax(dim=1)
+    subject_of = {s.caption: s.subject for s in every_scene()}
+    return {"caption_top1": round(clip_training.top1_accuracy(
+                seen, clip_training.encode_texts(model, tokenizer, whole.texts), whole.ids), 3),
+            "scene_top1": round(float((best_scene == scene.ids).float().mean()), 3),
+            "subject_top1": round(float(np.mean([subject_of[scene.texts[int(b)]] == s.subject
+                                                 for b, (_, s) in zip(best_scene, photos, strict=True)])), 3)}
+
+
+# -- 3. The VAE ------------------------------------------------------------------------------------
 
 def train_vae(vae, images: torch.Tensor, steps: int, batch_size: int, seed: int,
               on_step: Callable[[int, float], None] | None = None) -> list[float]:
@@ -114,57 +198,59 @@ def load_images(root: Path) -> torch.Tensor:
     return torch.stack([to_pixels(Image.open(p), RESOLUTION) for p in paths])
 
 
-# -- 3 and 4. Everything, in order -----------------------------------------------------------------
+# -- 4 and 5. Everything, in order ------------------------------------------------------------------
 
-def build(out: Path, work: Path, steps: int, vae_steps: int, per_look: int, batch_size: int,
-          progress) -> dict:
-    """Make the tiny style model in `out`; `progress(description, total)` returns `update(done, loss)`."""
+def build(out: Path, clip_out: Path, work: Path, steps: int, vae_steps: int, per_look: int, batch_size: int,
+          clip_steps: int, clip_images: int, progress) -> dict:
+    """Make the tiny CLIP in `clip_out` and the tiny style model in `out`; `progress(description,
+    total)` returns `update(done, loss)`."""
     t0 = time.perf_counter()
-    clip = ensure_tiny_clip(work / "models")
-    # 1. Data
-    images_dir = work / "images"
-    n = render_looks(images_dir, per_look)
-    # 2. The VAE, then the base pipeline around it
-    pipe = random_pipeline(CONFIG, work / "tokenizer-src")
+    # 1 and 2. The captioned photos, and the tiny CLIP trained on them
+    clip_summary = train_tiny_clip(clip_out, clip_images, clip_steps, CLIP_BATCH_SIZE, progress)
+    clip = ClipSpec(TINY_CLIP, str(clip_out))
+    manifest = render_looks(work / "images", per_look)
+    # 3. The VAE, then the base pipeline around it and the CLIP's text tower
+    t_vae = time.perf_counter()
+    pipe = random_pipeline(CONFIG, work / "tokenizer-src", text_encoder_from_clip(load_clip(clip)[0]))
     update = progress("training the VAE", vae_steps)
-    vae_losses = train_vae(pipe.vae, load_images(images_dir), vae_steps, 16, seed=0, on_step=update)
+    vae_losses = train_vae(pipe.vae, load_images(manifest.parent), vae_steps, 16, seed=0, on_step=update)
     base = work / "base"
     pipe.save_pretrained(base)
-    vae_seconds = time.perf_counter() - t0
-    # 3. UNet, style adapter and hyper-LoRA
-    cfg = TrainConfig(images=images_dir, diffusion_model=str(base), clip=clip, output=work / "train", steps=steps,
+    vae_seconds = time.perf_counter() - t_vae
+    # 4. UNet, style adapter and hyper-LoRA, on the captions, each photo styled by others of its look
+    cfg = TrainConfig(images=manifest, diffusion_model=str(base), clip=clip, output=work / "train", steps=steps,
                       batch_size=batch_size, learning_rate=1e-3, resolution=RESOLUTION, train_base=True,
-                      prompts=PROMPTS)
-    prep = progress("styles and latents of the training images", n)
+                      caption_dropout=CAPTION_DROPOUT, own_style=False)
+    prep = progress("styles and latents of the training images", len(manifest.read_text().splitlines()))
     update = progress("training UNet, style adapter and hyper-LoRA", steps)
     summary = train_style(cfg, on_progress=lambda _what, done, _total: prep(done), on_step=update)
-    # 4. What serving loads
+    # 5. What serving loads
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     shutil.copytree(cfg.output / "pipeline", out / "pipeline")
     for name in (IP_ADAPTER_FILE, HYPER_LORA_FILE, "loss.png"):
         shutil.copy2(cfg.output / name, out / name)
-    summary |= {"vae_steps": vae_steps, "vae_final_loss": round(float(np.mean(vae_losses[-50:])), 5),
-                "vae_seconds": round(vae_seconds, 1), "images_per_look": per_look,
-                "this_run_seconds": round(time.perf_counter() - t0, 1), "torch_threads": torch.get_num_threads()}
-    summary["config"]["images"] = "synthetic looks (demo/synthetic.py), rendered by models/tiny_style.py"
-    summary["config"]["diffusion_model"] = "configs/diffusion/tiny-style.json, VAE trained first"
+    summary |= {"clip": clip_summary, "vae_steps": vae_steps,
+                "vae_final_loss": round(float(np.mean(vae_losses[-50:])), 5), "vae_seconds": round(vae_seconds, 1),
+                "images_per_look": per_look, "this_run_seconds": round(time.perf_counter() - t0, 1),
+                "torch_threads": torch.get_num_threads()}
+    summary["config"]["images"] = "captioned synthetic looks (demo/synthetic.py), rendered by models/tiny_style.py"
+    summary["config"]["diffusion_model"] = ("configs/diffusion/tiny-style.json, VAE trained first, "
+                                            "text encoder the tiny CLIP's text tower")
     summary["config"]["output"] = str(SHIPPED.relative_to(SHIPPED.parent.parent))
-    summary["config"]["clip"] = {"model": clip.model, "pretrained": "random weights, seed 0 (models/clip.py)"}
+    summary["config"]["clip"] = {"model": clip.model, "pretrained": str(TRAINED_TINY_CLIP.relative_to(
+        SHIPPED.parent.parent)), "trained_by": "models/tiny_style.py (step 2)"}
     (out / TRAINING_FILE).write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 
 
-def ensure_tiny_style(models_dir: Path, clip_weights: str | None) -> DiffusionSpec:
-    """The shipped tiny style model (built into models_dir if the package lacks it), checked against
-    the tiny CLIP weights at hand."""
-    root = SHIPPED if (SHIPPED / TRAINING_FILE).exists() else models_dir / "diffusion" / CONFIG
+def ensure_tiny_style(clip_weights: str | None) -> DiffusionSpec:
+    """The shipped tiny style model, checked against the tiny CLIP weights at hand."""
+    root = SHIPPED
     if not (root / TRAINING_FILE).exists():
-        from stylestream.cli.progress import stage_bars
-
-        with tempfile.TemporaryDirectory() as work, stage_bars() as stage:
-            build(root, Path(work), STEPS, VAE_STEPS, PER_LOOK, BATCH_SIZE, stage)
+        raise FileNotFoundError(f"the tiny style model is missing from {root}: build it (and the tiny CLIP) with "
+                                "`python -m stylestream.models.tiny_style`")
     training = json.loads((root / TRAINING_FILE).read_text())
     if training.get("feature_names") != list(FEATURE_NAMES):
         raise ValueError(
@@ -183,7 +269,12 @@ def ensure_tiny_style(models_dir: Path, clip_weights: str | None) -> DiffusionSp
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=SHIPPED, help="where to write the model (default: %(default)s)")
+    ap.add_argument("--out", type=Path, default=SHIPPED, help="where to write the style model (default: %(default)s)")
+    ap.add_argument("--clip-out", type=Path, default=TRAINED_TINY_CLIP,
+                    help="where to write the tiny CLIP's checkpoint (default: %(default)s)")
+    ap.add_argument("--clip-steps", type=int, default=CLIP_STEPS, help="CLIP training steps (default: %(default)s)")
+    ap.add_argument("--clip-images", type=int, default=CLIP_IMAGES,
+                    help="captioned photos the CLIP trains on (default: %(default)s)")
     ap.add_argument("--steps", type=int, default=STEPS, help="UNet + adapter training steps (default: %(default)s)")
     ap.add_argument("--vae-steps", type=int, default=VAE_STEPS, help="VAE training steps (default: %(default)s)")
     ap.add_argument("--per-look", type=int, default=PER_LOOK, help="training images per look (default: %(default)s)")
@@ -197,7 +288,8 @@ def main(argv: list[str] | None = None) -> None:
     from stylestream.cli.progress import stage_bars
 
     with stage_bars() as stage:
-        summary = build(a.out, work, a.steps, a.vae_steps, a.per_look, a.batch_size, stage)
+        summary = build(a.out, a.clip_out, work, a.steps, a.vae_steps, a.per_look, a.batch_size, a.clip_steps,
+                        a.clip_images, stage)
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}))
 
 
