@@ -52,6 +52,7 @@ WITHDRAWN = ("ana", "office")
 DRIFT_EXAMPLE = "ben"
 # The tiny model draws crisp black and white (Cleo's look) only with more than serving's default 4 steps.
 STEPS = 20
+DEMO_PROMPT = "one house in the centre"  # the tiny models know subjects, counts and places (demo/synthetic.py)
 
 
 def run_demo(data_dir: Path, console: Console, broker_engine: Engine | str = Engine.auto,
@@ -65,7 +66,7 @@ def run_demo(data_dir: Path, console: Console, broker_engine: Engine | str = Eng
     # 1. Models: built once under DATA_DIR/models, then loaded like pretrained weights
     with console.status("preparing models (built once, then loaded like pretrained weights)"):
         clip = clip_spec(DataLayout(data_dir).models)
-        diffusion = diffusion_spec(DataLayout(data_dir).models, clip.pretrained)
+        diffusion = diffusion_spec(clip.pretrained)
     # 2. A local broker, the topics, and the synthetic library
     engine, why = choose_engine(broker_engine)
     with console.status(f"starting the {engine} broker"):
@@ -164,10 +165,10 @@ def generate_images(producer, bootstrap_servers: str, run: DataLayout, diffusion
     """One request per person (and one for a user with no photos), answered by the serving worker."""
     requests = [GenerationRequested(
         event_id=f"req-{u}", user_id=u, event_time=datetime.now(UTC), request_id=f"demo-{u}",
-        prompt="a birthday card with a cake", seed=7, num_inference_steps=STEPS) for u in LIBRARY]
+        prompt=DEMO_PROMPT, seed=7, num_inference_steps=STEPS) for u in LIBRARY]
     requests.append(GenerationRequested(
         event_id="req-nobody", user_id="nobody", event_time=datetime.now(UTC) + timedelta(seconds=1),
-        request_id="demo-nobody", prompt="a birthday card with a cake", seed=7, num_inference_steps=STEPS))
+        request_id="demo-nobody", prompt=DEMO_PROMPT, seed=7, num_inference_steps=STEPS))
     for r in requests:
         producer.send(GENERATION_REQUESTS, key=r.user_id.encode(), value=encode_event(r))
     producer.flush()

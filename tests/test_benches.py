@@ -65,12 +65,16 @@ def test_drift_bench_runs():
 
 @pytest.mark.slow
 def test_personalization_bench_runs():
-    r = final_json("personalization.py", "--photos", "3", "--prompts", "1", "--seeds", "1", "--reps", "1")
-    assert r["people"] == 6 and r["chance"] == round(1 / 6, 4)
+    r = final_json("personalization.py", "--photos", "6", "--prompts", "1", "--seeds", "1", "--reps", "1",
+                   "--classifier-images", "200", "--classifier-steps", "20")
+    assert r["people"] == 6 and r["chance"] == round(1 / 6, 4) and r["content_chance"] == 0.125
     assert set(r["variants"]) == {"none", "ip_adapter", "hyper_lora", "both"}
     for v in r["variants"].values():
         assert len(v["strength_sweep"]) == 5 and v["images_per_s"] > 0 and v["cost_ratio"] > 0
         assert 0 <= v["retrieval_accuracy"] <= 1 and -1 <= v["feature_correlation"] <= 1
+        for at in (v, v["steps_4"]):
+            assert 0 <= at["content_accuracy"] <= 1 and 0 <= at["leakage_prompt_wins"] <= 1
+            assert at["facet_choice_accuracy"] == r["facet_choice_accuracy"]
 
 
 @pytest.mark.slow

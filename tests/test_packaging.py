@@ -28,8 +28,11 @@ def test_the_wheel_runs_the_demo_in_a_fresh_virtual_environment(tmp_path, broker
     names = zipfile.ZipFile(wheel).namelist()
     for data in ("stylestream/schemas/json/style-vectors.schema.json", "stylestream/streams/kafka/pom.xml",
                  "stylestream/models/configs/diffusion/tiny-style.json",
-                 "stylestream/models/trained/tiny-style/ip-adapter.safetensors"):
+                 "stylestream/models/trained/tiny-style/ip-adapter.safetensors",
+                 "stylestream/models/trained/tiny-clip/stylestream-tiny-clip.safetensors"):
         assert data in names, data
+    shipped = sum(i.file_size for i in zipfile.ZipFile(wheel).infolist() if "/models/trained/" in i.filename)
+    assert shipped < 30 * 2**20, f"the trained tiny models take {shipped / 2**20:.1f} MiB"
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)

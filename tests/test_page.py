@@ -71,7 +71,7 @@ def test_a_person_steers_their_style_on_the_page(api_system, browser):
 
     # 3. Generate with a stronger style; the image appears in the gallery with the version it used
     page.locator("#strength").fill("1.5")
-    page.fill("#prompt", "a birthday card with a cake")
+    page.fill("#prompt", "two stars on the left")
     page.click("#generate-button")
     figure = page.locator("#gallery figure").first
     expect(figure.locator("figcaption")).to_contain_text(f"style v{after}")

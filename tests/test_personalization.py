@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from stylestream.cli.main import app
-from stylestream.demo.synthetic import LOOKS, render
+from stylestream.demo.synthetic import LOOKS, make_library, render
 from stylestream.models.diffusion import IP_ADAPTER_FILE, DiffusionSpec, adapter_input_dim, load_pipeline
 from stylestream.models.hyper_lora import HYPER_LORA_FILE, HyperLora, applied, target_layers
 from stylestream.models.style_training import TrainConfig, list_images, train_style
@@ -25,7 +25,10 @@ from stylestream.schemas.tables import FEATURE_NAMES
 from stylestream.serving.generator import StyleGenerator
 from stylestream.streams.topics import GENERATION_REQUESTS, GENERATION_RESULTS, STYLE_VECTORS
 from stylestream.transforms.embed import OpenClipImageHandler, image_styles
-from stylestream.transforms.style import style_of
+from stylestream.transforms.facets import find_facets
+from stylestream.transforms.images import DecodeLimits, decode
+from stylestream.transforms.style import stats_of, style_of
+from stylestream.transforms.vectors import style_vector_event
 
 
 def diff(a, b) -> int:
@@ -144,8 +147,8 @@ def style_event(user: str, version: int, vector: np.ndarray) -> StyleVectorUpdat
 
 
 @pytest.fixture(scope="module")
-def tiny(models_dir, clip):
-    return ensure_tiny_style(models_dir, clip.pretrained)
+def tiny(clip):
+    return ensure_tiny_style(clip.pretrained)
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +177,7 @@ def test_serve_loads_the_trained_adapter_and_hyper_lora_through_its_flags(broker
     [done] = [parse_event(GENERATION_RESULTS, m.value) for m in read_topic(bs, GENERATION_RESULTS)]
     assert done.type == "generation_completed" and done.lora and done.style_version == look_styles["warm"].version
     with pytest.raises(ValueError, match="rebuild the tiny one"):  # a CLIP with other weights cannot use it
-        ensure_tiny_style(tmp_path, str(tmp_path / "other-clip.safetensors"))
+        ensure_tiny_style(str(tmp_path / "other-clip.safetensors"))
 
 
 def test_mixed_batch_with_hyper_lora_equals_single_user_runs(tiny, clip, look_styles):
@@ -245,3 +248,23 @@ def test_generated_images_follow_their_persons_style(tiny, clip, look_styles):
         if strength == 1.0:
             assert (d.argmin(1) == own).mean() >= 0.9, d.argmin(1)
     assert distances[1.0] < distances[0.5] < distances[0.0]
+
+
+def test_the_facet_a_prompt_picks_is_the_one_that_shows_what_it_names(tiny, clip, tmp_path):
+    """A person with two tastes tied to two subjects (warm stars, cool houses): serving's "auto" facet
+    for a prompt naming one subject is the facet of the photos that show it, by the tiny CLIP."""
+    photos = make_library(tmp_path, {"ana": [("stars", "warm", 8, ("star",)), ("houses", "cool", 8, ("house",))]})
+    handler = OpenClipImageHandler(clip, device="cpu")
+    emb, feats = image_styles(handler, handler.load_model(), [decode(p.path.read_bytes(), DecodeLimits())[0]
+                                                               for p in photos])
+    weights = np.ones(len(photos))
+    facets = find_facets([p.photo_id for p in photos], emb, feats, weights)
+    album_of = {p.photo_id: p.album_id for p in photos}
+    assert sorted(tuple(sorted({album_of[i] for i in f.photo_ids})) for f in facets) == [("houses",), ("stars",)]
+    style = style_vector_event("ana", 1, stats_of(emb, feats, weights), facets, [], None, datetime.now(UTC))
+    gen = StyleGenerator(tiny, clip, device="cpu")
+    for prompt, album in (("two stars on the left", "stars"), ("one star in the centre", "stars"),
+                          ("three stars on the right", "stars"), ("one house in the centre", "houses"),
+                          ("two houses on the left", "houses"), ("three houses on the right", "houses")):
+        picked = gen.pick_facet(request("ana", "f", prompt=prompt, facet="auto"), style)
+        assert {album_of[i] for i in facets[picked].photo_ids} == {album}, prompt
