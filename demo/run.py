@@ -63,8 +63,8 @@ def run_demo(data_dir: Path, console: Console, broker_engine: Engine | str = Eng
     run = DataLayout(data_dir / "runs" / datetime.now(UTC).strftime("%Y%m%dT%H%M%S"))  # each run its own
     t0 = time.perf_counter()
     say = console.print
-    # 1. Models: built once under DATA_DIR/models, then loaded like pretrained weights
-    with console.status("preparing models (built once, then loaded like pretrained weights)"):
+    # 1. Models: the tiny trained ones the package ships, loaded like pretrained weights
+    with console.status("loading the models"):
         clip = clip_spec(DataLayout(data_dir).models)
         diffusion = diffusion_spec(clip.pretrained)
     # 2. A local broker, the topics, and the synthetic library

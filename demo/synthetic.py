@@ -63,8 +63,10 @@ def _hsv_to_rgb(h: float, s: float, v: float) -> tuple[int, int, int]:
 
 SUBJECTS = ("circle", "square", "triangle", "star", "cross", "ring", "house", "tree")
 POSITIONS = ("left", "centre", "right")  # thirds of the square a centre crop keeps
+COUNTS = (1, 2, 3)
 _COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
 _WHERE = {"left": "on the left", "centre": "in the centre", "right": "on the right"}
+_PLURALS = {"cross": "crosses"}
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,7 @@ class Scene:
 
     @property
     def caption(self) -> str:
-        noun = self.subject if self.count == 1 else f"{self.subject}s"
+        noun = self.subject if self.count == 1 else _PLURALS.get(self.subject, f"{self.subject}s")
         return f"{_COUNT_WORDS[self.count]} {noun} {_WHERE[self.position]}"
 
     @property
@@ -85,10 +87,16 @@ class Scene:
         return {"subject": self.subject, "count": self.count, "position": self.position}
 
 
+def every_scene() -> list[Scene]:
+    """Every scene a photo can show, in a fixed order."""
+    return [Scene(s, c, p) for s in SUBJECTS for c in COUNTS for p in POSITIONS]
+
+
 def random_scene(seed: int, subjects: tuple[str, ...] = SUBJECTS) -> Scene:
     """The scene `render(look, seed)` draws unless given one."""
     rng = np.random.default_rng([seed, 1])  # apart from the look's colours, which use `seed` alone
-    return Scene(str(rng.choice(subjects)), int(rng.integers(1, 4)), str(rng.choice(POSITIONS)))
+    count = int(rng.integers(COUNTS[0], COUNTS[-1] + 1))
+    return Scene(str(rng.choice(subjects)), count, str(rng.choice(POSITIONS)))
 
 
 def _draw_subject(draw: ImageDraw.ImageDraw, subject: str, cx: float, cy: float, r: float,
@@ -151,7 +159,7 @@ def render(look: Look, seed: int, size: tuple[int, int] = (320, 240), scene: Sce
     left = (w - side) / 2
     column = left + side * (POSITIONS.index(scene.position) + 0.5) / 3
     r = side / (2 * scene.count + 2.5) * rng.uniform(0.85, 1.0)
-    r = min(r, side / 6.5)
+    r = min(r, side * (1 / 6 - 0.03))  # with the jitter below, never over the edge of its third
     fill = colour(thing)
     for i in range(scene.count):
         cy = (h - side) / 2 + side * (i + 0.5) / scene.count + rng.uniform(-0.05, 0.05) * side / scene.count

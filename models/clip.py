@@ -72,8 +72,9 @@ def save_clip(model, path: Path) -> None:
 
 
 def ensure_tiny_clip(models_dir: Path) -> ClipSpec:
-    """The tiny CLIP: the trained checkpoint the package ships, or where it lacks one (while
-    models/tiny_style.py rebuilds it), the seeded random weights as a file under models_dir."""
+    """The tiny CLIP: the trained checkpoint the package ships, or where it lacks one (a checkout
+    without models/trained/) the seeded random weights as a file under models_dir, which the tiny
+    style model refuses (it names `python -m stylestream.models.tiny_style` to rebuild both)."""
     if TRAINED_TINY_CLIP.exists():
         return ClipSpec(TINY_CLIP, str(TRAINED_TINY_CLIP))
     path = models_dir / "clip" / f"{TINY_CLIP}.safetensors"
@@ -83,7 +84,7 @@ def ensure_tiny_clip(models_dir: Path) -> ClipSpec:
 
 
 def clip_spec(models_dir: Path, model: str = TINY_CLIP, pretrained: str | None = None) -> ClipSpec:
-    """What the command line asks for; the tiny default is materialized under models_dir."""
+    """What the command line asks for; the tiny default is the shipped trained checkpoint (`ensure_tiny_clip`)."""
     if model == TINY_CLIP and pretrained is None:
         return ensure_tiny_clip(models_dir)
     if pretrained is None:

@@ -2,10 +2,10 @@
 
 Used to teach the tiny CLIP words: the synthetic photos (demo/synthetic.py) come with captions
 that name their look and what they show ("a warm photo of two stars on the left"). A photo can be
-described at several levels of detail (its whole caption, the scene alone, the subject alone): each
-is a `Captions` view, and the steps take the views in turn. Every batch holds distinct captions of
-one view, so each image's negatives in the loss are truly other captions. Deterministic for a seed
-on one device: each step draws from a generator seeded by (seed, step).
+described at several levels of detail (its whole caption, the scene alone): each is a `Captions`
+view, and the steps take the views in turn. Every batch holds distinct captions of one view, so
+each image's negatives in the loss are truly other captions. Deterministic for a seed on one
+device: each step draws from a generator seeded by (seed, step).
 """
 
 from __future__ import annotations
@@ -53,7 +53,13 @@ def train_clip(model, pixels: torch.Tensor, views: Sequence[Captions], tokenizer
     by_caption = [[torch.nonzero(v.ids == c).flatten() for c in range(len(v.texts))] for v in views]
     usable = [torch.tensor([c for c, idx in enumerate(found) if len(idx)]) for found in by_caption]
     loss_fn = open_clip.ClipLoss()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.1)
+    # Weight decay as open_clip's training applies it: not to gains, biases or the temperature.
+    def decayed(name: str, p: torch.nn.Parameter) -> bool:
+        return not (p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name)
+    named = list(model.named_parameters())
+    optimizer = torch.optim.AdamW([{"params": [p for n, p in named if decayed(n, p)], "weight_decay": 0.1},
+                                   {"params": [p for n, p in named if not decayed(n, p)], "weight_decay": 0.0}],
+                                  lr=learning_rate)
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(1.0, s / steps))))

@@ -83,12 +83,14 @@ def random_pipeline(config: str, tokenizer_dir: Path, text_encoder=None) -> Stab
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     cfg = json.loads((CONFIG_DIR / f"{config}.json").read_text())
+    if text_encoder is None and "text_encoder" not in cfg:
+        raise ValueError(f"configs/diffusion/{config}.json has no text encoder of its own: give a CLIP's text tower")
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**cfg["unet"])
     clip_tokenizer_files(tokenizer_dir)
     return StableDiffusionPipeline(
         vae=AutoencoderKL(**cfg["vae"]),
-        text_encoder=text_encoder or CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"])),
+        text_encoder=text_encoder if text_encoder is not None else CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"])),
         tokenizer=CLIPTokenizer(str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt"),
                                 model_max_length=77),
         unet=unet,

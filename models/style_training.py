@@ -249,10 +249,12 @@ def training_step(trainee: Trainee, data: TrainingSet, prompt_embeds: dict[str, 
     which = torch.randint(0, CONDITIONS_PER_IMAGE, (cfg.batch_size,), generator=g)
     path = torch.multinomial(torch.tensor(PATH_SHARES), cfg.batch_size, replacement=True, generator=g)
     drawn = torch.randint(0, len(prompts), (cfg.batch_size,), generator=g)
-    no_text = torch.rand(cfg.batch_size, generator=g) < cfg.caption_dropout
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=g)
     latents = data.latents[idx]
     noise = torch.randn(latents.shape, generator=g)
+    # Drawn last, so that without dropout a seed gives what it gave before the option existed.
+    no_text = torch.rand(cfg.batch_size, generator=g) < cfg.caption_dropout if cfg.caption_dropout else \
+        torch.zeros(cfg.batch_size, dtype=torch.bool)
     # 2. Noisy latents, text and style conditioning
     noisy = noise_scheduler.add_noise(latents, noise, t).to(device)
     captions = ["" if off else data.captions[i] if data.captions[i] is not None else prompts[d]

@@ -40,7 +40,7 @@ import torch
 from PIL import Image
 
 from stylestream.defaults import TINY_CLIP
-from stylestream.demo.synthetic import Scene
+from stylestream.demo.synthetic import Scene, every_scene
 from stylestream.models import clip_training
 from stylestream.models.clip import TRAINED_TINY_CLIP, ClipSpec, load_clip, save_clip, text_encoder_from_clip
 from stylestream.models.clip_training import Captions
@@ -67,12 +67,6 @@ MANIFEST = "images.jsonl"
 
 
 # -- 1. Data ---------------------------------------------------------------------------------------
-
-def every_scene() -> list[Scene]:
-    from stylestream.demo.synthetic import POSITIONS, SUBJECTS
-
-    return [Scene(s, c, p) for s in SUBJECTS for c in (1, 2, 3) for p in POSITIONS]
-
 
 def clip_views(photos: list[tuple[str, Scene]], every: bool = False) -> list[Captions]:
     """What the tiny CLIP learns to match with (look, scene) photos, at two levels of detail: "a warm
@@ -205,9 +199,11 @@ def build(out: Path, clip_out: Path, work: Path, steps: int, vae_steps: int, per
     """Make the tiny CLIP in `clip_out` and the tiny style model in `out`; `progress(description,
     total)` returns `update(done, loss)`."""
     t0 = time.perf_counter()
-    # 1 and 2. The captioned photos, and the tiny CLIP trained on them
-    clip_summary = train_tiny_clip(clip_out, clip_images, clip_steps, CLIP_BATCH_SIZE, progress)
-    clip = ClipSpec(TINY_CLIP, str(clip_out))
+    # 1 and 2. The captioned photos, and the tiny CLIP trained on them (both models are written to
+    # their destinations together at the end: an interrupted build leaves the shipped pair as it was)
+    trained_clip = work / "clip" / f"{TINY_CLIP}.safetensors"
+    clip_summary = train_tiny_clip(trained_clip, clip_images, clip_steps, CLIP_BATCH_SIZE, progress)
+    clip = ClipSpec(TINY_CLIP, str(trained_clip))
     manifest = render_looks(work / "images", per_look)
     # 3. The VAE, then the base pipeline around it and the CLIP's text tower
     t_vae = time.perf_counter()
@@ -231,6 +227,8 @@ def build(out: Path, clip_out: Path, work: Path, steps: int, vae_steps: int, per
     shutil.copytree(cfg.output / "pipeline", out / "pipeline")
     for name in (IP_ADAPTER_FILE, HYPER_LORA_FILE, "loss.png"):
         shutil.copy2(cfg.output / name, out / name)
+    clip_out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(trained_clip, clip_out)
     summary |= {"clip": clip_summary, "vae_steps": vae_steps,
                 "vae_final_loss": round(float(np.mean(vae_losses[-50:])), 5), "vae_seconds": round(vae_seconds, 1),
                 "images_per_look": per_look, "this_run_seconds": round(time.perf_counter() - t0, 1),
@@ -239,8 +237,7 @@ def build(out: Path, clip_out: Path, work: Path, steps: int, vae_steps: int, per
     summary["config"]["diffusion_model"] = ("configs/diffusion/tiny-style.json, VAE trained first, "
                                             "text encoder the tiny CLIP's text tower")
     summary["config"]["output"] = str(SHIPPED.relative_to(SHIPPED.parent.parent))
-    summary["config"]["clip"] = {"model": clip.model, "pretrained": str(TRAINED_TINY_CLIP.relative_to(
-        SHIPPED.parent.parent)), "trained_by": "models/tiny_style.py (step 2)"}
+    summary["config"]["clip"] = {"model": clip.model, "pretrained": str(clip_out), "trained_by": "step 2"}
     (out / TRAINING_FILE).write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 

@@ -74,7 +74,7 @@ def test_personalization_bench_runs():
         assert 0 <= v["retrieval_accuracy"] <= 1 and -1 <= v["feature_correlation"] <= 1
         for at in (v, v["steps_4"]):
             assert 0 <= at["content_accuracy"] <= 1 and 0 <= at["leakage_prompt_wins"] <= 1
-            assert at["facet_choice_accuracy"] == r["facet_choice_accuracy"]
+    assert 0 <= r["facet_choice_accuracy"] <= 1 and 0 <= r["classifier_held_out_accuracy"] <= 1
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ def test_a_scene_says_what_it_shows():
     assert Scene("star", 2, "left").caption == "two stars on the left"
     assert Scene("house", 1, "centre").caption == "one house in the centre"
     assert Scene("tree", 3, "right").labels == {"subject": "tree", "count": 3, "position": "right"}
+    assert Scene("cross", 2, "right").caption == "two crosses on the right"
     drawn = {random_scene(seed) for seed in range(400)}
     assert {s.subject for s in drawn} == set(SUBJECTS) and {s.position for s in drawn} == set(POSITIONS)
     assert {s.count for s in drawn} == {1, 2, 3}
@@ -27,22 +28,23 @@ def test_a_scene_says_what_it_shows():
 
 
 @pytest.mark.parametrize("look", ["mono", "warm", "pastel"])
-def test_the_subject_is_drawn_in_the_third_its_caption_names(look):
+@pytest.mark.parametrize("subject", SUBJECTS)
+def test_the_subject_is_drawn_in_the_third_its_caption_names(look, subject):
     # Same seed, same look, the scene moved from the left third to the right: the two pictures differ
     # in those thirds of the centred square and nowhere else.
-    left = np.asarray(render(LOOKS[look], 7, scene=Scene("square", 1, "left")), float)
-    right = np.asarray(render(LOOKS[look], 7, scene=Scene("square", 1, "right")), float)
+    left = np.asarray(render(LOOKS[look], 7, scene=Scene(subject, 1, "left")), float)
+    right = np.asarray(render(LOOKS[look], 7, scene=Scene(subject, 1, "right")), float)
     changed = np.abs(left - right).sum(axis=(0, 2)) > 0
     x0, third = 40, 80  # 320 x 240: the centred square spans x 40..280
     share = [changed[x0 + k * third:x0 + (k + 1) * third].mean() for k in range(3)]
-    assert share[0] > 0.3 and share[2] > 0.3 and share[1] == 0, share
+    assert share[0] > 0.2 and share[2] > 0.2 and share[1] == 0, share
     assert not changed[:x0].any() and not changed[x0 + 3 * third:].any()
 
 
 def test_a_library_album_can_show_mostly_one_subject(tmp_path):
-    photos = make_library(tmp_path, {"ana": [("stars", "warm", 4, ("star",)), ("any", "cool", 3)]})
-    assert [p.scene.subject for p in photos if p.album_id == "stars"] == ["star"] * 4
-    assert all(p.scene is not None for p in photos)
+    photos = make_library(tmp_path, {"ana": [("stars", "warm", 6, ("star",)), ("any", "cool", 6)]})
+    assert [p.scene.subject for p in photos if p.album_id == "stars"] == ["star"] * 6
+    assert len({p.scene.subject for p in photos if p.album_id == "any"}) > 2
 
 
 def test_the_clip_text_tower_as_a_text_encoder_gives_the_same_token_states(clip):
@@ -53,8 +55,10 @@ def test_the_clip_text_tower_as_a_text_encoder_gives_the_same_token_states(clip)
         x = model.token_embedding(tokens) + model.positional_embedding
         theirs = model.ln_final(model.transformer(x, attn_mask=model.attn_mask))
         ours = encoder(tokens).last_hidden_state
-    assert theirs.abs().mean() > 0.1
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    other = text_encoder_from_clip(load_clip(ClipSpec(clip.model, None))[0])  # the seeded random weights
+    with torch.no_grad():
+        assert (other(tokens).last_hidden_state - theirs).abs().max() > 0.1
 
 
 def test_the_shipped_tiny_clip_names_what_photos_it_never_saw_show(clip):
