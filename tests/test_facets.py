@@ -9,6 +9,7 @@ from helpers import produce, read_topic
 
 from stylestream.demo.synthetic import make_library, toggle_event
 from stylestream.schemas.events import parse_event
+from stylestream.schemas.tables import FEATURE_NAMES
 from stylestream.serving.generator import choose_facet
 from stylestream.streams.topics import CONSENT_EVENTS, PHOTO_EVENTS, STYLE_VECTORS
 from stylestream.transforms.facets import find_facets
@@ -54,7 +55,8 @@ def test_mixed_library_splits_into_its_looks_and_follows_a_withdrawal(broker, ma
 def test_facets_do_not_depend_on_row_order():
     rng = np.random.default_rng(1)
     emb = np.vstack([rng.normal(1, 0.1, (6, 4)), rng.normal(-1, 0.1, (6, 4))])
-    feat = np.vstack([rng.normal(0, 0.05, (6, 2)), rng.normal(1, 0.05, (6, 2))])
+    n = len(FEATURE_NAMES)
+    feat = np.vstack([rng.normal(0, 0.05, (6, n)), rng.normal(1, 0.05, (6, n))])
     ids, w = [f"p{i:02d}" for i in range(12)], rng.random(12) + 0.5
     perm = rng.permutation(12)
     a = find_facets(ids, emb, feat, w)

@@ -15,16 +15,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from stylestream.transforms.features import FEATURE_NAMES
 from stylestream.transforms.style import StoredContribution, StyleStats, stats_of
 
 MAX_FACETS = 3
 MIN_FACET_PHOTOS = 3
 # Keep k facets only if they leave at most this share of the (k-1)-facet within-cluster spread.
-# Tuned on the synthetic looks: single-look libraries split no lower than ~0.42, two-look ones ~0.34.
-SPLIT_GAIN = 0.38
-# The interpretable features count twice the embedding in the clustering: they carry the look reliably
-# even when the embedding model is weak (random weights in tests, or tuned for content over style).
-FEATURE_WEIGHT = 2.0
+# Tuned on the synthetic looks with the trained tiny CLIP: single-look libraries split no lower than
+# ~0.33, two-look ones no higher than ~0.22.
+SPLIT_GAIN = 0.27
+# The interpretable features count four times the embedding in the clustering: they carry the look
+# reliably, while a CLIP embedding also follows what each photo shows, which varies within one taste.
+FEATURE_WEIGHT = 4.0
+# Composition (where the subject stands) changes from one photo to the next within one taste: styles are
+# compared on the other features, or a one-look library would split into its centred and off-centre photos.
+TASTE_FEATURES = np.array([name not in ("thirds_energy", "symmetry") for name in FEATURE_NAMES])
 KMEANS_ITERATIONS = 25
 
 
@@ -37,14 +42,15 @@ class Facet:
 def style_space(embeddings: np.ndarray, features: np.ndarray) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     """A map of (embeddings, features) rows into one space where distances compare styles: each part
     centred and scaled to unit RMS norm over the given rows, so neither dominates by its size alone,
-    then the features weighted by FEATURE_WEIGHT. Fitted on these rows, applicable to others."""
+    then the features (TASTE_FEATURES of them) weighted by FEATURE_WEIGHT. Fitted on these rows, applicable
+    to others."""
     def scaler(x: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
         mean = x.mean(0)
         rms = np.sqrt(((x - mean) ** 2).sum(1).mean())
         rms = rms if rms > 1e-12 else 1.0
         return lambda y: (y.astype(np.float64) - mean) / rms
-    emb, feat = scaler(embeddings.astype(np.float64)), scaler(features.astype(np.float64))
-    return lambda e, f: np.hstack([emb(e), FEATURE_WEIGHT * feat(f)])
+    emb, feat = scaler(embeddings.astype(np.float64)), scaler(features[:, TASTE_FEATURES].astype(np.float64))
+    return lambda e, f: np.hstack([emb(e), FEATURE_WEIGHT * feat(f[:, TASTE_FEATURES])])
 
 
 def clustering_space(embeddings: np.ndarray, features: np.ndarray) -> np.ndarray:
