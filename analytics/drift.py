@@ -46,7 +46,9 @@ class FeatureWord:
 
 # A step is about a quarter of how far apart the demo's distinct looks lie on that feature. The
 # composition features vary more between photos of one look than between looks: their step is that
-# photo-to-photo spread, so a handful of new photos cannot move them across it by chance.
+# photo-to-photo spread, so a handful of new photos cannot move them across it by chance. Sharpness
+# also follows what a photo shows (three stars have more edges than one circle): its step is above
+# the drift that a change of subjects alone makes within one look.
 FEATURE_WORDS = (
     FeatureWord("warmth", "warmer", "cooler", 0.07),
     FeatureWord("saturation", "more saturated", "less saturated", 0.07),
@@ -55,7 +57,7 @@ FEATURE_WORDS = (
     FeatureWord("highlights", "more highlights", "fewer highlights", 0.1),
     FeatureWord("shadows", "deeper shadows", "fewer shadows", 0.1),
     FeatureWord("colourfulness", "more colourful", "more muted", 0.07),
-    FeatureWord("sharpness", "sharper", "softer", 0.03),
+    FeatureWord("sharpness", "sharper", "softer", 0.05),
     FeatureWord("thirds_energy", "more off-centre", "more centred", 0.15),
     FeatureWord("symmetry", "more symmetric", "less symmetric", 0.3),
 )

@@ -416,13 +416,23 @@ def main(argv: list[str] | None = None) -> None:
         print("Flink's Kafka connector is not in the cache (`make flink` fetches it): using Flink's lib/",
               file=sys.stderr)
     # Ctrl-C or SIGTERM stops the job (its Flink, a child process, ends with this one); the state to
-    # resume from is in the checkpoints.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # resume from is in the checkpoints. An interruption while PyFlink talks to its JVM surfaces as
+    # whatever py4j makes of the broken exchange: after a stop was asked for, that is the stop too.
+    stop_asked = []
+
+    def stop(*_) -> None:
+        stop_asked.append(True)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
     print(f"transaction timeout {args.transaction_timeout_ms // 1000} s, parallelism {settings.parallelism}, "
           f"started {time.strftime('%H:%M:%S')}", file=sys.stderr, flush=True)
     try:
         build_job(args, settings, jars).execute("stylestream")
-    except KeyboardInterrupt:
+    except BaseException:
+        if not stop_asked:
+            raise
         print("stopped; start again with --restore latest", file=sys.stderr, flush=True)
 
 

@@ -28,11 +28,12 @@ WARMTH = FEATURE_NAMES.index("warmth")
 
 @pytest.fixture
 def ingested(broker, make_ingestor, tmp_path):
-    """wendy: warm photos, then cool ones over two more cycles. sam: the same warm look every cycle.
+    """wendy: warm photos, then cool ones over two more cycles. sam: the same warm look and the same
+    subject every cycle (what a person photographs is part of their style too).
     wanda: a warm album, then a cool album, which she then withdraws."""
     library = make_library(tmp_path / "library", {
         "wendy": [("summer", "warm", 4), ("winter", "cool", 8)],
-        "sam": [("days", "warm", 12)],
+        "sam": [("days", "warm", 12, ("house",))],
         "wanda": [("home", "warm", 4), ("trip", "cool", 4)],
     })
     by_user = {u: [p for p in library if p.user_id == u] for u in ("wendy", "sam", "wanda")}
