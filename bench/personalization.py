@@ -31,7 +31,7 @@ subjects (a look photographing one subject, another look another); the share of 
 of the two subjects for which serving's "auto" facet is the facet of the photos that show it.
 
 Default: the tiny trained models (models/tiny_style.py), 20 denoising steps (serving's default of 4
-is measured as steps_4).
+is measured as steps_4), the prompt's guidance scale 4 (the rows without the prompt keep the style).
 Real models: --diffusion-model, --ip-adapter, --hyper-lora, --clip-model, --clip-pretrained, as for
 `stylestream serve`. Final line: one JSON object
 {"people", "chance", "content_chance", "facet_choice_accuracy", "variants": {name: {...}}}. Targets
@@ -178,7 +178,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=6, help="images per diffusion call (default: %(default)s)")
     ap.add_argument("--size", type=int, default=64, help="image side in pixels (default: %(default)s)")
     ap.add_argument("--steps", type=int, default=20, help="denoising steps (default: %(default)s; see above)")
-    ap.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance (default: none)")
+    ap.add_argument("--guidance", type=float, default=4.0,
+                    help="the prompt's classifier-free guidance scale, the style in both rows (default: %(default)s)")
     ap.add_argument("--reps", type=int, default=4, help="timed rounds for images/s (default: %(default)s)")
     ap.add_argument("--seed", type=int, default=7, help="seed of the people's photo libraries")
     ap.add_argument("--classifier-images", type=int, default=4000, help="renders the content classifier learns from")

@@ -17,7 +17,7 @@ from stylestream.models.diffusion import DiffusionSpec, adapter_input, adapter_i
 from stylestream.models.hyper_lora import HyperLora
 from stylestream.schemas.events import GenerationRequested, StyleFacet, StyleVectorUpdated
 from stylestream.schemas.tables import FEATURE_NAMES
-from stylestream.serving.lora import BASE, LoraSource, UserLoras
+from stylestream.serving.lora import LoraSource, UserLoras
 
 log = logging.getLogger(__name__)
 
@@ -111,9 +111,10 @@ class StyleGenerator:
         embeds = torch.from_numpy(np.stack([c.embedding for c in conds]))[:, None, :].to(self.device, dtype)
         strengths = torch.tensor([c.strength for c in conds])
         cfg = first.guidance_scale > 1.0
-        if cfg:  # classifier-free guidance rows: [unconditional..., conditional...], the former without style
-            embeds = torch.cat([embeds, embeds])
-            strengths = torch.cat([torch.zeros_like(strengths), strengths])
+        if cfg:  # classifier-free guidance rows: [without the prompt..., with it...], both with the style, so
+            # the guidance scale is the prompt's and the style keeps its own (strength): training drops them
+            # independently, and guiding both at once lets the style drown the prompt's content.
+            embeds, strengths = torch.cat([embeds, embeds]), torch.cat([strengths, strengths])
         # Per-sample strength: the adapter's output is scaled by a constant mask per row.
         masks = strengths.view(-1, 1, 1, 1).expand(
             -1, 1, first.height // self.pipe.vae_scale_factor, first.width // self.pipe.vae_scale_factor)
@@ -121,7 +122,7 @@ class StyleGenerator:
         # Once any LoRA is loaded, every row names its adapter (or none), or peft would apply them all.
         adapters = self.loras.adapters([c.lora for c in conds]) if self.loras.loaded() or any(
             c.lora for c in conds) else None
-        rows = [BASE] * len(adapters) + adapters if cfg and adapters else adapters
+        rows = adapters + adapters if cfg and adapters else adapters
         per_sample = self.loras.per_sample(rows) if adapters else contextlib.nullcontext()
         self.pipe.set_ip_adapter_scale(style_layers(self.pipe.unet) if first.style_layers_only else 1.0)
         with per_sample:

@@ -215,7 +215,7 @@ def test_strength_zero_is_the_same_image_for_everyone(tiny, clip, look_styles):
     assert [diff(a, b) for a, b in zip(images, unpersonalized, strict=True)] == [0, 0, 0]
     alone = [gen.generate(r, look_styles[r.user_id])[0] for r in reqs]  # same seed: the same image for all
     assert diff(alone[0], alone[1]) == diff(alone[0], alone[2]) == diff(alone[0], none.generate(reqs[0], None)[0]) == 0
-    guided = request("warm", "g", style_strength=0.0, guidance_scale=3.0)  # guidance: no style in either row
+    guided = request("warm", "g", style_strength=0.0, guidance_scale=3.0)  # guided: still no style in any row
     assert diff(gen.generate(guided, look_styles["warm"])[0], none.generate(guided, None)[0]) == 0
     personalized = [gen.generate(request(u, f"o{u}"), look_styles[u])[0] for u in ("warm", "cool", "mono")]
     assert min(diff(a, b) for i, a in enumerate(personalized) for b in personalized[i + 1:]) > 30
