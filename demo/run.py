@@ -52,7 +52,14 @@ WITHDRAWN = ("ana", "office")
 DRIFT_EXAMPLE = "ben"
 # The tiny model draws crisp black and white (Cleo's look) only with more than serving's default 4 steps.
 STEPS = 20
-DEMO_PROMPT = "one house in the centre"  # the tiny models know subjects, counts and places (demo/synthetic.py)
+# The tiny models know subjects, counts and places (demo/synthetic.py). Everyone gets every prompt with
+# the same seed; the tables show the first.
+DEMO_PROMPTS = ("one house in the centre", "two stars on the left", "three circles on the right")
+
+
+def request_id(user: str, prompt: int) -> str:
+    """The demo's request for `user` and DEMO_PROMPTS[prompt]."""
+    return f"demo-{user}" if prompt == 0 else f"demo-{user}-{prompt}"
 
 
 def run_demo(data_dir: Path, console: Console, broker_engine: Engine | str = Engine.auto,
@@ -102,13 +109,14 @@ def run_demo(data_dir: Path, console: Console, broker_engine: Engine | str = Eng
             ingest(ingestor, console, "ingesting the opt-out")
         after = latest(cfg)
         say(opt_out_report(before, after, cfg, user))
-        # 5. One image per person, same prompt and seed, through the serving worker
+        # 5. One image per person and prompt, same seed, through the serving worker
         results = generate_images(producer, bs, run, diffusion, clip, console)
         # 6. What the images show, against the style each was conditioned on
         print_table(console, results_table(results))
-        used = styles_used(results, cfg)
-        print_table(console, personalization_table(results, used, clip))
-        picture = side_by_side(results, used, run.root / "personalization.png")
+        first = [r for r in results if r.request_id == request_id(r.user_id, 0)]
+        used = styles_used(first, cfg)
+        print_table(console, personalization_table(first, used, clip))
+        picture = people_by_prompts(results, used, run.root / "personalization.png")
         if serve_until is not None:
             keep_serving(cfg, run, diffusion, clip, console, serve_until(), port)
     elapsed = time.perf_counter() - t0
@@ -162,18 +170,20 @@ def publish_uploads(producer, photos: list[SyntheticPhoto], bad: list[tuple[byte
 
 
 def generate_images(producer, bootstrap_servers: str, run: DataLayout, diffusion, clip, console: Console) -> list:
-    """One request per person (and one for a user with no photos), answered by the serving worker."""
+    """One request per person and prompt (and one for a user with no photos), answered by the serving
+    worker."""
     requests = [GenerationRequested(
-        event_id=f"req-{u}", user_id=u, event_time=datetime.now(UTC), request_id=f"demo-{u}",
-        prompt=DEMO_PROMPT, seed=7, num_inference_steps=STEPS) for u in LIBRARY]
+        event_id=f"req-{request_id(u, k)}", user_id=u, event_time=datetime.now(UTC), request_id=request_id(u, k),
+        prompt=prompt, seed=7, num_inference_steps=STEPS) for k, prompt in enumerate(DEMO_PROMPTS) for u in LIBRARY]
     requests.append(GenerationRequested(
         event_id="req-nobody", user_id="nobody", event_time=datetime.now(UTC) + timedelta(seconds=1),
-        request_id="demo-nobody", prompt=DEMO_PROMPT, seed=7, num_inference_steps=STEPS))
+        request_id=request_id("nobody", 0), prompt=DEMO_PROMPTS[0], seed=7, num_inference_steps=STEPS))
     for r in requests:
         producer.send(GENERATION_REQUESTS, key=r.user_id.encode(), value=encode_event(r))
     producer.flush()
     producer.close()
-    console.print(f"[bold]requests[/] {len(requests)} generation requests (one for a user with no photos)")
+    console.print(f"[bold]requests[/] {len(requests)} generation requests ({len(DEMO_PROMPTS)} prompts per person, "
+                  "one for a user with no photos)")
     results = []
     with console.status("serving: loading the diffusion pipeline and generating"):
         generator = StyleGenerator(diffusion, clip)
@@ -258,25 +268,26 @@ def styles_used(results: list, cfg: IngestConfig) -> dict[str, np.ndarray]:
 
 
 def completed_images(results: list) -> dict[str, Image.Image]:
-    """user -> their generated image, for the completed requests."""
+    """request id -> its generated image, for the completed requests."""
     out = {}
     for r in results:
         if r.type == "generation_completed":
             with fsspec.open(r.image_uri, "rb") as f:
-                out[r.user_id] = Image.open(f).convert("RGB")
+                out[r.request_id] = Image.open(f).convert("RGB")
     return out
 
 
 def personalization_table(results: list, styles: dict[str, np.ndarray], clip) -> Table:
     """Per person: the style their image was conditioned on, in words, next to what the generated
     image shows, measured by the same embedding and feature code as their photos."""
-    images = completed_images(results)
-    measured = dict(zip(images, image_styles(*_clip_handler(clip), list(images.values()))[1], strict=True))
+    images = {request_id(r.user_id, 0): r.user_id for r in results}
+    found = completed_images(results)
+    measured = dict(zip(found, image_styles(*_clip_handler(clip), list(found.values()))[1], strict=True))
     t = Table(title="does each image follow its person's style? (same prompt and seed for everyone)")
     for col in ("user", "their style (the facet used)", "their generated image"):
         t.add_column(col)
-    for user in sorted(images):
-        t.add_row(user, describe(styles[user]), describe(measured[user]))
+    for rid in sorted(found):
+        t.add_row(images[rid], describe(styles[images[rid]]), describe(measured[rid]))
     return t
 
 
@@ -285,9 +296,9 @@ def _clip_handler(clip):
     return handler, handler.load_model()
 
 
-def side_by_side(results: list, styles: dict[str, np.ndarray], path: Path) -> Path:
-    """One row per person: their palette, their image, and the next person's image for the same
-    prompt and seed."""
+def people_by_prompts(results: list, styles: dict[str, np.ndarray], path: Path) -> Path:
+    """A grid, one row per person: their palette, then their image for each prompt (same seed for
+    everyone): down a column the prompt stays and the person changes, along a row the other way round."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -296,16 +307,17 @@ def side_by_side(results: list, styles: dict[str, np.ndarray], path: Path) -> Pa
     from stylestream.analytics.plot import palette_rgb
 
     images = completed_images(results)
-    users = sorted(images)
-    fig, axes = plt.subplots(len(users), 3, figsize=(7.5, 2.6 * len(users)), squeeze=False)
+    users = sorted(styles)
+    fig, axes = plt.subplots(len(users), 1 + len(DEMO_PROMPTS), figsize=(2.5 * (1 + len(DEMO_PROMPTS)),
+                                                                          2.6 * len(users)), squeeze=False)
     for row, user in enumerate(users):
-        other = users[(row + 1) % len(users)]
         colours = palette_rgb(np.asarray([styles[user]]))[:, 0]  # (3 colours, 3)
-        panels = [(np.repeat(colours[None], 8, 0).repeat(8, 1), f"{user}'s palette\n{describe(styles[user])}"),
-                  (images[user], f"{user}'s image"), (images[other], f"{other}'s image, same prompt and seed")]
+        panels = [(np.repeat(colours[None], 8, 0).repeat(8, 1), f"{user}'s palette\n{describe(styles[user])}")]
+        panels += [(images.get(request_id(user, k)), f"{user}: {prompt}") for k, prompt in enumerate(DEMO_PROMPTS)]
         for ax, (picture, title) in zip(axes[row], panels, strict=True):
-            ax.imshow(picture, interpolation="nearest")
-            ax.set_title(title, fontsize=9)
+            if picture is not None:
+                ax.imshow(picture, interpolation="nearest")
+            ax.set_title(title, fontsize=8)
             ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -13,7 +13,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from stylestream.cli.main import app
-from stylestream.demo.run import run_demo
+from stylestream.demo.run import DEMO_PROMPTS, request_id, run_demo
 
 
 @pytest.mark.smoke
@@ -41,9 +41,10 @@ def test_demo_end_to_end(tmp_path, broker_engine):
     assert report["after"]["ana"][0] == report["before"]["ana"][0] + 1
     assert report["after"]["ben"][0] == report["before"]["ben"][0]
     outcomes = sorted((r.request_id, r.type) for r in report["results"])
-    assert outcomes == [("demo-ana", "generation_completed"), ("demo-ben", "generation_completed"),
-                        ("demo-cleo", "generation_completed"), ("demo-nobody", "generation_failed")]
-    assert len(list((report["run_dir"] / "images").rglob("*.png"))) == 3
+    people = [request_id(u, k) for u in ("ana", "ben", "cleo") for k in range(len(DEMO_PROMPTS))]
+    assert outcomes == sorted([(rid, "generation_completed") for rid in people] +
+                              [("demo-nobody", "generation_failed")])
+    assert len(list((report["run_dir"] / "images").rglob("*.png"))) == len(people)
     text = out.getvalue()
     assert "1 dead letter," in text and "opt-out effect" in text
     assert "does each image follow its person's style?" in text and report["picture"].stat().st_size > 10_000

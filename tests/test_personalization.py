@@ -268,3 +268,31 @@ def test_the_facet_a_prompt_picks_is_the_one_that_shows_what_it_names(tiny, clip
                           ("two houses on the left", "houses"), ("three houses on the right", "houses")):
         picked = gen.pick_facet(request("ana", "f", prompt=prompt, facet="auto"), style)
         assert {album_of[i] for i in facets[picked].photo_ids} == {album}, prompt
+
+
+def darkest_third(image: Image.Image) -> str:
+    """Where an image's subject stands: the third of its columns that is darkest (every look draws its
+    subject at the dark end of its values, on a sky that is the same across the columns)."""
+    lum = np.asarray(image.convert("L"), np.float64).mean(0)
+    return ("left", "centre", "right")[int(np.argmin([part.mean() for part in np.array_split(lum, 3)]))]
+
+
+@pytest.mark.slow
+def test_the_prompt_says_where_and_the_person_says_how(tiny, clip, look_styles):
+    """A prompt change moves the subject and keeps the look; a person change keeps the subject's place
+    and changes the look (the place by the darkest third, the look by the named features)."""
+    gen = StyleGenerator(tiny, clip, device="cpu")
+    people, sides, named = ("warm", "cool", "mono"), ("left", "right"), ["warmth", "saturation", "brightness"]
+    reqs = [request(p, f"w{p}{side}{s}", prompt=f"one house on the {side}", seed=s, num_inference_steps=20,
+                    guidance_scale=4.0) for side in sides for p in people for s in (1, 2)]
+    images = gen.generate_batch(reqs, [gen.condition(r, look_styles[r.user_id]) for r in reqs])
+    placed = [darkest_third(im) == r.prompt.split()[-1] for im, r in zip(images, reqs, strict=True)]
+    assert np.mean(placed) >= 0.9, placed
+    _, feats = image_styles(*(lambda h: (h, h.load_model()))(OpenClipImageHandler(clip, device="cpu")), images)
+    look = feats[:, [FEATURE_NAMES.index(n) for n in named]]
+    key = [(r.user_id, r.prompt, r.seed) for r in reqs]
+    same_person = [np.abs(look[i] - look[j]).mean() for i, a in enumerate(key) for j, b in enumerate(key)
+                   if a[0] == b[0] and a[1] != b[1] and a[2] == b[2]]
+    same_prompt = [np.abs(look[i] - look[j]).mean() for i, a in enumerate(key) for j, b in enumerate(key)
+                   if a[0] != b[0] and a[1] == b[1] and a[2] == b[2]]
+    assert max(same_person) < min(same_prompt) / 2, (same_person, same_prompt)
