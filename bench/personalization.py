@@ -24,14 +24,17 @@ generator, then measures each image with the same code:
   strength_sweep       mean style distance to the person at strengths 0, 0.25, 0.5, 0.75, 1
   images_per_s         at strength 1, adapters already made (steady serving); cost_ratio: its time per
                        image over that of `none`
-  steps_4              retrieval, content and leakage again with 4 denoising steps (serving's default)
+  steps_4              retrieval, content and leakage again with 4 denoising steps (serving's default),
+                       at the same guidance
 
 and, once (it depends on the CLIP alone), facet_choice_accuracy: people with two tastes tied to two
 subjects (a look photographing one subject, another look another); the share of prompts naming one
 of the two subjects for which serving's "auto" facet is the facet of the photos that show it.
 
 Default: the tiny trained models (models/tiny_style.py), 20 denoising steps (serving's default of 4
-is measured as steps_4), the prompt's guidance scale 4 (the rows without the prompt keep the style).
+is measured as steps_4), the prompt's guidance scale 4 (the rows without the prompt keep the style;
+a request's default is no guidance). Styles are compared in the facets' style space (facets.style_space:
+embedding and features, composition left out).
 Real models: --diffusion-model, --ip-adapter, --hyper-lora, --clip-model, --clip-pretrained, as for
 `stylestream serve`. Final line: one JSON object
 {"people", "chance", "content_chance", "facet_choice_accuracy", "variants": {name: {...}}}. Targets

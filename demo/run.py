@@ -3,8 +3,9 @@
 Starts a local broker (Apache Kafka where Java is present, else Tansu), writes a synthetic photo
 library for three users with clearly different looks, publishes each person's first album (plus one
 malformed event) and ingests, then their later albums and ingests again, withdraws one album and
-ingests once more, then asks the serving worker for one personalized image per user and reports what
-happened. `DATA_DIR/state` then points at this run's state, so `stylestream drift ...` reads its history.
+ingests once more, then asks the serving worker for a personalized image per user for each of three
+prompts and reports what happened. `DATA_DIR/state` then points at this run's state, so
+`stylestream drift ...` reads its history.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ WITHDRAWN = ("ana", "office")
 DRIFT_EXAMPLE = "ben"
 # The tiny model draws crisp black and white (Cleo's look) only with more than serving's default 4 steps.
 STEPS = 20
+GUIDANCE = 4.0  # the prompt's classifier-free guidance (the style keeps its own strength), as the benchmark's
 # The tiny models know subjects, counts and places (demo/synthetic.py). Everyone gets every prompt with
 # the same seed; the tables show the first.
 DEMO_PROMPTS = ("one house in the centre", "two stars on the left", "three circles on the right")
@@ -113,15 +115,15 @@ def run_demo(data_dir: Path, console: Console, broker_engine: Engine | str = Eng
         results = generate_images(producer, bs, run, diffusion, clip, console)
         # 6. What the images show, against the style each was conditioned on
         print_table(console, results_table(results))
+        used = styles_used(results, cfg)
         first = [r for r in results if r.request_id == request_id(r.user_id, 0)]
-        used = styles_used(first, cfg)
         print_table(console, personalization_table(first, used, clip))
         picture = people_by_prompts(results, used, run.root / "personalization.png")
         if serve_until is not None:
             keep_serving(cfg, run, diffusion, clip, console, serve_until(), port)
     elapsed = time.perf_counter() - t0
     say(f"[bold green]done[/] in {elapsed:.0f} s. State: {cfg.db_path}  History: {cfg.history_dir}")
-    say(f"personalization, side by side: {picture}", soft_wrap=True, highlight=False)
+    say(f"personalization, people x prompts: {picture}", soft_wrap=True, highlight=False)
     history = "" if point_state_at(data_dir, run.state.root) else f" --history {cfg.history_dir}"
     # one line, to copy; the analytics key beside the history maps the user id to its pseudonym
     say(f"drift: stylestream drift user {DRIFT_EXAMPLE}{history} --plot {DRIFT_EXAMPLE}.png", soft_wrap=True,
@@ -174,10 +176,12 @@ def generate_images(producer, bootstrap_servers: str, run: DataLayout, diffusion
     worker."""
     requests = [GenerationRequested(
         event_id=f"req-{request_id(u, k)}", user_id=u, event_time=datetime.now(UTC), request_id=request_id(u, k),
-        prompt=prompt, seed=7, num_inference_steps=STEPS) for k, prompt in enumerate(DEMO_PROMPTS) for u in LIBRARY]
+        prompt=prompt, seed=7, num_inference_steps=STEPS, guidance_scale=GUIDANCE)
+        for k, prompt in enumerate(DEMO_PROMPTS) for u in LIBRARY]
     requests.append(GenerationRequested(
         event_id="req-nobody", user_id="nobody", event_time=datetime.now(UTC) + timedelta(seconds=1),
-        request_id=request_id("nobody", 0), prompt=DEMO_PROMPTS[0], seed=7, num_inference_steps=STEPS))
+        request_id=request_id("nobody", 0), prompt=DEMO_PROMPTS[0], seed=7, num_inference_steps=STEPS,
+        guidance_scale=GUIDANCE))
     for r in requests:
         producer.send(GENERATION_REQUESTS, key=r.user_id.encode(), value=encode_event(r))
     producer.flush()
@@ -257,13 +261,13 @@ def results_table(results: list) -> Table:
 
 
 def styles_used(results: list, cfg: IngestConfig) -> dict[str, np.ndarray]:
-    """user -> the features of the style their image was conditioned on: the facet the worker chose
+    """request id -> the features of the style its image was conditioned on: the facet the worker chose
     for the prompt, or the overall style."""
     completed = [r for r in results if r.type == "generation_completed"]
     with Store(cfg.db_path) as store:
         overall = store.latest_vectors()
         stored = store.stored_contributions([r.user_id for r in completed])
-    return {r.user_id: overall[r.user_id].features if r.facet is None
+    return {r.request_id: overall[r.user_id].features if r.facet is None
             else facets_of(stored[r.user_id])[r.facet].stats.vector()[1] for r in completed}
 
 
@@ -280,14 +284,14 @@ def completed_images(results: list) -> dict[str, Image.Image]:
 def personalization_table(results: list, styles: dict[str, np.ndarray], clip) -> Table:
     """Per person: the style their image was conditioned on, in words, next to what the generated
     image shows, measured by the same embedding and feature code as their photos."""
-    images = {request_id(r.user_id, 0): r.user_id for r in results}
+    user_of = {r.request_id: r.user_id for r in results}
     found = completed_images(results)
     measured = dict(zip(found, image_styles(*_clip_handler(clip), list(found.values()))[1], strict=True))
     t = Table(title="does each image follow its person's style? (same prompt and seed for everyone)")
     for col in ("user", "their style (the facet used)", "their generated image"):
         t.add_column(col)
     for rid in sorted(found):
-        t.add_row(images[rid], describe(styles[images[rid]]), describe(measured[rid]))
+        t.add_row(user_of[rid], describe(styles[rid]), describe(measured[rid]))
     return t
 
 
@@ -297,8 +301,9 @@ def _clip_handler(clip):
 
 
 def people_by_prompts(results: list, styles: dict[str, np.ndarray], path: Path) -> Path:
-    """A grid, one row per person: their palette, then their image for each prompt (same seed for
-    everyone): down a column the prompt stays and the person changes, along a row the other way round."""
+    """A grid of the images, one row per person and one column per prompt (same seed for everyone):
+    down a column the person changes, along a row the prompt. Under each image, the three colours of
+    the style it was conditioned on (the facet the prompt picked, named in its title)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -307,18 +312,22 @@ def people_by_prompts(results: list, styles: dict[str, np.ndarray], path: Path) 
     from stylestream.analytics.plot import palette_rgb
 
     images = completed_images(results)
-    users = sorted(styles)
-    fig, axes = plt.subplots(len(users), 1 + len(DEMO_PROMPTS), figsize=(2.5 * (1 + len(DEMO_PROMPTS)),
-                                                                          2.6 * len(users)), squeeze=False)
+    facet_of = {r.request_id: r.facet for r in results if r.request_id in images}
+    users = sorted({r.user_id for r in results if r.request_id in images})
+    fig, axes = plt.subplots(len(users), len(DEMO_PROMPTS), figsize=(2.6 * len(DEMO_PROMPTS), 3.0 * len(users)),
+                             squeeze=False)
     for row, user in enumerate(users):
-        colours = palette_rgb(np.asarray([styles[user]]))[:, 0]  # (3 colours, 3)
-        panels = [(np.repeat(colours[None], 8, 0).repeat(8, 1), f"{user}'s palette\n{describe(styles[user])}")]
-        panels += [(images.get(request_id(user, k)), f"{user}: {prompt}") for k, prompt in enumerate(DEMO_PROMPTS)]
-        for ax, (picture, title) in zip(axes[row], panels, strict=True):
-            if picture is not None:
-                ax.imshow(picture, interpolation="nearest")
-            ax.set_title(title, fontsize=8)
+        for col, prompt in enumerate(DEMO_PROMPTS):
+            ax, rid = axes[row][col], request_id(user, col)
             ax.axis("off")
+            if rid not in images:
+                continue
+            picture = np.asarray(images[rid].resize((96, 96), Image.Resampling.NEAREST), float) / 255
+            colours = palette_rgb(np.asarray([styles[rid]]))[:, 0]  # (3 colours, 3)
+            strip = np.repeat(colours[None], 12, 0).repeat(32, 1)  # (12, 96, 3)
+            ax.imshow(np.vstack([picture, strip]), interpolation="nearest")
+            facet = "overall style" if facet_of[rid] is None else f"facet {facet_of[rid]}"
+            ax.set_title(f"{user}: {prompt}\n({facet})", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -16,7 +16,7 @@ Steps (each printed with a progress bar):
    (models/style_training.py, the same code `stylestream train-adapter` runs at any size), on the
    photos' captions, with each photo's style drawn from *other* photos of its look (what a photo
    shows never reaches the model through the style path), and the caption and the style dropped
-   independently, so each has its own guidance.
+   independently, so that the prompt can be guided with the style held (its strength its own scale).
 5. Copy what serving loads into the output folders, with the loss curves and a summary.
 
 The result is shipped in the package with this script, so nothing trains at run time. The style

@@ -430,10 +430,11 @@ def main(argv: list[str] | None = None) -> None:
           f"started {time.strftime('%H:%M:%S')}", file=sys.stderr, flush=True)
     try:
         build_job(args, settings, jars).execute("stylestream")
-    except BaseException:
+    except BaseException as e:
         if not stop_asked:
             raise
-        print("stopped; start again with --restore latest", file=sys.stderr, flush=True)
+        how = "" if isinstance(e, KeyboardInterrupt) else f" (PyFlink said {type(e).__name__} as it stopped)"
+        print(f"stopped{how}; start again with --restore latest", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from stylestream.schemas.events import parse_event
 from stylestream.schemas.tables import FEATURE_NAMES
 from stylestream.serving.generator import choose_facet
 from stylestream.streams.topics import CONSENT_EVENTS, PHOTO_EVENTS, STYLE_VECTORS
-from stylestream.transforms.facets import find_facets
+from stylestream.transforms.facets import COMPOSITION, TASTE_FEATURES, find_facets
 
 
 def purity(facets, look_of) -> float:
@@ -62,6 +62,23 @@ def test_facets_do_not_depend_on_row_order():
     a = find_facets(ids, emb, feat, w)
     b = find_facets([ids[i] for i in perm], emb[perm], feat[perm], w[perm])
     assert [f.photo_ids for f in a] == [f.photo_ids for f in b] and len(a) == 2
+
+
+def test_where_the_subject_stands_does_not_split_a_taste():
+    """Composition alone bimodal (centred and off-centre photos of one look): one facet. The same
+    split in a colour feature: two."""
+    rng = np.random.default_rng(2)
+    n = len(FEATURE_NAMES)
+    emb, feat = rng.normal(0, 0.05, (12, 4)), rng.normal(0.5, 0.01, (12, n))
+    ids, w = [f"p{i:02d}" for i in range(12)], np.ones(12)
+    assert set(COMPOSITION) <= set(FEATURE_NAMES) and TASTE_FEATURES.sum() == n - len(COMPOSITION)
+    centred = feat.copy()
+    for name in COMPOSITION:
+        centred[:6, FEATURE_NAMES.index(name)] += 0.5
+    assert len(find_facets(ids, emb, centred, w)) == 1
+    warmer = feat.copy()
+    warmer[:6, FEATURE_NAMES.index("warmth")] += 0.5
+    assert len(find_facets(ids, emb, warmer, w)) == 2
 
 
 def test_prompt_chooses_the_nearest_facet():

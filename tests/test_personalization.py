@@ -217,6 +217,11 @@ def test_strength_zero_is_the_same_image_for_everyone(tiny, clip, look_styles):
     assert diff(alone[0], alone[1]) == diff(alone[0], alone[2]) == diff(alone[0], none.generate(reqs[0], None)[0]) == 0
     guided = request("warm", "g", style_strength=0.0, guidance_scale=3.0)  # guided: still no style in any row
     assert diff(gen.generate(guided, look_styles["warm"])[0], none.generate(guided, None)[0]) == 0
+    # The guidance is the prompt's: with the prompt as its own negative, both rows are the same and
+    # guiding changes nothing (it would amplify the style if the rows without the prompt had none).
+    plain = request("warm", "p", prompt="two stars on the left")
+    guided = request("warm", "p", prompt=plain.prompt, negative_prompt=plain.prompt, guidance_scale=3.0)
+    assert diff(gen.generate(plain, look_styles["warm"])[0], gen.generate(guided, look_styles["warm"])[0]) <= 2
     personalized = [gen.generate(request(u, f"o{u}"), look_styles[u])[0] for u in ("warm", "cool", "mono")]
     assert min(diff(a, b) for i, a in enumerate(personalized) for b in personalized[i + 1:]) > 30
 
@@ -288,11 +293,13 @@ def test_the_prompt_says_where_and_the_person_says_how(tiny, clip, look_styles):
     images = gen.generate_batch(reqs, [gen.condition(r, look_styles[r.user_id]) for r in reqs])
     placed = [darkest_third(im) == r.prompt.split()[-1] for im, r in zip(images, reqs, strict=True)]
     assert np.mean(placed) >= 0.9, placed
-    _, feats = image_styles(*(lambda h: (h, h.load_model()))(OpenClipImageHandler(clip, device="cpu")), images)
+    handler = OpenClipImageHandler(clip, device="cpu")
+    _, feats = image_styles(handler, handler.load_model(), images)
     look = feats[:, [FEATURE_NAMES.index(n) for n in named]]
     key = [(r.user_id, r.prompt, r.seed) for r in reqs]
-    same_person = [np.abs(look[i] - look[j]).mean() for i, a in enumerate(key) for j, b in enumerate(key)
-                   if a[0] == b[0] and a[1] != b[1] and a[2] == b[2]]
-    same_prompt = [np.abs(look[i] - look[j]).mean() for i, a in enumerate(key) for j, b in enumerate(key)
-                   if a[0] != b[0] and a[1] == b[1] and a[2] == b[2]]
+    pairs = [(i, j) for i in range(len(key)) for j in range(i + 1, len(key)) if key[i][2] == key[j][2]]
+    same_person = [np.abs(look[i] - look[j]).mean() for i, j in pairs
+                   if key[i][0] == key[j][0] and key[i][1] != key[j][1]]
+    same_prompt = [np.abs(look[i] - look[j]).mean() for i, j in pairs
+                   if key[i][0] != key[j][0] and key[i][1] == key[j][1]]
     assert max(same_person) < min(same_prompt) / 2, (same_person, same_prompt)

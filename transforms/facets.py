@@ -4,8 +4,9 @@ Facets are recomputed from the user's stored contributions whenever their style 
 updated online: a user's contributions are already at hand for that, and recomputing makes facets as
 exact and order-free as the overall style (a withdrawn photo leaves no trace in any facet). The
 clustering is a weighted k-means with deterministic farthest-point seeding, over the embedding and
-the aesthetic features side by side; a further facet is kept only if it explains the library much
-better and every facet has enough photos.
+the aesthetic features of colour and tone side by side (not composition: where the subject stands
+changes from photo to photo within one taste); a further facet is kept only if it explains the
+library much better and every facet has enough photos.
 """
 
 from __future__ import annotations
@@ -15,21 +16,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stylestream.transforms.features import FEATURE_NAMES
+from stylestream.schemas.tables import FEATURE_NAMES
 from stylestream.transforms.style import StoredContribution, StyleStats, stats_of
 
 MAX_FACETS = 3
 MIN_FACET_PHOTOS = 3
 # Keep k facets only if they leave at most this share of the (k-1)-facet within-cluster spread.
 # Tuned on the synthetic looks with the trained tiny CLIP: single-look libraries split no lower than
-# ~0.33, two-look ones no higher than ~0.22.
+# ~0.33, two-look ones no higher than ~0.22 (another embedding model may want it tuned again).
 SPLIT_GAIN = 0.27
 # The interpretable features count four times the embedding in the clustering: they carry the look
 # reliably, while a CLIP embedding also follows what each photo shows, which varies within one taste.
 FEATURE_WEIGHT = 4.0
 # Composition (where the subject stands) changes from one photo to the next within one taste: styles are
 # compared on the other features, or a one-look library would split into its centred and off-centre photos.
-TASTE_FEATURES = np.array([name not in ("thirds_energy", "symmetry") for name in FEATURE_NAMES])
+COMPOSITION = ("thirds_energy", "symmetry")
+TASTE_FEATURES = np.isin(FEATURE_NAMES, COMPOSITION, invert=True)
 KMEANS_ITERATIONS = 25
 
 
