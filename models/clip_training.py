@@ -17,6 +17,8 @@ import numpy as np
 import open_clip
 import torch
 
+from stylestream.models.style_training import step_generator
+
 
 def encode_images(model, pixels: torch.Tensor, batch: int = 256) -> torch.Tensor:
     """Normalized image embeddings of preprocessed pixels (n, 3, h, w)."""
@@ -67,7 +69,7 @@ def train_clip(model, pixels: torch.Tensor, views: Sequence[Captions], tokenizer
     model.train()
     for step in range(steps):
         # 1. A view, distinct captions of it, one image of each
-        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        g = step_generator(seed, step)
         v = step % len(views)
         chosen = usable[v][torch.randperm(len(usable[v]), generator=g)[:batch_size]]
         images = torch.stack([pixels[by_caption[v][c][torch.randint(len(by_caption[v][c]), (1,), generator=g)]][0]
