@@ -9,7 +9,8 @@
                    timing each event from produce to its user's vector on the style-vectors topic,
                    and the process's resident memory from the end of warm-up to the end
 
-Photos are 320x240 JPEGs (64 distinct files shared by all photo ids). Final line: one JSON object
+Photos are 320x240 JPEGs (64 distinct files shared by all photo ids). The transforms alone run before
+and after the full path; the ratio is against the mean of the two. Final line: one JSON object
 with events_per_s, photos_per_s, overhead_ratio (full path time / transforms-only time),
 latency_p50_s, latency_p99_s and rss_growth.
 """
@@ -72,12 +73,15 @@ def transforms_only(messages: list[clients.Message], cfg: IngestConfig) -> float
     return time.perf_counter() - t
 
 
-def steady(cfg: IngestConfig, files: list[Path], rate: float, duration: float, warmup: float) -> dict:
-    """`stylestream ingest --follow` in its own process, as deployed; this process produces and watches."""
+def steady(cfg: IngestConfig, files: list[Path], rate: float, duration: float, warmup: float,
+           profile: Path | None = None) -> dict:
+    """`stylestream ingest --follow` in its own process, as deployed; this process produces and watches.
+    With `profile`, the follower runs under cProfile and writes its statistics there when stopped."""
     bs = cfg.bootstrap_servers
     log = cfg.state_dir.parent / "follower.log"
-    follower = subprocess.Popen([sys.executable, "-m", "stylestream.cli.main", "ingest", "--follow", "-b", bs,
-                                 "--data-dir", str(cfg.state_dir.parent)],
+    profiling = ["-m", "cProfile", "-o", str(profile)] if profile else []
+    follower = subprocess.Popen([sys.executable, *profiling, "-m", "stylestream.cli.main", "ingest", "--follow",
+                                 "-b", bs, "--data-dir", str(cfg.state_dir.parent)],
                                 stdout=log.open("w"), stderr=subprocess.STDOUT)
     consumer = clients.consumer(bs)
     tps = clients.partitions_of(consumer, STYLE_VECTORS)
@@ -143,6 +147,8 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=50.0, help="events/s in the steady phase")
     ap.add_argument("--duration", type=float, default=120.0, help="seconds of the steady phase")
     ap.add_argument("--warmup", type=float, default=20.0, help="seconds before the steady RSS baseline")
+    ap.add_argument("--profile", type=Path, help="write the steady follower's cProfile statistics here "
+                    "(read them with `python -m pstats`); its latencies then include the profiler's cost")
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     files = photo_files(work)
@@ -161,25 +167,34 @@ def main() -> None:
         producer.close()
         events = a.users * a.photos
         cfg = IngestConfig(bs, work / "state", clip)
+        messages = clients.read_all(bs, PHOTO_EVENTS)
 
+        # The baseline before and after the full path, against the mean of the two: the machine's
+        # speed drifts over the minutes the three take (one baseline gave ratios from 0.95 to 1.17).
+        only_s = []
+
+        def baseline() -> None:
+            only_s.append(transforms_only(messages, cfg))
+            print(json.dumps({"bench": "transforms_only", "events": len(messages), "seconds": round(only_s[-1], 1),
+                              "events_per_s": round(len(messages) / only_s[-1], 1)}), flush=True)
+
+        baseline()
         with Ingestor(cfg) as ingestor:
             t = time.perf_counter()
             cycles = ingestor.run_until_caught_up()
             full_s = time.perf_counter() - t
-        messages = clients.read_all(bs, PHOTO_EVENTS)
         print(json.dumps({"bench": "full_path", "events": events, "cycles": len(cycles), "seconds": round(full_s, 1),
                           "events_per_s": round(events / full_s, 1)}), flush=True)
-        only_s = transforms_only(messages, cfg)
-        print(json.dumps({"bench": "transforms_only", "events": len(messages), "seconds": round(only_s, 1),
-                          "events_per_s": round(len(messages) / only_s, 1)}), flush=True)
-        s = steady(cfg, files, a.rate, a.duration, a.warmup)
+        baseline()
+        baseline_s = float(np.mean(only_s))
+        s = steady(cfg, files, a.rate, a.duration, a.warmup, a.profile)
         print(json.dumps({"bench": "steady", **s}), flush=True)
     finally:
         broker.stop()
     print(json.dumps({"bench": "ingest", "users": a.users, "photos_per_user": a.photos,
                       "events_per_s": round(events / full_s, 1), "photos_per_s": round(events / full_s, 1),
-                      "transforms_only_per_s": round(len(messages) / only_s, 1),
-                      "overhead_ratio": round(full_s / only_s, 3), "latency_p50_s": s["latency_p50_s"],
+                      "transforms_only_per_s": round(len(messages) / baseline_s, 1),
+                      "overhead_ratio": round(full_s / baseline_s, 3), "latency_p50_s": s["latency_p50_s"],
                       "latency_p99_s": s["latency_p99_s"], "rss_growth": s["rss_growth"],
                       "steady_rate": a.rate, "steady_s": a.duration, "cpus": os.cpu_count()}))
 
