@@ -41,6 +41,13 @@ class Captions:
     ids: torch.Tensor
 
 
+def warmup_cosine(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning rate over `steps`: a linear warm-up over the first 5%, then a cosine decay to 0."""
+    warmup = max(1, steps // 20)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(1.0, s / steps))))
+
+
 def train_clip(model, pixels: torch.Tensor, views: Sequence[Captions], tokenizer, steps: int, batch_size: int,
                learning_rate: float = 1e-3, seed: int = 0,
                on_step: Callable[[int, float], None] | None = None) -> list[float]:
@@ -62,9 +69,7 @@ def train_clip(model, pixels: torch.Tensor, views: Sequence[Captions], tokenizer
     optimizer = torch.optim.AdamW([{"params": [p for n, p in named if decayed(n, p)], "weight_decay": 0.1},
                                    {"params": [p for n, p in named if not decayed(n, p)], "weight_decay": 0.0}],
                                   lr=learning_rate)
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(1.0, s / steps))))
+    schedule = warmup_cosine(optimizer, steps)
     losses = []
     model.train()
     for step in range(steps):

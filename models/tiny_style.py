@@ -60,7 +60,7 @@ from stylestream.schemas.tables import FEATURE_NAMES
 SHIPPED = Path(__file__).parent / "trained" / "tiny-style"
 CONFIG = "tiny-style"
 RESOLUTION = 64
-STEPS, VAE_STEPS, PER_LOOK, BATCH_SIZE = 4000, 600, 400, 32
+STEPS, VAE_STEPS, PER_LOOK, BATCH_SIZE = 4000, 2400, 400, 32
 CLIP_IMAGES, CLIP_STEPS, CLIP_BATCH_SIZE, CLIP_HELD_APART = 12000, 4000, 128, 600
 CAPTION_DROPOUT = 0.1
 MANIFEST = "images.jsonl"
@@ -161,9 +161,11 @@ def clip_figures(model, tokenizer, pixels: torch.Tensor, photos: list[tuple[str,
 
 def train_vae(vae, images: torch.Tensor, steps: int, batch_size: int, seed: int,
               on_step: Callable[[int, float], None] | None = None) -> list[float]:
-    """Reconstruction training (MSE, a light KL term) of a small AutoencoderKL on (n, 3, h, w) images
-    in [-1, 1]; then sets its scaling factor so that latents have unit variance, as SD's does."""
+    """Reconstruction training (MSE, a light KL term; warm-up and cosine decay) of a small AutoencoderKL
+    on (n, 3, h, w) images in [-1, 1]; then sets its scaling factor so that latents have unit variance,
+    as SD's does."""
     optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3)
+    schedule = clip_training.warmup_cosine(optimizer, steps)
     losses = []
     vae.train()
     for step in range(steps):
@@ -176,6 +178,7 @@ def train_vae(vae, images: torch.Tensor, steps: int, batch_size: int, seed: int,
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        schedule.step()
         losses.append(loss.item())
         if on_step:
             on_step(step + 1, losses[-1])
