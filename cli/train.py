@@ -38,6 +38,9 @@ def train_adapter(
     = 2000,
     batch_size: Annotated[int, typer.Option(min=1, metavar="N", help="Images per step.")] = 32,
     learning_rate: Annotated[float, typer.Option(min=0.0, metavar="RATE", help="AdamW learning rate.")] = 1e-4,
+    decay_steps: Annotated[int, typer.Option(
+        min=0, metavar="N", help="The last N steps take the learning rate linearly to 0 (constant before, so a "
+                                 "longer run can resume a shorter one's checkpoint from before its decay).")] = 0,
     resolution: Annotated[int, typer.Option(
         min=8, metavar="PIXELS", help="Training image side in pixels (512 for SD 1.5).")] = 64,
     train_base: Annotated[bool, typer.Option(
@@ -82,8 +85,9 @@ def train_adapter(
         clip = clip_spec(DataLayout(data_dir).models, clip_model, clip_pretrained)
         cfg = TrainConfig(
             images=images, diffusion_model=base, clip=clip, output=output, steps=steps, batch_size=batch_size,
-            learning_rate=learning_rate, resolution=resolution, seed=seed, train_base=train_base,
-            hyper_rank=hyper_rank, prompts=captions, caption_dropout=caption_dropout, own_style=own_style,
+            learning_rate=learning_rate, decay_steps=decay_steps, resolution=resolution, seed=seed,
+            train_base=train_base, hyper_rank=hyper_rank, prompts=captions, caption_dropout=caption_dropout,
+            own_style=own_style,
             device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
         console.print(f"training on {images} with {base} and {clip.describe()} ({cfg.device})")
         with stage_bars(console) as stage:

@@ -77,6 +77,11 @@ class TrainConfig:
     # Condition on each image's own style as well as on its group's. False: only on styles of *other*
     # images of its group, so what an image shows cannot reach the model through the style path.
     own_style: bool = True
+    # The last `decay_steps` steps take the learning rate linearly to 0; before them it is constant
+    # (warm-up-stable-decay without the warm-up: AdamW's bias correction suffices here). The constant
+    # part does not depend on `steps`, so a longer run resumes a shorter one's checkpoint from before
+    # its decay and trains as if it had been asked for the longer run from the start.
+    decay_steps: int = 0
     checkpoint_every: int = 250
     device: str = "cpu"
 
@@ -324,6 +329,8 @@ def train_style(cfg: TrainConfig, on_progress: Callable[[str, int, int], None] |
     unet.train()
     t0 = time.perf_counter() - seconds
     for step in range(start, cfg.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.learning_rate * rate_factor(step, cfg.steps, cfg.decay_steps)
         loss = training_step(trainee, data, prompt_embeds, prompts, noise_scheduler, cfg, step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -339,9 +346,16 @@ def train_style(cfg: TrainConfig, on_progress: Callable[[str, int, int], None] |
     return export(cfg, trainee, losses, time.perf_counter() - t0, data)
 
 
+def rate_factor(step: int, steps: int, decay_steps: int) -> float:
+    """The learning rate at `step` as a share of the configured one: 1, then down to 0 over the last
+    `decay_steps` of `steps` (the last step's rate is 1/decay_steps of it, not 0)."""
+    return min(1.0, (steps - step) / decay_steps) if decay_steps > 0 else 1.0
+
+
 def _fingerprint(cfg: TrainConfig) -> str:
     """Settings a resumed run must share with the run it continues (the step count may grow)."""
     d = asdict(cfg) | {"steps": None, "checkpoint_every": None, "device": None, "output": None}
+    del d["decay_steps"]  # may change too; left out, not None, so that older checkpoints still resume
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -60,7 +60,8 @@ from stylestream.schemas.tables import FEATURE_NAMES
 SHIPPED = Path(__file__).parent / "trained" / "tiny-style"
 CONFIG = "tiny-style"
 RESOLUTION = 64
-STEPS, VAE_STEPS, PER_LOOK, BATCH_SIZE = 4000, 2400, 400, 32
+STEPS, VAE_STEPS, PER_LOOK, BATCH_SIZE = 8000, 2400, 400, 32
+DECAY_SHARE = 0.25  # of the UNet's steps, the last ones, its learning rate going to 0
 CLIP_IMAGES, CLIP_STEPS, CLIP_BATCH_SIZE, CLIP_HELD_APART = 12000, 4000, 128, 600
 CAPTION_DROPOUT = 0.1
 MANIFEST = "images.jsonl"
@@ -218,7 +219,8 @@ def build(out: Path, clip_out: Path, work: Path, steps: int, vae_steps: int, per
     vae_seconds = time.perf_counter() - t_vae
     # 4. UNet, style adapter and hyper-LoRA, on the captions, each photo styled by others of its look
     cfg = TrainConfig(images=manifest, diffusion_model=str(base), clip=clip, output=work / "train", steps=steps,
-                      batch_size=batch_size, learning_rate=1e-3, resolution=RESOLUTION, train_base=True,
+                      batch_size=batch_size, learning_rate=1e-3, decay_steps=int(steps * DECAY_SHARE),
+                      resolution=RESOLUTION, train_base=True,
                       caption_dropout=CAPTION_DROPOUT, own_style=False)
     prep = progress("styles and latents of the training images", len(manifest.read_text().splitlines()))
     update = progress("training UNet, style adapter and hyper-LoRA", steps)

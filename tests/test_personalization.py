@@ -47,14 +47,15 @@ def image_folder(tmp_path_factory):
 
 
 def test_training_is_deterministic_resumable_and_loads_into_serving(image_folder, diffusion, clip, tmp_path):
-    def config(out: str, steps: int) -> TrainConfig:
+    def config(out: str, steps: int, decay_steps: int) -> TrainConfig:
         return TrainConfig(images=image_folder, diffusion_model=diffusion.model_dir, clip=clip,
                            output=tmp_path / out, steps=steps, batch_size=4, learning_rate=1e-3,
-                           checkpoint_every=1, prompts=["a photo", "a card"])
+                           decay_steps=decay_steps, checkpoint_every=1, prompts=["a photo", "a card"])
 
-    straight = train_style(config("straight", 4))
-    train_style(config("resumed", 2))
-    resumed = train_style(config("resumed", 4))  # continues from its checkpoint at step 2
+    straight = train_style(config("straight", 4, 2))
+    train_style(config("resumed", 2, 0))
+    # continues from its checkpoint at step 2, where the longer run's decay begins
+    resumed = train_style(config("resumed", 4, 2))
     assert straight["steps"] == resumed["steps"] == 4 and straight["images"] == 8 and straight["groups"] == 2
     for name in (IP_ADAPTER_FILE, HYPER_LORA_FILE):
         a, b = load_file(tmp_path / "straight" / name), load_file(tmp_path / "resumed" / name)

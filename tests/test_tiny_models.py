@@ -11,7 +11,7 @@ import torch
 from stylestream.demo.synthetic import LOOKS, POSITIONS, SUBJECTS, Scene, make_library, random_scene, render
 from stylestream.models import clip_training
 from stylestream.models.clip import TRAINED_TINY_CLIP, ClipSpec, load_clip, text_encoder_from_clip
-from stylestream.models.style_training import group_conditions
+from stylestream.models.style_training import group_conditions, rate_factor
 from stylestream.models.tiny_style import clip_figures, clip_photos, clip_views
 from stylestream.schemas.tables import FEATURE_NAMES
 
@@ -96,3 +96,10 @@ def test_without_its_own_style_an_image_is_conditioned_on_other_images_of_its_gr
         assert with_own[i, 0, i] > 0
     with pytest.raises(ValueError, match="one image"):
         group_conditions(embeddings[:3], features[:3], ["a", "b", "b"], 8, seed=0, own_style=False)
+
+
+def test_the_learning_rate_is_constant_then_decays_over_the_last_steps():
+    assert [rate_factor(s, 8, 4) for s in range(8)] == [1.0, 1.0, 1.0, 1.0, 1.0, 0.75, 0.5, 0.25]
+    assert {rate_factor(s, 8, 0) for s in range(8)} == {1.0}
+    # the constant part does not depend on the run's length: a longer run can resume a shorter one
+    assert [rate_factor(s, 100, 4) for s in range(8)] == [1.0] * 8
