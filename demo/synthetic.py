@@ -2,7 +2,7 @@
 
 Each look is a family of colour, contrast and texture choices. What a photo shows is a `Scene`
 drawn independently of the look: one to three of eight subjects (circle, square, triangle, star,
-cross, ring, house, tree) in the left, centre or right third, with a caption that says so ("two
+cross, ring, house, tree) on the left, in the centre or on the right, with a caption that says so ("two
 stars on the left"). A person's photos may show any subject or mostly one, so a style model can
 learn the look, the subject matter, or both, and a text model the words for them. The files carry
 camera-like EXIF, including private fields (GPS, serial number, owner, artist) that the pipeline
@@ -62,7 +62,7 @@ def _hsv_to_rgb(h: float, s: float, v: float) -> tuple[int, int, int]:
 
 
 SUBJECTS = ("circle", "square", "triangle", "star", "cross", "ring", "house", "tree")
-POSITIONS = ("left", "centre", "right")  # thirds of the square a centre crop keeps
+POSITIONS = ("left", "centre", "right")  # columns of the square a centre crop keeps
 COUNTS = (1, 2, 3)
 _COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
 _WHERE = {"left": "on the left", "centre": "in the centre", "right": "on the right"}
@@ -71,7 +71,7 @@ _PLURALS = {"cross": "crosses"}
 
 @dataclass(frozen=True)
 class Scene:
-    """What a photo shows, independent of its look: `count` of one subject, stacked in one third."""
+    """What a photo shows, independent of its look: `count` of one subject, stacked in one column."""
 
     subject: str
     count: int
@@ -154,12 +154,14 @@ def render(look: Look, seed: int, size: tuple[int, int] = (320, 240), scene: Sce
         rx, ry = rng.uniform(0.05, 0.2) * w, rng.uniform(0.05, 0.2) * h
         faint = 0.35 * np.array(colour(sky)) + 0.65 * (top + bottom) / 2
         draw.ellipse((x0 - rx, y0 - ry, x0 + rx, y0 + ry), fill=tuple(int(c) for c in faint))
-    # The subject: `count` of them stacked in a third of the centred square (what a centre crop keeps).
+    # The subject: `count` of them stacked in a column of the centred square (what a centre crop keeps),
+    # at a quarter, half or three quarters of its width: as large as the column allows, since the
+    # models that learn them see the square at 64 px.
     side = min(w, h)
     left = (w - side) / 2
-    column = left + side * (POSITIONS.index(scene.position) + 0.5) / 3
-    r = side / (2 * scene.count + 2.5) * rng.uniform(0.85, 1.0)
-    r = min(r, side * (1 / 6 - 0.03))  # with the jitter below, never over the edge of its third
+    column = left + side * (POSITIONS.index(scene.position) + 1) / 4
+    r = side / (2 * scene.count + 1) * rng.uniform(0.85, 1.0)
+    r = min(r, side * (1 / 4 - 0.04))  # with the jitter below, never over the square's edge
     fill = colour(thing)
     for i in range(scene.count):
         cy = (h - side) / 2 + side * (i + 0.5) / scene.count + rng.uniform(-0.05, 0.05) * side / scene.count

@@ -60,7 +60,7 @@ from stylestream.schemas.tables import FEATURE_NAMES
 SHIPPED = Path(__file__).parent / "trained" / "tiny-style"
 CONFIG = "tiny-style"
 RESOLUTION = 64
-STEPS, VAE_STEPS, PER_LOOK, BATCH_SIZE = 8000, 2400, 400, 32
+STEPS, VAE_STEPS, PER_LOOK, BATCH_SIZE = 8000, 2400, 1500, 32
 DECAY_SHARE = 0.25  # of the UNet's steps, the last ones, its learning rate going to 0
 CLIP_IMAGES, CLIP_STEPS, CLIP_BATCH_SIZE, CLIP_HELD_APART = 12000, 4000, 128, 600
 CAPTION_DROPOUT = 0.1
@@ -241,8 +241,11 @@ def build(out: Path, clip_out: Path, work: Path, steps: int, vae_steps: int, per
     summary["config"]["images"] = "captioned synthetic looks (demo/synthetic.py), rendered by models/tiny_style.py"
     summary["config"]["diffusion_model"] = ("configs/diffusion/tiny-style.json, VAE trained first, "
                                             "text encoder the tiny CLIP's text tower")
-    summary["config"]["output"] = str(SHIPPED.relative_to(SHIPPED.parent.parent))
-    summary["config"]["clip"] = {"model": clip.model, "pretrained": str(clip_out), "trained_by": "step 2"}
+    models = SHIPPED.parent.parent  # paths as the package names them, not as this machine does
+    summary["config"]["output"] = str(out.relative_to(models) if out.is_relative_to(models) else out)
+    summary["config"]["clip"] = {"model": clip.model, "trained_by": "step 2",
+                                 "pretrained": str(clip_out.relative_to(models) if clip_out.is_relative_to(models)
+                                                   else clip_out)}
     (out / TRAINING_FILE).write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 
