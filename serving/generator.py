@@ -46,8 +46,9 @@ class StyleGenerator:
         self.pipe = load_pipeline(spec, self.device)
         self.style_dim = adapter_input_dim(self.pipe)
         self.loras = UserLoras(self.pipe.unet, lora_dir, max_loras)
-        # On the device once, so that every person's deltas share its A (one `x @ A^T` per batch).
-        self.hyper = HyperLora.load(spec.hyper_lora).to(self.device) if spec.hyper_lora else None
+        # On the device and in the UNet's dtype once, so that every person's deltas share its A (one
+        # `x @ A^T` per batch).
+        self.hyper = HyperLora.load(spec.hyper_lora).to(self.device, self.pipe.unet.dtype) if spec.hyper_lora else None
         if self.hyper is not None and self.hyper.input_dim != self.style_dim:
             raise ValueError(f"the hyper-LoRA takes {self.hyper.input_dim}-d styles, the style adapter "
                              f"{self.style_dim}-d: they must be trained together")
