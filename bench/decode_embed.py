@@ -2,15 +2,18 @@
 """Is ingest bound by the model or by decoding? 12-megapixel JPEGs, side by side in one run:
 
   full path    fetch bytes -> verify sha256 -> decode (JPEG draft) + orientation + colour -> whitelisted
-               metadata -> aesthetic features -> CLIP preprocess -> image embedding, batched as in the
-               pipeline's RunInference step (the same functions the pipeline calls)
+               metadata -> aesthetic features on the pipeline's own decoding step (PreparePhotos' DoFn,
+               one thread per core), overlapped with CLIP preprocess -> image embedding, batched as
+               in the pipeline's RunInference step (the same functions the pipeline calls)
+  decode only  the decoding step alone, on one thread and on one per core (decode_scaling: all / one)
   model only   the embedding forward pass alone on the same preprocessed tensors, same batch size
 
 twice: once decoding the 12-MP originals, once with events that also reference a ~1-MP preview
 rendition (as photo services keep), which the pipeline then decodes instead. The model defaults to
 ViT-B-32 at its real size with random weights (nothing is downloaded). Final line: one JSON object
-with photos_per_s, model_only_per_s and ratio (target >= 0.8) for the rendition path, and the same
-figures for the originals.
+with photos_per_s, decode_only_per_s, decode_one_core_per_s, decode_scaling, model_only_per_s and
+ratio (full path / model only) for the rendition path, per_core figures, and the same for the
+originals under `originals`.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import os
 import platform
 import tempfile
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -30,13 +34,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import torch
+from apache_beam.transforms.window import GlobalWindow
 from PIL import Image
 
 from stylestream.demo.synthetic import LOOKS, exif_with_private_fields, render
 from stylestream.models.clip import ClipSpec
 from stylestream.schemas.events import ImageRef, PhotoUploaded
 from stylestream.transforms.embed import OpenClipImageHandler
-from stylestream.transforms.images import DecodeLimits, prepare_photo
+from stylestream.transforms.images import DecodeLimits, PrepareOnThreads
 from stylestream.transforms.records import Sourced
 
 
@@ -89,12 +94,32 @@ def main() -> None:
     handler = OpenClipImageHandler(ClipSpec(a.clip_model, a.clip_pretrained), device=a.device)
     model = handler.load_model()
     limits = DecodeLimits()
+    cores = os.cpu_count() or 1
+
+    def decoded(evs: list[PhotoUploaded], workers: int) -> Iterator[Image.Image]:
+        """The pipeline's decoding step, run in-process on `workers` threads, in input order."""
+        step = PrepareOnThreads(limits, workers)
+        step.setup()
+        step.start_bundle()
+        try:
+            for i, e in enumerate(evs):
+                for out in step.process(Sourced(e, "photo-events", 0, i, b""), 0, GlobalWindow()):
+                    yield out.value.image
+            for out in step.finish_bundle():
+                yield out.value.image
+        finally:
+            step.teardown()
 
     def full_path(evs: list[PhotoUploaded]) -> None:
-        for start in range(0, len(evs), a.batch):
-            prepared = [prepare_photo(Sourced(e, "photo-events", 0, 0, b""), limits)
-                        for e in evs[start:start + a.batch]]
-            handler.run_inference([p.image for p in prepared], model)
+        """Decoding on every core while the model embeds the batches already decoded."""
+        batch = []
+        for image in decoded(evs, cores):
+            batch.append(image)
+            if len(batch) == a.batch:
+                handler.run_inference(batch, model)
+                batch = []
+        if batch:
+            handler.run_inference(batch, model)
 
     def timed(fn, n: int) -> float:
         fn()  # warm-up
@@ -106,7 +131,9 @@ def main() -> None:
     for kind, evs in events.items():
         batch = (evs * (a.n // len(evs) + 1))[: a.n]
         photos_per_s = timed(lambda b=batch: full_path(b), a.n)
-        images = [prepare_photo(Sourced(e, "photo-events", 0, 0, b""), limits).image for e in batch]
+        decode_all = timed(lambda b=batch: sum(1 for _ in decoded(b, cores)), a.n)
+        decode_one = timed(lambda b=batch: sum(1 for _ in decoded(b, 1)), a.n)
+        images = list(decoded(batch, cores))
         pixels = torch.stack([model.preprocess(im) for im in images]).to(a.device, next(model.model.parameters()).dtype)
 
         def model_only(px=pixels):
@@ -116,12 +143,16 @@ def main() -> None:
             if a.device.startswith("cuda"):
                 torch.cuda.synchronize()
         model_per_s = timed(model_only, a.n)
-        results[kind] = {"photos_per_s": round(photos_per_s, 2), "model_only_per_s": round(model_per_s, 2),
-                         "ratio": round(photos_per_s / model_per_s, 3)}
+        results[kind] = {"photos_per_s": round(photos_per_s, 2), "decode_only_per_s": round(decode_all, 2),
+                         "decode_one_core_per_s": round(decode_one, 2),
+                         "decode_scaling": round(decode_all / decode_one, 3),
+                         "model_only_per_s": round(model_per_s, 2), "ratio": round(photos_per_s / model_per_s, 3),
+                         "per_core": {"photos_per_s": round(photos_per_s / cores, 2),
+                                      "decode_only_per_s": round(decode_all / cores, 2)}}
         print(json.dumps({"bench": "decode_embed", "decode": kind, **results[kind]}), flush=True)
 
     print(json.dumps({"bench": "decode_embed", "model": a.clip_model, "device": a.device,
-                      "machine": f"{platform.machine()} {os.cpu_count()} cores", "batch": a.batch, "n": a.n,
+                      "machine": f"{platform.machine()} {cores} cores", "batch": a.batch, "n": a.n,
                       **results["rendition"], "originals": results["original"]}))
 
 

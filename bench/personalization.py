@@ -4,7 +4,7 @@ same people, prompts and seeds:
 
   none        no personalization (strength ignored)
   ip_adapter  the style adapter only (IP-Adapter image projection + to_k_ip/to_v_ip)
-  hyper_lora  the hyper-LoRA only (LoRA deltas made from the style vector, per sample through peft)
+  hyper_lora  the hyper-LoRA only (LoRA deltas made from the style vector, added per sample)
   both        both, as `stylestream serve` runs by default
 
 People: one per synthetic look, each photographing one subject only (cool: circles, green: squares,

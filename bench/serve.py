@@ -5,19 +5,25 @@
   (b) batched_plain the same pipeline, BATCH prompts per call, no personalization
   (c) mixed_user    the worker's batch call: BATCH users per call, each with its own style embedding
                     and strength (IP-Adapter, per-sample)
-  (d) mixed_lora    (c) plus each user's own LoRA adapter (peft, per sample)
+  (d) mixed_lora    (c) plus each user's own LoRA file (rank --lora-rank), applied per sample as one
+                    batched operation (models/low_rank.py)
+  (e) mixed_hyper   (c) plus each user's hyper-LoRA adapter made from their style (a random hyper-LoRA
+                    network, as serving runs a trained one)
   steady            the real worker (broker, style table, images written, results published) at a
                     steady arrival rate: latency p50/p95 from request to result
 
 Random weights throughout (tiny config by default; `--config sd15` builds an SD-1.5-sized model,
 meant for a GPU). Final line: one JSON object with device, batch, sequential_ips, batched_plain_ips,
-mixed_user_ips, mixed_lora_ips, ratio_mixed_vs_plain, ratio_mixed_vs_sequential, latency_p50_s,
-latency_p95_s.
+mixed_user_ips, mixed_lora_ips, mixed_hyper_ips, ratio_mixed_vs_plain, ratio_mixed_vs_sequential,
+lora_ratio and hyper_ratio (mixed_lora and mixed_hyper against batched_plain), lora_vs_mixed and
+hyper_vs_mixed (against mixed_user: what the LoRA itself costs), latency_p50_s, latency_p95_s
+(`--rate 0` skips the steady phase).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import tempfile
@@ -35,8 +41,9 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import save_file
 
 from stylestream.models.clip import embedding_dim, ensure_tiny_clip
+from stylestream.models.hyper_lora import HYPER_LORA_FILE, HyperLora, target_layers
 from stylestream.models.random_models import ensure_tiny_diffusion, random_lora
-from stylestream.schemas.events import GenerationRequested, encode_event, parse_event
+from stylestream.schemas.events import GenerationRequested, StyleVectorUpdated, encode_event, parse_event
 from stylestream.schemas.tables import FEATURE_NAMES
 from stylestream.serving.generator import Conditioning, StyleGenerator
 from stylestream.serving.worker import ServeConfig, Worker
@@ -60,19 +67,27 @@ def timed(fn, images: int, reps: int) -> float:
     return images * reps / (time.perf_counter() - t)
 
 
-def steady_latency(gen: StyleGenerator, users: list[str], style_dim: int, rate: float, duration: float,
+def random_styles(users: list[str], style_dim: int) -> dict[str, StyleVectorUpdated]:
+    """A first style version per user, with a random embedding."""
+    rng = np.random.default_rng(0)
+    styles = {}
+    for u in users:
+        emb = rng.normal(size=style_dim - len(FEATURE_NAMES))
+        stats = StyleStats.of(emb / np.linalg.norm(emb), np.full(len(FEATURE_NAMES), 0.3), 1.0)
+        styles[u] = style_vector_event(u, 1, stats, [], [], None, datetime.now(UTC))
+    return styles
+
+
+def steady_latency(gen: StyleGenerator, styles: dict[str, StyleVectorUpdated], rate: float, duration: float,
                    size: int, steps: int, batch: int, work: Path, engine: str) -> dict:
     broker = start_local_broker(engine)
+    users = sorted(styles)
     try:
         bs = broker.bootstrap_servers
         ensure_topics(bs)
-        rng = np.random.default_rng(0)
         producer = clients.producer(bs, linger_ms=0)
-        for u in users:
-            emb = rng.normal(size=style_dim - len(FEATURE_NAMES))
-            stats = StyleStats.of(emb / np.linalg.norm(emb), np.full(len(FEATURE_NAMES), 0.3), 1.0)
-            producer.send(STYLE_VECTORS, key=u.encode(),
-                          value=encode_event(style_vector_event(u, 1, stats, [], [], None, datetime.now(UTC))))
+        for u, style in styles.items():
+            producer.send(STYLE_VECTORS, key=u.encode(), value=encode_event(style))
         producer.flush()
         n = int(rate * duration)
         with Worker(ServeConfig(bs, str(work / "images"), max_batch=batch, max_wait_ms=int(1000 / rate)), gen) as w:
@@ -111,7 +126,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--size", type=int, default=None, help="image side (default: 64 tiny, 512 sd15)")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--rate", type=float, default=4.0, help="requests/s in the steady phase")
+    ap.add_argument("--rate", type=float, default=4.0, help="requests/s in the steady phase (0: no steady phase)")
     ap.add_argument("--duration", type=float, default=20.0)
     ap.add_argument("--lora-rank", type=int, default=8)
     a = ap.parse_args()
@@ -151,18 +166,32 @@ def main() -> None:
     lora_conds = [Conditioning(c.embedding, c.strength, None, gen.loras.of_user(r.user_id))
                   for c, r in zip(conds, reqs, strict=True)]
     mixed_lora = timed(lambda: gen.generate_batch(reqs, lora_conds), a.batch, a.reps)
+    hyper = HyperLora(style_dim, target_layers(gen.pipe.unet))
+    torch.nn.init.normal_(hyper.head.weight, std=0.02)  # random deltas, as a trained net's are not zero
+    hyper.save(work / HYPER_LORA_FILE)
+    gen_hyper = StyleGenerator(dataclasses.replace(spec, hyper_lora=str(work / HYPER_LORA_FILE)), clip, device,
+                               max_loras=a.batch)
+    styles = random_styles(users, style_dim)
+    hyper_conds = [gen_hyper.condition(r, styles[r.user_id]) for r in reqs]
+    assert all(c.lora is not None for c in hyper_conds)
+    mixed_hyper = timed(lambda: gen_hyper.generate_batch(reqs, hyper_conds), a.batch, a.reps)
     for name, ips in [("sequential", sequential), ("batched_plain", batched_plain), ("mixed_user", mixed),
-                      ("mixed_lora", mixed_lora)]:
+                      ("mixed_lora", mixed_lora), ("mixed_hyper", mixed_hyper)]:
         print(json.dumps({"bench": name, "images_per_s": round(ips, 2)}), flush=True)
-    steady = steady_latency(gen, users, style_dim, a.rate, a.duration, size, a.steps, a.batch, work,
-                           a.broker)
-    print(json.dumps({"bench": "steady", **steady}), flush=True)
+    steady = {"latency_p50_s": None, "latency_p95_s": None}
+    if a.rate > 0:
+        steady = steady_latency(gen, styles, a.rate, a.duration, size, a.steps, a.batch, work, a.broker)
+        print(json.dumps({"bench": "steady", **steady}), flush=True)
     print(json.dumps({
         "bench": "serve", "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "config": a.config,
         "batch": a.batch, "steps": a.steps, "size": size, "sequential_ips": round(sequential, 2),
         "batched_plain_ips": round(batched_plain, 2), "mixed_user_ips": round(mixed, 2),
-        "mixed_lora_ips": round(mixed_lora, 2), "ratio_mixed_vs_plain": round(mixed / batched_plain, 3),
-        "ratio_mixed_vs_sequential": round(mixed / sequential, 3), "steady_rate": a.rate,
+        "mixed_lora_ips": round(mixed_lora, 2), "mixed_hyper_ips": round(mixed_hyper, 2),
+        "ratio_mixed_vs_plain": round(mixed / batched_plain, 3),
+        "ratio_mixed_vs_sequential": round(mixed / sequential, 3),
+        "lora_ratio": round(mixed_lora / batched_plain, 3), "hyper_ratio": round(mixed_hyper / batched_plain, 3),
+        "lora_vs_mixed": round(mixed_lora / mixed, 3), "hyper_vs_mixed": round(mixed_hyper / mixed, 3),
+        "lora_rank": a.lora_rank, "steady_rate": a.rate,
         "latency_p50_s": steady["latency_p50_s"], "latency_p95_s": steady["latency_p95_s"]}))
 
 

@@ -5,12 +5,10 @@ For each target layer W (a Linear of the UNet, named by suffix in `targets`), th
 the style vector s. The deltas are therefore a function of the style alone, so a withdrawn photo,
 which changes the style vector, changes the deltas too: withdrawal stays exact for them.
 
-Two ways to apply the same deltas, kept equal by a test:
-- training: `applied(unet, targets, deltas, strengths)` adds `strength * x A^T B^T` to each target's output
-  with forward hooks, one style per sample, differentiable;
-- serving: `lora_state_dict(style, strength)` materializes one user's deltas as a diffusers/peft LoRA
-  (`unet.<layer>.lora_A.weight`, `lora_B.weight`), which the serving worker loads as an adapter and
-  applies per sample in mixed-user batches (serving/lora.py).
+Training and serving apply the same deltas the same way, through `low_rank.added` (one `x @ A^T`
+for the batch, one `bmm` with the rows' B): training with `layer_deltas(styles, strengths)`, one style
+per sample and differentiable; serving with `low_rank(style, strength)`, one person's deltas kept on
+the device between requests (serving/lora.py), every person's A the same tensor.
 
 File format (safetensors): the network's tensors plus metadata `format=stylestream-hyper-lora`,
 the input size, rank, hidden size and the target layers with their sizes.
@@ -18,21 +16,21 @@ the input size, rank, hidden size and the target layers with their sizes.
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from stylestream.models.low_rank import LowRank
+
 HYPER_LORA_FILE = "hyper-lora.safetensors"
 FORMAT = "stylestream-hyper-lora"
 # The feed-forward output of every transformer block: a style-dependent delta added there shifts
-# colour and tone in the residual stream. One layer per block: peft applies per-sample adapters with a
-# loop over the batch's adapters in every target layer, so each target adds to every mixed batch's
-# cost (with the attention outputs as well, 3 layers per block, the tiny model's cost was 1.46x).
+# colour and tone in the residual stream. One layer per block: each target adds two small matrix
+# products to every call (with the attention outputs as well, 3 layers per block, through peft's
+# per-adapter loop, the tiny model's cost was 1.46x).
 DEFAULT_TARGETS = ("ff.net.2",)
 
 
@@ -76,15 +74,20 @@ class HyperLora(nn.Module):
             start += size
         return out
 
-    def lora_state_dict(self, style: np.ndarray, strength: float = 1.0) -> dict[str, torch.Tensor]:
-        """One style's deltas as diffusers/peft LoRA weights (alpha = rank, so peft's scaling is 1)."""
+    def layer_deltas(self, styles: torch.Tensor,
+                     strengths: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per target layer, (A, strength_i * B(s_i)) for `low_rank.added`."""
+        scale = strengths.view(-1, 1, 1)
+        return {name: (down, scale.to(up.dtype) * up)
+                for (name, _, _), (down, up) in zip(self.targets, self.deltas(styles), strict=True)}
+
+    def low_rank(self, style: np.ndarray, strength: float = 1.0) -> dict[str, LowRank]:
+        """One style's deltas at `strength`, on the net's device: what serving adds for one person."""
         with torch.no_grad():
-            pairs = self.deltas(torch.as_tensor(style, dtype=torch.float32)[None])
-        sd = {}
-        for (name, _, _), (down, up) in zip(self.targets, pairs, strict=True):
-            sd[f"unet.{name}.lora_A.weight"] = down.detach().clone()
-            sd[f"unet.{name}.lora_B.weight"] = (strength * up[0]).contiguous()
-        return sd
+            like = self.input_mean
+            pairs = self.deltas(torch.as_tensor(style, dtype=like.dtype, device=like.device)[None])
+        return {name: LowRank(down.detach(), strength * up[0])
+                for (name, _, _), (down, up) in zip(self.targets, pairs, strict=True)}
 
     def save(self, path: Path) -> None:
         from safetensors.torch import save_file
@@ -109,25 +112,3 @@ class HyperLora(nn.Module):
                   int(meta["hidden"]))
         net.load_state_dict(tensors)
         return net.eval()
-
-
-@contextlib.contextmanager
-def applied(unet: nn.Module, targets: list[tuple[str, int, int]], deltas: list[tuple[torch.Tensor, torch.Tensor]],
-            strengths: torch.Tensor) -> Iterator[None]:
-    """Within the block, each target layer adds `strength_i * x_i A^T B_i^T` to sample i's output
-    (the training-time form of the LoRA that `lora_state_dict` materializes)."""
-    def hook(down, up):
-        def add(_module, inputs, output):
-            x = inputs[0]
-            low = torch.einsum("b...i,ri->b...r", x, down)
-            delta = torch.einsum("b...r,bor->b...o", low, up)
-            return output + strengths.view(-1, *([1] * (delta.dim() - 1))).to(delta.dtype) * delta
-        return add
-
-    handles = [unet.get_submodule(name).register_forward_hook(hook(down, up))
-               for (name, _, _), (down, up) in zip(targets, deltas, strict=True)]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from stylestream.models import low_rank
 from stylestream.models.clip import ClipSpec
 from stylestream.models.diffusion import (
     IP_ADAPTER_FILE,
@@ -42,7 +43,7 @@ from stylestream.models.diffusion import (
     ip_adapter_state_dict,
     load_pipeline,
 )
-from stylestream.models.hyper_lora import DEFAULT_TARGETS, HYPER_LORA_FILE, HyperLora, applied, target_layers
+from stylestream.models.hyper_lora import DEFAULT_TARGETS, HYPER_LORA_FILE, HyperLora, target_layers
 from stylestream.models.random_models import random_ip_adapter
 from stylestream.pipelines.library import PHOTO_SUFFIXES, manifest_rows, photo_files
 from stylestream.schemas.tables import FEATURE_NAMES
@@ -270,7 +271,7 @@ def training_step(trainee: Trainee, data: TrainingSet, prompt_embeds: dict[str, 
     hyper_on = ((path == 2) | (path == 3)).float().to(device)
     h, w = latents.shape[-2:]
     # 3. Predict the noise through the chosen paths
-    with applied(unet, trainee.hyper.targets, trainee.hyper.deltas(cond), hyper_on), _autocast(device):
+    with low_rank.added(unet, trainee.hyper.layer_deltas(cond, hyper_on)), _autocast(device):
         pred = unet(noisy, t.to(device), encoder_hidden_states=text,
                     added_cond_kwargs={"image_embeds": [trainee.standardized(cond)[:, None, :]]},
                     cross_attention_kwargs={"ip_adapter_masks": [ip_on.view(-1, 1, 1, 1).expand(-1, 1, h, w)]}

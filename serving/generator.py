@@ -45,8 +45,10 @@ class StyleGenerator:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.pipe = load_pipeline(spec, self.device)
         self.style_dim = adapter_input_dim(self.pipe)
-        self.loras = UserLoras(self.pipe, lora_dir, max_loras)
-        self.hyper = HyperLora.load(spec.hyper_lora) if spec.hyper_lora else None
+        self.loras = UserLoras(self.pipe.unet, lora_dir, max_loras)
+        # On the device and in the UNet's dtype once, so that every person's deltas share its A (one
+        # `x @ A^T` per batch).
+        self.hyper = HyperLora.load(spec.hyper_lora).to(self.device, self.pipe.unet.dtype) if spec.hyper_lora else None
         if self.hyper is not None and self.hyper.input_dim != self.style_dim:
             raise ValueError(f"the hyper-LoRA takes {self.hyper.input_dim}-d styles, the style adapter "
                              f"{self.style_dim}-d: they must be trained together")
@@ -90,8 +92,7 @@ class StyleGenerator:
         if self.hyper is None or request.style_layers_only:  # its deltas reach every block, not only style ones
             return None
         key = f"hyper/{request.user_id}/v{style.version}/{'overall' if facet is None else facet}/{strength:g}"
-        return LoraSource(key, request.user_id, lambda: self.hyper.lora_state_dict(embedding, strength),
-                          style.version)
+        return LoraSource(key, request.user_id, lambda: self.hyper.low_rank(embedding, strength), style.version)
 
     def generate(self, request: GenerationRequested,
                  style: StyleVectorUpdated | None) -> tuple[Image.Image, int | None]:
@@ -119,11 +120,9 @@ class StyleGenerator:
         masks = strengths.view(-1, 1, 1, 1).expand(
             -1, 1, first.height // self.pipe.vae_scale_factor, first.width // self.pipe.vae_scale_factor)
         negative = [r.negative_prompt for r in requests] if any(r.negative_prompt for r in requests) else None
-        # Once any LoRA is loaded, every row names its adapter (or none), or peft would apply them all.
-        adapters = self.loras.adapters([c.lora for c in conds]) if self.loras.loaded() or any(
-            c.lora for c in conds) else None
-        rows = adapters + adapters if cfg and adapters else adapters
-        per_sample = self.loras.per_sample(rows) if adapters else contextlib.nullcontext()
+        adapters = self.loras.adapters([c.lora for c in conds]) if any(c.lora for c in conds) else None
+        per_sample = self.loras.per_sample(adapters + adapters if cfg else adapters) if adapters else \
+            contextlib.nullcontext()
         self.pipe.set_ip_adapter_scale(style_layers(self.pipe.unet) if first.style_layers_only else 1.0)
         with per_sample:
             out = self.pipe(

@@ -1,33 +1,38 @@
-"""Per-user LoRA adapters (peft) for the diffusion UNet: a bounded set kept loaded on the device,
-several users' adapters applied within one batch.
+"""Per-user LoRA adapters for the diffusion UNet: a bounded set kept on the device, each row of a
+batch getting its own person's adapter in one batched operation (models/low_rank.py).
 
-An adapter comes from one of two sources: a user's own fine-tuned file, `<user_id>.safetensors`
-(diffusers LoRA format) in a folder, or the hyper-LoRA, which materializes a user's adapter from one
-style version (models/hyper_lora.py); those are cached by version and dropped with it. peft's LoRA layers
-apply a different adapter to each row of a batch when given `adapter_names`; diffusers' UNet does not
-pass that argument down, so a forward pre-hook on every LoRA layer supplies it for the call.
+An adapter comes from one of two sources: a user's own fine-tuned file, `<user_id>.safetensors` in
+a folder, in the diffusers/peft LoRA format that peft training writes (`unet.<layer>.lora_A.weight`,
+`lora_B.weight`, optionally `unet.<layer>.alpha`), on the UNet's Linear layers; or the hyper-LoRA,
+which makes a user's adapter from one style version (models/hyper_lora.py), cached by version and
+dropped with it. Files of any rank mix in one batch (padded to the largest); rows without an adapter
+get nothing added.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import warnings
+import re
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
-BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
+from stylestream.models import low_rank
+from stylestream.models.low_rank import LowRank
+
+Adapter = dict[str, LowRank]  # UNet layer name -> its delta
+_KEY = re.compile(r"unet\.(?P<layer>.+)\.(?:(?P<part>lora_A|lora_B)\.weight|(?P<alpha>alpha))")
 
 
 @dataclass(frozen=True)
 class LoraSource:
     key: str  # what identifies the adapter once loaded
     user_id: str
-    weights: Callable[[], dict[str, torch.Tensor]] = field(compare=False, repr=False)
+    weights: Callable[[], Adapter] = field(compare=False, repr=False)
     style_version: int | None = None  # set for adapters made from one style version
 
 
@@ -36,12 +41,42 @@ def _plain_name(user_id: str) -> bool:
     return "/" not in user_id and not user_id.startswith(".")
 
 
+def from_state_dict(state_dict: dict[str, torch.Tensor], unet: nn.Module) -> Adapter:
+    """A diffusers/peft LoRA state dict as per-layer deltas, its scale (alpha / rank, 1 without an
+    alpha) folded into B; ValueError, naming the key, for anything serving cannot apply."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state_dict.items():
+        m = _KEY.fullmatch(key)
+        if m is None:
+            raise ValueError(f"LoRA key {key!r} is not unet.<layer>.lora_A.weight, lora_B.weight or alpha "
+                             "(the diffusers/peft format, Linear layers only)")
+        parts.setdefault(m["layer"], {})[m["part"] or "alpha"] = tensor
+    adapter = {}
+    for layer, p in sorted(parts.items()):
+        try:
+            module = unet.get_submodule(layer)
+        except AttributeError:
+            raise ValueError(f"LoRA layer {layer!r} is not in the UNet") from None
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"LoRA layer {layer!r} is a {type(module).__name__}; only Linear layers are served")
+        if "lora_A" not in p or "lora_B" not in p:
+            raise ValueError(f"LoRA layer {layer!r} lacks its lora_A or lora_B weight")
+        down, up = p["lora_A"], p["lora_B"]
+        rank = down.shape[0]
+        if down.shape != (rank, module.in_features) or up.shape != (module.out_features, rank):
+            raise ValueError(f"LoRA layer {layer!r}: A {tuple(down.shape)} and B {tuple(up.shape)} do not fit a "
+                             f"{module.in_features}->{module.out_features} layer")
+        scale = float(p["alpha"]) / rank if "alpha" in p else 1.0
+        adapter[layer] = LowRank(down.float(), scale * up.float())
+    return adapter
+
+
 class UserLoras:
-    def __init__(self, pipe, folder: Path | None, max_loaded: int = 8):
-        self.pipe = pipe
+    def __init__(self, unet: nn.Module, folder: Path | None, max_loaded: int = 8):
+        self.unet = unet
         self.folder = folder
         self.max_loaded = max_loaded
-        self._loaded: OrderedDict[str, tuple[str, LoraSource]] = OrderedDict()  # key -> (adapter name, source)
+        self._loaded: OrderedDict[str, tuple[Adapter, LoraSource]] = OrderedDict()
 
     def _file(self, user_id: str) -> Path:
         """`<folder>/<user_id>.safetensors`, only where the id is one plain file name."""
@@ -56,10 +91,10 @@ class UserLoras:
         """The user's own adapter file."""
         from safetensors.torch import load_file
 
-        return LoraSource(user_id, user_id, lambda: load_file(self._file(user_id)))
+        return LoraSource(user_id, user_id, lambda: from_state_dict(load_file(self._file(user_id)), self.unet))
 
-    def adapters(self, sources: list[LoraSource | None]) -> list[str]:
-        """An adapter name per sample (BASE for none), loading what is missing and unloading the least
+    def adapters(self, sources: list[LoraSource | None]) -> list[Adapter | None]:
+        """The adapter of each sample (None for none), loading what is missing and unloading the least
         recently used beyond `max_loaded` (never one this batch needs)."""
         wanted = {s.key: s for s in sources if s is not None}
         if len(wanted) > self.max_loaded:
@@ -68,14 +103,17 @@ class UserLoras:
         for key in set(wanted) - set(missing):
             self._loaded.move_to_end(key)
         while len(self._loaded) + len(missing) > self.max_loaded:  # make room first: the device is bounded
-            self._unload(next(k for k in self._loaded if k not in wanted))
+            self._loaded.pop(next(k for k in self._loaded if k not in wanted))
         for key in missing:
-            name = "lora_" + hashlib.sha256(key.encode()).hexdigest()[:16]
-            with warnings.catch_warnings():  # many named adapters on one model is the point here
-                warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-                self.pipe.load_lora_weights(wanted[key].weights(), adapter_name=name)
-            self._loaded[key] = (name, wanted[key])
-        return [self._loaded[s.key][0] if s is not None else BASE for s in sources]
+            self._loaded[key] = (self._on_device(wanted[key].weights()), wanted[key])
+        return [self._loaded[s.key][0] if s is not None else None for s in sources]
+
+    def _on_device(self, adapter: Adapter) -> Adapter:
+        """Deltas on the UNet's device and in its dtype. `.to` keeps a tensor already there as it is,
+        so the hyper-LoRA's shared A stays one tensor."""
+        param = next(self.unet.parameters())
+        return {layer: LowRank(d.down.to(param.device, param.dtype), d.up.to(param.device, param.dtype))
+                for layer, d in adapter.items()}
 
     def loaded(self) -> list[str]:
         """Keys of the loaded adapters, least recently used first."""
@@ -85,32 +123,19 @@ class UserLoras:
         """Unload adapters made from style versions that `is_gone(user_id, version)` (withdrawn ones)."""
         for key, (_, source) in list(self._loaded.items()):
             if source.style_version is not None and is_gone(source.user_id, source.style_version):
-                self._unload(key)
+                del self._loaded[key]
 
     def forget(self, user_id: str) -> None:
         """A forgotten person: their adapters unloaded and their own adapter file deleted."""
         for key, (_, source) in list(self._loaded.items()):
             if source.user_id == user_id:
-                self._unload(key)
+                del self._loaded[key]
         if self.has(user_id):
             self._file(user_id).unlink()
 
-    def _unload(self, key: str) -> None:
-        self.pipe.delete_adapters(self._loaded.pop(key)[0])
-
-    @contextlib.contextmanager
-    def per_sample(self, names: list[str]) -> Iterator[None]:
-        """Within the block, UNet row i uses adapter names[i]."""
-        from peft.tuners.lora import LoraLayer
-
-        def hook(_module, args, kwargs):
-            kwargs["adapter_names"] = names
-            return args, kwargs
-
-        handles = [m.register_forward_pre_hook(hook, with_kwargs=True)
-                   for m in self.pipe.unet.modules() if isinstance(m, LoraLayer)]
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
+    def per_sample(self, rows: list[Adapter | None]) -> contextlib.AbstractContextManager:
+        """Within the block, UNet row i gets rows[i]'s deltas: each layer's deltas stacked once here,
+        for every denoising step of the call."""
+        layers = sorted({layer for r in rows if r for layer in r})
+        return low_rank.added(self.unet, {layer: low_rank.stacked([r.get(layer) if r else None for r in rows])
+                                          for layer in layers})

@@ -16,8 +16,9 @@ from typer.testing import CliRunner
 
 from stylestream.cli.main import app
 from stylestream.demo.synthetic import LOOKS, make_library, render
+from stylestream.models import low_rank
 from stylestream.models.diffusion import IP_ADAPTER_FILE, DiffusionSpec, adapter_input_dim, load_pipeline
-from stylestream.models.hyper_lora import HYPER_LORA_FILE, HyperLora, applied, target_layers
+from stylestream.models.hyper_lora import HYPER_LORA_FILE, HyperLora, target_layers
 from stylestream.models.style_training import TrainConfig, list_images, train_style
 from stylestream.models.tiny_style import ensure_tiny_style
 from stylestream.schemas.events import GenerationRequested, StyleVectorUpdated, parse_event
@@ -112,8 +113,9 @@ def test_train_adapter_command(image_folder, diffusion, tmp_path):
         assert result.exit_code == code and says in result.output and "Traceback" not in result.output, result.output
 
 
-def test_hyper_lora_through_peft_equals_the_training_form(diffusion):
-    """The LoRA that serving loads through peft is exactly the delta training adds with hooks."""
+def test_hyper_lora_served_equals_the_training_form_and_peft(diffusion):
+    """What serving adds for one person (`low_rank`) is exactly the delta training adds, and the same
+    deltas loaded into the UNet as a peft LoRA give the same output."""
     pipe = load_pipeline(diffusion)
     unet = pipe.unet
     hyper = HyperLora(40, target_layers(unet), rank=4, hidden=16)
@@ -123,14 +125,19 @@ def test_hyper_lora_through_peft_equals_the_training_form(diffusion):
     text = torch.randn(1, 77, unet.config.cross_attention_dim)
     kwargs = {"added_cond_kwargs": {"image_embeds": [torch.zeros(1, 1, adapter_input_dim(pipe))]},
               "cross_attention_kwargs": {"ip_adapter_masks": [torch.zeros(1, 1, 8, 8)]}}
+    served = hyper.low_rank(style, 0.7)
     with torch.no_grad():
         base = unet(x, t, text, **kwargs).sample
-        with applied(unet, hyper.targets, hyper.deltas(torch.from_numpy(style)[None]), torch.ones(1)):
-            hooked = unet(x, t, text, **kwargs).sample
-        pipe.load_lora_weights(hyper.lora_state_dict(style), adapter_name="ana")
+        with low_rank.added(unet, hyper.layer_deltas(torch.from_numpy(style)[None], torch.tensor([0.7]))):
+            trained = unet(x, t, text, **kwargs).sample
+        with low_rank.added(unet, {layer: low_rank.stacked([d]) for layer, d in served.items()}):
+            serving = unet(x, t, text, **kwargs).sample
+        pipe.load_lora_weights({k: v for layer, d in served.items() for k, v in (
+            (f"unet.{layer}.lora_A.weight", d.down), (f"unet.{layer}.lora_B.weight", d.up))}, adapter_name="ana")
         peft = unet(x, t, text, **kwargs).sample
-    assert (hooked - base).abs().max() > 1e-3
-    assert torch.allclose(hooked, peft, atol=1e-5)
+    assert (trained - base).abs().max() > 1e-3
+    assert torch.equal(serving, trained)
+    assert torch.allclose(trained, peft, atol=1e-5)
 
 
 # -- The shipped tiny style model ------------------------------------------------------------------

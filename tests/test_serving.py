@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 
 import numpy as np
 import pytest
+import torch
 from helpers import produce, read_topic
 from PIL import Image
 
@@ -262,6 +263,13 @@ def test_per_user_lora_in_a_mixed_batch(diffusion, clip, tmp_path):
     assert gen.loras.loaded() == ["ana"]
     with pytest.raises(ValueError, match="needs 2 LoRA adapters, at most 1 fit"):
         gen.generate_batch(reqs[:2], conds[:2])
+    # A file serving cannot apply (LoRA on a convolution) fails with the reason; the worker then fails
+    # that request alone and serves the rest of its batch.
+    save_file({"unet.conv_in.lora_A.weight": torch.zeros(4, 4), "unet.conv_in.lora_B.weight": torch.zeros(4, 4)},
+              str(loras / "dora.safetensors"))
+    with pytest.raises(ValueError, match="conv_in' is a Conv2d; only Linear layers are served"):
+        gen.generate_batch([request("dora", "d")],
+                           [Conditioning(conds[0].embedding, 1.0, None, gen.loras.of_user("dora"))])
 
 
 def test_style_layers_only_injects_style_into_fewer_layers(generator):

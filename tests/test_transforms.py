@@ -3,6 +3,7 @@ inputs, no broker."""
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime
 
 import apache_beam as beam
@@ -20,7 +21,7 @@ from stylestream.schemas.tables import FEATURE_NAMES
 from stylestream.streams.clients import Message
 from stylestream.streams.topics import CONSENT_EVENTS, PHOTO_EVENTS, STYLE_MANIFESTS, STYLE_VECTORS
 from stylestream.transforms.grouping import GroupByUser
-from stylestream.transforms.images import DecodeLimits, PreparePhotos
+from stylestream.transforms.images import DecodeLimits, PreparePhotos, prepare_or_dead
 from stylestream.transforms.manifest import style_basis
 from stylestream.transforms.parse import ParseEvents
 from stylestream.transforms.records import Contribution, Sourced
@@ -84,6 +85,29 @@ def test_prepare_decodes_keeps_only_whitelisted_metadata_and_rejects_a_wrong_che
                     label="ok")
         assert_that(photos.dead | "Dead" >> beam.Map(lambda d: (d.offset, "sha256" in d.reason)),
                     equal_to([(1, True)]), label="dead")
+
+
+def test_prepare_on_threads_equals_decoding_one_by_one_bit_for_bit(tmp_path):
+    """Photos decoded on a pool of threads give exactly what decoding them one after another gives:
+    the same pixels, features and metadata, and the same dead letters."""
+    photos = make_library(tmp_path, {"ana": [("a", "warm", 4), ("b", "mono", 3)]})
+    events = [sourced(ph.upload_event(), i) for i, ph in enumerate(photos)]
+    broken = photos[0].upload_event()
+    events.append(sourced(broken.model_copy(update={"image": broken.image.model_copy(update={"sha256": "0" * 64})}),
+                          len(events)))
+
+    def key(ph) -> tuple:
+        return (ph.source.offset, hashlib.sha256(ph.image.tobytes()).hexdigest(), ph.image.size,
+                ph.features.tobytes(), sorted(ph.metadata.items()))
+    serial = [prepare_or_dead(e, DecodeLimits()) for e in events]
+    expected_ok = [key(ph) for tag, ph in serial if tag == "ok"]
+    expected_dead = [(d.offset, d.reason) for tag, d in serial if tag == "dead"]
+    assert len(expected_ok) == 7 and len(expected_dead) == 1
+    with BeamTestPipeline(options=prism()) as p:
+        prepared = p | beam.Create(events) | PreparePhotos(workers=3)
+        assert_that(prepared.ok | "Ok" >> beam.Map(key), equal_to(expected_ok), label="ok")
+        assert_that(prepared.dead | "Dead" >> beam.Map(lambda d: (d.offset, d.reason)), equal_to(expected_dead),
+                    label="dead")
 
 
 def test_group_by_user_gathers_a_users_share_of_the_cycle(tmp_path):

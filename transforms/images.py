@@ -7,10 +7,13 @@ embedded thumbnails are never read into any record, so nothing downstream can st
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import functools
 import hashlib
 import io
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
@@ -19,12 +22,13 @@ import apache_beam as beam
 import fsspec
 import numpy as np
 import pillow_heif
+from apache_beam.utils.windowed_value import WindowedValue
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from stylestream.schemas.events import ImageRef, PhotoUploaded
 from stylestream.transforms.faces import mask_faces
 from stylestream.transforms.features import aesthetic_features
-from stylestream.transforms.records import PreparedPhoto, Sourced
+from stylestream.transforms.records import DeadLetter, PreparedPhoto, Sourced
 
 OK, DEAD = "ok", "dead"
 
@@ -215,23 +219,55 @@ def prepare_photo(sourced: Sourced, limits: DecodeLimits) -> PreparedPhoto:
     return PreparedPhoto(sourced, image, features, metadata)
 
 
-class _Prepare(beam.DoFn):
-    def __init__(self, limits: DecodeLimits):
-        self._limits = limits
+def prepare_or_dead(sourced: Sourced, limits: DecodeLimits) -> tuple[str, PreparedPhoto | DeadLetter]:
+    """(OK, the prepared photo) or (DEAD, its dead letter with the reason)."""
+    try:
+        return OK, prepare_photo(sourced, limits)
+    except PhotoError as e:
+        return DEAD, sourced.dead(e.stage, str(e))
 
-    def process(self, sourced: Sourced):
-        try:
-            yield prepare_photo(sourced, self._limits)
-        except PhotoError as e:
-            yield beam.pvalue.TaggedOutput(DEAD, sourced.dead(e.stage, str(e)))
+
+class PrepareOnThreads(beam.DoFn):
+    """Fetches and decodes on a pool of threads (Pillow and file reads release the GIL), so a bundle's
+    photos are decoded on every core while the steps after this one embed those already done. At most
+    `2 * workers` photos are in flight; outputs keep the input order, each with its own timestamp and
+    window."""
+
+    def __init__(self, limits: DecodeLimits, workers: int):
+        self._limits, self._workers = limits, workers
+
+    def setup(self):
+        self._pool = concurrent.futures.ThreadPoolExecutor(self._workers, thread_name_prefix="decode")
+
+    def start_bundle(self):
+        self._pending: collections.deque = collections.deque()
+
+    def process(self, sourced: Sourced, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam):
+        self._pending.append((self._pool.submit(prepare_or_dead, sourced, self._limits), timestamp, window))
+        while self._pending and (self._pending[0][0].done() or len(self._pending) > 2 * self._workers):
+            yield self._output(*self._pending.popleft())
+
+    def finish_bundle(self):
+        while self._pending:
+            yield self._output(*self._pending.popleft())
+
+    @staticmethod
+    def _output(future: concurrent.futures.Future, timestamp, window):
+        tag, value = future.result()  # anything but a PhotoError fails the bundle, as it would serially
+        windowed = WindowedValue(value, timestamp, [window])
+        return windowed if tag == OK else beam.pvalue.TaggedOutput(DEAD, windowed)
+
+    def teardown(self):
+        self._pool.shutdown(cancel_futures=True)
 
 
 class PreparePhotos(beam.PTransform):
-    """Uploads -> `ok` (PreparedPhoto: small image, features, whitelisted metadata) and `dead`."""
+    """Uploads -> `ok` (PreparedPhoto: small image, features, whitelisted metadata) and `dead`, decoded
+    on `workers` threads (default: one per core)."""
 
-    def __init__(self, limits: DecodeLimits = DecodeLimits()):
+    def __init__(self, limits: DecodeLimits = DecodeLimits(), workers: int | None = None):
         super().__init__()
-        self._limits = limits
+        self._limits, self._workers = limits, workers or os.cpu_count() or 1
 
     def expand(self, uploads):
-        return uploads | beam.ParDo(_Prepare(self._limits)).with_outputs(DEAD, main=OK)
+        return uploads | beam.ParDo(PrepareOnThreads(self._limits, self._workers)).with_outputs(DEAD, main=OK)
