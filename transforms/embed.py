@@ -8,6 +8,8 @@ bundles give. On a GPU the model runs in half precision.
 
 from __future__ import annotations
 
+import concurrent.futures
+import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -59,7 +61,9 @@ class OpenClipImageHandler(ModelHandler[object, PredictionResult, LoadedClip]):
     def run_inference(self, batch: Sequence[object], model: LoadedClip,
                       inference_args=None) -> Iterable[PredictionResult]:
         dtype = next(model.model.parameters()).dtype
-        pixels = torch.stack([model.preprocess(self._image_of(x)) for x in batch]).to(self._device, dtype)
+        # On every core, as decoding is: resizing a batch's images one by one would serialize the step.
+        tensors = _preprocess_pool().map(lambda x: model.preprocess(self._image_of(x)), batch)
+        pixels = torch.stack(list(tensors)).to(self._device, dtype)
         with torch.inference_mode():
             emb = torch.nn.functional.normalize(model.model.encode_image(pixels).float(), dim=-1)
         return [PredictionResult(x, e) for x, e in zip(batch, emb.cpu().numpy().astype(np.float32), strict=True)]
@@ -76,6 +80,12 @@ class OpenClipImageHandler(ModelHandler[object, PredictionResult, LoadedClip]):
 
 
 _LOADING = threading.Lock()
+
+
+@cache
+def _preprocess_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """One pool per process for the model's preprocessing (Pillow and torch release the GIL)."""
+    return concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="preprocess")
 
 
 def _loaded_clip(spec: ClipSpec, device: str) -> LoadedClip:
