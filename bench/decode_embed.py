@@ -5,13 +5,15 @@
                metadata -> aesthetic features on the pipeline's own decoding step (PreparePhotos' DoFn,
                one thread per core), overlapped with CLIP preprocess -> image embedding, batched as
                in the pipeline's RunInference step (the same functions the pipeline calls)
-  decode only  the decoding step alone, on one thread and on one per core (decode_scaling: all / one)
+  decode only  the decoding step alone, on one thread and on one per core (decode_scaling: all / one),
+               alternated twice (the machine's speed drifts)
   model only   the embedding forward pass alone on the same preprocessed tensors, same batch size,
                before and after the others (their mean: the machine's speed drifts)
 
 twice: once decoding the 12-MP originals, once with events that also reference a ~1-MP preview
-rendition (as photo services keep), which the pipeline then decodes instead. The model defaults to
-ViT-B-32 at its real size with random weights (nothing is downloaded). Final line: one JSON object
+rendition (as photo services keep), which the pipeline then decodes instead. Where CUDA is present,
+JPEGs are decoded in batches with nvJPEG (`--jpeg-device`; `none` for Pillow on every core). The model
+defaults to ViT-B-32 at its real size with random weights (nothing is downloaded). Final line: one JSON object
 with photos_per_s, decode_only_per_s, decode_one_core_per_s, decode_scaling, model_only_per_s and
 ratio (full path / model only) for the rendition path, per_core figures, and the same for the
 originals under `originals`.
@@ -70,6 +72,8 @@ def main() -> None:
     ap.add_argument("--clip-model", default="ViT-B-32")
     ap.add_argument("--clip-pretrained", default=None, help="checkpoint; random weights when omitted")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--jpeg-device", default="cuda" if torch.cuda.is_available() else "none",
+                    help="where JPEGs are decoded in batches (cuda: nvJPEG); none: Pillow, one by one")
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="decode-embed-"))
     full_size, preview_size = (4032, 3024), (1152, 864)
@@ -94,7 +98,7 @@ def main() -> None:
 
     handler = OpenClipImageHandler(ClipSpec(a.clip_model, a.clip_pretrained), device=a.device)
     model = handler.load_model()
-    limits = DecodeLimits()
+    limits = DecodeLimits(jpeg_device=None if a.jpeg_device == "none" else a.jpeg_device)
     cores = os.cpu_count() or 1
 
     def decoded(evs: list[PhotoUploaded], workers: int) -> Iterator[Image.Image]:
@@ -143,8 +147,9 @@ def main() -> None:
         # The model alone before and after the rest, compared by their mean: the machine's speed drifts.
         model_before = timed(model_only, a.n)
         photos_per_s = timed(lambda b=batch: full_path(b), a.n)
-        decode_all = timed(lambda b=batch: sum(1 for _ in decoded(b, cores)), a.n)
-        decode_one = timed(lambda b=batch: sum(1 for _ in decoded(b, 1)), a.n)
+        alternated = [timed(lambda b=batch, w=w: sum(1 for _ in decoded(b, w)), a.n)
+                      for _ in range(2) for w in (cores, 1)]
+        decode_all, decode_one = np.mean(alternated[0::2]), np.mean(alternated[1::2])
         model_per_s = (model_before + timed(model_only, a.n)) / 2
         results[kind] = {"photos_per_s": round(photos_per_s, 2), "decode_only_per_s": round(decode_all, 2),
                          "decode_one_core_per_s": round(decode_one, 2),
@@ -154,7 +159,7 @@ def main() -> None:
                                       "decode_only_per_s": round(decode_all / cores, 2)}}
         print(json.dumps({"bench": "decode_embed", "decode": kind, **results[kind]}), flush=True)
 
-    print(json.dumps({"bench": "decode_embed", "model": a.clip_model, "device": a.device,
+    print(json.dumps({"bench": "decode_embed", "model": a.clip_model, "device": a.device, "jpeg_device": a.jpeg_device,
                       "machine": f"{platform.machine()} {cores} cores", "batch": a.batch, "n": a.n,
                       **results["rendition"], "originals": results["original"]}))
 

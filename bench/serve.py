@@ -9,6 +9,7 @@
                     batched operation (models/low_rank.py)
   (e) mixed_hyper   (c) plus each user's hyper-LoRA adapter made from their style (a random hyper-LoRA
                     network, as serving runs a trained one)
+  (a)-(e) are timed in turn, round after round (`--reps`), and each reports its fastest round.
   steady            the real worker (broker, style table, images written, results published) at a
                     steady arrival rate: latency p50/p95 from request to result
 
@@ -29,6 +30,7 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -54,17 +56,21 @@ from stylestream.transforms.style import StyleStats
 from stylestream.transforms.vectors import style_vector_event
 
 
-def timed(fn, images: int, reps: int) -> float:
-    """Images per second over `reps` calls after one warm-up."""
-    fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(reps):
+def interleaved(calls: dict[str, Callable[[], object]], images: int, reps: int) -> dict[str, float]:
+    """Images per second of each call: one warm-up each, then `reps` rounds that time every call once,
+    in turn, so that the machine's drifting speed falls on all alike; the fastest round of each (other
+    work on the machine only ever slows a round down, as timeit reasons)."""
+    for fn in calls.values():
         fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return images * reps / (time.perf_counter() - t)
+    seconds: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(reps):
+        for name, fn in calls.items():
+            t = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            seconds[name].append(time.perf_counter() - t)
+    return {name: images / min(s) for name, s in seconds.items()}
 
 
 def random_styles(users: list[str], style_dim: int) -> dict[str, StyleVectorUpdated]:
@@ -125,7 +131,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--size", type=int, default=None, help="image side (default: 64 tiny, 512 sd15)")
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5, help="rounds, each timing every variant once in turn")
     ap.add_argument("--rate", type=float, default=4.0, help="requests/s in the steady phase (0: no steady phase)")
     ap.add_argument("--duration", type=float, default=20.0)
     ap.add_argument("--lora-rank", type=int, default=8)
@@ -152,9 +158,6 @@ def main() -> None:
     def call_plain(ps):
         return plain(prompt=ps, num_inference_steps=a.steps, guidance_scale=0.0, width=size, height=size,
                      generator=[torch.Generator("cpu").manual_seed(i) for i in range(len(ps))], output_type="pil")
-    sequential = timed(lambda: [call_plain([p]) for p in prompts], a.batch, a.reps)
-    batched_plain = timed(lambda: call_plain(prompts), a.batch, a.reps)
-
     gen = StyleGenerator(spec, clip, device, lora_dir=work / "loras", max_loras=a.batch)
     rng = np.random.default_rng(1)
     reqs = [GenerationRequested(event_id=f"b{i}", user_id=u, event_time=datetime.now(UTC), request_id=f"b{i}",
@@ -162,10 +165,8 @@ def main() -> None:
             for i, (u, p) in enumerate(zip(users, prompts, strict=True))]
     conds = [Conditioning(rng.normal(size=style_dim).astype(np.float32), float(rng.uniform(0.3, 1.0)), None)
              for _ in reqs]
-    mixed = timed(lambda: gen.generate_batch(reqs, conds), a.batch, a.reps)
     lora_conds = [Conditioning(c.embedding, c.strength, None, gen.loras.of_user(r.user_id))
                   for c, r in zip(conds, reqs, strict=True)]
-    mixed_lora = timed(lambda: gen.generate_batch(reqs, lora_conds), a.batch, a.reps)
     hyper = HyperLora(style_dim, target_layers(gen.pipe.unet))
     torch.nn.init.normal_(hyper.head.weight, std=0.02)  # random deltas, as a trained net's are not zero
     hyper.save(work / HYPER_LORA_FILE)
@@ -174,10 +175,14 @@ def main() -> None:
     styles = random_styles(users, style_dim)
     hyper_conds = [gen_hyper.condition(r, styles[r.user_id]) for r in reqs]
     assert all(c.lora is not None for c in hyper_conds)
-    mixed_hyper = timed(lambda: gen_hyper.generate_batch(reqs, hyper_conds), a.batch, a.reps)
-    for name, ips in [("sequential", sequential), ("batched_plain", batched_plain), ("mixed_user", mixed),
-                      ("mixed_lora", mixed_lora), ("mixed_hyper", mixed_hyper)]:
-        print(json.dumps({"bench": name, "images_per_s": round(ips, 2)}), flush=True)
+    ips = interleaved({"sequential": lambda: [call_plain([p]) for p in prompts],
+                       "batched_plain": lambda: call_plain(prompts),
+                       "mixed_user": lambda: gen.generate_batch(reqs, conds),
+                       "mixed_lora": lambda: gen.generate_batch(reqs, lora_conds),
+                       "mixed_hyper": lambda: gen_hyper.generate_batch(reqs, hyper_conds)}, a.batch, a.reps)
+    sequential, batched_plain, mixed, mixed_lora, mixed_hyper = ips.values()
+    for name, per_s in ips.items():
+        print(json.dumps({"bench": name, "images_per_s": round(per_s, 2)}), flush=True)
     steady = {"latency_p50_s": None, "latency_p95_s": None}
     if a.rate > 0:
         steady = steady_latency(gen, styles, a.rate, a.duration, size, a.steps, a.batch, work, a.broker)

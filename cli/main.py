@@ -160,6 +160,10 @@ def ingest(
         "--mask-faces/--keep-faces",
         help="Fill faces before the features and the embedding see a photo (OpenCV's bundled face cascade), "
              "so people's faces do not shape styles. Use one setting for the life of a state.")] = False,
+    jpeg_device: Annotated[str | None, typer.Option(
+        metavar="DEVICE",
+        help="Decode JPEGs a batch at a time on this torch device (cuda: nvJPEG), other formats with Pillow. "
+             "Part of the style's basis, as --mask-faces is: verifying repeats it.")] = None,
     config: SettingsFile = None,
     verbose: Verbose = False,
 ) -> None:
@@ -175,7 +179,8 @@ def ingest(
     from stylestream.pipelines.ingest import IngestConfig, connect
 
     settings = _settings(config, data_dir=data_dir, clip_model=clip_model, clip_pretrained=clip_pretrained,
-                         half_life_days=half_life_days, mask_faces=mask_faces)
+                         half_life_days=half_life_days, mask_faces=mask_faces,
+                         jpeg_device=jpeg_device)
     stop = _stop_on_signals("finishing the cycle in progress, then stopping")
     if not _reach_broker(bootstrap_servers, stop, _say_retry if follow else None):
         return

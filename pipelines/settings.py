@@ -34,6 +34,7 @@ class IngestSettings:
     clip_pretrained: str | None = None  # open_clip tag or checkpoint; none: the tiny model under DATA_DIR/models
     half_life_days: float = HALF_LIFE_DAYS
     mask_faces: bool = False
+    jpeg_device: str | None = None  # decode JPEGs a batch at a time there ("cuda": nvJPEG); None: Pillow
     max_photo_bytes: int = 50 * 1024 * 1024
     min_side: int = 224  # decode at reduced size, never below this
     partitions: int = DEFAULT_PARTITIONS  # of the topics created when missing: bounds read parallelism
@@ -46,6 +47,13 @@ class IngestSettings:
             raise SettingsError(f"half-life must be at least {MIN_HALF_LIFE_DAYS} days, got {self.half_life_days}")
         if self.parallelism < 1 or self.partitions < 1:
             raise SettingsError("parallelism and partitions must be at least 1")
+        if self.jpeg_device is not None:
+            from stylestream.transforms.images import check_jpeg_device
+
+            try:
+                check_jpeg_device(self.jpeg_device)
+            except ValueError as e:
+                raise SettingsError(str(e)) from None
 
     # --- what the runners build from them --------------------------------------------------------------
 
@@ -66,7 +74,7 @@ class IngestSettings:
         from stylestream.transforms.images import DecodeLimits
 
         return DecodeLimits(max_bytes=self.max_photo_bytes, min_side=self.min_side, mask_faces=self.mask_faces,
-                            libraries=str(self.state.libraries))
+                            jpeg_device=self.jpeg_device, libraries=str(self.state.libraries))
 
     @property
     def basis(self):
@@ -159,6 +167,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     "every worker (default: the tiny model's checkpoint under DIR/models)")
     ap.add_argument("--half-life-days", type=float, metavar="DAYS", help=f"default {HALF_LIFE_DAYS:g}")
     ap.add_argument("--mask-faces", action="store_true", default=None, help="fill faces before features and embedding")
+    ap.add_argument("--jpeg-device", metavar="DEVICE", help="decode JPEGs a batch at a time on this torch device "
+                    "(cuda: nvJPEG; part of the style's basis); default: Pillow, one by one on every core")
     ap.add_argument("--parallelism", type=int, metavar="N", help="the Flink job's parallelism (default 2)")
     ap.add_argument("--partitions", type=int, metavar="N", help="of topics created when missing "
                     f"(default {DEFAULT_PARTITIONS})")
@@ -167,7 +177,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 def from_arguments(args: argparse.Namespace) -> IngestSettings:
     """The settings `add_arguments`' options give; exits with a one-line message when they cannot be used."""
     given = {k: getattr(args, k) for k in ("data_dir", "clip_model", "clip_pretrained", "half_life_days",
-                                           "mask_faces", "parallelism", "partitions")}
+                                           "mask_faces", "jpeg_device", "parallelism", "partitions")}
     try:
         if args.config:
             return IngestSettings.from_file(args.config, **given)

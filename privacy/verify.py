@@ -18,10 +18,10 @@ import numpy as np
 
 from stylestream.models.clip import ClipSpec, weights_id
 from stylestream.pipelines.library import photo_files
-from stylestream.schemas.events import StyleManifest
+from stylestream.schemas.events import StyleBasis, StyleManifest
 from stylestream.schemas.tables import FEATURE_NAMES
 from stylestream.transforms.embed import OpenClipImageHandler
-from stylestream.transforms.images import DecodeLimits, PhotoError, style_image
+from stylestream.transforms.images import DecodeLimits, PhotoError, check_jpeg_device, style_image
 from stylestream.transforms.manifest import style_code
 from stylestream.transforms.style import stats_of
 
@@ -56,14 +56,21 @@ def files_by_sha256(folder: Path) -> dict[str, Path]:
     return {file_sha256(p): p for p in photo_files(folder)}
 
 
-def decode_limits(manifest: StyleManifest) -> DecodeLimits:
-    """The decoding the manifest's basis names, if this version of the code does it."""
-    for limits in (DecodeLimits(), DecodeLimits(mask_faces=True)):
-        if limits.preprocessing == manifest.basis.preprocessing:
+def decode_limits(basis: StyleBasis) -> DecodeLimits:
+    """The decoding a manifest's basis names, if this version of the code does it on this machine."""
+    known = [DecodeLimits(mask_faces=mask, jpeg_device=device)
+             for mask in (False, True) for device in (None, "cpu", "cuda")]
+    for limits in known:
+        if limits.preprocessing == basis.preprocessing:
+            if limits.jpeg_device:
+                try:
+                    check_jpeg_device(limits.jpeg_device)
+                except ValueError as e:
+                    raise CannotVerify(f"the manifest's JPEGs were decoded in batches on {limits.jpeg_device}, "
+                                       f"which verifying repeats: {e}") from None
             return limits
-    raise CannotVerify(f"the manifest was computed with preprocessing {manifest.basis.preprocessing!r}, "
-                       f"which this version cannot repeat ({DecodeLimits().preprocessing!r} and "
-                       f"{DecodeLimits(mask_faces=True).preprocessing!r} only)")
+    raise CannotVerify(f"the manifest was computed with preprocessing {basis.preprocessing!r}, "
+                       f"which this version cannot repeat (only {', '.join(repr(k.preprocessing) for k in known)})")
 
 
 def check_model(manifest: StyleManifest, clip: ClipSpec) -> None:
@@ -76,7 +83,7 @@ def verify(manifest: StyleManifest, files: dict[str, Path], clip: ClipSpec,
            on_photo: Callable[[], None] | None = None) -> Verification:
     """Recompute the manifest's vector from `files` (sha256 -> path) and compare."""
     check_model(manifest, clip)
-    limits = decode_limits(manifest)
+    limits = decode_limits(manifest.basis)
     result = Verification(code_matches=style_code(manifest.basis, manifest.photos) == manifest.style_code, found=0)
     handler = OpenClipImageHandler(clip)
     model = handler.load_model()

@@ -25,10 +25,12 @@ def test_style_quality_bench_runs():
 
 
 @pytest.mark.slow
-def test_decode_embed_bench_runs():
+@pytest.mark.parametrize("jpeg_device", ["none", "cpu"])  # Pillow on every core; the batched decoder
+def test_decode_embed_bench_runs(jpeg_device):
     r = final_json("decode_embed.py", "--photos", "2", "--n", "4", "--batch", "2", "--clip-model",
-                   "stylestream-tiny-clip")
-    assert {"photos_per_s", "model_only_per_s", "ratio", "originals"} <= set(r)
+                   "stylestream-tiny-clip", "--jpeg-device", jpeg_device)
+    assert {"photos_per_s", "model_only_per_s", "ratio", "originals", "decode_only_per_s", "decode_scaling"} <= set(r)
+    assert r["jpeg_device"] == jpeg_device and r["originals"]["decode_only_per_s"] > 0
 
 
 @pytest.mark.slow

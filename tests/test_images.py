@@ -9,11 +9,22 @@ from datetime import UTC, datetime
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageCms
 
 from stylestream.demo.synthetic import LOOKS, render
 from stylestream.schemas.events import ImageRef, PhotoUploaded
-from stylestream.transforms.images import DecodeLimits, PhotoError, choose_rendition, decode, fetch
+from stylestream.transforms.features import aesthetic_features
+from stylestream.transforms.images import (
+    DecodeLimits,
+    PhotoError,
+    batchable_jpeg,
+    check_jpeg_device,
+    choose_rendition,
+    decode,
+    decode_jpeg_batch,
+    fetch,
+)
 
 LIMITS = DecodeLimits()
 
@@ -110,3 +121,62 @@ def test_smallest_rendition_that_is_large_enough_is_chosen():
                           image=ref(4000, 3000), renditions=[ref(2048, 1536), ref(400, 300), ref(200, 150)])
     assert choose_rendition(event, 224).width == 400
     assert choose_rendition(event, 2000).width == 4000
+
+
+# The batched decoder (torchvision) on the CPU: the same function nvJPEG runs through with "cuda".
+BATCHED = DecodeLimits(jpeg_device="cpu")
+
+
+def oriented(im: Image.Image, orientation: int, **kw) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encode(im, "JPEG", exif=exif, **kw)
+
+
+def test_batched_jpeg_decoder_gives_pillows_picture_within_tolerance():
+    """Sizes and orientation exactly as Pillow's path, pixels within a level on average (draft mode's
+    DCT scaling against averaging blocks), features within 0.02 (the documented tolerance)."""
+    big = render(LOOKS["cool"], seed=1, size=(2400, 1800))
+    grey = render(LOOKS["mono"], seed=3, size=(1200, 900)).convert("L")
+    files = [encode(big, "JPEG", quality=90), oriented(big, 6, quality=90), oriented(big, 3, quality=90),
+             encode(grey, "JPEG", quality=90), encode(render(LOOKS["warm"], seed=5, size=(480, 360)), "JPEG")]
+    jpegs = [batchable_jpeg(data, BATCHED) for data in files]
+    batched = decode_jpeg_batch(jpegs, BATCHED)
+    for data, image in zip(files, batched, strict=True):
+        pillow, _ = decode(data, LIMITS)
+        assert image.mode == "RGB" and image.size == pillow.size
+        diff = np.abs(np.asarray(image, float) - np.asarray(pillow, float))
+        assert diff.mean() < 1 and diff.max() <= 8
+        assert np.abs(aesthetic_features(image) - aesthetic_features(pillow)).max() < 0.02
+        assert decode(data, BATCHED)[0].tobytes() == image.tobytes()  # alone or in a batch: the same pixels
+    assert batched[1].size == (batched[0].height, batched[0].width)
+    assert np.abs(np.asarray(batched[2], float) - np.asarray(batched[0], float)[::-1, ::-1]).mean() < 1
+
+
+def test_what_the_batched_decoder_does_not_take_goes_to_pillow(photo):
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    for data in (encode(photo, "PNG"), encode(photo, "JPEG", icc_profile=srgb), encode(photo.convert("CMYK"), "JPEG")):
+        assert batchable_jpeg(data, BATCHED) is None
+        assert decode(data, BATCHED)[0].tobytes() == decode(data, LIMITS)[0].tobytes()
+    with pytest.raises(PhotoError, match="declared image/png but the bytes are JPEG"):
+        batchable_jpeg(encode(photo, "JPEG"), BATCHED, "image/png")
+
+
+def test_a_batch_the_decoder_refuses_is_decoded_one_by_one(photo):
+    good = batchable_jpeg(encode(photo, "JPEG"), BATCHED)
+    truncated = batchable_jpeg(encode(photo, "JPEG")[:3000], BATCHED)  # the header reads; the rest is gone
+    assert decode_jpeg_batch([good, truncated], BATCHED) == [None, None]
+    assert decode(good.data, BATCHED)[0].tobytes() == decode_jpeg_batch([good], BATCHED)[0].tobytes()
+    with pytest.raises(PhotoError, match="truncated or corrupt"):
+        decode(truncated.data, BATCHED)
+
+
+def test_jpeg_device_must_be_one_the_machine_has():
+    with pytest.raises(ValueError, match="runs on cpu or cuda"):
+        check_jpeg_device("meta")
+    with pytest.raises(ValueError, match="jpeg device 'gpu0'"):
+        check_jpeg_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            check_jpeg_device("cuda")
+    assert BATCHED.preprocessing == "decode-v1+jpeg-batch-cpu"

@@ -6,9 +6,12 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from stylestream.models.clip import weights_id
 from stylestream.pipelines.settings import IngestSettings, SettingsError
+from stylestream.privacy.verify import CannotVerify, decode_limits
+from stylestream.transforms.images import DecodeLimits
 
 
 def test_the_default_model_is_the_tiny_checkpoint_so_every_runner_names_the_same_weights(tmp_path, clip):
@@ -48,3 +51,24 @@ def test_keys_under_the_state_are_made_once_and_named_keys_never(tmp_path):
     assert not (tmp_path / "secrets").exists()
     with pytest.raises(SettingsError, match="no analytics key"):
         named.analytics_key()
+
+
+def test_decoding_jpegs_in_batches_is_part_of_the_basis_and_verifying_repeats_it(tmp_path):
+    settings = IngestSettings(tmp_path, jpeg_device="cpu")
+    assert settings.limits.jpeg_device == "cpu" and settings.basis.preprocessing.endswith("+jpeg-batch-cpu")
+    assert decode_limits(settings.basis) == DecodeLimits(jpeg_device="cpu")
+    settings.check_basis()
+    with pytest.raises(SettingsError, match="preprocessing"):
+        IngestSettings(tmp_path).check_basis()
+    with pytest.raises(SettingsError, match="runs on cpu or cuda"):
+        IngestSettings(tmp_path, jpeg_device="meta")
+    cuda = IngestSettings(tmp_path).basis.model_copy(update={"preprocessing": "decode-v1+jpeg-batch-cuda"})
+    if not torch.cuda.is_available():  # a style ingested with nvJPEG is verified where CUDA is, never guessed
+        with pytest.raises(SettingsError, match="no CUDA GPU"):
+            IngestSettings(tmp_path, jpeg_device="cuda")
+        with pytest.raises(CannotVerify, match="decoded in batches on cuda"):
+            decode_limits(cuda)
+    else:
+        assert decode_limits(cuda).jpeg_device == "cuda"
+    with pytest.raises(CannotVerify, match="cannot repeat"):
+        decode_limits(cuda.model_copy(update={"preprocessing": "decode-v0"}))

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 
 import apache_beam as beam
 import numpy as np
+import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline  # not collected as a test
 from apache_beam.testing.util import assert_that, equal_to
@@ -21,7 +22,14 @@ from stylestream.schemas.tables import FEATURE_NAMES
 from stylestream.streams.clients import Message
 from stylestream.streams.topics import CONSENT_EVENTS, PHOTO_EVENTS, STYLE_MANIFESTS, STYLE_VECTORS
 from stylestream.transforms.grouping import GroupByUser
-from stylestream.transforms.images import DecodeLimits, PreparePhotos, prepare_or_dead
+from stylestream.transforms.images import (
+    DecodeLimits,
+    PhotoError,
+    PreparePhotos,
+    batchable_jpeg,
+    photo_bytes,
+    prepare_photo,
+)
 from stylestream.transforms.manifest import style_basis
 from stylestream.transforms.parse import ParseEvents
 from stylestream.transforms.records import Contribution, Sourced
@@ -87,9 +95,11 @@ def test_prepare_decodes_keeps_only_whitelisted_metadata_and_rejects_a_wrong_che
                     equal_to([(1, True)]), label="dead")
 
 
-def test_prepare_on_threads_equals_decoding_one_by_one_bit_for_bit(tmp_path):
-    """Photos decoded on a pool of threads give exactly what decoding them one after another gives:
-    the same pixels, features and metadata, and the same dead letters."""
+@pytest.mark.parametrize("limits", [DecodeLimits(), DecodeLimits(jpeg_device="cpu")], ids=["pillow", "batched"])
+def test_prepare_on_threads_equals_decoding_one_by_one_bit_for_bit(tmp_path, limits):
+    """Photos decoded on a pool of threads (JPEGs three at a time through the batched decoder, where it
+    is on) give exactly what decoding them one after another gives: the same pixels, features and
+    metadata, and the same dead letters."""
     photos = make_library(tmp_path, {"ana": [("a", "warm", 4), ("b", "mono", 3)]})
     events = [sourced(ph.upload_event(), i) for i, ph in enumerate(photos)]
     broken = photos[0].upload_event()
@@ -99,12 +109,16 @@ def test_prepare_on_threads_equals_decoding_one_by_one_bit_for_bit(tmp_path):
     def key(ph) -> tuple:
         return (ph.source.offset, hashlib.sha256(ph.image.tobytes()).hexdigest(), ph.image.size,
                 ph.features.tobytes(), sorted(ph.metadata.items()))
-    serial = [prepare_or_dead(e, DecodeLimits()) for e in events]
-    expected_ok = [key(ph) for tag, ph in serial if tag == "ok"]
-    expected_dead = [(d.offset, d.reason) for tag, d in serial if tag == "dead"]
+    expected_ok, expected_dead = [], []
+    for e in events:
+        try:
+            expected_ok.append(key(prepare_photo(e, limits)))
+        except PhotoError as error:
+            expected_dead.append((e.offset, str(error)))
     assert len(expected_ok) == 7 and len(expected_dead) == 1
+    assert limits.jpeg_device is None or all(batchable_jpeg(photo_bytes(e, limits)[0], limits) for e in events[:7])
     with BeamTestPipeline(options=prism()) as p:
-        prepared = p | beam.Create(events) | PreparePhotos(workers=3)
+        prepared = p | beam.Create(events) | PreparePhotos(limits, workers=3, jpeg_batch=3)
         assert_that(prepared.ok | "Ok" >> beam.Map(key), equal_to(expected_ok), label="ok")
         assert_that(prepared.dead | "Dead" >> beam.Map(lambda d: (d.offset, d.reason)), equal_to(expected_dead),
                     label="dead")

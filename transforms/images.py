@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import functools
 import hashlib
 import io
 import json
 import os
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
@@ -22,15 +25,18 @@ import apache_beam as beam
 import fsspec
 import numpy as np
 import pillow_heif
+import torch
+import torchvision
 from apache_beam.utils.windowed_value import WindowedValue
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+from torchvision.io import ImageReadMode
 
 from stylestream.schemas.events import ImageRef, PhotoUploaded
 from stylestream.transforms.faces import mask_faces
 from stylestream.transforms.features import aesthetic_features
 from stylestream.transforms.records import DeadLetter, PreparedPhoto, Sourced
 
-OK, DEAD = "ok", "dead"
+OK, DEAD, JPEG = "ok", "dead", "jpeg"
 
 pillow_heif.register_heif_opener()
 FORMATS = ("JPEG", "PNG", "WEBP", "HEIF")  # phone MPO files open as JPEG
@@ -50,6 +56,11 @@ METADATA_WHITELIST = {
 KEPT_METADATA = (*METADATA_WHITELIST.values(), "hour_of_day")
 EXIF_IFD = 0x8769
 DATETIME_ORIGINAL = 0x9003
+ORIENTATION = 0x0112
+# EXIF orientation -> the transpose that makes the image upright (as ImageOps.exif_transpose does).
+EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                  4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270,
+                  7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
 
 
 # Bumped whenever decoding changes what the embedding or the features see (manifests name it).
@@ -65,11 +76,15 @@ class DecodeLimits:
     min_side: int = 224  # decode at reduced size, but never below this
     mask_faces: bool = False  # fill faces before the features and the embedding see them
     libraries: str | None = None  # the registry of library:// roots (pipelines/library.py), a JSON file
+    # Where JPEGs are decoded a batch at a time (torchvision: "cuda" is nvJPEG); None: Pillow, one by one.
+    # Part of the style's basis: another decoder gives slightly other pixels, so verifying repeats it.
+    jpeg_device: str | None = None
 
     @property
     def preprocessing(self) -> str:
         """The preprocessing's name in style manifests."""
-        return PREPROCESSING_VERSION + ("+mask-faces" if self.mask_faces else "")
+        return (PREPROCESSING_VERSION + ("+mask-faces" if self.mask_faces else "")
+                + (f"+jpeg-batch-{self.jpeg_device}" if self.jpeg_device else ""))
 
 
 class PhotoError(ValueError):
@@ -131,25 +146,11 @@ def fetch(ref: ImageRef, limits: DecodeLimits) -> bytes:
     return data
 
 
-def decode(data: bytes, limits: DecodeLimits,
-           content_type: str | None = None) -> tuple[Image.Image, dict[str, float | int | str]]:
-    """A small upright sRGB image (at least `min_side` on its shorter side when the source allows)
-    and the whitelisted metadata. Every way a file can be unusable raises PhotoError with a reason."""
+@contextlib.contextmanager
+def _image_errors():
+    """Every way a file can be unusable, as a PhotoError with a reason."""
     try:
-        with Image.open(io.BytesIO(data), formats=list(FORMATS)) as im:
-            declared = CONTENT_TYPES.get(content_type or "")
-            if declared and im.format not in declared:
-                raise PhotoError("image", f"declared {content_type} but the bytes are {im.format}")
-            if im.width * im.height > limits.max_pixels:
-                raise PhotoError("image", f"{im.width}x{im.height} pixels is over the {limits.max_pixels} limit")
-            metadata = whitelisted_metadata(im)
-            icc = im.info.get("icc_profile")
-            # JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale straight from the DCT: far cheaper.
-            scale = min(im.width, im.height) / limits.min_side
-            if im.format == "JPEG" and scale >= 2:
-                im.draft(im.mode, (im.width // int(scale), im.height // int(scale)))
-            im.load()
-            upright = ImageOps.exif_transpose(im)
+        yield
     except PhotoError:
         raise
     except Image.DecompressionBombError as e:
@@ -158,11 +159,113 @@ def decode(data: bytes, limits: DecodeLimits,
         raise PhotoError("image", f"not an image in a supported format ({', '.join(FORMATS)})") from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         raise PhotoError("image", f"truncated or corrupt image: {type(e).__name__}: {e}") from None
-    rgb = to_srgb(upright, icc)
+
+
+def _checked(im: Image.Image, limits: DecodeLimits, content_type: str | None) -> None:
+    declared = CONTENT_TYPES.get(content_type or "")
+    if declared and im.format not in declared:
+        raise PhotoError("image", f"declared {content_type} but the bytes are {im.format}")
+    if im.width * im.height > limits.max_pixels:
+        raise PhotoError("image", f"{im.width}x{im.height} pixels is over the {limits.max_pixels} limit")
+
+
+def _draft(im: Image.Image, limits: DecodeLimits) -> None:
+    """JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale straight from the DCT: far cheaper. Sets the
+    size decoding will give (`im.size`) without decoding."""
+    scale = min(im.width, im.height) / limits.min_side
+    if im.format == "JPEG" and scale >= 2:
+        im.draft(im.mode, (im.width // int(scale), im.height // int(scale)))
+
+
+def _small(rgb: Image.Image, limits: DecodeLimits) -> Image.Image:
+    """At most twice `min_side` on the shorter side."""
     if min(rgb.size) > 2 * limits.min_side:
         rgb.thumbnail((2 * limits.min_side * rgb.width // min(rgb.size),
                        2 * limits.min_side * rgb.height // min(rgb.size)), Image.Resampling.BILINEAR)
-    return rgb, metadata
+    return rgb
+
+
+def decode(data: bytes, limits: DecodeLimits,
+           content_type: str | None = None) -> tuple[Image.Image, dict[str, float | int | str]]:
+    """A small upright sRGB image (at least `min_side` on its shorter side when the source allows)
+    and the whitelisted metadata. Every way a file can be unusable raises PhotoError with a reason.
+    With `limits.jpeg_device`, the JPEGs the batched decoder takes are decoded by it (a batch of one)."""
+    if limits.jpeg_device and (jpeg := batchable_jpeg(data, limits, content_type)):
+        [image] = decode_jpeg_batch([jpeg], limits)
+        if image is not None:
+            return image, jpeg.metadata
+    with _image_errors(), Image.open(io.BytesIO(data), formats=list(FORMATS)) as im:
+        _checked(im, limits, content_type)
+        metadata = whitelisted_metadata(im)
+        icc = im.info.get("icc_profile")
+        _draft(im, limits)
+        im.load()
+        upright = ImageOps.exif_transpose(im)
+    return _small(to_srgb(upright, icc), limits), metadata
+
+
+def check_jpeg_device(device: str) -> None:
+    """Raises ValueError unless `device` is a torch device this machine has (the batched decoder runs on
+    the CPU or CUDA)."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as e:
+        raise ValueError(f"jpeg device {device!r}: {e}") from None
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"jpeg device {device!r}: the batched JPEG decoder runs on cpu or cuda")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"jpeg device {device!r}: this machine has no CUDA GPU")
+
+
+@dataclass(frozen=True)
+class BatchableJpeg:
+    """A JPEG the batched decoder takes, with what decoding needs from its header."""
+
+    data: bytes
+    metadata: dict[str, float | int | str]
+    size: tuple[int, int]  # (width, height) `decode` gives before orientation: after draft mode
+    orientation: int  # EXIF orientation, 1 = upright
+
+
+def batchable_jpeg(data: bytes, limits: DecodeLimits, content_type: str | None = None) -> BatchableJpeg | None:
+    """The header of a JPEG the batched decoder decodes as `decode` would (YCbCr or grey, no colour
+    profile to apply), or None. Reads the header only; raises PhotoError as `decode` does."""
+    with _image_errors(), Image.open(io.BytesIO(data), formats=list(FORMATS)) as im:
+        _checked(im, limits, content_type)
+        if im.format != "JPEG" or im.mode not in ("RGB", "L") or im.info.get("icc_profile"):
+            return None
+        metadata = whitelisted_metadata(im)
+        orientation = im.getexif().get(ORIENTATION, 1)
+        _draft(im, limits)
+        return BatchableJpeg(data, metadata, im.size, orientation if orientation in EXIF_TRANSPOSE else 1)
+
+
+def decode_jpeg_batch(jpegs: Sequence[BatchableJpeg], limits: DecodeLimits) -> list[Image.Image | None]:
+    """The JPEGs decoded in one call on `limits.jpeg_device` (torchvision; nvJPEG on CUDA), scaled with
+    antialiasing to the size draft mode gives, turned upright and made small as `decode` does. None
+    for each when the decoder refuses the batch (the caller decodes those with Pillow)."""
+    # 1. Decode the batch on the device (the bytes stay on the CPU, as torchvision asks).
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "The image decoding", UserWarning)  # 0.29's deprecation notice
+            tensors = torchvision.io.decode_jpeg([torch.frombuffer(bytearray(j.data), dtype=torch.uint8)
+                                                  for j in jpegs], mode=ImageReadMode.RGB, device=limits.jpeg_device)
+    except RuntimeError:
+        return [None] * len(jpegs)
+    images = []
+    for jpeg, pixels in zip(jpegs, tensors, strict=True):
+        # 2. Scale to draft mode's size on the device (the full-size pixels never cross to the CPU): draft
+        #    mode scales by 1/2, 1/4 or 1/8 in the DCT, close to averaging each 2x2, 4x4 or 8x8 block.
+        width, height = jpeg.size
+        if pixels.shape[1:] != (height, width):
+            area = torch.nn.functional.interpolate(pixels[None].float(), (height, width), mode="area")
+            pixels = area[0].round().to(torch.uint8)
+        image = Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy())
+        # 3. Upright and small, as `decode` makes Pillow's images.
+        if jpeg.orientation != 1:
+            image = image.transpose(EXIF_TRANSPOSE[jpeg.orientation])
+        images.append(_small(image, limits))
+    return images
 
 
 def to_srgb(im: Image.Image, icc: bytes | None) -> Image.Image:
@@ -204,58 +307,111 @@ def style_image(data: bytes, limits: DecodeLimits, content_type: str | None = No
                 ) -> tuple[Image.Image, np.ndarray, dict[str, float | int | str]]:
     """A photo's bytes as the style sees them: (the decoded image, faces filled if configured; its
     aesthetic features; the whitelisted metadata). Ingestion and `stylestream verify` both call it."""
-    image, metadata = decode(data, limits, content_type)
+    return styled(*decode(data, limits, content_type), limits)
+
+
+def styled(image: Image.Image, metadata: dict[str, float | int | str], limits: DecodeLimits,
+           ) -> tuple[Image.Image, np.ndarray, dict[str, float | int | str]]:
+    """A decoded photo as the style sees it (see `style_image`)."""
     if limits.mask_faces:
         image = mask_faces(image)
     return image, aesthetic_features(image), metadata
 
 
-def prepare_photo(sourced: Sourced, limits: DecodeLimits) -> PreparedPhoto:
+def photo_bytes(sourced: Sourced, limits: DecodeLimits) -> tuple[bytes, str | None]:
+    """An upload's image bytes (inline, or its smallest big-enough rendition fetched and checked) and
+    their declared content type."""
     event: PhotoUploaded = sourced.event
-    ref = choose_rendition(event, limits.min_side)
     inline = event.inline_bytes()
-    data = inline if inline is not None else fetch(ref, limits)
-    image, features, metadata = style_image(data, limits, ref.content_type if inline is None else None)
-    return PreparedPhoto(sourced, image, features, metadata)
+    if inline is not None:
+        return inline, None
+    ref = choose_rendition(event, limits.min_side)
+    return fetch(ref, limits), ref.content_type
 
 
-def prepare_or_dead(sourced: Sourced, limits: DecodeLimits) -> tuple[str, PreparedPhoto | DeadLetter]:
-    """(OK, the prepared photo) or (DEAD, its dead letter with the reason)."""
+def prepare_photo(sourced: Sourced, limits: DecodeLimits) -> PreparedPhoto:
+    data, content_type = photo_bytes(sourced, limits)
+    return PreparedPhoto(sourced, *style_image(data, limits, content_type))
+
+
+def prepare_or_dead(sourced: Sourced, limits: DecodeLimits,
+                    ) -> tuple[str, PreparedPhoto | DeadLetter | tuple[Sourced, BatchableJpeg]]:
+    """(OK, the prepared photo) or (DEAD, its dead letter with the reason); with a `jpeg_device`,
+    (JPEG, (the upload, its header)) for a JPEG that waits for the batched decoder."""
     try:
-        return OK, prepare_photo(sourced, limits)
+        data, content_type = photo_bytes(sourced, limits)
+        if limits.jpeg_device and (jpeg := batchable_jpeg(data, limits, content_type)):
+            return JPEG, (sourced, jpeg)
+        return OK, PreparedPhoto(sourced, *style_image(data, limits, content_type))
     except PhotoError as e:
         return DEAD, sourced.dead(e.stage, str(e))
+
+
+def prepare_decoded(sourced: Sourced, jpeg: BatchableJpeg, image: Image.Image | None,
+                    limits: DecodeLimits) -> tuple[str, PreparedPhoto | DeadLetter]:
+    """A JPEG after the batched decoder: styled, or decoded alone when the batch was refused (the
+    decoder then takes it alone if it can, else Pillow does or says why not)."""
+    try:
+        decoded = (image, jpeg.metadata) if image is not None else decode(jpeg.data, limits)
+        return OK, PreparedPhoto(sourced, *styled(*decoded, limits))
+    except PhotoError as e:
+        return DEAD, sourced.dead(e.stage, str(e))
+
+
+JPEG_BATCH = 64  # JPEGs per call of the batched decoder
 
 
 class PrepareOnThreads(beam.DoFn):
     """Fetches and decodes on a pool of threads (Pillow and file reads release the GIL), so a bundle's
     photos are decoded on every core while the steps after this one embed those already done. At most
     `2 * workers` photos are in flight; outputs keep the input order, each with its own timestamp and
-    window."""
+    window. With `limits.jpeg_device`, JPEGs are read on the threads, decoded `jpeg_batch` at a time on
+    that device, and styled on the threads again, so they come out a batch at a time."""
 
-    def __init__(self, limits: DecodeLimits, workers: int):
-        self._limits, self._workers = limits, workers
+    def __init__(self, limits: DecodeLimits, workers: int, jpeg_batch: int = JPEG_BATCH):
+        self._limits, self._workers, self._jpeg_batch = limits, workers, jpeg_batch
 
     def setup(self):
+        if self._limits.jpeg_device:
+            check_jpeg_device(self._limits.jpeg_device)  # never fall back to Pillow unseen
         self._pool = concurrent.futures.ThreadPoolExecutor(self._workers, thread_name_prefix="decode")
 
     def start_bundle(self):
-        self._pending: collections.deque = collections.deque()
+        self._pending: collections.deque = collections.deque()  # (future, timestamp, window)
+        self._jpegs: list = []  # ((upload, header), timestamp, window) waiting for the batched decoder
 
     def process(self, sourced: Sourced, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam):
         self._pending.append((self._pool.submit(prepare_or_dead, sourced, self._limits), timestamp, window))
-        while self._pending and (self._pending[0][0].done() or len(self._pending) > 2 * self._workers):
-            yield self._output(*self._pending.popleft())
+        yield from self._drain(until_done=False)
 
     def finish_bundle(self):
-        while self._pending:
-            yield self._output(*self._pending.popleft())
+        while self._pending or self._jpegs:
+            yield from self._drain(until_done=True)
+            self._decode_jpegs()
 
-    @staticmethod
-    def _output(future: concurrent.futures.Future, timestamp, window):
-        tag, value = future.result()  # anything but a PhotoError fails the bundle, as it would serially
-        windowed = WindowedValue(value, timestamp, [window])
-        return windowed if tag == OK else beam.pvalue.TaggedOutput(DEAD, windowed)
+    def _drain(self, until_done: bool):
+        """Outputs the finished photos at the head; waits for the head while more than `2 * workers`
+        are in flight, or for all when `until_done`."""
+        while self._pending and (until_done or self._pending[0][0].done() or len(self._pending) > 2 * self._workers):
+            future, timestamp, window = self._pending.popleft()
+            tag, value = future.result()  # anything but a PhotoError fails the bundle, as it would serially
+            if tag == JPEG:
+                self._jpegs.append((value, timestamp, window))
+                if len(self._jpegs) >= self._jpeg_batch:
+                    self._decode_jpegs()
+                continue
+            windowed = WindowedValue(value, timestamp, [window])
+            yield windowed if tag == OK else beam.pvalue.TaggedOutput(DEAD, windowed)
+
+    def _decode_jpegs(self):
+        """The waiting JPEGs through the batched decoder; styling them goes back to the threads."""
+        if not self._jpegs:
+            return
+        batch, self._jpegs = self._jpegs, []
+        images = decode_jpeg_batch([jpeg for (_, jpeg), _, _ in batch], self._limits)
+        for ((sourced, jpeg), timestamp, window), image in zip(batch, images, strict=True):
+            self._pending.append((self._pool.submit(prepare_decoded, sourced, jpeg, image, self._limits),
+                                  timestamp, window))
 
     def teardown(self):
         self._pool.shutdown(cancel_futures=True)
@@ -263,11 +419,12 @@ class PrepareOnThreads(beam.DoFn):
 
 class PreparePhotos(beam.PTransform):
     """Uploads -> `ok` (PreparedPhoto: small image, features, whitelisted metadata) and `dead`, decoded
-    on `workers` threads (default: one per core)."""
+    on `workers` threads (default: one per core), JPEGs a batch at a time on `limits.jpeg_device`."""
 
-    def __init__(self, limits: DecodeLimits = DecodeLimits(), workers: int | None = None):
+    def __init__(self, limits: DecodeLimits = DecodeLimits(), workers: int | None = None,
+                 jpeg_batch: int = JPEG_BATCH):
         super().__init__()
-        self._limits, self._workers = limits, workers or os.cpu_count() or 1
+        self._step = PrepareOnThreads(limits, workers or os.cpu_count() or 1, jpeg_batch)
 
     def expand(self, uploads):
-        return uploads | beam.ParDo(PrepareOnThreads(self._limits, self._workers)).with_outputs(DEAD, main=OK)
+        return uploads | beam.ParDo(self._step).with_outputs(DEAD, main=OK)
