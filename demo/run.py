@@ -30,7 +30,7 @@ from stylestream.models.diffusion import diffusion_spec
 from stylestream.pipelines.ingest import IngestConfig, Ingestor
 from stylestream.pipelines.layout import DataLayout
 from stylestream.pipelines.store import CycleResult, LatestVersion, Store
-from stylestream.schemas.events import GenerationRequested, encode_event
+from stylestream.schemas.events import ClipRequest, GenerationRequested, encode_event
 from stylestream.schemas.tables import FEATURE_NAMES
 from stylestream.serving.generator import StyleGenerator
 from stylestream.serving.worker import ServeConfig, Worker
@@ -57,6 +57,12 @@ GUIDANCE = 4.0  # the prompt's classifier-free guidance (the style keeps its own
 # The tiny models know subjects, counts and places (demo/synthetic.py). Everyone gets every prompt with
 # the same seed; the tables show the first.
 DEMO_PROMPTS = ("one house in the centre", "two stars on the left", "three circles on the right")
+DEMO_CLIP = ClipRequest(frames=8, fps=8, motion="pan_right")
+
+
+def clip_id(user: str) -> str:
+    """The demo's clip request for `user`."""
+    return f"demo-{user}-clip"
 
 
 def request_id(user: str, prompt: int) -> str:
@@ -124,12 +130,15 @@ def run_demo(data_dir: Path, console: Console, broker_engine: Engine | str = Eng
     elapsed = time.perf_counter() - t0
     say(f"[bold green]done[/] in {elapsed:.0f} s. State: {cfg.db_path}  History: {cfg.history_dir}")
     say(f"personalization, people x prompts: {picture}", soft_wrap=True, highlight=False)
+    clips = {r.user_id: r.image_uri for r in results if r.type == "generation_completed" and r.frames}
+    for user, uri in sorted(clips.items()):
+        say(f"a short clip in {user}'s style: {uri}", soft_wrap=True, highlight=False)
     history = "" if point_state_at(data_dir, run.state.root) else f" --history {cfg.history_dir}"
     # one line, to copy; the analytics key beside the history maps the user id to its pseudonym
     say(f"drift: stylestream drift user {DRIFT_EXAMPLE}{history} --plot {DRIFT_EXAMPLE}.png", soft_wrap=True,
         highlight=False)
     return {"run_dir": run.root, "before": before, "after": after, "results": results, "seconds": elapsed,
-            "picture": picture}
+            "picture": picture, "clips": clips}
 
 
 def keep_serving(cfg: IngestConfig, run: DataLayout, diffusion, clip, console: Console, stop: threading.Event,
@@ -178,6 +187,10 @@ def generate_images(producer, bootstrap_servers: str, run: DataLayout, diffusion
         event_id=f"req-{request_id(u, k)}", user_id=u, event_time=datetime.now(UTC), request_id=request_id(u, k),
         prompt=prompt, seed=7, num_inference_steps=STEPS, guidance_scale=GUIDANCE)
         for k, prompt in enumerate(DEMO_PROMPTS) for u in LIBRARY]
+    requests += [GenerationRequested(  # and a short clip each, panning across the first prompt's picture
+        event_id=f"req-{clip_id(u)}", user_id=u, event_time=datetime.now(UTC), request_id=clip_id(u),
+        prompt=DEMO_PROMPTS[0], seed=7, num_inference_steps=STEPS, guidance_scale=GUIDANCE, clip=DEMO_CLIP)
+        for u in LIBRARY]
     requests.append(GenerationRequested(
         event_id="req-nobody", user_id="nobody", event_time=datetime.now(UTC) + timedelta(seconds=1),
         request_id=request_id("nobody", 0), prompt=DEMO_PROMPTS[0], seed=7, num_inference_steps=STEPS,
@@ -186,8 +199,8 @@ def generate_images(producer, bootstrap_servers: str, run: DataLayout, diffusion
         producer.send(GENERATION_REQUESTS, key=r.user_id.encode(), value=encode_event(r))
     producer.flush()
     producer.close()
-    console.print(f"[bold]requests[/] {len(requests)} generation requests ({len(DEMO_PROMPTS)} prompts per person, "
-                  "one for a user with no photos)")
+    console.print(f"[bold]requests[/] {len(requests)} generation requests ({len(DEMO_PROMPTS)} prompts and a "
+                  f"{DEMO_CLIP.frames}-frame clip per person, one for a user with no photos)")
     results = []
     with console.status("serving: loading the diffusion pipeline and generating"):
         generator = StyleGenerator(diffusion, clip)
@@ -275,7 +288,7 @@ def completed_images(results: list) -> dict[str, Image.Image]:
     """request id -> its generated image, for the completed requests."""
     out = {}
     for r in results:
-        if r.type == "generation_completed":
+        if r.type == "generation_completed" and r.frames is None:
             with fsspec.open(r.image_uri, "rb") as f:
                 out[r.request_id] = Image.open(f).convert("RGB")
     return out

@@ -137,6 +137,19 @@ StyleCode = Annotated[str, Field(pattern=r"^sc1-[0-9a-f]{40}$", description="A s
                                  "of its manifest's basis and photos (schemas/manifests.py)")]
 
 
+MAX_CLIP_FRAMES = 48
+CameraMotion = Literal["none", "pan_left", "pan_right", "pan_up", "pan_down", "zoom_in", "zoom_out"]
+
+
+class ClipRequest(BaseModel):
+    """A short clip instead of a still: every frame in the person's style (serving/clips.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    frames: int = Field(ge=2, le=MAX_CLIP_FRAMES)
+    fps: int = Field(default=8, ge=1, le=30)
+    motion: CameraMotion = Field(default="none", description="the camera's motion over the clip")
+
+
 class GenerationRequested(_Event):
     type: Literal["generation_requested"] = "generation_requested"
     request_id: Id
@@ -165,11 +178,20 @@ class GenerationRequested(_Event):
         default=0, ge=0, le=3, description="Previews published while generating (generation_progress), evenly "
         "spaced over the steps; at most one per step before the last.")
 
+    clip: ClipRequest | None = Field(default=None, description="Make a short clip (an MP4) instead of an image.")
+
     @model_validator(mode="after")
     def _one_pin(self) -> GenerationRequested:
         if self.style_version is not None and self.style_code is not None:
             raise ValueError("pin a style by style_version or by style_code, not both")
+        if self.clip is not None and self.partial_images:
+            raise ValueError("a clip has no partial images")
         return self
+
+    @property
+    def rows(self) -> int:
+        """Rows of a diffusion batch the request takes: its frames."""
+        return self.clip.frames if self.clip else 1
 
 
 class GenerationCompleted(_Event):
@@ -185,6 +207,8 @@ class GenerationCompleted(_Event):
                                              "hyper-LoRA's for their style.")
     style_strength: float
     seed: int
+    frames: int | None = Field(default=None, description="A clip's frame count (image_uri is its MP4); null "
+                               "for an image.")
     timings_ms: dict[str, float] = Field(default_factory=dict)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import StableDiffusionImg2ImgPipeline
 from PIL import Image
 
 from stylestream.models.clip import ClipSpec, load_clip
@@ -17,6 +18,13 @@ from stylestream.models.diffusion import DiffusionSpec, adapter_input, adapter_i
 from stylestream.models.hyper_lora import HyperLora
 from stylestream.schemas.events import GenerationRequested, StyleFacet, StyleVectorUpdated
 from stylestream.schemas.tables import FEATURE_NAMES
+from stylestream.serving.clips import (
+    REFINED_MOTIONS,
+    circular_decoding,
+    clip_frames,
+    install_cross_frame_attention,
+    refine_strength,
+)
 from stylestream.serving.lora import LoraSource, UserLoras
 
 log = logging.getLogger(__name__)
@@ -44,6 +52,9 @@ class StyleGenerator:
                  lora_dir: Path | None = None, max_loras: int = 8, use_ip_adapter: bool = True):
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.pipe = load_pipeline(spec, self.device)
+        self.refine = StableDiffusionImg2ImgPipeline(**self.pipe.components)  # the same modules: clips' refinement
+        self.refine.set_progress_bar_config(disable=True)
+        self.frame_anchors = install_cross_frame_attention(self.pipe.unet)  # inert unless a call has anchors
         self.style_dim = adapter_input_dim(self.pipe)
         self.loras = UserLoras(self.pipe.unet, lora_dir, max_loras)
         # On the device and in the UNet's dtype once, so that every person's deltas share its A (one
@@ -102,13 +113,50 @@ class StyleGenerator:
         return self.generate_batch([request], [cond])[0], cond.facet
 
     def generate_batch(self, requests: list[GenerationRequested], conds: list[Conditioning],
-                       on_preview: Callable[[int, int, int, Image.Image], None] | None = None) -> list[Image.Image]:
+                       on_preview: Callable[[int, int, int, Image.Image], None] | None = None,
+                       ) -> list[Image.Image | list[Image.Image]]:
         """One diffusion call for requests of one `batch_key`, each sample with its own prompt, seed,
-        style embedding and style strength. Requests that ask for `partial_images` get them through
-        `on_preview(row, index, steps done, image)` as the steps pass."""
+        style embedding and style strength: an image per request, or a clip request's frames (made
+        consistent as serving/clips.py says, in one more call for the batch's clips). Requests that ask
+        for `partial_images` get them through `on_preview(request index, index, steps done, image)` as
+        the steps pass."""
         if len({batch_key(r) for r in requests}) != 1:
             raise ValueError("a batch takes requests of one size, step count and guidance scale")
-        first, dtype = requests[0], self.pipe.unet.dtype
+        first = requests[0]
+        # 1. Every still, and every clip's first frame, one row each
+        latents = self._call(self.pipe, requests, conds, width=first.width, height=first.height,
+                             callback_on_step_end=self._previews(requests, on_preview) if on_preview else None)
+        images: list = self._decode(latents)
+        clips = [i for i, r in enumerate(requests) if r.clip is not None]
+        if clips:
+            # 2. Each clip's first frame moved along its motion, frame by frame
+            moved = [clip_frames(latents[i:i + 1], requests[i].clip) for i in clips]
+            # 3. Zooms' frames refined together, each frame attending to its clip's first frame
+            zooms = [n for n, i in enumerate(clips) if requests[i].clip.motion in REFINED_MOTIONS]
+            strength = refine_strength(first.num_inference_steps)
+            if zooms and strength is not None:
+                rows = [clips[n] for n in zooms for _ in range(requests[clips[n]].rows)]
+                starts = np.cumsum([0] + [len(moved[n]) for n in zooms])[:-1].tolist()
+                anchors = torch.tensor([start for n, start in zip(zooms, starts, strict=True)
+                                        for _ in range(len(moved[n]))])
+                refined = self._call(self.refine, [requests[i] for i in rows], [conds[i] for i in rows], anchors,
+                                     image=torch.cat([moved[n] for n in zooms]), strength=strength)
+                for n, start in zip(zooms, starts, strict=True):
+                    moved[n] = refined[start:start + len(moved[n])]
+            # 4. Decoded with the picture wrapping around, so a pan is the same picture, rolled
+            frames = self._decode(torch.cat(moved), circular=True)
+            start = 0
+            for i in clips:
+                images[i] = frames[start:start + requests[i].rows]
+                start += requests[i].rows
+        return images
+
+    def _call(self, pipe, rows: list[GenerationRequested], conds: list[Conditioning],
+              anchors: torch.Tensor | None = None, **call_args) -> torch.Tensor:
+        """The latents of one call of `pipe` (text-to-image, or the refinement's image-to-image), one row
+        per request with its own prompt, seed, style and LoRA; with `anchors`, each row's self-attention
+        reads the row named there."""
+        first, dtype = rows[0], self.pipe.unet.dtype
         embeds = torch.from_numpy(np.stack([c.embedding for c in conds]))[:, None, :].to(self.device, dtype)
         strengths = torch.tensor([c.strength for c in conds])
         cfg = first.guidance_scale > 1.0
@@ -116,24 +164,35 @@ class StyleGenerator:
             # the guidance scale is the prompt's and the style keeps its own (strength): training drops them
             # independently, and guiding both at once lets the style drown the prompt's content.
             embeds, strengths = torch.cat([embeds, embeds]), torch.cat([strengths, strengths])
+            anchors = torch.cat([anchors, anchors + len(rows)]) if anchors is not None else None
         # Per-sample strength: the adapter's output is scaled by a constant mask per row.
         masks = strengths.view(-1, 1, 1, 1).expand(
             -1, 1, first.height // self.pipe.vae_scale_factor, first.width // self.pipe.vae_scale_factor)
-        negative = [r.negative_prompt for r in requests] if any(r.negative_prompt for r in requests) else None
+        negative = [r.negative_prompt for r in rows] if any(r.negative_prompt for r in rows) else None
         adapters = self.loras.adapters([c.lora for c in conds]) if any(c.lora for c in conds) else None
         per_sample = self.loras.per_sample(adapters + adapters if cfg else adapters) if adapters else \
             contextlib.nullcontext()
         self.pipe.set_ip_adapter_scale(style_layers(self.pipe.unet) if first.style_layers_only else 1.0)
-        with per_sample:
-            out = self.pipe(
-                prompt=[r.prompt for r in requests], negative_prompt=negative,
-                num_inference_steps=first.num_inference_steps, guidance_scale=first.guidance_scale,
-                width=first.width, height=first.height, ip_adapter_image_embeds=[embeds],
-                cross_attention_kwargs={"ip_adapter_masks": [masks.to(self.device, dtype)]},
-                generator=[torch.Generator("cpu").manual_seed(r.seed) for r in requests], output_type="pil",
-                callback_on_step_end=self._previews(requests, on_preview) if on_preview else None,
-            )
-        return out.images
+        self.frame_anchors.rows = anchors
+        try:
+            with per_sample:
+                return pipe(
+                    prompt=[r.prompt for r in rows], negative_prompt=negative,
+                    num_inference_steps=first.num_inference_steps, guidance_scale=first.guidance_scale,
+                    ip_adapter_image_embeds=[embeds],
+                    cross_attention_kwargs={"ip_adapter_masks": [masks.to(self.device, dtype)]},
+                    generator=[torch.Generator("cpu").manual_seed(r.seed) for r in rows], output_type="latent",
+                    **call_args,
+                ).images
+        finally:
+            self.frame_anchors.rows = None
+
+    def _decode(self, latents: torch.Tensor, circular: bool = False) -> list[Image.Image]:
+        """Latents as images, as the pipeline's last step decodes them (`circular`: as a clip's frames are)."""
+        vae = self.pipe.vae
+        with torch.inference_mode(), circular_decoding(vae) if circular else contextlib.nullcontext():
+            decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        return self.pipe.image_processor.postprocess(decoded, output_type="pil")
 
     def _previews(self, requests: list[GenerationRequested], on_preview: Callable) -> Callable | None:
         """A step-end callback that decodes the latents where some request wants a preview."""
@@ -145,9 +204,7 @@ class StyleGenerator:
             rows = [row for row, steps in wanted.items() if step in steps]
             if rows:
                 try:  # the latents so far, decoded as the final step decodes them (one row per request)
-                    latents = kwargs["latents"][rows] / pipe.vae.config.scaling_factor
-                    decoded = pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0]
-                    previews = pipe.image_processor.postprocess(decoded, output_type="pil")
+                    previews = self._decode(kwargs["latents"][rows])
                 except (RuntimeError, ValueError):  # out of memory, say: the images matter, not previews
                     log.exception("could not decode previews at step %d; going on without", step)
                     wanted.clear()

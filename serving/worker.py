@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from functools import partial
 from urllib.parse import quote
 
+import av
 import fsspec
 
 from stylestream.schemas.dead_letters import DeadLetter
@@ -29,6 +30,7 @@ from stylestream.schemas.events import (
     encode_event,
     parse_event,
 )
+from stylestream.serving.clips import encode_mp4
 from stylestream.serving.generator import Conditioning, StyleGenerator, batch_key
 from stylestream.serving.metrics import ServeMetrics
 from stylestream.serving.style_table import StyleTable
@@ -86,12 +88,18 @@ class OutputStore:
             return None
         return parse_event(GENERATION_RESULTS, self.fs.cat_file(path))
 
-    def save(self, request: GenerationRequested, image, make_result: Callable[[str], Result]) -> Result:
-        png = self._path(request, "png")
+    def save(self, request: GenerationRequested, output, make_result: Callable[[str], Result]) -> Result:
+        """An image as PNG, or a clip's frames as MP4 (av.FFmpegError if they cannot be encoded), then its
+        result record."""
+        data = encode_mp4(output, request.clip.fps) if request.clip else None
+        path = self._path(request, "mp4" if request.clip else "png")
         self.fs.makedirs(self._folder(request.user_id), exist_ok=True)
-        with self.fs.open(png, "wb") as f:
-            image.save(f, "PNG")
-        return self.record(request, make_result(self.fs.unstrip_protocol(png)))
+        with self.fs.open(path, "wb") as f:
+            if data is not None:
+                f.write(data)
+            else:
+                output.save(f, "PNG")
+        return self.record(request, make_result(self.fs.unstrip_protocol(path)))
 
     def save_preview(self, request: GenerationRequested, index: int, image) -> str:
         """A preview of an image still being generated, beside where the image will be; its URI."""
@@ -224,10 +232,12 @@ class Worker:
         for request in requests:
             if results[request.request_id] is None:
                 results[request.request_id] = self._plan(request, jobs)
-        # 4. One diffusion call per batch key (previews, where asked for, published as they are made)
+        # 4. One diffusion call per batch key and up to `max_batch` rows (a clip's frames are rows; previews,
+        #    where asked for, published as they are made)
         for group in jobs.values():
-            for job, result in self._generate(group, traces):
-                results[job.request.request_id] = result
+            for call in packed(group, self.cfg.max_batch):
+                for job, result in self._generate(call, traces):
+                    results[job.request.request_id] = result
         # 5. Publish the results and record their metrics
         out = [r for r in results.values() if r is not None]
         self._publish(out, {r.request_id: r.event_time for r in requests}, traces)
@@ -358,8 +368,27 @@ class Worker:
         self.metrics.batch_size.observe(len(group))
         self.metrics.generate.observe(seconds)
         timings = {"generate": round(seconds * 1000, 1), "batch": len(group)}
-        return [(job, self.output.save(job.request, image, partial(_completed, job, timings)))
-                for job, image in zip(group, images, strict=True)]
+        done = []
+        for job, output in zip(group, images, strict=True):
+            try:
+                done.append((job, self.output.save(job.request, output, partial(_completed, job, timings))))
+            except av.FFmpegError as e:  # a clip that cannot be written fails by itself, never stays pending
+                failed = _failed(job.request, f"cannot encode the clip: {e}")
+                done.append((job, self.output.record(job.request, failed)))
+        return done
+
+
+def packed(jobs: list[Job], max_rows: int) -> list[list[Job]]:
+    """Jobs in calls of at most `max_rows` rows, in order (a clip larger than that alone in its call)."""
+    calls: list[list[Job]] = []
+    rows = max_rows
+    for job in jobs:
+        if rows + job.request.rows > max_rows:
+            calls.append([])
+            rows = 0
+        calls[-1].append(job)
+        rows += job.request.rows
+    return calls
 
 
 def _completed(job: Job, timings: dict[str, float], image_uri: str) -> GenerationCompleted:
@@ -369,7 +398,7 @@ def _completed(job: Job, timings: dict[str, float], image_uri: str) -> Generatio
         request_id=request.request_id, image_uri=image_uri, style_version=job.style.version if job.style else None,
         style_code=job.style.style_code if job.style else None,
         facet=cond.facet, lora=cond.lora is not None, style_strength=cond.strength, seed=request.seed,
-        timings_ms=timings)
+        frames=request.clip.frames if request.clip else None, timings_ms=timings)
 
 
 def _failed(request: GenerationRequested, reason: str) -> GenerationFailed:

@@ -80,6 +80,14 @@ def test_personalization_bench_runs():
 
 
 @pytest.mark.slow
+def test_video_bench_runs():
+    r = final_json("video.py", "--photos", "4", "--prompts", "1", "--frames", "3", "--steps", "2", "--reps", "1")
+    assert (r["people"], r["frames"], r["steps"], r["clips"]) == (6, 3, 2, 6)
+    assert 0 <= r["frame_retrieval_accuracy"] <= 1 and r["cost_per_frame_ratio"] > 0
+    assert r["flicker"]["independent"] > 0 and r["warp_error_ratio"] >= 0 and r["flicker_ratio"] >= 0
+
+
+@pytest.mark.slow
 def test_train_step_bench_runs():
     r = final_json("train_step.py", "--config", "tiny", "--batch", "2", "--steps", "1")
     assert r["config"] == "tiny" and r["seconds_per_step"] > 0 and r["ratio"] > 0 and r["trainable_params_m"] > 0

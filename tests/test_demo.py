@@ -6,6 +6,7 @@ import io
 import re
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -13,7 +14,8 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from stylestream.cli.main import app
-from stylestream.demo.run import DEMO_PROMPTS, request_id, run_demo
+from stylestream.demo.run import DEMO_CLIP, DEMO_PROMPTS, clip_id, request_id, run_demo
+from stylestream.serving.clips import decode_mp4
 
 
 @pytest.mark.smoke
@@ -42,9 +44,14 @@ def test_demo_end_to_end(tmp_path, broker_engine):
     assert report["after"]["ben"][0] == report["before"]["ben"][0]
     outcomes = sorted((r.request_id, r.type) for r in report["results"])
     people = [request_id(u, k) for u in ("ana", "ben", "cleo") for k in range(len(DEMO_PROMPTS))]
-    assert outcomes == sorted([(rid, "generation_completed") for rid in people] +
+    clips = [clip_id(u) for u in ("ana", "ben", "cleo")]
+    assert outcomes == sorted([(rid, "generation_completed") for rid in people + clips] +
                               [("demo-nobody", "generation_failed")])
     assert len(list((report["run_dir"] / "images").rglob("*.png"))) == len(people)
+    assert sorted(report["clips"]) == ["ana", "ben", "cleo"]
+    for uri in report["clips"].values():
+        assert len(decode_mp4(Path(uri.removeprefix("file://")).read_bytes())) == DEMO_CLIP.frames
+        assert "a short clip in" in out.getvalue() and uri in out.getvalue()
     text = out.getvalue()
     assert "1 dead letter," in text and "opt-out effect" in text
     assert "does each image follow its person's style?" in text and report["picture"].stat().st_size > 10_000
