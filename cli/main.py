@@ -162,8 +162,9 @@ def ingest(
              "so people's faces do not shape styles. Use one setting for the life of a state.")] = False,
     jpeg_device: Annotated[str | None, typer.Option(
         metavar="DEVICE",
-        help="Decode JPEGs a batch at a time on this torch device (cuda: nvJPEG), other formats with Pillow. "
-             "Part of the style's basis, as --mask-faces is: verifying repeats it.")] = None,
+        help="Decode JPEGs a batch at a time on this torch device (cuda: nvJPEG; cpu: the same decoder on the "
+             "CPU, slower than Pillow's reduced-size decoding), other formats with Pillow. Part of the style's "
+             "basis, as --mask-faces is: verifying repeats it.")] = None,
     config: SettingsFile = None,
     verbose: Verbose = False,
 ) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 from diffusers.utils import logging as diffusers_logging
 
 CONFIG_DIR = Path(__file__).parent / "configs" / "diffusion"
@@ -62,6 +62,12 @@ class StylePipeline(StableDiffusionPipeline):
         # diffusers passes batch_size * num_images_per_prompt here
         return per_sample_ip_adapter_embeds(ip_adapter_image_embeds, device, num_images_per_prompt,
                                             do_classifier_free_guidance)
+
+
+class StyleImg2ImgPipeline(StableDiffusionImg2ImgPipeline):
+    """The image-to-image pipeline (a clip's refinement) with the same per-sample embeddings."""
+
+    prepare_ip_adapter_image_embeds = StylePipeline.prepare_ip_adapter_image_embeds
 
 
 def load_pipeline(spec: DiffusionSpec, device: str = "cpu", dtype: torch.dtype | None = None) -> StylePipeline:

@@ -50,8 +50,8 @@ class IngestSettings:
         if self.jpeg_device is not None:
             from stylestream.transforms.images import check_jpeg_device
 
-            try:
-                check_jpeg_device(self.jpeg_device)
+            try:  # the name only: a launcher may set the workers' device without one of its own
+                check_jpeg_device(self.jpeg_device, here=False)
             except ValueError as e:
                 raise SettingsError(str(e)) from None
 

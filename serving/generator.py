@@ -10,15 +10,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import StableDiffusionImg2ImgPipeline
+from diffusers import DiffusionPipeline
 from PIL import Image
 
 from stylestream.models.clip import ClipSpec, load_clip
-from stylestream.models.diffusion import DiffusionSpec, adapter_input, adapter_input_dim, load_pipeline
+from stylestream.models.diffusion import (
+    DiffusionSpec,
+    StyleImg2ImgPipeline,
+    adapter_input,
+    adapter_input_dim,
+    load_pipeline,
+)
 from stylestream.models.hyper_lora import HyperLora
 from stylestream.schemas.events import GenerationRequested, StyleFacet, StyleVectorUpdated
 from stylestream.schemas.tables import FEATURE_NAMES
 from stylestream.serving.clips import (
+    PANS,
     REFINED_MOTIONS,
     circular_decoding,
     clip_frames,
@@ -52,7 +59,7 @@ class StyleGenerator:
                  lora_dir: Path | None = None, max_loras: int = 8, use_ip_adapter: bool = True):
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.pipe = load_pipeline(spec, self.device)
-        self.refine = StableDiffusionImg2ImgPipeline(**self.pipe.components)  # the same modules: clips' refinement
+        self.refine = StyleImg2ImgPipeline(**self.pipe.components)  # the same modules: clips' refinement
         self.refine.set_progress_bar_config(disable=True)
         self.frame_anchors = install_cross_frame_attention(self.pipe.unet)  # inert unless a call has anchors
         self.style_dim = adapter_input_dim(self.pipe)
@@ -106,9 +113,9 @@ class StyleGenerator:
         return LoraSource(key, request.user_id, lambda: self.hyper.low_rank(embedding, strength), style.version)
 
     def generate(self, request: GenerationRequested,
-                 style: StyleVectorUpdated | None) -> tuple[Image.Image, int | None]:
-        """One image and the facet used; with no style (or strength 0) exactly the unpersonalized
-        image for the same seed."""
+                 style: StyleVectorUpdated | None) -> tuple[Image.Image | list[Image.Image], int | None]:
+        """One image (a clip request's frames) and the facet used; with no style (or strength 0) exactly
+        the unpersonalized image for the same seed."""
         cond = self.condition(request, style)
         return self.generate_batch([request], [cond])[0], cond.facet
 
@@ -135,23 +142,20 @@ class StyleGenerator:
             zooms = [n for n, i in enumerate(clips) if requests[i].clip.motion in REFINED_MOTIONS]
             strength = refine_strength(first.num_inference_steps)
             if zooms and strength is not None:
-                rows = [clips[n] for n in zooms for _ in range(requests[clips[n]].rows)]
+                rows = [clips[n] for n in zooms for _ in range(len(moved[n]))]
                 starts = np.cumsum([0] + [len(moved[n]) for n in zooms])[:-1].tolist()
                 anchors = torch.tensor([start for n, start in zip(zooms, starts, strict=True)
-                                        for _ in range(len(moved[n]))])
+                                        for _ in range(len(moved[n]))], device=self.device)
                 refined = self._call(self.refine, [requests[i] for i in rows], [conds[i] for i in rows], anchors,
                                      image=torch.cat([moved[n] for n in zooms]), strength=strength)
                 for n, start in zip(zooms, starts, strict=True):
                     moved[n] = refined[start:start + len(moved[n])]
-            # 4. Decoded with the picture wrapping around, so a pan is the same picture, rolled
-            frames = self._decode(torch.cat(moved), circular=True)
-            start = 0
-            for i in clips:
-                images[i] = frames[start:start + requests[i].rows]
-                start += requests[i].rows
+            # 4. Pans decoded with the picture wrapping around, so each frame is the first one, rolled
+            for i, frames in zip(clips, moved, strict=True):
+                images[i] = self._decode(frames, circular=requests[i].clip.motion in PANS)
         return images
 
-    def _call(self, pipe, rows: list[GenerationRequested], conds: list[Conditioning],
+    def _call(self, pipe: DiffusionPipeline, rows: list[GenerationRequested], conds: list[Conditioning],
               anchors: torch.Tensor | None = None, **call_args) -> torch.Tensor:
         """The latents of one call of `pipe` (text-to-image, or the refinement's image-to-image), one row
         per request with its own prompt, seed, style and LoRA; with `anchors`, each row's self-attention

@@ -18,6 +18,7 @@ from urllib.parse import quote
 
 import av
 import fsspec
+from PIL import Image
 
 from stylestream.schemas.dead_letters import DeadLetter
 from stylestream.schemas.events import (
@@ -88,9 +89,10 @@ class OutputStore:
             return None
         return parse_event(GENERATION_RESULTS, self.fs.cat_file(path))
 
-    def save(self, request: GenerationRequested, output, make_result: Callable[[str], Result]) -> Result:
-        """An image as PNG, or a clip's frames as MP4 (av.FFmpegError if they cannot be encoded), then its
-        result record."""
+    def save(self, request: GenerationRequested, output: Image.Image | list[Image.Image],
+             make_result: Callable[[str], Result]) -> Result:
+        """An image as PNG, or a clip's frames as MP4 (av.FFmpegError or ValueError if they cannot be
+        encoded), then its result record."""
         data = encode_mp4(output, request.clip.fps) if request.clip else None
         path = self._path(request, "mp4" if request.clip else "png")
         self.fs.makedirs(self._folder(request.user_id), exist_ok=True)
@@ -372,7 +374,7 @@ class Worker:
         for job, output in zip(group, images, strict=True):
             try:
                 done.append((job, self.output.save(job.request, output, partial(_completed, job, timings))))
-            except av.FFmpegError as e:  # a clip that cannot be written fails by itself, never stays pending
+            except (av.FFmpegError, ValueError) as e:  # a clip that cannot be encoded fails by itself, answered
                 failed = _failed(job.request, f"cannot encode the clip: {e}")
                 done.append((job, self.output.record(job.request, failed)))
         return done

@@ -174,8 +174,10 @@ def test_a_batch_the_decoder_refuses_is_decoded_one_by_one(photo):
 def test_jpeg_device_must_be_one_the_machine_has():
     with pytest.raises(ValueError, match="runs on cpu or cuda"):
         check_jpeg_device("meta")
-    with pytest.raises(ValueError, match="jpeg device 'gpu0'"):
-        check_jpeg_device("gpu0")
+    for device in ("gpu0", "cuda:1"):
+        with pytest.raises(ValueError, match=f"jpeg device '{device}'"):
+            check_jpeg_device(device)
+    check_jpeg_device("cuda", here=False)  # the name alone: a launcher's check
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA GPU"):
             check_jpeg_device("cuda")

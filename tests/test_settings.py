@@ -11,7 +11,7 @@ import torch
 from stylestream.models.clip import weights_id
 from stylestream.pipelines.settings import IngestSettings, SettingsError
 from stylestream.privacy.verify import CannotVerify, decode_limits
-from stylestream.transforms.images import DecodeLimits
+from stylestream.transforms.images import DecodeLimits, PrepareOnThreads
 
 
 def test_the_default_model_is_the_tiny_checkpoint_so_every_runner_names_the_same_weights(tmp_path, clip):
@@ -60,12 +60,15 @@ def test_decoding_jpegs_in_batches_is_part_of_the_basis_and_verifying_repeats_it
     settings.check_basis()
     with pytest.raises(SettingsError, match="preprocessing"):
         IngestSettings(tmp_path).check_basis()
-    with pytest.raises(SettingsError, match="runs on cpu or cuda"):
-        IngestSettings(tmp_path, jpeg_device="meta")
+    for device in ("meta", "cuda:1"):  # a basis names the decoder, not which GPU of a machine
+        with pytest.raises(SettingsError, match="runs on cpu or cuda"):
+            IngestSettings(tmp_path, jpeg_device=device)
+    # a launcher without a GPU may set its workers' device; the workers' decoding step checks it
+    assert IngestSettings(tmp_path / "other", jpeg_device="cuda").limits.jpeg_device == "cuda"
     cuda = IngestSettings(tmp_path).basis.model_copy(update={"preprocessing": "decode-v1+jpeg-batch-cuda"})
     if not torch.cuda.is_available():  # a style ingested with nvJPEG is verified where CUDA is, never guessed
-        with pytest.raises(SettingsError, match="no CUDA GPU"):
-            IngestSettings(tmp_path, jpeg_device="cuda")
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            PrepareOnThreads(DecodeLimits(jpeg_device="cuda"), workers=1).setup()
         with pytest.raises(CannotVerify, match="decoded in batches on cuda"):
             decode_limits(cuda)
     else:

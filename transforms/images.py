@@ -14,8 +14,8 @@ import functools
 import hashlib
 import io
 import json
+import logging
 import os
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +37,7 @@ from stylestream.transforms.features import aesthetic_features
 from stylestream.transforms.records import DeadLetter, PreparedPhoto, Sourced
 
 OK, DEAD, JPEG = "ok", "dead", "jpeg"
+log = logging.getLogger(__name__)
 
 pillow_heif.register_heif_opener()
 FORMATS = ("JPEG", "PNG", "WEBP", "HEIF")  # phone MPO files open as JPEG
@@ -204,16 +205,15 @@ def decode(data: bytes, limits: DecodeLimits,
     return _small(to_srgb(upright, icc), limits), metadata
 
 
-def check_jpeg_device(device: str) -> None:
-    """Raises ValueError unless `device` is a torch device this machine has (the batched decoder runs on
-    the CPU or CUDA)."""
-    try:
-        kind = torch.device(device).type
-    except RuntimeError as e:
-        raise ValueError(f"jpeg device {device!r}: {e}") from None
-    if kind not in ("cpu", "cuda"):
-        raise ValueError(f"jpeg device {device!r}: the batched JPEG decoder runs on cpu or cuda")
-    if kind == "cuda" and not torch.cuda.is_available():
+JPEG_DEVICES = ("cpu", "cuda")  # a basis names one of these: the decoder, not which GPU of a machine
+
+
+def check_jpeg_device(device: str, here: bool = True) -> None:
+    """Raises ValueError unless `device` is one the batched decoder runs on and, with `here`, one this
+    machine has (a launcher may set the workers' device without one)."""
+    if device not in JPEG_DEVICES:
+        raise ValueError(f"jpeg device {device!r}: the batched JPEG decoder runs on {' or '.join(JPEG_DEVICES)}")
+    if here and device == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"jpeg device {device!r}: this machine has no CUDA GPU")
 
 
@@ -242,29 +242,34 @@ def batchable_jpeg(data: bytes, limits: DecodeLimits, content_type: str | None =
 
 def decode_jpeg_batch(jpegs: Sequence[BatchableJpeg], limits: DecodeLimits) -> list[Image.Image | None]:
     """The JPEGs decoded in one call on `limits.jpeg_device` (torchvision; nvJPEG on CUDA), scaled with
-    antialiasing to the size draft mode gives, turned upright and made small as `decode` does. None
-    for each when the decoder refuses the batch (the caller decodes those with Pillow)."""
+    block averages to the size draft mode gives, turned upright and made small as `decode` does. None
+    for each photo the decoder could not finish (the caller decodes those alone, and Pillow decides)."""
     # 1. Decode the batch on the device (the bytes stay on the CPU, as torchvision asks).
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "The image decoding", UserWarning)  # 0.29's deprecation notice
-            tensors = torchvision.io.decode_jpeg([torch.frombuffer(bytearray(j.data), dtype=torch.uint8)
-                                                  for j in jpegs], mode=ImageReadMode.RGB, device=limits.jpeg_device)
-    except RuntimeError:
+        tensors = torchvision.io.decode_jpeg([torch.frombuffer(bytearray(j.data), dtype=torch.uint8) for j in jpegs],
+                                             mode=ImageReadMode.RGB, device=limits.jpeg_device)
+    except RuntimeError as e:  # a photo it refuses, or the device out of memory: Pillow decides, one by one
+        log.warning("the batched JPEG decoder refused %d photos (%s); decoding them one by one", len(jpegs), e)
         return [None] * len(jpegs)
-    images = []
+    images: list[Image.Image | None] = []
     for jpeg, pixels in zip(jpegs, tensors, strict=True):
-        # 2. Scale to draft mode's size on the device (the full-size pixels never cross to the CPU): draft
-        #    mode scales by 1/2, 1/4 or 1/8 in the DCT, close to averaging each 2x2, 4x4 or 8x8 block.
-        width, height = jpeg.size
-        if pixels.shape[1:] != (height, width):
-            area = torch.nn.functional.interpolate(pixels[None].float(), (height, width), mode="area")
-            pixels = area[0].round().to(torch.uint8)
-        image = Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy())
+        try:
+            # 2. Scale to draft mode's size on the device (the full-size pixels never cross to the CPU):
+            #    draft mode scales by 1/2, 1/4 or 1/8 in the DCT, close to averaging each 2x2, 4x4 or 8x8 block.
+            width, height = jpeg.size
+            if pixels.shape[1:] != (height, width):
+                area = torch.nn.functional.interpolate(pixels[None].float(), (height, width), mode="area")
+                pixels = area[0].round().to(torch.uint8)
+            image = Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy())
+        except RuntimeError as e:  # out of memory scaling a large one: that photo alone, one by one
+            log.warning("could not scale a batch-decoded JPEG (%s); decoding it alone", e)
+            images.append(None)
+            continue
         # 3. Upright and small, as `decode` makes Pillow's images.
         if jpeg.orientation != 1:
             image = image.transpose(EXIF_TRANSPOSE[jpeg.orientation])
         images.append(_small(image, limits))
+    del tensors  # the batch's full-size pixels, before the next batch is decoded
     return images
 
 
@@ -365,8 +370,9 @@ class PrepareOnThreads(beam.DoFn):
     """Fetches and decodes on a pool of threads (Pillow and file reads release the GIL), so a bundle's
     photos are decoded on every core while the steps after this one embed those already done. At most
     `2 * workers` photos are in flight; outputs keep the input order, each with its own timestamp and
-    window. With `limits.jpeg_device`, JPEGs are read on the threads, decoded `jpeg_batch` at a time on
-    that device, and styled on the threads again, so they come out a batch at a time."""
+    window. With `limits.jpeg_device`, JPEGs are read on the threads and wait (their bytes, up to
+    `jpeg_batch` of them, beside those in flight) to be decoded `jpeg_batch` at a time on that device,
+    then are styled on the threads again: they come out a batch at a time, after photos read later."""
 
     def __init__(self, limits: DecodeLimits, workers: int, jpeg_batch: int = JPEG_BATCH):
         self._limits, self._workers, self._jpeg_batch = limits, workers, jpeg_batch
