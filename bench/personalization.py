@@ -52,6 +52,7 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -106,6 +107,16 @@ def people_styles(work: Path, handler, clip_model, photos: int, seed: int) -> di
         style, _ = style_and_facets([p for p in library if p.user_id == person], handler, clip_model)
         styles[person] = style.model_copy(update={"facets": []})
     return styles
+
+
+def style_targets(styles: dict[str, StyleVectorUpdated]) -> tuple[list[str], Callable, dict[str, np.ndarray]]:
+    """The people, the space their styles are compared in (distances scaled by the people's spread),
+    and each person's point in it."""
+    people = sorted(styles)
+    emb = np.stack([styles[p].embedding for p in people])
+    feats = np.stack([[styles[p].features[n] for n in FEATURE_NAMES] for p in people])
+    space = style_space(emb, feats)
+    return people, space, dict(zip(people, space(emb, feats), strict=True))
 
 
 def facet_choice_accuracy(work: Path, gen: StyleGenerator, handler, clip_model, photos: int, seed: int) -> float:
@@ -206,11 +217,7 @@ def main() -> None:
 
     # 1. The people and their styles
     styles = people_styles(work, handler, clip_model, a.photos, a.seed)
-    people = sorted(styles)
-    people_emb = np.stack([styles[p].embedding for p in people])
-    people_feats = np.stack([[styles[p].features[n] for n in FEATURE_NAMES] for p in people])
-    space = style_space(people_emb, people_feats)  # distances between styles, scaled by the people's spread
-    targets = dict(zip(people, space(people_emb, people_feats), strict=True))
+    people, space, targets = style_targets(styles)
 
     # 2. The four variants: one pipeline with the hyper-LoRA, one without
     with_hyper = StyleGenerator(spec, clip, a.device)

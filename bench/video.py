@@ -40,17 +40,15 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import numpy as np
-from personalization import PROMPTS, people_styles, retrieval
+from personalization import PROMPTS, people_styles, retrieval, style_targets
 from tqdm import tqdm
 
 from stylestream.models.clip import clip_spec
 from stylestream.models.diffusion import diffusion_spec
 from stylestream.schemas.events import ClipRequest, GenerationRequested
-from stylestream.schemas.tables import FEATURE_NAMES
 from stylestream.serving.clips import undo_motion
 from stylestream.serving.generator import StyleGenerator
 from stylestream.transforms.embed import OpenClipImageHandler
-from stylestream.transforms.facets import style_space
 
 MOTION = "pan_right"
 
@@ -93,11 +91,7 @@ def main() -> None:
 
     # 1. The people and their styles, as the personalization bench makes them
     styles = people_styles(work, handler, clip_model, a.photos, a.seed)
-    people = sorted(styles)
-    emb = np.stack([styles[p].embedding for p in people])
-    feats = np.stack([[styles[p].features[n] for n in FEATURE_NAMES] for p in people])
-    space = style_space(emb, feats)
-    targets = dict(zip(people, space(emb, feats), strict=True))
+    people, space, targets = style_targets(styles)
     gen = StyleGenerator(diffusion_spec(clip.pretrained), clip, a.device)
     scale = gen.pipe.vae_scale_factor
     shot = ClipRequest(frames=a.frames, fps=8, motion=MOTION)

@@ -133,7 +133,10 @@ class StyleGenerator:
         # 1. Every still, and every clip's first frame, one row each
         latents = self._call(self.pipe, requests, conds, width=first.width, height=first.height,
                              callback_on_step_end=self._previews(requests, on_preview) if on_preview else None)
-        images: list = self._decode(latents)
+        stills = [i for i, r in enumerate(requests) if r.clip is None]
+        images: list = [None] * len(requests)
+        for i, image in zip(stills, self._decode(latents[stills]) if stills else [], strict=True):
+            images[i] = image
         clips = [i for i, r in enumerate(requests) if r.clip is not None]
         if clips:
             # 2. Each clip's first frame moved along its motion, frame by frame
