@@ -289,7 +289,7 @@ class StyleBasis(BaseModel):
     model: str = Field(description="open_clip architecture")
     weights: str = Field(description="sha256:<hex> of the checkpoint file, open_clip:<tag>, or random:seed0")
     half_life_days: float
-    preprocessing: str = Field(description="decode and masking steps, versioned (transforms/images.py)")
+    preprocessing: str = Field(description="decode and masking steps, versioned (transforms/pixels.py)")
 
 
 class ManifestPhoto(BaseModel):

@@ -27,7 +27,7 @@ from stylestream.schemas.events import GenerationRequested
 from stylestream.schemas.tables import FEATURE_NAMES
 from stylestream.streams.broker_process import free_port
 from stylestream.streams.topics import GENERATION_REQUESTS, PHOTO_EVENTS
-from stylestream.transforms.images import KEPT_METADATA
+from stylestream.transforms.pixels import KEPT_METADATA
 
 ROOT = Path(__file__).parents[1]
 README = ROOT / "README.md"
