@@ -148,6 +148,9 @@ class ClipRequest(BaseModel):
     frames: int = Field(ge=2, le=MAX_CLIP_FRAMES)
     fps: int = Field(default=8, ge=1, le=30)
     motion: CameraMotion = Field(default="none", description="the camera's motion over the clip")
+    start_image_uri: str | None = Field(
+        default=None, max_length=2000, description="An image to start from, in the image store (the API writes "
+        "it there, checked and re-encoded): the first frame is it, redrawn in the person's style.")
 
 
 class GenerationRequested(_Event):

@@ -17,6 +17,9 @@ person's style, kept consistent by what needs no training.
    none (0.022 against 0.015 with the pan undone, three clips, zero-padded decoding), so pans are not
    refined.
 
+A clip asked to start from an image begins with that image redrawn in the person's style
+(image-to-image from it, START_STRENGTH of the schedule) instead of from noise; the rest is the same.
+
 What moves is the camera, not the scene. A clip is written as H.264 MP4 with PyAV (its wheels bring
 their own FFmpeg).
 """
@@ -38,6 +41,7 @@ PAN_LATENT_PX = 1  # a pan moves the picture one latent pixel (8 image pixels at
 ZOOM_PER_FRAME = 0.04  # a zoom scales the picture by 4% per frame
 REFINE_STEPS = 1  # the last steps of the schedule, run again on the moved frames
 REFINED_MOTIONS = ("zoom_in", "zoom_out")  # resampling blurs; a pan is exact as it is
+START_STRENGTH = 0.75  # how much of the schedule redraws a starting image: its layout stays, the style is new
 PANS = {"pan_left": (0, 1), "pan_right": (0, -1), "pan_up": (1, 0), "pan_down": (-1, 0)}  # (rows, cols) moved
 
 
@@ -78,6 +82,11 @@ def refine_strength(steps: int) -> float | None:
     if steps <= REFINE_STEPS:
         return None
     return (REFINE_STEPS + 0.5) / steps  # img2img runs int(steps * strength) steps
+
+
+def start_strength(steps: int) -> float:
+    """img2img's strength from a starting image: START_STRENGTH of the schedule, at least one step."""
+    return min(1.0, max(START_STRENGTH, 1.5 / steps))
 
 
 def clip_frames(first: torch.Tensor, clip: ClipRequest) -> torch.Tensor:

@@ -31,6 +31,7 @@ from stylestream.serving.clips import (
     clip_frames,
     install_cross_frame_attention,
     refine_strength,
+    start_strength,
 )
 from stylestream.serving.lora import LoraSource, UserLoras
 
@@ -49,6 +50,7 @@ class Conditioning:
     strength: float  # the style adapter's strength for this sample
     facet: int | None
     lora: LoraSource | None = None  # the LoRA adapter for this sample, if any
+    start: Image.Image | None = None  # a clip's starting image, at the request's size
 
 
 class StyleGenerator:
@@ -130,9 +132,23 @@ class StyleGenerator:
         if len({batch_key(r) for r in requests}) != 1:
             raise ValueError("a batch takes requests of one size, step count and guidance scale")
         first = requests[0]
-        # 1. Every still, and every clip's first frame, one row each
-        latents = self._call(self.pipe, requests, conds, width=first.width, height=first.height,
-                             callback_on_step_end=self._previews(requests, on_preview) if on_preview else None)
+        # 1. Every still, and every clip's first frame, one row each: from noise, or from the clip's
+        #    starting image (image-to-image)
+        fresh = [i for i, c in enumerate(conds) if c.start is None]
+        started = [i for i, c in enumerate(conds) if c.start is not None]
+        rows: dict[int, torch.Tensor] = {}
+        if fresh:
+            previews = self._previews([requests[i] for i in fresh], lambda row, *a: on_preview(fresh[row], *a)
+                                      ) if on_preview else None
+            made = self._call(self.pipe, [requests[i] for i in fresh], [conds[i] for i in fresh], width=first.width,
+                              height=first.height, callback_on_step_end=previews)
+            rows.update(zip(fresh, made, strict=True))
+        if started:
+            made = self._call(self.refine, [requests[i] for i in started], [conds[i] for i in started],
+                              image=[conds[i].start for i in started],
+                              strength=start_strength(first.num_inference_steps))
+            rows.update(zip(started, made, strict=True))
+        latents = torch.stack([rows[i] for i in range(len(requests))])
         stills = [i for i, r in enumerate(requests) if r.clip is None]
         images: list = [None] * len(requests)
         for i, image in zip(stills, self._decode(latents[stills]) if stills else [], strict=True):

@@ -7,6 +7,8 @@ generating a second image.
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import logging
 import threading
 import time
@@ -14,11 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
-from urllib.parse import quote
 
 import av
-import fsspec
-from PIL import Image
+from PIL import Image, ImageOps
 
 from stylestream.schemas.dead_letters import DeadLetter
 from stylestream.schemas.events import (
@@ -33,6 +33,7 @@ from stylestream.schemas.events import (
 )
 from stylestream.serving.clips import encode_mp4
 from stylestream.serving.generator import Conditioning, StyleGenerator, batch_key
+from stylestream.serving.image_store import ImageStore, NotInStore, png_bytes
 from stylestream.serving.metrics import ServeMetrics
 from stylestream.serving.style_table import StyleTable
 from stylestream.streams import clients
@@ -63,62 +64,45 @@ class ServeConfig:
     style_wait_ms: int = 5000  # how long a request waits for a pinned or minimum style version
 
 
-def path_segment(id_: str) -> str:
-    """An id as one file-name segment: ids may hold "/" and dots, so "..", "." or "a/../b" must not
-    name a folder above or beside the one meant (the folder a forget deletes)."""
-    segment = quote(id_, safe="@:_-.")
-    return segment.replace(".", "%2E", 1) if segment.startswith(".") else segment
-
-
 class OutputStore:
-    """Images and their result records under one fsspec URL, by user and request id."""
+    """What the worker keeps in the image store: each request's image or clip and its result record
+    (a redelivered request is answered from it), previews, and reading a clip's starting image."""
 
     def __init__(self, url: str):
-        self.fs, self.root = fsspec.core.url_to_fs(url)
-        self.fs.makedirs(self.root, exist_ok=True)
-
-    def _path(self, request: GenerationRequested, ext: str) -> str:
-        return f"{self._folder(request.user_id)}/{path_segment(request.request_id)}.{ext}"
-
-    def _folder(self, user_id: str) -> str:
-        return f"{self.root}/{path_segment(user_id)}"
+        self.store = ImageStore(url)
 
     def existing_result(self, request: GenerationRequested) -> Result | None:
-        path = self._path(request, "json")
-        if not self.fs.exists(path):
+        path = self.store.path(request.user_id, request.request_id, "json")
+        if not self.store.fs.exists(path):
             return None
-        return parse_event(GENERATION_RESULTS, self.fs.cat_file(path))
+        return parse_event(GENERATION_RESULTS, self.store.fs.cat_file(path))
 
     def save(self, request: GenerationRequested, output: Image.Image | list[Image.Image],
              make_result: Callable[[str], Result]) -> Result:
         """An image as PNG, or a clip's frames as MP4 (av.FFmpegError or ValueError if they cannot be
         encoded), then its result record."""
-        data = encode_mp4(output, request.clip.fps) if request.clip else None
-        path = self._path(request, "mp4" if request.clip else "png")
-        self.fs.makedirs(self._folder(request.user_id), exist_ok=True)
-        with self.fs.open(path, "wb") as f:
-            if data is not None:
-                f.write(data)
-            else:
-                output.save(f, "PNG")
-        return self.record(request, make_result(self.fs.unstrip_protocol(path)))
+        data = encode_mp4(output, request.clip.fps) if request.clip else png_bytes(output)
+        uri = self.store.write(self.store.path(request.user_id, request.request_id,
+                                               "mp4" if request.clip else "png"), data)
+        return self.record(request, make_result(uri))
 
-    def save_preview(self, request: GenerationRequested, index: int, image) -> str:
+    def save_preview(self, request: GenerationRequested, index: int, image: Image.Image) -> str:
         """A preview of an image still being generated, beside where the image will be; its URI."""
-        path = self._path(request, f"partial-{index}.png")
-        self.fs.makedirs(self._folder(request.user_id), exist_ok=True)
-        with self.fs.open(path, "wb") as f:
-            image.save(f, "PNG")
-        return self.fs.unstrip_protocol(path)
+        return self.store.write(self.store.path(request.user_id, request.request_id, f"partial-{index}.png"),
+                                png_bytes(image))
+
+    def start_image(self, request: GenerationRequested) -> Image.Image:
+        """A clip's starting image (the API checked it and wrote it to the store as PNG), RGB at the
+        request's size; NotInStore or ValueError if it cannot be had."""
+        data = self.store.read(request.clip.start_image_uri)
+        with Image.open(io.BytesIO(data), formats=["PNG"]) as im:
+            return ImageOps.fit(im.convert("RGB"), (request.width, request.height))
 
     def forget(self, user_id: str) -> None:
-        """Delete a forgotten person's images and results (their folder, one path segment under root)."""
-        if self.fs.exists(self._folder(user_id)):
-            self.fs.rm(self._folder(user_id), recursive=True)
+        self.store.forget(user_id)
 
     def record(self, request: GenerationRequested, result: Result) -> Result:
-        self.fs.makedirs(self._folder(request.user_id), exist_ok=True)
-        self.fs.pipe_file(self._path(request, "json"), encode_event(result))
+        self.store.write(self.store.path(request.user_id, request.request_id, "json"), encode_event(result))
         return result
 
 
@@ -285,6 +269,11 @@ class Worker:
             cond = self.generator.condition(request, style)
         except ValueError as e:
             return self.output.record(request, _failed(request, f"{type(e).__name__}: {e}"))
+        if request.clip and request.clip.start_image_uri:
+            try:
+                cond = dataclasses.replace(cond, start=self.output.start_image(request))
+            except (NotInStore, OSError, ValueError) as e:
+                return self.output.record(request, _failed(request, f"the starting image cannot be read: {e}"))
         jobs.setdefault(batch_key(request), []).append(Job(request, style, cond))
         return None
 
