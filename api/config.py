@@ -7,6 +7,7 @@ from pathlib import Path
 
 from stylestream.api.auth import TokenVerifier
 from stylestream.pipelines.layout import DataLayout
+from stylestream.schemas.events import MAX_CLIP_FRAMES
 
 
 @dataclass
@@ -22,9 +23,22 @@ class ApiConfig:
     # Rates in `limits` notation, per person (their own sign-in and all their grants together) and per grant.
     person_rate: str = "300/minute"
     grant_rate: str = "120/minute"
-    person_images_rate: str = "30/minute"  # images, not requests: n counts
-    grant_images_rate: str = "10/minute"
+    person_images_rate: str = "120/minute"  # images, not requests: n counts, and a clip counts as its frames
+    grant_images_rate: str = "40/minute"
+    # Clips (POST /v1/videos): their length, frame rate and starting image.
+    video_seconds: float = 2.0  # when a request names none
+    max_video_seconds: float = 6.0
+    video_fps: int = 8  # when a request names none
+    max_video_fps: int = 24
+    max_reference_bytes: int = 4 * 1024 * 1024  # a starting image, as uploaded
+    max_reference_pixels: int = 4096 * 4096
     images: str | None = None  # where the serving worker writes images (serve --output); default DATA_DIR/images
+
+    def video_limits(self) -> dict:
+        """What POST /v1/videos accepts (also on /v1/config)."""
+        return {"sizes": list(self.sizes), "seconds": self.video_seconds, "max_seconds": self.max_video_seconds,
+                "fps": self.video_fps, "max_fps": self.max_video_fps, "max_frames": MAX_CLIP_FRAMES,
+                "max_reference_bytes": self.max_reference_bytes, "max_reference_pixels": self.max_reference_pixels}
 
     @property
     def layout(self) -> DataLayout:

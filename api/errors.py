@@ -6,8 +6,9 @@ from __future__ import annotations
 from fastapi.responses import JSONResponse
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
-               422: "invalid_request_error", 429: "rate_limit_error", 504: "timeout_error"}
+               404: "invalid_request_error", 405: "invalid_request_error", 409: "invalid_request_error",
+               413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
+               504: "timeout_error"}
 # The OpenAI client retries 5xx answers by default; a retried generation would be a second one.
 NO_RETRY = {"x-should-retry": "false"}
 

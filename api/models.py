@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from stylestream.api.auth import GRANTABLE
-from stylestream.schemas.events import Id, StyleCode
+from stylestream.schemas.events import CameraMotion, Id, StyleCode
 
 
 class ErrorDetail(BaseModel):
@@ -86,3 +86,47 @@ class GrantRequest(BaseModel):
     name: str = Field(min_length=1, max_length=100, description="Which application this is for.")
     scopes: list[Literal[GRANTABLE]] = Field(min_length=1, max_length=3)  # type: ignore[valid-type]
     expires_in_s: int = Field(default=30 * 86400, ge=60, le=365 * 86400)
+
+
+class VideoError(BaseModel):
+    code: str
+    message: str
+
+
+class Video(BaseModel):
+    """OpenAI's video job, for a clip in the person's style; the last seven fields are stylestream's own."""
+
+    id: str
+    object: Literal["video"] = "video"
+    model: str
+    status: Literal["queued", "in_progress", "completed", "failed"]
+    progress: int = Field(description="0 until the clip is made, then 100.")
+    created_at: int
+    completed_at: int | None = None
+    expires_at: int | None = Field(default=None, description="Clips are kept until deleted or their person forgotten.")
+    prompt: str
+    seconds: str
+    size: str
+    remixed_from_video_id: str | None = None
+    error: VideoError | None = None
+    fps: int
+    frames: int
+    motion: CameraMotion
+    started_from_image: bool = Field(description="Whether the clip starts from an image the request gave.")
+    style_version: int | None = None
+    style_code: str | None = None
+    trace_id: str
+
+
+class VideoList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Video]
+    first_id: str | None = None
+    last_id: str | None = None
+    has_more: bool
+
+
+class VideoDeleted(BaseModel):
+    id: str
+    object: Literal["video.deleted"] = "video.deleted"
+    deleted: bool = True

@@ -35,6 +35,11 @@ CREATE TABLE IF NOT EXISTS images (
     request_id TEXT PRIMARY KEY, generation_id TEXT NOT NULL, user_id TEXT NOT NULL, idx INTEGER NOT NULL,
     result TEXT);
 CREATE INDEX IF NOT EXISTS images_by_generation ON images (generation_id, idx);
+CREATE TABLE IF NOT EXISTS videos (
+    id TEXT PRIMARY KEY, user_id TEXT NOT NULL, grant_id TEXT, trace_id TEXT NOT NULL, prompt TEXT NOT NULL,
+    size TEXT NOT NULL, seconds TEXT NOT NULL, fps INTEGER NOT NULL, frames INTEGER NOT NULL, motion TEXT NOT NULL,
+    started_from_image INTEGER NOT NULL, created_at TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS videos_by_user ON videos (user_id, created_at, id);
 CREATE TABLE IF NOT EXISTS previews (
     request_id TEXT NOT NULL, idx INTEGER NOT NULL, user_id TEXT NOT NULL, image_uri TEXT NOT NULL,
     PRIMARY KEY (request_id, idx));
@@ -52,7 +57,7 @@ CREATE TABLE IF NOT EXISTS forgotten (subject TEXT PRIMARY KEY, forgotten_at TEX
 CREATE TABLE IF NOT EXISTS offsets (topic TEXT NOT NULL, part INTEGER NOT NULL, next INTEGER NOT NULL,
     PRIMARY KEY (topic, part));
 """
-PERSONAL_TABLES = ("grants", "generations", "images", "previews", "photos", "consent", "style_versions",
+PERSONAL_TABLES = ("grants", "generations", "videos", "images", "previews", "photos", "consent", "style_versions",
                    "manifest_versions")
 # An older read model's tables, copied into their successors (in one transaction) and dropped.
 MIGRATIONS = {
@@ -194,6 +199,38 @@ class ApiStore:
         return [(r["request_id"], r["idx"], r["image_uri"]) for r in self._rows(
             """SELECT p.request_id, p.idx, p.image_uri FROM previews p JOIN images i USING (request_id)
                WHERE i.generation_id = ? ORDER BY i.idx, p.idx""", [generation_id])]
+
+    # --- videos (a clip is one request: its result is the `images` row under the video's id) -------
+    def add_video(self, video: dict, user_id: str, grant_id: str | None) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT INTO videos VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", (
+                video["id"], user_id, grant_id, video["trace_id"], video["prompt"], video["size"], video["seconds"],
+                video["fps"], video["frames"], video["motion"], int(video["started_from_image"]), now_iso()))
+            db.execute("INSERT INTO images VALUES (?, ?, ?, 0, NULL)", (video["id"], video["id"], user_id))
+
+    def video(self, video_id: str) -> dict | None:
+        rows = self._rows("SELECT * FROM videos WHERE id = ?", [video_id])
+        if not rows:
+            return None
+        results = self._rows("SELECT result FROM images WHERE request_id = ?", [video_id])
+        result = results[0]["result"] if results else None
+        return {**dict(rows[0]), "images": [(video_id, json.loads(result) if result else None)]}
+
+    def videos_of(self, user_id: str, limit: int, after: str | None = None, newest_first: bool = True) -> list[dict]:
+        """The person's videos, newest (or oldest) first, from the one after `after` (a video id of theirs)."""
+        order, before = ("DESC", "<") if newest_first else ("ASC", ">")
+        where, params = "user_id = ?", [user_id]
+        if after is not None:
+            where += f" AND (created_at, id) {before} (SELECT created_at, id FROM videos WHERE id = ? AND user_id = ?)"
+            params += [after, user_id]
+        sql = f"SELECT id FROM videos WHERE {where} ORDER BY created_at {order}, id {order} LIMIT ?"
+        ids = [r["id"] for r in self._rows(sql, [*params, limit])]
+        return [v for v in map(self.video, ids) if v is not None]
+
+    def delete_video(self, user_id: str, video_id: str) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM videos WHERE id = ? AND user_id = ?", (video_id, user_id))
+            db.execute("DELETE FROM images WHERE generation_id = ? AND user_id = ?", (video_id, user_id))
 
     def fail_generation(self, generation_id: str, reason: str) -> None:
         """Its images that have no result yet fail with `reason` (their requests were never published)."""

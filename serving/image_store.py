@@ -50,11 +50,14 @@ class ImageStore:
     def path(self, user_id: str, request_id: str, ext: str) -> str:
         return f"{self.folder(user_id)}/{path_segment(request_id)}.{ext}"
 
+    def uri(self, path: str) -> str:
+        return self.fs.unstrip_protocol(path)
+
     def write(self, path: str, data: bytes) -> str:
         """`data` at `path` (in a person's folder); its URI."""
         self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
         self.fs.pipe_file(path, data)
-        return self.fs.unstrip_protocol(path)
+        return self.uri(path)
 
     def read(self, uri: str) -> bytes:
         """A file the store holds, by URI: only under the root, in the store's own protocol."""

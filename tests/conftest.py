@@ -137,7 +137,7 @@ def api_system(tmp_path_factory, clip, diffusion) -> ApiSystem:
     with Ingestor(ingest) as ingestor:
         ingestor.run_until_caught_up()
     issuer = DemoIssuer(root / "issuer")
-    api = ApiConfig(bs, root, issuer.verifier())
+    api = ApiConfig(bs, root, issuer.verifier(), grant_images_rate="10/minute")  # reached by a test
     try:
         with running_services(api, ingest, ServeConfig(bs, str(layout.images)),
                               StyleGenerator(diffusion, clip)) as server:

@@ -16,14 +16,15 @@ import pytest
 import requests
 from PIL import Image
 
-from stylestream.api.app import _read_image, create_app
+from stylestream.api.app import create_app
 from stylestream.api.auth import new_grant
 from stylestream.api.config import ApiConfig
-from stylestream.api.errors import ApiError
 from stylestream.api.store import ApiStore
 from stylestream.api.system import ApiServer, DemoIssuer
 from stylestream.privacy.audit import audit_files
 from stylestream.schemas.events import parse_event
+from stylestream.serving.clips import decode_mp4
+from stylestream.serving.image_store import ImageStore, NotInStore
 from stylestream.streams import clients
 from stylestream.streams.topics import CONSENT_EVENTS, GENERATION_RESULTS, STYLE_VECTORS
 
@@ -89,6 +90,80 @@ def test_the_openai_client_generates_with_the_persons_style(api_system):
     with pytest.raises(openai.BadRequestError) as bad:
         client.images.generate(prompt="a lighthouse", size="4096x4096")
     assert bad.value.body["code"] == "invalid_size"
+
+
+def png(color: tuple[int, int, int], size: tuple[int, int] = (96, 64)) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", size, color).save(out, "PNG")
+    return out.getvalue()
+
+
+def test_the_openai_client_makes_clips_in_the_persons_style(api_system):
+    token = api_system.token("ben")
+    style = call(api_system, "GET", "/v1/me/style", token).json()
+    client = openai.OpenAI(base_url=f"{api_system.url}/v1", api_key=token, max_retries=0)
+    clip = {"fps": 4, "motion": "pan_right"}  # stylestream's own fields, beside OpenAI's
+
+    # Create, poll, download: an MP4 with the requested frames, in ben's style
+    video = client.videos.create(prompt="the sea at dusk", seconds="1", size="64x64", extra_body=clip)
+    assert video.status == "queued" and video.progress == 0
+    done = client.videos.poll(video.id)
+    assert (done.status, done.progress, done.seconds, done.size) == ("completed", 100, "1", "64x64"), done
+    assert (done.style_version, done.style_code) == (style["version"], style["style_code"])
+    frames = decode_mp4(client.videos.download_content(done.id).read())
+    assert len(frames) == 4 and frames[0].shape == (64, 64, 3)
+
+    # ...from a starting image, uploaded or as a data: URL
+    started = client.videos.create_and_poll(prompt="the sea at dusk", seconds="0.5", size="64x64", extra_body=clip,
+                                            input_reference=("start.png", png((200, 40, 40)), "image/png"))
+    assert started.status == "completed" and started.started_from_image, started
+    # (OpenAI's client uploads files only; its API's image_url form field, as a data: URL, from a plain form)
+    as_url = "data:image/png;base64," + base64.b64encode(png((40, 40, 200))).decode()
+    form = {"prompt": "the sea", "seconds": "0.5", "size": "64x64", "fps": "4", "motion": "pan_right"}
+    posted = call(api_system, "POST", "/v1/videos", token, data=form | {"input_reference[image_url]": as_url})
+    assert posted.status_code == 200, posted.text
+    from_url = client.videos.poll(posted.json()["id"])
+    assert from_url.status == "completed" and from_url.started_from_image
+    assert len(decode_mp4(client.videos.download_content(from_url.id).read())) == 2
+
+    # Listed newest first, a page at a time
+    first = client.videos.list(limit=2)
+    assert [v.id for v in first.data] == [from_url.id, started.id] and first.has_more
+    assert [v.id for v in client.videos.list(limit=2, after=started.id).data] == [done.id]
+    assert [v.id for v in client.videos.list(order="asc", limit=1).data] == [done.id]
+
+    # Beyond the limits, or with a starting image that is no image: the OpenAI error shape, and nothing made
+    for kwargs, status, code in [
+            ({"seconds": "12"}, 400, "invalid_seconds"),
+            ({"seconds": "4", "extra_body": {"fps": 24}}, 400, "invalid_seconds"),  # 96 frames
+            ({"extra_body": {"fps": 60}}, 400, "invalid_fps"),
+            ({"size": "720x1280"}, 400, "invalid_size"),
+            ({"input_reference": ("notes.png", b"not an image", "image/png")}, 400, "invalid_input_reference"),
+            ({"input_reference": ("big.png", b"\0" * (4 * 1024 * 1024 + 1), "image/png")}, 413,
+             "input_reference_too_large")]:
+        with pytest.raises(openai.APIStatusError) as refused:
+            client.videos.create(prompt="the sea", **{"size": "64x64", **kwargs})
+        error = refused.value.body
+        assert (refused.value.status_code, error["code"]) == (status, code), (kwargs, error)
+        assert error["message"] and error["type"] == "invalid_request_error"
+    for field, value in (("input_reference[image_url]", "https://192.0.2.1/cat.png"),
+                         ("input_reference[image_url]", "data:image/png;base64,not base64!"),
+                         ("input_reference[file_id]", "file-1")):
+        assert_error(call(api_system, "POST", "/v1/videos", token, data=form | {field: value}), 400,
+                     "invalid_input_reference")
+    assert len(client.videos.list(limit=100).data) == 3
+
+    # Only its person sees it; deleting it deletes its MP4 and starting image
+    cleo = openai.OpenAI(base_url=f"{api_system.url}/v1", api_key=api_system.token("cleo"), max_retries=0)
+    with pytest.raises(openai.NotFoundError):
+        cleo.videos.retrieve(started.id)
+    folder = api_system.root / "images" / "ben"
+    assert sorted(p.name for p in folder.glob(f"{started.id}*")) == [
+        f"{started.id}-reference.png", f"{started.id}.json", f"{started.id}.mp4"]
+    assert client.videos.delete(started.id).deleted
+    assert list(folder.glob(f"{started.id}*")) == []
+    with pytest.raises(openai.NotFoundError):
+        client.videos.retrieve(started.id)
 
 
 def test_one_person_cannot_read_use_switch_or_generate_with_anothers_style(api_system):
@@ -239,6 +314,12 @@ def test_forget_me_through_the_api(api_system):
     eve = api_system.token("eve")
     app = grant(api_system, "eve", ["style:read"])
     assert call(api_system, "GET", "/v1/me/style", app["token"]).status_code == 200
+    client = openai.OpenAI(base_url=f"{api_system.url}/v1", api_key=eve, max_retries=0)
+    clip = client.videos.create_and_poll(prompt="a walk", seconds="0.25", size="64x64", extra_body={"fps": 8},
+                                         input_reference=("me.png", png((90, 160, 90)), "image/png"))
+    assert clip.status == "completed"
+    images = api_system.root / "images"
+    assert {p.name for p in (images / "eve").iterdir()} >= {f"{clip.id}.mp4", f"{clip.id}-reference.png"}
     assert list(audit_files(api_system.root / "api", [b"eve"], "API database"))  # the audit sees her now
     r = call(api_system, "POST", "/v1/me/forget", eve)
     assert r.status_code == 202 and r.json()["request_id"].startswith("forget-")
@@ -248,22 +329,26 @@ def test_forget_me_through_the_api(api_system):
         time.sleep(0.5)
     assert call(api_system, "GET", "/v1/me/albums", eve).json()["albums"] == []
     assert_error(call(api_system, "GET", "/v1/me/style", app["token"]), 401, "invalid_token")  # grants go too
-    # Nothing of her is left in the API's database file or its write-ahead log, not even in free pages.
+    # Nothing of her is left in the API's database file or its write-ahead log, not even in free pages;
+    # her clips and their starting images are gone from the image store with the rest of her folder.
     assert list(audit_files(api_system.root / "api", [b"eve"], "API database")) == []
+    while (images / "eve").exists():
+        assert time.monotonic() < deadline, "the serving worker did not delete eve's images"
+        time.sleep(0.5)
+    assert list(audit_files(images, [b"eve"], "generated images", named_by_id=True)) == []
 
 
 def test_images_are_read_only_from_the_image_store(tmp_path):
-    cfg = ApiConfig("127.0.0.1:9", tmp_path, None)
+    store = ImageStore(str(tmp_path / "images"))
     (tmp_path / "images" / "ana").mkdir(parents=True)
     (tmp_path / "images" / "ana" / "r1.png").write_bytes(b"png")
     (tmp_path / "secret.txt").write_text("secret")
-    assert _read_image(cfg, f"file://{tmp_path}/images/ana/r1.png") == b"png"
+    assert store.read(f"file://{tmp_path}/images/ana/r1.png") == b"png"
     for uri in (f"file://{tmp_path}/secret.txt", f"file://{tmp_path}/images/../secret.txt",
                 "ftp://192.0.2.1/images/ana/r1.png", "hdfs://namenode/images/ana/r1.png",
                 f"{tmp_path}/images-other/x.png", "memory://images/ana/r1.png", f"file://{tmp_path}/images/ana/gone.png"):
-        with pytest.raises(ApiError) as e:
-            _read_image(cfg, uri)
-        assert e.value.status == 404, uri
+        with pytest.raises(NotInStore):
+            store.read(uri)
 
 
 def test_the_published_spec_matches_the_code():
