@@ -42,13 +42,17 @@ def api(
     = "64x64,128x128,256x256,512x512",
     steps: Annotated[int, typer.Option(min=1, max=200, help="Diffusion steps per image.")] = 4,
     images: Annotated[str | None, typer.Option(
-        metavar="DIR|URL", help="Where the serving workers write images (their --output; default: "
-                                "DATA_DIR/images). Images are read from there only.")] = None,
+        metavar="DIR|URL", help="Where the serving workers write images and clips (their --output; default: "
+                                "DATA_DIR/images). Read from there only; clips' starting images are written "
+                                "there, and deleted clips deleted.")] = None,
+    max_video_seconds: Annotated[float, typer.Option(min=0.1, help="The longest clip POST /v1/videos makes.")] = 6.0,
+    max_video_fps: Annotated[int, typer.Option(min=1, max=30, help="Its highest frame rate.")] = 24,
     verbose: Verbose = False,
 ) -> None:
-    """Serve the HTTP API and the person's page: OpenAI-compatible POST /v1/images/generations, each
-    person's style, switches, data and grants under /v1/me, the page at /, the spec at /openapi.json.
-    Ingestion and serving run as their own commands (`ingest --follow`, `serve`)."""
+    """Serve the HTTP API and the person's page: OpenAI-compatible POST /v1/images/generations and
+    /v1/videos, each person's style, switches, data and grants under /v1/me, the page at /, the spec
+    at /openapi.json. Ingestion and serving run as their own commands (`ingest --follow`, `serve`).
+    A clip has at most 48 frames whatever its length and frame rate."""
     from stylestream.api.app import create_app
     from stylestream.api.auth import TokenVerifier
     from stylestream.api.config import ApiConfig
@@ -62,7 +66,7 @@ def api(
         raise typer.BadParameter(f"{jwt_public_key}: {e}", param_hint="--jwt-public-key") from None
     _reach_broker(bootstrap_servers, None)
     cfg = ApiConfig(bootstrap_servers, data_dir, verifier, generation_timeout, tuple(sizes.split(",")), steps=steps,
-                    images=images)
+                    images=images, max_video_seconds=max_video_seconds, max_video_fps=max_video_fps)
     stop = _stop_on_signals("answering the requests in progress, then stopping")
     with ApiServer(create_app(cfg), host, port, log_level="info" if verbose else "warning") as server:
         console.print(f"the page: {server.url}/   the spec: {server.url}/docs", soft_wrap=True)

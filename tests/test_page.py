@@ -1,6 +1,7 @@
 """The person's page in headless Chromium (Debian's `chromium`, driven by Playwright), as a person
 uses it: sign in, see their style, switch an album off and watch the version change, generate an
-image and find it in the gallery, allow an application and revoke it. Screenshots are kept under
+image and find it in the gallery, make a clip from a picture and play it, allow an application and
+revoke it. Screenshots are kept under
 test-artifacts/screenshots/ (STYLESTREAM_TEST_ARTIFACTS moves them)."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from PIL import Image
 from playwright.sync_api import Page, expect, sync_playwright
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
@@ -95,6 +97,36 @@ def test_a_person_steers_their_style_on_the_page(api_system, browser):
     # 5. The same page on a wide screen
     page.set_viewport_size({"width": 1280, "height": 900})
     shot(page, "5-desktop")
+    page.close()
+    assert errors == []
+
+
+def test_a_person_makes_a_clip_from_a_picture_and_plays_it_on_the_page(api_system, browser, tmp_path):
+    page = browser.new_page(viewport=PHONE)
+    errors = []
+    page.on("pageerror", lambda e: errors.append(e))
+    page.set_default_timeout(90_000)
+    page.goto(f"{api_system.url}/#token={api_system.token('cleo')}")
+    expect(page.locator("#clips")).to_be_visible()
+    start = tmp_path / "harbour.png"
+    Image.new("RGB", (120, 80), (30, 90, 160)).save(start)
+    page.fill("#clip-prompt", "a harbour at dusk")
+    page.select_option("#clip-seconds", "1")
+    page.select_option("#clip-motion", "pan_left")
+    page.set_input_files("#clip-start", str(start))
+    page.click("#clip-button")
+    expect(page.locator("#message")).to_contain_text("Done: a 1 s clip")
+    player = page.locator("#clip-gallery figure video").first
+    # Chromium decodes the H.264 MP4 (from a blob: URL the page's policy allows) and draws its frames
+    duration, drawn, width = player.evaluate("""async (v) => {
+        if (v.readyState < 2) await new Promise((ok, bad) => { v.onloadeddata = ok; v.onerror = () => bad(v.error); });
+        await v.play();
+        await new Promise((r) => setTimeout(r, 1500));
+        return [v.duration, v.getVideoPlaybackQuality().totalVideoFrames, v.videoWidth]; }""")
+    assert duration > 0 and drawn > 0 and width == 64, (duration, drawn, width)
+    expect(page.locator("#clip-gallery figcaption").first).to_contain_text("a harbour at dusk · 1 s · style v")
+    assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]  # long facet names too
+    shot(page, "7-clip")
     page.close()
     assert errors == []
 

@@ -31,8 +31,9 @@ URL_LIFETIME_S = 3600
 router = APIRouter(tags=["images"])
 
 
-@router.post("/v1/images/generations", response_model=ImagesResponse,
-             responses={**ERRORS, 422: {"model": ErrorBody}, 503: {"model": ErrorBody}, 504: {"model": ErrorBody}})
+@router.post("/v1/images/generations", response_model=ImagesResponse, responses={
+    **ERRORS, 422: {"model": ErrorBody}, 503: {"model": ErrorBody}, 504: {"model": ErrorBody},
+    200: {"content": {"text/event-stream": {"schema": {"type": "string", "description": "with stream: true"}}}}})
 async def create_images(body: ImageGenerationRequest, request: Request, principal: Caller):
     """Generate `n` images with the caller's style; waits at most `generation_timeout_s` (then a
     504 names the generation id, to fetch later). `user` is accepted as OpenAI clients send it

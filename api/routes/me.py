@@ -17,6 +17,7 @@ from stylestream.api.auth import ACCOUNT, CONSENT_WRITE, IMAGES_GENERATE, STYLE_
 from stylestream.api.errors import ApiError
 from stylestream.api.models import StyleLearningSwitch
 from stylestream.api.routes.images import images_response
+from stylestream.api.routes.videos import video_object
 from stylestream.api.services import ERRORS, Caller, publish_or_503, services_of
 from stylestream.schemas.events import StyleLearningToggled, UserForgotten
 from stylestream.streams.topics import CONSENT_EVENTS
@@ -109,6 +110,7 @@ def my_export(request: Request, principal: Caller) -> Response:
             "albums": views.albums(photos, consent), "photos": views.photos(photos, consent),
             "generations": [{k: v for k, v in g.items() if k != "images"} | {
                 "results": [r for _, r in g["images"]]} for g in s.store.generations_of(user, 10_000)],
+            "videos": [video_object(v).model_dump(mode="json") for v in s.store.videos_of(user, 10_000)],
             "grants": [g.public() for g in s.store.grants_of(user)]}
     return Response(json.dumps(data, indent=2), media_type="application/json",
                     headers={"Content-Disposition": f'attachment; filename="stylestream-{user}.json"'})

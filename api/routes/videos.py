@@ -71,7 +71,7 @@ async def create_video(
             "frames": frames, "motion": motion, "started_from_image": start is not None}
     video_id = await run_in_threadpool(_start, s, principal, clip, style_strength, seed, start)
     response.headers.update(POLL_AFTER)
-    return _video(await run_in_threadpool(s.store.video, video_id))
+    return video_object(await run_in_threadpool(s.store.video, video_id))
 
 
 @router.get("/v1/videos", response_model=VideoList, responses=ERRORS)
@@ -82,7 +82,7 @@ def list_videos(request: Request, principal: Caller, after: str | None = None, l
     if not 1 <= limit <= 100:
         raise ApiError(400, "invalid_limit", "limit must be 1 to 100", "limit")
     rows = services_of(request).store.videos_of(principal.user_id, limit + 1, after, newest_first=order == "desc")
-    data = [_video(v) for v in rows[:limit]]
+    data = [video_object(v) for v in rows[:limit]]
     return VideoList(data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None,
                      has_more=len(rows) > limit)
 
@@ -92,7 +92,7 @@ def retrieve_video(video_id: str, request: Request, response: Response, principa
     """A clip's job: queued until it is made, then completed (or failed, with the reason)."""
     principal.require(IMAGES_GENERATE)
     response.headers.update(POLL_AFTER)
-    return _video(_own(services_of(request), principal, video_id))
+    return video_object(_own(services_of(request), principal, video_id))
 
 
 @router.delete("/v1/videos/{video_id}", response_model=VideoDeleted, responses={**ERRORS, 409: {"model": ErrorBody}})
@@ -213,7 +213,7 @@ def _own(s: Services, principal: Principal, video_id: str) -> dict:
     return v
 
 
-def _video(v: dict) -> Video:
+def video_object(v: dict) -> Video:
     """A stored clip in OpenAI's video shape."""
     state, failures = generations.status(v)
     result = v["images"][0][1] or {}

@@ -22,19 +22,27 @@ function say(text, isError = false) {
   $("#message").className = isError ? "error" : "";
 }
 
-async function api(method, path, body) {
+// The response to a call with the person's token (a JSON body, or a form as it is); an Error with the
+// API's message and code if it failed.
+async function call(method, path, body) {
+  const form = body instanceof FormData;
   const response = await fetch(path, {
-    method, headers: { "Authorization": `Bearer ${token}`, ...(body ? { "Content-Type": "application/json" } : {}) },
-    body: body ? JSON.stringify(body) : undefined,
+    method, headers: { "Authorization": `Bearer ${token}`, ...(body && !form ? { "Content-Type": "application/json" } : {}) },
+    body: body && !form ? JSON.stringify(body) : body,
   });
-  const data = response.headers.get("content-type")?.includes("json") ? await response.json() : null;
   if (!response.ok) {
+    const data = response.headers.get("content-type")?.includes("json") ? await response.json() : null;
     const error = new Error(data?.error?.message || `${response.status}`);
     error.status = response.status;
     error.code = data?.error?.code;
     throw error;
   }
-  return data;
+  return response;
+}
+
+async function api(method, path, body) {
+  const response = await call(method, path, body);
+  return response.headers.get("content-type")?.includes("json") ? response.json() : null;
 }
 
 function swatch(colour, small = false) {
@@ -158,6 +166,48 @@ async function showGallery() {
   $("#gallery").replaceChildren(...generations.flatMap((g) => g.data.map((image) => figure(image, g.prompt))));
 }
 
+// A clip in the gallery: its MP4 fetched with the token and played from a blob: URL.
+async function clipFigure(video) {
+  const fig = document.createElement("figure");
+  fig.dataset.video = video.id;
+  const caption = document.createElement("figcaption");
+  caption.textContent = `${video.prompt} · ${video.seconds} s · style v${video.style_version ?? "none"}`;
+  if (video.status === "completed") {
+    const player = Object.assign(document.createElement("video"), { controls: true, muted: true, loop: true,
+      playsInline: true });
+    const mp4 = await call("GET", `/v1/videos/${encodeURIComponent(video.id)}/content`);
+    player.src = URL.createObjectURL(await mp4.blob());
+    fig.append(player);
+  } else {
+    caption.textContent += video.status === "failed" ? ` · failed: ${video.error?.message}` : " · being made…";
+  }
+  fig.append(caption);
+  return fig;
+}
+
+async function showClips() {
+  const { data } = await api("GET", "/v1/videos?limit=6");
+  $("#clip-gallery").replaceChildren(...await Promise.all(data.map(clipFigure)));
+}
+
+async function makeClip() {
+  const form = new FormData();
+  form.append("prompt", $("#clip-prompt").value);
+  form.append("seconds", $("#clip-seconds").value);
+  form.append("motion", $("#clip-motion").value);
+  const start = $("#clip-start").files[0];
+  if (start) form.append("input_reference", start);
+  let video = await api("POST", "/v1/videos", form);
+  for (let i = 0; i < 240 && (video.status === "queued" || video.status === "in_progress"); i++) {  // two minutes
+    await new Promise((r) => setTimeout(r, 500));
+    video = await api("GET", `/v1/videos/${encodeURIComponent(video.id)}`);
+  }
+  $("#clip-gallery").prepend(await clipFigure(video));
+  if (video.status === "completed") say(`Done: a ${video.seconds} s clip in style version ${video.style_version ?? "none"}.`);
+  else if (video.status === "failed") say(`The clip failed: ${video.error?.message}`, true);
+  else say("The clip is still being made; it will be in the gallery.", true);
+}
+
 async function showGrants() {
   const { grants } = await api("GET", "/v1/me/grants");
   $("#grant-list").replaceChildren(...grants.map((g) => {
@@ -193,14 +243,15 @@ async function signIn(newToken) {
     // An application's token shows only what its grant allows; the person's own shows everything.
     const can = (scope) => scopes.includes(scope);
     for (const id of ["style", "history", "albums"]) $(`#${id}`).hidden = !can("style:read");
-    $("#generate").hidden = !can("images:generate");
+    $("#generate").hidden = $("#clips").hidden = !can("images:generate");
     $("#learning-all").disabled = !can("consent:write");
     $("#grants").hidden = $("#data").hidden = !can("account");
     if (can("style:read")) {
       await showStyle();
       await Promise.all([showHistory(), showAlbums()]);
     }
-    await Promise.all([can("images:generate") ? showGallery() : null, can("account") ? showGrants() : null]);
+    await Promise.all([can("images:generate") ? showGallery() : null, can("images:generate") ? showClips() : null,
+      can("account") ? showGrants() : null]);
   } catch (e) {
     sessionStorage.removeItem("stylestream-token");
     say(`Could not sign in: ${e.message}`, true);
@@ -229,6 +280,18 @@ $("#generate-form").addEventListener("submit", async (e) => {
     $("#generate-button").disabled = false;
   }
 });
+$("#clip-form").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  $("#clip-button").disabled = true;
+  say("Making the clip…");
+  try {
+    await makeClip();
+  } catch (err) {
+    say(err.message, true);
+  } finally {
+    $("#clip-button").disabled = false;
+  }
+});
 $("#grant-form").addEventListener("submit", async (e) => {
   e.preventDefault();
   const scopes = [...document.querySelectorAll("input[name=scope]:checked")].map((b) => b.value);
@@ -244,9 +307,13 @@ $("#grant-form").addEventListener("submit", async (e) => {
   }
 });
 $("#download").addEventListener("click", async () => {
-  const response = await fetch("/v1/me/export", { headers: { "Authorization": `Bearer ${token}` } });
-  if (!response.ok) { say(`The download failed (${response.status}).`, true); return; }
-  const blob = await response.blob();
+  let blob;
+  try {
+    blob = await (await call("GET", "/v1/me/export")).blob();
+  } catch (err) {
+    say(`The download failed: ${err.message}`, true);
+    return;
+  }
   const link = Object.assign(document.createElement("a"), { href: URL.createObjectURL(blob), download: "my-style.json" });
   link.click();
 });
