@@ -29,11 +29,15 @@ from stylestream.schemas.events import GenerationRequested
 
 URL_LIFETIME_S = 3600
 router = APIRouter(tags=["images"])
+SSE_EVENT = {  # one server-sent event of a streamed answer (stream: true), as OpenAI streams images
+    "type": "object", "required": ["data"], "properties": {
+        "event": {"enum": ["image_generation.partial_image", "image_generation.completed", "error"]},
+        "data": {"type": "string", "contentMediaType": "application/json"}}}
 
 
 @router.post("/v1/images/generations", response_model=ImagesResponse, responses={
     **ERRORS, 422: {"model": ErrorBody}, 503: {"model": ErrorBody}, 504: {"model": ErrorBody},
-    200: {"content": {"text/event-stream": {"schema": {"type": "string", "description": "with stream: true"}}}}})
+    200: {"content": {"text/event-stream": {"schema": SSE_EVENT}}}})
 async def create_images(body: ImageGenerationRequest, request: Request, principal: Caller):
     """Generate `n` images with the caller's style; waits at most `generation_timeout_s` (then a
     504 names the generation id, to fetch later). `user` is accepted as OpenAI clients send it
