@@ -52,19 +52,18 @@ def create_app(cfg: ApiConfig) -> FastAPI:
                             MovingWindowRateLimiter(MemoryStorage()), cfg.url_key_path.read_bytes(),
                             asyncio.get_running_loop(), ImageStore(cfg.images_url))
         services.follower = Follower(cfg.bootstrap_servers, store, on_change=services.notify,
-                                     metrics=services.metrics).start()
+                                     metrics=services.metrics, on_forget=services.images.forget).start()
         app.state.services = services
         yield
         services.follower.close()
         services.producer.close()
         store.close()
 
-    app = FastAPI(title="stylestream", version="1", lifespan=lifespan, summary=(
-        "Personalized images and short clips with each person's own style; the person's view of their style, "
-        "switches and grants."))
-    # a base64 data: URL is a third larger than the image it holds
-    app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes,
-                       uploads={"/v1/videos": cfg.max_reference_bytes * 4 // 3 + FORM_OVERHEAD})
+    as_data_url = cfg.max_reference_bytes * 4 // 3 + 1024  # base64 is a third larger than the image it holds
+    app = FastAPI(title="stylestream", version="1", lifespan=lifespan, form_limits={"max_part_size": as_data_url},
+                  summary="Personalized images and short clips with each person's own style; the person's view of "
+                          "their style, switches and grants.")
+    app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes, uploads={"/v1/videos": as_data_url + FORM_OVERHEAD})
     _errors(app)
     app.mount("/static", StaticFiles(directory=service.STATIC), name="static")
     for router in (service.router, images.router, videos.router, me.router, grants.router):

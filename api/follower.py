@@ -3,7 +3,9 @@ style-learning switches, latest style and manifest, and the results of the gener
 
 One thread, one consumer assigned every partition; a batch of messages and the offsets after it are
 applied in one SQLite transaction, so after a crash nothing is folded twice or missed. A forget
-request or an erasure tombstone deletes every row of the person, grants and generations included.
+request or an erasure tombstone deletes every row of the person, grants and generations included,
+and (after the commit, `on_forget`) their folder of the image store, where the API wrote their clips'
+starting images.
 """
 
 from __future__ import annotations
@@ -28,24 +30,24 @@ log = logging.getLogger(__name__)
 FOLLOWED = (PHOTO_EVENTS, CONSENT_EVENTS, STYLE_VECTORS, STYLE_MANIFESTS, GENERATION_RESULTS)
 
 
-def fold(db: sqlite3.Connection, store: ApiStore, m: Message) -> bool:
+def fold(db: sqlite3.Connection, store: ApiStore, m: Message) -> str | None:
     """Apply one message to the read model (in the caller's transaction); invalid ones are skipped
-    (ingestion and serving dead-letter them). True if it forgot a person."""
+    (ingestion and serving dead-letter them). The person it forgot, if it forgot one."""
     if m.value is None:  # a tombstone on a compacted topic: the person (the key) was forgotten
         if m.topic in (STYLE_VECTORS, STYLE_MANIFESTS) and m.key:
             store.forget(db, m.key.decode())
-            return True
-        return False
+            return m.key.decode()
+        return None
     try:
         e = parse_event(m.topic, m.value)
     except InvalidEvent:
-        return False
+        return None
     if m.topic in (PHOTO_EVENTS, CONSENT_EVENTS):
         gone = store.forgotten_at(db, e.user_id)
         # Void, as ingestion voids it (`plan.after_forgets`): what came before an erasure, a repeated
         # or late forget request included.
         if gone is not None and e.event_time <= gone:
-            return False
+            return None
     match e.type:
         case "photo_uploaded":  # the day only: the page needs no more, and keeps no more
             db.execute("INSERT OR REPLACE INTO photos VALUES (?, ?, ?, ?)",
@@ -57,14 +59,14 @@ def fold(db: sqlite3.Connection, store: ApiStore, m: Message) -> bool:
                                ConsentRecord(e.enabled, e.event_time, e.event_id))
         case "user_forgotten":
             store.forget(db, e.user_id, e.event_time)
-            return True
+            return e.user_id
         case "style_vector_updated" if e.tombstone:
             requested = max((r.requested_at for r in e.erasure.requests), default=None) if e.erasure else None
             gone = store.forgotten_at(db, e.user_id)
             if requested is not None and gone is not None and requested <= gone:
-                return False  # an erasure the read model has already done (a replay)
+                return None  # an erasure the read model has already done (a replay)
             store.forget(db, e.user_id, requested)
-            return True
+            return e.user_id
         case "style_vector_updated" | "style_manifest":
             table = "style_versions" if e.type == "style_vector_updated" else "manifest_versions"
             store.fold_version(db, table, e.user_id, e.version, m.value.decode())
@@ -75,7 +77,7 @@ def fold(db: sqlite3.Connection, store: ApiStore, m: Message) -> bool:
         case "generation_completed" | "generation_failed":
             db.execute("UPDATE images SET result = ? WHERE request_id = ? AND user_id = ?",
                        (json.dumps({**json.loads(m.value), "trace_id": _trace(m)}), e.request_id, e.user_id))
-    return False
+    return None
 
 
 def _trace(m: Message) -> str | None:
@@ -85,8 +87,8 @@ def _trace(m: Message) -> str | None:
 
 class Follower:
     def __init__(self, bootstrap_servers: str, store: ApiStore, on_change: Callable[[], None] = lambda: None,
-                 metrics: ApiMetrics | None = None):
-        self.store, self._on_change = store, on_change
+                 metrics: ApiMetrics | None = None, on_forget: Callable[[str], None] = lambda _user: None):
+        self.store, self._on_change, self._on_forget = store, on_change, on_forget
         self.metrics = metrics or ApiMetrics()
         self.retries = 0  # failures met and retried (also on /metrics, by error)
         self._consumer = clients.consumer(bootstrap_servers, fetch_max_wait_ms=100)
@@ -159,21 +161,24 @@ class Follower:
             self._probe.check()
             return 0
         self._probe.heard()
-        n, forgot = 0, False
+        n, forgot = 0, set()
         with self.store.transaction() as db:
             for tp, records in sorted(batches.items(), key=lambda kv: (kv[0].topic, kv[0].partition)):
                 for r in records:
-                    forgot |= self._fold_one(db, Message(r.topic, r.partition, r.offset, r.key, r.value,
-                                                         r.timestamp, tuple(r.headers or ())))
+                    user = self._fold_one(db, Message(r.topic, r.partition, r.offset, r.key, r.value,
+                                                      r.timestamp, tuple(r.headers or ())))
+                    forgot |= {user} if user else set()
                     n += 1
                 self._save_offset(db, tp, records[-1].offset + 1)
         if forgot:
             self.store.checkpoint()
+            for user in sorted(forgot):  # the starting images the API wrote go too (as the worker deletes them)
+                self._on_forget(user)
         if any(tp.topic == GENERATION_RESULTS for tp in batches):  # what requests wait for
             self._on_change()
         return n
 
-    def _fold_one(self, db: sqlite3.Connection, m: Message) -> bool:
+    def _fold_one(self, db: sqlite3.Connection, m: Message) -> str | None:
         """`fold`, with a message it cannot use (say, a key that is not UTF-8) logged and skipped, so
         one bad message never stops the rest; the database's own errors end the batch."""
         try:
@@ -182,7 +187,7 @@ class Follower:
             raise
         except Exception:
             log.exception("skipped a message the API cannot fold: %s[%d]@%d", m.topic, m.partition, m.offset)
-            return False
+            return None
 
     @staticmethod
     def _save_offset(db: sqlite3.Connection, tp: TopicPartition, next_offset: int) -> None:

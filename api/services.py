@@ -118,16 +118,21 @@ def caller(request: Request, _declared: Annotated[object, Depends(BEARER)] = Non
     (`_declared` puts the bearer scheme in the spec; the header is read here either way.)"""
     s = services_of(request)
     principal = authenticate(request.headers.get("authorization"), s.cfg.verifier, s.store)
-    limit(s, principal, s.cfg.person_rate, s.cfg.grant_rate, "requests")
+    charge(s, principal, s.cfg.person_rate, s.cfg.grant_rate, "requests")
     return principal
 
 
-def limit(s: Services, p: Principal, person_rate: str, grant_rate: str, what: str, cost: int = 1) -> None:
+def charge(s: Services, p: Principal, person_rate: str, grant_rate: str, what: str, cost: int = 1) -> None:
     """Count the request against the person's limit and, for a grant, the grant's: all or none, so a
-    grant at its limit does not use up its person's."""
+    grant at its limit does not use up its person's. A request costing more than a whole limit is a
+    400 (waiting would not help), not a 429."""
     buckets = [(person_rate, ("person", what, p.user_id))]
     if p.grant_id:
         buckets.append((grant_rate, ("grant", what, p.grant_id)))
+    for text, key in buckets:
+        if cost > parse(text).amount:
+            raise ApiError(400, "over_limit", f"{cost} {what} is more than the {key[0]}'s whole limit of {text}; "
+                           "ask for fewer")
     with s.limits_lock:
         for text, key in buckets:
             if not s.limiter.test(parse(text), *key, cost=cost):
@@ -139,7 +144,6 @@ def limit(s: Services, p: Principal, person_rate: str, grant_rate: str, what: st
 
 
 Caller = Annotated[Principal, Depends(caller)]
-
 
 
 def publish_or_503(s: Services, topic: str, events: list, trace_id: str | None = None) -> None:

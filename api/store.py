@@ -178,12 +178,12 @@ class ApiStore:
 
     def generation(self, generation_id: str) -> dict | None:
         rows = self._rows("SELECT * FROM generations WHERE id = ?", [generation_id])
-        if not rows:
-            return None
-        images = self._rows("SELECT request_id, result FROM images WHERE generation_id = ? ORDER BY idx",
-                            [generation_id])
-        return {**dict(rows[0]), "images": [(r["request_id"], json.loads(r["result"]) if r["result"] else None)
-                                            for r in images]}
+        return {**dict(rows[0]), "images": self._results(generation_id)} if rows else None
+
+    def _results(self, generation_id: str) -> list[tuple[str, dict | None]]:
+        """(request id, result event or None while pending) of a generation's or a video's requests."""
+        return [(r["request_id"], json.loads(r["result"]) if r["result"] else None) for r in self._rows(
+            "SELECT request_id, result FROM images WHERE generation_id = ? ORDER BY idx", [generation_id])]
 
     def generations_of(self, user_id: str, limit: int = 50) -> list[dict]:
         ids = [r["id"] for r in self._rows(
@@ -191,7 +191,9 @@ class ApiStore:
         return [g for g in map(self.generation, ids) if g is not None]
 
     def image_owner(self, request_id: str) -> tuple[str, dict | None] | None:
-        rows = self._rows("SELECT user_id, result FROM images WHERE request_id = ?", [request_id])
+        """(owner, result) of an image of a generation (a video's clip is not an image)."""
+        rows = self._rows("""SELECT i.user_id, i.result FROM images i JOIN generations g ON g.id = i.generation_id
+                             WHERE i.request_id = ?""", [request_id])
         return (rows[0]["user_id"], json.loads(rows[0]["result"]) if rows[0]["result"] else None) if rows else None
 
     def previews(self, generation_id: str) -> list[tuple[str, int, str]]:
@@ -210,11 +212,7 @@ class ApiStore:
 
     def video(self, video_id: str) -> dict | None:
         rows = self._rows("SELECT * FROM videos WHERE id = ?", [video_id])
-        if not rows:
-            return None
-        results = self._rows("SELECT result FROM images WHERE request_id = ?", [video_id])
-        result = results[0]["result"] if results else None
-        return {**dict(rows[0]), "images": [(video_id, json.loads(result) if result else None)]}
+        return {**dict(rows[0]), "images": self._results(video_id)} if rows else None
 
     def videos_of(self, user_id: str, limit: int, after: str | None = None, newest_first: bool = True) -> list[dict]:
         """The person's videos, newest (or oldest) first, from the one after `after` (a video id of theirs)."""

@@ -51,8 +51,7 @@ def api(
 ) -> None:
     """Serve the HTTP API and the person's page: OpenAI-compatible POST /v1/images/generations and
     /v1/videos, each person's style, switches, data and grants under /v1/me, the page at /, the spec
-    at /openapi.json. Ingestion and serving run as their own commands (`ingest --follow`, `serve`).
-    A clip has at most 48 frames whatever its length and frame rate."""
+    at /openapi.json. Ingestion and serving run as their own commands (`ingest --follow`, `serve`)."""
     from stylestream.api.app import create_app
     from stylestream.api.auth import TokenVerifier
     from stylestream.api.config import ApiConfig

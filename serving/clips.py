@@ -85,7 +85,8 @@ def refine_strength(steps: int) -> float | None:
 
 
 def start_strength(steps: int) -> float:
-    """img2img's strength from a starting image: START_STRENGTH of the schedule, at least one step."""
+    """img2img's strength from a starting image: START_STRENGTH of the schedule, at least one step (a
+    one-step schedule is all of it: little of the image is left)."""
     return min(1.0, max(START_STRENGTH, 1.5 / steps))
 
 

@@ -38,11 +38,10 @@ def png_bytes(image: Image.Image) -> bytes:
 
 
 class ImageStore:
-    def __init__(self, url: str, create: bool = True):
+    def __init__(self, url: str):
         self.url = url
         self.fs, self.root = fsspec.core.url_to_fs(url)
-        if create:
-            self.fs.makedirs(self.root, exist_ok=True)
+        self.fs.makedirs(self.root, exist_ok=True)
 
     def folder(self, user_id: str) -> str:
         return f"{self.root}/{path_segment(user_id)}"

@@ -92,13 +92,18 @@ class OutputStore:
                                 png_bytes(image))
 
     def start_image(self, request: GenerationRequested) -> Image.Image:
-        """A clip's starting image (the API checked it and wrote it to the store as PNG), RGB at the
-        request's size; NotInStore or ValueError if it cannot be had."""
-        data = self.store.read(request.clip.start_image_uri)
+        """A clip's starting image, RGB at the request's size: only the PNG at the request's own reference
+        path in its person's folder (where the API writes it, checked), so no request can draw on
+        another person's pictures; NotInStore or ValueError if it cannot be had."""
+        own = self.store.uri(self.store.reference_path(request.user_id, request.request_id))
+        if request.clip.start_image_uri != own:
+            raise NotInStore(f"a starting image must be the request's own, {own}")
+        data = self.store.read(own)
         with Image.open(io.BytesIO(data), formats=["PNG"]) as im:
             return ImageOps.fit(im.convert("RGB"), (request.width, request.height))
 
     def forget(self, user_id: str) -> None:
+        """Delete a forgotten person's images, clips, results and starting images."""
         self.store.forget(user_id)
 
     def record(self, request: GenerationRequested, result: Result) -> Result:

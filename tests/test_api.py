@@ -11,6 +11,7 @@ import sqlite3
 import time
 from datetime import UTC, datetime, timedelta
 
+import numpy as np
 import openai
 import pytest
 import requests
@@ -117,8 +118,13 @@ def test_the_openai_client_makes_clips_in_the_persons_style(api_system):
     started = client.videos.create_and_poll(prompt="the sea at dusk", seconds="0.5", size="64x64", extra_body=clip,
                                             input_reference=("start.png", png((200, 40, 40)), "image/png"))
     assert started.status == "completed" and started.started_from_image, started
-    # (OpenAI's client uploads files only; its API's image_url form field, as a data: URL, from a plain form)
-    as_url = "data:image/png;base64," + base64.b64encode(png((40, 40, 200))).decode()
+    # (OpenAI's client uploads files only; its API's image_url form field, as a data: URL, from a plain form;
+    # a 2 MB photo's URL is a larger form field than form parsers take by default)
+    noisy = Image.fromarray(np.random.default_rng(0).integers(0, 256, (820, 820, 3), np.uint8))
+    out = io.BytesIO()
+    noisy.save(out, "PNG")
+    assert len(out.getvalue()) > 2_000_000
+    as_url = "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
     form = {"prompt": "the sea", "seconds": "0.5", "size": "64x64", "fps": "4", "motion": "pan_right"}
     posted = call(api_system, "POST", "/v1/videos", token, data=form | {"input_reference[image_url]": as_url})
     assert posted.status_code == 200, posted.text
@@ -132,7 +138,11 @@ def test_the_openai_client_makes_clips_in_the_persons_style(api_system):
     assert [v.id for v in client.videos.list(limit=2, after=started.id).data] == [done.id]
     assert [v.id for v in client.videos.list(order="asc", limit=1).data] == [done.id]
 
-    # Beyond the limits, or with a starting image that is no image: the OpenAI error shape, and nothing made
+    # Beyond the limits, or with a starting image that is no image: the OpenAI error shape, and nothing
+    # made or counted (asked through a grant allowed 10 images a minute, which can still make a 10-frame
+    # clip afterwards)
+    app = openai.OpenAI(base_url=f"{api_system.url}/v1", max_retries=0,
+                        api_key=grant(api_system, "ben", ["images:generate"], name="clip app")["token"])
     for kwargs, status, code in [
             ({"seconds": "12"}, 400, "invalid_seconds"),
             ({"seconds": "4", "extra_body": {"fps": 24}}, 400, "invalid_seconds"),  # 96 frames
@@ -140,9 +150,11 @@ def test_the_openai_client_makes_clips_in_the_persons_style(api_system):
             ({"size": "720x1280"}, 400, "invalid_size"),
             ({"input_reference": ("notes.png", b"not an image", "image/png")}, 400, "invalid_input_reference"),
             ({"input_reference": ("big.png", b"\0" * (4 * 1024 * 1024 + 1), "image/png")}, 413,
-             "input_reference_too_large")]:
+             "input_reference_too_large"),
+            ({"input_reference": ("photo.jpg", png((1, 2, 3)), "image/jpeg")}, 400, "invalid_input_reference"),
+            ({"seconds": "1.5", "extra_body": {"fps": 8}}, 400, "over_limit")]:  # 12 frames, the grant allows 10
         with pytest.raises(openai.APIStatusError) as refused:
-            client.videos.create(prompt="the sea", **{"size": "64x64", **kwargs})
+            app.videos.create(prompt="the sea", **{"size": "64x64", **kwargs})
         error = refused.value.body
         assert (refused.value.status_code, error["code"]) == (status, code), (kwargs, error)
         assert error["message"] and error["type"] == "invalid_request_error"
@@ -152,6 +164,17 @@ def test_the_openai_client_makes_clips_in_the_persons_style(api_system):
         assert_error(call(api_system, "POST", "/v1/videos", token, data=form | {field: value}), 400,
                      "invalid_input_reference")
     assert len(client.videos.list(limit=100).data) == 3
+    assert app.videos.create(prompt="the sea", seconds="1.25", size="64x64", extra_body={"fps": 8}).frames == 10
+
+    # A clip that fails says why, and has no content
+    nobody = openai.OpenAI(base_url=f"{api_system.url}/v1", api_key=api_system.token("nobody"), max_retries=0)
+    failed = nobody.videos.create_and_poll(prompt="the sea", seconds="0.25", size="64x64")
+    assert failed.status == "failed" and "no style vector yet" in failed.error.message
+    with pytest.raises(openai.ConflictError) as not_ready:
+        nobody.videos.download_content(failed.id)
+    assert not_ready.value.body["code"] == "video_not_ready"
+    # A clip is not an image: the images route does not serve it
+    assert_error(call(api_system, "GET", f"/v1/images/files/{done.id}", token), 404, "not_found")
 
     # Only its person sees it; deleting it deletes its MP4 and starting image
     cleo = openai.OpenAI(base_url=f"{api_system.url}/v1", api_key=api_system.token("cleo"), max_retries=0)
@@ -320,6 +343,7 @@ def test_forget_me_through_the_api(api_system):
     assert clip.status == "completed"
     images = api_system.root / "images"
     assert {p.name for p in (images / "eve").iterdir()} >= {f"{clip.id}.mp4", f"{clip.id}-reference.png"}
+    assert list(audit_files(images, [b"eve"], "generated images", named_by_id=True))  # the audit sees them now
     assert list(audit_files(api_system.root / "api", [b"eve"], "API database"))  # the audit sees her now
     r = call(api_system, "POST", "/v1/me/forget", eve)
     assert r.status_code == 202 and r.json()["request_id"].startswith("forget-")

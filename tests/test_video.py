@@ -139,16 +139,16 @@ def test_a_clip_and_another_persons_still_share_a_call_each_in_its_own_style(bro
                                                                              tmp_path):
     """One call makes ana's clip and ben's still; each equals what it is made alone (no style crosses
     rows); the clip reaches its person as an MP4 with its frames, a clip whose starting image is not
-    in the image store fails, and forgetting her deletes her clips."""
+    its own (another person's folder) fails, and forgetting her deletes her clips."""
     bs = broker.bootstrap_servers
     photos = make_library(tmp_path / "lib", {"ana": [("a", "warm", 3)], "ben": [("b", "mono", 3)]})
     produce(bs, PHOTO_EVENTS, [p.upload_event() for p in photos])
     ingestor = make_ingestor()
     ingestor.run_until_caught_up()
     clip_request, still = request("ana", "c1", PAN), request("ben", "s1", seed=9)
-    outside = request("ana", "c2", ClipRequest(frames=2, start_image_uri=f"file://{tmp_path}/lib/elsewhere.png"))
-    produce(bs, GENERATION_REQUESTS, [clip_request, still, outside])
     out = tmp_path / "images"
+    theirs = request("ana", "c2", ClipRequest(frames=2, start_image_uri=f"file://{out}/ben/c2-reference.png"))
+    produce(bs, GENERATION_REQUESTS, [clip_request, still, theirs])
     with Worker(ServeConfig(bs, str(out), max_batch=8, max_wait_ms=2000), generator) as worker:
         worker.run(max_requests=3, idle_exit_s=20)
         styles = {u: worker.styles.get(u) for u in ("ana", "ben")}
@@ -157,8 +157,8 @@ def test_a_clip_and_another_persons_still_share_a_call_each_in_its_own_style(bro
         assert results["c1"].type == "generation_completed" and results["c1"].frames == PAN.frames
         assert results["c1"].image_uri.endswith("c1.mp4") and results["s1"].frames is None
         assert results["c1"].timings_ms["batch"] == results["s1"].timings_ms["batch"] == 2  # one call
-        # a starting image outside the image store is never read: that clip fails, with the reason
-        assert results["c2"].type == "generation_failed" and "not in this service's image store" in results["c2"].reason
+        # a starting image in another person's folder is never read: that clip fails, with the reason
+        assert results["c2"].type == "generation_failed" and "must be the request's own" in results["c2"].reason
         frames = decode_mp4((out / "ana" / "c1.mp4").read_bytes())
         assert len(frames) == PAN.frames and frames[0].shape == (64, 64, 3)
 

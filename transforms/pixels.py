@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pillow_heif
@@ -69,7 +70,7 @@ class PhotoError(ValueError):
         self.stage = stage
 
 @contextlib.contextmanager
-def image_errors():
+def image_errors() -> Iterator[None]:
     """Every way a file can be unusable, as a PhotoError with a reason."""
     try:
         yield
@@ -84,6 +85,7 @@ def image_errors():
 
 
 def checked(im: Image.Image, limits: DecodeLimits, content_type: str | None) -> None:
+    """PhotoError unless the bytes are the declared format and within the pixel limit (before decoding)."""
     declared = CONTENT_TYPES.get(content_type or "")
     if declared and im.format not in declared:
         raise PhotoError("image", f"declared {content_type} but the bytes are {im.format}")

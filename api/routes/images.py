@@ -24,7 +24,7 @@ from stylestream.api.auth import IMAGES_GENERATE, Principal
 from stylestream.api.config import ApiConfig
 from stylestream.api.errors import NO_RETRY, ApiError
 from stylestream.api.models import ErrorBody, ImageData, ImageGenerationRequest, ImagesResponse
-from stylestream.api.services import ERRORS, Caller, Services, caller, limit, read_stored, services_of
+from stylestream.api.services import ERRORS, Caller, Services, caller, charge, read_stored, services_of
 from stylestream.schemas.events import GenerationRequested
 
 URL_LIFETIME_S = 3600
@@ -46,7 +46,7 @@ async def create_images(body: ImageGenerationRequest, request: Request, principa
     cfg = s.cfg
     principal.require(IMAGES_GENERATE)
     width, height = _size(cfg, body)
-    limit(s, principal, cfg.person_images_rate, cfg.grant_images_rate, "images", cost=body.n)
+    charge(s, principal, cfg.person_images_rate, cfg.grant_images_rate, "images", cost=body.n)
     generation_id, trace_id = await run_in_threadpool(_start, s, principal, body, width, height)
     headers = {"x-request-id": generation_id, "trace-id": trace_id}
     if body.stream:

@@ -27,7 +27,7 @@ from stylestream.api.auth import IMAGES_GENERATE, Principal
 from stylestream.api.config import ApiConfig
 from stylestream.api.errors import ApiError
 from stylestream.api.models import ErrorBody, Video, VideoDeleted, VideoError, VideoList
-from stylestream.api.services import ERRORS, Caller, Services, limit, read_stored, services_of
+from stylestream.api.services import ERRORS, Caller, Services, charge, read_stored, services_of
 from stylestream.schemas.events import MAX_CLIP_FRAMES, CameraMotion, ClipRequest, GenerationRequested
 from stylestream.serving.image_store import png_bytes
 from stylestream.transforms.pixels import DecodeLimits, PhotoError, decode_pillow
@@ -63,20 +63,20 @@ async def create_video(
     width, height = generations.size_of(s.cfg, size)
     fps, frames = _timing(s.cfg, seconds, fps)
     reference = await _reference_bytes(s.cfg, input_reference, reference_url, reference_file_id)
-    start = await run_in_threadpool(_starting_image, s.cfg, reference, width, height) if reference else None
+    start = await run_in_threadpool(_starting_image, s.cfg, *reference, width, height) if reference else None
     # 2. The clip counts as its frames against the image limits
-    limit(s, principal, s.cfg.person_images_rate, s.cfg.grant_images_rate, "images", cost=frames)
+    charge(s, principal, s.cfg.person_images_rate, s.cfg.grant_images_rate, "images", cost=frames)
     # 3. Recorded, its starting image stored, its request published
     clip = {"prompt": prompt, "size": f"{width}x{height}", "seconds": f"{frames / fps:g}", "fps": fps,
             "frames": frames, "motion": motion, "started_from_image": start is not None}
-    video_id = await run_in_threadpool(_start, s, principal, clip, style_strength, seed, start)
+    video_id = await run_in_threadpool(_start, s, principal, clip, (width, height), style_strength, seed, start)
     response.headers.update(POLL_AFTER)
     return video_object(await run_in_threadpool(s.store.video, video_id))
 
 
 @router.get("/v1/videos", response_model=VideoList, responses=ERRORS)
 def list_videos(request: Request, principal: Caller, after: str | None = None, limit: int = 20,
-                order: Literal["asc", "desc"] = "desc") -> VideoList:
+                order: Literal["asc", "desc"] = "desc") -> VideoList:  # OpenAI's parameter names
     """The caller's clips, newest first (or oldest, with order=asc), `limit` (1-100) at a time."""
     principal.require(IMAGES_GENERATE)
     if not 1 <= limit <= 100:
@@ -129,11 +129,11 @@ def video_content(video_id: str, request: Request, principal: Caller,
 
 def _timing(cfg: ApiConfig, seconds: str | None, fps: int | None) -> tuple[int, int]:
     """(frames per second, frames) within the configured limits; 400 with the limit otherwise."""
-    fps = fps or cfg.video_fps
+    fps = fps or min(cfg.video_fps, cfg.max_video_fps)  # the defaults within the limits a server sets
     if fps > cfg.max_video_fps:
         raise ApiError(400, "invalid_fps", f"fps must be at most {cfg.max_video_fps}", "fps")
     try:
-        length = float(seconds) if seconds is not None else cfg.video_seconds
+        length = float(seconds) if seconds is not None else min(cfg.video_seconds, cfg.max_video_seconds)
     except ValueError:
         raise ApiError(400, "invalid_seconds", f"seconds must be a number, not {seconds!r}", "seconds") from None
     if not math.isfinite(length) or not 0 < length <= cfg.max_video_seconds:
@@ -147,8 +147,9 @@ def _timing(cfg: ApiConfig, seconds: str | None, fps: int | None) -> tuple[int, 
 
 
 async def _reference_bytes(cfg: ApiConfig, upload: UploadFile | None, url: str | None,
-                           file_id: str | None) -> bytes | None:
-    """The starting image's bytes as given (an upload or a data: URL), at most max_reference_bytes."""
+                           file_id: str | None) -> tuple[bytes, str | None] | None:
+    """The starting image's bytes as given (an upload or a data: URL), at most max_reference_bytes, and
+    the content type they were declared as."""
     if sum(x is not None for x in (upload, url, file_id)) > 1:
         raise ApiError(400, "invalid_input_reference", "give one input_reference: a file, or an image_url",
                        "input_reference")
@@ -165,33 +166,34 @@ async def _reference_bytes(cfg: ApiConfig, upload: UploadFile | None, url: str |
         except (binascii.Error, ValueError):
             raise ApiError(400, "invalid_input_reference", "input_reference.image_url is not valid base64",
                            "input_reference") from None
+        declared = header.removeprefix("data:").removesuffix(";base64") or None
     elif upload is not None:
-        data = await upload.read(cfg.max_reference_bytes + 1)
+        data, declared = await upload.read(cfg.max_reference_bytes + 1), upload.content_type
     else:
         return None
     if len(data) > cfg.max_reference_bytes:
         raise ApiError(413, "input_reference_too_large", f"input_reference is over {cfg.max_reference_bytes} bytes",
                        "input_reference")
-    return data
+    return data, declared
 
 
-def _starting_image(cfg: ApiConfig, data: bytes, width: int, height: int) -> bytes:
-    """The starting image decoded by ingestion's rules (formats, pixel limit, orientation, colour),
-    small, as PNG: pixels only, none of its metadata. 400 with the reason if it is not a usable image."""
-    limits = DecodeLimits(max_bytes=cfg.max_reference_bytes, max_pixels=cfg.max_reference_pixels,
-                          min_side=max(width, height))
+def _starting_image(cfg: ApiConfig, data: bytes, content_type: str | None, width: int, height: int) -> bytes:
+    """The starting image decoded by ingestion's rules (formats, the declared type, pixel limit,
+    orientation, colour), small, as PNG: pixels only, none of its metadata. 400 with the reason if it
+    is not a usable image."""
+    limits = DecodeLimits(max_pixels=cfg.max_reference_pixels, min_side=max(width, height))
     try:
-        image, _ = decode_pillow(data, limits)
+        image, _ = decode_pillow(data, limits, content_type)
     except PhotoError as e:
         raise ApiError(400, "invalid_input_reference", f"input_reference: {e}", "input_reference") from None
     return png_bytes(image)
 
 
-def _start(s: Services, principal: Principal, clip: dict, style_strength: float, seed: int | None,
-           start: bytes | None) -> str:
+def _start(s: Services, principal: Principal, clip: dict, size: tuple[int, int], style_strength: float,
+           seed: int | None, start: bytes | None) -> str:
     """The clip recorded, its starting image stored and its request published; its id."""
     video_id, trace_id = f"video_{uuid.uuid4().hex}", secrets.token_hex(16)
-    width, height = (int(x) for x in clip["size"].split("x"))
+    width, height = size
     reference = s.images.reference_path(principal.user_id, video_id) if start else None
     requests = generations.requests_of(lambda: [GenerationRequested(
         event_id=video_id, user_id=principal.user_id, event_time=datetime.now(UTC), request_id=video_id,

@@ -173,11 +173,14 @@ async function clipFigure(video) {
   const caption = document.createElement("figcaption");
   caption.textContent = `${video.prompt} · ${video.seconds} s · style v${video.style_version ?? "none"}`;
   if (video.status === "completed") {
-    const player = Object.assign(document.createElement("video"), { controls: true, muted: true, loop: true,
-      playsInline: true });
-    const mp4 = await call("GET", `/v1/videos/${encodeURIComponent(video.id)}/content`);
-    player.src = URL.createObjectURL(await mp4.blob());
-    fig.append(player);
+    try {  // one clip that cannot be fetched says so in its caption; the rest of the page goes on
+      const mp4 = await call("GET", `/v1/videos/${encodeURIComponent(video.id)}/content`);
+      const player = Object.assign(document.createElement("video"), { controls: true, muted: true, loop: true,
+        playsInline: true, src: URL.createObjectURL(await mp4.blob()) });
+      fig.append(player);
+    } catch (e) {
+      caption.textContent += ` · cannot be played: ${e.message}`;
+    }
   } else {
     caption.textContent += video.status === "failed" ? ` · failed: ${video.error?.message}` : " · being made…";
   }
