@@ -45,7 +45,7 @@ CREATE TABLE IF NOT EXISTS previews (
     PRIMARY KEY (request_id, idx));
 CREATE TABLE IF NOT EXISTS photos (
     user_id TEXT NOT NULL, photo_id TEXT NOT NULL, album_id TEXT, uploaded_at TEXT NOT NULL,
-    PRIMARY KEY (user_id, photo_id));
+    on_device INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (user_id, photo_id));
 CREATE TABLE IF NOT EXISTS consent (
     user_id TEXT NOT NULL, scope_key TEXT NOT NULL, enabled INTEGER NOT NULL, event_time TEXT NOT NULL,
     event_id TEXT NOT NULL, PRIMARY KEY (user_id, scope_key));
@@ -118,6 +118,9 @@ class ApiStore:
             self._migrate()
 
     def _migrate(self) -> None:
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(photos)")}
+        if "on_device" not in columns:  # a read model from before devices' contributions
+            self._db.execute("ALTER TABLE photos ADD COLUMN on_device INTEGER NOT NULL DEFAULT 0")
         old = [t for t in MIGRATIONS if self._db.execute("SELECT 1 FROM sqlite_master WHERE name = ?", [t]).fetchone()]
         if old:
             with self.transaction() as db:
@@ -277,7 +280,8 @@ class ApiStore:
 
     def photos(self, user_id: str) -> list[dict]:
         return [dict(r) for r in self._rows(
-            "SELECT photo_id, album_id, uploaded_at FROM photos WHERE user_id = ? ORDER BY album_id, photo_id",
+            "SELECT photo_id, album_id, uploaded_at, on_device = 1 AS on_device FROM photos WHERE user_id = ? "
+            "ORDER BY album_id, photo_id",
             [user_id])]
 
     def consent(self, user_id: str) -> dict[str, ConsentRecord]:

@@ -70,8 +70,10 @@ def albums(photos: list[dict], consent: dict[str, ConsentRecord]) -> dict:
 
 
 def photos(rows: list[dict], consent: dict[str, ConsentRecord]) -> list[dict]:
-    """Each photo with whether it counts: ingestion's own rule (`transforms.style.is_excluded`)."""
-    return [{**p, "learning": not is_excluded(consent, p["photo_id"], p["album_id"])} for p in rows]
+    """Each photo with whether it counts (ingestion's own rule, `transforms.style.is_excluded`) and
+    whether it was analysed on the person's device (never sent to the server)."""
+    return [{**p, "on_device": bool(p["on_device"]), "learning": not is_excluded(consent, p["photo_id"], p["album_id"])}
+            for p in rows]
 
 
 def _on(consent: dict[str, ConsentRecord], key: str) -> bool:

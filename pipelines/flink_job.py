@@ -83,6 +83,7 @@ from stylestream.streams.topics import (
     dlq,
     ensure_topics,
 )
+from stylestream.transforms.device import DeviceChecks
 from stylestream.transforms.embed import OpenClipImageHandler, photo_image
 from stylestream.transforms.inputs import style_input
 from stylestream.transforms.records import Contribution, UserBatch
@@ -161,6 +162,7 @@ class StyleInputs(FlatMapFunction):
         handler = OpenClipImageHandler(self._settings.clip, image_of=photo_image)
         model = handler.load_model()
         self._embed = lambda photo: handler.run_inference([photo], model)[0].inference
+        self._device = DeviceChecks(self._settings.clip, self._limits)
         self._key = self._settings.analytics_key()  # a file on every worker (a Secret), never made here
         metrics = runtime_context.get_metrics_group().add_group("stylestream")
         self._events, self._dead = metrics.counter("events"), metrics.counter("dead_letters")
@@ -173,7 +175,7 @@ class StyleInputs(FlatMapFunction):
             yield from self._read_back(msg)
             return
         self._events.inc()
-        out = style_input(msg, self._limits, self._embed)
+        out = style_input(msg, self._limits, self._embed, self._device)
         if isinstance(out, DeadLetter):
             self._dead.inc()
             yield "dead", "", pickle.dumps(out)

@@ -56,6 +56,7 @@ CREATE TABLE IF NOT EXISTS contributions (
     weight DOUBLE NOT NULL, embedding FLOAT[] NOT NULL, features FLOAT[] NOT NULL, metadata JSON,
     added_version BIGINT NOT NULL, sha256 VARCHAR, PRIMARY KEY (user_id, photo_id));
 ALTER TABLE contributions ADD COLUMN IF NOT EXISTS sha256 VARCHAR;  -- state written before manifests
+ALTER TABLE contributions ADD COLUMN IF NOT EXISTS on_device BOOLEAN DEFAULT false;  -- before device contributions
 CREATE TABLE IF NOT EXISTS user_stats (
     user_id VARCHAR PRIMARY KEY, version BIGINT NOT NULL, photo_count BIGINT NOT NULL,
     total_weight DOUBLE NOT NULL, sum_embedding DOUBLE[] NOT NULL, sum_features DOUBLE[] NOT NULL);
@@ -186,16 +187,17 @@ class Store:
         out: dict[str, dict[str, StoredContribution]] = {u: {} for u in users}
         # Through Arrow: the vectors as two matrices, not a Python list per row (a cycle of a thousand
         # people reads tens of thousands of them).
-        t = self.db.sql("SELECT user_id, photo_id, album_id, weight, embedding, features, added_version, sha256 "
-                        "FROM contributions WHERE list_contains($users, user_id) ORDER BY user_id, photo_id",
+        t = self.db.sql("SELECT user_id, photo_id, album_id, weight, embedding, features, added_version, sha256, "
+                        "on_device FROM contributions WHERE list_contains($users, user_id) ORDER BY user_id, photo_id",
                         params={"users": users}).to_arrow_table()
         if t.num_rows == 0:
             return out
         emb, feat = (t[c].combine_chunks().flatten().to_numpy().reshape(t.num_rows, -1)
                      for c in ("embedding", "features"))
-        columns = (t[c].to_pylist() for c in ("user_id", "photo_id", "album_id", "weight", "added_version", "sha256"))
-        for i, (u, p, a, w, v, h) in enumerate(zip(*columns, strict=True)):
-            out[u][p] = StoredContribution(a, w, emb[i], feat[i], v, h)
+        columns = (t[c].to_pylist() for c in ("user_id", "photo_id", "album_id", "weight", "added_version", "sha256",
+                                              "on_device"))
+        for i, (u, p, a, w, v, h, d) in enumerate(zip(*columns, strict=True)):
+            out[u][p] = StoredContribution(a, w, emb[i], feat[i], v, h, bool(d))
         return out
 
     def user_views(self, batches: list[UserBatch], dim: int, subjects: dict[str, str]) -> dict[str, UserView]:
@@ -337,7 +339,7 @@ class Store:
             "weight": [w for _, _, w in added], "embedding": [c.embedding.tolist() for _, c, _ in added],
             "features": [c.features.tolist() for _, c, _ in added],
             "metadata": [json.dumps(c.metadata) for _, c, _ in added],
-            "sha256": [c.sha256 for _, c, _ in added]})
+            "sha256": [c.sha256 for _, c, _ in added], "on_device": [c.on_device for _, c, _ in added]})
 
     def _write_versions(self, cycle: int, now: datetime, versions: list[NewVersion]) -> None:
         """The users' new sums and their new immutable style versions."""

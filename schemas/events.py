@@ -9,6 +9,7 @@ Schema files under schemas/json/ for producers in other languages.
 from __future__ import annotations
 
 import base64
+import math
 from datetime import datetime
 from typing import Annotated, Literal
 
@@ -22,6 +23,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from stylestream.schemas.tables import FEATURE_NAMES
 
 SCHEMA_VERSION = 1
 # Photo events normally reference the image; small images may travel inline (base64) up to this size.
@@ -93,6 +96,58 @@ class PhotoUploaded(_Event):
 
     def inline_bytes(self) -> bytes | None:
         return None if self.inline_base64 is None else base64.b64decode(self.inline_base64, validate=True)
+
+
+class DeviceBasis(BaseModel):
+    """What a device computed a photo's contribution with: the part of a style's basis that touches
+    pixels (ingestion refuses a contribution whose basis is not its own)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(min_length=1, max_length=200, description="open_clip architecture")
+    weights: str = Field(min_length=1, max_length=200, description="the weights id, as style manifests name it")
+    preprocessing: str = Field(min_length=1, max_length=200, description="decoding and masking, versioned")
+
+
+UNIT_TOLERANCE = 1e-3  # how far from length 1 a device's embedding may be (float32 rounding is far less)
+
+
+class PhotoEmbedded(_Event):
+    """A photo analysed on the person's device (`stylestream device sync`): what a style needs of it,
+    computed with ingestion's own code, and nothing else; the photo itself never leaves the device."""
+
+    type: Literal["photo_embedded"] = "photo_embedded"
+    photo_id: Id
+    album_id: Id | None = None
+    taken_at: AwareDatetime = Field(description="The day the photo was taken (00:00 UTC): all a style keeps.")
+    sha256: Sha256 = Field(description="of the photo's file, as the person holds it")
+    size_bytes: int = Field(gt=0)
+    embedding: list[float] = Field(min_length=1, max_length=4096, description="L2-normalized image embedding")
+    features: dict[str, float] = Field(description="the named aesthetic features (transforms/features.py)")
+    basis: DeviceBasis
+
+    @field_validator("embedding")
+    @classmethod
+    def _unit(cls, v: list[float]) -> list[float]:
+        if not all(math.isfinite(x) for x in v):
+            raise ValueError("a value is not finite")
+        if abs(math.sqrt(sum(x * x for x in v)) - 1) > UNIT_TOLERANCE:
+            raise ValueError("the embedding is not of unit length")
+        return v
+
+    @field_validator("features")
+    @classmethod
+    def _named(cls, v: dict[str, float]) -> dict[str, float]:
+        if set(v) != set(FEATURE_NAMES):
+            missing, unknown = sorted(set(FEATURE_NAMES) - set(v)), sorted(set(v) - set(FEATURE_NAMES))
+            raise ValueError(f"the features must be exactly the named ones (missing {missing}, unknown {unknown})")
+        if not all(math.isfinite(x) for x in v.values()):
+            raise ValueError("a feature is not finite")
+        return v
+
+    @property
+    def effective_taken_at(self) -> datetime:
+        return self.taken_at
 
 
 class PhotoDeleted(_Event):
@@ -303,6 +358,9 @@ class ManifestPhoto(BaseModel):
                                   "before manifests existed")
     weight: float = Field(gt=0, description="its time-decay weight in the mean")
     album_id: Id | None = None
+    computed_on: Literal["server", "device"] = Field(
+        default="server", description="where its embedding and features were computed: by ingestion, or on "
+        "the person's device (photo_embedded; the photo never reached the server)")
 
 
 class Pull(BaseModel):
@@ -370,7 +428,7 @@ class ErasureReceipt(BaseModel):
     signature: str = Field(default="", description="base64 Ed25519 signature of the receipt without it")
 
 
-PhotoEvent = Annotated[PhotoUploaded | PhotoDeleted, Field(discriminator="type")]
+PhotoEvent = Annotated[PhotoUploaded | PhotoEmbedded | PhotoDeleted, Field(discriminator="type")]
 ConsentEvent = Annotated[StyleLearningToggled | UserForgotten, Field(discriminator="type")]
 # generation-results carries each request's outcome, and the previews it asked for before that.
 GenerationResult = Annotated[GenerationCompleted | GenerationFailed | GenerationProgress, Field(discriminator="type")]

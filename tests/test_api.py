@@ -323,7 +323,7 @@ def test_the_persons_own_endpoints(api_system):
     albums = call(api_system, "GET", "/v1/me/albums", ana).json()
     assert [(a["album_id"], a["photo_count"]) for a in albums["albums"]] == [("beach", 4), ("office", 4)]
     photos = call(api_system, "GET", "/v1/me/photos", ana).json()["photos"]
-    assert len(photos) == 8 and set(photos[0]) == {"photo_id", "album_id", "uploaded_at", "learning"}
+    assert len(photos) == 8 and set(photos[0]) == {"photo_id", "album_id", "uploaded_at", "on_device", "learning"}
     history = call(api_system, "GET", "/v1/me/style/history", ana).json()["versions"]
     assert history and history[-1]["palette"][0].startswith("#")
     explained = call(api_system, "GET", "/v1/me/style/explanation", ana).json()

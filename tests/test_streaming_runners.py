@@ -48,6 +48,7 @@ from stylestream.pipelines.settings import IngestSettings
 from stylestream.privacy.erasure import load_signing_key, verify_receipt
 from stylestream.schemas.events import (
     ImageRef,
+    PhotoEmbedded,
     PhotoUploaded,
     StyleLearningToggled,
     UserForgotten,
@@ -64,12 +65,15 @@ from stylestream.streams.topics import (
     STYLE_VECTORS,
     ensure_topics,
 )
+from stylestream.transforms.device import DevicePhoto, contribution_events
+from stylestream.transforms.embed import OpenClipImageHandler
 
 N_EVENTS = 2000
 T = datetime(2026, 1, 10, tzinfo=UTC)  # when the in-flight person asks to be forgotten
 IN_FLIGHT = "fay"  # forgotten while her uploads are in flight
 KEPT = "kept"  # one upload, then (in a second step) another: versions 1 and 2 on every runner
 GONE, GONE_REQUEST = "gus", "forget-7a1f"  # forgotten once every runner holds his photos; nothing after
+ON_DEVICE = "dee"  # her photos analysed on her device (photo_embedded), one computed with other weights
 FLINK_GROUP = "stylestream-flink"  # the Flink job's Kafka source commits its checkpoints' offsets here
 COMPARED_KINDS = ("catalogued photo references", "photo contributions (embeddings, features, coarse metadata)",
                   "deleted-photo records", "consent records", "style sums")  # what every runner's state holds
@@ -99,12 +103,16 @@ class Stream:
     gone: set[str]  # people forgotten who sent nothing new after: nothing of them may be left anywhere
 
 
-def build_stream(root: Path) -> Stream:
+def build_stream(root: Path, clip) -> Stream:
     messy = messy_stream(root / "messy", N_EVENTS, users=30, seed=14, forget_share=0.004)
     photos = make_library(root / "library", {"lib": [("trip", "warm", 2)], KEPT: [("k", "cool", 2)],
                                              IN_FLIGHT: [("f", "green", 5)],
                                              GONE: [("g1", "mono", 2), ("g2", "warm", 2)]})
     by_user = {u: [p for p in photos if p.user_id == u] for u in ("lib", KEPT, IN_FLIGHT, GONE)}
+    device = IngestSettings(root / "device-settings", clip_pretrained=clip.pretrained, mask_faces=True)
+    on_device = device_events(make_library(root / "device", {ON_DEVICE: [("d", "green", 3)]}), device)
+    on_device.append(on_device[0].model_copy(update={"photo_id": "dee-other", "event_id": "dee-other", "basis": (
+        on_device[0].basis.model_copy(update={"weights": "sha256:" + "0" * 64}))}))
     library = root / "library"
     lib_id = register_library(root / "scratch-registry.json", library)  # the id any registry gives this folder
     lib_uploads = [p.upload_event().model_copy(update={"image": reference_to(
@@ -131,7 +139,8 @@ def build_stream(root: Path) -> Stream:
     kept = by_user[KEPT]
     forgets = {parse_event(CONSENT_EVENTS, v).event_id: k.decode() for t, k, v in messy
                if t == CONSENT_EVENTS and b"user_forgotten" in v}
-    first = messy + [message(e) for e in [*lib_uploads, *faces, *in_flight, *gus, kept[0].upload_event(T)]]
+    first = messy + [message(e) for e in [*lib_uploads, *faces, *in_flight, *gus, *on_device,
+                                          kept[0].upload_event(T)]]
     # Gus asks to be forgotten once every runner holds his photos (and sends nothing after).
     # Fay's upload after her request starts her style afresh (sent once the request is in everywhere: a
     # runner reading photo-events ahead of consent-events would otherwise erase it with the request).
@@ -220,9 +229,17 @@ def deployment(root: Path, stream: Stream) -> Path:
     return root
 
 
+def device_events(photos, settings: IngestSettings) -> list[PhotoEmbedded]:
+    """The photos as a device sends them, computed as `stylestream device sync` does."""
+    handler = OpenClipImageHandler(settings.clip, device="cpu")
+    found = [DevicePhoto(p.photo_id, p.album_id, p.path.read_bytes(), p.taken_at) for p in photos]
+    return contribution_events(found, photos[0].user_id, settings.clip, settings.limits, handler,
+                               handler.load_model())
+
+
 @pytest.fixture(scope="module")
-def stream(tmp_path_factory) -> Stream:
-    return build_stream(tmp_path_factory.mktemp("stream"))
+def stream(tmp_path_factory, clip) -> Stream:
+    return build_stream(tmp_path_factory.mktemp("stream"), clip)
 
 
 @pytest.fixture(scope="module")
@@ -245,6 +262,7 @@ def local(stream, clip, tmp_path_factory) -> Outcome:
         got = outcome(b.bootstrap_servers, data, first, stream)
     assert len(got.styles) >= 12 and len(got.dead) >= 30  # the stream reaches most users, and has bad input
     assert IN_FLIGHT not in got.styles_first  # her in-flight and late uploads count for nothing
+    assert got.styles[ON_DEVICE].photo_count == 3  # her device's contributions count; the other weights' not
     assert got.styles[IN_FLIGHT].photo_count == 1  # only what came after the request
     assert len(got.receipts) == len(stream.forget_requests) >= 5 and stream.gone
     assert {u: code for u, (code, _) in got.audit.items()} == {u: 0 for u in stream.gone}, got.audit

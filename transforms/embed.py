@@ -123,11 +123,15 @@ class EmbedPhotos(beam.PTransform):
         )
 
 
+def embed_images(handler: OpenClipImageHandler, model: LoadedClip, images: Sequence[Image.Image]) -> np.ndarray:
+    """The embeddings of decoded images, one row each, through ingestion's handler, a batch at a time."""
+    size = handler.batch_elements_kwargs()["max_batch_size"]
+    return np.stack([r.inference for start in range(0, len(images), size)
+                     for r in handler.run_inference(images[start:start + size], model)])
+
+
 def image_styles(handler: OpenClipImageHandler, model: LoadedClip,
                  images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
     """(embeddings, aesthetic features) of decoded images, one row each, through the same handler
     and feature code ingestion uses (for training data, benchmarks and checks outside a pipeline)."""
-    size = handler.batch_elements_kwargs()["max_batch_size"]
-    embeddings = [r.inference for start in range(0, len(images), size)
-                  for r in handler.run_inference(images[start:start + size], model)]
-    return np.stack(embeddings), np.stack([aesthetic_features(im) for im in images])
+    return embed_images(handler, model, images), np.stack([aesthetic_features(im) for im in images])

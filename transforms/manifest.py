@@ -59,8 +59,8 @@ def style_code(basis: StyleBasis, photos: list[ManifestPhoto]) -> str:
 
 
 def manifest_photos(stored: dict[str, StoredContribution]) -> list[ManifestPhoto]:
-    return [ManifestPhoto(photo_id=p, sha256=c.sha256, weight=c.weight, album_id=c.album_id)
-            for p, c in sorted(stored.items())]
+    return [ManifestPhoto(photo_id=p, sha256=c.sha256, weight=c.weight, album_id=c.album_id,
+                          computed_on="device" if c.on_device else "server") for p, c in sorted(stored.items())]
 
 
 def _top(ids: list[str], albums: list[str | None], pulls: np.ndarray, sign: float) -> list[list[Pull]]:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import apache_beam as beam
 
 from stylestream.schemas.dead_letters import DeadLetter
-from stylestream.schemas.events import InvalidEvent, PhotoDeleted, PhotoUploaded, parse_event
+from stylestream.schemas.events import InvalidEvent, PhotoDeleted, PhotoEmbedded, PhotoUploaded, parse_event
 from stylestream.streams.clients import Message
 from stylestream.transforms.records import Sourced
 
-UPLOADS, DELETES, TOGGLES, DEAD = "uploads", "deletes", "toggles", "dead"
+UPLOADS, EMBEDDED, DELETES, TOGGLES, DEAD = "uploads", "embedded", "deletes", "toggles", "dead"
 
 
 def parse_message(msg: Message) -> Sourced | DeadLetter:
@@ -29,6 +29,8 @@ def route(parsed: Sourced | DeadLetter) -> str:
         return DEAD
     if isinstance(parsed.event, PhotoUploaded):
         return UPLOADS
+    if isinstance(parsed.event, PhotoEmbedded):
+        return EMBEDDED
     if isinstance(parsed.event, PhotoDeleted):
         return DELETES
     return TOGGLES
@@ -41,8 +43,8 @@ class _Route(beam.DoFn):
 
 
 class ParseEvents(beam.PTransform):
-    """Messages -> tagged outputs `uploads`, `deletes`, `toggles` (Sourced: consent toggles and forget
-    requests) and `dead` (DeadLetter)."""
+    """Messages -> tagged outputs `uploads`, `embedded` (contributions computed on a device),
+    `deletes`, `toggles` (Sourced: consent toggles and forget requests) and `dead` (DeadLetter)."""
 
     def expand(self, messages):
-        return messages | beam.ParDo(_Route()).with_outputs(UPLOADS, DELETES, TOGGLES, DEAD)
+        return messages | beam.ParDo(_Route()).with_outputs(UPLOADS, EMBEDDED, DELETES, TOGGLES, DEAD)

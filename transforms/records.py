@@ -11,6 +11,7 @@ import numpy as np
 from stylestream.schemas.dead_letters import DeadLetter
 from stylestream.schemas.events import (
     PhotoDeleted,
+    PhotoEmbedded,
     PhotoUploaded,
     StyleLearningToggled,
     UserForgotten,
@@ -31,10 +32,13 @@ def file_sha256(event: PhotoUploaded) -> str:
     return hashlib.sha256(inline).hexdigest() if inline is not None else event.image.sha256
 
 
-def kept_upload(event: PhotoUploaded) -> PhotoUploaded:
+def kept_upload(event: PhotoUploaded | PhotoEmbedded) -> PhotoUploaded | PhotoEmbedded:
     """An upload as the state keeps and re-publishes it: its capture time reduced to the day (set
     explicitly, so the upload time no longer stands in for it) and no pixels (an inline image is not
-    kept: such a photo cannot be re-embedded after an opt-in unless the photo service sends it again)."""
+    kept: such a photo cannot be re-embedded after an opt-in unless the photo service sends it again).
+    A device's contribution is kept whole (it holds no pixels): re-published, it counts again as it was."""
+    if isinstance(event, PhotoEmbedded):
+        return event.model_copy(update={"taken_at": capture_day(event.taken_at)})
     return event.model_copy(update={"taken_at": capture_day(event.effective_taken_at), "inline_base64": None})
 
 
@@ -42,7 +46,7 @@ def kept_upload(event: PhotoUploaded) -> PhotoUploaded:
 class Sourced:
     """A valid event and the Kafka position it came from."""
 
-    event: PhotoUploaded | PhotoDeleted | StyleLearningToggled | UserForgotten
+    event: PhotoUploaded | PhotoEmbedded | PhotoDeleted | StyleLearningToggled | UserForgotten
     topic: str
     partition: int
     offset: int
@@ -67,7 +71,7 @@ class PreparedPhoto:
 class Contribution:
     """What one photo adds to its user's style: stored until the photo is withdrawn, then deleted."""
 
-    upload: PhotoUploaded  # the event as kept (`kept_upload`: no pixels): to re-ingest after an opt-in
+    upload: PhotoUploaded | PhotoEmbedded  # the event as kept (`kept_upload`: no pixels): to re-ingest after an opt-in
     embedding: np.ndarray  # float32, L2-normalized
     features: np.ndarray  # float32
     metadata: dict[str, float | int | str] = field(default_factory=dict)
@@ -88,6 +92,11 @@ class Contribution:
     @property
     def taken_at(self) -> datetime:
         return self.upload.effective_taken_at
+
+    @property
+    def on_device(self) -> bool:
+        """Computed on the person's device (the photo never reached the server)."""
+        return isinstance(self.upload, PhotoEmbedded)
 
 
 

@@ -107,6 +107,7 @@ class StoredContribution:
     features: np.ndarray
     added_version: int  # the user's first style version that counted it
     sha256: str | None  # of the photo's file (None for photos stored before manifests existed)
+    on_device: bool = False  # computed on the person's device (photo_embedded), not by ingestion
 
 
 @dataclass
@@ -195,8 +196,8 @@ def apply_update(view: UserView, update: UserUpdate) -> UserView:
     keeps (the DuckDB store does the same in SQL, loading only what a batch touches)."""
     stored = {k: v for k, v in view.stored.items() if k not in update.remove}
     version = view.version + update.changes_style
-    stored |= {c.photo_id: StoredContribution(c.album_id, w, c.embedding, c.features, version, c.sha256)
-               for c, w in update.add}
+    stored |= {c.photo_id: StoredContribution(c.album_id, w, c.embedding, c.features, version, c.sha256,
+                                              c.on_device) for c, w in update.add}
     catalog = {k: v for k, v in view.catalog.items() if k not in update.tombstones}
     catalog |= {c.photo_id: c.album_id for c in update.catalog}
     return UserView(update.stats, version, view.consent | update.consent, stored,

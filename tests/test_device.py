@@ -1,0 +1,100 @@
+"""On-device styles (transforms/device.py): contributions computed on the person's device with
+ingestion's own code count exactly as uploads ingestion decodes itself; bad ones are dead letters."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+import numpy as np
+import pytest
+from helpers import dead_letters, latest_styles, produce, read_topic
+
+from stylestream.demo.synthetic import make_library
+from stylestream.schemas.events import (
+    DeviceBasis,
+    PhotoEmbedded,
+    StyleLearningToggled,
+    encode_event,
+    parse_event,
+)
+from stylestream.streams.topics import CONSENT_EVENTS, PHOTO_EVENTS, STYLE_MANIFESTS
+from stylestream.transforms.device import DevicePhoto, contribution_events, device_basis
+from stylestream.transforms.embed import OpenClipImageHandler
+from stylestream.transforms.pixels import DecodeLimits
+
+pytestmark = pytest.mark.slow
+
+
+def device_events(photos, user: str, clip, limits: DecodeLimits) -> list[PhotoEmbedded]:
+    handler = OpenClipImageHandler(clip, device="cpu")
+    found = [DevicePhoto(p.photo_id, p.album_id, p.path.read_bytes(), p.taken_at) for p in photos]
+    return contribution_events(found, user, clip, limits, handler, handler.load_model())
+
+
+def manifests(bs: str) -> dict[str, dict]:
+    """Each person's latest manifest."""
+    out = {}
+    for m in read_topic(bs, STYLE_MANIFESTS):
+        if m.value:
+            e = parse_event(STYLE_MANIFESTS, m.value)
+            out[e.user_id] = e
+    return out
+
+
+def test_a_device_made_style_is_the_servers_and_bad_contributions_are_dead_letters(broker, make_ingestor,
+                                                                                       clip, tmp_path):
+    bs = broker.bootstrap_servers
+    photos = make_library(tmp_path / "lib", {"ana": [("beach", "warm", 3), ("office", "cool", 3)]})
+    ingestor = make_ingestor()
+    # 1. The same photos: uploaded for the server to decode (ana), analysed on a device (dev)
+    from_device = device_events(photos, "dev", clip, ingestor.cfg.limits)
+    assert all(isinstance(e, PhotoEmbedded) for e in from_device)
+    sent = b"".join(encode_event(e) for e in from_device)
+    assert not any(p.path.read_bytes()[:64] in sent for p in photos)  # no image bytes travel
+    produce(bs, PHOTO_EVENTS, [p.upload_event() for p in photos] + from_device)
+    ingestor.run_until_caught_up()
+    styles, made = latest_styles(bs), manifests(bs)
+    server, device = styles["ana"], styles["dev"]
+    assert device.photo_count == server.photo_count == 6
+    assert np.abs(np.asarray(device.embedding) - np.asarray(server.embedding)).max() <= 1e-6
+    assert max(abs(device.features[n] - server.features[n]) for n in server.features) <= 1e-6
+    assert made["dev"].style_code == made["ana"].style_code
+    rows = lambda m: [(p.photo_id, p.sha256, p.weight, p.album_id) for p in m.photos]  # noqa: E731
+    assert rows(made["dev"]) == rows(made["ana"])
+    assert {p.computed_on for p in made["dev"].photos} == {"device"}
+    assert {p.computed_on for p in made["ana"].photos} == {"server"}
+
+    # 2. Each bad contribution is a dead letter with its reason, and nothing else changes
+    good = from_device[0].model_dump(mode="json")
+    other = DeviceBasis(**{**good["basis"], "weights": "sha256:" + "0" * 64})
+    bad = {
+        "basis": good | {"photo_id": "x1", "basis": other.model_dump()},
+        "validate": good | {"photo_id": "x2", "embedding": [0.6, 0.8]},
+        "not finite": good | {"photo_id": "x3", "features": good["features"] | {"brightness": float("nan")}},
+        "unit length": good | {"photo_id": "x4", "embedding": [2 * x for x in good["embedding"]]},
+        "exactly the named": good | {"photo_id": "x5", "features": {"brightness": 0.5}},
+    }
+    produce(bs, PHOTO_EVENTS, [(b"dev", json.dumps(e).encode()) for e in bad.values()])
+    ingestor.run_until_caught_up()
+    assert latest_styles(bs)["dev"].version == device.version
+    reasons = sorted(reason for stage, reason in dead_letters(bs).values())
+    assert len(reasons) == 5, reasons
+    assert any("computed with another basis: weights" in r for r in reasons)
+    assert any("2 dimensions" in r for r in reasons)
+    for expected in ("not finite", "unit length", "exactly the named"):
+        assert any(expected in r for r in reasons), (expected, reasons)
+
+    # 3. Withdrawn like any photo: the office album off, then on again (its contributions re-published
+    #    from the state, with no device involved), then forgotten
+    def switch(enabled: bool, hour: int) -> None:
+        produce(bs, CONSENT_EVENTS, [StyleLearningToggled(
+            event_id=f"t{hour}", user_id="dev", event_time=datetime(2026, 1, 1, hour, tzinfo=UTC), scope="album",
+            scope_id="office", enabled=enabled)])
+        ingestor.run_until_caught_up()
+    switch(False, 1)
+    assert latest_styles(bs)["dev"].photo_count == 3
+    switch(True, 2)
+    back = latest_styles(bs)["dev"]
+    assert back.photo_count == 6 and np.abs(np.asarray(back.embedding) - np.asarray(server.embedding)).max() <= 1e-6
+    assert device_basis(clip, ingestor.cfg.limits) == from_device[0].basis
