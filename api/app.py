@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from stylestream.api.config import ApiConfig
 from stylestream.api.errors import NO_RETRY, ApiError, error_response
 from stylestream.api.follower import Follower
-from stylestream.api.routes import grants, images, me, service, videos
+from stylestream.api.routes import contributions, grants, images, me, service, videos
 from stylestream.api.services import BodyLimit, Services
 from stylestream.api.store import ApiStore
 from stylestream.keyfiles import create_once
@@ -63,10 +63,11 @@ def create_app(cfg: ApiConfig) -> FastAPI:
     app = FastAPI(title="stylestream", version="1", lifespan=lifespan, form_limits={"max_part_size": as_data_url},
                   summary="Personalized images and short clips with each person's own style; the person's view of "
                           "their style, switches and grants.")
-    app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes, uploads={"/v1/videos": as_data_url + FORM_OVERHEAD})
+    app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes, uploads={
+        "/v1/videos": as_data_url + FORM_OVERHEAD, "/v1/me/contributions": contributions.MAX_BODY_BYTES})
     _errors(app)
     app.mount("/static", StaticFiles(directory=service.STATIC), name="static")
-    for router in (service.router, images.router, videos.router, me.router, grants.router):
+    for router in (service.router, images.router, videos.router, me.router, contributions.router, grants.router):
         app.include_router(router)
     return app
 

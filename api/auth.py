@@ -30,7 +30,8 @@ from stylestream.schemas.events import Id
 
 _USER_ID = TypeAdapter(Id)
 STYLE_READ, IMAGES_GENERATE, CONSENT_WRITE = "style:read", "images:generate", "consent:write"
-GRANTABLE = (STYLE_READ, IMAGES_GENERATE, CONSENT_WRITE)
+PHOTOS_CONTRIBUTE = "photos:contribute"  # a device sends what it computed from the person's photos
+GRANTABLE = (STYLE_READ, IMAGES_GENERATE, CONSENT_WRITE, PHOTOS_CONTRIBUTE)
 # Only the person themselves (their own JWT) manages grants, downloads their data or asks to be forgotten.
 ACCOUNT = "account"
 GRANT_PREFIX = "ssg_"

@@ -84,7 +84,7 @@ class GrantRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=100, description="Which application this is for.")
-    scopes: list[Literal[GRANTABLE]] = Field(min_length=1, max_length=3)  # type: ignore[valid-type]
+    scopes: list[Literal[GRANTABLE]] = Field(min_length=1, max_length=len(GRANTABLE))  # type: ignore[valid-type]
     expires_in_s: int = Field(default=30 * 86400, ge=60, le=365 * 86400)
 
 

@@ -59,12 +59,15 @@ def history(state: StateLayout, user_id: str) -> list[dict]:
 
 
 def albums(photos: list[dict], consent: dict[str, ConsentRecord]) -> dict:
-    """The person's albums with their photo counts and switches (on unless switched off)."""
+    """The person's albums with their photo counts (how many analysed on their device) and switches
+    (on unless switched off)."""
     counts: dict[str | None, int] = {}
+    on_device: dict[str | None, int] = {}
     for p in photos:
         counts[p["album_id"]] = counts.get(p["album_id"], 0) + 1
+        on_device[p["album_id"]] = on_device.get(p["album_id"], 0) + bool(p["on_device"])
     return {"learning": _on(consent, scope_key("user")),
-            "albums": [{"album_id": a, "photo_count": n,
+            "albums": [{"album_id": a, "photo_count": n, "on_device": on_device[a],
                         "learning": a is None or _on(consent, scope_key("album", a))}
                        for a, n in sorted(counts.items(), key=lambda kv: kv[0] or "")]}
 
@@ -72,8 +75,8 @@ def albums(photos: list[dict], consent: dict[str, ConsentRecord]) -> dict:
 def photos(rows: list[dict], consent: dict[str, ConsentRecord]) -> list[dict]:
     """Each photo with whether it counts (ingestion's own rule, `transforms.style.is_excluded`) and
     whether it was analysed on the person's device (never sent to the server)."""
-    return [{**p, "on_device": bool(p["on_device"]), "learning": not is_excluded(consent, p["photo_id"], p["album_id"])}
-            for p in rows]
+    return [{**p, "on_device": bool(p["on_device"]),
+             "learning": not is_excluded(consent, p["photo_id"], p["album_id"])} for p in rows]
 
 
 def _on(consent: dict[str, ConsentRecord], key: str) -> bool:

@@ -18,6 +18,7 @@ import click
 import typer
 
 from stylestream.cli.api import api, api_spec, api_token
+from stylestream.cli.device import device_app
 from stylestream.cli.drift import drift_app, emit, history_app
 from stylestream.cli.options import DEFAULT_DATA_DIR, BootstrapServers, DataDir, Format, OutputFormat, Verbose
 from stylestream.cli.output import make_console
@@ -40,6 +41,7 @@ app.add_typer(drift_app, name="drift")
 app.add_typer(history_app, name="history")
 app.add_typer(style_app, name="style")
 app.add_typer(receipt_app, name="receipt")
+app.add_typer(device_app, name="device")
 console = make_console()
 
 

@@ -91,9 +91,15 @@ def taken_at(path: Path) -> datetime:
     return datetime.fromtimestamp(path.stat().st_mtime, UTC)
 
 
+def library_photo_id(user_id: str, key: str) -> str:
+    """A library photo's id, from its person and its place in the library: the same whether the library
+    is backfilled to the server or synced from the person's device."""
+    return "bf-" + hashlib.sha256(f"{user_id}\0{key}".encode()).hexdigest()[:24]
+
+
 def upload_event(item: LibraryItem, user_id: str, library_id: str) -> PhotoUploaded:
     data = item.path.read_bytes()
-    photo_id = "bf-" + hashlib.sha256(f"{user_id}\0{item.key}".encode()).hexdigest()[:24]
+    photo_id = library_photo_id(user_id, item.key)
     when = item.taken_at or taken_at(item.path)
     day, zone_known = capture_day(when), when.tzinfo is not None
     return PhotoUploaded(

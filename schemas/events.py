@@ -9,6 +9,7 @@ Schema files under schemas/json/ for producers in other languages.
 from __future__ import annotations
 
 import base64
+import hashlib
 import math
 from datetime import datetime
 from typing import Annotated, Literal
@@ -112,11 +113,12 @@ class DeviceBasis(BaseModel):
 UNIT_TOLERANCE = 1e-3  # how far from length 1 a device's embedding may be (float32 rounding is far less)
 
 
-class PhotoEmbedded(_Event):
-    """A photo analysed on the person's device (`stylestream device sync`): what a style needs of it,
-    computed with ingestion's own code, and nothing else; the photo itself never leaves the device."""
+class DeviceContribution(BaseModel):
+    """What a device sends of one photo (`stylestream device sync`, POST /v1/me/contributions): what a
+    style needs of it, computed with ingestion's own code, and nothing else; never a pixel."""
 
-    type: Literal["photo_embedded"] = "photo_embedded"
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
     photo_id: Id
     album_id: Id | None = None
     taken_at: AwareDatetime = Field(description="The day the photo was taken (00:00 UTC): all a style keeps.")
@@ -144,6 +146,19 @@ class PhotoEmbedded(_Event):
         if not all(math.isfinite(x) for x in v.values()):
             raise ValueError("a feature is not finite")
         return v
+
+    def as_event(self, user_id: str, at: datetime) -> PhotoEmbedded:
+        """As the photo-events event of `user_id` (the signed-in person: a device speaks for no one else),
+        with one event id per photo and file: sending it again is the same event."""
+        event_id = "device-" + hashlib.sha256(f"{self.photo_id}\n{self.sha256}".encode()).hexdigest()[:32]
+        return PhotoEmbedded(event_id=event_id, user_id=user_id, event_time=at, **self.model_dump())
+
+
+class PhotoEmbedded(_Event, DeviceContribution):
+    """A photo analysed on the person's device: its `DeviceContribution`, under the person's id. The
+    photo itself never leaves the device."""
+
+    type: Literal["photo_embedded"] = "photo_embedded"
 
     @property
     def effective_taken_at(self) -> datetime:

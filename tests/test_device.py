@@ -3,33 +3,41 @@ ingestion's own code count exactly as uploads ingestion decodes itself; bad ones
 
 from __future__ import annotations
 
+import base64
 import json
+import time
 from datetime import UTC, datetime
 
 import numpy as np
 import pytest
+import requests
 from helpers import dead_letters, latest_styles, produce, read_topic
+from typer.testing import CliRunner
 
+from stylestream.cli.main import app
 from stylestream.demo.synthetic import make_library
 from stylestream.schemas.events import (
     DeviceBasis,
     PhotoEmbedded,
     StyleLearningToggled,
+    UserForgotten,
     encode_event,
     parse_event,
 )
 from stylestream.streams.topics import CONSENT_EVENTS, PHOTO_EVENTS, STYLE_MANIFESTS
-from stylestream.transforms.device import DevicePhoto, contribution_events, device_basis
+from stylestream.transforms.device import DevicePhoto, contributions, device_basis
 from stylestream.transforms.embed import OpenClipImageHandler
 from stylestream.transforms.pixels import DecodeLimits
 
 pytestmark = pytest.mark.slow
+runner = CliRunner(env={"COLUMNS": "300"})
 
 
 def device_events(photos, user: str, clip, limits: DecodeLimits) -> list[PhotoEmbedded]:
     handler = OpenClipImageHandler(clip, device="cpu")
     found = [DevicePhoto(p.photo_id, p.album_id, p.path.read_bytes(), p.taken_at) for p in photos]
-    return contribution_events(found, user, clip, limits, handler, handler.load_model())
+    made = contributions(found, clip, limits, handler, handler.load_model())
+    return [c.as_event(user, datetime.now(UTC)) for c in made]
 
 
 def manifests(bs: str) -> dict[str, dict]:
@@ -98,3 +106,59 @@ def test_a_device_made_style_is_the_servers_and_bad_contributions_are_dead_lette
     back = latest_styles(bs)["dev"]
     assert back.photo_count == 6 and np.abs(np.asarray(back.embedding) - np.asarray(server.embedding)).max() <= 1e-6
     assert device_basis(clip, ingestor.cfg.limits) == from_device[0].basis
+    produce(bs, CONSENT_EVENTS, [UserForgotten(event_id="forget-dev", user_id="dev", event_time=datetime.now(UTC))])
+    ingestor.run_until_caught_up()
+    assert "dev" not in latest_styles(bs) and "ana" in latest_styles(bs)
+
+
+def test_a_person_syncs_from_their_device_through_the_api(api_system, clip, tmp_path, monkeypatch):
+    """`stylestream device sync` with a photos:contribute grant: contributions, never image bytes, become
+    dora's style; a second sync sends nothing; the style verifies from the same folder; the grant can
+    neither read her style nor speak for anyone else."""
+    library = tmp_path / "library"
+    photos = make_library(library, {"dora": [("hikes", "green", 3), ("city", "mono", 2)]})
+    files = [p.path.read_bytes() for p in photos]
+    dora = api_system.token("dora")
+    headers = {"Authorization": f"Bearer {dora}"}
+    made = requests.post(f"{api_system.url}/v1/me/grants", headers=headers, timeout=30,
+                         json={"name": "phone", "scopes": ["photos:contribute"]}).json()
+    phone = {"Authorization": f"Bearer {made['token']}"}
+    assert requests.get(f"{api_system.url}/v1/me/style", headers=phone, timeout=30).status_code == 403
+    sent: list[bytes] = []
+    real = requests.Session.request
+
+    def recording(self, method, url, **kw):  # the real request, its body kept for the check below
+        sent.append(json.dumps(kw.get("json")).encode())
+        return real(self, method, url, **kw)
+    monkeypatch.setattr(requests.Session, "request", recording)
+    ledger = tmp_path / "sent.json"
+    args = ["device", "sync", str(library), "--api", api_system.url, "--clip-pretrained", clip.pretrained,
+            "--ledger", str(ledger), "--data-dir", str(tmp_path / "data")]
+    first = runner.invoke(app, args, env={"STYLESTREAM_TOKEN": made["token"]})
+    assert first.exit_code == 0, first.output
+    assert "5 contributions sent, 0 sent before" in first.output
+    assert not any(f[i:i + 48] in body or base64.b64encode(f[i:i + 48]) in body
+                   for f in files for i in (0, len(f) // 2) for body in sent)  # no image bytes travel
+    deadline = time.monotonic() + 90
+    while (style := requests.get(f"{api_system.url}/v1/me/style", headers=headers, timeout=30)).status_code != 200:
+        assert time.monotonic() < deadline, "ingestion never counted dora's contributions"
+        time.sleep(0.5)
+    assert style.json()["photo_count"] == 5
+    listed = requests.get(f"{api_system.url}/v1/me/photos", headers=headers, timeout=30).json()["photos"]
+    assert len(listed) == 5 and all(p["on_device"] for p in listed)
+    again = runner.invoke(app, args, env={"STYLESTREAM_TOKEN": made["token"]})
+    assert again.exit_code == 0 and "0 contributions sent, 5 sent before" in again.output, again.output
+
+    # Her style verifies from the same folder, on her own machine
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps(requests.get(f"{api_system.url}/v1/me/export", headers=headers,
+                                                timeout=30).json()["manifest"]))
+    verified = runner.invoke(app, ["verify", "--manifest", str(manifest), "--photos", str(library),
+                                   "--clip-pretrained", clip.pretrained, "--data-dir", str(tmp_path / "data")])
+    assert verified.exit_code == 0, verified.output
+
+    # The grant speaks for dora only: a contribution naming someone else is refused, whole
+    one = next(json.loads(b) for b in sent if b != b"null")["contributions"][0]
+    body = {"contributions": [{**one, "user_id": "ben"}]}
+    refused = requests.post(f"{api_system.url}/v1/me/contributions", headers=phone, json=body, timeout=30)
+    assert refused.status_code == 400 and "user_id" in refused.json()["error"]["message"]

@@ -65,7 +65,7 @@ from stylestream.streams.topics import (
     STYLE_VECTORS,
     ensure_topics,
 )
-from stylestream.transforms.device import DevicePhoto, contribution_events
+from stylestream.transforms.device import DevicePhoto, contributions
 from stylestream.transforms.embed import OpenClipImageHandler
 
 N_EVENTS = 2000
@@ -233,8 +233,8 @@ def device_events(photos, settings: IngestSettings) -> list[PhotoEmbedded]:
     """The photos as a device sends them, computed as `stylestream device sync` does."""
     handler = OpenClipImageHandler(settings.clip, device="cpu")
     found = [DevicePhoto(p.photo_id, p.album_id, p.path.read_bytes(), p.taken_at) for p in photos]
-    return contribution_events(found, photos[0].user_id, settings.clip, settings.limits, handler,
-                               handler.load_model())
+    return [c.as_event(photos[0].user_id, T) for c in contributions(found, settings.clip, settings.limits, handler,
+                                                                  handler.load_model())]
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """Contributions computed on the person's device (photo_embedded events).
 
-The device side (`contribution_events`, what `stylestream device sync` runs) decodes, masks, measures
+The device side (`contributions`, what `stylestream device sync` runs) decodes, masks, measures
 and embeds each photo with ingestion's own code and sends only what a style needs; ingestion checks
 each event against the basis its state computes with (`DeviceChecks`) and counts it exactly as an
 upload it decoded and embedded itself."""
@@ -10,13 +10,13 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
 import numpy as np
 
 from stylestream.models.clip import ClipSpec, embedding_dim, weights_id
 from stylestream.schemas.dead_letters import DeadLetter
-from stylestream.schemas.events import DeviceBasis, PhotoEmbedded
+from stylestream.schemas.events import DeviceBasis, DeviceContribution, PhotoEmbedded
 from stylestream.schemas.tables import FEATURE_NAMES
 from stylestream.transforms.embed import LoadedClip, OpenClipImageHandler, embed_images
 from stylestream.transforms.images import style_image
@@ -63,14 +63,14 @@ class DevicePhoto:
     taken_at: datetime
 
 
-def contribution_events(photos: Sequence[DevicePhoto], user_id: str, clip: ClipSpec, limits: DecodeLimits,
-                        handler: OpenClipImageHandler, model: LoadedClip,
-                        ) -> list[PhotoEmbedded | tuple[DevicePhoto, PhotoError]]:
+def contributions(photos: Sequence[DevicePhoto], clip: ClipSpec, limits: DecodeLimits,
+                  handler: OpenClipImageHandler, model: LoadedClip,
+                  ) -> list[DeviceContribution | tuple[DevicePhoto, PhotoError]]:
     """What each photo contributes to its person's style, computed with ingestion's own decoding,
-    face masking, features and embedding (`style_image`, the same open_clip handler), as the events a
-    device sends; a photo that cannot be used is returned with the reason instead. Nothing of a photo
-    but its sha256, size, day taken, embedding and named features is in an event."""
-    basis, now = device_basis(clip, limits), datetime.now(UTC)
+    face masking, features and embedding (`style_image`, the same open_clip handler), as a device
+    sends it; a photo that cannot be used is returned with the reason instead. Nothing of a photo but
+    its sha256, size, day taken, embedding and named features is in a contribution."""
+    basis = device_basis(clip, limits)
     usable, out = [], []
     for photo in photos:
         try:
@@ -81,12 +81,9 @@ def contribution_events(photos: Sequence[DevicePhoto], user_id: str, clip: ClipS
         usable.append((photo, image, features))
     embeddings = embed_images(handler, model, [image for _, image, _ in usable]) if usable else []
     for (photo, _, features), embedding in zip(usable, embeddings, strict=True):
-        sha256 = hashlib.sha256(photo.data).hexdigest()
-        # one id per photo and file: sending it again is the same event
-        event_id = "device-" + hashlib.sha256(f"{photo.photo_id}\n{sha256}".encode()).hexdigest()[:32]
-        out.append(PhotoEmbedded(
-            event_id=event_id, user_id=user_id, event_time=now,
-            photo_id=photo.photo_id, album_id=photo.album_id, taken_at=capture_day(photo.taken_at), sha256=sha256,
-            size_bytes=len(photo.data), embedding=[float(x) for x in embedding],
+        out.append(DeviceContribution(
+            photo_id=photo.photo_id, album_id=photo.album_id, taken_at=capture_day(photo.taken_at),
+            sha256=hashlib.sha256(photo.data).hexdigest(), size_bytes=len(photo.data),
+            embedding=[float(x) for x in embedding],
             features={n: float(f) for n, f in zip(FEATURE_NAMES, features, strict=True)}, basis=basis))
     return out

@@ -120,7 +120,8 @@ async function showAlbums() {
     box.dataset.album = a.album_id ?? "";
     box.disabled = a.album_id === null || !scopes.includes("consent:write");  // photos in no album: no album switch
     box.addEventListener("change", () => switchLearning("album", a.album_id, box.checked));
-    label.append(box, ` ${a.album_id ?? "(no album)"} · ${a.photo_count} photos`);
+    const device = a.on_device ? ` (${a.on_device === a.photo_count ? "all" : a.on_device} analysed on your device)` : "";
+    label.append(box, ` ${a.album_id ?? "(no album)"} · ${a.photo_count} photos${device}`);
     li.append(label);
     return li;
   }));
