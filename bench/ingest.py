@@ -5,14 +5,17 @@
                    features, embedding, per-user update, DuckDB commit, Parquet, style-vectors)
   transforms only  the same Beam transforms (parse, decode, features, embed, group by user) over the
                    same messages held in memory: no Kafka, no DuckDB
+  contributions    the same USERS x PHOTOS as photo_embedded events (what a device sends: computed once
+                   per file here) on a second broker into a fresh state: the state's own cost, with no
+                   decoding or embedding on the server
   steady           RATE events/s for DURATION s into a following ingestion (each event a new user),
                    timing each event from produce to its user's vector on the style-vectors topic,
                    and the process's resident memory from the end of warm-up to the end
 
 Photos are 320x240 JPEGs (64 distinct files shared by all photo ids). The transforms alone run before
 and after the full path; the ratio is against the mean of the two. Final line: one JSON object
-with events_per_s, photos_per_s, overhead_ratio (full path time / transforms-only time),
-latency_p50_s, latency_p99_s and rss_growth.
+with events_per_s, photos_per_s, contribution_events_per_s (and its ratio to events_per_s),
+overhead_ratio (full path time / transforms-only time), latency_p50_s, latency_p99_s and rss_growth.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -39,14 +43,17 @@ from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from stylestream.demo.synthetic import LOOKS, SyntheticPhoto, render
 from stylestream.models.clip import ensure_tiny_clip
 from stylestream.pipelines.ingest import IngestConfig, Ingestor
-from stylestream.schemas.events import encode_event, parse_event
+from stylestream.schemas.events import DeviceContribution, encode_event, parse_event
 from stylestream.streams import clients
 from stylestream.streams.broker import add_broker_option, start_local_broker
 from stylestream.streams.topics import PHOTO_EVENTS, STYLE_VECTORS, ensure_topics
-from stylestream.transforms.embed import EmbedPhotos
+from stylestream.transforms.device import DevicePhoto, contributions
+from stylestream.transforms.embed import EmbedPhotos, OpenClipImageHandler
 from stylestream.transforms.grouping import GroupByUser
 from stylestream.transforms.images import PreparePhotos
 from stylestream.transforms.parse import ParseEvents
+from stylestream.transforms.pixels import DecodeLimits
+from stylestream.transforms.records import capture_day
 
 
 def photo_files(root: Path) -> list[Path]:
@@ -61,6 +68,47 @@ def photo_files(root: Path) -> list[Path]:
 def upload(files: list[Path], user: str, n: int, when: datetime) -> bytes:
     p = SyntheticPhoto(user, f"{user}-p{n}", f"{user}-a{n % 3}", "", files[(hash(user) + n) % len(files)], when)
     return encode_event(p.upload_event(when))
+
+
+def device_contributions(files: list[Path], clip) -> list[DeviceContribution]:
+    """Each file's contribution as a device computes it (`stylestream device sync`'s code)."""
+    handler = OpenClipImageHandler(clip, device="cpu")
+    photos = [DevicePhoto(f"f{i}", None, path.read_bytes(), datetime(2025, 1, 1, tzinfo=UTC))
+              for i, path in enumerate(files)]
+    return contributions(photos, clip, DecodeLimits(), handler, handler.load_model())
+
+
+def contribution(made: list[DeviceContribution], user: str, n: int, when: datetime) -> bytes:
+    c = made[(hash(user) + n) % len(made)].model_copy(update={
+        "photo_id": f"{user}-p{n}", "album_id": f"{user}-a{n % 3}", "taken_at": capture_day(when)})
+    return encode_event(c.as_event(user, when))
+
+
+def contributions_path(broker_engine: str, work: Path, clip, made: list[DeviceContribution], users: int,
+                       photos: int) -> float:
+    """Seconds for ingestion to count USERS x PHOTOS device contributions, on a broker of their own."""
+    broker = start_local_broker(broker_engine)
+    try:
+        bs = broker.bootstrap_servers
+        ensure_topics(bs)
+        produce(bs, lambda user, n, when: contribution(made, user, n, when), users, photos)
+        with Ingestor(IngestConfig(bs, work / "state-contributions", clip)) as ingestor:
+            t = time.perf_counter()
+            ingestor.run_until_caught_up()
+            return time.perf_counter() - t
+    finally:
+        broker.stop()
+
+
+def produce(bs: str, event: Callable[[str, int, datetime], bytes], users: int, photos: int) -> None:
+    producer = clients.producer(bs, linger_ms=20, batch_size=512 * 1024)
+    t0 = datetime(2025, 1, 1, tzinfo=UTC)
+    for n in range(photos):
+        for u in range(users):
+            user = f"user-{u:05d}"
+            producer.send(PHOTO_EVENTS, key=user.encode(), value=event(user, n, t0 + timedelta(hours=n)))
+    producer.flush()
+    producer.close()
 
 
 def transforms_only(messages: list[clients.Message], cfg: IngestConfig) -> float:
@@ -157,14 +205,7 @@ def main() -> None:
     try:
         bs = broker.bootstrap_servers
         ensure_topics(bs)
-        producer = clients.producer(bs, linger_ms=20, batch_size=512 * 1024)
-        t0 = datetime(2025, 1, 1, tzinfo=UTC)
-        for n in range(a.photos):
-            for u in range(a.users):
-                user = f"user-{u:05d}"
-                producer.send(PHOTO_EVENTS, key=user.encode(), value=upload(files, user, n, t0 + timedelta(hours=n)))
-        producer.flush()
-        producer.close()
+        produce(bs, lambda user, n, when: upload(files, user, n, when), a.users, a.photos)
         events = a.users * a.photos
         cfg = IngestConfig(bs, work / "state", clip)
         messages = clients.read_all(bs, PHOTO_EVENTS)
@@ -187,12 +228,17 @@ def main() -> None:
                           "events_per_s": round(events / full_s, 1)}), flush=True)
         baseline()
         baseline_s = float(np.mean(only_s))
+        device_s = contributions_path(a.broker, work, clip, device_contributions(files, clip), a.users, a.photos)
+        print(json.dumps({"bench": "contributions", "events": events, "seconds": round(device_s, 1),
+                          "events_per_s": round(events / device_s, 1)}), flush=True)
         s = steady(cfg, files, a.rate, a.duration, a.warmup, a.profile)
         print(json.dumps({"bench": "steady", **s}), flush=True)
     finally:
         broker.stop()
     print(json.dumps({"bench": "ingest", "users": a.users, "photos_per_user": a.photos,
                       "events_per_s": round(events / full_s, 1), "photos_per_s": round(events / full_s, 1),
+                      "contribution_events_per_s": round(events / device_s, 1),
+                      "contribution_speedup": round(full_s / device_s, 2),
                       "transforms_only_per_s": round(len(messages) / baseline_s, 1),
                       "overhead_ratio": round(full_s / baseline_s, 3), "latency_p50_s": s["latency_p50_s"],
                       "latency_p99_s": s["latency_p99_s"], "rss_growth": s["rss_growth"],

@@ -50,6 +50,7 @@ def test_ingest_bench_runs(broker_engine):
     r = final_json("ingest.py", "--users", "10", "--photos", "3", "--rate", "5", "--duration", "4", "--warmup", "1",
                    "--broker", broker_engine)
     assert {"events_per_s", "overhead_ratio", "latency_p50_s", "latency_p99_s", "rss_growth"} <= set(r)
+    assert r["contribution_events_per_s"] > 0, r
 
 
 @pytest.mark.slow

@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from pathlib import Path
 
 import pytest
 import requests
 from PIL import Image
 from playwright.sync_api import Page, expect, sync_playwright
+
+from stylestream.demo.synthetic import make_library
+from stylestream.transforms.device import DevicePhoto, contributions
+from stylestream.transforms.embed import OpenClipImageHandler
+from stylestream.transforms.pixels import DecodeLimits
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -127,6 +133,35 @@ def test_a_person_makes_a_clip_from_a_picture_and_plays_it_on_the_page(api_syste
     expect(page.locator("#clip-gallery figcaption").first).to_contain_text("a harbour at dusk · 1 s · style v")
     assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]  # long facet names too
     shot(page, "7-clip")
+    page.close()
+    assert errors == []
+
+
+def test_photos_analysed_on_a_device_are_marked_and_switched_off_like_any_other(api_system, browser, clip, tmp_path):
+    photos = make_library(tmp_path / "lib", {"devi": [("trail", "green", 2), ("home", "warm", 2)]})
+    handler = OpenClipImageHandler(clip, device="cpu")
+    made = contributions([DevicePhoto(p.photo_id, p.album_id, p.path.read_bytes(), p.taken_at) for p in photos],
+                         clip, DecodeLimits(), handler, handler.load_model())
+    headers = {"Authorization": f"Bearer {api_system.token('devi')}"}
+    sent = requests.post(f"{api_system.url}/v1/me/contributions", headers=headers, timeout=30,
+                         json={"contributions": [c.model_dump(mode="json") for c in made]})
+    assert sent.status_code == 202, sent.text
+    deadline = time.monotonic() + 90
+    while requests.get(f"{api_system.url}/v1/me/style", headers=headers, timeout=30).status_code != 200:
+        assert time.monotonic() < deadline, "ingestion never counted the device's contributions"
+        time.sleep(0.5)
+    page = browser.new_page(viewport=PHONE)
+    errors = []
+    page.on("pageerror", lambda e: errors.append(e))
+    page.set_default_timeout(60_000)
+    page.goto(f"{api_system.url}/#token={api_system.token('devi')}")
+    trail = page.locator("#album-list li", has_text="trail")
+    expect(trail).to_contain_text("2 photos (all analysed on your device)")
+    expect(page.locator("#version")).to_contain_text("4 photos")
+    trail.locator("input").uncheck()
+    expect(page.locator("#message")).to_contain_text("Your style is now version")
+    expect(page.locator("#version")).to_contain_text("2 photos")
+    shot(page, "8-device-photos")
     page.close()
     assert errors == []
 
