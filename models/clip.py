@@ -101,8 +101,16 @@ def weights_id(spec: ClipSpec) -> str:
     path = Path(spec.pretrained)
     if not path.is_file():
         return f"open_clip:{spec.pretrained}"
+    stat = path.stat()
+    return _file_digest(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@cache
+def _file_digest(path: str, _size: int, _mtime_ns: int) -> str:
+    """sha256:<hex> of a checkpoint, once per file version (ingestion asks every cycle; a real model's
+    checkpoint is hundreds of megabytes)."""
     digest = hashlib.sha256()
-    with path.open("rb") as f:
+    with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return f"sha256:{digest.hexdigest()}"
