@@ -50,7 +50,8 @@ def fold(db: sqlite3.Connection, store: ApiStore, m: Message) -> str | None:
             return None
     match e.type:
         case "photo_uploaded" | "photo_embedded":  # the day only: the page needs no more, and keeps no more
-            db.execute("INSERT OR REPLACE INTO photos VALUES (?, ?, ?, ?, ?)", (
+            # The first event of a photo is the one ingestion counts (a photo is never added twice).
+            db.execute("INSERT OR IGNORE INTO photos VALUES (?, ?, ?, ?, ?)", (
                 e.user_id, e.photo_id, e.album_id, e.event_time.date().isoformat(), int(e.type == "photo_embedded")))
         case "photo_deleted":
             db.execute("DELETE FROM photos WHERE user_id = ? AND photo_id = ?", (e.user_id, e.photo_id))

@@ -284,6 +284,17 @@ class ApiStore:
             "ORDER BY album_id, photo_id",
             [user_id])]
 
+    def device_photos(self, user_id: str) -> list[str]:
+        """The ids of the person's catalogued photos that their device analysed."""
+        return [r["photo_id"] for r in self._rows(
+            "SELECT photo_id FROM photos WHERE user_id = ? AND on_device = 1 ORDER BY photo_id", [user_id])]
+
+    def basis(self) -> dict | None:
+        """The basis the service's styles are computed with (every manifest names the same), if any is
+        folded yet: what a device must compute with."""
+        rows = self._rows("SELECT event FROM manifest_versions LIMIT 1")
+        return json.loads(rows[0]["event"])["basis"] if rows else None
+
     def consent(self, user_id: str) -> dict[str, ConsentRecord]:
         """The person's switches by scope key (`transforms.style.scope_key`), as ingestion holds them."""
         return {r["scope_key"]: ConsentRecord(bool(r["enabled"]), datetime.fromisoformat(r["event_time"]),

@@ -94,8 +94,11 @@ def contributions_path(broker_engine: str, work: Path, clip, made: list[DeviceCo
         produce(bs, lambda user, n, when: contribution(made, user, n, when), users, photos)
         with Ingestor(IngestConfig(bs, work / "state-contributions", clip)) as ingestor:
             t = time.perf_counter()
-            ingestor.run_until_caught_up()
-            return time.perf_counter() - t
+            cycles = ingestor.run_until_caught_up()
+            seconds = time.perf_counter() - t
+        if sum(c.photos for c in cycles) != users * photos or any(c.dead_letters for c in cycles):
+            raise SystemExit(f"the contributions were not all counted: {cycles}")
+        return seconds
     finally:
         broker.stop()
 

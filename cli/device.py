@@ -33,14 +33,11 @@ def sync(
     mask_faces: Annotated[bool, typer.Option(
         "--mask-faces", help="Fill faces before measuring, as the service's ingestion does when it masks them "
                              "(the basis must match, or the service refuses the contributions).")] = False,
-    ledger: Annotated[Path | None, typer.Option(
-        metavar="FILE", help="Where to remember what was sent (default: one file per API, person and library "
-                             "under ~/.cache/stylestream/device).")] = None,
     verbose: Verbose = False,
 ) -> None:
     """Decode, measure and embed your photos here, with the service's own code, and send only each
     photo's sha256, size, day taken, embedding and named features: never a pixel or any other metadata.
-    Resumable: photos already accepted are skipped."""
+    Resumable: the photos the service already holds from your device are skipped."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     from stylestream.cli.main import _quiet
@@ -55,12 +52,12 @@ def sync(
         columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         with Progress(*columns, console=console) as bar:
             task = bar.add_task("analysing", total=None)
-            report = run_sync(photos, Api(api, token), clip, DecodeLimits(mask_faces=mask_faces), ledger,
-                              on_photos=lambda n: bar.advance(task, n))
+            report = run_sync(photos, Api(api, token), clip, DecodeLimits(mask_faces=mask_faces),
+                              on_total=lambda n: bar.update(task, total=n), on_photos=lambda n: bar.advance(task, n))
     except (SyncError, ValueError) as e:
         console.print(f"[red]cannot sync:[/] {e}", soft_wrap=True)
         raise typer.Exit(1) from None
     console.print(f"{report.total} photos in {photos}: {counted(report.sent, 'contribution')} sent, "
-                  f"{report.already} sent before")
+                  f"{report.already} held already")
     for path, why in report.unusable.items():
         console.print(f"  not usable: {path}: {why}", soft_wrap=True)

@@ -92,7 +92,6 @@ def clip_spec(models_dir: Path, model: str = TINY_CLIP, pretrained: str | None =
     return ClipSpec(model, pretrained)
 
 
-@cache
 def weights_id(spec: ClipSpec) -> str:
     """Which weights a spec loads, for style manifests: sha256:<hex> of a checkpoint file,
     open_clip:<tag> for open_clip's named weights, random:seed0 for the seeded random ones."""

@@ -89,7 +89,7 @@ class StoreError(RuntimeError):
 class CycleResult:
     cycle: int
     events: int
-    photos: int  # uploads among the events
+    photos: int  # uploads and device contributions among the events
     dead_letters: int
     users_updated: int
     lag: int | None = None  # events left on the input topics when the cycle was planned, after it

@@ -37,7 +37,7 @@ from typing import Protocol
 
 from stylestream.pipelines.plan import Erasure, NewVersion, after_forgets, new_version
 from stylestream.privacy.erasure import STATE_KINDS
-from stylestream.schemas.events import PhotoUploaded, StyleBasis
+from stylestream.schemas.events import PhotoEmbedded, PhotoUploaded, StyleBasis
 from stylestream.transforms.records import UserBatch
 from stylestream.transforms.style import (
     ConsentRecord,
@@ -79,7 +79,8 @@ class PhotoEntry:
 
     photo_id: str
     album_id: str | None
-    upload: PhotoUploaded | None  # the catalogued upload (references only); None once deleted
+    upload: PhotoUploaded | PhotoEmbedded | None  # the catalogued upload (references only, or a device's
+    # contribution whole); None once deleted
     deleted: bool = False
     stored: StoredContribution | None = None  # while the photo counts
 
@@ -152,7 +153,7 @@ class UserCells(Protocol):
 class Applied:
     """What one batch asks of the runner."""
 
-    reingest: list[PhotoUploaded]  # uploads to publish again: their photos count again after an opt-in
+    reingest: list[PhotoUploaded | PhotoEmbedded]  # uploads to publish again: they count again after an opt-in
     changed: bool  # the user's style changed: a publish must follow
     set_timer: bool  # ...and none is pending yet (for runners whose timers replace each other)
     erased: list[tuple[str, bytes, bytes | None]] = field(default_factory=list)  # the tombstones to publish

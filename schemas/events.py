@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import math
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -128,6 +128,13 @@ class DeviceContribution(BaseModel):
     features: dict[str, float] = Field(description="the named aesthetic features (transforms/features.py)")
     basis: DeviceBasis
 
+    @field_validator("taken_at")
+    @classmethod
+    def _day(cls, v: datetime) -> datetime:
+        """Only the day travels, whatever a client sends."""
+        day = v.astimezone(UTC)
+        return datetime(day.year, day.month, day.day, tzinfo=UTC)
+
     @field_validator("embedding")
     @classmethod
     def _unit(cls, v: list[float]) -> list[float]:
@@ -149,8 +156,8 @@ class DeviceContribution(BaseModel):
 
     def as_event(self, user_id: str, at: datetime) -> PhotoEmbedded:
         """As the photo-events event of `user_id` (the signed-in person: a device speaks for no one else),
-        with one event id per photo and file: sending it again is the same event."""
-        event_id = "device-" + hashlib.sha256(f"{self.photo_id}\n{self.sha256}".encode()).hexdigest()[:32]
+        with one event id per person, photo and file: sending it again is the same event."""
+        event_id = "device-" + hashlib.sha256(f"{user_id}\n{self.photo_id}\n{self.sha256}".encode()).hexdigest()[:32]
         return PhotoEmbedded(event_id=event_id, user_id=user_id, event_time=at, **self.model_dump())
 
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from stylestream.models.clip import ClipSpec, weights_id
 from stylestream.schemas.events import (
+    DeviceBasis,
     Explanation,
     FacetPulls,
     FeaturePulls,
@@ -42,8 +43,13 @@ EXPLAINED_COLUMNS = [FEATURE_NAMES.index(n) for n in EXPLAINED_FEATURES]  # thei
 
 def style_basis(clip: ClipSpec, half_life_days: float, limits: DecodeLimits) -> StyleBasis:
     """The basis of every version ingestion configured so computes."""
-    return StyleBasis(model=clip.model, weights=weights_id(clip), half_life_days=half_life_days,
-                      preprocessing=limits.preprocessing)
+    return StyleBasis(**device_basis(clip, limits).model_dump(), half_life_days=half_life_days)
+
+
+def device_basis(clip: ClipSpec, limits: DecodeLimits) -> DeviceBasis:
+    """The part of the basis that touches pixels: what a device must compute with for its
+    contributions to count in a state configured so."""
+    return DeviceBasis(model=clip.model, weights=weights_id(clip), preprocessing=limits.preprocessing)
 
 
 def canonical_json(value: object) -> bytes:

@@ -24,6 +24,17 @@ class Contributions(BaseModel):
     contributions: list[DeviceContribution] = Field(min_length=1, max_length=MAX_PER_REQUEST)
 
 
+@router.get("/v1/me/contributions", responses=ERRORS)
+def contributed(request: Request, principal: Caller) -> dict:
+    """What a device needs before it sends: the basis the service computes styles with (null until a
+    style exists), and the photos of the person it already holds from their device."""
+    principal.require(PHOTOS_CONTRIBUTE)
+    store = services_of(request).store
+    basis = store.basis()
+    return {"basis": {k: basis[k] for k in ("model", "weights", "preprocessing")} if basis else None,
+            "photo_ids": store.device_photos(principal.user_id)}
+
+
 @router.post("/v1/me/contributions", status_code=202, responses=ERRORS)
 async def contribute(body: Contributions, request: Request, principal: Caller) -> dict:
     """Photos analysed on the person's device: each becomes a photo_embedded event of the token's

@@ -67,7 +67,8 @@ def my_albums(request: Request, principal: Caller) -> dict:
 
 @router.get("/v1/me/photos", responses=ERRORS)
 def my_photos(request: Request, principal: Caller) -> dict:
-    """Photos as catalogued: references only (id, album, upload day), each with whether it counts."""
+    """Photos as catalogued: references only (id, album, upload day), each with whether it counts and
+    whether it was analysed on the person's device."""
     principal.require(STYLE_READ)
     store = services_of(request).store
     return {"photos": views.photos(store.photos(principal.user_id), store.consent(principal.user_id))}
