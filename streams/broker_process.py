@@ -20,11 +20,15 @@ class BrokerError(RuntimeError):
     pass
 
 
-def free_port() -> int:
-    # Port 0 would be advertised as 0 by Tansu, so pick a free port ourselves.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(other_than: int | None = None) -> int:
+    """A free port of 127.0.0.1 (not `other_than`: two picks in a row may return the same one once the
+    first socket is closed). Port 0 would be advertised as 0 by Tansu, so pick a free port ourselves."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port != other_than:
+            return port
 
 
 @dataclass

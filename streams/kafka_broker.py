@@ -107,7 +107,7 @@ def start_kafka(log_dir: Path, port: int | None = None) -> LocalBroker:
     log_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     props = log_dir / "server.properties"
-    props.write_text(server_properties(log_dir, port, free_port()))
+    props.write_text(server_properties(log_dir, port, free_port(other_than=port)))
     if not (log_dir / "logs" / "meta.properties").exists():  # a new log directory: give it a cluster id
         # "--cluster-id=ID" in one word: an id may start with "-", which would read as an option
         formatted = subprocess.run([java, "-cp", classpath, "kafka.tools.StorageTool", "format",
