@@ -213,16 +213,16 @@ def test_every_readme_command_works_as_written(tmp_path, broker, models):
                 assert me.status_code == 200 and me.json()["user_id"] == user, me.text
                 stops[command.split(" -")[0]] = running.interrupt()
                 outputs[readme_command] = running.output()
-            elif "stylestream device sync" in command:
-                # the service's API, here on a free port and with the demo issuer's key the command's own
-                # `api-token` makes; the sync's ledger in the test's folder, not the home cache
+            elif command.startswith("stylestream device sync"):
+                # the service's API on the README's state, here on a free port, and Ana's token signed with
+                # the demo issuer's key, as the README says
                 srv = values["/srv/stylestream"]
-                key = re.search(r"--jwt-public-key (\S+)", run(f"stylestream api-token ana --data-dir {srv}")).group(1)
+                signed = run(f"stylestream api-token ana --data-dir {srv}")
+                key, token = re.search(r"--jwt-public-key (\S+)", signed).group(1), signed.split()[-1]
                 api = start(f"stylestream api -b {values['KAFKA']} --data-dir {srv} --jwt-public-key {key} "
                             f"--port {free_port()}", f"{i}-api.log")
                 url = api.wait_for(r"(http://127\.0\.0\.1:\d+)/").group(1)
-                outputs[readme_command] = run(f"XDG_CACHE_HOME={tmp_path / 'device-cache'} "
-                                              + command.replace("http://127.0.0.1:8000", url))
+                outputs[readme_command] = run(command.replace("http://127.0.0.1:8000", url).replace("ANA_TOKEN", token))
                 stops["api (device sync)"] = api.interrupt()
             elif command.startswith(("stylestream flink-job", "stylestream history follow")):
                 # long-running beside a streaming runner: it starts against the broker, then Ctrl-C
@@ -278,8 +278,8 @@ def test_every_readme_command_works_as_written(tmp_path, broker, models):
     assert "the published vector is the one these photos give" in output_of("stylestream verify --manifest")
     assert "valid" in output_of("stylestream receipt verify")
     # ...and syncs her library from her device: analysed here, sent as contributions, none of it twice
-    assert re.search(r"\d+ photos in \S+: \d+ contributions? sent", output_of("STYLESTREAM_TOKEN=")), \
-        output_of("STYLESTREAM_TOKEN=")
+    synced = output_of("stylestream device sync")
+    assert re.search(r"\d+ photos in \S+: \d+ contributions? sent, \d+ held already", synced), synced
     assert re.search(r"nothing found|^0 findings", output_of("stylestream audit --user ana"), re.M)
 
 
@@ -299,8 +299,7 @@ def test_readme_lists_exactly_the_features_and_metadata_the_code_keeps():
 
 def test_every_readme_command_is_one_the_test_can_run():
     """A new kind of command in the README must be taught to the README test, not skipped by it."""
-    known = ("stylestream ", "make demo", ".venv/bin/python -m stylestream.models.tiny_style",
-             "STYLESTREAM_TOKEN=$(stylestream api-token", *NOT_RUN)
+    known = ("stylestream ", "make demo", ".venv/bin/python -m stylestream.models.tiny_style", *NOT_RUN)
     commands = readme_commands(README.read_text())
     assert commands and all(c.startswith(known) for c in commands), [c for c in commands if not c.startswith(known)]
     assert commands.count("stylestream broker") == 1  # one local broker serves the rest
