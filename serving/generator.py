@@ -136,19 +136,19 @@ class StyleGenerator:
         #    starting image (image-to-image)
         fresh = [i for i, c in enumerate(conds) if c.start is None]
         started = [i for i, c in enumerate(conds) if c.start is not None]
-        rows: dict[int, torch.Tensor] = {}
+        first_rows: dict[int, torch.Tensor] = {}  # request index -> its latents
         if fresh:
             previews = self._previews([requests[i] for i in fresh], lambda row, *a: on_preview(fresh[row], *a)
                                       ) if on_preview else None
             made = self._call(self.pipe, [requests[i] for i in fresh], [conds[i] for i in fresh], width=first.width,
                               height=first.height, callback_on_step_end=previews)
-            rows.update(zip(fresh, made, strict=True))
+            first_rows.update(zip(fresh, made, strict=True))
         if started:
             made = self._call(self.refine, [requests[i] for i in started], [conds[i] for i in started],
                               image=[conds[i].start for i in started],
                               strength=start_strength(first.num_inference_steps))
-            rows.update(zip(started, made, strict=True))
-        latents = torch.stack([rows[i] for i in range(len(requests))])
+            first_rows.update(zip(started, made, strict=True))
+        latents = torch.stack([first_rows[i] for i in range(len(requests))])
         stills = [i for i, r in enumerate(requests) if r.clip is None]
         images: list = [None] * len(requests)
         for i, image in zip(stills, self._decode(latents[stills]) if stills else [], strict=True):
