@@ -452,12 +452,24 @@ def schemas_export(check: Annotated[bool, typer.Option(help="Only check the file
         console.print(f"wrote {path}")
 
 
+_CTRL_C = threading.Event()
+
+
+def _on_ctrl_c(signum, frame) -> None:
+    _CTRL_C.set()
+    signal.default_int_handler(signum, frame)
+
+
 def main() -> None:
     """The `stylestream` command: usage errors exit 2 (click says which option), anything else that
-    goes wrong is one line and exit 1; STYLESTREAM_DEBUG=1 shows the traceback instead."""
+    goes wrong is one line and exit 1; STYLESTREAM_DEBUG=1 shows the traceback instead. Ctrl-C exits
+    130, also when a library turned it into an error of its own (DuckDB interrupts its query)."""
+    signal.signal(signal.SIGINT, _on_ctrl_c)
     try:
         app()
     except Exception as e:
+        if _CTRL_C.is_set():
+            sys.exit(130)
         if os.environ.get("STYLESTREAM_DEBUG"):
             raise
         what = _headline(e)
