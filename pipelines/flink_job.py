@@ -283,6 +283,8 @@ class UpdateUserStyle(KeyedProcessFunction):
             self._timer_after(ctx, self._delay_ms)
         for upload in applied.reingest:  # kept until read back, like versions
             yield from self._publish(ctx, upload.event_id, [(PHOTO_EVENTS, *to_message(upload))])
+        for letter in applied.dead_letters:  # contributions refused: out with the checkpoint, like StyleInputs'
+            yield Row(*letter.message())
 
     def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext):
         # 1. The latest version, if a change waits.

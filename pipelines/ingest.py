@@ -143,7 +143,7 @@ class _Commit(beam.DoFn):
         plan, writes, dead = planned
         subjects = {e.user_id: erasure.subject(e.user_id, self._key) for e in writes.erasures}
         with Store(self._cfg.db_path, create=False) as store:
-            yield store.commit_cycle(plan.cycle, plan.ranges, writes, dead, subjects)
+            yield store.commit_cycle(plan.cycle, plan.ranges, writes, [*dead, *writes.dead_letters], subjects)
 
 
 def _gathered(_: str, grouped: dict[str, list]) -> tuple[CyclePlan, list[UserBatch], list[DeadLetter]]:

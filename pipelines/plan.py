@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from stylestream.privacy.erasure import erasure_messages
+from stylestream.schemas.dead_letters import DeadLetter
 from stylestream.schemas.events import (
     ErasedRequest,
     ErasureNotice,
@@ -155,6 +156,7 @@ class CycleWrites:
     versions: list[NewVersion]  # for users whose style changed, by user id
     redactions: list[Redaction]
     erasures: list[Erasure]
+    dead_letters: list[DeadLetter]  # contributions the state refused (`UserUpdate.refused`)
     photos: int  # contributions (embedded uploads) among the cycle's events
     planned_at: datetime  # the new versions' time
 
@@ -180,7 +182,8 @@ def plan_cycle(views: dict[str, UserView], batches: list[UserBatch], basis: Styl
         # 2. The rest, by the per-user rule
         if not b.empty:
             plans[b.user_id] = plan_user(view, b, basis, now)
-            photos += len(b.contributions)
+            photos += len(b.contributions) - len(plans[b.user_id].update.refused)
     return CycleWrites({u: p.update for u, p in plans.items()},
                        [p.version for p in plans.values() if p.version],
-                       [p.redaction for p in plans.values() if p.redaction], erasures, photos, now)
+                       [p.redaction for p in plans.values() if p.redaction], erasures,
+                       [d for p in plans.values() for d in p.update.dead_letters], photos, now)

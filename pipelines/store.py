@@ -237,6 +237,12 @@ class Store:
             for u, p in self.db.execute("SELECT t.user_id, t.photo_id FROM tombstones t SEMI JOIN photo_keys k "
                                         "ON k.user_id = t.user_id AND k.photo_id = t.photo_id").fetchall():
                 views[u].deleted.add(p)
+            # The files' sha256 as records.catalogued_sha256 reads them: a device's, or a reference's.
+            for u, p, sha in self.db.execute(
+                    "SELECT t.user_id, t.photo_id, coalesce(t.upload->>'$.sha256', t.upload->>'$.image.sha256') "
+                    "FROM photos t SEMI JOIN photo_keys k ON k.user_id = t.user_id AND k.photo_id = t.photo_id "
+                    "WHERE coalesce(t.upload->>'$.sha256', t.upload->>'$.image.sha256') IS NOT NULL").fetchall():
+                views[u].files[p] = sha
             for u, p, a in self.db.execute(f"SELECT user_id, photo_id, album_id FROM photos t WHERE {touched}",
                                            {"whole": whole}).fetchall():
                 views[u].catalog[p] = a

@@ -37,7 +37,7 @@ from stylestream.models.clip import ClipSpec, embedding_dim
 from stylestream.pipelines.plan import NewVersion
 from stylestream.pipelines.prism import ensure_prism
 from stylestream.pipelines.settings import IngestSettings, SettingsError, add_arguments, from_arguments
-from stylestream.pipelines.streaming_state import ERASED, PUBLISH_DELAY_S, REINGEST, UpdateUserStyle
+from stylestream.pipelines.streaming_state import ERASED, PUBLISH_DELAY_S, REFUSED, REINGEST, UpdateUserStyle
 from stylestream.schemas.dead_letters import DeadLetter
 from stylestream.schemas.events import StyleBasis, to_message
 from stylestream.schemas.tables import FEATURE_NAMES
@@ -56,7 +56,8 @@ def build_streaming(messages: beam.PCollection, clip: ClipSpec, limits: DecodeLi
     inputs = messages | "StyleInputs" >> StyleInputs(clip, limits)
     updates = (inputs["contributions"], inputs["deletes"], inputs["toggles"]) | "UpdateUserStyle" >> UpdateUserStyle(
         embedding_dim(clip), len(FEATURE_NAMES), basis, key, publish_delay_s)
-    return updates.versions, updates[REINGEST], updates[ERASED], inputs["dead"]
+    dead = (inputs["dead"], updates[REFUSED]) | "DeadLetters" >> beam.Flatten()
+    return updates.versions, updates[REINGEST], updates[ERASED], dead
 
 
 class _Publish(beam.DoFn):

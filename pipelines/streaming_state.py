@@ -35,6 +35,7 @@ from stylestream.transforms.records import Contribution, Sourced, UserBatch
 
 REINGEST = "reingest"
 ERASED = "erased"
+REFUSED = "refused"
 
 
 def _hash(text: str, bits: int) -> int:
@@ -220,6 +221,8 @@ class _UpdateUserStyle(beam.DoFn):
             yield beam.pvalue.TaggedOutput(REINGEST, upload)
         for message in applied.erased:
             yield beam.pvalue.TaggedOutput(ERASED, message)
+        for letter in applied.dead_letters:
+            yield beam.pvalue.TaggedOutput(REFUSED, letter)
 
     @on_timer(PUBLISH)
     def publish(self, subject=beam.DoFn.KeyParam,
@@ -245,7 +248,8 @@ def keyed_batch(item: Contribution | Sourced, key: bytes) -> tuple[str, UserBatc
 class UpdateUserStyle(beam.PTransform):
     """Per-user style state in the runner: (contributions, deletes, consent events) -> the users' new
     style versions (`pipelines/plan.NewVersion`, main output `versions`), tagged `reingest` the uploads
-    to publish again after an opt-in, and tagged `erased` the tombstones of people forgotten.
+    to publish again after an opt-in, tagged `erased` the tombstones of people forgotten, and tagged
+    `refused` the dead letters of contributions the state refused.
     `key`: the state's key (analytics/pseudonyms.py), for the erasure subjects the state is keyed by."""
 
     def __init__(self, dim: int, n_features: int, basis: StyleBasis, key: bytes,
@@ -259,6 +263,6 @@ class UpdateUserStyle(beam.PTransform):
             pcolls
             | "OneStream" >> beam.Flatten()
             | "BySubject" >> beam.Map(keyed_batch, self._key).with_output_types(tuple[str, UserBatch])
-            | "PerUser" >> beam.ParDo(self._fn).with_outputs(REINGEST, ERASED, main="versions")
+            | "PerUser" >> beam.ParDo(self._fn).with_outputs(REINGEST, ERASED, REFUSED, main="versions")
         )
 

@@ -37,8 +37,9 @@ from typing import Protocol
 
 from stylestream.pipelines.plan import Erasure, NewVersion, after_forgets, new_version
 from stylestream.privacy.erasure import STATE_KINDS
+from stylestream.schemas.dead_letters import DeadLetter
 from stylestream.schemas.events import PhotoEmbedded, PhotoUploaded, StyleBasis
-from stylestream.transforms.records import UserBatch
+from stylestream.transforms.records import UserBatch, catalogued_sha256
 from stylestream.transforms.style import (
     ConsentRecord,
     StoredContribution,
@@ -92,7 +93,9 @@ def view_of(summary: UserSummary, entries: dict[str, PhotoEntry]) -> UserView:
     return UserView(summary.stats, summary.version, dict(summary.consent),
                     {p: e.stored for p, e in entries.items() if e.stored is not None},
                     {p for p, e in entries.items() if e.deleted},
-                    {p: e.album_id for p, e in entries.items() if e.upload is not None and not e.deleted})
+                    {p: e.album_id for p, e in entries.items() if e.upload is not None and not e.deleted},
+                    files={p: sha for p, e in entries.items()
+                           if e.upload is not None and (sha := catalogued_sha256(e.upload))})
 
 
 def entries_after(entries: dict[str, PhotoEntry], update: UserUpdate, after: UserView) -> dict[str, PhotoEntry]:
@@ -157,6 +160,7 @@ class Applied:
     changed: bool  # the user's style changed: a publish must follow
     set_timer: bool  # ...and none is pending yet (for runners whose timers replace each other)
     erased: list[tuple[str, bytes, bytes | None]] = field(default_factory=list)  # the tombstones to publish
+    dead_letters: list[DeadLetter] = field(default_factory=list)  # contributions refused (`UserUpdate.refused`)
 
 
 def state_counts(summary: UserSummary, entries: dict[str, PhotoEntry]) -> dict[str, int]:
@@ -216,7 +220,8 @@ def apply_batch(cells: UserCells, batch: UserBatch, empty: UserSummary, basis: S
     summary.timer_set = summary.timer_set or set_timer
     cells.write_summary(summary)
     # 5. Photos that count again after an opt-in are published anew, to be embedded again.
-    return Applied([new_entries[p].upload for p in update.reingest], update.changes_style, set_timer, erased)
+    return Applied([new_entries[p].upload for p in update.reingest], update.changes_style, set_timer, erased,
+                   update.dead_letters)
 
 
 def publish_latest(cells: UserCells, empty: UserSummary, basis: StyleBasis, now: datetime) -> NewVersion | None:

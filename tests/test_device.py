@@ -83,15 +83,16 @@ def test_a_device_made_style_is_the_servers_and_bad_contributions_are_dead_lette
         "not finite": good | {"photo_id": "x3", "features": good["features"] | {"brightness": float("nan")}},
         "unit length": good | {"photo_id": "x4", "embedding": [2 * x for x in good["embedding"]]},
         "exactly the named": good | {"photo_id": "x5", "features": {"brightness": 0.5}},
+        "known with another file": good | {"event_id": "changed", "sha256": "f" * 64},  # a photo it counts
     }
     produce(bs, PHOTO_EVENTS, [(b"dev", json.dumps(e).encode()) for e in bad.values()])
     ingestor.run_until_caught_up()
     assert latest_styles(bs)["dev"].version == device.version
     reasons = sorted(reason for stage, reason in dead_letters(bs).values())
-    assert len(reasons) == 5, reasons
+    assert len(reasons) == 6, reasons
     assert any("computed with another basis: weights" in r for r in reasons)
     assert any("2 dimensions" in r for r in reasons)
-    for expected in ("not finite", "unit length", "exactly the named"):
+    for expected in ("not finite", "unit length", "exactly the named", f"photo {good['photo_id']} is known with "):
         assert any(expected in r for r in reasons), (expected, reasons)
 
     # 3. Withdrawn like any photo: the office album off, then on again (its contributions re-published

@@ -73,7 +73,8 @@ T = datetime(2026, 1, 10, tzinfo=UTC)  # when the in-flight person asks to be fo
 IN_FLIGHT = "fay"  # forgotten while her uploads are in flight
 KEPT = "kept"  # one upload, then (in a second step) another: versions 1 and 2 on every runner
 GONE, GONE_REQUEST = "gus", "forget-7a1f"  # forgotten once every runner holds his photos; nothing after
-ON_DEVICE = "dee"  # her photos analysed on her device (photo_embedded), one computed with other weights
+ON_DEVICE = "dee"  # her photos analysed on her device (photo_embedded), one computed with other weights, one
+# sent again with another file
 FLINK_GROUP = "stylestream-flink"  # the Flink job's Kafka source commits its checkpoints' offsets here
 COMPARED_KINDS = ("catalogued photo references", "photo contributions (embeddings, features, coarse metadata)",
                   "deleted-photo records", "consent records", "style sums")  # what every runner's state holds
@@ -113,6 +114,8 @@ def build_stream(root: Path, clip) -> Stream:
     on_device = device_events(make_library(root / "device", {ON_DEVICE: [("d", "green", 3)]}), device)
     on_device.append(on_device[0].model_copy(update={"photo_id": "dee-other", "event_id": "dee-other", "basis": (
         on_device[0].basis.model_copy(update={"weights": "sha256:" + "0" * 64}))}))
+    # One of her photos again with another file, after it (her events share a partition): refused
+    on_device.append(on_device[0].model_copy(update={"event_id": "dee-changed", "sha256": "f" * 64}))
     library = root / "library"
     lib_id = register_library(root / "scratch-registry.json", library)  # the id any registry gives this folder
     lib_uploads = [p.upload_event().model_copy(update={"image": reference_to(

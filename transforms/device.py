@@ -40,7 +40,8 @@ def device_contribution(parsed: Sourced, expected: DeviceBasis, dim: int,
     if len(event.embedding) != dim:
         return parsed.dead("validate", f"the embedding has {len(event.embedding)} dimensions, this state's model {dim}")
     return Contribution(kept_upload(event), np.asarray(event.embedding, np.float32),
-                        np.asarray([event.features[n] for n in FEATURE_NAMES], np.float32), {}, event.sha256)
+                        np.asarray([event.features[n] for n in FEATURE_NAMES], np.float32), {}, event.sha256,
+                        parsed)
 
 
 class DeviceChecks:

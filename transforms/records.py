@@ -76,6 +76,7 @@ class Contribution:
     features: np.ndarray  # float32
     metadata: dict[str, float | int | str] = field(default_factory=dict)
     sha256: str | None = None  # of the photo's file as uploaded (`file_sha256`), for its style manifest
+    source: Sourced | None = None  # a device's: its message, for a dead letter if the state refuses it
 
     @property
     def user_id(self) -> str:
@@ -98,6 +99,25 @@ class Contribution:
         """Computed on the person's device (the photo never reached the server)."""
         return isinstance(self.upload, PhotoEmbedded)
 
+    @property
+    def arrival(self) -> tuple[str, int, str]:
+        """Its place among its person's contributions of one photo: a device's by its offset (one
+        person's events share a partition, so every runner sees them in this order), then by event id."""
+        return (self.photo_id, self.source.offset if self.source else -1, self.upload.event_id)
+
+    def refused(self, reason: str) -> DeadLetter:
+        """Its dead letter, when the state refuses it (a device's contribution: those carry their source)."""
+        if self.source is None:
+            raise ValueError(f"contribution {self.upload.event_id} has no source message to dead-letter")
+        return self.source.dead("conflict", reason)
+
+
+def catalogued_sha256(upload: PhotoUploaded | PhotoEmbedded) -> str | None:
+    """The sha256 of a catalogued photo's file, where its event names one (the store reads the same
+    fields from its JSON: pipelines/store.py)."""
+    if isinstance(upload, PhotoEmbedded):
+        return upload.sha256
+    return upload.image.sha256 if upload.image is not None else None
 
 
 @dataclass

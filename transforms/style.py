@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 
 import numpy as np
 
+from stylestream.schemas.dead_letters import DeadLetter
 from stylestream.transforms.records import Contribution, UserBatch
 
 EPOCH = datetime(2000, 1, 1, tzinfo=UTC)  # photo weights grow by 2 ** (days since EPOCH / half-life)
@@ -122,6 +123,8 @@ class UserView:
     catalog: dict[str, str | None] = field(default_factory=dict)  # known, undeleted photos the batch
     # may affect (photo_id -> album_id), counted or not
     forgotten_at: datetime | None = None  # the user asked to be forgotten then: earlier events are void
+    files: dict[str, str] = field(default_factory=dict)  # the sha256 of catalogued photos' files, where
+    # known (`records.catalogued_sha256`), of the photos the batch's contributions name
 
     @classmethod
     def empty(cls, embedding_dim: int, n_features: int) -> UserView:
@@ -137,7 +140,12 @@ class UserUpdate:
     remove: list[str] = field(default_factory=list)  # photo ids whose contribution is deleted
     catalog: list[Contribution] = field(default_factory=list)  # uploads to remember (by reference)
     reingest: list[str] = field(default_factory=list)  # catalogued photos that count again: embed anew
+    refused: list[tuple[Contribution, str]] = field(default_factory=list)  # device contributions, and why
     stats: StyleStats | None = None
+
+    @property
+    def dead_letters(self) -> list[DeadLetter]:
+        return [c.refused(reason) for c, reason in self.refused]
 
     @property
     def changes_style(self) -> bool:
@@ -146,7 +154,8 @@ class UserUpdate:
 
 def plan_user_update(view: UserView, batch: UserBatch, half_life_days: float) -> UserUpdate:
     """The changes one batch makes to one user's state. Order-free: toggles resolve by event time,
-    deletions are permanent, and a photo already stored is never added twice.
+    deletions are permanent, and a photo already stored is never added twice. A device's contribution
+    naming a photo known with another file (sha256) is refused, and changes nothing.
 
     An opt-out deletes the photos' contributions; the photos stay catalogued by reference. When a
     later toggle lets them count again they are listed in `reingest`, to be fetched and embedded
@@ -171,9 +180,17 @@ def plan_user_update(view: UserView, batch: UserBatch, half_life_days: float) ->
             stats = stats - StyleStats.of(c.embedding, c.features, c.weight)
 
     seen, catalogued = set(view.stored), set(view.catalog)
-    for c in sorted(batch.contributions, key=lambda c: (c.photo_id, c.upload.event_id)):
+    files = {p: s.sha256 for p, s in view.stored.items() if s.sha256} | view.files
+    for c in sorted(batch.contributions, key=lambda c: c.arrival):
         if c.photo_id in deleted:
             continue
+        known = files.get(c.photo_id)
+        if c.on_device and known is not None and known != c.sha256:
+            update.refused.append((c, f"photo {c.photo_id} is known with another file (sha256 {known[:12]}…, this "
+                                      f"one's {c.sha256[:12]}…): a changed photo needs a photo id of its own"))
+            continue
+        if c.sha256:
+            files.setdefault(c.photo_id, c.sha256)
         if c.photo_id not in catalogued:
             catalogued.add(c.photo_id)
             update.catalog.append(c)
