@@ -327,21 +327,10 @@ class Ingestor:
         return {(tp.topic, tp.partition): end for tp, end in ends.items()}
 
     def _finish_committed(self) -> None:
-        store = self._store
-        for cycle in store.unpublished_cycles():
+        for cycle in self._store.unpublished_cycles():
             self._publish(cycle)
-        for cycle in store.unwritten_history():
-            write_history_file(self.cfg.history_dir, cycle, store, self._key)
-            store.mark_history_written(cycle)
-        if redactions := store.pending_redactions():
-            history.redact(self.cfg.history_dir, [(pseudonyms.pseudonym(u, self._key), a, b)
-                                                  for _, u, a, b in redactions])
-            store.mark_redacted(sorted({c for c, _, _, _ in redactions}))
-        # What of a forgotten person lies beside the state, then the state file rewritten, then the
-        # receipts: signed once everything they count is done.
-        forgetting.erase_pending(store.receipts, StateLayout(self.cfg.state_dir), self._key)
-        if store.compaction_due():
-            self._store = store = store.rewrite()
+        self._store = store = finish_beside_state(self._store, StateLayout(self.cfg.state_dir), self._key)
+        # The receipts: signed once everything they count is done.
         forgetting.sign_and_publish(store.receipts, lambda: erasure.load_or_create_signing_key(self.cfg.state_dir),
                                     lambda receipts: self._send_once("receipts", receipts))
         self._unfinished = False
@@ -395,6 +384,20 @@ def connect(cfg: IngestConfig, stop: threading.Event, on_retry: Callable[[Except
             retry_all: bool = False) -> Ingestor | None:
     """An Ingestor once the broker answers (`clients.with_backoff`); None if `stop` was set first."""
     return clients.with_backoff(lambda: Ingestor(cfg), stop, on_retry, retry_all)
+
+
+def finish_beside_state(store: Store, layout: StateLayout, key: bytes) -> Store:
+    """What follows the commits besides publishing: their history files, the redactions of withdrawn
+    versions there, what of a forgotten person lies beside the state, then the state file rewritten
+    if an erasure asked for it (returns the store, reopened if so)."""
+    for cycle in store.unwritten_history():
+        write_history_file(layout.history, cycle, store, key)
+        store.mark_history_written(cycle)
+    if redactions := store.pending_redactions():
+        history.redact(layout.history, [(pseudonyms.pseudonym(u, key), a, b) for _, u, a, b in redactions])
+        store.mark_redacted(sorted({c for c, _, _, _ in redactions}))
+    forgetting.erase_pending(store.receipts, layout, key)
+    return store.rewrite() if store.compaction_due() else store
 
 
 def write_history_file(history_dir: Path, cycle: int, store: Store, key: bytes) -> Path | None:
