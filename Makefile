@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint prism flink browser clean
+.PHONY: demo test lint prism flink browser redis clean
 
 $(BIN)/stylestream: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,8 +40,14 @@ browser:
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; }
 	@$(CHROMIUM) --version
 
+## Debian's redis-server: the tests start one on loopback for API replicas that share their rate limits.
+redis:
+	@command -v redis-server >/dev/null || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
+	@redis-server --version
+
 ## Lint, then every test (slow end-to-end ones included), then the smoke tests on Tansu.
-test: $(BIN)/stylestream lint prism flink browser
+test: $(BIN)/stylestream lint prism flink browser redis
 	$(call PYTEST,$(TEST_BROKER),)
 	$(call PYTEST,tansu,-m smoke)
 

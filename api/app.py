@@ -23,7 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
-from limits.storage import MemoryStorage
+from limits.storage import storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -49,8 +49,8 @@ def create_app(cfg: ApiConfig) -> FastAPI:
         create_once(cfg.url_key_path, secrets.token_bytes(32))
         store = ApiStore(cfg.db_path)
         services = Services(cfg, store, clients.producer(cfg.bootstrap_servers),
-                            MovingWindowRateLimiter(MemoryStorage()), cfg.url_key_path.read_bytes(),
-                            asyncio.get_running_loop(), ImageStore(cfg.images_url))
+                            MovingWindowRateLimiter(storage_from_string(cfg.rate_limits)),
+                            cfg.url_key_path.read_bytes(), asyncio.get_running_loop(), ImageStore(cfg.images_url))
         services.follower = Follower(cfg.bootstrap_servers, store, on_change=services.notify,
                                      metrics=services.metrics, on_forget=services.images.forget).start()
         app.state.services = services
@@ -66,6 +66,14 @@ def create_app(cfg: ApiConfig) -> FastAPI:
     app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes, uploads={
         "/v1/videos": as_data_url + FORM_OVERHEAD, "/v1/me/contributions": contributions.MAX_BODY_BYTES})
     _errors(app)
+
+    @app.middleware("http")
+    async def replica(request: Request, call_next):
+        """Which replica answered (several may serve one address): for operators reading a trace."""
+        response = await call_next(request)
+        response.headers["X-Stylestream-Replica"] = cfg.replica
+        return response
+
     app.mount("/static", StaticFiles(directory=service.STATIC), name="static")
     for router in (service.router, images.router, videos.router, me.router, contributions.router, grants.router):
         app.include_router(router)

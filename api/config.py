@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import socket
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from stylestream.api.auth import TokenVerifier
@@ -25,6 +27,10 @@ class ApiConfig:
     grant_rate: str = "120/minute"
     person_images_rate: str = "120/minute"  # images, not requests: n counts, and a clip counts as its frames
     grant_images_rate: str = "40/minute"
+    # Where the counts live (a `limits` storage URI): this process's memory, or a Redis that replicas
+    # behind one address share (redis://HOST:PORT), so a person's limit is one limit across them.
+    rate_limits: str = "memory://"
+    replica: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")  # answers name it
     # Clips (POST /v1/videos): their length, frame rate and starting image.
     video_seconds: float = 2.0  # when a request names none
     max_video_seconds: float = 6.0

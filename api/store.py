@@ -112,6 +112,7 @@ class ApiStore:
         self._lock = threading.RLock()
         with self._lock:
             self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute("PRAGMA busy_timeout = 10000")  # replicas sharing the data dir wait for each other
             # A forgotten person's deleted rows are overwritten, not left in free pages (see `forget`).
             self._db.execute("PRAGMA secure_delete = ON")
             self._db.executescript(SCHEMA)

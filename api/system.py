@@ -4,6 +4,7 @@ in production each is its own process (`stylestream ingest --follow`, `serve`, `
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,11 +26,20 @@ ISSUER_KEY_FILE = "demo-issuer.key"  # the demo's stand-in for a photo service's
 class ApiServer:
     """uvicorn serving an app in a thread, on a free port of `host` unless `port` is given."""
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
+                 reuse_port: bool = False):
+        """`reuse_port`: share the port with other processes doing the same (SO_REUSEPORT; the kernel
+        spreads connections across them): replicas behind one address with no proxy in front."""
         # In a thread uvicorn leaves signals alone: the caller decides when it stops (`__exit__`).
         self._server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
                                                      timeout_graceful_shutdown=5))
-        self._thread = threading.Thread(target=self._server.run, name="api", daemon=True)
+        sockets = None
+        if reuse_port:
+            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((host, port))
+            sockets = [sock]
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": sockets}, name="api", daemon=True)
 
     def __enter__(self) -> ApiServer:
         self._thread.start()

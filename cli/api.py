@@ -23,6 +23,30 @@ def _sizes(value: str) -> str:
     return value
 
 
+def _rate(value: str) -> str:
+    from limits import parse
+
+    try:
+        parse(value)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not a rate such as 300/minute") from None
+    return value
+
+
+def _check_rate_limits(uri: str) -> None:
+    """The rate limits' storage answers, or a clear exit."""
+    from limits.errors import ConfigurationError
+    from limits.storage import storage_from_string
+
+    try:
+        storage = storage_from_string(uri)
+    except ConfigurationError as e:
+        raise typer.BadParameter(f"{uri}: {e}", param_hint="--rate-limits") from None
+    if not storage.check():
+        console.print(f"[red]the rate limits' storage at {uri} does not answer[/]", soft_wrap=True)
+        raise typer.Exit(1)
+
+
 def api(
     bootstrap_servers: BootstrapServers,
     jwt_public_key: Annotated[Path, typer.Option(
@@ -47,6 +71,19 @@ def api(
                                 "there, and deleted clips deleted.")] = None,
     max_video_seconds: Annotated[float, typer.Option(min=0.1, help="The longest clip POST /v1/videos makes.")] = 6.0,
     max_video_fps: Annotated[int, typer.Option(min=1, max=30, help="Its highest frame rate.")] = 24,
+    person_rate: Annotated[str, typer.Option(
+        metavar="RATE", callback=_rate, help="Requests a person may make (all their grants together), in `limits` "
+                                             "notation: N/second|minute|hour|day.")] = "300/minute",
+    grant_rate: Annotated[str, typer.Option(
+        metavar="RATE", callback=_rate, help="Requests one grant may make.")] = "120/minute",
+    rate_limits: Annotated[str, typer.Option(
+        metavar="URI", help="Where the rate limits count: memory:// (this process), or redis://HOST:PORT, which "
+                            "replicas of the API share so that a person's limit is one limit across them.")]
+    = "memory://",
+    reuse_port: Annotated[bool, typer.Option(
+        help="Share --port with other `stylestream api` processes (SO_REUSEPORT: the kernel spreads connections "
+             "across them): replicas behind one address. Give them one --data-dir and one --rate-limits Redis.")]
+    = False,
     verbose: Verbose = False,
 ) -> None:
     """Serve the HTTP API and the person's page: OpenAI-compatible POST /v1/images/generations and
@@ -64,10 +101,13 @@ def api(
     except ValueError as e:
         raise typer.BadParameter(f"{jwt_public_key}: {e}", param_hint="--jwt-public-key") from None
     _reach_broker(bootstrap_servers, None)
+    _check_rate_limits(rate_limits)
     cfg = ApiConfig(bootstrap_servers, data_dir, verifier, generation_timeout, tuple(sizes.split(",")), steps=steps,
-                    images=images, max_video_seconds=max_video_seconds, max_video_fps=max_video_fps)
+                    images=images, max_video_seconds=max_video_seconds, max_video_fps=max_video_fps,
+                    person_rate=person_rate, grant_rate=grant_rate, rate_limits=rate_limits)
     stop = _stop_on_signals("answering the requests in progress, then stopping")
-    with ApiServer(create_app(cfg), host, port, log_level="info" if verbose else "warning") as server:
+    with ApiServer(create_app(cfg), host, port, log_level="info" if verbose else "warning",
+                   reuse_port=reuse_port) as server:
         console.print(f"the page: {server.url}/   the spec: {server.url}/docs", soft_wrap=True)
         stop.wait()
     console.print("stopped")

@@ -167,6 +167,11 @@ def ingest(
         help="Decode JPEGs a batch at a time on this torch device (cuda: nvJPEG; cpu: the same decoder on the "
              "CPU, slower than Pillow's reduced-size decoding), other formats with Pillow. Part of the style's "
              "basis, as --mask-faces is: verifying repeats it.")] = None,
+    erasure_batch_s: Annotated[float, typer.Option(
+        min=0, metavar="S",
+        help="Let erasures wait up to this long to share one rewrite of the state file (which costs in "
+             "proportion to everyone's state; see the README's capacity table); their receipts follow it. "
+             "0: each forget's rewrite at once.")] = 0.0,
     config: SettingsFile = None,
     verbose: Verbose = False,
 ) -> None:
@@ -188,7 +193,7 @@ def ingest(
     if not _reach_broker(bootstrap_servers, stop, _say_retry if follow else None):
         return
     cfg = IngestConfig(bootstrap_servers, settings.state.root, settings.clip, settings.half_life_days,
-                       max_events_per_partition, limits=settings.limits)
+                       max_events_per_partition, limits=settings.limits, erasure_batch_s=erasure_batch_s)
     try:
         with console.status(f"loading {cfg.clip.describe()}, reading the committed offsets"):
             ingestor = connect(cfg, stop, _say_retry, retry_all=follow)

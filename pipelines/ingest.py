@@ -59,6 +59,10 @@ class IngestConfig:
     poll_interval_s: float = 0.1  # with --follow: the wait between looks when caught up
     kafka_timeout_ms: int = 30_000  # a broker silent this long counts as unavailable (then retried)
     limits: DecodeLimits = field(default_factory=DecodeLimits)
+    # A forget rewrites the whole state file (no erased row may stay in its free blocks), which costs
+    # in proportion to everyone's state: with many people, erasures wait up to this long to share one
+    # rewrite, and their receipts follow it (bench/scale.py; README, Capacity).
+    erasure_batch_s: float = 0.0
 
     def __post_init__(self):
         if self.half_life_days < MIN_HALF_LIFE_DAYS:
@@ -306,8 +310,14 @@ class Ingestor:
                 if on_cycle:
                     on_cycle(result)
             elif not follow:
+                # Caught up: erasures waiting for the batched rewrite are done before the run ends.
+                if self._store.compaction_due() is not None:
+                    clients.with_backoff(lambda: self._finish_committed(batch_s=0.0), stop, on_retry)
                 break
             else:
+                due = self._store.compaction_due()  # erasures waiting for a rewrite may come of age idle
+                if due is not None and (datetime.now(UTC) - due).total_seconds() >= self.cfg.erasure_batch_s:
+                    clients.with_backoff(self._finish_committed, stop, on_retry, retry_all=True)
                 stop.wait(self.cfg.poll_interval_s)
         return cycles
 
@@ -326,13 +336,18 @@ class Ingestor:
         ends = clients.true_end_offsets(self._lister, tps, known=self._known_ends, reader=self._consumer)
         return {(tp.topic, tp.partition): end for tp, end in ends.items()}
 
-    def _finish_committed(self) -> None:
+    def _finish_committed(self, batch_s: float | None = None) -> None:
+        """What follows the committed cycles; `batch_s`: how old the oldest erasure must be for the
+        state file's rewrite (default: the configured `erasure_batch_s`)."""
         for cycle in self._store.unpublished_cycles():
             self._publish(cycle)
-        self._store = store = finish_beside_state(self._store, StateLayout(self.cfg.state_dir), self._key)
-        # The receipts: signed once everything they count is done.
-        forgetting.sign_and_publish(store.receipts, lambda: erasure.load_or_create_signing_key(self.cfg.state_dir),
-                                    lambda receipts: self._send_once("receipts", receipts))
+        batch_s = self.cfg.erasure_batch_s if batch_s is None else batch_s
+        self._store = store = finish_beside_state(self._store, StateLayout(self.cfg.state_dir), self._key, batch_s)
+        # The receipts: signed once everything they count is done, the rewrite included.
+        if store.compaction_due() is None:
+            forgetting.sign_and_publish(store.receipts,
+                                        lambda: erasure.load_or_create_signing_key(self.cfg.state_dir),
+                                        lambda receipts: self._send_once("receipts", receipts))
         self._unfinished = False
 
     def _publish(self, cycle: int) -> None:
@@ -386,10 +401,10 @@ def connect(cfg: IngestConfig, stop: threading.Event, on_retry: Callable[[Except
     return clients.with_backoff(lambda: Ingestor(cfg), stop, on_retry, retry_all)
 
 
-def finish_beside_state(store: Store, layout: StateLayout, key: bytes) -> Store:
+def finish_beside_state(store: Store, layout: StateLayout, key: bytes, erasure_batch_s: float = 0.0) -> Store:
     """What follows the commits besides publishing: their history files, the redactions of withdrawn
     versions there, what of a forgotten person lies beside the state, then the state file rewritten
-    if an erasure asked for it (returns the store, reopened if so)."""
+    if an erasure asked for it at least `erasure_batch_s` ago (returns the store, reopened if so)."""
     for cycle in store.unwritten_history():
         write_history_file(layout.history, cycle, store, key)
         store.mark_history_written(cycle)
@@ -397,7 +412,10 @@ def finish_beside_state(store: Store, layout: StateLayout, key: bytes) -> Store:
         history.redact(layout.history, [(pseudonyms.pseudonym(u, key), a, b) for _, u, a, b in redactions])
         store.mark_redacted(sorted({c for c, _, _, _ in redactions}))
     forgetting.erase_pending(store.receipts, layout, key)
-    return store.rewrite() if store.compaction_due() else store
+    due = store.compaction_due()
+    if due is not None and (datetime.now(UTC) - due).total_seconds() >= erasure_batch_s:
+        return store.rewrite()
+    return store
 
 
 def write_history_file(history_dir: Path, cycle: int, store: Store, key: bytes) -> Path | None:

@@ -75,10 +75,24 @@ CREATE TABLE IF NOT EXISTS outbox (
 ALTER TABLE outbox ALTER COLUMN value DROP NOT NULL;  -- null: a tombstone (state written before erasures)
 CREATE TABLE IF NOT EXISTS forgotten (subject VARCHAR PRIMARY KEY, forgotten_at TIMESTAMPTZ NOT NULL);
 ALTER TABLE forgotten ADD COLUMN IF NOT EXISTS version BIGINT;  -- the tombstone's: later versions follow it
+-- A cycle reads and deletes the rows of its people only: by these indexes, not by scanning everyone's
+-- (a composite key's index serves no lookup by its first column alone). Queries filter on
+-- list_contains($users, user_id) for it; a join alone would scan the table (bench/scale.py).
+CREATE INDEX IF NOT EXISTS contributions_user ON contributions (user_id);
+CREATE INDEX IF NOT EXISTS photos_user ON photos (user_id);
+CREATE INDEX IF NOT EXISTS tombstones_user ON tombstones (user_id);
+CREATE INDEX IF NOT EXISTS consent_user ON consent (user_id);
+CREATE INDEX IF NOT EXISTS style_versions_user ON style_versions (user_id);
 """  # and the erasures in progress with their receipts (pipelines/forgetting.ReceiptBook)
 PERSONAL_TABLES = STATE_KINDS  # every table holding a person's rows, and what the receipt calls them
-COMPACTION_DUE = "compaction_due"  # meta key: erased rows may still sit in the file's free blocks
+COMPACTION_DUE = "compaction_due"  # meta key: erased rows may still sit in the file's free blocks (since when)
 TRANSACTIONAL_ID = "transactional_id"  # meta key: the Kafka transactional.id of the state's outputs
+
+
+def of_users(table: str, columns: str = "*") -> str:
+    """The rows of `table` whose user_id is in the query's $users, as a subquery: looked up by the
+    table's user_id index. Joined to a table of keys, a plain join would scan every person's rows."""
+    return f"(SELECT {columns} FROM {table} WHERE list_contains($users, user_id))"
 
 
 class StoreError(RuntimeError):
@@ -212,9 +226,6 @@ class Store:
                                "album_id": [a for u in users for a in sorted(scopes[u][1])]},
                               schema=pa.schema([("user_id", pa.string()), ("album_id", pa.string())]))
         whole = [u for u in users if scopes[u][2]]
-        touched = """(list_contains($whole, t.user_id)
-                      OR EXISTS (SELECT 1 FROM photo_keys k WHERE k.user_id = t.user_id AND k.photo_id = t.photo_id)
-                      OR EXISTS (SELECT 1 FROM album_keys k WHERE k.user_id = t.user_id AND k.album_id = t.album_id))"""
         views = {u: UserView.empty(dim, len(FEATURE_NAMES)) for u in users}
         for u, stored in self.stored_contributions(users).items():
             views[u].stored = stored
@@ -234,18 +245,24 @@ class Store:
             for u in users:
                 views[u].forgotten_at, after = forgotten.get(subjects[u], (None, None))
                 views[u].version = max(views[u].version, after or 0)
-            for u, p in self.db.execute("SELECT t.user_id, t.photo_id FROM tombstones t SEMI JOIN photo_keys k "
-                                        "ON k.user_id = t.user_id AND k.photo_id = t.photo_id").fetchall():
+            for u, p in self.db.execute(
+                    f"WITH t AS MATERIALIZED {of_users('tombstones')} SELECT t.user_id, t.photo_id FROM t "
+                    "SEMI JOIN photo_keys k ON k.user_id = t.user_id AND k.photo_id = t.photo_id",
+                    {"users": users}).fetchall():
                 views[u].deleted.add(p)
-            # The files' sha256 as records.catalogued_sha256 reads them: a device's, or a reference's.
-            for u, p, sha in self.db.execute(
-                    "SELECT t.user_id, t.photo_id, coalesce(t.upload->>'$.sha256', t.upload->>'$.image.sha256') "
-                    "FROM photos t SEMI JOIN photo_keys k ON k.user_id = t.user_id AND k.photo_id = t.photo_id "
-                    "WHERE coalesce(t.upload->>'$.sha256', t.upload->>'$.image.sha256') IS NOT NULL").fetchall():
-                views[u].files[p] = sha
-            for u, p, a in self.db.execute(f"SELECT user_id, photo_id, album_id FROM photos t WHERE {touched}",
-                                           {"whole": whole}).fetchall():
+            # Touched catalogued photos: of a whole-user batch, of its photos, of its albums; with their
+            # files' sha256 as records.catalogued_sha256 reads them (a device's, or a reference's).
+            named = "EXISTS (SELECT 1 FROM photo_keys k WHERE k.user_id = t.user_id AND k.photo_id = t.photo_id)"
+            in_album = "EXISTS (SELECT 1 FROM album_keys k WHERE k.user_id = t.user_id AND k.album_id = t.album_id)"
+            for u, p, a, sha, is_named in self.db.execute(
+                    f"""WITH t AS MATERIALIZED {of_users('photos')}
+                        SELECT user_id, photo_id, album_id, coalesce(upload->>'$.sha256', upload->>'$.image.sha256'),
+                               {named}
+                        FROM t WHERE list_contains($whole, t.user_id) OR {named} OR {in_album}""",
+                    {"users": users, "whole": whole}).fetchall():
                 views[u].catalog[p] = a
+                if is_named and sha is not None:
+                    views[u].files[p] = sha
         return views
 
     # --------------------------------------------------------------------------------- the commit
@@ -367,8 +384,11 @@ class Store:
         self._insert("redactions", ranges)
         if redactions:
             with self._table("tainted", pa.table(ranges)):
-                self.db.execute("""DELETE FROM style_versions s USING tainted t WHERE s.user_id = t.user_id
-                                   AND s.version BETWEEN t.from_version AND t.to_version""")
+                self.db.execute(f"""DELETE FROM style_versions WHERE rowid IN (
+                    WITH s AS MATERIALIZED {of_users('style_versions', 'rowid AS r, user_id, version')}
+                    SELECT r FROM s JOIN tainted t ON s.user_id = t.user_id
+                                  AND s.version BETWEEN t.from_version AND t.to_version)""",
+                                {"users": ranges["user_id"]})
 
     def _erase(self, cycle: int, erasures: list[Erasure], subjects: dict[str, str],
                now: datetime) -> list[tuple[str, bytes, bytes | None]]:
@@ -391,7 +411,7 @@ class Store:
             self.receipts.open(cycle, e.notice(counts[e.user_id]), e.user_id, e.tombstone_version)
         # The deleted rows stay in the file's free blocks until it is rewritten, after the erasure's
         # outside-state steps have deleted the last rows naming them (pending_erasures).
-        self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, 'true')", [COMPACTION_DUE])
+        self.db.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", [COMPACTION_DUE, now.isoformat()])
         return [m for e in erasures for m in e.messages(counts[e.user_id], now)]
 
     def _write_outbox(self, cycle: int, messages: list[tuple[str, bytes | None, bytes | None]]) -> None:
@@ -402,17 +422,21 @@ class Store:
     def _delete(self, table: str, users: list[str], photo_ids: list[str]) -> None:
         if users:
             with self._table("doomed", pa.table({"user_id": users, "photo_id": photo_ids})):
-                self.db.execute(f"DELETE FROM {table} t USING doomed d WHERE t.user_id = d.user_id "
-                                "AND t.photo_id = d.photo_id")
+                self.db.execute(f"""DELETE FROM {table} WHERE rowid IN (
+                    WITH t AS MATERIALIZED {of_users(table, 'rowid AS r, user_id, photo_id')}
+                    SELECT r FROM t SEMI JOIN doomed d ON t.user_id = d.user_id AND t.photo_id = d.photo_id)""",
+                                {"users": sorted(set(users))})
 
     def _uploads(self, keys: list[tuple[str, str]]) -> list[tuple[str, bytes]]:
         """The catalogued upload events of these (user, photo) pairs, to publish again for re-embedding."""
         if not keys:
             return []
         with self._table("wanted", pa.table({"user_id": [u for u, _ in keys], "photo_id": [p for _, p in keys]})):
-            rows = self.db.execute("""SELECT t.user_id, t.upload FROM photos t SEMI JOIN wanted w
-                                      ON w.user_id = t.user_id AND w.photo_id = t.photo_id
-                                      ORDER BY t.user_id, t.photo_id""").fetchall()
+            rows = self.db.execute(f"""WITH t AS MATERIALIZED {of_users('photos')}
+                                       SELECT t.user_id, t.upload FROM t SEMI JOIN wanted w
+                                       ON w.user_id = t.user_id AND w.photo_id = t.photo_id
+                                       ORDER BY t.user_id, t.photo_id""",
+                                   {"users": sorted({u for u, _ in keys})}).fetchall()
         return [(u, upload.encode()) for u, upload in rows]
 
     # --------------------------------------------------------------------------------- after the commit
@@ -447,8 +471,13 @@ class Store:
             FROM style_versions WHERE cycle = ?""", params=[cycle]).to_arrow_table()
         return table.cast(STYLE_HISTORY)
 
-    def compaction_due(self) -> bool:
-        return bool(self.db.execute("SELECT 1 FROM meta WHERE key = ?", [COMPACTION_DUE]).fetchone())
+    def compaction_due(self) -> datetime | None:
+        """Since when erased rows wait for the file's rewrite; None if none do."""
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", [COMPACTION_DUE]).fetchone()
+        if row is None:
+            return None
+        # A state written before the time was kept says 'true': due since long ago.
+        return datetime.fromisoformat(row[0]) if row[0] != "true" else datetime.min.replace(tzinfo=UTC)
 
     def pending_redactions(self) -> list[tuple[int, str, int, int]]:
         return self.db.execute("""SELECT cycle, user_id, from_version, to_version FROM redactions

@@ -1,6 +1,9 @@
 """Apache Kafka on loopback: a single-node KRaft broker (broker and controller in one process) whose
 log directory lives in a folder the caller names, so a restart keeps topics, data and committed
-offsets (unlike Tansu, streams/tansu_broker.py, which keeps everything in memory).
+offsets (unlike Tansu, streams/tansu_broker.py, which keeps everything in memory); or a cluster of
+such nodes (`start_kafka_cluster`), each a broker and a voter of the controller quorum, where every
+partition has a replica on each node and a write needs two of them (replication 3,
+min.insync.replicas 2): one node may die with nothing lost.
 
 The jars come from Maven Central through streams/kafka/pom.xml, resolved once by Maven into a cache
 outside the repository (`~/.cache/stylestream`, or `$STYLESTREAM_CACHE`); nothing is committed.
@@ -15,6 +18,7 @@ import shutil
 import subprocess
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from stylestream.streams.broker_process import (
@@ -75,11 +79,17 @@ def kafka_jars() -> Path:
     return libs
 
 
-def server_properties(log_dir: Path, port: int, controller_port: int) -> str:
+def server_properties(log_dir: Path, port: int, controller_port: int, node_id: int = 1,
+                      voters: dict[int, int] | None = None) -> str:
+    """One node's settings; `voters`: each quorum node's id and controller port (default: this node alone).
+    With several nodes, every partition is replicated to all (at most three) and a write needs two."""
+    voters = voters or {node_id: controller_port}
+    replicas = min(len(voters), 3)
+    in_sync = min(replicas, 2)
     return "\n".join([
         "process.roles=broker,controller",
-        "node.id=1",
-        f"controller.quorum.voters=1@127.0.0.1:{controller_port}",
+        f"node.id={node_id}",
+        "controller.quorum.voters=" + ",".join(f"{n}@127.0.0.1:{p}" for n, p in sorted(voters.items())),
         f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
         f"advertised.listeners=PLAINTEXT://127.0.0.1:{port}",
         "controller.listener.names=CONTROLLER",
@@ -87,52 +97,148 @@ def server_properties(log_dir: Path, port: int, controller_port: int) -> str:
         "inter.broker.listener.name=PLAINTEXT",
         f"log.dirs={log_dir / 'logs'}",
         "num.partitions=4",
-        # one node: every internal topic has one replica
-        "offsets.topic.replication.factor=1",
-        "transaction.state.log.replication.factor=1",
-        "transaction.state.log.min.isr=1",
-        "share.coordinator.state.topic.replication.factor=1",
-        "share.coordinator.state.topic.min.isr=1",
+        f"default.replication.factor={replicas}",
+        f"min.insync.replicas={in_sync}",
+        f"offsets.topic.replication.factor={replicas}",
+        f"transaction.state.log.replication.factor={replicas}",
+        f"transaction.state.log.min.isr={in_sync}",
+        f"share.coordinator.state.topic.replication.factor={replicas}",
+        f"share.coordinator.state.topic.min.isr={in_sync}",
         "group.initial.rebalance.delay.ms=0",
+        # A dead node is noticed in seconds (the default waits 9 s before moving its partitions' leadership)
+        "broker.session.timeout.ms=3000",
+        "broker.heartbeat.interval.ms=500",
         "",
     ])
 
 
-def start_kafka(log_dir: Path, port: int | None = None) -> LocalBroker:
-    """Start (or restart, on the same `log_dir`) the broker and wait until it answers metadata."""
+def _format(java: str, classpath: str, log_dir: Path, props: Path, cluster_id: str) -> None:
+    """Give a new log directory its cluster id (a known one keeps its own)."""
+    if (log_dir / "logs" / "meta.properties").exists():
+        return
+    # "--cluster-id=ID" in one word: an id may start with "-", which would read as an option
+    formatted = subprocess.run([java, "-cp", classpath, "kafka.tools.StorageTool", "format",
+                                f"--cluster-id={cluster_id}", "-c", str(props)], capture_output=True, text=True)
+    if formatted.returncode != 0:
+        raise BrokerError(f"cannot format {log_dir}:\n{(formatted.stdout + formatted.stderr)[-2000:]}")
+
+
+def _launch(java: str, classpath: str, log_dir: Path, port: int, description: str) -> LocalBroker:
+    """The node whose settings are in `log_dir`/server.properties, started (not yet waited for)."""
+    log = (log_dir / "broker.log").open("a")
+    proc = subprocess.Popen([java, "-Xmx512m", "-cp", classpath, f"-Dlog4j.configuration=file:{_log4j(log_dir)}",
+                             "kafka.Kafka", str(log_dir / "server.properties")], stdout=log,
+                            stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+    log.close()
+    return LocalBroker(proc, port, "kafka", description, stop_timeout_s=STOP_TIMEOUT_S, data_dir=log_dir)
+
+
+def _wait_until_listening(broker: LocalBroker) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not port_open(broker.port):
+        if broker.process.poll() is not None or time.monotonic() > deadline:
+            tail = (broker.data_dir / "broker.log").read_text()[-3000:]
+            raise BrokerError(f"Kafka did not start on port {broker.port} (log: {broker.data_dir / 'broker.log'}):"
+                              f"\n{tail}")
+        time.sleep(0.1)
+
+
+def _runtime() -> tuple[str, str]:
     java = java_binary()
     if java is None:
         raise BrokerError("the bundled Kafka broker needs a Java runtime (17 or newer) on PATH")
-    classpath = f"{kafka_jars()}/*"
+    return java, f"{kafka_jars()}/*"
+
+
+def start_kafka(log_dir: Path, port: int | None = None) -> LocalBroker:
+    """Start (or restart, on the same `log_dir`) the broker and wait until it answers metadata."""
+    java, classpath = _runtime()
     log_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     props = log_dir / "server.properties"
     props.write_text(server_properties(log_dir, port, free_port(other_than=port)))
-    if not (log_dir / "logs" / "meta.properties").exists():  # a new log directory: give it a cluster id
-        # "--cluster-id=ID" in one word: an id may start with "-", which would read as an option
-        formatted = subprocess.run([java, "-cp", classpath, "kafka.tools.StorageTool", "format",
-                                    f"--cluster-id={_cluster_id()}", "-c", str(props)], capture_output=True, text=True)
-        if formatted.returncode != 0:
-            raise BrokerError(f"cannot format {log_dir}:\n{(formatted.stdout + formatted.stderr)[-2000:]}")
-    log = (log_dir / "broker.log").open("a")
-    proc = subprocess.Popen([java, "-Xmx512m", "-cp", classpath, f"-Dlog4j.configuration=file:{_log4j(log_dir)}",
-                             "kafka.Kafka", str(props)], stdout=log, stderr=subprocess.STDOUT,
-                            preexec_fn=die_with_parent)
-    log.close()
-    broker = LocalBroker(proc, port, "kafka", f"Apache Kafka {KAFKA_VERSION} (data in {log_dir}, kept across restarts)",
-                         stop_timeout_s=STOP_TIMEOUT_S, data_dir=log_dir)
-    deadline = time.monotonic() + START_TIMEOUT_S
+    _format(java, classpath, log_dir, props, _cluster_id())
+    broker = _launch(java, classpath, log_dir, port,
+                     f"Apache Kafka {KAFKA_VERSION} (data in {log_dir}, kept across restarts)")
     try:
-        while not port_open(port):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                tail = (log_dir / "broker.log").read_text()[-3000:]
-                raise BrokerError(f"Kafka did not start on port {port} (log: {log_dir / 'broker.log'}):\n{tail}")
-            time.sleep(0.1)
+        _wait_until_listening(broker)
         wait_for_metadata(broker.bootstrap_servers)
     except BaseException:  # a failed or interrupted start leaves no broker behind
         broker.stop()
         raise
     return broker
+
+
+@dataclass
+class KafkaCluster:
+    """Nodes of one Kafka cluster on loopback (node ids 1..n), each keeping its log under root/node-<id>."""
+
+    nodes: dict[int, LocalBroker]
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return ",".join(n.bootstrap_servers for n in self.nodes.values())
+
+    @property
+    def description(self) -> str:
+        root = next(iter(self.nodes.values())).data_dir.parent
+        return (f"Apache Kafka {KAFKA_VERSION}, a cluster of {len(self.nodes)} nodes (replication "
+                f"{min(len(self.nodes), 3)}, writes need {min(len(self.nodes), 2)}; data in {root})")
+
+    def kill(self, node_id: int) -> None:
+        """SIGKILL one node (its data stays, for `restart`)."""
+        self.nodes[node_id].process.kill()
+        self.nodes[node_id].process.wait()
+
+    def restart(self, node_id: int) -> None:
+        """Start a killed node again, on its ports and data."""
+        java, classpath = _runtime()
+        old = self.nodes[node_id]
+        self.nodes[node_id] = _launch(java, classpath, old.data_dir, old.port, old.description)
+        _wait_until_listening(self.nodes[node_id])
+
+    def stop(self) -> None:
+        for node in self.nodes.values():
+            node.stop()
+
+    def __enter__(self) -> KafkaCluster:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def start_kafka_cluster(root: Path, nodes: int = 3) -> KafkaCluster:
+    """Start (or restart, on the same `root`) a cluster of `nodes` nodes and wait until it answers
+    metadata. Each node is a broker and a controller; its ports are kept in its settings, so a
+    restart finds the same addresses."""
+    java, classpath = _runtime()
+    dirs = {n: root / f"node-{n}" for n in range(1, nodes + 1)}
+    if not all((d / "server.properties").exists() for d in dirs.values()):
+        ports: list[int] = []
+        while len(ports) < 2 * nodes:
+            port = free_port()
+            ports += [port] if port not in ports else []
+        voters = {n: ports[nodes + n - 1] for n in dirs}
+        for n, d in dirs.items():
+            d.mkdir(parents=True, exist_ok=True)
+            (d / "server.properties").write_text(server_properties(d, ports[n - 1], voters[n], n, voters))
+    cluster_id = _cluster_id()
+    for d in dirs.values():
+        _format(java, classpath, d, d / "server.properties", cluster_id)
+    cluster = KafkaCluster({})
+    try:
+        for n, d in dirs.items():
+            port = int(next(line for line in (d / "server.properties").read_text().splitlines()
+                            if line.startswith("listeners=")).split(":")[2].split(",")[0])
+            cluster.nodes[n] = _launch(java, classpath, d, port, f"node {n} of a Kafka cluster (data in {d})")
+        for node in cluster.nodes.values():
+            _wait_until_listening(node)
+        wait_for_metadata(cluster.bootstrap_servers, timeout_s=START_TIMEOUT_S)
+    except BaseException:  # a failed or interrupted start leaves no node behind
+        cluster.stop()
+        raise
+    return cluster
 
 
 def _cluster_id() -> str:

@@ -68,14 +68,16 @@ TOPIC_CONFIGS: dict[str, dict[str, str]] = {
 
 def ensure_topics(bootstrap_servers: str, partitions: int = DEFAULT_PARTITIONS,
                   topics: tuple[str, ...] = ALL_TOPICS) -> list[str]:
-    """Create the topics that do not exist yet; returns the ones created."""
+    """Create the topics that do not exist yet, replicated as the broker's default says (a cluster's:
+    every node; one node's: 1); returns the ones created."""
     admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers)
     try:
         existing = set(admin.list_topics())
         missing = [t for t in topics if t not in existing]
         if missing:
+            replicas = int(broker_config(bootstrap_servers).get("default.replication.factor", 1))
             try:
-                admin.create_topics([NewTopic(t, partitions, 1, topic_configs=TOPIC_CONFIGS.get(t, {}))
+                admin.create_topics([NewTopic(t, partitions, replicas, topic_configs=TOPIC_CONFIGS.get(t, {}))
                                      for t in missing])
             except TopicAlreadyExistsError:
                 pass  # created concurrently by another process

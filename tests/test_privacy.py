@@ -23,6 +23,7 @@ from stylestream.schemas.events import (
     GenerationFailed,
     GenerationRequested,
     StyleManifest,
+    UserForgotten,
     parse_event,
 )
 from stylestream.serving.generator import StyleGenerator
@@ -209,3 +210,34 @@ def test_planted_exif_values_appear_in_no_store(broker, make_ingestor, tmp_path,
     found = audit(state, tmp_path / "images", needles_for([], planted, state), bs, extra=[tmp_path / "lib"])
     assert {f.what for f in found} >= {*planted[:3], "JPEG image bytes"}
     assert np.all([f.violation for f in found])
+
+
+@pytest.mark.slow
+def test_erasures_wait_to_share_one_rewrite_of_the_state_file_and_their_receipts_follow_it(broker, make_ingestor,
+                                                                                             tmp_path):
+    bs = broker.bootstrap_servers
+    photos = make_library(tmp_path / "lib", {"ann-1c": [("a", "warm", 2)], "bo-2d": [("b", "cool", 2)]})
+    produce(bs, PHOTO_EVENTS, [p.upload_event() for p in photos])
+    ing = make_ingestor(erasure_batch_s=3600)
+    ing.run_until_caught_up()
+    db = StateLayout(ing.cfg.state_dir).db
+    before = db.stat().st_ino
+
+    def forget(user: str) -> None:
+        produce(bs, CONSENT_EVENTS, [UserForgotten(event_id=f"forget-{user}", user_id=user,
+                                                   event_time=datetime.now(UTC))])
+        assert ing.run_cycle() is not None
+
+    # 1. Each forget commits (their state is gone), but the file waits for its rewrite, and so do the receipts
+    forget("ann-1c")
+    forget("bo-2d")
+    assert not {"ann-1c", "bo-2d"} & latest_styles(bs).keys()
+    assert ing._store.compaction_due() is not None and db.stat().st_ino == before
+    assert read_topic(bs, ERASURE_RECEIPTS) == []
+    # 2. Caught up, the run ends with the one rewrite; then both receipts go out
+    ing.run_until_caught_up()
+    assert ing._store.compaction_due() is None and db.stat().st_ino != before
+    receipts = [ErasureReceipt.model_validate_json(m.value) for m in read_topic(bs, ERASURE_RECEIPTS)]
+    assert len(receipts) == 2
+    public = load_or_create_signing_key(ing.cfg.state_dir).public_key()
+    assert all(verify_receipt(r, public) for r in receipts)
