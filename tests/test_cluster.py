@@ -42,8 +42,8 @@ def leaders(bs: str, topic: str) -> dict[int, int]:
         [described] = admin.describe_topics([topic])
     finally:
         admin.close()
-    assert all(len(p["replicas"]) == 3 for p in described["partitions"])
-    return {p["partition"]: p["leader"] for p in described["partitions"]}
+    assert all(len(p["replica_nodes"]) == 3 for p in described["partitions"])
+    return {p["partition_index"]: p["leader_id"] for p in described["partitions"]}
 
 
 def requests(ids: list[str]) -> list[GenerationRequested]:
