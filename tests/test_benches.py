@@ -128,3 +128,13 @@ def test_privacy_utility_bench_runs():
 def test_api_latency_bench_runs(broker_engine):
     r = final_json("api_latency.py", "--requests", "3", "--broker", broker_engine)
     assert r["direct"]["median_ms"] > 0 and r["api"]["median_ms"] > 0 and r["ratio_median"] > 0, r
+
+
+@pytest.mark.slow
+def test_scale_bench_runs_at_its_smallest_size():
+    r = final_json("scale.py", "--sizes", "1000", "--photos", "5")
+    size = r["sizes"]["1000"]
+    for figure in ("update_p50_s", "update_p99_s", "cycle_s", "state_bytes_per_person", "rss_mb", "forget_rewrite_s",
+                   "resume_s"):
+        assert size[figure] > 0, (figure, size)
+    assert size["update_p50_s"] <= size["update_p99_s"] and r["growth_1k_to_1m"] is None
