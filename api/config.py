@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import socket
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +29,7 @@ class ApiConfig:
     # Where the counts live (a `limits` storage URI): this process's memory, or a Redis that replicas
     # behind one address share (redis://HOST:PORT), so a person's limit is one limit across them.
     rate_limits: str = "memory://"
-    replica: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")  # answers name it
+    replica: str = field(default_factory=lambda: secrets.token_hex(4))  # answers name it (random per process)
     # Clips (POST /v1/videos): their length, frame rate and starting image.
     video_seconds: float = 2.0  # when a request names none
     max_video_seconds: float = 6.0

@@ -165,12 +165,14 @@ class Follower:
         n, forgot = 0, set()
         with self.store.transaction() as db:
             for tp, records in sorted(batches.items(), key=lambda kv: (kv[0].topic, kv[0].partition)):
-                for r in records:
+                # Replicas sharing the database each follow the topics: what another folded is skipped
+                done = self._stored_offset(db, tp)
+                for r in (r for r in records if r.offset >= done):
                     user = self._fold_one(db, Message(r.topic, r.partition, r.offset, r.key, r.value,
                                                       r.timestamp, tuple(r.headers or ())))
                     forgot |= {user} if user else set()
                     n += 1
-                self._save_offset(db, tp, records[-1].offset + 1)
+                self._save_offset(db, tp, max(done, records[-1].offset + 1))
         if forgot:
             self.store.checkpoint()
             for user in sorted(forgot):  # the starting images the API wrote go too (as the worker deletes them)
@@ -189,6 +191,11 @@ class Follower:
         except Exception:
             log.exception("skipped a message the API cannot fold: %s[%d]@%d", m.topic, m.partition, m.offset)
             return None
+
+    @staticmethod
+    def _stored_offset(db: sqlite3.Connection, tp: TopicPartition) -> int:
+        row = db.execute("SELECT next FROM offsets WHERE topic = ? AND part = ?", (tp.topic, tp.partition)).fetchone()
+        return row[0] if row else 0
 
     @staticmethod
     def _save_offset(db: sqlite3.Connection, tp: TopicPartition, next_offset: int) -> None:

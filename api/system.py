@@ -37,7 +37,12 @@ class ApiServer:
         if reuse_port:
             sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind((host, port))
+            try:
+                sock.bind((host, port))
+            except OSError as e:
+                sock.close()
+                raise RuntimeError(f"cannot listen on {host}:{port} ({e.strerror}): is a process that does not "
+                                   "share it (no --reuse-port) there?") from None
             sockets = [sock]
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": sockets}, name="api", daemon=True)
 

@@ -100,6 +100,8 @@ def api(
         verifier = TokenVerifier.from_file(jwt_public_key, jwt_issuer, jwt_audience)
     except ValueError as e:
         raise typer.BadParameter(f"{jwt_public_key}: {e}", param_hint="--jwt-public-key") from None
+    if reuse_port and not port:
+        raise typer.BadParameter("replicas share a port they name: give --port too", param_hint="--reuse-port")
     _reach_broker(bootstrap_servers, None)
     _check_rate_limits(rate_limits)
     cfg = ApiConfig(bootstrap_servers, data_dir, verifier, generation_timeout, tuple(sizes.split(",")), steps=steps,

@@ -105,17 +105,27 @@ def broker(port: Annotated[int, typer.Option(
            engine: Annotated[Engine, typer.Option(
                help="kafka: Apache Kafka (KRaft, data kept under DATA_DIR/kafka, needs Java); tansu: a "
                     "memory-only Kafka-protocol broker; auto: kafka where Java is present.")] = Engine.auto,
+           nodes: Annotated[int, typer.Option(
+               min=1, max=9, metavar="N", help="Kafka only: a cluster of N nodes on 127.0.0.1, each a broker and a "
+                                               "controller (3: replication 3, writes need 2 of them).")] = 1,
            data_dir: DataDir = DEFAULT_DATA_DIR, verbose: Verbose = False) -> None:
-    """Run a local broker with the stylestream topics until Ctrl-C."""
+    """Run a local broker (or a Kafka cluster) with the stylestream topics until Ctrl-C."""
     from stylestream.streams.broker_process import port_open
+    from stylestream.streams.kafka_broker import start_kafka_cluster
     from stylestream.streams.topics import ensure_topics
 
     if port and port_open(port):
         raise typer.BadParameter(f"port {port} on 127.0.0.1 is already in use", param_hint="--port")
     engine, why = choose_engine(engine)
+    if nodes > 1 and engine != Engine.kafka:
+        raise typer.BadParameter(f"a cluster is Apache Kafka's, and Kafka cannot run here ({why})",
+                                 param_hint="--nodes")
+    if nodes > 1 and port:
+        raise typer.BadParameter("a cluster's nodes take free ports: drop --port", param_hint="--nodes")
     t0 = time.perf_counter()
     try:
-        b = start_local_broker(engine, DataLayout(data_dir).kafka, port or None)
+        b = (start_kafka_cluster(DataLayout(data_dir).kafka / f"cluster-{nodes}", nodes) if nodes > 1
+             else start_local_broker(engine, DataLayout(data_dir).kafka, port or None))
     except BrokerError as e:  # the first line says what; the broker's log follows for --verbose
         console.print(f"[red]cannot start the {engine.value} broker:[/] {_headline(e)}", soft_wrap=True)
         if verbose:
@@ -129,9 +139,14 @@ def broker(port: Annotated[int, typer.Option(
                       else "topics: all there already")
         console.print(f"export STYLESTREAM_BOOTSTRAP_SERVERS={b.bootstrap_servers}")
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-        while b.process.poll() is None:
+        # Runs while a majority of nodes lives (a cluster carries on without one; a single broker is one)
+        alive = {f"node {n}": node.process for n, node in b.nodes.items()} if nodes > 1 else {"broker": b.process}
+        while len(alive) > nodes // 2:
+            for name, process in list(alive.items()):
+                if process.poll() is not None:
+                    console.print(f"[red]{name} exited with status {process.returncode}[/]")
+                    del alive[name]
             time.sleep(0.5)
-        console.print(f"[red]broker exited with status {b.process.returncode}[/]")
         raise typer.Exit(1)
     except KeyboardInterrupt:
         console.print("stopping broker")
@@ -171,7 +186,8 @@ def ingest(
         min=0, metavar="S",
         help="Let erasures wait up to this long to share one rewrite of the state file (which costs in "
              "proportion to everyone's state; see the README's capacity table); their receipts follow it. "
-             "0: each forget's rewrite at once.")] = 0.0,
+             "0: each forget's rewrite at once. A run that catches up and exits rewrites before it ends; a "
+             "stopped --follow leaves the waiting rewrite to the next run.")] = 0.0,
     config: SettingsFile = None,
     verbose: Verbose = False,
 ) -> None:

@@ -221,6 +221,7 @@ class UpdateUserStyle(KeyedProcessFunction):
         self._published = metrics.counter("versions_published")
         self._republished = metrics.counter("republished")
         self._erasures = metrics.counter("erasures")
+        self._refused = metrics.counter("dead_letters")  # contributions the state refused
         self._bytes_read = metrics.counter("state_bytes_read")
         self._bytes_written = metrics.counter("state_bytes_written")
 
@@ -284,6 +285,7 @@ class UpdateUserStyle(KeyedProcessFunction):
         for upload in applied.reingest:  # kept until read back, like versions
             yield from self._publish(ctx, upload.event_id, [(PHOTO_EVENTS, *to_message(upload))])
         for letter in applied.dead_letters:  # contributions refused: out with the checkpoint, like StyleInputs'
+            self._refused.inc()
             yield Row(*letter.message())
 
     def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext):

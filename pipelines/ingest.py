@@ -65,6 +65,8 @@ class IngestConfig:
     erasure_batch_s: float = 0.0
 
     def __post_init__(self):
+        if self.erasure_batch_s < 0:
+            raise ValueError(f"erasure_batch_s must be 0 or more, got {self.erasure_batch_s}")
         if self.half_life_days < MIN_HALF_LIFE_DAYS:
             raise ValueError(f"half-life must be at least {MIN_HALF_LIFE_DAYS} days, got {self.half_life_days}")
         # Backfilled photos are read from the libraries registered in this state (library:// URIs).
@@ -315,8 +317,7 @@ class Ingestor:
                     clients.with_backoff(lambda: self._finish_committed(batch_s=0.0), stop, on_retry)
                 break
             else:
-                due = self._store.compaction_due()  # erasures waiting for a rewrite may come of age idle
-                if due is not None and (datetime.now(UTC) - due).total_seconds() >= self.cfg.erasure_batch_s:
+                if self._store.rewrite_due(self.cfg.erasure_batch_s):  # erasures waiting may come of age idle
                     clients.with_backoff(self._finish_committed, stop, on_retry, retry_all=True)
                 stop.wait(self.cfg.poll_interval_s)
         return cycles
@@ -369,7 +370,7 @@ class Ingestor:
         if self._producer is None:
             self._producer = self._new_producer()
         try:
-            with clients.sending(self._producer, self._transactional) as send:
+            with clients.sending(self._producer, self._transactional, self.cfg.kafka_timeout_ms / 1000) as send:
                 for topic, key, value in messages:
                     send(topic, key, value)
                 if self._transactional:
@@ -412,10 +413,7 @@ def finish_beside_state(store: Store, layout: StateLayout, key: bytes, erasure_b
         history.redact(layout.history, [(pseudonyms.pseudonym(u, key), a, b) for _, u, a, b in redactions])
         store.mark_redacted(sorted({c for c, _, _, _ in redactions}))
     forgetting.erase_pending(store.receipts, layout, key)
-    due = store.compaction_due()
-    if due is not None and (datetime.now(UTC) - due).total_seconds() >= erasure_batch_s:
-        return store.rewrite()
-    return store
+    return store.rewrite() if store.rewrite_due(erasure_batch_s) else store
 
 
 def write_history_file(history_dir: Path, cycle: int, store: Store, key: bytes) -> Path | None:

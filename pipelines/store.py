@@ -471,6 +471,11 @@ class Store:
             FROM style_versions WHERE cycle = ?""", params=[cycle]).to_arrow_table()
         return table.cast(STYLE_HISTORY)
 
+    def rewrite_due(self, batch_s: float) -> bool:
+        """Whether erased rows have waited `batch_s` seconds for the file's rewrite (any at all, with 0)."""
+        due = self.compaction_due()
+        return due is not None and (datetime.now(UTC) - due).total_seconds() >= batch_s
+
     def compaction_due(self) -> datetime | None:
         """Since when erased rows wait for the file's rewrite; None if none do."""
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", [COMPACTION_DUE]).fetchone()

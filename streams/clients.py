@@ -213,17 +213,19 @@ def acknowledged(producer: KafkaProducer, sent: Iterable[FutureRecordMetadata], 
 
 
 @contextlib.contextmanager
-def sending(producer: KafkaProducer, transactional: bool) -> Iterator[Send]:
+def sending(producer: KafkaProducer, transactional: bool, timeout_s: float | None = None) -> Iterator[Send]:
     """A `send(topic, key, value)` whose messages all go out or none do: in one Kafka transaction where
     `transactional` (the producer has a transactional.id and ran init_transactions), and every send
-    checked either way. An error (a record the broker refused, a fenced producer) is raised; the
-    caller then closes the producer, and the next one's init_transactions aborts what was left open
-    (kafka-python's abort_transaction would wait for a broker that may be gone)."""
+    checked either way. An error (a record the broker refused, a fenced producer, no acknowledgement
+    within `timeout_s`) is raised; the caller then closes the producer, and the next one's
+    init_transactions aborts what was left open (kafka-python's abort_transaction would wait for a
+    broker that may be gone). The timeout matters on a cluster: kafka-python keeps asking a
+    transaction coordinator that died, where a new producer finds the one that took over."""
     sent = []
     if transactional:
         producer.begin_transaction()
     yield lambda topic, key, value: sent.append(producer.send(topic, key=key, value=value))
-    acknowledged(producer, sent)
+    acknowledged(producer, sent, timeout_s)
     if transactional:
         producer.commit_transaction()
 

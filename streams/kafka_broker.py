@@ -79,13 +79,18 @@ def kafka_jars() -> Path:
     return libs
 
 
+def replication(nodes: int) -> tuple[int, int]:
+    """(replicas of each partition, replicas a write needs) on a cluster of `nodes`."""
+    replicas = min(nodes, 3)
+    return replicas, min(replicas, 2)
+
+
 def server_properties(log_dir: Path, port: int, controller_port: int, node_id: int = 1,
                       voters: dict[int, int] | None = None) -> str:
     """One node's settings; `voters`: each quorum node's id and controller port (default: this node alone).
     With several nodes, every partition is replicated to all (at most three) and a write needs two."""
     voters = voters or {node_id: controller_port}
-    replicas = min(len(voters), 3)
-    in_sync = min(replicas, 2)
+    replicas, in_sync = replication(len(voters))
     return "\n".join([
         "process.roles=broker,controller",
         f"node.id={node_id}",
@@ -182,22 +187,20 @@ class KafkaCluster:
     @property
     def description(self) -> str:
         root = next(iter(self.nodes.values())).data_dir.parent
-        return (f"Apache Kafka {KAFKA_VERSION}, a cluster of {len(self.nodes)} nodes (replication "
-                f"{min(len(self.nodes), 3)}, writes need {min(len(self.nodes), 2)}; data in {root})")
+        replicas, in_sync = replication(len(self.nodes))
+        return (f"Apache Kafka {KAFKA_VERSION}, a cluster of {len(self.nodes)} nodes (replication {replicas}, "
+                f"writes need {in_sync}; data in {root})")
 
     def kill(self, node_id: int) -> None:
-        """SIGKILL one node (its data stays, for `restart`)."""
+        """SIGKILL one node (its data stays)."""
         self.nodes[node_id].process.kill()
         self.nodes[node_id].process.wait()
 
-    def restart(self, node_id: int) -> None:
-        """Start a killed node again, on its ports and data."""
-        java, classpath = _runtime()
-        old = self.nodes[node_id]
-        self.nodes[node_id] = _launch(java, classpath, old.data_dir, old.port, old.description)
-        _wait_until_listening(self.nodes[node_id])
-
     def stop(self) -> None:
+        # All at once: nodes stopped one by one would leave the last without a quorum to shut down with.
+        for node in self.nodes.values():
+            if node.process.poll() is None:
+                node.process.terminate()
         for node in self.nodes.values():
             node.stop()
 
@@ -214,6 +217,9 @@ def start_kafka_cluster(root: Path, nodes: int = 3) -> KafkaCluster:
     restart finds the same addresses."""
     java, classpath = _runtime()
     dirs = {n: root / f"node-{n}" for n in range(1, nodes + 1)}
+    known = sorted(root.glob("node-*"))
+    if known and sorted(dirs.values()) != known:
+        raise BrokerError(f"{root} holds a cluster of {len(known)} nodes, not {nodes}: use another folder")
     if not all((d / "server.properties").exists() for d in dirs.values()):
         ports: list[int] = []
         while len(ports) < 2 * nodes:
@@ -223,7 +229,11 @@ def start_kafka_cluster(root: Path, nodes: int = 3) -> KafkaCluster:
         for n, d in dirs.items():
             d.mkdir(parents=True, exist_ok=True)
             (d / "server.properties").write_text(server_properties(d, ports[n - 1], voters[n], n, voters))
-    cluster_id = _cluster_id()
+    # One id for every node: a node formatted by an earlier, interrupted start gives its own
+    formatted = [d / "logs" / "meta.properties" for d in dirs.values() if (d / "logs" / "meta.properties").exists()]
+    cluster_id = next((line.split("=", 1)[1] for line in formatted[0].read_text().splitlines()
+                       if line.startswith("cluster.id=")), None) if formatted else None
+    cluster_id = cluster_id or _cluster_id()
     for d in dirs.values():
         _format(java, classpath, d, d / "server.properties", cluster_id)
     cluster = KafkaCluster({})

@@ -91,7 +91,8 @@ def broker_config(bootstrap_servers: str) -> dict[str, str]:
     does not describe them (Tansu)."""
     admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers)
     try:
-        broker = str(admin.describe_cluster()["brokers"][0]["broker_id"])
+        live = [b for b in admin.describe_cluster()["brokers"] if not b.get("is_fenced")]  # a dead node is fenced
+        broker = str(live[0]["broker_id"])
         found = admin.describe_configs([ConfigResource(ConfigResourceType.BROKER, broker)], config_filter="all")
     except Exception:  # an old or partial broker (Tansu): callers fall back to Kafka's defaults
         return {}

@@ -266,6 +266,7 @@ def local(stream, clip, tmp_path_factory) -> Outcome:
     assert len(got.styles) >= 12 and len(got.dead) >= 30  # the stream reaches most users, and has bad input
     assert IN_FLIGHT not in got.styles_first  # her in-flight and late uploads count for nothing
     assert got.styles[ON_DEVICE].photo_count == 3  # her device's contributions count; the other weights' not
+    assert sum(stage == "conflict" for stage, _ in got.dead.values()) == 1  # ...nor the other file
     assert got.styles[IN_FLIGHT].photo_count == 1  # only what came after the request
     assert len(got.receipts) == len(stream.forget_requests) >= 5 and stream.gone
     assert {u: code for u, (code, _) in got.audit.items()} == {u: 0 for u in stream.gone}, got.audit

@@ -41,7 +41,7 @@ def device_contribution(parsed: Sourced, expected: DeviceBasis, dim: int,
         return parsed.dead("validate", f"the embedding has {len(event.embedding)} dimensions, this state's model {dim}")
     return Contribution(kept_upload(event), np.asarray(event.embedding, np.float32),
                         np.asarray([event.features[n] for n in FEATURE_NAMES], np.float32), {}, event.sha256,
-                        parsed)
+                        offset=parsed.offset, source=parsed)
 
 
 class DeviceChecks:

@@ -105,7 +105,8 @@ def _load_clip_once(spec: ClipSpec, device: str) -> LoadedClip:
 
 def to_contribution(photo: PreparedPhoto, embedding: np.ndarray) -> Contribution:
     event = photo.source.event
-    return Contribution(kept_upload(event), embedding, photo.features, photo.metadata, file_sha256(event))
+    return Contribution(kept_upload(event), embedding, photo.features, photo.metadata, file_sha256(event),
+                        offset=photo.source.offset)
 
 
 class EmbedPhotos(beam.PTransform):

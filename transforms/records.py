@@ -76,7 +76,8 @@ class Contribution:
     features: np.ndarray  # float32
     metadata: dict[str, float | int | str] = field(default_factory=dict)
     sha256: str | None = None  # of the photo's file as uploaded (`file_sha256`), for its style manifest
-    source: Sourced | None = None  # a device's: its message, for a dead letter if the state refuses it
+    offset: int = -1  # of its message (one person's events share a partition: the order they were published)
+    source: Sourced | None = None  # a device's message (no pixels in it), for a dead letter if the state refuses it
 
     @property
     def user_id(self) -> str:
@@ -101,12 +102,12 @@ class Contribution:
 
     @property
     def arrival(self) -> tuple[str, int, str]:
-        """Its place among its person's contributions of one photo: a device's by its offset (one
-        person's events share a partition, so every runner sees them in this order), then by event id."""
-        return (self.photo_id, self.source.offset if self.source else -1, self.upload.event_id)
+        """Its place among its person's contributions of one photo: by offset (one person's events share
+        a partition, so within a batch this is the order they were published in), then by event id."""
+        return (self.photo_id, self.offset, self.upload.event_id)
 
     def refused(self, reason: str) -> DeadLetter:
-        """Its dead letter, when the state refuses it (a device's contribution: those carry their source)."""
+        """Its dead letter, when the state refuses it (only a device's contribution is refused)."""
         if self.source is None:
             raise ValueError(f"contribution {self.upload.event_id} has no source message to dead-letter")
         return self.source.dead("conflict", reason)

@@ -124,7 +124,7 @@ class UserView:
     # may affect (photo_id -> album_id), counted or not
     forgotten_at: datetime | None = None  # the user asked to be forgotten then: earlier events are void
     files: dict[str, str] = field(default_factory=dict)  # the sha256 of catalogued photos' files, where
-    # known (`records.catalogued_sha256`), of the photos the batch's contributions name
+    # known (`records.catalogued_sha256`), at least of the photos the batch names
 
     @classmethod
     def empty(cls, embedding_dim: int, n_features: int) -> UserView:
@@ -153,9 +153,10 @@ class UserUpdate:
 
 
 def plan_user_update(view: UserView, batch: UserBatch, half_life_days: float) -> UserUpdate:
-    """The changes one batch makes to one user's state. Order-free: toggles resolve by event time,
-    deletions are permanent, and a photo already stored is never added twice. A device's contribution
-    naming a photo known with another file (sha256) is refused, and changes nothing.
+    """The changes one batch makes to one user's state. Toggles resolve by event time, deletions are
+    permanent, and a photo already stored is never added twice, whatever the order. A device's
+    contribution naming a photo known with another file (sha256) is refused and changes nothing:
+    of two files for one photo id, the first to arrive counts.
 
     An opt-out deletes the photos' contributions; the photos stay catalogued by reference. When a
     later toggle lets them count again they are listed in `reingest`, to be fetched and embedded
@@ -180,7 +181,7 @@ def plan_user_update(view: UserView, batch: UserBatch, half_life_days: float) ->
             stats = stats - StyleStats.of(c.embedding, c.features, c.weight)
 
     seen, catalogued = set(view.stored), set(view.catalog)
-    files = {p: s.sha256 for p, s in view.stored.items() if s.sha256} | view.files
+    files = view.files | {p: s.sha256 for p, s in view.stored.items() if s.sha256}  # what counted wins
     for c in sorted(batch.contributions, key=lambda c: c.arrival):
         if c.photo_id in deleted:
             continue
