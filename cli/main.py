@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _thread
 import itertools
 import logging
 import os
@@ -474,11 +475,24 @@ def schemas_export(check: Annotated[bool, typer.Option(help="Only check the file
 
 
 _CTRL_C = threading.Event()
+_ENDED = threading.Event()
+INSIST_S = 10.0  # a Ctrl-C a library swallowed (an error it retried) comes again this long after
 
 
 def _on_ctrl_c(signum, frame) -> None:
-    _CTRL_C.set()
+    if not _CTRL_C.is_set():
+        _CTRL_C.set()
+        threading.Thread(target=_insist, name="ctrl-c", daemon=True).start()
     signal.default_int_handler(signum, frame)
+
+
+def _insist() -> None:
+    """Interrupt again while the command has not ended: a library may have taken the first interrupt
+    for an error of its own and carried on (seen once under load, in the demo's ingestion)."""
+    for _ in range(3):
+        if _ENDED.wait(INSIST_S):
+            return
+        _thread.interrupt_main()
 
 
 def main() -> None:
@@ -489,6 +503,7 @@ def main() -> None:
     try:
         app()
     except Exception as e:
+        _ENDED.set()
         if _CTRL_C.is_set():
             sys.exit(130)
         if os.environ.get("STYLESTREAM_DEBUG"):
@@ -499,6 +514,8 @@ def main() -> None:
         console.print(f"[red]error:[/] {what}", soft_wrap=True, highlight=False)
         console.print("(STYLESTREAM_DEBUG=1 shows the whole message and where it happened)", style="dim")
         sys.exit(1)
+    finally:
+        _ENDED.set()
 
 
 if __name__ == "__main__":
