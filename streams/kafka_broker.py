@@ -110,9 +110,9 @@ def server_properties(log_dir: Path, port: int, controller_port: int, node_id: i
         f"share.coordinator.state.topic.replication.factor={replicas}",
         f"share.coordinator.state.topic.min.isr={in_sync}",
         "group.initial.rebalance.delay.ms=0",
-        # A dead node is noticed in seconds (the default waits 9 s before moving its partitions' leadership)
-        "broker.session.timeout.ms=3000",
-        "broker.heartbeat.interval.ms=500",
+        # In a cluster a dead node is noticed in seconds (the default waits 9 s before moving its
+        # partitions' leadership). Not on one node: there a busy machine would fence the only broker.
+        *(["broker.session.timeout.ms=4000", "broker.heartbeat.interval.ms=500"] if len(voters) > 1 else []),
         "",
     ])
 
