@@ -231,8 +231,10 @@ def sending(producer: KafkaProducer, transactional: bool, timeout_s: float | Non
 
 
 def send_all(bootstrap_servers: str, messages: Iterable[tuple[str, bytes, bytes]]) -> None:
-    """(topic, key, value) messages, in order, acknowledged before it returns."""
-    p = producer(bootstrap_servers, linger_ms=20, batch_size=256 * 1024)
+    """(topic, key, value) messages, in order, acknowledged before it returns. Retriable errors are
+    retried until kafka-python's delivery timeout (2 min), not 5 times: a topic created a moment
+    ago may answer NotLeaderForPartition for longer than 5 quick retries on a busy machine."""
+    p = producer(bootstrap_servers, linger_ms=20, batch_size=256 * 1024, retries=float("inf"))
     try:
         acknowledged(p, [p.send(topic, key=key, value=value) for topic, key, value in messages])
     finally:

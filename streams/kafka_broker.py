@@ -102,8 +102,6 @@ def server_properties(log_dir: Path, port: int, controller_port: int, node_id: i
         "inter.broker.listener.name=PLAINTEXT",
         f"log.dirs={log_dir / 'logs'}",
         "num.partitions=4",
-        f"default.replication.factor={replicas}",
-        f"min.insync.replicas={in_sync}",
         f"offsets.topic.replication.factor={replicas}",
         f"transaction.state.log.replication.factor={replicas}",
         f"transaction.state.log.min.isr={in_sync}",
@@ -112,7 +110,8 @@ def server_properties(log_dir: Path, port: int, controller_port: int, node_id: i
         "group.initial.rebalance.delay.ms=0",
         # In a cluster a dead node is noticed in seconds (the default waits 9 s before moving its
         # partitions' leadership). Not on one node: there a busy machine would fence the only broker.
-        *(["broker.session.timeout.ms=4000", "broker.heartbeat.interval.ms=500"] if len(voters) > 1 else []),
+        *([f"default.replication.factor={replicas}", f"min.insync.replicas={in_sync}",
+           "broker.session.timeout.ms=4000", "broker.heartbeat.interval.ms=500"] if len(voters) > 1 else []),
         "",
     ])
 
