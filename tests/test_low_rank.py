@@ -78,7 +78,8 @@ def test_an_sd_size_layer_equals_peft_with_ranks_mixed_and_a_row_without():
         theirs = peft_model["proj"](x)
     assert (ours - plain).abs().amax(dim=(1, 2)).min() == 0  # the row without an adapter: exactly the plain layer
     assert (ours - plain).abs().max() > 1.0
-    assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-5), (ours - theirs).abs().max()
+    # float32 sums in another order (CPU kernels differ between machines: 7.6e-5 seen on an AMD EPYC)
+    assert torch.allclose(ours, theirs, atol=1e-4, rtol=1e-4), (ours - theirs).abs().max()
 
 
 def test_the_unet_with_files_and_hyper_rows_equals_peft(diffusion):
@@ -114,7 +115,7 @@ def test_the_unet_with_files_and_hyper_rows_equals_peft(diffusion):
         theirs = run(peft_rows(unet, {n: r for n, r in zip(names, rows, strict=True) if r}, names), every)
     assert torch.equal(ours[1], plain[1])  # the row without an adapter is the plain model's, exactly
     assert all((ours[i] - plain[i]).abs().max() > 1e-3 for i in (0, 2, 3, 4))
-    assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
+    assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()  # float32 order, as above
     first = hyper.targets[0][0]
     assert rows[2][first].down.data_ptr() == rows[4][first].down.data_ptr()  # one A for every person
 
