@@ -313,7 +313,7 @@ class Ingestor:
                     on_cycle(result)
             elif not follow:
                 # Caught up: erasures waiting for the batched rewrite are done before the run ends.
-                if self._store.compaction_due() is not None:
+                if self._store.rewrite_due(0.0):
                     clients.with_backoff(lambda: self._finish_committed(batch_s=0.0), stop, on_retry)
                 break
             else:
