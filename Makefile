@@ -19,7 +19,7 @@ demo: $(BIN)/stylestream
 # (kafka where Java is present). The smoke tests then run on Tansu too, so both brokers keep working.
 TEST_BROKER ?= auto
 # pytest on broker $(1) with arguments $(2); "no tests ran" (exit 5) is a failure
-PYTEST = rc=0; STYLESTREAM_TEST_BROKER=$(1) $(BIN)/python -m pytest $(2) || rc=$$?; \
+PYTEST = rc=0; STYLESTREAM_TEST_BROKER=$(1) $(BIN)/python -m pytest --durations=30 $(2) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; [ $$rc -eq 0 ]
 
 ## Prism, Beam's portable runner for the streaming pipeline: `go install` at the SDK's Beam release,

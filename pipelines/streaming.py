@@ -133,11 +133,18 @@ def check_outputs_empty(bootstrap_servers: str) -> None:
             "job, which restores its state from checkpoints (infra/README.md)")
 
 
+# Beam's portable runner opens the job's state stream under `--job_server_timeout` (300 s by default),
+# and `wait_until_finish` fails when that deadline passes: an unbounded job would end after five minutes.
+JOB_SERVER_TIMEOUT_S = 10 * 365 * 24 * 3600
+
+
 def runner_args(beam_args: list[str]) -> list[str]:
-    """Beam's options with this project's defaults: Prism (as built by `make prism`), and SDK workers
-    in this process (LOOPBACK: no Docker engine needed)."""
-    given = {a.split("=")[0] for a in beam_args if a.startswith("--")}
-    defaults = {"--runner": "PrismRunner", "--environment_type": "LOOPBACK"}
+    """Beam's options with this project's defaults: Prism (as built by `make prism`), SDK workers in this
+    process (LOOPBACK: no Docker engine needed), and a job service deadline an unbounded job outlives
+    never (`JOB_SERVER_TIMEOUT_S`)."""
+    given = {"--" + a[2:].split("=")[0].replace("-", "_") for a in beam_args if a.startswith("--")}
+    defaults = {"--runner": "PrismRunner", "--environment_type": "LOOPBACK",
+                "--job_server_timeout": JOB_SERVER_TIMEOUT_S}
     runner = PipelineOptions([*beam_args, "--runner=PrismRunner"] if "--runner" not in given else beam_args
                              ).view_as(StandardOptions).runner
     if runner == "PrismRunner" and "--prism_location" not in given:

@@ -279,7 +279,10 @@ def start(cmd: list[str], log: Path) -> subprocess.Popen:
 
 
 def stop(job: subprocess.Popen, sig: int = signal.SIGTERM) -> int:
-    os.killpg(job.pid, sig)
+    try:
+        os.killpg(job.pid, sig)
+    except ProcessLookupError:  # the job and all its children ended already
+        pass
     return job.wait(60)
 
 
@@ -308,6 +311,7 @@ def streamed(cmd: list[str], root: Path, stream: Stream, local: Outcome, deadlin
             first = wait_for(bs, local.styles_first, job, deadline_s, local.dead)
             clients.send_all(bs, stream.second)
             wait_for(bs, local.styles, job, 120)
+            assert job.poll() is None, f"the job ended by itself (exit {job.returncode}):\n{log.read_text()[-5000:]}"
         finally:
             stop(job, signal.SIGKILL)
         follow = runner.invoke(app, ["history", "follow", "--until-caught-up", "-b", bs, "--data-dir", str(data)])

@@ -9,13 +9,13 @@ from datetime import UTC, datetime
 import apache_beam as beam
 import numpy as np
 import pytest
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import PipelineOptions, PortableOptions, StandardOptions
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline  # not collected as a test
 from apache_beam.testing.util import assert_that, equal_to
 
 from stylestream.demo.synthetic import make_library, toggle_event
 from stylestream.models.clip import ClipSpec
-from stylestream.pipelines.streaming import build_streaming, runner_args
+from stylestream.pipelines.streaming import JOB_SERVER_TIMEOUT_S, build_streaming, runner_args
 from stylestream.pipelines.streaming_state import UpdateUserStyle
 from stylestream.schemas.events import UserForgotten, encode_event, parse_event
 from stylestream.schemas.tables import FEATURE_NAMES
@@ -56,6 +56,17 @@ def contribution(photo, seed: int) -> Contribution:
     rng = np.random.default_rng(seed)
     e = rng.normal(size=8).astype(np.float32)
     return Contribution(photo.upload_event(), e / np.linalg.norm(e), rng.random(len(FEATURE_NAMES)).astype(np.float32))
+
+
+def test_the_streaming_job_outlives_the_job_services_default_deadline():
+    # Beam's default (300 s) is the deadline of the job's state stream: the unbounded job ended after it.
+    options = PipelineOptions(runner_args(["--prism_location=/bin/true"]))
+    assert options.view_as(PortableOptions).job_server_timeout == JOB_SERVER_TIMEOUT_S >= 365 * 24 * 3600
+    assert options.view_as(StandardOptions).runner == "PrismRunner"
+    # What a person gives wins, in either spelling Beam takes.
+    for given in ("--job_server_timeout=60", "--job-server-timeout=60"):
+        assert PipelineOptions(runner_args([given, "--prism_location=/bin/true"])
+                               ).view_as(PortableOptions).job_server_timeout == 60
 
 
 def test_parse_routes_each_event_and_gives_bad_input_a_reason(tmp_path):
