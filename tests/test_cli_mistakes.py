@@ -177,3 +177,41 @@ def test_ctrl_c_or_sigterm_at_any_moment_ends_without_a_traceback(tmp_path, brok
                             f"signal:\n{out[-1500:]}")
     print("seconds from the signal to exit:", stops)
     assert not failures, "\n\n".join(failures)
+
+
+SWALLOWED_CTRL_C = """
+import importlib, os, signal, time
+from stylestream.cli import main as script  # the console script, before the module shadows its name
+
+command = importlib.import_module("stylestream.cli.main")
+
+command.INSIST_S = 1.0
+
+
+class Finalized:
+    def __del__(self):
+        raise KeyboardInterrupt  # as when the interrupt lands in a finalizer: Python ignores it there
+
+
+def swallowing():
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(30)
+    except KeyboardInterrupt:
+        pass  # a library that takes the interrupt for an error of its own and carries on
+    Finalized()
+    time.sleep(30)
+    print("ran to its end")
+
+
+command.app = swallowing
+script()
+"""
+
+
+def test_a_ctrl_c_a_library_swallowed_comes_again_and_an_ignored_one_prints_nothing():
+    t0 = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", SWALLOWED_CTRL_C], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 130 and time.monotonic() - t0 < 25, (done.returncode, done.stdout, done.stderr)
+    assert "ran to its end" not in done.stdout
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
