@@ -30,9 +30,11 @@ import pyarrow as pa
 from rich.progress import track
 
 from stylestream.analytics import drift, history
+from stylestream.analytics.pseudonyms import pseudonym
 from stylestream.schemas.tables import FEATURE_NAMES, STYLE_HISTORY
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
+KEY = b"bench-analytics-key" * 2  # the pseudonyms' key (any 16+ bytes)
 
 
 def list_column(values: np.ndarray) -> pa.ListArray:
@@ -43,7 +45,8 @@ def list_column(values: np.ndarray) -> pa.ListArray:
 
 def generate(folder: Path, users: int, versions: int, dim: int) -> int:
     rng = np.random.default_rng(0)
-    ids = np.array([f"user-{u:06d}" for u in range(users)])  # sorted, as compaction leaves them
+    # Pseudonyms, as the history holds them; sorted, as compaction leaves them
+    ids = np.array(sorted(pseudonym(f"person-{u}", KEY) for u in range(users)))
     base = rng.normal(size=(users, dim)).astype(np.float32)
     heading = rng.normal(size=(users, dim)).astype(np.float32)
     speed = rng.exponential(0.02, size=(users, 1)).astype(np.float32)
@@ -92,12 +95,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--users", type=int, default=100_000)
     ap.add_argument("--versions", type=int, default=100, help="versions per user (one a day)")
+    ap.add_argument("--rows", type=int, help="history rows in all: --versions per user, and as many users as "
+                                             "that takes (overrides --users); 100000000 is 1 M users x 100")
     ap.add_argument("--dim", type=int, default=64, help="embedding size (64: the default tiny CLIP; 512: ViT-B-32)")
     ap.add_argument("--window-days", type=int, default=30)
     ap.add_argument("-n", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dir", type=Path, help="keep the generated history here (default: a temporary folder)")
     a = ap.parse_args()
+    if a.rows:
+        a.users = a.rows // a.versions
     folder = (a.dir or Path(tempfile.mkdtemp(prefix="bench-drift-"))) / "history"
     t = time.perf_counter()
     rows = generate(folder, a.users, a.versions, a.dim)
@@ -109,7 +116,7 @@ def main() -> None:
     t0 = t1 - timedelta(days=a.window_days)
     db = drift.connect(folder)
     topn_s, top = timed(lambda: drift.top_drift(db, t0, t1, a.n).column("user_id").to_pylist(), a.repeats)
-    user = f"user-{a.users // 2:06d}"
+    user = pseudonym(f"person-{a.users // 2}", KEY)
     timeline_s, tl = timed(lambda: drift.timeline(db, user), a.repeats)
     pandas_s, top_pd = timed(lambda: pandas_top_n(folder, t0, t1, a.n), a.repeats)
     print(json.dumps({"bench": "queries", "top": top, "pandas_top": top_pd, "timeline_rows": tl.num_rows}), flush=True)
