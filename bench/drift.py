@@ -103,7 +103,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dir", type=Path, help="keep the generated history here (default: a temporary folder)")
     a = ap.parse_args()
-    if a.rows:
+    if a.rows is not None:
+        if a.rows < a.versions or a.rows % a.versions:
+            ap.error(f"--rows must be a multiple of --versions ({a.versions}): one row per user and version")
         a.users = a.rows // a.versions
     folder = (a.dir or Path(tempfile.mkdtemp(prefix="bench-drift-"))) / "history"
     t = time.perf_counter()

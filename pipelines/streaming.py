@@ -135,6 +135,8 @@ def check_outputs_empty(bootstrap_servers: str) -> None:
 
 # Beam's portable runner opens the job's state stream under `--job_server_timeout` (300 s by default),
 # and `wait_until_finish` fails when that deadline passes: an unbounded job would end after five minutes.
+# Beam also waits that long for a job server given by `--job_endpoint` to answer: pass a shorter
+# `--job_server_timeout` there to fail fast on a wrong address (the job then ends after that long).
 JOB_SERVER_TIMEOUT_S = 10 * 365 * 24 * 3600
 
 
@@ -142,7 +144,9 @@ def runner_args(beam_args: list[str]) -> list[str]:
     """Beam's options with this project's defaults: Prism (as built by `make prism`), SDK workers in this
     process (LOOPBACK: no Docker engine needed), and a job service deadline an unbounded job outlives
     never (`JOB_SERVER_TIMEOUT_S`)."""
-    given = {"--" + a[2:].split("=")[0].replace("-", "_") for a in beam_args if a.startswith("--")}
+    given = {a.split("=")[0] for a in beam_args if a.startswith("--")}
+    if "--job-server-timeout" in given:  # the one option Beam also takes with dashes
+        given.add("--job_server_timeout")
     defaults = {"--runner": "PrismRunner", "--environment_type": "LOOPBACK",
                 "--job_server_timeout": JOB_SERVER_TIMEOUT_S}
     runner = PipelineOptions([*beam_args, "--runner=PrismRunner"] if "--runner" not in given else beam_args

@@ -67,6 +67,8 @@ def test_the_streaming_job_outlives_the_job_services_default_deadline():
     for given in ("--job_server_timeout=60", "--job-server-timeout=60"):
         assert PipelineOptions(runner_args([given, "--prism_location=/bin/true"])
                                ).view_as(PortableOptions).job_server_timeout == 60
+    # Other options keep their defaults: a dashed spelling Beam does not take is no option given.
+    assert "--environment_type=LOOPBACK" in runner_args(["--environment-type=DOCKER", "--prism_location=/bin/true"])
 
 
 def test_parse_routes_each_event_and_gives_bad_input_a_reason(tmp_path):
