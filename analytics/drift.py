@@ -9,6 +9,10 @@ from SQL too (`stylestream drift sql "SELECT * FROM top_drift(now() - INTERVAL 3
     versions_of(user)              one row per version of a user (facets aside)
     user_timeline(user)            versions with drift from the first and from the previous version
     user_drift(user, v0, v1)       drift between two versions: distance and per-feature deltas
+    in_force                       the in-force snapshots (`date`: the closed day they end)
+    in_force_at(t)                 per user: the version in force at t (latest ≤ t) and their first,
+                                   each with its date partition: the newest snapshot of a day before
+                                   t's plus the rows after it, so it reads a day or two, not all
     window_ends(t0, t1)            per user: version in force at t0 (NULL if none), first and last ≤ t1,
                                    each with its date partition
     window_pairs(t0, t1)           per user: the version at t0 (or their first after it) and their last ≤ t1
@@ -34,6 +38,10 @@ import duckdb
 import pyarrow as pa
 
 from stylestream.schemas.tables import FEATURE_NAMES
+
+# The in-force snapshots' folder inside the history folder (kept by analytics/history.py). Not a
+# `date=` folder, so the `history` view does not read it.
+IN_FORCE_DIR = "_in_force"
 
 
 @dataclass(frozen=True)
@@ -84,14 +92,27 @@ CREATE OR REPLACE MACRO user_drift(u, v0, v1) AS TABLE
            feature_deltas(a.features, b.features) AS feature_deltas
     FROM versions_of(u) a, versions_of(u) b WHERE a.version = v0 AND b.version = v1;
 
+-- The newest snapshot of a day before t's, and the history rows after it up to t. The snapshot's day
+-- is found at run time; DuckDB's dynamic filters then skip the other snapshot and history files.
+CREATE OR REPLACE MACRO in_force_at(t) AS TABLE
+    WITH snapshot AS (
+        SELECT coalesce(max(date), DATE '0001-01-01') AS day FROM in_force_days WHERE date < CAST(t AS DATE)),
+    candidates AS (
+        SELECT user_id, version, version_date, updated_at, first_version, first_date FROM in_force
+        WHERE date = (SELECT day FROM snapshot)
+        UNION ALL
+        SELECT user_id, version, date, updated_at, version, date FROM history
+        WHERE date > (SELECT day FROM snapshot) AND date <= CAST(t AS DATE) AND updated_at <= t)
+    SELECT user_id, max(version) AS version, arg_max(version_date, version) AS version_date,
+           arg_max(updated_at, version) AS updated_at, min(first_version) AS first_version,
+           arg_min(first_date, first_version) AS first_date
+    FROM candidates GROUP BY user_id;
+
 -- Each version's date partition comes along, so fetching embeddings reads only those partitions.
 CREATE OR REPLACE MACRO window_ends(t0, t1) AS TABLE
-    SELECT user_id,
-           max(version) FILTER (WHERE updated_at <= t0) AS at_start,
-           arg_max(date, version) FILTER (WHERE updated_at <= t0) AS at_start_date,
-           min(version) AS first_version, arg_min(date, version) AS first_date,
-           max(version) AS to_version, arg_max(date, version) AS to_date
-    FROM history WHERE date <= CAST(t1 AS DATE) AND updated_at <= t1 GROUP BY user_id;
+    SELECT e.user_id, s.version AS at_start, s.version_date AS at_start_date,
+           e.first_version, e.first_date, e.version AS to_version, e.version_date AS to_date
+    FROM in_force_at(t1) e LEFT JOIN in_force_at(least(t0, t1)) s USING (user_id);
 
 -- The embeddings and features of the listed (user_id, from_version, to_version) pairs, side by side.
 CREATE OR REPLACE MACRO pair_rows(ends) AS TABLE
@@ -155,17 +176,17 @@ CREATE OR REPLACE MACRO trend_words(deltas) AS join_words(coalesce((
 """
 
 
-def connect(history_dir: Path | str) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with the drift views and macros over `history_dir`."""
+def connect(history_dir: Path | str, snapshots: bool = True) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with the drift views and macros over `history_dir`; without
+    `snapshots`, the in-force snapshots are not read (every answer from the history rows alone)."""
     history_dir = Path(history_dir)
     if not any(history_dir.glob("date=*/*.parquet")):
         raise FileNotFoundError(f"no style history under {history_dir} (run ingestion first, or point "
                                 "--history at the folder that holds the date=YYYY-MM-DD partitions)")
     db = duckdb.connect()
     db.execute("SET parquet_metadata_cache = true")  # file footers read once per connection, not per query
-    pattern = str(history_dir / "date=*" / "*.parquet").replace("'", "''")
-    db.execute(f"CREATE VIEW history AS SELECT * FROM read_parquet('{pattern}', hive_partitioning = true, "
-               "hive_types = {'date': DATE})")
+    db.execute(f"CREATE VIEW history AS SELECT * FROM {_partitions(history_dir)}")
+    define_in_force(db, history_dir if snapshots else None)
     db.register("feature_words_arrow", pa.table({
         "feature": [w.feature for w in FEATURE_WORDS],
         "position": [FEATURE_NAMES.index(w.feature) + 1 for w in FEATURE_WORDS],
@@ -175,6 +196,30 @@ def connect(history_dir: Path | str) -> duckdb.DuckDBPyConnection:
     db.unregister("feature_words_arrow")
     db.execute(MACROS)
     return db
+
+
+def define_in_force(db: duckdb.DuckDBPyConnection, history_dir: Path | None) -> None:
+    """The `in_force` snapshots (empty while there are none, or without `history_dir`: define again once
+    there are) and `in_force_days`, their days as the folder holds them at each query."""
+    folder = history_dir / IN_FORCE_DIR if history_dir else None
+    source = (_partitions(folder) if folder and any(folder.glob("date=*/*.parquet")) else
+              "(SELECT NULL::VARCHAR AS user_id, NULL::BIGINT AS version, NULL::DATE AS version_date, "
+              "NULL::TIMESTAMPTZ AS updated_at, NULL::BIGINT AS first_version, NULL::DATE AS first_date, "
+              "NULL::DATE AS date WHERE false)")
+    db.execute(f"CREATE OR REPLACE VIEW in_force AS SELECT * FROM {source}")
+    days = (f"SELECT DISTINCT CAST(regexp_extract(file, 'date=([0-9-]+)', 1) AS DATE) AS date "
+            f"FROM glob('{_quoted(folder / 'date=*' / '*.parquet')}')" if folder else
+            "SELECT NULL::DATE AS date WHERE false")
+    db.execute(f"CREATE OR REPLACE VIEW in_force_days AS {days}")
+
+
+def _quoted(path: Path) -> str:
+    return str(path).replace("'", "''")
+
+
+def _partitions(folder: Path) -> str:
+    return (f"read_parquet('{_quoted(folder / 'date=*' / '*.parquet')}', hive_partitioning = true, "
+            "hive_types = {'date': DATE})")
 
 
 def timeline(db: duckdb.DuckDBPyConnection, user: str) -> pa.Table:

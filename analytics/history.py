@@ -4,6 +4,8 @@ Layout (hive style, one partition per UTC day of the commit):
 
     history/date=2026-11-29/cycle-00000042.parquet      one file per committed ingestion cycle
     history/date=2026-11-28/compacted-00000001-00000041.parquet   a closed day after `compact`
+    history/_in_force/date=2026-11-28/in-force.parquet           each person's version in force at
+                                                                  that closed day's end (`compact`)
 
 Every file has the `schemas.tables.STYLE_HISTORY` schema; rows are sorted by user and version, and
 each (user_id, version) is one immutable version of a user's style. A cycle's file is written only
@@ -13,6 +15,13 @@ them may see a version twice; the queries in `analytics.drift` do not count it t
 
 Writers that replace files (compaction, redaction) hold `history/.lock`, so neither can bring back
 rows the other removed. Ingestion only ever adds new cycle files and needs no lock for that.
+
+The in-force snapshots are what makes a window's drift read a snapshot and the days after it, not
+every row before the window (`analytics.drift.in_force_at`). Each is built from the one before it
+and the rows since, so `compact` rebuilds from the oldest one older than a file of its days; a
+redaction recomputes the snapshot rows of the people it touched, so a withdrawn version or a
+forgotten person leaves them too. A version written into a closed day after its snapshot counts from
+the next `compact`.
 """
 
 from __future__ import annotations
@@ -20,15 +29,18 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shutil
 from collections.abc import Iterator
-from datetime import UTC, date, datetime
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stylestream.schemas.tables import STYLE_HISTORY
+from stylestream.analytics import drift
+from stylestream.schemas.tables import IN_FORCE, STYLE_HISTORY
 
 # Small row groups let a query for one user skip most of a day's file by its user_id statistics.
 ROW_GROUP_SIZE = 8192
@@ -39,11 +51,15 @@ def cycle_path(history_dir: Path, cycle: int, committed_at: datetime) -> Path:
     return history_dir / f"date={day.isoformat()}" / f"cycle-{cycle:08d}.parquet"
 
 
-def write_atomically(table: pa.Table, path: Path) -> None:
+def in_force_path(history_dir: Path, day: date) -> Path:
+    return history_dir / drift.IN_FORCE_DIR / f"date={day.isoformat()}" / "in-force.parquet"
+
+
+def write_atomically(table: pa.Table, path: Path, schema: pa.Schema = STYLE_HISTORY) -> None:
     """Readers see the whole file or none of it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table.cast(STYLE_HISTORY), tmp, row_group_size=ROW_GROUP_SIZE)
+    pq.write_table(table.cast(schema), tmp, row_group_size=ROW_GROUP_SIZE)
     os.replace(tmp, path)
 
 
@@ -68,11 +84,17 @@ def day_partitions(history_dir: Path) -> dict[date, list[Path]]:
     return days
 
 
-def compact(history_dir: Path, before: date | None = None) -> list[tuple[date, int, int]]:
+@dataclass(frozen=True)
+class Compaction:
+    merged: list[tuple[date, int, int]]  # (day, files, rows) per day merged
+    snapshots: list[date]  # the days whose in-force snapshot was (re)built
+
+
+def compact(history_dir: Path, before: date | None = None) -> Compaction:
     """Merge each day's files into one, sorted by user and version (a version present twice, from a
     crash repeat, is kept once), for every day before `before` (default: today in UTC; ingestion
-    may still be writing today's). Returns (day, files, rows) per day compacted; days that already
-    are one file are left alone."""
+    may still be writing today's); days that already are one file are left alone. Then the in-force
+    snapshots of the closed days that are due or out of date."""
     before = before or datetime.now(UTC).date()
     done = []
     with locked(history_dir), duckdb.connect() as db:
@@ -90,7 +112,74 @@ def compact(history_dir: Path, before: date | None = None) -> list[tuple[date, i
                 if f != merged:
                     f.unlink()
             done.append((day, len(files), table.num_rows))
-    return done
+        snapshots = update_in_force(history_dir, before)
+    return Compaction(done, snapshots)
+
+
+def end_of(day: date) -> datetime:
+    return datetime.combine(day + timedelta(days=1), time(), UTC) - timedelta(microseconds=1)
+
+
+def update_in_force(history_dir: Path, before: date) -> list[date]:
+    """Writes the in-force snapshots due among the closed days (before `before`), oldest first; returns
+    their days. A snapshot is due once the history rows since the one before are as many as the
+    people in it: so the snapshots never outgrow the history, and an answer reads at most about twice
+    a snapshot. One older than a file of its days is written again, and so is every one after it
+    (each builds on the one before)."""
+    written = []
+    rows_since, newest_since, people, rebuilding = 0, 0, 0, False
+    for day, files in sorted(day_partitions(history_dir).items()):
+        if day >= before:
+            break
+        rows_since += sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+        newest_since = max(newest_since, *(f.stat().st_mtime_ns for f in files))
+        snapshot = in_force_path(history_dir, day)
+        if snapshot.exists():
+            rebuilding = rebuilding or snapshot.stat().st_mtime_ns < newest_since
+        if (snapshot.exists() and rebuilding) or (not snapshot.exists() and rows_since >= max(people, 1)):
+            write_in_force(history_dir, [day])
+            written.append(day)
+        elif not snapshot.exists():
+            continue
+        rows_since, newest_since, people = 0, 0, pq.ParquetFile(snapshot).metadata.num_rows
+    return written
+
+
+def write_in_force(history_dir: Path, days: list[date], users: list[str] | None = None) -> None:
+    """Writes the in-force snapshots of these days, oldest first, each from the one before. With
+    `users`, only their rows are recomputed and everyone else's kept (after a redaction)."""
+    if not days:
+        return
+    with drift.connect(history_dir) as db:
+        db.execute("SET parquet_metadata_cache = false")  # it rewrites files it has read
+        for day in sorted(days):
+            if users is None:
+                query = "SELECT * FROM in_force_at($t) ORDER BY user_id"
+                params = {"t": end_of(day)}
+            else:
+                query = """SELECT * EXCLUDE (date) FROM in_force
+                           WHERE date = $day AND user_id NOT IN (SELECT unnest($u))
+                           UNION ALL SELECT * FROM in_force_at($t) WHERE user_id IN (SELECT unnest($u))
+                           ORDER BY user_id"""
+                params = {"t": end_of(day), "day": day, "u": users}
+            write_atomically(db.sql(query, params=params).to_arrow_table(), in_force_path(history_dir, day), IN_FORCE)
+            drift.define_in_force(db, history_dir)  # the first snapshot turns the empty table into a view
+
+
+def refresh_in_force(history_dir: Path, users: list[str]) -> None:
+    """Recomputes these people's rows in every snapshot that holds them, from the history as it is now."""
+    folder = history_dir / drift.IN_FORCE_DIR
+    snapshots = sorted(str(f) for f in folder.glob("date=*/*.parquet"))
+    if not snapshots or not users:
+        return
+    if not any(history_dir.glob("date=*/*.parquet")):
+        shutil.rmtree(folder)  # no history: no one is in force
+        return
+    with duckdb.connect() as db:
+        holding = db.execute("SELECT DISTINCT filename FROM read_parquet($files, filename = true) "
+                             "WHERE user_id IN (SELECT unnest($u))", {"files": snapshots, "u": users}).fetchall()
+    write_in_force(history_dir, [date.fromisoformat(Path(f).parent.name.removeprefix("date=")) for (f,) in holding],
+                   users)
 
 
 def redact(history_dir: Path, versions: list[tuple[str, int, int]]) -> int:
@@ -98,7 +187,11 @@ def redact(history_dir: Path, versions: list[tuple[str, int, int]]) -> int:
     how many rows were removed. Files are rewritten whole, atomically; repeating a redaction is a
     no-op, so a crash in between is repaired by running it again."""
     existing = sorted(str(f) for f in history_dir.glob("date=*/*.parquet"))
-    if not versions or not existing:
+    if not versions:
+        return 0
+    if not existing:
+        with locked(history_dir):
+            refresh_in_force(history_dir, sorted({u for u, _, _ in versions}))
         return 0
     doomed = pa.table({"user_id": [u for u, _, _ in versions], "v_from": [a for _, a, _ in versions],
                        "v_to": [b for _, _, b in versions]})
@@ -120,4 +213,6 @@ def redact(history_dir: Path, versions: list[tuple[str, int, int]]) -> int:
                 write_atomically(kept, f)
             else:
                 f.unlink()
+        # Always: a redaction repeated after a crash finds the history done but maybe not the snapshots.
+        refresh_in_force(history_dir, sorted({u for u, _, _ in versions}))
     return removed

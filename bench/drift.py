@@ -3,14 +3,17 @@
 
 Generates USERS x VERSIONS style versions (one version per user per day, DIM-d embeddings that
 wander at a per-user speed, the 23 features), written as the history layout ingestion and
-`stylestream history compact` produce: one file per day, sorted by user, small row groups. Then times
+`stylestream history compact` produce: one file per day, sorted by user, small row groups, and
+compaction's in-force snapshot of each closed day (the last day stays open, as today's would). Then times
 
   topn      the top-N drift query (version in force 30 days before the end vs the latest), DuckDB
+  topn_scan the same query from every history row, without the snapshots (the baseline)
   timeline  one user's timeline (drift from first and previous version), DuckDB
-  pandas    the same top-N computed with pandas from the same Parquet files
+  pandas    the same top-N computed with pandas from the same Parquet files (--no-pandas: not run;
+            it holds every embedding as a Python object, tens of GB at 100 M rows)
 
 Each query runs REPEATS times; the median is reported (the first run includes reading file footers).
-Final line: JSON with rows, topn_query_s, timeline_query_s, pandas_topn_s and their ratio.
+Final line: JSON with rows, topn_query_s, topn_scan_s, timeline_query_s, pandas_topn_s and ratios.
 """
 
 from __future__ import annotations
@@ -66,6 +69,10 @@ def generate(folder: Path, users: int, versions: int, dim: int) -> int:
     return users * versions
 
 
+def last_day(folder: Path) -> datetime:
+    return max(datetime.fromisoformat(p.name.removeprefix("date=")) for p in folder.glob("date=*"))
+
+
 def timed(fn, repeats: int) -> tuple[float, object]:
     times, result = [], None
     for _ in range(repeats):
@@ -102,6 +109,8 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dir", type=Path, help="keep the generated history here (default: a temporary folder)")
+    ap.add_argument("--pandas", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time the pandas baseline (needs tens of GB at 100 M rows)")
     a = ap.parse_args()
     if a.rows is not None:
         if a.rows < a.versions or a.rows % a.versions:
@@ -113,21 +122,33 @@ def main() -> None:
     gen_s = time.perf_counter() - t
     size = sum(f.stat().st_size for f in folder.rglob("*.parquet"))
     print(json.dumps({"bench": "generate", "rows": rows, "seconds": round(gen_s, 1), "bytes": size}), flush=True)
+    t = time.perf_counter()
+    snapshots = history.compact(folder, before=last_day(folder).date()).snapshots
+    snapshots_s = time.perf_counter() - t
+    snapshot_bytes = sum(f.stat().st_size for f in (folder / drift.IN_FORCE_DIR).rglob("*.parquet"))
+    print(json.dumps({"bench": "snapshots", "days": len(snapshots), "seconds": round(snapshots_s, 1),
+                      "bytes": snapshot_bytes}), flush=True)
 
     t1 = START + timedelta(days=a.versions - 1, hours=3)
     t0 = t1 - timedelta(days=a.window_days)
-    db = drift.connect(folder)
+    db, scan = drift.connect(folder), drift.connect(folder, snapshots=False)
     topn_s, top = timed(lambda: drift.top_drift(db, t0, t1, a.n).column("user_id").to_pylist(), a.repeats)
+    scan_s, top_scan = timed(lambda: drift.top_drift(scan, t0, t1, a.n).column("user_id").to_pylist(), a.repeats)
     user = pseudonym(f"person-{a.users // 2}", KEY)
     timeline_s, tl = timed(lambda: drift.timeline(db, user), a.repeats)
-    pandas_s, top_pd = timed(lambda: pandas_top_n(folder, t0, t1, a.n), a.repeats)
-    print(json.dumps({"bench": "queries", "top": top, "pandas_top": top_pd, "timeline_rows": tl.num_rows}), flush=True)
-    if top != top_pd:
-        raise SystemExit("DuckDB and pandas disagree on the top users")
+    pandas_s, top_pd = timed(lambda: pandas_top_n(folder, t0, t1, a.n), a.repeats) if a.pandas else (None, top)
+    print(json.dumps({"bench": "queries", "top": top, "scan_top": top_scan, "pandas_top": top_pd,
+                      "timeline_rows": tl.num_rows}), flush=True)
+    if not top == top_scan == top_pd:
+        raise SystemExit("the queries disagree on the top users")
     print(json.dumps({"bench": "drift", "rows": rows, "users": a.users, "versions": a.versions, "dim": a.dim,
-                      "history_mb": round(size / 2**20, 1), "topn_query_s": round(topn_s, 3),
-                      "timeline_query_s": round(timeline_s, 3), "pandas_topn_s": round(pandas_s, 3),
-                      "ratio_pandas_vs_duckdb": round(pandas_s / topn_s, 2), "cpus": os.cpu_count()}))
+                      "history_mb": round(size / 2**20, 1), "snapshots_mb": round(snapshot_bytes / 2**20, 1),
+                      "topn_query_s": round(topn_s, 3), "topn_scan_s": round(scan_s, 3),
+                      "ratio_scan_vs_snapshots": round(scan_s / topn_s, 2),
+                      "timeline_query_s": round(timeline_s, 3),
+                      "pandas_topn_s": round(pandas_s, 3) if pandas_s else None,
+                      "ratio_pandas_vs_duckdb": round(pandas_s / topn_s, 2) if pandas_s else None,
+                      "cpus": os.cpu_count()}))
 
 
 if __name__ == "__main__":

@@ -296,6 +296,7 @@ def compact(
     except ValueError:
         raise typer.BadParameter(f"not a date: {before!r} (use YYYY-MM-DD)") from None
     done = history.compact(folder, day)
-    for d, files, rows in done:
+    for d, files, rows in done.merged:
         console.print(f"{d}: {files} files -> 1 ({rows} versions)")
-    console.print(f"compacted {counted(len(done), 'day')} in {folder}")
+    console.print(f"compacted {counted(len(done.merged), 'day')} in {folder}; "
+                  f"in-force snapshots written for {counted(len(done.snapshots), 'day')}")

@@ -48,3 +48,17 @@ STYLE_HISTORY = pa.schema(
     ],
     metadata={"feature_names": ",".join(FEATURE_NAMES)},
 )
+
+# Each person's version in force at the end of a closed day (their latest committed by then) and their
+# first, beside the history as history/_in_force/date=<day>/in-force.parquet. Derived from the history
+# alone (analytics/history.py keeps it in step): a window's drift reads two of these, not every row.
+IN_FORCE = pa.schema(
+    [
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("version", pa.int64(), nullable=False),
+        pa.field("version_date", pa.date32(), nullable=False),  # the history partition that holds it
+        pa.field("updated_at", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("first_version", pa.int64(), nullable=False),
+        pa.field("first_date", pa.date32(), nullable=False),
+    ]
+)

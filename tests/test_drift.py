@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
+import shutil
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -156,11 +158,83 @@ def test_compaction_keeps_every_version_once_and_queries_unchanged(tmp_path):
     assert [r["version"] for r in drift.timeline(db, "u0").to_pylist()] == [1, 2, 3, 4, 5, 6]
 
     done = history.compact(folder, before=datetime(2026, 8, 3).date())
-    assert [(d.isoformat(), files, rows) for d, files, rows in done] == [("2026-08-01", 2, 3)]
+    assert [(d.isoformat(), files, rows) for d, files, rows in done.merged] == [("2026-08-01", 2, 3)]
     assert [p.name for p in (folder / "date=2026-08-01").iterdir() if p.suffix == ".parquet"] == [
         "compacted-00000001-00000007.parquet"]
+    assert [d.isoformat() for d in done.snapshots] == ["2026-08-01", "2026-08-02"]  # the closed days
+    db = drift.connect(folder)  # now with the snapshots: the window's start reads the one of 08-01
     assert db.sql(query).to_arrow_table().to_pylist() == before
-    assert history.compact(folder, before=datetime(2026, 8, 3).date()) == []  # nothing left to merge
+    again = history.compact(folder, before=datetime(2026, 8, 3).date())
+    assert again.merged == [] and again.snapshots == []  # nothing left to merge, every snapshot current
+
+
+def in_force_by_scan(db, t: datetime) -> list[tuple]:
+    """What `in_force_at` must give, from every history row: the definition without snapshots."""
+    return db.execute("""SELECT user_id, max(version), arg_max(date, version), min(version), arg_min(date, version)
+                         FROM history WHERE updated_at <= $t GROUP BY user_id ORDER BY user_id""", {"t": t}).fetchall()
+
+
+def in_force(db, t: datetime) -> list[tuple]:
+    return db.execute("SELECT user_id, version, version_date, first_version, first_date FROM in_force_at($t) "
+                      "ORDER BY user_id", {"t": t}).fetchall()
+
+
+def test_in_force_snapshots_answer_as_a_full_scan_and_follow_redactions_and_late_files(tmp_path):
+    start = datetime(2026, 8, 1, 12, tzinfo=UTC)
+    folder = tmp_path / "history"
+    write_days(folder, 6, ["u0", "u1", "u2"], start)
+    write_days(folder / "late-comer", 3, ["u3"], start + timedelta(days=2))  # u3 appears on day 3
+    for f in (folder / "late-comer").rglob("*.parquet"):
+        target = folder / f.parent.name / f"cycle-0000009{f.stem[-1]}.parquet"
+        f.rename(target)
+    shutil.rmtree(folder / "late-comer")
+    times = [start + timedelta(days=d, hours=h) for d in range(-1, 7) for h in (-12, 0, 6)]
+
+    # 1. Compaction writes a snapshot per closed day; every answer equals the full scan's.
+    done = history.compact(folder, before=datetime(2026, 8, 6).date())
+    assert len(done.snapshots) == 5
+    db = drift.connect(folder)
+    assert all(in_force(db, t) == in_force_by_scan(db, t) for t in times)
+    plan = db.sql("EXPLAIN ANALYZE SELECT * FROM in_force_at(TIMESTAMPTZ '2026-08-05 13:00')").fetchall()[0][1]
+    # One snapshot file (08-04's) and one history file (08-05's), of the six of each kind.
+    assert re.findall(r"Total Files Read: (\d+)", plan) == ["1", "1"]
+
+    # 2. A withdrawal and a forgetting leave the snapshots too, and no byte of the forgotten remains.
+    history.redact(folder, [("u0", 2, 3), ("u1", 0, 99)])
+    db = drift.connect(folder)
+    assert all(in_force(db, t) == in_force_by_scan(db, t) for t in times)
+    assert in_force(db, start + timedelta(days=2, hours=1))[0][:2] == ("u0", 1)  # v2 and v3 withdrawn
+    snapshots = list((folder / drift.IN_FORCE_DIR).rglob("*.parquet"))
+    assert snapshots and not any(b"u1" in f.read_bytes() for f in snapshots)
+
+    # 3. A file that lands in a closed day after its snapshot: the next compaction rebuilds from that day.
+    write_days(folder / "again", 1, ["u4"], start + timedelta(days=3))
+    late = next((folder / "again").rglob("*.parquet"))
+    late.rename(folder / late.parent.name / "cycle-00000099.parquet")
+    shutil.rmtree(folder / "again")
+    done = history.compact(folder, before=datetime(2026, 8, 6).date())
+    assert [d.isoformat() for d in done.snapshots] == ["2026-08-04", "2026-08-05"]
+    db = drift.connect(folder)
+    assert all(in_force(db, t) == in_force_by_scan(db, t) for t in times)
+
+    # 4. Everyone forgotten: the snapshots go with the history.
+    history.redact(folder, [(u, 0, 99) for u in ("u0", "u2", "u3", "u4")])
+    assert not (folder / drift.IN_FORCE_DIR).exists()
+
+
+def test_a_snapshot_comes_once_the_history_since_the_last_holds_as_many_rows_as_it_has_people(tmp_path):
+    start = datetime(2026, 8, 1, 12, tzinfo=UTC)
+    folder = tmp_path / "history"
+    write_days(folder, 1, ["u0", "u1", "u2", "u3"], start)  # four people on the first day...
+    write_days(tmp_path / "u0", 9, ["u0"], start)  # ...then only u0, a version a day
+    for f in sorted((tmp_path / "u0").rglob("*.parquet"))[1:]:
+        (folder / f.parent.name).mkdir(exist_ok=True)
+        f.rename(folder / f.parent.name / f.name)
+    done = history.compact(folder, before=datetime(2026, 8, 10).date())
+    assert [d.isoformat() for d in done.snapshots] == ["2026-08-01", "2026-08-05", "2026-08-09"]
+    db = drift.connect(folder)
+    times = [start + timedelta(days=d, hours=h) for d in range(10) for h in (-12, 0)]
+    assert all(in_force(db, t) == in_force_by_scan(db, t) for t in times)
 
 
 def test_top_population_and_words_on_a_known_history(tmp_path):
