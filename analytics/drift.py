@@ -12,7 +12,7 @@ from SQL too (`stylestream drift sql "SELECT * FROM top_drift(now() - INTERVAL 3
     in_force                       the in-force snapshots (`date`: the closed day they end)
     in_force_at(t)                 per user: the version in force at t (latest ≤ t) and their first,
                                    each with its date partition: the newest snapshot of a day before
-                                   t's plus the rows after it, so it reads a day or two, not all
+                                   t's plus the rows after it (at most about a snapshot's worth)
     window_ends(t0, t1)            per user: version in force at t0 (NULL if none), first and last ≤ t1,
                                    each with its date partition
     window_pairs(t0, t1)           per user: the version at t0 (or their first after it) and their last ≤ t1
@@ -40,7 +40,8 @@ import pyarrow as pa
 from stylestream.schemas.tables import FEATURE_NAMES
 
 # The in-force snapshots' folder inside the history folder (kept by analytics/history.py). Not a
-# `date=` folder, so the `history` view does not read it.
+# `date=` folder, so the `history` view does not read it; its leading "_" keeps pyarrow's and pandas'
+# dataset readers out of it too.
 IN_FORCE_DIR = "_in_force"
 
 
@@ -117,8 +118,8 @@ CREATE OR REPLACE MACRO window_ends(t0, t1) AS TABLE
 -- The embeddings and features of the listed (user_id, from_version, to_version) pairs, side by side
 -- (one pair per user). Each end is read from its own date partitions, one row per user: a version
 -- seen twice (a compaction's swap) is the same row. Not any_value() in a GROUP BY, nor one scan for
--- both ends joined twice: DuckDB moves list columns slowly through those (25 s and 10 s at 1 M
--- users, against 5.5 s for this).
+-- both ends joined twice: DuckDB moves list columns slowly through those (top-N at 1 M users:
+-- 25.5 s and about 10 s, against 7.0 s for this).
 CREATE OR REPLACE MACRO pair_rows(ends) AS TABLE
     WITH starts AS (
         SELECT h.user_id, h.updated_at, h.embedding, h.features
@@ -205,18 +206,21 @@ def connect(history_dir: Path | str, snapshots: bool = True) -> duckdb.DuckDBPyC
 
 
 def define_in_force(db: duckdb.DuckDBPyConnection, history_dir: Path | None) -> None:
-    """The `in_force` snapshots (empty while there are none, or without `history_dir`: define again once
-    there are) and `in_force_days`, their days as the folder holds them at each query."""
+    """The `in_force` snapshots and `in_force_days`, their days; both empty while there are none (or
+    without `history_dir`): define them again once there are."""
     folder = history_dir / IN_FORCE_DIR if history_dir else None
-    source = (_partitions(folder) if folder and any(folder.glob("date=*/*.parquet")) else
-              "(SELECT NULL::VARCHAR AS user_id, NULL::BIGINT AS version, NULL::DATE AS version_date, "
-              "NULL::TIMESTAMPTZ AS updated_at, NULL::BIGINT AS first_version, NULL::DATE AS first_date, "
-              "NULL::DATE AS date WHERE false)")
+    source = _partitions(folder) if folder and any(folder.glob("date=*/*.parquet")) else _NO_SNAPSHOTS
     db.execute(f"CREATE OR REPLACE VIEW in_force AS SELECT * FROM {source}")
-    days = (f"SELECT DISTINCT CAST(regexp_extract(file, 'date=([0-9-]+)', 1) AS DATE) AS date "
-            f"FROM glob('{_quoted(folder / 'date=*' / '*.parquet')}')" if folder else
+    # The days as the files are at each query, where the view reads them too; else none, as the stand-in.
+    days = (f"SELECT DISTINCT CAST(regexp_extract(file, 'date=([0-9-]+)/[^/]*$', 1) AS DATE) AS date "
+            f"FROM glob('{_quoted(folder / 'date=*' / '*.parquet')}')" if source != _NO_SNAPSHOTS else
             "SELECT NULL::DATE AS date WHERE false")
     db.execute(f"CREATE OR REPLACE VIEW in_force_days AS {days}")
+
+
+_NO_SNAPSHOTS = ("(SELECT NULL::VARCHAR AS user_id, NULL::BIGINT AS version, NULL::DATE AS version_date, "
+                 "NULL::TIMESTAMPTZ AS updated_at, NULL::BIGINT AS first_version, NULL::DATE AS first_date, "
+                 "NULL::DATE AS date WHERE false)")
 
 
 def _quoted(path: Path) -> str:

@@ -18,16 +18,17 @@ rows the other removed. Ingestion only ever adds new cycle files and needs no lo
 
 The in-force snapshots are what makes a window's drift read a snapshot and the days after it, not
 every row before the window (`analytics.drift.in_force_at`). Each is built from the one before it
-and the rows since, so `compact` rebuilds from the oldest one older than a file of its days; a
-redaction recomputes the snapshot rows of the people it touched, so a withdrawn version or a
-forgotten person leaves them too. A version written into a closed day after its snapshot counts from
-the next `compact`.
+and the history files since, and records which (`built_from`); `compact` rebuilds one whose inputs
+changed (a file added to or merged in its days, or a rebuilt snapshot before it). A redaction
+recomputes the snapshot rows of the people it touched, so a withdrawn version or a forgotten person
+leaves them too. A version written into a closed day after its snapshot counts from the next `compact`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
 import shutil
 from collections.abc import Iterator
@@ -120,50 +121,59 @@ def end_of(day: date) -> datetime:
     return datetime.combine(day + timedelta(days=1), time(), UTC) - timedelta(microseconds=1)
 
 
+BUILT_FROM = b"stylestream.built_from"  # a snapshot's metadata: what it was built from (`built_from`)
+
+
+def built_from(previous: str, history_dir: Path, files: list[Path]) -> str:
+    """A snapshot's inputs: what the one before it was built from, and the names of the history files
+    since. A file added or merged since changes it, and so does a rebuilt snapshot before it. A
+    redaction rewrites files under their names: it changes nothing here (`refresh_in_force` has
+    already brought the snapshots in step)."""
+    names = sorted(f.relative_to(history_dir).as_posix() for f in files)
+    return hashlib.sha256("\n".join([previous, *names]).encode()).hexdigest()
+
+
 def update_in_force(history_dir: Path, before: date) -> list[date]:
     """Writes the in-force snapshots due among the closed days (before `before`), oldest first; returns
     their days. A snapshot is due once the history rows since the one before are as many as the
-    people in it: so the snapshots never outgrow the history, and an answer reads at most about twice
-    a snapshot. One older than a file of its days is written again, and so is every one after it
-    (each builds on the one before)."""
+    people in it: so the snapshots never outgrow the history. One whose inputs (`built_from`) have
+    changed is written again, and so is each one after it, whose inputs include it."""
     written = []
-    rows_since, newest_since, people, rebuilding = 0, 0, 0, False
-    for day, files in sorted(day_partitions(history_dir).items()):
+    previous, since, rows_since, people = "", [], 0, 0
+    for day, files in sorted(day_partitions(history_dir).items()):  # listed first: a file landing later is new
         if day >= before:
             break
+        since += files
         rows_since += sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-        newest_since = max(newest_since, *(f.stat().st_mtime_ns for f in files))
+        inputs = built_from(previous, history_dir, since)
         snapshot = in_force_path(history_dir, day)
         if snapshot.exists():
-            rebuilding = rebuilding or snapshot.stat().st_mtime_ns < newest_since
-        if (snapshot.exists() and rebuilding) or (not snapshot.exists() and rows_since >= max(people, 1)):
-            write_in_force(history_dir, [day])
+            if (pq.read_schema(snapshot).metadata or {}).get(BUILT_FROM) != inputs.encode():
+                write_in_force(history_dir, day, inputs)
+                written.append(day)
+        elif rows_since >= max(people, 1):
+            write_in_force(history_dir, day, inputs)
             written.append(day)
-        elif not snapshot.exists():
+        else:
             continue
-        rows_since, newest_since, people = 0, 0, pq.ParquetFile(snapshot).metadata.num_rows
+        previous, since, rows_since, people = inputs, [], 0, pq.ParquetFile(snapshot).metadata.num_rows
     return written
 
 
-def write_in_force(history_dir: Path, days: list[date], users: list[str] | None = None) -> None:
-    """Writes the in-force snapshots of these days, oldest first, each from the one before. With
+def write_in_force(history_dir: Path, day: date, inputs: str, users: list[str] | None = None) -> None:
+    """Writes the in-force snapshot of this day from the one before and the history since. With
     `users`, only their rows are recomputed and everyone else's kept (after a redaction)."""
-    if not days:
-        return
     with drift.connect(history_dir) as db:
-        db.execute("SET parquet_metadata_cache = false")  # it rewrites files it has read
-        for day in sorted(days):
-            if users is None:
-                query = "SELECT * FROM in_force_at($t) ORDER BY user_id"
-                params = {"t": end_of(day)}
-            else:
-                query = """SELECT * EXCLUDE (date) FROM in_force
-                           WHERE date = $day AND user_id NOT IN (SELECT unnest($u))
-                           UNION ALL SELECT * FROM in_force_at($t) WHERE user_id IN (SELECT unnest($u))
-                           ORDER BY user_id"""
-                params = {"t": end_of(day), "day": day, "u": users}
-            write_atomically(db.sql(query, params=params).to_arrow_table(), in_force_path(history_dir, day), IN_FORCE)
-            drift.define_in_force(db, history_dir)  # the first snapshot turns the empty table into a view
+        db.execute("SET parquet_metadata_cache = false")  # it reads files rewritten since
+        if users is None:
+            table = db.sql("SELECT * FROM in_force_at($t) ORDER BY user_id", params={"t": end_of(day)})
+        else:
+            table = db.sql("""SELECT * EXCLUDE (date) FROM in_force
+                              WHERE date = $day AND user_id NOT IN (SELECT unnest($u))
+                              UNION ALL SELECT * FROM in_force_at($t) WHERE user_id IN (SELECT unnest($u))
+                              ORDER BY user_id""", params={"t": end_of(day), "day": day, "u": users})
+        write_atomically(table.to_arrow_table(), in_force_path(history_dir, day),
+                         IN_FORCE.with_metadata({BUILT_FROM: inputs.encode()}))
 
 
 def refresh_in_force(history_dir: Path, users: list[str]) -> None:
@@ -178,14 +188,17 @@ def refresh_in_force(history_dir: Path, users: list[str]) -> None:
     with duckdb.connect() as db:
         holding = db.execute("SELECT DISTINCT filename FROM read_parquet($files, filename = true) "
                              "WHERE user_id IN (SELECT unnest($u))", {"files": snapshots, "u": users}).fetchall()
-    write_in_force(history_dir, [date.fromisoformat(Path(f).parent.name.removeprefix("date=")) for (f,) in holding],
-                   users)
+    for path in sorted(Path(f) for (f,) in holding):  # oldest first: each reads the one before
+        # Its inputs stay as they were: one already out of date stays so, for `compact` to rebuild.
+        inputs = (pq.read_schema(path).metadata or {}).get(BUILT_FROM, b"").decode()
+        write_in_force(history_dir, date.fromisoformat(path.parent.name.removeprefix("date=")), inputs, users)
 
 
 def redact(history_dir: Path, versions: list[tuple[str, int, int]]) -> int:
-    """Remove the rows of (user_id, from_version, to_version) ranges from every history file; returns
-    how many rows were removed. Files are rewritten whole, atomically; repeating a redaction is a
-    no-op, so a crash in between is repaired by running it again."""
+    """Remove the rows of (user_id, from_version, to_version) ranges from every history file, and bring
+    those people's rows in the in-force snapshots in step; returns how many history rows were removed.
+    Files are rewritten whole, atomically; repeating a redaction changes nothing more, so a crash in
+    between is repaired by running it again."""
     existing = sorted(str(f) for f in history_dir.glob("date=*/*.parquet"))
     if not versions:
         return 0

@@ -179,7 +179,7 @@ def in_force(db, t: datetime) -> list[tuple]:
                       "ORDER BY user_id", {"t": t}).fetchall()
 
 
-def test_in_force_snapshots_answer_as_a_full_scan_and_follow_redactions_and_late_files(tmp_path):
+def test_in_force_snapshots_answer_as_a_full_scan_and_follow_redactions_and_late_files(tmp_path, monkeypatch):
     start = datetime(2026, 8, 1, 12, tzinfo=UTC)
     folder = tmp_path / "history"
     write_days(folder, 6, ["u0", "u1", "u2"], start)
@@ -217,8 +217,32 @@ def test_in_force_snapshots_answer_as_a_full_scan_and_follow_redactions_and_late
     db = drift.connect(folder)
     assert all(in_force(db, t) == in_force_by_scan(db, t) for t in times)
 
-    # 4. Everyone forgotten: the snapshots go with the history.
-    history.redact(folder, [(u, 0, 99) for u in ("u0", "u2", "u3", "u4")])
+    # 4. A compaction that stopped after rebuilding the first of them (a late file in 08-02): the next
+    #    one rebuilds those after it, whose inputs include the one rebuilt.
+    write_days(folder / "again", 1, ["u5"], start + timedelta(days=1))
+    late = next((folder / "again").rglob("*.parquet"))
+    late.rename(folder / late.parent.name / "cycle-00000098.parquet")
+    shutil.rmtree(folder / "again")
+    real_write, writes = history.write_in_force, []
+
+    def write_once(*args, **kwargs):
+        if writes:
+            raise KeyboardInterrupt
+        writes.append(args[1])
+        real_write(*args, **kwargs)
+
+    monkeypatch.setattr(history, "write_in_force", write_once)
+    with pytest.raises(KeyboardInterrupt):
+        history.compact(folder, before=datetime(2026, 8, 6).date())
+    monkeypatch.setattr(history, "write_in_force", real_write)
+    done = history.compact(folder, before=datetime(2026, 8, 6).date())
+    assert [d.isoformat() for d in writes + done.snapshots] == [
+        "2026-08-02", "2026-08-03", "2026-08-04", "2026-08-05"]
+    db = drift.connect(folder)
+    assert all(in_force(db, t) == in_force_by_scan(db, t) for t in times)
+
+    # 5. Everyone forgotten: the snapshots go with the history.
+    history.redact(folder, [(u, 0, 99) for u in ("u0", "u2", "u3", "u4", "u5")])
     assert not (folder / drift.IN_FORCE_DIR).exists()
 
 
@@ -235,6 +259,16 @@ def test_a_snapshot_comes_once_the_history_since_the_last_holds_as_many_rows_as_
     db = drift.connect(folder)
     times = [start + timedelta(days=d, hours=h) for d in range(10) for h in (-12, 0)]
     assert all(in_force(db, t) == in_force_by_scan(db, t) for t in times)
+
+
+def test_a_connection_made_before_the_first_snapshot_answers_from_the_rows(tmp_path):
+    start = datetime(2026, 8, 1, 12, tzinfo=UTC)
+    write_days(tmp_path / "history", 4, ["u0", "u1"], start)
+    db = drift.connect(tmp_path / "history")
+    history.compact(tmp_path / "history", before=datetime(2026, 8, 4).date())  # snapshots appear meanwhile
+    t = start + timedelta(days=3)
+    assert in_force(db, t) == in_force_by_scan(db, t) == [
+        ("u0", 4, t.date(), 1, start.date()), ("u1", 4, t.date(), 1, start.date())]
 
 
 def test_top_population_and_words_on_a_known_history(tmp_path):
