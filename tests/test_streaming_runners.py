@@ -309,6 +309,9 @@ def streamed(cmd: list[str], root: Path, stream: Stream, local: Outcome, deadlin
         job = start([*cmd, "--bootstrap-servers", bs, "--data-dir", str(data)], log)
         try:
             first = wait_for(bs, local.styles_first, job, deadline_s, local.dead)
+            assert not (missing := style_differences(local.styles_first, first)), (
+                f"after {deadline_s} s the job's styles still differ from the local driver's: {missing[:5]}\n"
+                f"{log.read_text()[-5000:]}")
             clients.send_all(bs, stream.second)
             wait_for(bs, local.styles, job, 120)
             assert job.poll() is None, f"the job ended by itself (exit {job.returncode}):\n{log.read_text()[-5000:]}"
@@ -363,6 +366,10 @@ def needs_kafka() -> None:
 
 
 @pytest.mark.slow
+# Once in the last three CI runs the Prism job, running and logging nothing amiss, had not published
+# the first half's styles after 420 s (here, 40 s is usual); the cause is not found. One rerun,
+# which pytest's summary reports.
+@pytest.mark.flaky(reruns=1)
 def test_prism_keeps_every_promise_of_the_local_driver(stream, local, tmp_path):
     # The default model: the tiny CLIP's checkpoint under DATA_DIR/models, the same weights id as the
     # local driver's (so the same style codes).
