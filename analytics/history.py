@@ -76,12 +76,16 @@ def locked(history_dir: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def partition_day(folder: Path) -> date:
+    return date.fromisoformat(folder.name.removeprefix("date="))
+
+
 def day_partitions(history_dir: Path) -> dict[date, list[Path]]:
     days = {}
     for part in sorted(history_dir.glob("date=*")):
         files = sorted(part.glob("*.parquet"))
         if files:
-            days[date.fromisoformat(part.name.removeprefix("date="))] = files
+            days[partition_day(part)] = files
     return days
 
 
@@ -191,7 +195,7 @@ def refresh_in_force(history_dir: Path, users: list[str]) -> None:
     for path in sorted(Path(f) for (f,) in holding):  # oldest first: each reads the one before
         # Its inputs stay as they were: one already out of date stays so, for `compact` to rebuild.
         inputs = (pq.read_schema(path).metadata or {}).get(BUILT_FROM, b"").decode()
-        write_in_force(history_dir, date.fromisoformat(path.parent.name.removeprefix("date=")), inputs, users)
+        write_in_force(history_dir, partition_day(path.parent), inputs, users)
 
 
 def redact(history_dir: Path, versions: list[tuple[str, int, int]]) -> int:
@@ -200,11 +204,12 @@ def redact(history_dir: Path, versions: list[tuple[str, int, int]]) -> int:
     Files are rewritten whole, atomically; repeating a redaction changes nothing more, so a crash in
     between is repaired by running it again."""
     existing = sorted(str(f) for f in history_dir.glob("date=*/*.parquet"))
-    if not versions:
+    touched = sorted({u for u, _, _ in versions})
+    if not touched:
         return 0
     if not existing:
         with locked(history_dir):
-            refresh_in_force(history_dir, sorted({u for u, _, _ in versions}))
+            refresh_in_force(history_dir, touched)
         return 0
     doomed = pa.table({"user_id": [u for u, _, _ in versions], "v_from": [a for _, a, _ in versions],
                        "v_to": [b for _, _, b in versions]})
@@ -227,5 +232,5 @@ def redact(history_dir: Path, versions: list[tuple[str, int, int]]) -> int:
             else:
                 f.unlink()
         # Always: a redaction repeated after a crash finds the history done but maybe not the snapshots.
-        refresh_in_force(history_dir, sorted({u for u, _, _ in versions}))
+        refresh_in_force(history_dir, touched)
     return removed
