@@ -97,8 +97,17 @@ def fold_step(messages: list[clients.Message], key: bytes) -> StepOutcome:
     return out
 
 
-def step_path(history_dir: Path, step: int, planned_at: datetime) -> Path:
-    return history_dir / f"date={planned_at.astimezone(UTC).date().isoformat()}" / f"stream-{step:08d}.parquet"
+def step_files(history_dir: Path, step: int, planned_at: datetime, rows: list[dict]) -> dict[Path, list[dict]]:
+    """The step's files and their rows. A row goes under the step's day, or under its own commit day
+    (`updated_at`, the runner's clock) where that is later: a closed day's in-force snapshot takes the
+    rows committed by its end from that day's partition and those before it, so a row filed in a day
+    before its commit (a runner's clock ahead of this writer's across midnight) would be missed."""
+    step_day = planned_at.astimezone(UTC).date()
+    files: dict[Path, list[dict]] = {}
+    for row in rows:
+        day = max(step_day, row["updated_at"].astimezone(UTC).date())
+        files.setdefault(history_dir / f"date={day.isoformat()}" / f"stream-{step:08d}.parquet", []).append(row)
+    return files
 
 
 class HistoryWriter:
@@ -133,13 +142,14 @@ class HistoryWriter:
         messages = [m for r in ranges for m in clients.read_range(
             self._consumer, clients.TopicPartition(r.topic, r.partition), r.start, r.stop)]
         outcome = fold_step(messages, self._key)
-        # 1. Withdrawn versions leave the files written before (this step's own file is rewritten whole).
-        path = step_path(self._state.history, step, planned_at)
-        path.unlink(missing_ok=True)
+        # 1. Withdrawn versions leave the files written before (this step's own files are rewritten whole).
+        rows = sorted(outcome.rows.values(), key=lambda r: (r["user_id"], r["version"]))
+        files = step_files(self._state.history, step, planned_at, rows)
+        for path in files:
+            path.unlink(missing_ok=True)
         history.redact(self._state.history, outcome.withdrawn)
-        if outcome.rows:
-            rows = sorted(outcome.rows.values(), key=lambda r: (r["user_id"], r["version"]))
-            history.write_atomically(pa.Table.from_pylist(rows, STYLE_HISTORY), path)
+        for path, file_rows in files.items():
+            history.write_atomically(pa.Table.from_pylist(file_rows, STYLE_HISTORY), path)
         # 2. The erasures open, the offsets move and the step is done, in one transaction.
         self.db.execute("BEGIN TRANSACTION")
         for v in outcome.erasures:

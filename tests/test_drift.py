@@ -20,6 +20,7 @@ from stylestream.analytics import drift, history
 from stylestream.analytics.pseudonyms import load_or_create_key, pseudonym
 from stylestream.cli.main import app
 from stylestream.demo.synthetic import make_library, toggle_event
+from stylestream.pipelines.history_writer import step_files
 from stylestream.pipelines.store import Store
 from stylestream.schemas.tables import FEATURE_NAMES, STYLE_HISTORY
 from stylestream.streams.topics import CONSENT_EVENTS, PHOTO_EVENTS
@@ -269,6 +270,29 @@ def test_a_connection_made_before_the_first_snapshot_answers_from_the_rows(tmp_p
     t = start + timedelta(days=3)
     assert in_force(db, t) == in_force_by_scan(db, t) == [
         ("u0", 4, t.date(), 1, start.date()), ("u1", 4, t.date(), 1, start.date())]
+
+
+def test_a_streaming_step_past_midnight_files_each_row_where_the_snapshots_find_it(tmp_path):
+    # The history writer planned a step just before midnight; the runner, its clock a little ahead,
+    # committed u1's version just after. Filed under the step's day, the snapshot of that day (closed
+    # before the commit) and every later answer would miss it.
+    start = datetime(2026, 8, 1, 12, tzinfo=UTC)
+    folder = tmp_path / "history"
+    write_days(folder, 3, ["u0", "u1"], start)
+    planned_at = datetime(2026, 8, 3, 23, 59, 59, tzinfo=UTC)
+    rows = [{"user_id": u, "version": 9, "cycle": 0, "updated_at": planned_at + timedelta(seconds=s),
+             "photo_count": 1, "total_weight": 1.0, "embedding": [1.0] * 8, "features": [0.0] * len(FEATURE_NAMES),
+             "facets": [], "tombstone": False} for u, s in (("u0", -30), ("u1", 6))]
+    files = step_files(folder, 7, planned_at, rows)
+    assert {p.parent.name: [r["user_id"] for r in rs] for p, rs in files.items()} == {
+        "date=2026-08-03": ["u0"], "date=2026-08-04": ["u1"]}
+    for path, file_rows in files.items():
+        history.write_atomically(pa.Table.from_pylist(file_rows, STYLE_HISTORY), path)
+    history.compact(folder, before=datetime(2026, 8, 5).date())
+    db = drift.connect(folder)
+    times = [planned_at + timedelta(hours=h) for h in (-1, 0.001, 0.01, 12, 30)]
+    assert all(in_force(db, t) == in_force_by_scan(db, t) for t in times)
+    assert [v for _, v, *_ in in_force(db, times[3])] == [9, 9]
 
 
 def test_top_population_and_words_on_a_known_history(tmp_path):
