@@ -21,7 +21,8 @@ topic of the bench's own. Final line: one JSON object with a `sizes` map (people
 `growth_1k_to_1m` (per-event p50 at the largest size / at the smallest, where both ran).
 
 Takes about a minute at 10 k people on a 2-core machine; 1 M people with 20 photos each takes hours
-and about 10 GB of disk (--dir chooses where).
+and about 10 GB of disk (--dir chooses where). With --keep the grown states stay in --dir, and a later
+run with that --dir measures on them without growing them again (its `grown_by_an_earlier_run`).
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ PEOPLE_PER_CYCLE = 1000
 DEFAULT_PHOTOS = {1_000: 100, 10_000: 50, 100_000: 30, 1_000_000: 20}  # per person, by size
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 ALBUMS = 4
+GROWN = "grown.json"  # in a kept grown state: how long it took to grow (written once it is complete)
 
 
 def person(i: int) -> str:
@@ -142,18 +144,28 @@ def fixed_batch(people: int, photos: int, dim: int) -> list[UserBatch]:
     return out
 
 
-def one_size(people: int, photos: int, root: Path) -> dict:
+def one_size(people: int, photos: int, root: Path, keep: bool) -> dict:
     """Steps 1-4 for one size, in this process; returns its figures."""
     state = root / f"state-{people}"
+    grown = root / f"grown-{people}x{photos}"  # the grown state, as step 1 left it
     shutil.rmtree(state, ignore_errors=True)
-    # 1. Grow
-    driver = Driver(state)
-    t = time.perf_counter()
-    grow(driver, people, photos, seed=people)
-    grow_s = time.perf_counter() - t
-    driver.store.close()
+    # 1. Grow, or take the state an earlier run grew and kept
+    earlier = json.loads((grown / GROWN).read_text()) if (grown / GROWN).exists() else None
+    if earlier:
+        shutil.copytree(grown, state)
+        (state / GROWN).unlink()
+        grow_s = earlier["grow_s"]
+        driver = Driver(state)
+    else:
+        shutil.rmtree(grown, ignore_errors=True)
+        driver = Driver(state)
+        t = time.perf_counter()
+        grow(driver, people, photos, seed=people)
+        grow_s = time.perf_counter() - t
+        driver.store.close()
+        shutil.copytree(state, grown)
+        (grown / GROWN).write_text(json.dumps({"grow_s": grow_s}))  # last: a partial copy is grown again
     state_bytes = driver.layout.db.stat().st_size
-    shutil.copy(driver.layout.db, root / "grown.duckdb")  # for step 3's one-cycle run
     # 2. Resume
     t = time.perf_counter()
     driver.store = driver.open()
@@ -169,7 +181,7 @@ def one_size(people: int, photos: int, root: Path) -> dict:
         times.append(time.perf_counter() - t - (rewrite_s or 0.0))  # the rewrite is reported on its own
         forget_rewrite_s = rewrite_s if rewrite_s is not None else forget_rewrite_s
     driver.store.close()
-    os.replace(root / "grown.duckdb", driver.layout.db)
+    shutil.copy(grown / driver.layout.db.relative_to(state), driver.layout.db)
     driver.store = driver.open()
     by_user: dict[str, UserBatch] = {}
     for b in batch:
@@ -181,7 +193,10 @@ def one_size(people: int, photos: int, root: Path) -> dict:
     cycle_s = time.perf_counter() - t - (rewrite_s or 0.0)
     driver.store.close()
     shutil.rmtree(state, ignore_errors=True)
+    if not keep:
+        shutil.rmtree(grown, ignore_errors=True)
     return {"people": people, "photos_per_person": photos, "grow_s": round(grow_s, 1),
+            "grown_by_an_earlier_run": earlier is not None,
             "update_p50_s": round(float(np.percentile(times, 50)), 4),
             "update_p99_s": round(float(np.percentile(times, 99)), 4),
             "cycle_s": round(cycle_s, 3), "events_per_cycle": len(batch),
@@ -199,18 +214,24 @@ def main() -> None:
     ap.add_argument("--photos", type=int, default=None,
                     help="photos per person at every size (default: 100 at 1 k, 50 at 10 k, 30 at 100 k, 20 at 1 M)")
     ap.add_argument("--dir", type=Path, default=None, help="where the states are grown (default: a temporary folder)")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep each grown state in --dir, and measure on it instead of growing it again "
+                         "in a later run with the same --dir (the 1 M growth takes hours)")
     ap.add_argument("--one-size", type=int, default=None, help=argparse.SUPPRESS)  # the child process
     args = ap.parse_args()
+    if args.keep and args.dir is None:
+        ap.error("--keep needs --dir: where the grown states stay")
     root = args.dir or Path(tempfile.mkdtemp(prefix="stylestream-scale-"))
     root.mkdir(parents=True, exist_ok=True)
     if args.one_size is not None:
-        print(json.dumps(one_size(args.one_size, args.photos, root)))
+        print(json.dumps(one_size(args.one_size, args.photos, root, args.keep)))
         return
     sizes = {}
     for people in (int(s) for s in args.sizes.split(",")):
         photos = args.photos or DEFAULT_PHOTOS.get(people, 20)
         child = subprocess.run([sys.executable, __file__, "--one-size", str(people), "--photos", str(photos),
-                                "--dir", str(root)], stdout=subprocess.PIPE, text=True, check=True)
+                                "--dir", str(root), *(["--keep"] if args.keep else [])],
+                               stdout=subprocess.PIPE, text=True, check=True)
         sizes[people] = json.loads(child.stdout.strip().splitlines()[-1])
         print(f"{people:>9,} people: {json.dumps(sizes[people])}", file=sys.stderr, flush=True)
     small, large = min(sizes), max(sizes)

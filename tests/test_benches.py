@@ -132,10 +132,15 @@ def test_api_latency_bench_runs(broker_engine):
 
 
 @pytest.mark.slow
-def test_scale_bench_runs_at_its_smallest_size():
-    r = final_json("scale.py", "--sizes", "1000", "--photos", "5")
+def test_scale_bench_runs_at_its_smallest_size_and_measures_again_on_a_kept_state(tmp_path):
+    r = final_json("scale.py", "--sizes", "1000", "--photos", "5", "--dir", str(tmp_path), "--keep")
     size = r["sizes"]["1000"]
     for figure in ("update_p50_s", "update_p99_s", "cycle_s", "state_bytes_per_person", "rss_mb", "forget_rewrite_s",
                    "resume_s"):
         assert size[figure] > 0, (figure, size)
     assert size["update_p50_s"] <= size["update_p99_s"] and r["growth_1k_to_1m"] is None
+    assert not size["grown_by_an_earlier_run"] and (tmp_path / "grown-1000x5" / "grown.json").exists()
+    again = final_json("scale.py", "--sizes", "1000", "--photos", "5", "--dir", str(tmp_path))["sizes"]["1000"]
+    assert again["grown_by_an_earlier_run"] and again["state_bytes"] == size["state_bytes"], again
+    assert again["grow_s"] == size["grow_s"] and again["forget_rewrite_s"] > 0
+    assert not (tmp_path / "grown-1000x5").exists()  # without --keep, this run's grown state goes
