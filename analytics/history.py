@@ -203,23 +203,20 @@ def redact(history_dir: Path, versions: list[tuple[str, int, int]]) -> int:
     those people's rows in the in-force snapshots in step; returns how many history rows were removed.
     Files are rewritten whole, atomically; repeating a redaction changes nothing more, so a crash in
     between is repaired by running it again."""
-    existing = sorted(str(f) for f in history_dir.glob("date=*/*.parquet"))
     touched = sorted({u for u, _, _ in versions})
     if not touched:
-        return 0
-    if not existing:
-        with locked(history_dir):
-            refresh_in_force(history_dir, touched)
         return 0
     doomed = pa.table({"user_id": [u for u, _, _ in versions], "v_from": [a for _, a, _ in versions],
                        "v_to": [b for _, _, b in versions]})
     removed = 0
     with locked(history_dir), duckdb.connect() as db:
+        # Listed under the lock: a compaction may have merged (and deleted) files until it was taken.
+        existing = sorted(str(f) for f in history_dir.glob("date=*/*.parquet"))
         db.register("doomed", doomed)
         files = [Path(f) for (f,) in db.execute("""
             SELECT DISTINCT h.filename FROM read_parquet($files, filename = true, hive_partitioning = false) h
             JOIN doomed d ON h.user_id = d.user_id AND h.version BETWEEN d.v_from AND d.v_to""",
-                                                {"files": existing}).fetchall()]
+                                                {"files": existing}).fetchall()] if existing else []
         for f in files:
             kept = db.sql("""
                 SELECT * FROM read_parquet($file, hive_partitioning = false) h

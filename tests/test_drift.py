@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -328,6 +329,30 @@ def test_redaction_rewrites_only_the_files_holding_those_versions(tmp_path):
     assert history.redact(folder, [("u0", 1, 4), ("u1", 1, 4)]) == 6  # every row: the files go
     assert not list(folder.glob("date=*/*.parquet"))
     assert history.redact(folder, [("u0", 1, 4)]) == 0  # and an empty history is no error
+
+
+def test_a_redaction_waiting_for_a_compaction_redacts_the_files_it_left(tmp_path, monkeypatch):
+    start = datetime(2026, 8, 1, tzinfo=UTC)
+    folder = tmp_path / "history"
+    write_days(folder, 2, ["u0", "u1"], start)
+    write_days(tmp_path / "more", 1, ["u2"], start)  # a second file in the first day, for compaction to merge
+    f = next((tmp_path / "more").rglob("*.parquet"))
+    f.rename(folder / f.parent.name / "cycle-00000005.parquet")
+    real_locked, compactions = history.locked, []
+
+    @contextlib.contextmanager
+    def compaction_first(history_dir):  # a compaction holds the lock when the redaction asks for it
+        if not compactions:
+            compactions.append("running")  # its own call of locked() goes straight through
+            compactions[0] = history.compact(history_dir, before=datetime(2026, 8, 2).date())
+        with real_locked(history_dir):
+            yield
+
+    monkeypatch.setattr(history, "locked", compaction_first)
+    assert history.redact(folder, [("u0", 1, 1)]) == 1
+    assert compactions[0].merged == [(datetime(2026, 8, 1).date(), 2, 3)]
+    rows = pq.read_table(folder).to_pylist()
+    assert sorted((r["user_id"], r["version"]) for r in rows) == [("u0", 2), ("u1", 1), ("u1", 2), ("u2", 1)]
 
 
 def test_parse_when():
