@@ -2,11 +2,12 @@
 """How the local driver's state costs grow with the number of people and photos.
 
 For each size (people), in a process of its own (so peak memory is that size's):
-  1. grow    a fresh state to SIZE people with PHOTOS uploads each through the store's own write path:
+  1. grow    a state to SIZE people with PHOTOS uploads each through the store's own write path:
              real plans (`plan_cycle`) committed by `Store.commit_cycle` a thousand people a cycle,
              then published and written to the history as the driver does after a commit.
              Contributions are precomputed (random unit embeddings of the bundled model's size,
              random features): this measures the state, not the model (bench/decode_embed.py does).
+             Steps 2-4 run on a copy of it.
   2. resume  the state closed and opened again as a restarted driver opens it (the file, its basis,
              its offsets, its next cycle).
   3. events  the same fixed batch of real events against it, each event a cycle of its own (views,
@@ -21,8 +22,9 @@ topic of the bench's own. Final line: one JSON object with a `sizes` map (people
 `growth_1k_to_1m` (per-event p50 at the largest size / at the smallest, where both ran).
 
 Takes about a minute at 10 k people on a 2-core machine; 1 M people with 20 photos each takes hours
-and about 10 GB of disk (--dir chooses where). With --keep the grown states stay in --dir, and a later
-run with that --dir measures on them without growing them again (its `grown_by_an_earlier_run`).
+and twice its state file's size in disk (--dir chooses where). A growth that was stopped goes on in
+the next run with the same --dir (`grow_runs` counts them), and with --keep the grown states stay there
+for later runs to measure on without growing them again.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ PEOPLE_PER_CYCLE = 1000
 DEFAULT_PHOTOS = {1_000: 100, 10_000: 50, 100_000: 30, 1_000_000: 20}  # per person, by size
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 ALBUMS = 4
-GROWN = "grown.json"  # in a kept grown state: how long it took to grow (written once it is complete)
+GROWING = "growing.json"  # in a grown state: seconds spent growing it, in how many runs, and if complete
 
 
 def person(i: int) -> str:
@@ -118,13 +120,30 @@ class Driver:
         return time.perf_counter() - t
 
 
-def grow(driver: Driver, people: int, photos: int, seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    for first in tqdm(range(0, people, PEOPLE_PER_CYCLE), desc=f"grow {people:,} people", unit="cycle",
-                      file=sys.stderr):
+def grow(grown: Path, people: int, photos: int) -> dict:
+    """Grows the state in `grown` to `people`, a cycle per PEOPLE_PER_CYCLE of them, going on from
+    where an earlier run stopped (each cycle commits its people at once, so the state's next cycle
+    says how many there are). Returns its progress: seconds spent in all runs, and runs."""
+    progress_file = grown / GROWING
+    progress = json.loads(progress_file.read_text()) if progress_file.exists() else {"grow_s": 0.0, "runs": 0}
+    if progress.get("complete"):
+        return progress
+    driver = Driver(grown)
+    progress["runs"] += 1
+    start = (driver.store.next_cycle() - 1) * PEOPLE_PER_CYCLE
+    for first in tqdm(range(start, people, PEOPLE_PER_CYCLE), desc=f"grow {people:,} people", unit="cycle",
+                      initial=start // PEOPLE_PER_CYCLE, total=math.ceil(people / PEOPLE_PER_CYCLE), file=sys.stderr):
+        t = time.perf_counter()
+        rng = np.random.default_rng([people, first])
         batches = [UserBatch(person(i), [upload(person(i), j, driver.dim, rng) for j in range(photos)])
                    for i in range(first, min(first + PEOPLE_PER_CYCLE, people))]
         driver.cycle(batches, sum(len(b.contributions) for b in batches))
+        progress["grow_s"] += time.perf_counter() - t
+        progress_file.write_text(json.dumps(progress))
+    driver.store.close()
+    progress["complete"] = True
+    progress_file.write_text(json.dumps(progress))
+    return progress
 
 
 def fixed_batch(people: int, photos: int, dim: int) -> list[UserBatch]:
@@ -149,22 +168,11 @@ def one_size(people: int, photos: int, root: Path, keep: bool) -> dict:
     state = root / f"state-{people}"
     grown = root / f"grown-{people}x{photos}"  # the grown state, as step 1 left it
     shutil.rmtree(state, ignore_errors=True)
-    # 1. Grow, or take the state an earlier run grew and kept
-    earlier = json.loads((grown / GROWN).read_text()) if (grown / GROWN).exists() else None
-    if earlier:
-        shutil.copytree(grown, state)
-        (state / GROWN).unlink()
-        grow_s = earlier["grow_s"]
-        driver = Driver(state)
-    else:
-        shutil.rmtree(grown, ignore_errors=True)
-        driver = Driver(state)
-        t = time.perf_counter()
-        grow(driver, people, photos, seed=people)
-        grow_s = time.perf_counter() - t
-        driver.store.close()
-        shutil.copytree(state, grown)
-        (grown / GROWN).write_text(json.dumps({"grow_s": grow_s}))  # last: a partial copy is grown again
+    # 1. Grow (or go on growing, or take what an earlier run grew and kept), then measure on a copy
+    growth = grow(grown, people, photos)
+    shutil.copytree(grown, state)
+    (state / GROWING).unlink()
+    driver = Driver(state)
     state_bytes = driver.layout.db.stat().st_size
     # 2. Resume
     t = time.perf_counter()
@@ -195,8 +203,8 @@ def one_size(people: int, photos: int, root: Path, keep: bool) -> dict:
     shutil.rmtree(state, ignore_errors=True)
     if not keep:
         shutil.rmtree(grown, ignore_errors=True)
-    return {"people": people, "photos_per_person": photos, "grow_s": round(grow_s, 1),
-            "grown_by_an_earlier_run": earlier is not None,
+    return {"people": people, "photos_per_person": photos, "grow_s": round(growth["grow_s"], 1),
+            "grow_runs": growth["runs"],
             "update_p50_s": round(float(np.percentile(times, 50)), 4),
             "update_p99_s": round(float(np.percentile(times, 99)), 4),
             "cycle_s": round(cycle_s, 3), "events_per_cycle": len(batch),
@@ -215,8 +223,8 @@ def main() -> None:
                     help="photos per person at every size (default: 100 at 1 k, 50 at 10 k, 30 at 100 k, 20 at 1 M)")
     ap.add_argument("--dir", type=Path, default=None, help="where the states are grown (default: a temporary folder)")
     ap.add_argument("--keep", action="store_true",
-                    help="keep each grown state in --dir, and measure on it instead of growing it again "
-                         "in a later run with the same --dir (the 1 M growth takes hours)")
+                    help="keep each grown state in --dir, for later runs with that --dir to measure on "
+                         "without growing it again (the 1 M growth takes hours)")
     ap.add_argument("--one-size", type=int, default=None, help=argparse.SUPPRESS)  # the child process
     args = ap.parse_args()
     if args.keep and args.dir is None:

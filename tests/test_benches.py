@@ -139,8 +139,33 @@ def test_scale_bench_runs_at_its_smallest_size_and_measures_again_on_a_kept_stat
                    "resume_s"):
         assert size[figure] > 0, (figure, size)
     assert size["update_p50_s"] <= size["update_p99_s"] and r["growth_1k_to_1m"] is None
-    assert not size["grown_by_an_earlier_run"] and (tmp_path / "grown-1000x5" / "grown.json").exists()
+    assert size["grow_runs"] == 1 and (tmp_path / "grown-1000x5" / "growing.json").exists()
     again = final_json("scale.py", "--sizes", "1000", "--photos", "5", "--dir", str(tmp_path))["sizes"]["1000"]
-    assert again["grown_by_an_earlier_run"] and again["state_bytes"] == size["state_bytes"], again
+    assert again["grow_runs"] == 1 and again["state_bytes"] == size["state_bytes"], again  # not grown again
     assert again["grow_s"] == size["grow_s"] and again["forget_rewrite_s"] > 0
     assert not (tmp_path / "grown-1000x5").exists()  # without --keep, this run's grown state goes
+
+
+def test_a_stopped_growth_goes_on_where_it_stopped(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import scale
+
+    real_cycle, cycles = scale.Driver.cycle, []
+
+    def stopped_after_one(driver, batches, events):
+        if cycles:
+            raise KeyboardInterrupt
+        cycles.append(len(batches))
+        return real_cycle(driver, batches, events)
+
+    monkeypatch.setattr(scale.Driver, "cycle", stopped_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        scale.grow(tmp_path, 2 * scale.PEOPLE_PER_CYCLE + 10, 2)
+    monkeypatch.setattr(scale.Driver, "cycle", real_cycle)
+    progress = scale.grow(tmp_path, 2 * scale.PEOPLE_PER_CYCLE + 10, 2)
+    assert progress["complete"] and progress["runs"] == 2 and cycles == [scale.PEOPLE_PER_CYCLE]
+    with scale.Store(scale.StateLayout(tmp_path).db) as store:
+        people = store.db.execute("SELECT count(*), count(DISTINCT user_id) FROM user_stats").fetchone()
+        photos = store.db.execute("SELECT count(*) FROM contributions").fetchone()[0]
+    assert people == (2010, 2010) and photos == 2010 * 2
+    assert scale.grow(tmp_path, 2010, 2)["runs"] == 2  # complete: not grown again
