@@ -21,10 +21,11 @@ Kafka and Beam are left out (bench/ingest.py measures them): the offsets the cyc
 topic of the bench's own. Final line: one JSON object with a `sizes` map (people -> figures) and
 `growth_1k_to_1m` (per-event p50 at the largest size / at the smallest, where both ran).
 
-Takes about a minute at 10 k people on a 2-core machine; 1 M people with 20 photos each takes hours
-and twice its state file's size in disk (--dir chooses where). A growth that was stopped goes on in
-the next run with the same --dir (`grow_runs` counts them), and with --keep the grown states stay there
-for later runs to measure on without growing them again.
+Takes about a minute at 10 k people on a 2-core machine; 1 M people with 20 photos each takes hours.
+Disk (--dir chooses where): three times the grown state (itself, the copy measured on, and the
+forget's rewrite of that copy), about 45 GB at 1 M people. A growth that was stopped goes on in the
+next run with the same --dir (`grow_runs` counts the runs that grew it). A state grown or measured by
+a run with --keep stays there, and later runs with that --dir measure on it without growing it again.
 """
 
 from __future__ import annotations
@@ -120,15 +121,20 @@ class Driver:
         return time.perf_counter() - t
 
 
-def grow(grown: Path, people: int, photos: int) -> dict:
+def grow(grown: Path, people: int, photos: int, keep: bool = False) -> dict:
     """Grows the state in `grown` to `people`, a cycle per PEOPLE_PER_CYCLE of them, going on from
     where an earlier run stopped (each cycle commits its people at once, so the state's next cycle
-    says how many there are). Returns its progress: seconds spent in all runs, and runs."""
+    says how many there are). Returns its progress: seconds spent growing in all runs, the runs that
+    grew it, and whether a run asked to keep it."""
     progress_file = grown / GROWING
     progress = json.loads(progress_file.read_text()) if progress_file.exists() else {"grow_s": 0.0, "runs": 0}
+    progress["keep"] = progress.get("keep", False) or keep
     if progress.get("complete"):
+        save_progress(progress_file, progress)
         return progress
     driver = Driver(grown)
+    for cycle in driver.store.unpublished_cycles():  # stopped between a commit and its publishing
+        driver.store.mark_published(cycle)
     progress["runs"] += 1
     start = (driver.store.next_cycle() - 1) * PEOPLE_PER_CYCLE
     for first in tqdm(range(start, people, PEOPLE_PER_CYCLE), desc=f"grow {people:,} people", unit="cycle",
@@ -139,11 +145,17 @@ def grow(grown: Path, people: int, photos: int) -> dict:
                    for i in range(first, min(first + PEOPLE_PER_CYCLE, people))]
         driver.cycle(batches, sum(len(b.contributions) for b in batches))
         progress["grow_s"] += time.perf_counter() - t
-        progress_file.write_text(json.dumps(progress))
+        save_progress(progress_file, progress)
     driver.store.close()
     progress["complete"] = True
-    progress_file.write_text(json.dumps(progress))
+    save_progress(progress_file, progress)
     return progress
+
+
+def save_progress(path: Path, progress: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(progress))
+    os.replace(tmp, path)  # whole or not at all: a run stopped while writing it leaves the last one
 
 
 def fixed_batch(people: int, photos: int, dim: int) -> list[UserBatch]:
@@ -169,12 +181,13 @@ def one_size(people: int, photos: int, root: Path, keep: bool) -> dict:
     grown = root / f"grown-{people}x{photos}"  # the grown state, as step 1 left it
     shutil.rmtree(state, ignore_errors=True)
     # 1. Grow (or go on growing, or take what an earlier run grew and kept), then measure on a copy
-    growth = grow(grown, people, photos)
+    growth = grow(grown, people, photos, keep)
     shutil.copytree(grown, state)
     (state / GROWING).unlink()
     driver = Driver(state)
     state_bytes = driver.layout.db.stat().st_size
     # 2. Resume
+    driver.store.close()
     t = time.perf_counter()
     driver.store = driver.open()
     driver.store.offsets(), driver.store.next_cycle()
@@ -201,7 +214,7 @@ def one_size(people: int, photos: int, root: Path, keep: bool) -> dict:
     cycle_s = time.perf_counter() - t - (rewrite_s or 0.0)
     driver.store.close()
     shutil.rmtree(state, ignore_errors=True)
-    if not keep:
+    if not growth["keep"]:
         shutil.rmtree(grown, ignore_errors=True)
     return {"people": people, "photos_per_person": photos, "grow_s": round(growth["grow_s"], 1),
             "grow_runs": growth["runs"],
@@ -223,8 +236,8 @@ def main() -> None:
                     help="photos per person at every size (default: 100 at 1 k, 50 at 10 k, 30 at 100 k, 20 at 1 M)")
     ap.add_argument("--dir", type=Path, default=None, help="where the states are grown (default: a temporary folder)")
     ap.add_argument("--keep", action="store_true",
-                    help="keep each grown state in --dir, for later runs with that --dir to measure on "
-                         "without growing it again (the 1 M growth takes hours)")
+                    help="keep each grown state in --dir (from then on, whatever later runs ask), for later "
+                         "runs with that --dir to measure on without growing it again (the 1 M growth takes hours)")
     ap.add_argument("--one-size", type=int, default=None, help=argparse.SUPPRESS)  # the child process
     args = ap.parse_args()
     if args.keep and args.dir is None:

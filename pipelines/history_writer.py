@@ -5,8 +5,8 @@ for the streaming runners (Prism, the Flink job), whose per-user state lives in 
 
 It reads `style-vectors` as committed (read_committed: what the Flink job's aborted transactions
 wrote is never read) in steps. Each step's offset ranges are recorded before it runs, so a step
-repeated after a crash reads the same messages and rewrites the same file
-(`history/date=<day>/stream-NNNNNNNN.parquet`); its offsets move in the transaction that marks it
+repeated after a crash reads the same messages and rewrites the same files
+(`history/date=<day>/stream-NNNNNNNN.parquet`, see `step_files`); its offsets move in the transaction that marks it
 done. So the history shows every committed version exactly once. In a step:
   1. each version becomes a history row under the person's pseudonym; a version that withdraws earlier
      ones removes their rows, from the step's rows and from the files already written;
@@ -101,7 +101,10 @@ def step_files(history_dir: Path, step: int, planned_at: datetime, rows: list[di
     """The step's files and their rows. A row goes under the step's day, or under its own commit day
     (`updated_at`, the runner's clock) where that is later: a closed day's in-force snapshot takes the
     rows committed by its end from that day's partition and those before it, so a row filed in a day
-    before its commit (a runner's clock ahead of this writer's across midnight) would be missed."""
+    before its commit (a runner's clock ahead of this writer's across midnight) would be missed for
+    good. The other way round, a version read after its day ended (the writer behind) is filed under
+    the step's day and counts from that day's start, in every answer: filed under its own, closed day
+    it would be missing from the answers until the next compaction rebuilt that day's snapshot."""
     step_day = planned_at.astimezone(UTC).date()
     files: dict[Path, list[dict]] = {}
     for row in rows:
@@ -145,8 +148,8 @@ class HistoryWriter:
         # 1. Withdrawn versions leave the files written before (this step's own files are rewritten whole).
         rows = sorted(outcome.rows.values(), key=lambda r: (r["user_id"], r["version"]))
         files = step_files(self._state.history, step, planned_at, rows)
-        for path in files:
-            path.unlink(missing_ok=True)
+        for path in self._state.history.glob(f"date=*/stream-{step:08d}.parquet"):
+            path.unlink()  # wherever an earlier try of this step wrote
         history.redact(self._state.history, outcome.withdrawn)
         for path, file_rows in files.items():
             history.write_atomically(pa.Table.from_pylist(file_rows, STYLE_HISTORY), path)

@@ -143,29 +143,32 @@ def test_scale_bench_runs_at_its_smallest_size_and_measures_again_on_a_kept_stat
     again = final_json("scale.py", "--sizes", "1000", "--photos", "5", "--dir", str(tmp_path))["sizes"]["1000"]
     assert again["grow_runs"] == 1 and again["state_bytes"] == size["state_bytes"], again  # not grown again
     assert again["grow_s"] == size["grow_s"] and again["forget_rewrite_s"] > 0
-    assert not (tmp_path / "grown-1000x5").exists()  # without --keep, this run's grown state goes
+    assert (tmp_path / "grown-1000x5" / "growing.json").exists()  # kept, though this run did not ask
 
 
 def test_a_stopped_growth_goes_on_where_it_stopped(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # what importing the bench sets, undone after the test
     import scale
 
+    monkeypatch.setattr(scale, "PEOPLE_PER_CYCLE", 10)
     real_cycle, cycles = scale.Driver.cycle, []
 
-    def stopped_after_one(driver, batches, events):
-        if cycles:
-            raise KeyboardInterrupt
+    def counted(driver, batches, events):
+        if len(cycles) == 1:
+            raise KeyboardInterrupt  # the first run stops in its second cycle
         cycles.append(len(batches))
         return real_cycle(driver, batches, events)
 
-    monkeypatch.setattr(scale.Driver, "cycle", stopped_after_one)
+    monkeypatch.setattr(scale.Driver, "cycle", counted)
     with pytest.raises(KeyboardInterrupt):
-        scale.grow(tmp_path, 2 * scale.PEOPLE_PER_CYCLE + 10, 2)
-    monkeypatch.setattr(scale.Driver, "cycle", real_cycle)
-    progress = scale.grow(tmp_path, 2 * scale.PEOPLE_PER_CYCLE + 10, 2)
-    assert progress["complete"] and progress["runs"] == 2 and cycles == [scale.PEOPLE_PER_CYCLE]
+        scale.grow(tmp_path, 25, 2)
+    cycles.append("stopped")
+    progress = scale.grow(tmp_path, 25, 2)
+    assert progress["complete"] and progress["runs"] == 2 and not progress["keep"]
+    assert cycles == [10, "stopped", 10, 5]  # the second run starts with the people the first did not grow
     with scale.Store(scale.StateLayout(tmp_path).db) as store:
-        people = store.db.execute("SELECT count(*), count(DISTINCT user_id) FROM user_stats").fetchone()
-        photos = store.db.execute("SELECT count(*) FROM contributions").fetchone()[0]
-    assert people == (2010, 2010) and photos == 2010 * 2
-    assert scale.grow(tmp_path, 2010, 2)["runs"] == 2  # complete: not grown again
+        assert store.next_cycle() == 4
+        assert store.db.execute("SELECT count(*), max(version) FROM user_stats").fetchone() == (25, 1)
+        assert store.db.execute("SELECT count(*) FROM contributions").fetchone()[0] == 25 * 2
+    assert scale.grow(tmp_path, 25, 2, keep=True)["runs"] == 2  # complete: not grown again, now kept
