@@ -81,10 +81,10 @@ def erase_outside_state(state: StateLayout, user_id: str, key: bytes, up_to_vers
 
 def history_rows_of(history_dir: Path, user: str, up_to_version: int) -> int:
     """How many history rows are under this (pseudonymous) user id, up to this version."""
-    files = sorted(str(f) for f in history_dir.glob("date=*/*.parquet"))
-    if not files:
-        return 0
-    with duckdb.connect() as db:
+    with history.locked(history_dir), duckdb.connect() as db:
+        files = sorted(str(f) for f in history_dir.glob("date=*/*.parquet"))  # not while a compaction merges
+        if not files:
+            return 0
         return db.execute("SELECT count(*) FROM read_parquet($files, hive_partitioning = false) "
                           "WHERE user_id = $u AND version <= $v", {"files": files, "u": user, "v": up_to_version}
                           ).fetchone()[0]
