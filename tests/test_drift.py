@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import TEST_BROKER
 from helpers import produce
 from typer.testing import CliRunner
 
@@ -22,36 +23,43 @@ from stylestream.analytics.pseudonyms import load_or_create_key, pseudonym
 from stylestream.cli.main import app
 from stylestream.demo.synthetic import make_library, toggle_event
 from stylestream.pipelines.history_writer import step_files
+from stylestream.pipelines.ingest import IngestConfig, Ingestor
 from stylestream.pipelines.store import Store
 from stylestream.schemas.tables import FEATURE_NAMES, STYLE_HISTORY
-from stylestream.streams.topics import CONSENT_EVENTS, PHOTO_EVENTS
+from stylestream.streams.broker import start_local_broker
+from stylestream.streams.topics import CONSENT_EVENTS, PHOTO_EVENTS, ensure_topics
 
 LATER = datetime(2026, 3, 1, tzinfo=UTC)
 WARMTH = FEATURE_NAMES.index("warmth")
 
 
-@pytest.fixture
-def ingested(broker, make_ingestor, tmp_path):
+@pytest.fixture(scope="module")
+def ingested(clip, tmp_path_factory):
     """wendy: warm photos, then cool ones over two more cycles. sam: the same warm look and the same
     subject every cycle (what a person photographs is part of their style too).
-    wanda: a warm album, then a cool album, which she then withdraws."""
-    library = make_library(tmp_path / "library", {
+    wanda: a warm album, then a cool album, which she then withdraws.
+    One ingestion for the tests that only read it (a broker and three cycles each cost seconds)."""
+    root = tmp_path_factory.mktemp("drift-ingested")
+    library = make_library(root / "library", {
         "wendy": [("summer", "warm", 4), ("winter", "cool", 8)],
         "sam": [("days", "warm", 12, ("house",))],
         "wanda": [("home", "warm", 4), ("trip", "cool", 4)],
     })
     by_user = {u: [p for p in library if p.user_id == u] for u in ("wendy", "sam", "wanda")}
-    ing = make_ingestor()
-    bs = broker.bootstrap_servers
-    for part in range(3):
-        produce(bs, PHOTO_EVENTS, [p.upload_event() for u in ("wendy", "sam")
-                                   for p in by_user[u][4 * part:4 * part + 4]])
-        if part < 2:
-            produce(bs, PHOTO_EVENTS, [p.upload_event() for p in by_user["wanda"][4 * part:4 * part + 4]])
-        else:
-            produce(bs, CONSENT_EVENTS, [toggle_event("wanda", "album", "trip", False, LATER)])
-        ing.run_until_caught_up()
-    return ing
+    with start_local_broker(TEST_BROKER, root / "kafka") as broker:
+        bs = broker.bootstrap_servers
+        ensure_topics(bs)
+        ing = Ingestor(IngestConfig(bs, root / "state", clip))
+        for part in range(3):
+            produce(bs, PHOTO_EVENTS, [p.upload_event() for u in ("wendy", "sam")
+                                       for p in by_user[u][4 * part:4 * part + 4]])
+            if part < 2:
+                produce(bs, PHOTO_EVENTS, [p.upload_event() for p in by_user["wanda"][4 * part:4 * part + 4]])
+            else:
+                produce(bs, CONSENT_EVENTS, [toggle_event("wanda", "album", "trip", False, LATER)])
+            ing.run_until_caught_up()
+        yield ing
+        ing.close()
 
 
 def named(ingestor, user_id: str) -> str:
