@@ -16,6 +16,7 @@ import fcntl
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -127,6 +128,32 @@ def _format(java: str, classpath: str, log_dir: Path, props: Path, cluster_id: s
         raise BrokerError(f"cannot format {log_dir}:\n{(formatted.stdout + formatted.stderr)[-2000:]}")
 
 
+def _format_one_node(java: str, classpath: str, log_dir: Path) -> None:
+    """Give a new single-node log directory what StorageTool writes (a known one keeps its own).
+    StorageTool runs once per Kafka version (a JVM start, about 3 s) into the cache; each new
+    directory gets a copy with its own cluster and directory ids."""
+    logs = log_dir / "logs"
+    if (logs / "meta.properties").exists():
+        return
+    formatted = cache_dir() / f"kafka-{KAFKA_VERSION}" / "one-node-format"
+    if not (formatted / "logs" / "meta.properties").exists():
+        formatted.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(dir=formatted.parent))
+        props = scratch / "server.properties"
+        props.write_text(server_properties(scratch, free_port(), free_port()))  # ports: unused by a format
+        _format(java, classpath, scratch, props, _cluster_id())
+        try:
+            scratch.rename(formatted)  # another process may have put it there first
+        except OSError:
+            shutil.rmtree(scratch, ignore_errors=True)
+    logs.mkdir(parents=True, exist_ok=True)
+    shutil.copy(formatted / "logs" / "bootstrap.checkpoint", logs)
+    fresh = {"cluster.id": _cluster_id(), "directory.id": _cluster_id()}
+    lines = [f"{k}={fresh[k]}" if (k := line.split("=", 1)[0]) in fresh else line
+             for line in (formatted / "logs" / "meta.properties").read_text().splitlines()]
+    (logs / "meta.properties").write_text("\n".join(lines) + "\n")
+
+
 def _launch(java: str, classpath: str, log_dir: Path, port: int, description: str) -> LocalBroker:
     """The node whose settings are in `log_dir`/server.properties, started (not yet waited for)."""
     log = (log_dir / "broker.log").open("a")
@@ -161,7 +188,7 @@ def start_kafka(log_dir: Path, port: int | None = None) -> LocalBroker:
     port = port or free_port()
     props = log_dir / "server.properties"
     props.write_text(server_properties(log_dir, port, free_port(other_than=port)))
-    _format(java, classpath, log_dir, props, _cluster_id())
+    _format_one_node(java, classpath, log_dir)
     broker = _launch(java, classpath, log_dir, port,
                      f"Apache Kafka {KAFKA_VERSION} (data in {log_dir}, kept across restarts)")
     try:

@@ -11,7 +11,7 @@ import sys
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
-from stylestream.streams import clients
+from stylestream.streams import clients, kafka_broker
 from stylestream.streams.broker import Engine, choose_engine
 from stylestream.streams.broker_process import free_port
 from stylestream.streams.kafka_broker import KAFKA_VERSION, start_kafka
@@ -95,11 +95,29 @@ def produce_values(bootstrap_servers: str, values: list[bytes]) -> None:
     producer.close()
 
 
-def test_a_cluster_id_that_starts_with_a_dash_formats(tmp_path, monkeypatch):
+def test_a_cluster_id_that_starts_with_a_dash_formats(tmp_path):
     """Cluster ids are URL-safe base64, so one in 64 starts with "-": it must not read as an option."""
-    from stylestream.streams import kafka_broker
+    java, classpath = kafka_broker._runtime()
+    props = tmp_path / "server.properties"
+    props.write_text(kafka_broker.server_properties(tmp_path, free_port(), free_port()))
+    kafka_broker._format(java, classpath, tmp_path, props, "-" + "A" * 21)
+    assert "cluster.id=-AAAA" in (tmp_path / "logs" / "meta.properties").read_text()
 
-    monkeypatch.setattr(kafka_broker, "_cluster_id", lambda: "-" + "A" * 21)
-    with start_kafka(tmp_path / "kafka") as broker:
-        assert "cluster.id=-AAAA" in (tmp_path / "kafka" / "logs" / "meta.properties").read_text()
-        assert broker.engine == "kafka"
+
+def test_each_new_broker_has_its_own_ids_and_a_known_one_keeps_its_own(tmp_path):
+    """StorageTool's format is copied (one JVM start per Kafka version, not per broker): each copy with
+    a cluster and directory id of its own."""
+    java, classpath = kafka_broker._runtime()
+    metas = []
+    for name in ("a", "b"):
+        kafka_broker._format_one_node(java, classpath, tmp_path / name)
+        metas.append(dict(line.split("=", 1) for line in (tmp_path / name / "logs" / "meta.properties").read_text()
+                          .splitlines() if "=" in line))
+    a, b = metas
+    assert a["cluster.id"] != b["cluster.id"] and a["directory.id"] != b["directory.id"]
+    assert (a["node.id"], a["version"]) == (b["node.id"], b["version"]) == ("1", "1")
+    before = (tmp_path / "a" / "logs" / "meta.properties").read_text()
+    kafka_broker._format_one_node(java, classpath, tmp_path / "a")
+    assert (tmp_path / "a" / "logs" / "meta.properties").read_text() == before
+    with start_kafka(tmp_path / "b") as broker:  # and the copy is a log directory Kafka starts on
+        ensure_topics(broker.bootstrap_servers)
