@@ -57,6 +57,7 @@ def broker(tmp_path) -> LocalBroker:
     b = start_local_broker(TEST_BROKER, tmp_path / "kafka")
     ensure_topics(b.bootstrap_servers)
     yield b
+    b.process.kill()  # its log goes with tmp_path: no clean shutdown to wait for (about a second)
     b.stop()
 
 
