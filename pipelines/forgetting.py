@@ -102,7 +102,7 @@ def rewrite_database(db: duckdb.DuckDBPyConnection, path: Path, on_copy: str | N
     [(name,)] = db.execute("SELECT current_database()").fetchall()
     db.execute("ATTACH ? AS fresh", [str(fresh)])
     try:
-        db.execute(f'COPY FROM DATABASE "{name}" TO fresh')
+        copy_database(db, name, "fresh")
         if on_copy:
             db.execute(on_copy, params or [])
     finally:
@@ -111,6 +111,26 @@ def rewrite_database(db: duckdb.DuckDBPyConnection, path: Path, on_copy: str | N
     with fresh.open("rb+") as f:  # on disk before it takes the old file's place
         os.fsync(f.fileno())
     os.replace(fresh, path)
+
+
+# Rows per transaction of a copy: one transaction for everything holds all the new indexes in memory
+# at once, and at 1 M people that is past the state's memory limit (the commit fails).
+COPY_ROWS = 2_000_000
+
+
+def copy_database(db: duckdb.DuckDBPyConnection, source: str, target: str) -> None:
+    """`COPY FROM DATABASE source TO target` in pieces: the schema, then each table COPY_ROWS rows at a
+    time, each piece committed and checkpointed, so memory stays within the limit at any size."""
+    db.execute(f'COPY FROM DATABASE "{source}" TO "{target}" (SCHEMA)')
+    tables = db.execute("SELECT schema_name, table_name FROM duckdb_tables() WHERE database_name = ? "
+                        "ORDER BY ALL", [source]).fetchall()
+    for schema, table in tables:
+        name = f'"{schema}"."{table}"'
+        [(rows,)] = db.execute(f'SELECT coalesce(max(rowid) + 1, 0) FROM "{source}".{name}').fetchall()
+        for start in range(0, rows, COPY_ROWS):  # in rowid order: the copy keeps the insertion order
+            db.execute(f'INSERT INTO "{target}".{name} SELECT * FROM "{source}".{name} '
+                       "WHERE rowid >= ? AND rowid < ?", [start, start + COPY_ROWS])
+            db.execute(f'CHECKPOINT "{target}"')
 
 
 def merge_counts(before: dict[str, dict[str, int]], now: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:

@@ -249,3 +249,40 @@ def test_the_state_database_keeps_to_its_memory_limit(tmp_path):
     with Store(tmp_path / "state.duckdb") as store:
         [(limit,)] = store.db.execute("SELECT current_setting('memory_limit')").fetchall()
     assert limit == "2.7 GiB"  # 3 GB
+
+
+
+def test_a_rewrite_copies_every_table_index_and_row_in_pieces_and_leaves_no_erased_byte(tmp_path, monkeypatch):
+    """At 1 M people the rewrite failed at its commit: one transaction held all the new indexes, past
+    the memory limit. Here the same failure at a small scale: 200 k photos under a 16 MB limit, which
+    one `COPY FROM DATABASE` cannot commit, copied 20 k rows at a time."""
+    import duckdb
+
+    from stylestream.pipelines import forgetting
+
+    monkeypatch.setattr(forgetting, "COPY_ROWS", 20_000)
+    path = tmp_path / "state.duckdb"
+    with duckdb.connect(str(path)) as db:
+        db.execute("CREATE TABLE photos (user_id VARCHAR, photo_id VARCHAR, note VARCHAR NOT NULL, n BIGINT "
+                   "DEFAULT 7, PRIMARY KEY (user_id, photo_id))")
+        db.execute("CREATE INDEX photos_user ON photos (user_id)")
+        db.execute("CREATE TABLE empty (x INTEGER)")
+        db.execute("INSERT INTO photos (user_id, photo_id, note) "
+                   "SELECT 'user-' || (i // 20), 'photo-' || i, 'note ' || i FROM range(200000) t(i)")
+        db.execute("INSERT INTO photos VALUES ('erased', 'p', 'ERASED-PERSON-MARKER', 1)")
+        db.execute("CHECKPOINT")
+        db.execute("DELETE FROM photos WHERE user_id = 'erased'")
+    db = duckdb.connect(str(path), config={"memory_limit": "16MB"})
+    schema = ("SELECT table_name, sql FROM duckdb_tables() UNION ALL "
+              "SELECT index_name, sql FROM duckdb_indexes() ORDER BY ALL")
+    rows = "SELECT count(*), sum(hash(rowid, user_id, photo_id, note, n)) FROM photos"  # order included
+    before = db.execute(schema).fetchall(), db.execute(rows).fetchall()
+
+    forgetting.rewrite_database(db, path)
+
+    with duckdb.connect(str(path)) as db:
+        assert (db.execute(schema).fetchall(), db.execute(rows).fetchall()) == before
+        assert db.execute("SELECT count(*) FROM empty").fetchone() == (0,)
+        with pytest.raises(duckdb.ConstraintException):  # the primary key holds in the copy
+            db.execute("INSERT INTO photos VALUES ('user-3', 'photo-60', 'again', 1)")
+    assert b"ERASED-PERSON-MARKER" not in path.read_bytes()
