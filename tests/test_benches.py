@@ -70,7 +70,7 @@ def test_drift_bench_runs():
 @pytest.mark.slow
 def test_personalization_bench_runs():
     r = final_json("personalization.py", "--photos", "6", "--prompts", "1", "--seeds", "1", "--reps", "1",
-                   "--classifier-images", "200", "--classifier-steps", "20")
+                   "--steps", "4", "--classifier-images", "200", "--classifier-steps", "20")
     assert r["people"] == 6 and r["chance"] == round(1 / 6, 4) and r["content_chance"] == 0.125
     assert set(r["variants"]) == {"none", "ip_adapter", "hyper_lora", "both"}
     for v in r["variants"].values():

@@ -68,7 +68,7 @@ from stylestream.streams.topics import (
 from stylestream.transforms.device import DevicePhoto, contributions
 from stylestream.transforms.embed import OpenClipImageHandler
 
-N_EVENTS = 2000
+N_EVENTS = 1000  # a messy stream with every kind of event and a few forget requests
 T = datetime(2026, 1, 10, tzinfo=UTC)  # when the in-flight person asks to be forgotten
 IN_FLIGHT = "fay"  # forgotten while her uploads are in flight
 KEPT = "kept"  # one upload, then (in a second step) another: versions 1 and 2 on every runner
