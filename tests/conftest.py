@@ -52,7 +52,7 @@ def broker_engine() -> str:
 
 @pytest.fixture
 def broker(tmp_path) -> LocalBroker:
-    """A fresh broker with the stylestream topics, so no test sees another's (Kafka starts in ~3 s with
+    """A fresh broker with the stylestream topics, so no test sees another's (Kafka starts in ~4 s with
     its log under tmp_path/kafka, Tansu in ~10 ms)."""
     b = start_local_broker(TEST_BROKER, tmp_path / "kafka")
     ensure_topics(b.bootstrap_servers)

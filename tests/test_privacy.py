@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime, timedelta
 
+import duckdb
 import numpy as np
 import pytest
 from helpers import PLANTED, latest_styles, plant_private_metadata, produce, read_topic
@@ -13,6 +14,7 @@ from typer.testing import CliRunner
 
 from stylestream.cli.main import app
 from stylestream.demo.synthetic import PRIVATE_EXIF, make_library, toggle_event
+from stylestream.pipelines import forgetting
 from stylestream.pipelines.layout import StateLayout
 from stylestream.pipelines.store import Store
 from stylestream.privacy.audit import audit, needles_for
@@ -251,15 +253,10 @@ def test_the_state_database_keeps_to_its_memory_limit(tmp_path):
     assert limit == "2.7 GiB"  # 3 GB
 
 
-
 def test_a_rewrite_copies_every_table_index_and_row_in_pieces_and_leaves_no_erased_byte(tmp_path, monkeypatch):
     """At 1 M people the rewrite failed at its commit: one transaction held all the new indexes, past
     the memory limit. Here the same failure at a small scale: 200 k photos under a 16 MB limit, which
     one `COPY FROM DATABASE` cannot commit, copied 20 k rows at a time."""
-    import duckdb
-
-    from stylestream.pipelines import forgetting
-
     monkeypatch.setattr(forgetting, "COPY_ROWS", 20_000)
     path = tmp_path / "state.duckdb"
     with duckdb.connect(str(path)) as db:
@@ -271,17 +268,21 @@ def test_a_rewrite_copies_every_table_index_and_row_in_pieces_and_leaves_no_eras
                    "SELECT 'user-' || (i // 20), 'photo-' || i, 'note ' || i FROM range(200000) t(i)")
         db.execute("INSERT INTO photos VALUES ('erased', 'p', 'ERASED-PERSON-MARKER', 1)")
         db.execute("CHECKPOINT")
-        db.execute("DELETE FROM photos WHERE user_id = 'erased'")
-    db = duckdb.connect(str(path), config={"memory_limit": "16MB"})
-    schema = ("SELECT table_name, sql FROM duckdb_tables() UNION ALL "
-              "SELECT index_name, sql FROM duckdb_indexes() ORDER BY ALL")
-    rows = "SELECT count(*), sum(hash(rowid, user_id, photo_id, note, n)) FROM photos"  # order included
-    before = db.execute(schema).fetchall(), db.execute(rows).fetchall()
+        # gaps in the rowids, within pieces and across their bounds
+        db.execute("DELETE FROM photos WHERE user_id = 'erased' "
+                   "OR photo_id IN ('photo-5', 'photo-19999', 'photo-20000')")
+        schema = ("SELECT table_name, sql FROM duckdb_tables() UNION ALL "
+                  "SELECT index_name, sql FROM duckdb_indexes() ORDER BY ALL")
+        rows = ("SELECT count(*), sum(hash(i, user_id, photo_id, note, n)) FROM ("  # every row, in order
+                "SELECT row_number() OVER (ORDER BY rowid) AS i, * FROM photos)")
+        before = db.execute(schema).fetchall(), db.execute(rows).fetchall()
+    assert b"ERASED-PERSON-MARKER" in path.read_bytes()
 
-    forgetting.rewrite_database(db, path)
+    forgetting.rewrite_database(duckdb.connect(str(path), config={"memory_limit": "16MB"}), path)
 
     with duckdb.connect(str(path)) as db:
         assert (db.execute(schema).fetchall(), db.execute(rows).fetchall()) == before
+        assert before[1][0][0] == 200_000 - 3
         assert db.execute("SELECT count(*) FROM empty").fetchone() == (0,)
         with pytest.raises(duckdb.ConstraintException):  # the primary key holds in the copy
             db.execute("INSERT INTO photos VALUES ('user-3', 'photo-60', 'again', 1)")
