@@ -88,8 +88,8 @@ PERSONAL_TABLES = STATE_KINDS  # every table holding a person's rows, and what t
 COMPACTION_DUE = "compaction_due"  # meta key: erased rows may still sit in the file's free blocks (since when)
 TRANSACTIONAL_ID = "transactional_id"  # meta key: the Kafka transactional.id of the state's outputs
 # DuckDB's buffer pool for the state file (its default is 80 % of the machine's memory): a forget's
-# rewrite of 100 k people's state held 5.5 GB before this limit. Past it, DuckDB spills to `<state file>.tmp` where an
-# operator can, and fails with an out-of-memory error where it cannot.
+# rewrite of 100 k people's state held 5.5 GB before this limit. Past it, DuckDB spills to
+# `<state file>.tmp` where an operator can, and fails with an out-of-memory error where it cannot.
 MEMORY_LIMIT = "3GB"
 
 
