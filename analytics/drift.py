@@ -85,8 +85,8 @@ SET TimeZone = 'UTC';
 CREATE OR REPLACE MACRO style_distance(a, b) AS list_cosine_distance(a, b);
 CREATE OR REPLACE MACRO feature_deltas(a, b) AS [b[i] - a[i] FOR i IN range(1, len(a) + 1)];
 
--- A closed day's other buckets' files are skipped by name (analytics/history.py `compacted_path`),
--- before DuckDB opens them (LIKE: a regexp_matches() there keeps DuckDB from pruning files).
+-- A closed day's other buckets' files are skipped by name, before DuckDB opens them (LIKE: a
+-- regexp_matches() there keeps DuckDB from pruning files).
 CREATE OR REPLACE MACRO versions_of(u) AS TABLE
     SELECT DISTINCT ON (version) version, cycle, updated_at, photo_count, total_weight, embedding, features
     FROM history_files
@@ -132,9 +132,9 @@ CREATE OR REPLACE MACRO window_ends(t0, t1) AS TABLE
 -- The embeddings and features of the listed (user_id, from_version, from_date, to_version, to_date)
 -- pairs, side by side (one pair per user). Each end is read from its own date partitions, one row per
 -- user: a version seen twice (a compaction's swap) is the same row. Not any_value() in a GROUP BY,
--- nor one scan for both ends joined twice: DuckDB moves list columns slowly through those (top-N at
--- 1 M users: 25.5 s and about 10 s, against 7.0 s for this with the two ends joined back to the
--- listed pairs, which it no longer does: at 200 k people, 3.2 s with that join against 3.0 s).
+-- nor one scan for both ends joined twice, nor the two ends joined back to the list: DuckDB moves
+-- list columns slowly through those (top-N at 1 M users: 25.5 s and about 10 s against 7.0 s for
+-- the join back; at 200 k, 3.2 s with it against 3.0 s without).
 CREATE OR REPLACE MACRO pair_rows(ends) AS TABLE
     WITH starts AS (
         SELECT h.user_id, h.version, h.updated_at, h.embedding, h.features
@@ -168,8 +168,7 @@ CREATE OR REPLACE MACRO drift_between(t0, t1) AS TABLE
     FROM pair_rows(changed);
 
 -- Two passes: everyone's drift without their features (which DuckDB then does not read), then the
--- features of the n. At 1 M people (100 M rows): 6.2 s, against 7.1 s for the top n of drift_between
--- over the pair_rows that joined back (README, "The drift history at 100 M rows").
+-- features of the n. At 1 M people (100 M rows), with the join back above: 6.2 s against 7.1 s.
 CREATE OR REPLACE MACRO top_drift(t0, t1, n) AS TABLE
     WITH changed AS (SELECT * FROM changed_ends(t0, t1)),
     top AS (SELECT user_id, from_version, to_version, from_time, to_time, style_distance(e0, e1) AS drift
