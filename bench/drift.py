@@ -3,9 +3,8 @@
 
 Generates USERS x VERSIONS style versions (one version per user per day, DIM-d embeddings that
 wander at a per-user speed, the 23 features), written as the history layout ingestion and
-`stylestream history compact` produce: each closed day one file per user bucket, sorted by user,
-small row groups, and compaction's in-force snapshot of each closed day; the last day stays open, as
-today's would, one cycle's file. Then times
+`stylestream history compact` produce: one file per day, sorted by user, small row groups, and
+compaction's in-force snapshot of each closed day (the last day stays open, as today's would). Then times
 
   topn      the top-N drift query (version in force 30 days before the end vs the latest), DuckDB
   topn_scan the same query from every history row, without the snapshots (the baseline)
@@ -14,7 +13,6 @@ today's would, one cycle's file. Then times
             it holds every embedding as a Python object, tens of GB at 100 M rows)
 
 Each query runs REPEATS times; the median is reported (the first run includes reading file footers).
-`--dir D --reuse` times the queries again on the history an earlier run with `--dir D` left there.
 Final line: JSON with rows, topn_query_s, topn_scan_s, timeline_query_s, pandas_topn_s and ratios.
 """
 
@@ -67,21 +65,8 @@ def generate(folder: Path, users: int, versions: int, dim: int) -> int:
             "embedding": list_column(embedding), "features": list_column(features + day * trend),
             "facets": pa.array([[]] * users, STYLE_HISTORY.field("facets").type),
             "tombstone": np.zeros(users, bool)})
-        if day < versions - 1:
-            history.write_compacted(table, folder, when.date(), day + 1, day + 1)
-        else:
-            history.write_atomically(table, history.cycle_path(folder, day + 1, when))
+        history.write_atomically(table, history.cycle_path(folder, day + 1, when))
     return users * versions
-
-
-def reused(folder: Path, users: int, versions: int) -> int:
-    """The rows of a history an earlier run generated, checked against the sizes asked for."""
-    with drift.connect(folder) as db:
-        [(rows, people, days)] = db.sql("SELECT count(*), count(DISTINCT user_id), count(DISTINCT date) "
-                                        "FROM history").fetchall()
-    if (people, days) != (users, versions) or rows != users * versions:
-        raise SystemExit(f"{folder} holds {people} users x {days} days ({rows} rows), not {users} x {versions}")
-    return rows
 
 
 def last_day(folder: Path) -> datetime:
@@ -124,8 +109,6 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dir", type=Path, help="keep the generated history here (default: a temporary folder)")
-    ap.add_argument("--reuse", action="store_true",
-                    help="time the queries on the history an earlier run left in --dir (same sizes), not a new one")
     ap.add_argument("--pandas", action=argparse.BooleanOptionalAction, default=True,
                     help="also time the pandas baseline (needs tens of GB at 100 M rows)")
     a = ap.parse_args()
@@ -134,10 +117,8 @@ def main() -> None:
             ap.error(f"--rows must be a multiple of --versions ({a.versions}): one row per user and version")
         a.users = a.rows // a.versions
     folder = (a.dir or Path(tempfile.mkdtemp(prefix="bench-drift-"))) / "history"
-    if a.reuse and not a.dir:
-        ap.error("--reuse needs --dir")
     t = time.perf_counter()
-    rows = reused(folder, a.users, a.versions) if a.reuse else generate(folder, a.users, a.versions, a.dim)
+    rows = generate(folder, a.users, a.versions, a.dim)
     gen_s = time.perf_counter() - t
     size = sum(f.stat().st_size for f in folder.rglob("*.parquet"))
     print(json.dumps({"bench": "generate", "rows": rows, "seconds": round(gen_s, 1), "bytes": size}), flush=True)
