@@ -3,8 +3,9 @@
 
 Generates USERS x VERSIONS style versions (one version per user per day, DIM-d embeddings that
 wander at a per-user speed, the 23 features), written as the history layout ingestion and
-`stylestream history compact` produce: one file per day, sorted by user, small row groups, and
-compaction's in-force snapshot of each closed day (the last day stays open, as today's would). Then times
+`stylestream history compact` produce: each closed day one file per user bucket, sorted by user,
+small row groups, and compaction's in-force snapshot of each closed day; the last day stays open, as
+today's would, one cycle's file. Then times
 
   topn      the top-N drift query (version in force 30 days before the end vs the latest), DuckDB
   topn_scan the same query from every history row, without the snapshots (the baseline)
@@ -13,6 +14,7 @@ compaction's in-force snapshot of each closed day (the last day stays open, as t
             it holds every embedding as a Python object, tens of GB at 100 M rows)
 
 Each query runs REPEATS times; the median is reported (the first run includes reading file footers).
+`--dir D --reuse` times the queries again on the history an earlier run with `--dir D` left there.
 Final line: JSON with rows, topn_query_s, topn_scan_s, timeline_query_s, pandas_topn_s and ratios.
 """
 
@@ -65,8 +67,22 @@ def generate(folder: Path, users: int, versions: int, dim: int) -> int:
             "embedding": list_column(embedding), "features": list_column(features + day * trend),
             "facets": pa.array([[]] * users, STYLE_HISTORY.field("facets").type),
             "tombstone": np.zeros(users, bool)})
-        history.write_atomically(table, history.cycle_path(folder, day + 1, when))
+        if day < versions - 1:
+            history.write_compacted(table, folder, when.date(), day + 1, day + 1)
+        else:
+            history.write_atomically(table, history.cycle_path(folder, day + 1, when))
     return users * versions
+
+
+def reused(folder: Path, users: int, versions: int, dim: int) -> int:
+    """The rows of a history an earlier run generated, checked against the sizes asked for."""
+    with drift.connect(folder) as db:
+        [(rows, people, days, width)] = db.sql("SELECT count(*), count(DISTINCT user_id), count(DISTINCT date), "
+                                               "max(len(embedding)) FROM history").fetchall()
+    if (people, days, width) != (users, versions, dim) or rows != users * versions:
+        raise SystemExit(f"{folder} holds {people} users x {days} days ({rows} rows) of {width}-d embeddings, "
+                         f"not {users} x {versions} of {dim}-d")
+    return rows
 
 
 def last_day(folder: Path) -> datetime:
@@ -109,6 +125,8 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dir", type=Path, help="keep the generated history here (default: a temporary folder)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="time the queries on the history an earlier run left in --dir (same sizes), not a new one")
     ap.add_argument("--pandas", action=argparse.BooleanOptionalAction, default=True,
                     help="also time the pandas baseline (needs tens of GB at 100 M rows)")
     a = ap.parse_args()
@@ -117,11 +135,14 @@ def main() -> None:
             ap.error(f"--rows must be a multiple of --versions ({a.versions}): one row per user and version")
         a.users = a.rows // a.versions
     folder = (a.dir or Path(tempfile.mkdtemp(prefix="bench-drift-"))) / "history"
+    if a.reuse and not a.dir:
+        ap.error("--reuse needs --dir")
     t = time.perf_counter()
-    rows = generate(folder, a.users, a.versions, a.dim)
+    rows = reused(folder, a.users, a.versions, a.dim) if a.reuse else generate(folder, a.users, a.versions, a.dim)
     gen_s = time.perf_counter() - t
     size = sum(f.stat().st_size for f in folder.rglob("*.parquet"))
-    print(json.dumps({"bench": "generate", "rows": rows, "seconds": round(gen_s, 1), "bytes": size}), flush=True)
+    print(json.dumps({"bench": "reuse" if a.reuse else "generate", "rows": rows, "seconds": round(gen_s, 1),
+                      "bytes": size}), flush=True)
     t = time.perf_counter()
     snapshots = history.compact(folder, before=last_day(folder).date()).snapshots
     snapshots_s = time.perf_counter() - t

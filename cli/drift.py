@@ -284,7 +284,8 @@ def compact(
                              "ingestion may still write today's).")] = None,
     data_dir: DataDir = DEFAULT_DATA_DIR, history_dir: HistoryDir = None,
 ) -> None:
-    """Merge each closed day's cycle files into one file sorted by user, so queries stay fast."""
+    """Merge each closed day's cycle files into one file per user bucket, sorted by user (a person's
+    timeline then reads one small file a day), and write the in-force snapshots."""
     from stylestream.analytics import history
 
     folder = _history(data_dir, history_dir)
@@ -297,6 +298,6 @@ def compact(
         raise typer.BadParameter(f"not a date: {before!r} (use YYYY-MM-DD)") from None
     done = history.compact(folder, day)
     for d, files, rows in done.merged:
-        console.print(f"{d}: {files} files -> 1 ({rows} versions)")
+        console.print(f"{d}: {files} files -> one per user bucket ({rows} versions)")
     console.print(f"compacted {counted(len(done.merged), 'day')} in {folder}; "
                   f"in-force snapshots written for {counted(len(done.snapshots), 'day')}")

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import re
 import shutil
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -168,14 +170,92 @@ def test_compaction_keeps_every_version_once_and_queries_unchanged(tmp_path):
     assert [r["version"] for r in drift.timeline(db, "u0").to_pylist()] == [1, 2, 3, 4, 5, 6]
 
     done = history.compact(folder, before=datetime(2026, 8, 3).date())
-    assert [(d.isoformat(), files, rows) for d, files, rows in done.merged] == [("2026-08-01", 2, 3)]
-    assert [p.name for p in (folder / "date=2026-08-01").iterdir() if p.suffix == ".parquet"] == [
-        "compacted-00000001-00000007.parquet"]
+    # The first day's two files merged; the second day's one split by bucket too.
+    assert [(d.isoformat(), files, rows) for d, files, rows in done.merged] == [
+        ("2026-08-01", 2, 3), ("2026-08-02", 1, 3)]
+    assert sorted(p.name for p in (folder / "date=2026-08-01").glob("*.parquet")) == sorted(
+        {f"compacted-00000001-00000007-users-{bucket(u)}.parquet" for u in ["u0", "u1", "u2"]})
     assert [d.isoformat() for d in done.snapshots] == ["2026-08-01", "2026-08-02"]  # the closed days
     db = drift.connect(folder)  # now with the snapshots: the window's start reads the one of 08-01
     assert db.sql(query).to_arrow_table().to_pylist() == before
     again = history.compact(folder, before=datetime(2026, 8, 3).date())
     assert again.merged == [] and again.snapshots == []  # nothing left to merge, every snapshot current
+
+
+def bucket(user: str) -> str:
+    """`drift.user_bucket`, written again from its definition: the first hex digit of the md5."""
+    return hashlib.md5(user.encode()).hexdigest()[0]
+
+
+def files_read(db, sql: str) -> int:
+    db.execute("PRAGMA enable_profiling = 'query_tree'")
+    plan = db.execute(f"EXPLAIN ANALYZE {sql}").fetchall()[0][1]
+    db.execute("PRAGMA disable_profiling")
+    return sum(int(n) for n in re.findall(r"Total Files Read: (\d+)", plan))
+
+
+def test_a_closed_day_is_one_file_per_user_bucket_and_a_timeline_reads_only_its_own(tmp_path, monkeypatch):
+    monkeypatch.setattr(history, "COMPACTED_ROW_GROUP_SIZE", 2)  # groups of 2 rows, to see them used
+    start = datetime(2026, 8, 1, tzinfo=UTC)
+    folder = tmp_path / "history"
+    users = [f"u{i}" for i in range(40)]
+    write_days(folder, 5, users, start)
+    db = drift.connect(folder)
+    timeline = drift.timeline(db, "u0").to_pylist()
+    assert files_read(db, "SELECT * FROM versions_of('u0')") == 5  # one file a day, each with everyone
+
+    history.compact(folder, before=datetime(2026, 8, 4).date())
+    for day in ["2026-08-01", "2026-08-02", "2026-08-03"]:
+        files = sorted((folder / f"date={day}").glob("*.parquet"))
+        assert len(files) == len({bucket(u) for u in users}) > 1
+        for f in files:  # each file holds its bucket's people, sorted, in the compacted files' row groups
+            ids = pq.read_table(f, columns=["user_id"]).column("user_id").to_pylist()
+            assert {bucket(u) for u in ids} == {f.stem.rsplit("-", 1)[1]} and ids == sorted(ids)
+            assert pq.ParquetFile(f).metadata.num_row_groups == (len(ids) + 1) // 2
+        assert max(len(pq.read_table(f, columns=["user_id"])) for f in files) > 2
+    db = drift.connect(folder)
+    assert drift.timeline(db, "u0").to_pylist() == timeline
+    # Its own bucket's file of each closed day, and the two open days' files.
+    assert files_read(db, "SELECT * FROM versions_of('u0')") == 3 + 2
+    assert db.execute("SELECT user_bucket('u0')").fetchall() == [(bucket("u0"),)]
+
+
+def test_a_compaction_cut_short_is_done_again_and_keeps_every_version_once(tmp_path):
+    start = datetime(2026, 8, 1, tzinfo=UTC)
+    folder = tmp_path / "history"
+    users = [f"u{i}" for i in range(40)]
+    write_days(folder, 2, users, start)
+    before = pq.read_table(folder).sort_by([("user_id", "ascending"), ("version", "ascending")])
+    day = folder / "date=2026-08-01"
+    original = {f.name: f.read_bytes() for f in day.glob("*.parquet")}
+    history.compact(folder, before=datetime(2026, 8, 2).date())
+    # As if it stopped half way through writing: the old file back, half the bucket files missing.
+    buckets = sorted(day.glob("*.parquet"))
+    for f in buckets[::2]:
+        f.unlink()
+    for name, data in original.items():
+        (day / name).write_bytes(data)
+    assert not history.is_bucketed(sorted(day.glob("*.parquet")))
+
+    again = history.compact(folder, before=datetime(2026, 8, 2).date())
+    assert [(d.isoformat(), rows) for d, _, rows in again.merged] == [("2026-08-01", len(users))]
+    assert sorted(f.name for f in day.glob("*.parquet")) == sorted(f.name for f in buckets)
+    after = pq.read_table(folder).sort_by([("user_id", "ascending"), ("version", "ascending")])
+    assert after.drop_columns(["date"]).equals(before.drop_columns(["date"]))
+
+
+def test_history_file_names():
+    assert history.cycles_of(Path("date=2026-08-01/cycle-00000042.parquet")) == (42, 42)
+    assert history.cycles_of(Path("stream-00000007.parquet")) == (7, 7)
+    assert history.cycles_of(Path("compacted-00000001-00000041.parquet")) == (1, 41)  # before buckets
+    assert history.cycles_of(Path("compacted-00000001-00000041-users-a.parquet")) == (1, 41)
+    with pytest.raises(ValueError, match="not a history file name"):
+        history.cycles_of(Path("notes.parquet"))
+    one = [Path(f"compacted-00000001-00000041-users-{b}.parquet") for b in "0af"]
+    assert history.is_bucketed(one)
+    assert not history.is_bucketed([*one, Path("cycle-00000042.parquet")])  # a late cycle: merge again
+    assert not history.is_bucketed([Path("compacted-00000001-00000041.parquet")])  # split it
+    assert not history.is_bucketed([one[0], Path("compacted-00000001-00000042-users-b.parquet")])
 
 
 def in_force_by_scan(db, t: datetime) -> list[tuple]:
@@ -206,8 +286,8 @@ def test_in_force_snapshots_answer_as_a_full_scan_and_follow_redactions_and_late
     db = drift.connect(folder)
     assert all(in_force(db, t) == in_force_by_scan(db, t) for t in times)
     plan = db.sql("EXPLAIN ANALYZE SELECT * FROM in_force_at(TIMESTAMPTZ '2026-08-05 13:00')").fetchall()[0][1]
-    # One snapshot file (08-04's) and one history file (08-05's), of the six of each kind.
-    assert re.findall(r"Total Files Read: (\d+)", plan) == ["1", "1"]
+    # One snapshot file (08-04's, of five) and one day's history (08-05's bucket files, of six days).
+    assert re.findall(r"Total Files Read: (\d+)", plan) == ["1", str(len({bucket(u) for u in "u0 u1 u2 u3".split()}))]
 
     # 2. A withdrawal and a forgetting leave the snapshots too, and no byte of the forgotten remains.
     history.redact(folder, [("u0", 2, 3), ("u1", 0, 99)])
@@ -307,12 +387,21 @@ def test_a_streaming_step_past_midnight_files_each_row_where_the_snapshots_find_
 def test_top_population_and_words_on_a_known_history(tmp_path):
     start = datetime(2026, 8, 1, tzinfo=UTC)
     write_days(tmp_path / "history", 10, ["u0", "u1", "u2", "u3"], start)
+    for day in ("2026-08-04", "2026-08-10"):  # both ends of the window's pairs read twice (a crash repeat)
+        [f] = (tmp_path / "history" / f"date={day}").glob("*.parquet")
+        (f.parent / "cycle-00000099.parquet").write_bytes(f.read_bytes())
     db = drift.connect(tmp_path / "history")
     t0, t1 = start + timedelta(days=3), start + timedelta(days=9)
     top = drift.top_drift(db, t0, t1, 4).to_pylist()
     assert top[0]["user_id"] == "u1" and top[0]["drift"] > 0.1  # random embeddings: far apart
     assert {r["user_id"]: r["trend"] for r in top}["u0"] == "cooler"
     assert all((r["from_version"], r["to_version"]) == (4, 10) for r in top)
+    window = {"t0": t0, "t1": t1}
+    everyone = db.sql("SELECT * FROM drift_between($t0, $t1) ORDER BY drift DESC, user_id", params=window)
+    assert [r["user_id"] for r in everyone.to_arrow_table().to_pylist()] == ["u1", "u0", "u2", "u3"]  # once each
+    for n in (1, 2, 4):  # top_drift's two passes give what one pass over everyone gives
+        assert db.sql(f"SELECT * FROM top_drift($t0, $t1, {n})", params=window).to_arrow_table().to_pylist() == \
+            everyone.to_arrow_table().to_pylist()[:n]
     [pop] = drift.population_drift(db, t0, t1, threshold=0.05).to_pylist()
     assert pop["users"] == 4 and pop["share_moved"] == 0.25
     assert pop["feature_deltas"][WARMTH] == pytest.approx(-0.12 / 4, abs=1e-6)
@@ -384,7 +473,7 @@ def test_cli_sql_compact_and_a_missing_history(tmp_path):
     assert out.exit_code == 0, out.output
     assert json.loads(out.output) == [{"user_id": "u0", "n": 4}, {"user_id": "u1", "n": 4}]  # day 1 twice
     out = runner.invoke(app, ["history", "compact", "--before", "2026-08-02", "--history", str(folder)])
-    assert out.exit_code == 0 and "2026-08-01: 2 files -> 1 (2 versions)" in out.output, out.output
+    assert out.exit_code == 0 and "2026-08-01: 2 files -> one per user bucket (2 versions)" in out.output, out.output
     out = runner.invoke(app, ["drift", "sql", "SELECT count(*) AS n FROM history", "--format", "json",
                               "--history", str(folder)])
     assert json.loads(out.output) == [{"n": 6}]
