@@ -137,19 +137,17 @@ def broker(port: Annotated[int, typer.Option(
                       f"{time.perf_counter() - t0:.1f} s)", soft_wrap=True)
         console.print(f"topics created: {', '.join(created)} ({partitions} partitions, keyed by user)" if created
                       else "topics: all there already")
+        stop = _stop_on_signals("stopping broker")  # before the line scripts wait for
         console.print(f"export STYLESTREAM_BOOTSTRAP_SERVERS={b.bootstrap_servers}")
-        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
         # Runs while a majority of nodes lives (a cluster carries on without one; a single broker is one)
         alive = {f"node {n}": node.process for n, node in b.nodes.items()} if nodes > 1 else {"broker": b.process}
-        while len(alive) > nodes // 2:
+        while len(alive) > nodes // 2 and not stop.wait(0.5):
             for name, process in list(alive.items()):
                 if process.poll() is not None:
                     console.print(f"[red]{name} exited with status {process.returncode}[/]")
                     del alive[name]
-            time.sleep(0.5)
-        raise typer.Exit(1)
-    except KeyboardInterrupt:
-        console.print("stopping broker")
+        if not stop.is_set():
+            raise typer.Exit(1)
     finally:
         b.stop()
 
@@ -474,14 +472,19 @@ def schemas_export(check: Annotated[bool, typer.Option(help="Only check the file
 
 
 _CTRL_C = threading.Event()
+_DELIVERED = threading.Event()  # the handler raised the interrupt since it was last sent again
 _ENDED = threading.Event()
-# A Ctrl-C a library swallowed (an error it retried) comes again this long after: longer than a
+# A Ctrl-C a library swallowed comes again once the command has run on for CARRYING_ON_S as if nothing
+# happened (no exception unwinding its main thread), and in any case after INSIST_S: longer than a
 # command takes to wind down on a busy machine (the demo stopping its broker: 13 s seen), so an
-# orderly stop is not cut short.
+# orderly stop that handles the interrupt inside an `except` block is not cut short.
+CARRYING_ON_S = 1.0
 INSIST_S = 30.0
+_POLL_S = 0.1
 
 
 def _on_ctrl_c(signum, frame) -> None:
+    _DELIVERED.set()
     if not _CTRL_C.is_set():
         _CTRL_C.set()
         threading.Thread(target=_insist, name="ctrl-c", daemon=True).start()
@@ -490,19 +493,42 @@ def _on_ctrl_c(signum, frame) -> None:
 
 def _unraisable(report) -> None:
     """An interrupt that lands in a finalizer (`__del__`) is ignored there; after a Ctrl-C it is the
-    person's own, and no traceback about it is printed."""
+    person's own, and no traceback about it is printed (`_insist` sends it again)."""
     if not (_CTRL_C.is_set() and issubclass(report.exc_type, KeyboardInterrupt)):
         sys.__unraisablehook__(report)
 
 
+def _unwinding(thread_id: int) -> bool:
+    """Whether an exception is being handled in the thread: it runs an `except` or `finally` block or an
+    `__exit__`, as while an interrupt unwinds it through the command's orderly stop."""
+    exc_type, _, _ = sys._current_exceptions().get(thread_id, (None, None, None))
+    return exc_type is not None
+
+
+def _interrupt_lost(main_thread: int) -> bool:
+    """Wait until the command ends (False) or looks to have lost the interrupt (True): its main thread ran
+    on for CARRYING_ON_S with nothing unwinding it after the handler raised the interrupt, or INSIST_S passed."""
+    deadline = time.monotonic() + INSIST_S
+    carrying_on = 0.0
+    while not _ENDED.wait(_POLL_S):
+        # Counted from the handler's run: a signal waits while the main thread is in C code.
+        carrying_on = carrying_on + _POLL_S if _DELIVERED.is_set() and not _unwinding(main_thread) else 0.0
+        if carrying_on >= CARRYING_ON_S or time.monotonic() >= deadline:
+            return True
+    return False
+
+
 def _insist() -> None:
-    """Interrupt again while the command has not ended: a library may have taken the first interrupt
-    for an error of its own and carried on (seen once under load, in the demo's ingestion)."""
+    """Interrupt again while the command has not ended: a library may have taken the first interrupt for
+    an error of its own and carried on (an optional import tried and skipped, a retried request), or it
+    landed in a finalizer. Seen in the demo, under load, while it loaded its libraries and while it ingested."""
+    main_thread = threading.main_thread().ident
     for _ in range(3):
-        if _ENDED.wait(INSIST_S):
+        if not _interrupt_lost(main_thread):
             return
+        _DELIVERED.clear()
         # A signal, not `_thread.interrupt_main`: it also ends a wait the main thread is blocked in.
-        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+        signal.pthread_kill(main_thread, signal.SIGINT)
 
 
 def main() -> None:
