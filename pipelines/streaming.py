@@ -31,7 +31,7 @@ import subprocess
 import sys
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import DebugOptions, PipelineOptions, StandardOptions
 
 from stylestream.models.clip import ClipSpec, embedding_dim
 from stylestream.pipelines.plan import NewVersion
@@ -138,12 +138,17 @@ def check_outputs_empty(bootstrap_servers: str) -> None:
 # Beam also waits that long for a job server given by `--job_endpoint` to answer: pass a shorter
 # `--job_server_timeout` there to fail fast on a wrong address (the job then ends after that long).
 JOB_SERVER_TIMEOUT_S = 10 * 365 * 24 * 3600
+# Prism splits a bundle that made no progress between two progress reports, and the split frees the keys
+# of the elements it hands back while the bundle still holds those keys' state: a stateful step then runs
+# one key in two bundles at once, and the later commit overwrites the earlier (Beam 2.77: a person's
+# opt-out was lost that way, under load). The job's Kafka read checkpoints itself and needs no split.
+PRISM_NO_SPLITS = "prism_disable_sdf_split"
 
 
 def runner_args(beam_args: list[str]) -> list[str]:
-    """Beam's options with this project's defaults: Prism (as built by `make prism`), SDK workers in this
-    process (LOOPBACK: no Docker engine needed), and a job service deadline an unbounded job outlives
-    never (`JOB_SERVER_TIMEOUT_S`)."""
+    """Beam's options with this project's defaults: Prism (as built by `make prism`, its splits off:
+    `PRISM_NO_SPLITS`), SDK workers in this process (LOOPBACK: no Docker engine needed), and a job service
+    deadline an unbounded job outlives never (`JOB_SERVER_TIMEOUT_S`)."""
     given = {a.split("=")[0] for a in beam_args if a.startswith("--")}
     if "--job-server-timeout" in given:  # the one option Beam also takes with dashes
         given.add("--job_server_timeout")
@@ -151,9 +156,13 @@ def runner_args(beam_args: list[str]) -> list[str]:
                 "--job_server_timeout": JOB_SERVER_TIMEOUT_S}
     runner = PipelineOptions([*beam_args, "--runner=PrismRunner"] if "--runner" not in given else beam_args
                              ).view_as(StandardOptions).runner
-    if runner == "PrismRunner" and "--prism_location" not in given:
-        defaults["--prism_location"] = str(ensure_prism())
-    return list(beam_args) + [f"{k}={v}" for k, v in defaults.items() if k not in given]
+    experiments = []
+    if runner == "PrismRunner":
+        if "--prism_location" not in given:
+            defaults["--prism_location"] = str(ensure_prism())
+        if PRISM_NO_SPLITS not in (PipelineOptions(beam_args).view_as(DebugOptions).experiments or []):
+            experiments.append(f"--experiments={PRISM_NO_SPLITS}")  # added to any a person gives
+    return list(beam_args) + [f"{k}={v}" for k, v in defaults.items() if k not in given] + experiments
 
 
 def main(argv: list[str] | None = None) -> None:

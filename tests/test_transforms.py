@@ -4,18 +4,21 @@ inputs, no broker."""
 from __future__ import annotations
 
 import hashlib
+import time
 from datetime import UTC, datetime
 
 import apache_beam as beam
 import numpy as np
 import pytest
-from apache_beam.options.pipeline_options import PipelineOptions, PortableOptions, StandardOptions
+from apache_beam.coders import VarIntCoder
+from apache_beam.options.pipeline_options import DebugOptions, PipelineOptions, PortableOptions, StandardOptions
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline  # not collected as a test
 from apache_beam.testing.util import assert_that, equal_to
+from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 
 from stylestream.demo.synthetic import make_library, toggle_event
 from stylestream.models.clip import ClipSpec
-from stylestream.pipelines.streaming import JOB_SERVER_TIMEOUT_S, build_streaming, runner_args
+from stylestream.pipelines.streaming import JOB_SERVER_TIMEOUT_S, PRISM_NO_SPLITS, build_streaming, runner_args
 from stylestream.pipelines.streaming_state import UpdateUserStyle
 from stylestream.schemas.events import UserForgotten, encode_event, parse_event
 from stylestream.schemas.tables import FEATURE_NAMES
@@ -69,6 +72,29 @@ def test_the_streaming_job_outlives_the_job_services_default_deadline():
                                ).view_as(PortableOptions).job_server_timeout == 60
     # Other options keep their defaults: a dashed spelling Beam does not take is no option given.
     assert "--environment_type=LOOPBACK" in runner_args(["--environment-type=DOCKER", "--prism_location=/bin/true"])
+    # Prism's splits stay off beside the experiments a person gives.
+    given = PipelineOptions(runner_args(["--experiments=use_runner_v2", "--prism_location=/bin/true"]))
+    assert given.view_as(DebugOptions).experiments == ["use_runner_v2", PRISM_NO_SPLITS]
+
+
+class _CountPerKey(beam.DoFn):
+    COUNT = ReadModifyWriteStateSpec("count", VarIntCoder())
+
+    def process(self, item, count=beam.DoFn.StateParam(COUNT)):  # noqa: B008 (Beam idiom)
+        key, i = item
+        if i == 0:
+            time.sleep(3)  # no progress between Prism's progress reports: where it splits a bundle
+        count.write((count.read() or 0) + 1)
+        yield key, count.read()
+
+
+def test_a_stateful_step_on_prism_loses_no_update_when_a_bundle_stalls():
+    """With its splits on, Prism ran the rest of a stalled bundle's key in a second bundle with the state
+    as it was before, and one commit overwrote the other: 35 of 40 counted (`PRISM_NO_SPLITS`)."""
+    with BeamTestPipeline(options=prism()) as p:
+        counts = (p | beam.Create([("k", i) for i in range(40)]) | beam.ParDo(_CountPerKey())
+                  | beam.CombinePerKey(max))
+        assert_that(counts, equal_to([("k", 40)]))
 
 
 def test_parse_routes_each_event_and_gives_bad_input_a_reason(tmp_path):
