@@ -131,13 +131,13 @@ def broker(port: Annotated[int, typer.Option(
         if verbose:
             console.print(str(e), soft_wrap=True, highlight=False)
         raise typer.Exit(1) from None
+    stop = _stop_on_signals("stopping broker")  # from here on a started broker is always stopped
     try:
         created = ensure_topics(b.bootstrap_servers, partitions)
         console.print(f"{b.description} listening on [bold]{b.bootstrap_servers}[/] ({why}; started in "
                       f"{time.perf_counter() - t0:.1f} s)", soft_wrap=True)
         console.print(f"topics created: {', '.join(created)} ({partitions} partitions, keyed by user)" if created
                       else "topics: all there already")
-        stop = _stop_on_signals("stopping broker")  # before the line scripts wait for
         console.print(f"export STYLESTREAM_BOOTSTRAP_SERVERS={b.bootstrap_servers}")
         # Runs while a majority of nodes lives (a cluster carries on without one; a single broker is one)
         alive = {f"node {n}": node.process for n, node in b.nodes.items()} if nodes > 1 else {"broker": b.process}
@@ -475,9 +475,12 @@ _CTRL_C = threading.Event()
 _DELIVERED = threading.Event()  # the handler raised the interrupt since it was last sent again
 _ENDED = threading.Event()
 # A Ctrl-C a library swallowed comes again once the command has run on for CARRYING_ON_S as if nothing
-# happened (no exception unwinding its main thread), and in any case after INSIST_S: longer than a
-# command takes to wind down on a busy machine (the demo stopping its broker: 13 s seen), so an
-# orderly stop that handles the interrupt inside an `except` block is not cut short.
+# happened (no exception being handled in its main thread), and in any case after INSIST_S: longer than
+# a command takes to wind down on a busy machine (the demo stopping its broker: 13 s seen). So a command
+# stops in order in `finally` blocks and `__exit__` (which run while the interrupt unwinds it), or on
+# `_stop_on_signals`; not after an `except KeyboardInterrupt` block, where nothing unwinds it any more.
+# (C code that takes the interrupt and winds down for over CARRYING_ON_S before raising it, as DuckDB
+# interrupting a query could, would be interrupted again.)
 CARRYING_ON_S = 1.0
 INSIST_S = 30.0
 _POLL_S = 0.1
@@ -501,8 +504,8 @@ def _unraisable(report) -> None:
 def _unwinding(thread_id: int) -> bool:
     """Whether an exception is being handled in the thread: it runs an `except` or `finally` block or an
     `__exit__`, as while an interrupt unwinds it through the command's orderly stop."""
-    exc_type, _, _ = sys._current_exceptions().get(thread_id, (None, None, None))
-    return exc_type is not None
+    handled = sys._current_exceptions().get(thread_id)
+    return (handled[0] if isinstance(handled, tuple) else handled) is not None  # 3.11: exc_info; later: the exception
 
 
 def _interrupt_lost(main_thread: int) -> bool:
@@ -520,7 +523,7 @@ def _interrupt_lost(main_thread: int) -> bool:
 
 def _insist() -> None:
     """Interrupt again while the command has not ended: a library may have taken the first interrupt for
-    an error of its own and carried on (an optional import tried and skipped, a retried request), or it
+    an error of its own and carried on (an optional import tried and skipped, a request retried), or it
     landed in a finalizer. Seen in the demo, under load, while it loaded its libraries and while it ingested."""
     main_thread = threading.main_thread().ident
     for _ in range(3):

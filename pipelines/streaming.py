@@ -145,6 +145,11 @@ JOB_SERVER_TIMEOUT_S = 10 * 365 * 24 * 3600
 PRISM_NO_SPLITS = "prism_disable_sdf_split"
 
 
+def is_prism(runner: str | None) -> bool:
+    """Whether Beam's runner option names Prism, in any spelling Beam takes (PrismRunner, prism, a dotted path)."""
+    return (runner or "").rsplit(".", 1)[-1].lower().removesuffix("runner") == "prism"
+
+
 def runner_args(beam_args: list[str]) -> list[str]:
     """Beam's options with this project's defaults: Prism (as built by `make prism`, its splits off:
     `PRISM_NO_SPLITS`), SDK workers in this process (LOOPBACK: no Docker engine needed), and a job service
@@ -157,7 +162,7 @@ def runner_args(beam_args: list[str]) -> list[str]:
     runner = PipelineOptions([*beam_args, "--runner=PrismRunner"] if "--runner" not in given else beam_args
                              ).view_as(StandardOptions).runner
     experiments = []
-    if runner == "PrismRunner":
+    if is_prism(runner):
         if "--prism_location" not in given:
             defaults["--prism_location"] = str(ensure_prism())
         if PRISM_NO_SPLITS not in (PipelineOptions(beam_args).view_as(DebugOptions).experiments or []):
@@ -186,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         options = PipelineOptions(runner_args(beam_args), streaming=True)
         ensure_topics(args.bootstrap_servers, settings.partitions)
-        if options.view_as(StandardOptions).runner == "PrismRunner":
+        if is_prism(options.view_as(StandardOptions).runner):
             check_outputs_empty(args.bootstrap_servers)
         settings.ensure_keys(say=lambda line: print(line, file=sys.stderr))
         settings.check_basis()

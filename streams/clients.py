@@ -157,10 +157,12 @@ def with_backoff(fn: Callable[[], T], stop: threading.Event,
                 raise  # a fenced producer stops even a long-running service: another one took over
             if on_retry:
                 on_retry(e, delay)
-            if until is not None and time.monotonic() >= until:
-                return None
-            stop.wait(delay if until is None else min(delay, until - time.monotonic()))
-            delay = min(2 * delay, RETRY_MAX_S)
+        # Waited outside the `except` block: a Ctrl-C a library swallowed in fn() then shows as a command
+        # carrying on (cli/main.py sends it again).
+        if until is not None and time.monotonic() >= until:
+            return None
+        stop.wait(delay if until is None else min(delay, until - time.monotonic()))
+        delay = min(2 * delay, RETRY_MAX_S)
     return None
 
 

@@ -109,15 +109,16 @@ class PartitionStart:
 
 class _CheckpointOnly(OffsetRestrictionTracker):
     """A partition is read in order by one reader: the runner may checkpoint it (split off the rest
-    after what was claimed) but not cut it in two (Prism splits at fractions of the remaining range,
-    which for an unbounded partition would start a reader at offset 2**62)."""
+    after what was claimed) but not cut it in two (a split at a fraction of the remaining range, which
+    Prism asks for where its splits are on, would start a reader at offset 2**62 of an unbounded partition)."""
 
     def try_split(self, fraction_of_remainder):
         return super().try_split(0) if fraction_of_remainder == 0 else None
 
 
 class _PartitionOffsets(RestrictionProvider):
-    """A partition's offsets from `start` on, without end; the runner splits off what was read."""
+    """A partition's offsets from `start` on, without end; each read hands back the rest after what it
+    claimed (`defer_remainder`), which the runner checkpoints."""
 
     def initial_restriction(self, element: PartitionStart) -> BeamOffsetRange:
         return BeamOffsetRange(element.start, UNBOUNDED)
