@@ -159,13 +159,12 @@ def runner_args(beam_args: list[str]) -> list[str]:
         given.add("--job_server_timeout")
     defaults = {"--runner": "PrismRunner", "--environment_type": "LOOPBACK",
                 "--job_server_timeout": JOB_SERVER_TIMEOUT_S}
-    runner = PipelineOptions([*beam_args, "--runner=PrismRunner"] if "--runner" not in given else beam_args
-                             ).view_as(StandardOptions).runner
+    options = PipelineOptions([*beam_args, "--runner=PrismRunner"] if "--runner" not in given else beam_args)
     experiments = []
-    if is_prism(runner):
+    if is_prism(options.view_as(StandardOptions).runner):
         if "--prism_location" not in given:
             defaults["--prism_location"] = str(ensure_prism())
-        if PRISM_NO_SPLITS not in (PipelineOptions(beam_args).view_as(DebugOptions).experiments or []):
+        if PRISM_NO_SPLITS not in (options.view_as(DebugOptions).experiments or []):
             experiments.append(f"--experiments={PRISM_NO_SPLITS}")  # added to any a person gives
     return list(beam_args) + [f"{k}={v}" for k, v in defaults.items() if k not in given] + experiments
 
