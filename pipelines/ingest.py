@@ -242,7 +242,7 @@ class Ingestor:
             try:
                 producer.init_transactions()
             except BaseException:
-                producer.close(timeout=1)
+                clients.discard(producer)
                 raise
         return producer
 
@@ -380,7 +380,7 @@ class Ingestor:
             # failed transaction's sequence numbers; the new one's init_transactions aborts what is
             # open), and the markers read again (a commit whose answer was lost may have landed).
             with contextlib.suppress(Exception):
-                self._producer.close(timeout=1)
+                clients.discard(self._producer)
             self._producer, self._markers = None, None
             raise
         if self._transactional:

@@ -24,6 +24,7 @@ from typing import TypeVar
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import (
     KafkaError,
+    KafkaTimeoutError,
     ProducerFencedError,
     UnknownTopicOrPartitionError,
     UnsupportedCodecError,
@@ -230,6 +231,19 @@ def sending(producer: KafkaProducer, transactional: bool, timeout_s: float | Non
     acknowledged(producer, sent, timeout_s)
     if transactional:
         producer.commit_transaction()
+
+
+def discard(producer: KafkaProducer, timeout_s: float = 1.0) -> None:
+    """Closes a producer whose sends failed, waiting at most about `timeout_s` for what it still holds,
+    then dropping it (never acknowledged: the caller sends it again). kafka-python's close() flushes
+    first and, when the broker is gone, raises on the flush's timeout and leaves the producer open,
+    its network thread retrying until the process ends: one more thread per failed try of an outage."""
+    try:
+        producer.close(timeout=timeout_s)
+    except KafkaTimeoutError:
+        # kafka-python has no public way to drop unsent records: its sender fails them on a forced close
+        producer._sender.force_close()
+        producer.close(timeout=timeout_s)
 
 
 def send_all(bootstrap_servers: str, messages: Iterable[tuple[str, bytes, bytes]]) -> None:

@@ -16,6 +16,7 @@ from helpers import produce, read_topic
 
 from stylestream.demo.synthetic import make_library, toggle_event
 from stylestream.pipelines.store import Store, StoreError
+from stylestream.streams import clients
 from stylestream.streams.topics import CONSENT_EVENTS, PHOTO_EVENTS, STYLE_VECTORS, dlq
 
 T = datetime(2026, 2, 1, tzinfo=UTC)
@@ -75,6 +76,24 @@ def test_unreachable_broker_is_retried_and_ingestion_resumes(broker, make_ingest
     assert retries, "no retry was reported while the broker was unreachable"
     assert not worker.is_alive()
     assert counted(ing) == {"ana": 2}
+
+
+def test_a_producer_whose_sends_failed_is_closed_with_its_thread_while_the_broker_is_gone(broker):
+    """After a failed cycle the ingestor drops its producer for a new one. kafka-python's own close()
+    raises while the broker holds back the records' answers, and its network thread stays: one
+    more for each failed try of an outage."""
+    producer = clients.producer(broker.bootstrap_servers, request_timeout_ms=1000)
+    clients.acknowledged(producer, [producer.send(PHOTO_EVENTS, key=b"k", value=b"delivered")])
+    network_thread = f"{producer.config['client_id']}-network-thread"
+    os.kill(broker.process.pid, signal.SIGSTOP)
+    try:
+        producer.send(PHOTO_EVENTS, key=b"k", value=b"never acknowledged")
+        started = time.monotonic()
+        clients.discard(producer, timeout_s=1)
+        assert time.monotonic() - started < 10
+        assert network_thread not in {t.name for t in threading.enumerate()}
+    finally:
+        os.kill(broker.process.pid, signal.SIGCONT)
 
 
 def test_damaged_state_file_gives_a_clear_error_and_is_left_alone(broker, make_ingestor, tmp_path):
