@@ -234,10 +234,13 @@ def sending(producer: KafkaProducer, transactional: bool, timeout_s: float | Non
 
 
 def discard(producer: KafkaProducer, timeout_s: float = 1.0) -> None:
-    """Closes a producer whose sends failed, waiting at most about `timeout_s` for what it still holds,
-    then dropping it (never acknowledged: the caller sends it again). kafka-python's close() flushes
-    first and, when the broker is gone, raises on the flush's timeout and leaves the producer open,
-    its network thread retrying until the process ends: one more thread per failed try of an outage."""
+    """Closes a producer whose sends failed, waiting about `timeout_s` for what it still holds, then
+    dropping it (never acknowledged: the caller sends it again). kafka-python's close() flushes first
+    and, when the broker is gone, raises on the flush's timeout and leaves the producer open, its
+    network thread retrying until the process ends: one more thread per failed try of an outage.
+    The forced close's second close() waits `timeout_s` again; a transactional producer whose broker
+    hangs (rather than refuses connections) may hold its sender up to `request_timeout_ms`, and then
+    that close raises too, the thread ending by itself once that timeout passes."""
     try:
         producer.close(timeout=timeout_s)
     except KafkaTimeoutError:
